@@ -1,0 +1,222 @@
+"""The emulated partitioned model: N nodes in one process, as one trainable ``nn.Module``.
+
+``pm.shards[k]`` holds everything node ``k`` owns: its slice of every layer's parameters
+(``shards[k].ops[op_name]``) and the gates of the channels it sends
+(``shards[k].gates[exchange_name]``, one vector per destination). The forward pass runs all
+nodes in lock step (:func:`disco_fl.node.run_lockstep`).
+
+Gate modes (``pm.gate_mode``):
+
+- ``"hard"`` (default): every message is multiplied by the 0/1 hard mask. With all masks open
+  (the start) the model equals the original.
+- ``"stochastic"``: hard-concrete samples (training the gates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from disco_fl.gates import PairGates, prob_open, sample_hard_concrete
+from disco_fl.node import run_lockstep
+from disco_fl.partition import Op, PartitionError, Program, capture, get_spec
+
+GateMode = Literal["hard", "stochastic"]
+
+
+class OpState(nn.Module):
+    """Parameters and buffers of one op on one node."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        for k, v in params.items():
+            self.register_parameter(k, nn.Parameter(v))
+        for k, v in buffers.items():
+            self.register_buffer(k, v)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {k: v for k, v in self._parameters.items() if v is not None}
+        out.update({k: v for k, v in self._buffers.items() if v is not None})
+        return out
+
+
+class NodeShard(nn.Module):
+    """Everything node ``k`` holds in the emulation."""
+
+    def __init__(self, program: Program, k: int, modules: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.index = k
+        self.ops = nn.ModuleDict()
+        self.gates = nn.ModuleDict()
+        for op in program.ops:
+            spec = get_spec(op.kind)
+            module = modules.get(op.module) if op.module else None
+            params, buffers = spec.init_state(op, module, program, k)
+            if params or buffers:
+                self.ops[op.name] = OpState(params, buffers)
+            if op.kind == "exchange":
+                layout = program.infos[op.name].layout
+                if layout is None:
+                    raise PartitionError(f"{op.name}: exchange without layout")
+                dests = [d for d in range(program.num_nodes) if d != k]
+                self.gates[op.name] = PairGates(layout.count(k), dests)
+
+
+class _EmuNode:
+    """:class:`~disco_fl.partition.registry.NodeContext` of one emulated node."""
+
+    def __init__(self, pm: PartitionedModel, k: int) -> None:
+        self.pm = pm
+        self.index = k
+        self.num_nodes = pm.program.num_nodes
+        self.program = pm.program
+        self.shard: NodeShard = pm.shards[k]  # type: ignore[assignment]
+        self.training = pm.training
+        self._peers = [j for j in range(self.num_nodes) if j != k]
+
+    def state(self, op: Op) -> Mapping[str, torch.Tensor]:
+        if op.name in self.shard.ops:
+            return self.shard.ops[op.name].tensors()  # type: ignore[operator]
+        return {}
+
+    def send_selection(self, op: Op, dest: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        gates: PairGates = self.shard.gates[op.name]  # type: ignore[assignment]
+        if self.pm.gate_mode == "stochastic":
+            return None, sample_hard_concrete(gates.log_alpha[str(dest)])
+        mask = gates.mask(dest)
+        return None, mask
+
+    def sources(self, op: Op) -> list[int]:
+        return self._peers
+
+
+class PartitionedModel(nn.Module):
+    """A model split across ``num_nodes`` nodes, emulated in one process.
+
+    Build it with :func:`partition`. Call it like the original model.
+
+    Attributes
+    ----------
+    program : Program
+        The ops every node runs.
+    shards : nn.ModuleList
+        ``shards[k]`` is node ``k``'s :class:`NodeShard`.
+    gate_mode : {"hard", "stochastic"}
+        Default ``"hard"``.
+    codec : str
+        Wire codec whose rounding the forward pass reproduces; default ``"fp32"`` (exact).
+    """
+
+    def __init__(self, program: Program, modules: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.program = program
+        self.shards = nn.ModuleList([NodeShard(program, k, modules) for k in range(program.num_nodes)])
+        self.gate_mode: GateMode = "hard"
+        self.codec = "fp32"
+
+    @property
+    def num_nodes(self) -> int:
+        return self.program.num_nodes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nodes = [_EmuNode(self, k) for k in range(self.num_nodes)]
+        return run_lockstep(self.program, nodes, x, self.codec)
+
+    # -- gates --------------------------------------------------------------------------
+    def gate_items(self) -> list[tuple[str, int, int, PairGates]]:
+        """``(exchange, sender, dest, gates)`` for every exchanged tensor and ordered pair."""
+        out = []
+        for op in self.program.exchanges:
+            for j, shard in enumerate(self.shards):
+                g: PairGates = shard.gates[op.name]  # type: ignore[index, assignment]
+                for d in g.dests:
+                    out.append((op.name, j, d, g))
+        return out
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [p for s in self.shards for p in s.gates.parameters()]  # type: ignore[union-attr]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [p for s in self.shards for p in s.ops.parameters()]  # type: ignore[union-attr]
+
+    def open_channels(self, exchange: str, src: int, dst: int) -> list[int]:
+        """Global channel indices of ``src`` that the hard mask sends to ``dst``, ascending."""
+        layout = self.program.infos[exchange].layout
+        assert layout is not None
+        g: PairGates = self.shards[src].gates[exchange]  # type: ignore[index, assignment]
+        mask = g.mask(dst)
+        idx = layout.indices(src)
+        return [idx[i] for i in torch.nonzero(mask > 0.5).flatten().tolist()]
+
+    def set_all_masks(self, value: float) -> None:
+        for _, _, d, g in self.gate_items():
+            g.set_mask(d, torch.full((g.num_channels,), float(value)))
+
+    def expected_exchange_fraction(self) -> torch.Tensor:
+        """Differentiable expected fraction of dense exchange elements (stochastic gates)."""
+        num = torch.zeros(())
+        den = 0.0
+        for name, _, d, g in self.gate_items():
+            per = self.program.infos[name].elements_per_channel
+            num = num + prob_open(g.log_alpha[str(d)]).sum() * per
+            den += g.num_channels * per
+        return num / den if den else num
+
+    def hard_exchange_fraction(self) -> float:
+        num = den = 0.0
+        for name, _, d, g in self.gate_items():
+            per = self.program.infos[name].elements_per_channel
+            num += float((g.mask(d) > 0.5).sum()) * per
+            den += g.num_channels * per
+        return num / den if den else 0.0
+
+    def comm_report(self, codec: str = "fp32", batch_size: int = 1) -> Any:
+        """Bytes crossing the network for one sample under the current hard masks.
+
+        See :func:`disco_fl.comm.comm_report`.
+        """
+        from disco_fl.comm import comm_report
+
+        return comm_report(self, codec)
+
+    def export(self, path: Any, codec: str = "fp32") -> Any:
+        """Write the plan and one weights file per node; see :func:`disco_fl.export.export`."""
+        from disco_fl.export import export
+
+        return export(self, path, codec=codec)
+
+
+def partition(
+    model: nn.Module,
+    num_nodes: int,
+    example_input: torch.Tensor,
+    *,
+    capacities: Sequence[float] | None = None,
+) -> PartitionedModel:
+    """Split every layer of ``model`` across ``num_nodes`` nodes (emulated in one process).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A standard PyTorch model, traceable by ``torch.fx``. It is not modified.
+    num_nodes : int
+        Number of nodes N (>= 1). Every layer must have at least N output channels.
+    example_input : torch.Tensor
+        A batch-first example input; it fixes channel counts and the per-sample traffic.
+    capacities : sequence of float, optional
+        Relative capacity per node for uneven slices; default equal slices.
+
+    Returns
+    -------
+    PartitionedModel
+        Gates open: it computes exactly what ``model`` computes.
+    """
+    if not isinstance(num_nodes, int) or num_nodes < 1:
+        raise PartitionError(f"num_nodes must be a positive integer, got {num_nodes!r}")
+    program, modules = capture(model, num_nodes, example_input, capacities)
+    pm = PartitionedModel(program, modules)
+    pm.train(model.training)
+    return pm

@@ -1,0 +1,129 @@
+"""Op registry: one :class:`OpSpec` per op kind, registered by decorator.
+
+An op spec says, for one kind of op, how channel ownership propagates (``infer``), how a
+node's slice of the original parameters is cut (``init_state``), what a node sends before
+computing (``send``), what it computes (``compute``) and what crosses the network
+(``traffic``). Both the emulation and the network runtime call the same ``send``/``compute``:
+there is one implementation of what a node computes.
+
+Capture functions (fx node -> :class:`~disco_fl.partition.program.Op`) register separately, by
+module type, function, or method name (see :mod:`disco_fl.partition.capture`). New op families
+(e.g. attention) plug in by registering a spec and its capture functions.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+
+import torch
+from torch import nn
+
+from disco_fl.partition.program import Op, Program, TensorInfo
+
+if TYPE_CHECKING:
+    from disco_fl.layout import Layout
+
+
+class PartitionError(ValueError):
+    """A model, op or argument that cannot be partitioned; the message names the op/layer."""
+
+
+@dataclass(frozen=True)
+class InferContext:
+    num_nodes: int
+    out_shape: tuple[int, ...]  # global output shape measured on the example input
+    capacities: Sequence[float] | None = None
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Per-sample payload of one message ``src -> dst`` for one op (elements, or raw bytes)."""
+
+    src: int
+    dst: int
+    elements: int
+    coded: bool  # True: activations, sent with the plan's codec; False: fp32 statistics
+    channels: int = 0
+
+
+class NodeContext(Protocol):
+    """What an op sees of the node that runs it."""
+
+    index: int
+    num_nodes: int
+    training: bool
+    program: Program
+
+    def state(self, op: Op) -> Mapping[str, torch.Tensor]:
+        """Parameters and buffers of ``op`` on this node."""
+        ...
+
+    def send_selection(
+        self, op: Op, dest: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        """For an exchange: ``(channel index or None=all, per-channel scale or None)``, or
+        ``None`` when nothing is sent to ``dest``."""
+        ...
+
+    def sources(self, op: Op) -> list[int]:
+        """For an exchange: peers whose messages this node assembles, ascending."""
+        ...
+
+
+class OpSpec(ABC):
+    """Behaviour of one op kind. Subclasses override what differs from channel-local ops."""
+
+    kind: ClassVar[str]
+    mixing: ClassVar[bool] = False  # reads a ``gathered`` input
+    coded_messages: ClassVar[bool] = True  # messages carry activations (the plan's codec)
+
+    @abstractmethod
+    def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
+        """Value info of the op's output (ownership propagation and validation)."""
+
+    def init_state(
+        self, op: Op, module: nn.Module | None, program: Program, k: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(parameters, buffers)`` of node ``k`` cut from the original module."""
+        return {}, {}
+
+    def send(self, op: Op, node: NodeContext, xs: Sequence[Any]) -> dict[int, torch.Tensor] | None:
+        return None
+
+    @abstractmethod
+    def compute(
+        self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
+    ) -> Any:
+        """This node's output, given its inputs and the messages it received for this op."""
+
+    def traffic(
+        self, op: Op, program: Program, open_count: Callable[[int, int], int]
+    ) -> list[Traffic]:
+        """Messages per sample; ``open_count(src, dst)`` gives open channels of an exchange."""
+        return []
+
+
+SPECS: dict[str, OpSpec] = {}
+S = TypeVar("S", bound=type[OpSpec])
+
+
+def register_spec(cls: S) -> S:
+    """Class decorator: register an op spec under its ``kind``."""
+    SPECS[cls.kind] = cls()
+    return cls
+
+
+def get_spec(kind: str) -> OpSpec:
+    try:
+        return SPECS[kind]
+    except KeyError:
+        raise PartitionError(f"unknown op kind {kind!r}") from None
+
+
+def layout_of(info: TensorInfo, what: str) -> Layout:
+    if info.layout is None:
+        raise PartitionError(f"{what}: value has no channel layout")
+    return info.layout

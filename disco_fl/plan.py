@@ -1,0 +1,133 @@
+"""The plan: everything the nodes of a household must agree on, identified by a hash.
+
+JSON fields: ``format``, ``program`` (ops and channel ownership), ``masks`` (for every exchange
+and ordered pair ``"j->k"``, the global channel indices of ``j`` sent to ``k``), ``codec``,
+``shards`` (per node: weights file, sha256, and every tensor's name and shape) and ``hash``
+(sha256 of the canonical JSON of all other fields). Peers refuse a mismatched hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from disco_fl.codecs import get_codec
+from disco_fl.partition import Program
+
+PLAN_FORMAT = "disco_fl.plan/1"
+
+
+class PlanError(ValueError):
+    """A plan file that is malformed, inconsistent or does not match its hash."""
+
+
+@dataclass
+class ShardManifest:
+    file: str
+    sha256: str
+    tensors: dict[str, list[int]]  # "op.param" -> shape
+    param_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "tensors": self.tensors, "param_bytes": self.param_bytes}
+
+
+@dataclass
+class Plan:
+    program: Program
+    masks: dict[str, dict[str, list[int]]]  # exchange -> "j->k" -> open global channels
+    codec: str = "fp32"
+    shards: list[ShardManifest] = field(default_factory=list)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.program.num_nodes
+
+    def open_channels(self, exchange: str, src: int, dst: int) -> list[int]:
+        return self.masks.get(exchange, {}).get(f"{src}->{dst}", [])
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "program": self.program.to_json(),
+            "masks": self.masks,
+            "codec": self.codec,
+            "shards": [s.to_json() for s in self.shards],
+        }
+
+    @property
+    def hash(self) -> str:
+        canon = json.dumps(self.body(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        d = self.body()
+        d["hash"] = self.hash
+        return d
+
+    def save(self, path: str | Path) -> None:
+        from disco_fl.export import atomic_write_bytes
+
+        atomic_write_bytes(Path(path), json.dumps(self.to_json(), indent=1).encode())
+
+    @staticmethod
+    def from_json(d: Any) -> Plan:
+        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
+            raise PlanError(f"not a disco_fl plan (format must be {PLAN_FORMAT!r})")
+        try:
+            program = Program.from_json(d["program"])
+            get_codec(d["codec"])
+            masks = {
+                str(e): {str(p): [int(c) for c in chans] for p, chans in pairs.items()}
+                for e, pairs in d["masks"].items()
+            }
+            shards = [
+                ShardManifest(
+                    str(s["file"]),
+                    str(s["sha256"]),
+                    {str(k): [int(x) for x in v] for k, v in s["tensors"].items()},
+                    int(s["param_bytes"]),
+                )
+                for s in d["shards"]
+            ]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PlanError(f"malformed plan: {e}") from e
+        plan = Plan(program, masks, d["codec"], shards)
+        _validate_masks(plan)
+        if d.get("hash") != plan.hash:
+            raise PlanError("plan hash does not match its contents (edited or corrupt plan)")
+        return plan
+
+    @staticmethod
+    def load(path: str | Path) -> Plan:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise PlanError(f"cannot read plan {path}: {e}") from e
+        return Plan.from_json(raw)
+
+
+def _validate_masks(plan: Plan) -> None:
+    names = {o.name for o in plan.program.exchanges}
+    n = plan.num_nodes
+    for e, pairs in plan.masks.items():
+        if e not in names:
+            raise PlanError(f"mask for unknown exchange {e!r}")
+        layout = plan.program.infos[e].layout
+        if layout is None:
+            raise PlanError(f"exchange {e!r} has no layout")
+        for key, chans in pairs.items():
+            try:
+                j, k = (int(v) for v in key.split("->"))
+            except ValueError:
+                raise PlanError(f"bad pair key {key!r}") from None
+            if not (0 <= j < n and 0 <= k < n and j != k):
+                raise PlanError(f"pair {key!r} out of range for {n} nodes")
+            own = set(layout.indices(j))
+            if any(c not in own for c in chans) or chans != sorted(set(chans)):
+                raise PlanError(f"mask {e!r} {key}: channels must be sorted, unique and owned by {j}")
+    if plan.shards and len(plan.shards) != n:
+        raise PlanError(f"plan lists {len(plan.shards)} shards for {n} nodes")
