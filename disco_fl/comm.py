@@ -70,7 +70,9 @@ class CommReport:
 
 def _bytes(traffic: list[Traffic], codec_name: str) -> tuple[int, dict[str, int], dict[str, int]]:
     codec = get_codec(codec_name)
-    total, pairs, chans = 0, {}, {}
+    total = 0
+    pairs: dict[str, int] = {}
+    chans: dict[str, int] = {}
     for t in traffic:
         b = codec.message_bytes(t.elements) if t.coded else 4 * t.elements
         key = f"{t.src}->{t.dst}"

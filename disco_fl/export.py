@@ -54,7 +54,12 @@ def _compact_state(pm: Any, plan: Plan, k: int) -> dict[str, torch.Tensor]:
         x = program.infos[op.inputs[0]] if op.inputs else None
         for pname, t in tensors.items():
             t = t.detach()
-            if pname == "weight" and x is not None and x.kind == "gathered" and op.kind in ("conv2d", "linear"):
+            if (
+                pname == "weight"
+                and x is not None
+                and x.kind == "gathered"
+                and op.kind in ("conv2d", "linear")
+            ):
                 t = t.index_select(1, torch.tensor(compact_columns(plan, op, k), dtype=torch.long))
             out[f"{op.name}.{pname}"] = t.contiguous().clone()
     return out
@@ -137,7 +142,9 @@ class ShardNode:
             assert layout is not None
             local = {c: i for i, c in enumerate(layout.indices(k))}
             self._send[e.name] = {
-                d: torch.tensor([local[c] for c in plan.open_channels(e.name, k, d)], dtype=torch.long)
+                d: torch.tensor(
+                    [local[c] for c in plan.open_channels(e.name, k, d)], dtype=torch.long
+                )
                 for d in range(self.num_nodes)
                 if d != k and plan.open_channels(e.name, k, d)
             }
@@ -148,7 +155,9 @@ class ShardNode:
     def state(self, op: Op) -> Mapping[str, torch.Tensor]:
         return self._state.get(op.name, {})
 
-    def send_selection(self, op: Op, dest: int) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    def send_selection(
+        self, op: Op, dest: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
         idx = self._send[op.name].get(dest)
         return None if idx is None else (idx, None)
 
@@ -197,7 +206,9 @@ def load_shard(plan_path: str | Path, k: int, shard_path: str | Path | None = No
     return ShardNode(plan, k, state)
 
 
-def run_shards(nodes: Sequence[ShardNode], x: torch.Tensor, codec: Codec | str | None = None) -> torch.Tensor:
+def run_shards(
+    nodes: Sequence[ShardNode], x: torch.Tensor, codec: Codec | str | None = None
+) -> torch.Tensor:
     """Shard-only execution of all nodes in this process (in-process exchange)."""
     if not nodes:
         raise ValueError("no nodes")

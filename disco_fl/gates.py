@@ -33,7 +33,9 @@ INIT_LOG_ALPHA = 4.0  # P(open) ~ 0.997 at the start: gates begin open
 _LOG_RATIO = math.log(-GAMMA / ZETA)
 
 
-def sample_hard_concrete(log_alpha: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_hard_concrete(
+    log_alpha: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     u = torch.rand(log_alpha.shape, generator=generator, dtype=log_alpha.dtype)
     u = u.clamp(1e-6, 1.0 - 1e-6)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)

@@ -45,7 +45,9 @@ def run_lockstep(
     for op in program.ops:
         spec = get_spec(op.kind)
         xs = [
-            [x if k == program.requester else None] if op.kind == "input" else [envs[k][i] for i in op.inputs]
+            [x if k == program.requester else None]
+            if op.kind == "input"
+            else [envs[k][i] for i in op.inputs]
             for k in range(n)
         ]
         inbox: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]

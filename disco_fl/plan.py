@@ -32,7 +32,12 @@ class ShardManifest:
     param_bytes: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "sha256": self.sha256, "tensors": self.tensors, "param_bytes": self.param_bytes}
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "tensors": self.tensors,
+            "param_bytes": self.param_bytes,
+        }
 
 
 @dataclass
@@ -128,6 +133,8 @@ def _validate_masks(plan: Plan) -> None:
                 raise PlanError(f"pair {key!r} out of range for {n} nodes")
             own = set(layout.indices(j))
             if any(c not in own for c in chans) or chans != sorted(set(chans)):
-                raise PlanError(f"mask {e!r} {key}: channels must be sorted, unique and owned by {j}")
+                raise PlanError(
+                    f"mask {e!r} {key}: channels must be sorted, unique and owned by {j}"
+                )
     if plan.shards and len(plan.shards) != n:
         raise PlanError(f"plan lists {len(plan.shards)} shards for {n} nodes")

@@ -79,7 +79,9 @@ class Capturer:
     # -- helpers for capture functions ---------------------------------------------------
     def describe(self, node: fx.Node) -> str:
         if node.op == "call_module":
-            return f"module {node.target!r} ({type(self.gm.get_submodule(str(node.target))).__name__})"
+            return (
+                f"module {node.target!r} ({type(self.gm.get_submodule(str(node.target))).__name__})"
+            )
         if node.op == "call_function":
             return f"function {getattr(node.target, '__name__', node.target)!r}"
         return f"{node.op} {node.target!r}"
@@ -87,7 +89,9 @@ class Capturer:
     def shape(self, node: fx.Node) -> tuple[int, ...]:
         meta = node.meta.get("tensor_meta")
         if meta is None or not hasattr(meta, "shape"):
-            raise PartitionError(f"{self.describe(node)} at {node.name!r} does not produce a tensor")
+            raise PartitionError(
+                f"{self.describe(node)} at {node.name!r} does not produce a tensor"
+            )
         return tuple(int(s) for s in meta.shape)
 
     def is_tensor(self, arg: Any) -> bool:
@@ -95,7 +99,9 @@ class Capturer:
 
     def value(self, arg: Any, node: fx.Node) -> str:
         if not self.is_tensor(arg):
-            raise PartitionError(f"{self.describe(node)} at {node.name!r}: expected a tensor argument")
+            raise PartitionError(
+                f"{self.describe(node)} at {node.name!r}: expected a tensor argument"
+            )
         return self.values[arg]
 
     def const(self, arg: Any) -> Any:
@@ -129,11 +135,15 @@ class Capturer:
         op = Op(name, kind, inputs, attrs or {}, module)
         spec = get_spec(kind)
         if spec.mixing:
-            op.inputs = [self._gathered(v, node) if self.infos[v].kind == "sharded" else v for v in inputs]
-        ctx = InferContext(self.num_nodes, shape if shape is not None else self.shape(node), self.capacities)
+            op.inputs = [
+                self._gathered(v, node) if self.infos[v].kind == "sharded" else v for v in inputs
+            ]
+        ctx = InferContext(
+            self.num_nodes, shape if shape is not None else self.shape(node), self.capacities
+        )
         try:
             info = spec.infer(op, [self.infos[v] for v in op.inputs], ctx)
-        except PartitionError as e:
+        except ValueError as e:  # PartitionError included
             raise PartitionError(f"{self.describe(node)} at {node.name!r}: {e}") from None
         self.ops.append(op)
         self.infos[name] = info
@@ -142,7 +152,9 @@ class Capturer:
     def _gathered(self, value: str, node: fx.Node) -> str:
         if value not in self._exchanged:
             src = self.infos[value]
-            self._exchanged[value] = self.add(node, "exchange", [value], name=f"{value}_x", shape=src.shape)
+            self._exchanged[value] = self.add(
+                node, "exchange", [value], name=f"{value}_x", shape=src.shape
+            )
         return self._exchanged[value]
 
     def module(self, node: fx.Node) -> nn.Module:
@@ -170,7 +182,9 @@ class Capturer:
                 arg = node.args[0]
                 if not self.is_tensor(arg):
                     raise PartitionError("the model must return a single tensor")
-                out_name = self.add(node, "output", [self.values[arg]], shape=self.infos[self.values[arg]].shape)
+                out_name = self.add(
+                    node, "output", [self.values[arg]], shape=self.infos[self.values[arg]].shape
+                )
             else:
                 self._call(node)
         if out_name is None:
@@ -195,8 +209,8 @@ class Capturer:
             tensors = [a for a in node.all_input_nodes if a in self.values]
             if tensors and all(self.infos[self.values[a]].kind == "replicated" for a in tensors):
                 raise PartitionError(
-                    f"unsupported op: {self.describe(node)} at {node.name!r} (even on the replicated "
-                    "input, every op must be in the registry)"
+                    f"unsupported op: {self.describe(node)} at {node.name!r} (even on the "
+                    "replicated input, every op must be in the registry)"
                 )
             if not tensors and node.op != "call_module":
                 self.consts[node] = _eval_const(self, node)
@@ -271,7 +285,9 @@ def _pair(v: Any) -> Any:
 @capture_module(nn.Conv2d)
 def _conv(cap: Capturer, node: fx.Node, m: nn.Conv2d) -> str:
     if m.padding_mode != "zeros":
-        raise PartitionError(f"module {node.target!r}: padding_mode={m.padding_mode!r} is not supported")
+        raise PartitionError(
+            f"module {node.target!r}: padding_mode={m.padding_mode!r} is not supported"
+        )
     x = cap.value(node.args[0], node)
     attrs = {"stride": _pair(m.stride), "padding": _pair(m.padding), "dilation": _pair(m.dilation)}
     if m.groups == 1:
@@ -293,7 +309,9 @@ def _linear(cap: Capturer, node: fx.Node, m: nn.Linear) -> str:
 @capture_module(nn.BatchNorm1d, nn.BatchNorm2d)
 def _bn(cap: Capturer, node: fx.Node, m: nn.modules.batchnorm._BatchNorm) -> str:
     if m.momentum is None:
-        raise PartitionError(f"module {node.target!r}: BatchNorm with momentum=None is not supported")
+        raise PartitionError(
+            f"module {node.target!r}: BatchNorm with momentum=None is not supported"
+        )
     attrs = {"eps": m.eps, "momentum": m.momentum}
     return cap.add(node, "batch_norm", [cap.value(node.args[0], node)], attrs, str(node.target))
 
@@ -475,14 +493,18 @@ _BINARY: dict[Any, str] = {
 def _binary(cap: Capturer, node: fx.Node, fn: str) -> str:
     a, b = node.args[0], node.args[1]
     if len(node.args) > 2 or node.kwargs:
-        raise PartitionError(f"{cap.describe(node)} at {node.name!r}: extra arguments are not supported")
+        raise PartitionError(
+            f"{cap.describe(node)} at {node.name!r}: extra arguments are not supported"
+        )
     ta, tb = cap.is_tensor(a), cap.is_tensor(b)
     if ta and tb:
         return cap.add(node, "binary", [cap.values[a], cap.values[b]], {"fn": fn})  # type: ignore[index]
     if ta or tb:
         scalar = cap.const(b if ta else a)
         if not isinstance(scalar, (int, float)):
-            raise PartitionError(f"{cap.describe(node)} at {node.name!r}: non-scalar constant operand")
+            raise PartitionError(
+                f"{cap.describe(node)} at {node.name!r}: non-scalar constant operand"
+            )
         x = cap.values[a if ta else b]  # type: ignore[index]
         return cap.add(node, "binary", [x], {"fn": fn, "scalar": scalar, "scalar_first": tb})
     cap.consts[node] = _eval_const(cap, node)
@@ -561,7 +583,11 @@ def _reduce(cap: Capturer, node: fx.Node, fn: str) -> str:
     dims = cap.const(dim)
     dims = [dims] if isinstance(dims, int) else list(dims)
     nd = len(cap.info(x).shape)
-    attrs = {"fn": fn, "dims": sorted(_norm_dim(d, nd) for d in dims), "keepdim": bool(cap.const(keepdim))}
+    attrs = {
+        "fn": fn,
+        "dims": sorted(_norm_dim(d, nd) for d in dims),
+        "keepdim": bool(cap.const(keepdim)),
+    }
     return cap.add(node, "reduce", [x], attrs)
 
 
@@ -599,6 +625,8 @@ def _getattr(cap: Capturer, node: fx.Node, target: Any) -> str:
 @capture_function(operator.getitem)
 def _getitem(cap: Capturer, node: fx.Node, target: Any) -> str:
     if cap.is_tensor(node.args[0]):
-        raise PartitionError(f"{cap.describe(node)} at {node.name!r}: indexing a tensor is not supported")
+        raise PartitionError(
+            f"{cap.describe(node)} at {node.name!r}: indexing a tensor is not supported"
+        )
     cap.consts[node] = _eval_const(cap, node)
     return ""

@@ -30,6 +30,12 @@ from disco_fl.partition.registry import (
 )
 
 
+def _cdim(info: TensorInfo, op: Op) -> int:
+    if info.cdim is None:
+        raise PartitionError(f"{op.name}: value has no channel dimension")
+    return info.cdim
+
+
 def _channel_shape(x: torch.Tensor, cdim: int) -> list[int]:
     shape = [1] * x.dim()
     shape[cdim] = -1
@@ -67,7 +73,12 @@ class InputSpec(OpSpec):
             return xs[0]
         return received[node.program.requester]
 
-    def traffic(self, op: Op, program: Program, open_count: Callable[[int, int], int]) -> list[Traffic]:
+    def compute_global(self, op: Op, node: NodeContext, xs: Sequence[Any]) -> Any:
+        return xs[0]
+
+    def traffic(
+        self, op: Op, program: Program, open_count: Callable[[int, int], int]
+    ) -> list[Traffic]:
         per = 1
         for s in program.infos[op.name].shape[1:]:
             per *= s
@@ -87,8 +98,7 @@ class ExchangeSpec(OpSpec):
 
     def send(self, op: Op, node: NodeContext, xs: Sequence[Any]) -> dict[int, torch.Tensor] | None:
         x: torch.Tensor = xs[0]  # (B, C_k, ...) this node's channels
-        cdim = node.program.infos[op.name].cdim
-        assert cdim is not None
+        cdim = _cdim(node.program.infos[op.name], op)
         out: dict[int, torch.Tensor] = {}
         for dest in range(node.num_nodes):
             if dest == node.index:
@@ -106,11 +116,16 @@ class ExchangeSpec(OpSpec):
     def compute(
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
     ) -> Any:
-        cdim = node.program.infos[op.name].cdim
+        cdim = _cdim(node.program.infos[op.name], op)
         parts = [xs[0]] + [received[j] for j in node.sources(op)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=cdim)
 
-    def traffic(self, op: Op, program: Program, open_count: Callable[[int, int], int]) -> list[Traffic]:
+    def compute_global(self, op: Op, node: NodeContext, xs: Sequence[Any]) -> Any:
+        return xs[0]  # the gates act on the readers' weight columns (see the emulation)
+
+    def traffic(
+        self, op: Op, program: Program, open_count: Callable[[int, int], int]
+    ) -> list[Traffic]:
         info = program.infos[op.name]
         per = info.elements_per_channel
         out = []
@@ -134,7 +149,9 @@ class _MixingSpec(OpSpec):
         if x.kind == "sharded":
             raise PartitionError(f"{op.name}: mixing layer input must go through an exchange")
         cdim = self._out_cdim(x)
-        sizes = split_sizes(ctx.out_shape[cdim], ctx.num_nodes, ctx.capacities, what=f"layer {op.module!r}")
+        sizes = split_sizes(
+            ctx.out_shape[cdim], ctx.num_nodes, ctx.capacities, what=f"layer {op.module!r}"
+        )
         return TensorInfo("sharded", ctx.out_shape, cdim, Layout.contiguous(sizes))
 
     def init_state(
@@ -144,14 +161,17 @@ class _MixingSpec(OpSpec):
             raise PartitionError(f"{op.name}: no module")
         rows = layout_of(program.infos[op.name], op.name).index_tensor(k)
         x = program.infos[op.inputs[0]]
-        w = module.weight.detach()  # (C_out, C_in, ...)
+        weight, bias = module.weight, module.bias
+        if not isinstance(weight, torch.Tensor):
+            raise PartitionError(f"{op.name}: module has no weight")
+        w = weight.detach()  # (C_out, C_in, ...)
         w = w.index_select(0, rows)
         if x.kind == "gathered":
             cols = torch.tensor(gathered_columns(layout_of(x, op.name), k), dtype=torch.long)
             w = w.index_select(1, cols)
         params = {"weight": w.clone()}
-        if module.bias is not None:
-            params["bias"] = module.bias.detach().index_select(0, rows).clone()
+        if isinstance(bias, torch.Tensor):
+            params["bias"] = bias.detach().index_select(0, rows).clone()
         return params, {}
 
 
@@ -217,14 +237,20 @@ class OutputSpec(OpSpec):
         if node.index != r:
             return None
         layout = layout_of(info, op.name)
+        cdim = _cdim(info, op)
         parts = [xs[0] if j == r else received[j] for j in range(node.num_nodes)]
-        full = torch.cat(parts, dim=info.cdim)
+        full = torch.cat(parts, dim=cdim)
         if not layout.is_contiguous():
             order = torch.cat([layout.index_tensor(j) for j in range(node.num_nodes)])
-            full = full.index_select(info.cdim, torch.argsort(order))  # type: ignore[arg-type]
+            full = full.index_select(cdim, torch.argsort(order))
         return full
 
-    def traffic(self, op: Op, program: Program, open_count: Callable[[int, int], int]) -> list[Traffic]:
+    def compute_global(self, op: Op, node: NodeContext, xs: Sequence[Any]) -> Any:
+        return xs[0]
+
+    def traffic(
+        self, op: Op, program: Program, open_count: Callable[[int, int], int]
+    ) -> list[Traffic]:
         info = program.infos[op.inputs[0]]
         if info.kind != "sharded":
             return []

@@ -7,7 +7,7 @@ they run on the whole tensor (each node computes the same thing).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -104,10 +104,17 @@ class PoolSpec(OpSpec):
         a, x = op.attrs, xs[0]
         t = a["type"]
         if t == "max":
-            return F.max_pool2d(x, a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+            return F.max_pool2d(
+                x, a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]
+            )
         if t == "avg":
             return F.avg_pool2d(
-                x, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"]
+                x,
+                a["kernel_size"],
+                a["stride"],
+                a["padding"],
+                a["ceil_mode"],
+                a["count_include_pad"],
             )
         if t == "adaptive_avg":
             return F.adaptive_avg_pool2d(x, a["output_size"])
@@ -150,7 +157,14 @@ class BatchNormSpec(OpSpec):
         rm, rv = st.get("running_mean"), st.get("running_var")
         use_batch = node.training or rm is None
         return F.batch_norm(
-            xs[0], rm, rv, st.get("weight"), st.get("bias"), use_batch, op.attrs["momentum"], op.attrs["eps"]
+            xs[0],
+            rm,
+            rv,
+            st.get("weight"),
+            st.get("bias"),
+            use_batch,
+            op.attrs["momentum"],
+            op.attrs["eps"],
         )
 
 
@@ -189,7 +203,9 @@ class DepthwiseConvSpec(OpSpec):
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
     ) -> Any:
         st, a, x = node.state(op), op.attrs, xs[0]
-        return F.conv2d(x, st["weight"], st.get("bias"), a["stride"], a["padding"], a["dilation"], x.shape[1])
+        return F.conv2d(
+            x, st["weight"], st.get("bias"), a["stride"], a["padding"], a["dilation"], x.shape[1]
+        )
 
 
 @register_spec
@@ -205,7 +221,7 @@ class IdentitySpec(OpSpec):
         return xs[0]
 
 
-BINARY = {
+BINARY: dict[str, Callable[[Any, Any], torch.Tensor]] = {
     "add": torch.add,
     "sub": torch.sub,
     "mul": torch.mul,
@@ -248,9 +264,15 @@ class BinarySpec(OpSpec):
     def compute(
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
     ) -> Any:
+        return self._apply(op, node, xs, slice_replicated=True)
+
+    def compute_global(self, op: Op, node: NodeContext, xs: Sequence[Any]) -> Any:
+        return self._apply(op, node, xs, slice_replicated=False)
+
+    def _apply(self, op: Op, node: NodeContext, xs: Sequence[Any], slice_replicated: bool) -> Any:
         out = node.program.infos[op.name]
         vals: list[Any] = list(xs)
-        if out.kind == "sharded":
+        if out.kind == "sharded" and slice_replicated:
             assert out.cdim is not None and out.layout is not None
             for i, name in enumerate(op.inputs):
                 info = node.program.infos[name]
@@ -347,8 +369,12 @@ class ReduceSpec(OpSpec):
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
     ) -> Any:
         a = op.attrs
-        fn = {"mean": torch.mean, "sum": torch.sum, "amax": torch.amax}[a["fn"]]
-        return fn(xs[0], dim=a["dims"], keepdim=a["keepdim"])
+        x, dims, keep = xs[0], a["dims"], a["keepdim"]
+        if a["fn"] == "mean":
+            return torch.mean(x, dim=dims, keepdim=keep)
+        if a["fn"] == "sum":
+            return torch.sum(x, dim=dims, keepdim=keep)
+        return torch.amax(x, dim=dims, keepdim=keep)
 
 
 @register_spec

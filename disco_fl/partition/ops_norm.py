@@ -73,10 +73,8 @@ class _NormSpec(OpSpec):
         assert cdim is not None
         xt = x.movedim(cdim, -1)  # (B, ..., C_k)
         b, ck = xt.shape[0], xt.shape[-1]
-        if self.reduce_positions:
-            xt = xt.reshape(b, 1, -1, ck)
-        else:
-            xt = xt.reshape(b, -1, 1, ck)
+        # GroupNorm: (B, 1, positions, C_k); LayerNorm: (B, positions, 1, C_k)
+        xt = xt.reshape(b, 1, -1, ck) if self.reduce_positions else xt.reshape(b, -1, 1, ck)
         r = xt.shape[2]
         gid = torch.tensor(_groups_of(layout, g, node.index), dtype=torch.long)
         onehot = torch.zeros(ck, g, dtype=x.dtype)
@@ -147,7 +145,12 @@ class _NormSpec(OpSpec):
     def _whole(self, op: Op, x: torch.Tensor, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
         raise PartitionError("abstract")  # overridden
 
-    def traffic(self, op: Op, program: Program, open_count: Callable[[int, int], int]) -> list[Traffic]:
+    def compute_global(self, op: Op, node: NodeContext, xs: Sequence[Any]) -> Any:
+        return self._whole(op, xs[0], node.state(op))
+
+    def traffic(
+        self, op: Op, program: Program, open_count: Callable[[int, int], int]
+    ) -> list[Traffic]:
         info = program.infos[op.inputs[0]]
         if info.kind != "sharded":
             return []
@@ -198,4 +201,6 @@ class LayerNormSpec(_NormSpec):
 
     def _whole(self, op: Op, x: torch.Tensor, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
         shape = tuple(op.attrs.get("normalized_shape", [x.shape[-1]]))
-        return torch.nn.functional.layer_norm(x, shape, st.get("weight"), st.get("bias"), op.attrs["eps"])
+        return torch.nn.functional.layer_norm(
+            x, shape, st.get("weight"), st.get("bias"), op.attrs["eps"]
+        )

@@ -56,7 +56,9 @@ class TensorInfo:
             raise ValueError(f"invalid value kind {kind!r}")
         layout = Layout.from_json(d["layout"], num_nodes) if "layout" in d else None
         cdim = d.get("cdim")
-        return TensorInfo(kind, tuple(int(s) for s in d["shape"]), None if cdim is None else int(cdim), layout)
+        return TensorInfo(
+            kind, tuple(int(s) for s in d["shape"]), None if cdim is None else int(cdim), layout
+        )
 
 
 @dataclass
@@ -84,7 +86,13 @@ class Op:
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> Op:
-        return Op(str(d["name"]), str(d["kind"]), [str(i) for i in d["inputs"]], dict(d["attrs"]), d.get("module"))
+        return Op(
+            str(d["name"]),
+            str(d["kind"]),
+            [str(i) for i in d["inputs"]],
+            dict(d["attrs"]),
+            d.get("module"),
+        )
 
 
 @dataclass

@@ -99,6 +99,14 @@ class OpSpec(ABC):
     ) -> Any:
         """This node's output, given its inputs and the messages it received for this op."""
 
+    def compute_global(self, op: Op, node: NodeContext, xs: Sequence[Any]) -> Any:
+        """The op on whole tensors with whole (assembled) parameters: the fused emulation.
+
+        ``node.state(op)`` holds the assembled parameters. Default: :meth:`compute`, which is
+        correct for every op whose node math is the original op on a slice.
+        """
+        return self.compute(op, node, xs, {})
+
     def traffic(
         self, op: Op, program: Program, open_count: Callable[[int, int], int]
     ) -> list[Traffic]:

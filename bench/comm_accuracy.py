@@ -1,0 +1,193 @@
+"""Accuracy vs communication of DISCO plans (issue: the DISCO core).
+
+Data: ``mnist_5k.npz`` (``../shared/data`` when present, else the copy inside the package),
+stratified 4000/1000 train/test split, seed 0. Models: the small ResNet in two widths
+(``resnet`` 32/64/128, ``resnet_narrow`` 8/16/32), trained dense first. For every model, node
+count and budget: partition the dense model, fine-tune gates and weights to the budget in the
+emulation (:func:`disco_fl.train.fit_budget`, with distillation from the dense model), and
+measure test accuracy and bytes per sample with the fp32 and int8 codecs.
+
+Usage::
+
+    python bench/comm_accuracy.py --json comm_accuracy.json            # full run
+    python bench/comm_accuracy.py --quick --json comm_accuracy.json    # < 15 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import disco_fl
+from disco_fl.data import load_builtin, load_npz, stratified_split, to_tensor
+from disco_fl.models import build_model
+from disco_fl.train import BudgetConfig, evaluate, fit_budget, train_model
+
+BUDGETS = [0.5, 0.2, 0.1, 0.05, 0.02, 0.0]
+NODES = [2, 4, 8]
+MODELS = ["resnet", "resnet_narrow"]
+
+# Training lengths (epochs over the 4000 training images).
+SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {
+        "resnet": {"dense_epochs": 8, "gate_epochs": 1, "finetune_epochs": 2},
+        "resnet_narrow": {"dense_epochs": 15, "gate_epochs": 6, "finetune_epochs": 8},
+    },
+    "quick": {
+        "resnet": {"dense_epochs": 2, "gate_epochs": 1, "finetune_epochs": 1, "max_steps": 12},
+        "resnet_narrow": {"dense_epochs": 8, "gate_epochs": 2, "finetune_epochs": 2, "max_steps": 20},
+    },
+}
+
+
+def load_data(
+    path: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist_5k.npz"
+    if path is None and default.exists():
+        path = str(default)
+    if path is not None:
+        images, labels = load_npz(path)
+        source = path
+    else:
+        images, labels = load_builtin("mnist_5k")
+        source = "builtin:mnist_5k"
+    train_idx, test_idx = stratified_split(labels, [4000, 1000], seed=0)
+    x = to_tensor(images)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    return x[train_idx], y[train_idx], x[test_idx], y[test_idx], source
+
+
+def _job(
+    args: tuple[str, int, float, dict[str, Any], dict[str, torch.Tensor], str | None, int],
+) -> list[dict[str, Any]]:
+    model_name, nodes, budget, setting, dense_state, data_path, seed = args
+    torch.set_num_threads(1)
+    xtr, ytr, xte, yte, _ = load_data(data_path)
+    dense = build_model(model_name)
+    dense.load_state_dict(dense_state)
+    dense.eval()
+    pm = disco_fl.partition(dense, nodes, xtr[:2])
+    cfg = BudgetConfig(
+        budget=budget,
+        gate_epochs=setting["gate_epochs"],
+        finetune_epochs=setting["finetune_epochs"],
+        augment_shift=2,
+        max_steps_per_epoch=setting.get("max_steps"),
+        seed=seed,
+    )
+    t0 = time.time()
+    result = fit_budget(pm, xtr, ytr, cfg, teacher=copy.deepcopy(dense))
+    rows = []
+    for codec in ("fp32", "int8"):
+        pm.codec = codec
+        rep = pm.comm_report(codec)
+        rows.append(
+            {
+                "model": model_name,
+                "nodes": nodes,
+                "budget": budget,
+                "codec": codec,
+                "accuracy": evaluate(pm, xte, yte),
+                "bytes_per_sample": rep.bytes_per_sample,
+                "dense_bytes_per_sample": rep.dense_bytes_per_sample,
+                "sync_points": rep.sync_points,
+                "reduction": rep.reduction,
+                "exchange_fraction": rep.exchange_fraction,
+                "train_seconds": result.seconds,
+            }
+        )
+    print(
+        f"[{time.strftime('%H:%M:%S')}] {model_name} N={nodes} budget={budget}: "
+        f"acc fp32 {rows[0]['accuracy']:.4f} int8 {rows[1]['accuracy']:.4f}, "
+        f"{rows[0]['reduction']:.1f}x fewer fp32 bytes than dense TP, "
+        f"{rows[0]['sync_points']} sync points ({time.time() - t0:.0f}s)",
+        flush=True,
+    )
+    return rows
+
+
+def _dense(args: tuple[str, int, str | None, int]) -> tuple[str, dict[str, torch.Tensor], float]:
+    model_name, epochs, data_path, seed = args
+    torch.set_num_threads(1)
+    xtr, ytr, xte, yte, _ = load_data(data_path)
+    torch.manual_seed(seed)
+    model = build_model(model_name)
+    train_model(model, xtr, ytr, epochs=epochs, lr=0.01, seed=seed)
+    acc = evaluate(model, xte, yte)
+    print(f"[{time.strftime('%H:%M:%S')}] dense {model_name}: accuracy {acc:.4f}", flush=True)
+    return model_name, model.state_dict(), acc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--json", required=True, help="output JSON path")
+    ap.add_argument("--quick", action="store_true", help="short training (< 15 min on 2 cores)")
+    ap.add_argument(
+        "--data", default=None, help="mnist_5k.npz path (default ../shared/data, else builtin)"
+    )
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--nodes", default=",".join(map(str, NODES)))
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    ap.add_argument("--workers", type=int, default=2, help="parallel processes (1 thread each)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    mode = "quick" if args.quick else "full"
+    models = args.models.split(",")
+    nodes = [int(n) for n in args.nodes.split(",")]
+    budgets = [float(b) for b in args.budgets.split(",")]
+    for m in models:
+        if m not in SETTINGS[mode]:
+            ap.error(f"unknown model {m!r}; choose from {list(SETTINGS[mode])}")
+    t0 = time.time()
+    _, _, _, _, source = load_data(args.data)
+    print(f"data: {source} (4000/1000 stratified split, seed 0); mode {mode}", flush=True)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(args.workers) as pool:
+        dense = pool.map(
+            _dense, [(m, SETTINGS[mode][m]["dense_epochs"], args.data, args.seed) for m in models]
+        )
+        states = {name: state for name, state, _ in dense}
+        out: dict[str, Any] = {
+            "dense_accuracy": {name: acc for name, _, acc in dense},
+            "rows": [],
+            "meta": {
+                "mode": mode,
+                "data": source,
+                "split": "stratified 4000/1000, seed 0",
+                "settings": SETTINGS[mode],
+                "budget_config": {
+                    k: v for k, v in asdict(BudgetConfig(budget=0.1)).items() if k != "budget"
+                },
+                "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
+            },
+        }
+        jobs = [
+            (m, n, b, SETTINGS[mode][m], states[m], args.data, args.seed)
+            for m in models
+            for n in nodes
+            for b in budgets
+        ]
+        for rows in pool.imap(_job, jobs):
+            out["rows"].extend(rows)
+            out["meta"]["wall_seconds"] = time.time() - t0
+            Path(args.json).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.json} ({time.time() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
