@@ -35,17 +35,22 @@ from disco_fl.train import BudgetConfig, evaluate, fit_budget, train_model
 
 BUDGETS = [0.5, 0.2, 0.1, 0.05, 0.02, 0.0]
 NODES = [2, 4, 8]
-MODELS = ["resnet", "resnet_narrow"]
+MODELS = ["resnet_narrow", "resnet"]
 
 # Training lengths (epochs over the 4000 training images).
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
-        "resnet": {"dense_epochs": 8, "gate_epochs": 1, "finetune_epochs": 2},
-        "resnet_narrow": {"dense_epochs": 15, "gate_epochs": 6, "finetune_epochs": 8},
+        "resnet": {"dense_epochs": 6, "gate_epochs": 1, "finetune_epochs": 1},
+        "resnet_narrow": {"dense_epochs": 15, "gate_epochs": 6, "finetune_epochs": 12},
     },
     "quick": {
         "resnet": {"dense_epochs": 2, "gate_epochs": 1, "finetune_epochs": 1, "max_steps": 12},
-        "resnet_narrow": {"dense_epochs": 8, "gate_epochs": 2, "finetune_epochs": 2, "max_steps": 20},
+        "resnet_narrow": {
+            "dense_epochs": 8,
+            "gate_epochs": 2,
+            "finetune_epochs": 2,
+            "max_steps": 20,
+        },
     },
 }
 

@@ -11,7 +11,9 @@ Budget training (:func:`fit_budget`) has three phases:
 2. **calibrate**: hard masks are chosen by :func:`calibrate_masks`: channels in decreasing
    order of gate logit, each taken if it still fits in ``budget * dense`` exchange bytes.
    The achieved fraction is at most the budget and within one channel of it.
-3. **finetune** (``finetune_epochs``): masks fixed, weights adapt to them.
+3. **finetune** (``finetune_epochs``): masks fixed, weights adapt to them. Finally the
+   BatchNorm running statistics are re-estimated with the final masks
+   (:func:`recalibrate_batchnorm`), since closing gates shifts every later activation.
 
 Everything is seeded; a checkpoint is written (atomically) after every epoch and the run
 resumes from it when ``checkpoint_dir`` already holds one.
@@ -132,8 +134,8 @@ class BudgetConfig:
     finetune_epochs: int = 4  # epochs with the hard masks fixed (phase 3)
     batch_size: int = 128
     lr: float = 2e-3  # Adam learning rate of the weights (cosine decay in phase 3)
-    gate_lr: float = 0.05  # Adam learning rate of the gate logits
-    dual_lr: float = 0.05  # dual ascent step of the Lagrange multiplier
+    gate_lr: float = 0.1  # Adam learning rate of the gate logits
+    dual_lr: float = 0.05  # dual ascent step of the Lagrange multiplier (per step)
     anneal: float = 0.6  # fraction of phase 1 over which the target falls from 1 to budget
     distill: float = 0.9  # weight of distillation when a teacher is given (0 = off)
     temperature: float = 4.0  # distillation temperature
@@ -149,8 +151,10 @@ class BudgetConfig:
                 raise ValueError(f"{f} must be >= 0")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError("max_steps_per_epoch must be >= 1")
-        if self.batch_size < 1 or self.lr <= 0 or self.gate_lr <= 0 or self.dual_lr <= 0:
-            raise ValueError("batch_size, lr, gate_lr and dual_lr must be positive")
+        if self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("batch_size and lr must be positive")
+        if self.gate_lr <= 0 or self.dual_lr <= 0:
+            raise ValueError("gate_lr and dual_lr must be positive")
         if not 0.0 < self.anneal <= 1.0:
             raise ValueError("anneal must be in (0, 1]")
 
@@ -179,6 +183,33 @@ def calibrate_masks(pm: PartitionedModel, budget: float) -> float:
     for _, _, d, g in pm.gate_items():
         g.set_mask(d, masks[(id(g), d)])
     return used / dense if dense else 0.0
+
+
+def recalibrate_batchnorm(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 256, max_batches: int = 16
+) -> None:
+    """Re-estimate BatchNorm running statistics of a partitioned model (cumulative average
+    over up to ``max_batches`` batches of ``x``, hard masks, no gradients)."""
+    if not isinstance(model, PartitionedModel):
+        return
+    bn_ops = [op for op in model.program.ops if op.kind == "batch_norm"]
+    if not bn_ops or len(x) == 0:
+        return
+    saved = {op.name: op.attrs["momentum"] for op in bn_ops}
+    mode, was_training = model.gate_mode, model.training
+    model.gate_mode = "hard"
+    model.train()
+    try:
+        with torch.no_grad():
+            for i, start in enumerate(range(0, min(len(x), max_batches * batch_size), batch_size)):
+                for op in bn_ops:
+                    op.attrs["momentum"] = 1.0 / (i + 1)
+                model(x[start : start + batch_size])
+    finally:
+        for op in bn_ops:
+            op.attrs["momentum"] = saved[op.name]
+        model.gate_mode = mode
+        model.train(was_training)
 
 
 @dataclass
@@ -211,6 +242,12 @@ def fit_budget(
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     ckpt = Path(checkpoint_dir) / "budget.pt" if checkpoint_dir else None
+    gate_epochs = config.gate_epochs if 0.0 < config.budget < 1.0 else 0
+    total = gate_epochs + config.finetune_epochs
+    steps_per_epoch = len(_batches(len(x), config.batch_size, torch.Generator().manual_seed(0)))
+    if config.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    anneal_steps = max(1, int(config.anneal * gate_epochs * steps_per_epoch))
     gate_opt = torch.optim.Adam(pm.gate_parameters(), lr=config.gate_lr)
     w_opt = torch.optim.Adam(pm.weight_parameters(), lr=config.lr)
     state: dict[str, Any] = {"epoch": 0, "lam": 0.0, "history": [], "expected": 1.0}
@@ -228,12 +265,6 @@ def fit_budget(
         state = saved["state"]
         log(f"resumed from {ckpt} at epoch {state['epoch']}")
 
-    gate_epochs = config.gate_epochs if 0.0 < config.budget < 1.0 else 0
-    total = gate_epochs + config.finetune_epochs
-    steps_per_epoch = len(_batches(len(x), config.batch_size, torch.Generator().manual_seed(0)))
-    if config.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    anneal_steps = max(1, int(config.anneal * gate_epochs * steps_per_epoch))
     if state["epoch"] == 0 and gate_epochs == 0:
         if config.budget >= 1.0 or config.budget <= 0.0:
             pm.set_all_masks(1.0 if config.budget >= 1.0 else 0.0)
@@ -316,6 +347,7 @@ def fit_budget(
     if gate_epochs > 0 and config.finetune_epochs == 0:
         calibrate_masks(pm, config.budget)
     pm.gate_mode = "hard"
+    recalibrate_batchnorm(pm, x, batch_size=max(config.batch_size, 256))
     pm.eval()
     return BudgetResult(
         config.budget,
