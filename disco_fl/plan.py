@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from disco_fl.codecs import get_codec
-from disco_fl.partition import Program
+from disco_fl.partition import InferContext, PartitionError, Program, get_spec
 
 PLAN_FORMAT = "disco_fl.plan/1"
 
@@ -101,6 +101,7 @@ class Plan:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"malformed plan: {e}") from e
         plan = Plan(program, masks, d["codec"], shards)
+        validate_program(program)
         _validate_masks(plan)
         if d.get("hash") != plan.hash:
             raise PlanError("plan hash does not match its contents (edited or corrupt plan)")
@@ -113,6 +114,39 @@ class Plan:
         except (OSError, json.JSONDecodeError) as e:
             raise PlanError(f"cannot read plan {path}: {e}") from e
         return Plan.from_json(raw)
+
+
+def validate_program(program: Program) -> None:
+    """Re-derive every op's value info from its inputs and compare with the recorded one, so a
+    forged or inconsistent program (wrong ownership, channel dims, op kinds) is refused."""
+    ops = program.ops
+    if not ops or ops[0].kind != "input" or ops[-1].kind != "output":
+        raise PlanError("program must start with its input and end with its output")
+    if not 0 <= program.requester < program.num_nodes:
+        raise PlanError("requester node out of range")
+    for op in ops:
+        rec = program.infos[op.name]
+        try:
+            spec = get_spec(op.kind)
+            ins = [program.infos[i] for i in op.inputs]
+            got = spec.infer(op, ins, InferContext(program.num_nodes, rec.shape))
+        except (PartitionError, KeyError, TypeError, ValueError, IndexError) as e:
+            raise PlanError(f"invalid op {op.name!r} ({op.kind}): {e}") from None
+        if spec.mixing:  # slice sizes may be uneven (capacities): check the structure only
+            lay = rec.layout
+            ok = (
+                rec.kind == got.kind
+                and rec.cdim == got.cdim
+                and lay is not None
+                and rec.cdim is not None
+                and lay.is_contiguous()
+                and lay.num_channels == rec.shape[rec.cdim]
+                and all(lay.count(k) > 0 for k in range(program.num_nodes))
+            )
+        else:
+            ok = rec == got
+        if not ok:
+            raise PlanError(f"op {op.name!r}: recorded ownership does not follow from its inputs")
 
 
 def _validate_masks(plan: Plan) -> None:

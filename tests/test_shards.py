@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -130,3 +131,16 @@ def test_export_is_atomic(exported: Path, monkeypatch: pytest.MonkeyPatch) -> No
         pm.export(exported)
     assert (exported / "plan.json").read_bytes() == before
     assert not [p for p in exported.iterdir() if p.name.startswith(".")]
+
+
+def test_forged_ownership_is_refused(exported: Path) -> None:
+    raw = json.loads((exported / "plan.json").read_text())
+    infos = raw["program"]["infos"]
+    name = next(n for n, i in infos.items() if i["kind"] == "sharded" and len(i["layout"]) > 1)
+    infos[name]["layout"] = list(reversed(infos[name]["layout"]))  # swap who owns what
+    body = {k: v for k, v in raw.items() if k != "hash"}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    raw["hash"] = hashlib.sha256(canon).hexdigest()  # a consistent hash: only validation can tell
+    (exported / "plan.json").write_text(json.dumps(raw))
+    with pytest.raises(PlanError, match="ownership"):
+        load_shard(exported / "plan.json", 0)

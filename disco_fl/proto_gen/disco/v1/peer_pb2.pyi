@@ -1,0 +1,120 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "codec", "scales", "data")
+    class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        DTYPE_UNSPECIFIED: _ClassVar[Tensor.DType]
+        DTYPE_FLOAT32: _ClassVar[Tensor.DType]
+        DTYPE_FLOAT16: _ClassVar[Tensor.DType]
+        DTYPE_BFLOAT16: _ClassVar[Tensor.DType]
+    DTYPE_UNSPECIFIED: Tensor.DType
+    DTYPE_FLOAT32: Tensor.DType
+    DTYPE_FLOAT16: Tensor.DType
+    DTYPE_BFLOAT16: Tensor.DType
+    class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CODEC_UNSPECIFIED: _ClassVar[Tensor.Codec]
+        CODEC_FP32: _ClassVar[Tensor.Codec]
+        CODEC_FP16: _ClassVar[Tensor.Codec]
+        CODEC_INT8: _ClassVar[Tensor.Codec]
+    CODEC_UNSPECIFIED: Tensor.Codec
+    CODEC_FP32: Tensor.Codec
+    CODEC_FP16: Tensor.Codec
+    CODEC_INT8: Tensor.Codec
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: Tensor.DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    codec: Tensor.Codec
+    scales: bytes
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[Tensor.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Tensor.Codec, str]] = ..., scales: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("session_id", "step", "layer", "direction", "src", "dst", "tensor", "error")
+    class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        DIRECTION_UNSPECIFIED: _ClassVar[Frame.Direction]
+        FORWARD: _ClassVar[Frame.Direction]
+        BACKWARD: _ClassVar[Frame.Direction]
+        INPUT: _ClassVar[Frame.Direction]
+        OUTPUT: _ClassVar[Frame.Direction]
+        NORMS: _ClassVar[Frame.Direction]
+    DIRECTION_UNSPECIFIED: Frame.Direction
+    FORWARD: Frame.Direction
+    BACKWARD: Frame.Direction
+    INPUT: Frame.Direction
+    OUTPUT: Frame.Direction
+    NORMS: Frame.Direction
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    layer: int
+    direction: Frame.Direction
+    src: int
+    dst: int
+    tensor: Tensor
+    error: str
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., direction: _Optional[_Union[Frame.Direction, str]] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("plan_hash", "node", "household_token", "expected_node")
+    PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    HOUSEHOLD_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_NODE_FIELD_NUMBER: _ClassVar[int]
+    plan_hash: str
+    node: int
+    household_token: str
+    expected_node: int
+    def __init__(self, plan_hash: _Optional[str] = ..., node: _Optional[int] = ..., household_token: _Optional[str] = ..., expected_node: _Optional[int] = ...) -> None: ...
+
+class HelloReply(_message.Message):
+    __slots__ = ("plan_hash", "node")
+    PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    plan_hash: str
+    node: int
+    def __init__(self, plan_hash: _Optional[str] = ..., node: _Optional[int] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("status", "plan_hash", "node", "num_nodes")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATUS_UNSPECIFIED: _ClassVar[HealthReply.Status]
+        SERVING: _ClassVar[HealthReply.Status]
+        NOT_SERVING: _ClassVar[HealthReply.Status]
+    STATUS_UNSPECIFIED: HealthReply.Status
+    SERVING: HealthReply.Status
+    NOT_SERVING: HealthReply.Status
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    NUM_NODES_FIELD_NUMBER: _ClassVar[int]
+    status: HealthReply.Status
+    plan_hash: str
+    node: int
+    num_nodes: int
+    def __init__(self, status: _Optional[_Union[HealthReply.Status, str]] = ..., plan_hash: _Optional[str] = ..., node: _Optional[int] = ..., num_nodes: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,217 @@
+"""The network runtime: one node executes the program, exchanging frames over a transport.
+
+:func:`run_node` is the per-node counterpart of :func:`disco_fl.node.run_lockstep`: for every
+op of the plan's program it calls the same ``spec.send`` / ``spec.compute`` (there is one
+implementation of a node's math), sends each message as a frame (``layer`` = the op's index,
+activations with the plan's codec, normalization statistics in fp32) and receives exactly the
+frames that ``spec.traffic`` says are addressed to this node. A received message decodes to
+exactly what ``codec.roundtrip`` produces in the emulation, so the requester's output equals
+:func:`disco_fl.export.run_shards` bit for bit.
+
+If the node fails (a timeout, a bad frame, an error in its own math), it sends an error frame
+in place of every message it still owed its peers, so they fail at once with the cause
+instead of waiting for their timeouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from disco_fl.codecs import get_codec
+from disco_fl.partition import Op, Program, Traffic, get_spec
+from disco_fl.plan import Plan
+from disco_fl.proto_gen.disco.v1 import peer_pb2
+from disco_fl.transport.base import MAX_ERROR_TEXT, Transport
+from disco_fl.wire import CODECS, decode_tensor, encode_tensor
+
+Frame = peer_pb2.Frame
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+
+
+class PeerError(RuntimeError):
+    """A peer reported a failure, or sent a message that does not fit the plan."""
+
+
+def direction_of(op: Op, coded: bool) -> int:
+    """Frame direction of the forward messages of ``op``."""
+    if op.kind == "input":
+        return Frame.INPUT
+    if op.kind == "output":
+        return Frame.OUTPUT
+    return Frame.FORWARD if coded else Frame.NORMS
+
+
+def op_traffic(plan: Plan, op: Op) -> list[Traffic]:
+    """Messages of ``op`` per sample, as the plan's accounting sees them."""
+
+    def open_count(src: int, dst: int) -> int:
+        return len(plan.open_channels(op.name, src, dst))
+
+    return get_spec(op.kind).traffic(op, plan.program, open_count)
+
+
+def _check_message(
+    program: Program, op: Op, layer: int, src: int, t: torch.Tensor, tr: Traffic, batch: int | None
+) -> None:
+    """The decoded message must have the shape the plan implies (batch, channels)."""
+    where = f"layer {layer} ({op.name}, {op.kind}) from node {src}"
+    info = program.infos[op.name]
+    if op.kind == "input":
+        if t.dim() != len(info.shape):
+            raise PeerError(f"{where}: input has {t.dim()} dims, the plan expects {info.shape}")
+        return
+    if batch is not None and (t.dim() == 0 or t.shape[0] != batch):
+        raise PeerError(f"{where}: message of shape {tuple(t.shape)} for batch size {batch}")
+    cdim = info.cdim
+    if (
+        tr.coded
+        and tr.channels
+        and cdim is not None
+        and (t.dim() != len(info.shape) or t.shape[cdim] != tr.channels)
+    ):
+        raise PeerError(
+            f"{where}: message of shape {tuple(t.shape)}, expected {tr.channels} channels "
+            f"at dim {cdim}"
+        )
+
+
+def run_node(
+    node: Any,
+    transport: Transport,
+    x: torch.Tensor | None,
+    *,
+    session_id: str,
+    timeout: float = 10.0,
+    step: int = 0,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> torch.Tensor | None:
+    """Run ``node`` (a :class:`~disco_fl.export.ShardNode`) for one input over ``transport``.
+
+    ``x`` is the model input on the requester (``plan.program.requester``) and ignored
+    elsewhere. ``timeout`` bounds the wait for each message. Returns the output on the
+    requester, ``None`` on the other nodes. Raises ``TimeoutError`` (a peer is silent),
+    :class:`PeerError` (a peer failed or sent a message that does not fit the plan) or
+    :class:`~disco_fl.wire.WireError` (a malformed message). The session's frames are
+    dropped from the mailbox when the call returns; a ``session_id`` must not be reused.
+    """
+    plan: Plan = node.plan
+    program = plan.program
+    k = node.index
+    if transport.index != k or transport.num_nodes != program.num_nodes:
+        raise ValueError(
+            f"transport of node {transport.index}/{transport.num_nodes} used for node "
+            f"{k}/{program.num_nodes}"
+        )
+    if k == program.requester and not isinstance(x, torch.Tensor):
+        raise ValueError(f"node {k} is the requester: it needs the input tensor")
+    codec = get_codec(plan.codec)
+    env: dict[str, Any] = {}
+    result: Any = None
+    batch: int | None = None
+    layer = 0
+    sent: set[int] = set()  # peers already sent this layer's message
+    try:
+        with torch.no_grad():
+            for layer, op in enumerate(program.ops):
+                spec = get_spec(op.kind)
+                xs = (
+                    [x if k == program.requester else None]
+                    if op.kind == "input"
+                    else [env[i] for i in op.inputs]
+                )
+                traffic = op_traffic(plan, op)
+                out_to = sorted({t.dst for t in traffic if t.src == k})
+                in_from = {t.src: t for t in traffic if t.dst == k}
+                msgs = spec.send(op, node, xs) or {}
+                if sorted(msgs) != out_to:
+                    raise RuntimeError(
+                        f"node {k} layer {layer} ({op.name}): op sends to {sorted(msgs)} but "
+                        f"the plan's traffic says {out_to}"
+                    )
+                coded = spec.coded_messages
+                wire_codec = codec.name if coded else "fp32"
+                direction = direction_of(op, coded)
+                sent = set()
+                for dest in out_to:
+                    frame = Frame(
+                        session_id=session_id,
+                        step=step,
+                        layer=layer,
+                        direction=direction,  # type: ignore[arg-type]
+                        src=k,
+                        dst=dest,
+                    )
+                    encode_tensor(msgs[dest], wire_codec, out=frame.tensor)
+                    transport.send(frame)
+                    sent.add(dest)
+                received: dict[int, torch.Tensor] = {}
+                for src in sorted(in_from):
+                    f = transport.recv(session_id, layer, src, timeout, step=step)
+                    if f.error:
+                        raise PeerError(
+                            f"node {src} failed at layer {layer} ({op.name}): {f.error}"
+                        )
+                    if f.direction != direction or f.tensor.codec != CODECS[wire_codec]:
+                        raise PeerError(
+                            f"layer {layer} ({op.name}) from node {src}: direction "
+                            f"{f.direction}/codec {f.tensor.codec}, expected {direction}/"
+                            f"{CODECS[wire_codec]}"
+                        )
+                    t = decode_tensor(f.tensor, max_bytes=max_message_bytes)
+                    _check_message(program, op, layer, src, t, in_from[src], batch)
+                    received[src] = t
+                value = spec.compute(op, node, xs, received)
+                env[op.name] = value
+                if op.kind == "input" and isinstance(value, torch.Tensor) and value.dim():
+                    batch = int(value.shape[0])
+                if op.kind == "output":
+                    result = value
+    except BaseException as e:
+        why = f"{type(e).__name__}: {e}"
+        _notify_peers(plan, transport, session_id, step, layer, sent, why)
+        raise
+    finally:
+        transport.end_session(session_id)
+    if k != program.requester:
+        return None
+    if not isinstance(result, torch.Tensor):
+        raise RuntimeError("program produced no output tensor")
+    return result
+
+
+def _notify_peers(
+    plan: Plan,
+    transport: Transport,
+    session_id: str,
+    step: int,
+    failed_at: int,
+    already_sent: set[int],
+    why: str,
+) -> None:
+    """Send an error frame for every message this node still owed (best effort): the rest of
+    layer ``failed_at`` (``already_sent`` lists its peers already served) and all later ones."""
+    k = transport.index
+    text = f"node {k}: {why}"[:MAX_ERROR_TEXT]
+    send: Callable[[Frame], None] = transport.send
+    for layer in range(failed_at, len(plan.program.ops)):
+        op = plan.program.ops[layer]
+        coded = get_spec(op.kind).coded_messages
+        for t in op_traffic(plan, op):
+            if t.src != k or (layer == failed_at and t.dst in already_sent):
+                continue
+            frame = Frame(
+                session_id=session_id,
+                step=step,
+                layer=layer,
+                direction=direction_of(op, coded),  # type: ignore[arg-type]
+                src=k,
+                dst=t.dst,
+                error=text,
+            )
+            try:
+                send(frame)
+            except Exception:  # the peer may be gone; nothing more to do
+                continue

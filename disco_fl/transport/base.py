@@ -1,0 +1,320 @@
+"""The transport interface, the mailbox of received frames, and incoming-frame validation.
+
+A :class:`Transport` belongs to one node ``index`` of an ``num_nodes`` household. ``send``
+hands a frame to the peer ``frame.dst``; frames from peers are validated on arrival
+(:func:`check_incoming`) and kept in a :class:`Mailbox` until ``recv`` takes them. A frame is
+identified by ``(session_id, step, layer, src, backward)`` (:func:`frame_key`): at most one
+frame per key may be pending; a duplicate is rejected.
+
+Counters (for checking the plan's accounting against the wire): payload bytes sent per
+``(dst, layer)`` (``len(data) + len(scales)`` of the tensor), serialized frame bytes sent and
+received, frames sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict, deque
+from typing import Any
+
+from disco_fl.proto_gen.disco.v1 import peer_pb2
+from disco_fl.wire import WireError, check_header, payload_bytes
+
+log = logging.getLogger(__name__)
+
+Frame = peer_pb2.Frame
+FrameKey = tuple[str, int, int, int, bool]  # session, step, layer, src, backward
+
+DEFAULT_MAX_PENDING_BYTES = 1 << 30
+MAX_SESSION_ID = 256
+MAX_ERROR_TEXT = 4096
+_DIRECTIONS = frozenset({Frame.FORWARD, Frame.BACKWARD, Frame.INPUT, Frame.OUTPUT, Frame.NORMS})
+
+
+class TransportError(RuntimeError):
+    """The transport cannot do what was asked (closed, peer unreachable, frame refused)."""
+
+
+def frame_key(frame: peer_pb2.Frame) -> FrameKey:
+    return (
+        frame.session_id,
+        int(frame.step),
+        int(frame.layer),
+        int(frame.src),
+        frame.direction == Frame.BACKWARD,
+    )
+
+
+def check_incoming(
+    frame: Any,
+    index: int,
+    num_nodes: int,
+    num_layers: int | None,
+    expected_src: int | None = None,
+) -> str | None:
+    """Why a frame arriving at node ``index`` must be rejected, or ``None`` if it is fine.
+
+    Checks addressing (``dst`` is this node, ``src`` a peer, and the stream's authenticated
+    peer when given), the layer range, the direction, the sizes of the text fields and the
+    tensor's header (enums, dimensions); the payload itself is checked when it is decoded.
+    """
+    if not isinstance(frame, peer_pb2.Frame):
+        return f"expected a disco.v1.Frame, got {type(frame).__name__}"
+    if frame.dst != index:
+        return f"frame addressed to node {frame.dst} arrived at node {index}"
+    if not 0 <= frame.src < num_nodes or frame.src == index:
+        return f"frame source {frame.src} is not a peer of node {index} ({num_nodes} nodes)"
+    if expected_src is not None and frame.src != expected_src:
+        return f"frame claims source {frame.src} on the stream of node {expected_src}"
+    if num_layers is not None and frame.layer >= num_layers:
+        return f"layer {frame.layer} out of range (the program has {num_layers} ops)"
+    if frame.direction not in _DIRECTIONS:
+        return f"unknown frame direction {frame.direction}"
+    if len(frame.session_id) > MAX_SESSION_ID:
+        return f"session id longer than {MAX_SESSION_ID} characters"
+    if len(frame.error) > MAX_ERROR_TEXT:
+        return f"error text longer than {MAX_ERROR_TEXT} characters"
+    if not frame.error:
+        if not frame.HasField("tensor"):
+            return "frame carries neither a tensor nor an error"
+        try:
+            check_header(frame.tensor)
+        except WireError as e:
+            return str(e)
+    return None
+
+
+class Mailbox:
+    """Frames received and not yet taken, keyed by :func:`frame_key`; bounded in bytes.
+
+    Sessions ended with :meth:`end_session` stay remembered (the last ``max_closed_sessions``):
+    late frames for them are dropped and ``get`` on them fails at once.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        max_closed_sessions: int = 1024,
+    ) -> None:
+        self._cond = threading.Condition()
+        self._frames: dict[FrameKey, tuple[peer_pb2.Frame, int]] = {}
+        self._bytes = 0
+        self._max_bytes = max_pending_bytes
+        self._closed_sessions: OrderedDict[str, None] = OrderedDict()
+        self._max_closed = max_closed_sessions
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._frames)
+
+    @property
+    def pending_bytes(self) -> int:
+        with self._cond:
+            return self._bytes
+
+    def put(self, frame: peer_pb2.Frame, size: int) -> str | None:
+        """Store ``frame`` (``size`` serialized bytes); return why it was refused, or None."""
+        key = frame_key(frame)
+        with self._cond:
+            if self._closed:
+                return "the receiving transport is closed"
+            if key[0] in self._closed_sessions:
+                return f"session {key[0]!r} has ended on node {frame.dst}"
+            if key in self._frames:
+                return f"duplicate frame for session {key[0]!r} layer {key[2]} from {key[3]}"
+            if self._bytes + size > self._max_bytes:
+                return (
+                    f"mailbox full ({self._bytes} bytes pending, limit {self._max_bytes}); "
+                    f"frame of {size} bytes refused"
+                )
+            self._frames[key] = (frame, size)
+            self._bytes += size
+            self._cond.notify_all()
+        return None
+
+    def get(self, key: FrameKey, timeout: float) -> peer_pb2.Frame | None:
+        """Take the frame ``key``, waiting at most ``timeout`` seconds (``None`` if none came)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise TransportError("transport closed while waiting for a frame")
+                if key[0] in self._closed_sessions:
+                    raise TransportError(f"session {key[0]!r} has ended on this node")
+                item = self._frames.pop(key, None)
+                if item is not None:
+                    self._bytes -= item[1]
+                    return item[0]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def end_session(self, session_id: str) -> int:
+        """Forget the session's pending frames (returns how many) and drop its late frames."""
+        with self._cond:
+            gone = [k for k in self._frames if k[0] == session_id]
+            for k in gone:
+                self._bytes -= self._frames.pop(k)[1]
+            self._closed_sessions[session_id] = None
+            self._closed_sessions.move_to_end(session_id)
+            while len(self._closed_sessions) > self._max_closed:
+                self._closed_sessions.popitem(last=False)
+            self._cond.notify_all()
+            return len(gone)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._frames.clear()
+            self._bytes = 0
+            self._cond.notify_all()
+
+
+class Transport(ABC):
+    """One node's connection to its peers. Thread-safe; subclasses implement ``_transmit``."""
+
+    def __init__(
+        self,
+        index: int,
+        num_nodes: int,
+        *,
+        num_layers: int | None = None,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+    ) -> None:
+        if num_nodes < 1 or not 0 <= index < num_nodes:
+            raise ValueError(f"node index {index} out of range for {num_nodes} nodes")
+        if num_layers is not None and num_layers < 0:
+            raise ValueError(f"num_layers must be non-negative, got {num_layers}")
+        self.index = index
+        self.num_nodes = num_nodes
+        self.num_layers = num_layers
+        self.mailbox = Mailbox(max_pending_bytes=max_pending_bytes)
+        self.errors: deque[str] = deque(maxlen=256)  # frames refused here or by peers
+        self._stats = threading.Lock()
+        self._payload_sent: dict[tuple[int, int], int] = {}
+        self._wire_sent = 0
+        self._wire_received = 0
+        self._frames_sent = 0
+        self._closed = False
+
+    # ---- sending -------------------------------------------------------------------------
+    def send(self, frame: peer_pb2.Frame) -> None:
+        """Send ``frame`` to ``frame.dst`` (``frame.src`` must be this node)."""
+        if self._closed:
+            raise TransportError(f"node {self.index}: transport is closed")
+        if frame.src != self.index:
+            raise ValueError(f"node {self.index} cannot send a frame with src={frame.src}")
+        if not 0 <= frame.dst < self.num_nodes or frame.dst == self.index:
+            raise ValueError(f"node {self.index}: bad destination {frame.dst}")
+        payload = payload_bytes(frame.tensor) if frame.HasField("tensor") else 0
+        wire = frame.ByteSize()
+        self._transmit(frame)
+        with self._stats:
+            key = (int(frame.dst), int(frame.layer))
+            self._payload_sent[key] = self._payload_sent.get(key, 0) + payload
+            self._wire_sent += wire
+            self._frames_sent += 1
+
+    @abstractmethod
+    def _transmit(self, frame: peer_pb2.Frame) -> None:
+        """Hand the frame to the peer (may return before it is delivered)."""
+
+    # ---- receiving -----------------------------------------------------------------------
+    def _accept(
+        self, frame: peer_pb2.Frame, size: int, expected_src: int | None = None
+    ) -> str | None:
+        """Validate and store a frame that arrived; return why it was refused, or None."""
+        reason = check_incoming(frame, self.index, self.num_nodes, self.num_layers, expected_src)
+        if reason is None:
+            reason = self.mailbox.put(frame, size)
+        if reason is not None:
+            msg = f"node {self.index} refused a frame from {getattr(frame, 'src', '?')}: {reason}"
+            self.errors.append(msg)
+            log.warning(msg)
+            return reason
+        with self._stats:
+            self._wire_received += size
+        return None
+
+    def recv(
+        self,
+        session_id: str,
+        layer: int,
+        src: int,
+        timeout: float,
+        *,
+        step: int = 0,
+        backward: bool = False,
+    ) -> peer_pb2.Frame:
+        """The frame of ``(session_id, step, layer)`` from ``src``, waiting at most ``timeout`` s.
+
+        Raises :class:`TimeoutError` naming the peer and the layer when it does not come.
+        """
+        if not 0 <= src < self.num_nodes or src == self.index:
+            raise ValueError(f"node {self.index}: {src} is not a peer")
+        if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout < 0:
+            raise ValueError(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
+        frame = self.mailbox.get((session_id, step, layer, src, backward), float(timeout))
+        if frame is None:
+            what = "gradient" if backward else "frame"
+            raise TimeoutError(
+                f"node {self.index}: no {what} from node {src} for layer {layer} "
+                f"(session {session_id!r}, step {step}) within {timeout:g} s"
+            )
+        return frame
+
+    def end_session(self, session_id: str) -> None:
+        """Drop the session's pending and late frames (call when a session is over)."""
+        n = self.mailbox.end_session(session_id)
+        if n:
+            log.debug("node %d: dropped %d pending frames of session %r", self.index, n, session_id)
+
+    # ---- lifecycle and counters ----------------------------------------------------------
+    def close(self) -> None:
+        """Release everything; waiting ``recv`` calls fail. Idempotent."""
+        self._closed = True
+        self.mailbox.close()
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def payload_bytes_sent(self) -> dict[tuple[int, int], int]:
+        """Payload bytes sent, per ``(dst, layer)``."""
+        with self._stats:
+            return dict(self._payload_sent)
+
+    @property
+    def wire_bytes_sent(self) -> int:
+        """Serialized frame bytes sent (protobuf encoding, without HTTP/2 or TLS framing)."""
+        with self._stats:
+            return self._wire_sent
+
+    @property
+    def wire_bytes_received(self) -> int:
+        with self._stats:
+            return self._wire_received
+
+    @property
+    def frames_sent(self) -> int:
+        with self._stats:
+            return self._frames_sent
+
+    def reset_counters(self) -> None:
+        with self._stats:
+            self._payload_sent.clear()
+            self._wire_sent = self._wire_received = self._frames_sent = 0
