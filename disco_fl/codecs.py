@@ -41,8 +41,10 @@ class Codec:
 def int8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-sample int8 quantization; returns ``(q int8, scale float32[B])``."""
     b = x.shape[0]
+    if x.numel() == 0:
+        return torch.zeros(x.shape, dtype=torch.int8), torch.ones(b)
     flat = x.detach().reshape(b, -1).to(torch.float32)
-    absmax = flat.abs().amax(dim=1) if flat.shape[1] else torch.zeros(b)
+    absmax = flat.abs().amax(dim=1)
     scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
     shape = (b,) + (1,) * (x.dim() - 1)
     q = torch.clamp(torch.round(x.to(torch.float32) / scale.view(shape)), -127, 127)

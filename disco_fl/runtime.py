@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from disco_fl.codecs import get_codec
+from disco_fl.export import ShardNode
 from disco_fl.partition import Op, Program, Traffic, get_spec
 from disco_fl.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2
@@ -79,7 +80,7 @@ def _check_message(
 
 
 def run_node(
-    node: Any,
+    node: ShardNode,
     transport: Transport,
     x: torch.Tensor | None,
     *,
@@ -113,6 +114,7 @@ def run_node(
     batch: int | None = None
     layer = 0
     sent: set[int] = set()  # peers already sent this layer's message
+    last_use = {name: i for i, op in enumerate(program.ops) for name in op.inputs}
     try:
         with torch.no_grad():
             for layer, op in enumerate(program.ops):
@@ -165,6 +167,10 @@ def run_node(
                     received[src] = t
                 value = spec.compute(op, node, xs, received)
                 env[op.name] = value
+                del xs, received, msgs
+                for name in op.inputs:  # free what no later op reads (peak memory)
+                    if last_use[name] == layer:
+                        env.pop(name, None)
                 if op.kind == "input" and isinstance(value, torch.Tensor) and value.dim():
                     batch = int(value.shape[0])
                 if op.kind == "output":

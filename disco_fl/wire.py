@@ -83,7 +83,10 @@ def encode_tensor(
     if code == Tensor.CODEC_INT8:
         if x.dim() == 0:
             raise WireError("int8 needs a batch dimension (got a 0-d tensor)")
-        q, scale = int8_quantize(x)
+        if x.shape[0] == 0:  # no samples: nothing to quantize (int8_quantize needs one)
+            q, scale = torch.empty(x.shape, dtype=torch.int8), torch.empty(0)
+        else:
+            q, scale = int8_quantize(x)
         msg.scales = scale.contiguous().numpy().astype(_SCALE, copy=False).tobytes()
         msg.data = q.contiguous().numpy().tobytes()
     else:

@@ -83,3 +83,9 @@ def test_int8_error_bound() -> None:
 def test_unknown_codec() -> None:
     with pytest.raises(ValueError, match="unknown codec"):
         get_codec("bf8")
+
+
+def test_int8_empty_batches() -> None:
+    for shape in [(0, 3, 2), (2, 0)]:
+        x = torch.zeros(shape)
+        assert get_codec("int8").roundtrip(x).shape == x.shape

@@ -120,13 +120,17 @@ class Mailbox:
             return self._bytes
 
     def put(self, frame: peer_pb2.Frame, size: int) -> str | None:
-        """Store ``frame`` (``size`` serialized bytes); return why it was refused, or None."""
+        """Store ``frame`` (``size`` serialized bytes); return why it was refused, or None.
+
+        Frames of an ended session are dropped without complaint (they are late, not bad)."""
         key = frame_key(frame)
         with self._cond:
             if self._closed:
                 return "the receiving transport is closed"
             if key[0] in self._closed_sessions:
-                return f"session {key[0]!r} has ended on node {frame.dst}"
+                # a late frame of a finished or failed session: harmless, dropped quietly
+                log.debug("dropped a late frame of ended session %r: %s", key[0], key)
+                return None
             if key in self._frames:
                 return f"duplicate frame for session {key[0]!r} layer {key[2]} from {key[3]}"
             if self._bytes + size > self._max_bytes:

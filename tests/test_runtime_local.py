@@ -1,0 +1,420 @@
+"""The peer runtime on one machine: N nodes as threads, over in-process transports and over
+real gRPC servers on loopback. Runtime == shard-only execution (bit for bit), payload bytes
+on the wire == the plan's accounting, strict wire validation, handshake refusal, timeouts."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+import disco_fl
+from disco_fl.codecs import get_codec
+from disco_fl.comm import program_traffic
+from disco_fl.export import ShardNode, load_shard, run_shards
+from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
+from disco_fl.runtime import PeerError, run_node
+from disco_fl.transport import InProcessHub, Transport, TransportError
+from disco_fl.transport.grpc_transport import GrpcTransport, HandshakeError
+from disco_fl.wire import WireError, decode_tensor, encode_tensor, payload_bytes
+from tests.test_shards import _random_masks
+from tests.zoo import ZOO
+
+FWD = peer_pb2.Frame.FORWARD
+JOIN_S = 60.0  # bound on any node thread
+
+
+@dataclass
+class Household:
+    nodes: list[ShardNode]
+    x: torch.Tensor
+    ref: torch.Tensor
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.nodes[0].program.ops)
+
+
+_CACHE: dict[tuple[str, int, str], Household] = {}
+
+
+@pytest.fixture(scope="module")
+def household(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., Household]]:
+    """Export (once per module) a zoo model with random hard masks; load its shards."""
+
+    def get(name: str, n: int, codec: str = "fp32") -> Household:
+        key = (name, n, codec)
+        if key not in _CACHE:
+            build, shape = ZOO[name]
+            torch.manual_seed(n)
+            model = build().eval()
+            x = torch.randn(*shape)
+            pm = disco_fl.partition(model, n, x).eval()
+            _random_masks(pm, 0.35, seed=n)
+            out = tmp_path_factory.mktemp(f"{name}_{n}_{codec}")
+            pm.export(out, codec=codec)
+            nodes = [load_shard(out / "plan.json", k) for k in range(n)]
+            _CACHE[key] = Household(nodes, x, run_shards(nodes, x))
+        return _CACHE[key]
+
+    yield get
+    _CACHE.clear()
+
+
+def _run_all(
+    nodes: Sequence[Any], transports: Sequence[Transport], x: torch.Tensor, session: str
+) -> list[Any]:
+    """Run every node in its own thread; return outputs (or raise the first error)."""
+    results: list[Any] = [None] * len(nodes)
+    errors: list[BaseException | None] = [None] * len(nodes)
+
+    def go(k: int) -> None:
+        try:
+            results[k] = run_node(
+                nodes[k], transports[k], x if k == 0 else None, session_id=session, timeout=10.0
+            )
+        except BaseException as e:
+            errors[k] = e
+
+    threads = [
+        threading.Thread(target=go, args=(k,), name=f"node-{k}", daemon=True)
+        for k in range(len(nodes))
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + JOIN_S
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "a node thread did not finish"
+    for e in errors:
+        if e is not None:
+            raise e
+    return results
+
+
+def _expected_payload(hh: Household) -> dict[tuple[int, int, int], int]:
+    """The plan's per-sample bytes per (src, dst, layer), times the batch size."""
+    plan = hh.nodes[0].plan
+    layer_of = {op.name: i for i, op in enumerate(plan.program.ops)}
+
+    def open_count(name: str, s: int, d: int) -> int:
+        return len(plan.open_channels(name, s, d))
+
+    report = program_traffic(plan.program, open_count, plan.codec)
+    batch = hh.x.shape[0]
+    out: dict[tuple[int, int, int], int] = {}
+    for layer in report.layers:
+        for pair, b in layer.pairs.items():
+            s, d = (int(v) for v in pair.split("->"))
+            if b:
+                out[(s, d, layer_of[layer.op])] = b * batch
+    assert sum(out.values()) == report.bytes_per_sample * batch
+    return out
+
+
+def _counted_payload(transports: Sequence[Transport]) -> dict[tuple[int, int, int], int]:
+    return {
+        (t.index, dst, layer): b
+        for t in transports
+        for (dst, layer), b in t.payload_bytes_sent().items()
+    }
+
+
+def _check_run(hh: Household, transports: Sequence[Transport], session: str) -> None:
+    out = _run_all(hh.nodes, transports, hh.x, session)
+    assert all(o is None for o in out[1:])
+    assert out[0] is not None and torch.equal(out[0], hh.ref), (out[0] - hh.ref).abs().max()
+    counted = _counted_payload(transports)
+    assert counted == _expected_payload(hh)
+    assert sum(t.wire_bytes_sent for t in transports) > sum(counted.values())
+    for t in transports:
+        assert not t.errors, list(t.errors)
+        assert t.mailbox.pending == 0
+
+
+# ---- (a) + (c): in-process transports ----------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_inprocess_runtime_equals_shards(
+    household: Callable[..., Household], name: str, n: int
+) -> None:
+    hh = household(name, n)
+    with InProcessHub(n, num_layers=hh.num_layers) as hub:
+        _check_run(hh, list(hub), "s-a")
+
+
+@pytest.mark.parametrize(
+    ("name", "n", "codec"), [("user", 3, "int8"), ("resnet_narrow", 2, "fp16")]
+)
+def test_inprocess_runtime_lossy_codecs(
+    household: Callable[..., Household], name: str, n: int, codec: str
+) -> None:
+    hh = household(name, n, codec)
+    assert hh.nodes[0].plan.codec == codec
+    with InProcessHub(n, num_layers=hh.num_layers) as hub:
+        _check_run(hh, list(hub), "s-lossy")
+        # a second request over the same transports (new session); counters add up
+        for t in hub:
+            t.reset_counters()
+        _check_run(hh, list(hub), "s-lossy-2")
+
+
+def test_failing_node_fails_its_peers_fast(household: Callable[..., Household]) -> None:
+    hh = household("user", 3)
+
+    class Broken:
+        """Node 1, whose math fails at its first mixing layer."""
+
+        def __init__(self, inner: ShardNode) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        def state(self, op: Any) -> Any:
+            if op.kind == "conv2d":
+                raise RuntimeError("boom")
+            return self._inner.state(op)
+
+    nodes: list[Any] = list(hh.nodes)
+    nodes[1] = Broken(hh.nodes[1])
+    with InProcessHub(3, num_layers=hh.num_layers) as hub:
+        t0 = time.monotonic()
+        with pytest.raises((PeerError, RuntimeError), match="boom"):
+            _run_all(nodes, list(hub), hh.x, "s-broken")
+        assert time.monotonic() - t0 < 5.0  # well under the 10 s receive timeout
+
+
+# ---- (b) + (c): real gRPC servers on loopback ---------------------------------------------
+
+
+@pytest.fixture
+def grpc_household() -> Iterator[Callable[..., list[GrpcTransport]]]:
+    """Factory of N connected gRPC transports; all closed at the end of the test."""
+    made: list[GrpcTransport] = []
+
+    def make(n: int, plan_hash: str, num_layers: int, **kw: Any) -> list[GrpcTransport]:
+        ts = [
+            GrpcTransport(k, n, plan_hash=plan_hash, num_layers=num_layers, **kw) for k in range(n)
+        ]
+        made.extend(ts)
+        for t in ts:
+            t.set_peers([u.address for u in ts])
+        return ts
+
+    yield make
+    # close in parallel: each node's server waits for its peers to end their streams
+    closers = [threading.Thread(target=t.close, args=(2.0,), daemon=True) for t in made]
+    for c in closers:
+        c.start()
+    for c in closers:
+        c.join(10.0)
+    assert all(t.closed for t in made)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("name", ["resnet_narrow", "user"])
+def test_grpc_runtime_equals_shards(
+    household: Callable[..., Household],
+    grpc_household: Callable[..., list[GrpcTransport]],
+    name: str,
+    n: int,
+) -> None:
+    hh = household(name, n)
+    plan = hh.nodes[0].plan
+    ts = grpc_household(n, plan.hash, hh.num_layers, household_token="secret")
+    _check_run(hh, ts, "s-grpc")
+    health = ts[0].health(n - 1, timeout=5.0)
+    assert health.status == peer_pb2.HealthReply.SERVING and health.node == n - 1
+
+
+def test_grpc_int8_bytes(
+    household: Callable[..., Household], grpc_household: Callable[..., list[GrpcTransport]]
+) -> None:
+    hh = household("user", 3, "int8")
+    ts = grpc_household(3, hh.nodes[0].plan.hash, hh.num_layers)
+    _check_run(hh, ts, "s-grpc-int8")
+
+
+# ---- (e) handshake and stream identity ----------------------------------------------------
+
+
+def test_handshake_with_wrong_plan_hash_is_refused(
+    grpc_household: Callable[..., list[GrpcTransport]],
+) -> None:
+    a = grpc_household(2, "a" * 64, 4)
+    b = grpc_household(2, "b" * 64, 4)
+    a[0].set_peers([a[0].address, b[1].address])  # a's node 0 dials b's node 1
+    with pytest.raises(HandshakeError, match="plan mismatch"):
+        a[0].connect()
+    with pytest.raises(HandshakeError, match="FAILED_PRECONDITION"):
+        a[0].send(peer_pb2.Frame(src=0, dst=1, layer=0, direction=peer_pb2.Frame.FORWARD))
+
+
+def test_handshake_with_wrong_token_or_node_is_refused(
+    grpc_household: Callable[..., list[GrpcTransport]],
+) -> None:
+    a = grpc_household(2, "a" * 64, 4, household_token="one")
+    b = grpc_household(2, "a" * 64, 4, household_token="two")
+    a[0].set_peers([a[0].address, b[1].address])
+    with pytest.raises(HandshakeError, match="PERMISSION_DENIED"):
+        a[0].connect()
+    c = grpc_household(3, "c" * 64, 4)
+    c[0].set_peers([c[0].address, c[2].address, c[1].address])  # node 1's address is node 2
+    with pytest.raises(HandshakeError, match="expected node 1"):
+        c[0].connect()
+
+
+def test_exchange_stream_checks_identity_and_frames(
+    grpc_household: Callable[..., list[GrpcTransport]],
+) -> None:
+    ts = grpc_household(2, "d" * 64, 4)
+    # a raw stream with another plan's hash is refused before any frame is taken
+    with grpc.insecure_channel(ts[1].address) as ch:
+        stub = peer_pb2_grpc.PeerStub(ch)
+        md = [
+            ("disco-plan-hash", "e" * 64),
+            ("disco-node", "0"),
+            ("disco-expected-node", "1"),
+            ("disco-token", ""),
+        ]
+        call = stub.Exchange(iter([peer_pb2.Frame()]), metadata=md, timeout=5.0)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert ts[1].mailbox.pending == 0
+    # a frame for a layer outside the program is refused and reported back to the sender
+    bad = peer_pb2.Frame(session_id="s", layer=99, src=0, dst=1, direction=FWD, error="x")
+    ts[0].send(bad)
+    deadline = time.monotonic() + 5.0
+    while not ts[0].errors and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert any("layer 99 out of range" in e for e in ts[0].errors), list(ts[0].errors)
+    assert ts[1].mailbox.pending == 0
+
+
+# ---- (f) timeouts --------------------------------------------------------------------------
+
+
+def test_recv_times_out_with_a_clear_message() -> None:
+    with InProcessHub(3, num_layers=5) as hub:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"node 1: no frame from node 2 for layer 4"):
+            hub[1].recv("sess", 4, 2, 0.5)
+        assert 0.45 <= time.monotonic() - t0 < 3.0
+
+
+def test_grpc_recv_times_out(grpc_household: Callable[..., list[GrpcTransport]]) -> None:
+    ts = grpc_household(2, "f" * 64, 3)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="from node 1 for layer 2"):
+        ts[0].recv("sess", 2, 1, 0.5)
+    assert time.monotonic() - t0 < 3.0
+
+
+# ---- in-process frame validation -----------------------------------------------------------
+
+
+def test_inprocess_refuses_bad_frames() -> None:
+    with InProcessHub(2, num_layers=3) as hub:
+        ok = peer_pb2.Frame(session_id="s", layer=1, src=0, dst=1, direction=FWD)
+        encode_tensor(torch.ones(2, 3), "fp32", out=ok.tensor)
+        hub[0].send(ok)
+        with pytest.raises(TransportError, match="duplicate"):
+            hub[0].send(ok)
+        late = peer_pb2.Frame(session_id="s", layer=7, src=0, dst=1, direction=FWD, error="x")
+        with pytest.raises(TransportError, match="out of range"):
+            hub[0].send(late)
+        with pytest.raises(ValueError, match="cannot send"):
+            hub[1].send(ok)  # src is not node 1
+        no_tensor = peer_pb2.Frame(session_id="s", layer=2, src=0, dst=1, direction=FWD)
+        with pytest.raises(TransportError, match="neither"):
+            hub[0].send(no_tensor)
+        bad_dir = peer_pb2.Frame(session_id="s", layer=2, src=0, dst=1, error="x")
+        bad_dir.direction = 42  # type: ignore[assignment]
+        with pytest.raises(TransportError, match="direction"):
+            hub[0].send(bad_dir)
+        got = hub[1].recv("s", 1, 0, 1.0)
+        assert torch.equal(decode_tensor(got.tensor, max_bytes=1 << 10), torch.ones(2, 3))
+        hub[1].end_session("s")
+        with pytest.raises(TransportError, match="ended"):
+            hub[1].recv("s", 1, 0, 1.0)
+
+
+# ---- (d) wire encoding and validation ------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_wire_roundtrip_equals_codec(codec: str, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 5, 4, 4), (2, 7), (1,), (0, 3), (4, 0, 2)]:
+        x = (torch.randn(*shape, generator=g) * 5).to(dtype)
+        msg = encode_tensor(x, codec)
+        y = decode_tensor(peer_pb2.Tensor.FromString(msg.SerializeToString()), max_bytes=1 << 20)
+        assert y.dtype == dtype and y.shape == x.shape
+        if x.shape[0] == 0:
+            assert payload_bytes(msg) == 0
+            continue
+        assert torch.equal(y, get_codec(codec).roundtrip(x)), (codec, dtype, shape)
+        per_sample = x[0].numel()
+        if per_sample:  # what the plan's accounting charges for one message
+            assert payload_bytes(msg) == x.shape[0] * get_codec(codec).message_bytes(per_sample)
+    x = torch.randn(6, 3)
+    y = decode_tensor(encode_tensor(x, "fp32"), max_bytes=1 << 10)
+    y += 1  # a fresh, writable tensor that aliases nothing
+    assert not torch.equal(y, x)
+
+
+def _msg(enc: str = "fp32", **kw: Any) -> peer_pb2.Tensor:
+    """A valid (2, 3) tensor message, then ``kw`` fields overwritten."""
+    base = encode_tensor(torch.randn(2, 3), enc)
+    for k, v in kw.items():
+        if k == "shape":
+            del base.shape[:]
+            base.shape.extend(v)
+        else:
+            setattr(base, k, v)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (lambda: _msg(data=b"\0" * 20), "needs 24 data bytes, got 20"),
+        (lambda: _msg(shape=[2, 4]), "needs 32 data bytes"),
+        (lambda: _msg(dtype=9), "unknown tensor dtype"),
+        (lambda: _msg(dtype=0), "unknown tensor dtype"),
+        (lambda: _msg(codec=7), "unknown tensor codec"),
+        (lambda: _msg(shape=[-2, -3]), "negative"),
+        (lambda: _msg(shape=[1] * 9), "9 dimensions"),
+        (lambda: _msg(shape=[2**40, 2**40]), "data bytes"),
+        (lambda: _msg(scales=b"\0" * 8), "needs 0 scale bytes"),
+        (lambda: _msg(enc="int8", scales=b"\0" * 4), "needs 8 scale bytes"),
+        (lambda: _msg(enc="int8", shape=[]), "batch dimension"),
+        (lambda: encode_tensor(torch.randn(400, 400), "fp32"), "exceeds the limit"),
+        (lambda: peer_pb2.Frame(), "expected a disco.v1.Tensor"),
+    ],
+)
+def test_wire_rejects_malformed_tensors(bad: Callable[[], Any], match: str) -> None:
+    with pytest.raises(WireError, match=match):
+        decode_tensor(bad(), max_bytes=1 << 16)
+
+
+def test_wire_refuses_what_it_cannot_encode() -> None:
+    with pytest.raises(WireError, match="float64"):
+        encode_tensor(torch.randn(2, dtype=torch.float64), "fp32")
+    with pytest.raises(WireError, match="unknown codec"):
+        encode_tensor(torch.randn(2), "bf8")
+    with pytest.raises(WireError, match="batch dimension"):
+        encode_tensor(torch.tensor(1.0), "int8")
