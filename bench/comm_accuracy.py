@@ -44,7 +44,7 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         "resnet_narrow": {"dense_epochs": 15, "gate_epochs": 6, "finetune_epochs": 12},
     },
     "quick": {
-        "resnet": {"dense_epochs": 2, "gate_epochs": 1, "finetune_epochs": 1, "max_steps": 12},
+        "resnet": {"dense_epochs": 2, "gate_epochs": 1, "finetune_epochs": 1, "max_steps": 6},
         "resnet_narrow": {
             "dense_epochs": 8,
             "gate_epochs": 2,

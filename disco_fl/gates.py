@@ -69,8 +69,9 @@ class PairGates(nn.Module):
             self.register_buffer(f"mask_{d}", torch.ones(num_channels))
 
     def mask(self, dest: int) -> torch.Tensor:
-        m = getattr(self, f"mask_{dest}")
-        assert isinstance(m, torch.Tensor)
+        m = self._buffers.get(f"mask_{dest}")
+        if m is None:
+            raise KeyError(f"no gates towards node {dest}")
         return m
 
     def set_mask(self, dest: int, mask: torch.Tensor) -> None:
