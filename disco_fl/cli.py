@@ -164,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="fraction of dense exchange bytes (default 0.05)",
         )
         p.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "int8"])
-        p.add_argument("--dense-epochs", type=int, default=10)
-        p.add_argument("--gate-epochs", type=int, default=4)
-        p.add_argument("--finetune-epochs", type=int, default=4)
+        p.add_argument("--dense-epochs", type=int, default=15)
+        p.add_argument("--gate-epochs", type=int, default=6)
+        p.add_argument("--finetune-epochs", type=int, default=12)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", default=out, help=f"output folder (default {out})")
         p.add_argument("--json", default=None, help="write the summary JSON here")
