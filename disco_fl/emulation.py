@@ -323,7 +323,7 @@ class PartitionedModel(nn.Module):
             den += g.num_channels * per
         return num / den if den else 0.0
 
-    def comm_report(self, codec: str = "fp32", batch_size: int = 1) -> Any:
+    def comm_report(self, codec: str = "fp32") -> Any:
         """Bytes crossing the network for one sample under the current hard masks.
 
         See :func:`disco_fl.comm.comm_report`.

@@ -22,7 +22,7 @@ import torch
 
 from disco_fl.codecs import Codec
 from disco_fl.node import run_lockstep
-from disco_fl.partition import Op, Program
+from disco_fl.partition import Op, Program, get_spec
 from disco_fl.partition.ops_comm import gathered_columns
 from disco_fl.plan import Plan, PlanError, ShardManifest
 
@@ -58,7 +58,7 @@ def _compact_state(pm: Any, plan: Plan, k: int) -> dict[str, torch.Tensor]:
                 pname == "weight"
                 and x is not None
                 and x.kind == "gathered"
-                and op.kind in ("conv2d", "linear")
+                and get_spec(op.kind).mixing
             ):
                 t = t.index_select(1, torch.tensor(compact_columns(plan, op, k), dtype=torch.long))
             out[f"{op.name}.{pname}"] = t.contiguous().clone()

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -141,8 +142,9 @@ class _MixingSpec(OpSpec):
 
     mixing = True
 
+    @abstractmethod
     def _out_cdim(self, x: TensorInfo) -> int:
-        raise PartitionError("abstract")  # overridden
+        """Channel dim of the output (validates the input's)."""
 
     def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
         (x,) = ins

@@ -383,6 +383,14 @@ class ConstSpec(OpSpec):
 
     kind = "const"
 
+    def init_state(
+        self, op: Op, module: nn.Module | None, program: Program, k: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        value = getattr(module, "value", None)
+        if not isinstance(value, torch.Tensor):
+            raise PartitionError(f"{op.name}: constant op without a tensor value")
+        return {}, {"value": value.detach().clone()}
+
     def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
         return TensorInfo("replicated", ctx.out_shape)
 
@@ -390,15 +398,3 @@ class ConstSpec(OpSpec):
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
     ) -> Any:
         return node.state(op)["value"]
-
-
-def _const_state(module: nn.Module | None) -> dict[str, torch.Tensor]:
-    value = getattr(module, "value", None)
-    if not isinstance(value, torch.Tensor):
-        raise PartitionError("constant op without a tensor value")
-    return {"value": value.detach().clone()}
-
-
-ConstSpec.init_state = (  # type: ignore[method-assign]
-    lambda self, op, module, program, k: ({}, _const_state(module))
-)

@@ -10,6 +10,7 @@ need no message.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -142,8 +143,9 @@ class _NormSpec(OpSpec):
             y = y + st["bias"]
         return y.movedim(-1, info.cdim)  # type: ignore[arg-type]
 
+    @abstractmethod
     def _whole(self, op: Op, x: torch.Tensor, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        raise PartitionError("abstract")  # overridden
+        """The normalization on the whole tensor (replicated input, fused emulation)."""
 
     def compute_global(self, op: Op, node: NodeContext, xs: Sequence[Any]) -> Any:
         return self._whole(op, xs[0], node.state(op))
