@@ -1,4 +1,4 @@
-"""``disco-fl`` command line: ``demo``, ``train``, ``report``."""
+"""``disco-fl`` command line: ``demo``, ``train``, ``report``, ``serve``, ``infer``, ``certs``."""
 
 from __future__ import annotations
 
@@ -14,11 +14,20 @@ import numpy as np
 import torch
 
 from disco_fl.comm import CommReport, program_traffic
-from disco_fl.data import load_builtin, load_npz, stratified_split, to_tensor
+from disco_fl.data import (
+    MNIST_MEAN,
+    MNIST_STD,
+    load_builtin,
+    load_npz,
+    stratified_split,
+    to_tensor,
+)
 from disco_fl.emulation import partition
 from disco_fl.export import load_shard, run_shards
 from disco_fl.models import MODELS, build_model, load_checkpoint_strict
-from disco_fl.plan import Plan
+from disco_fl.plan import Plan, PlanError
+from disco_fl.serving import commands as serving_commands
+from disco_fl.serving.client import InferenceError
 from disco_fl.train import BudgetConfig, evaluate, fit_budget, train_model
 
 
@@ -89,7 +98,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     pm.codec = args.codec
     disco_acc = evaluate(pm, xte, yte)
     rep = pm.comm_report(args.codec)
-    exported = pm.export(out / "plan", codec=args.codec)
+    meta = {
+        "model": args.model,
+        "input": {"mean": [MNIST_MEAN] * in_ch, "std": [MNIST_STD] * in_ch},
+        "classes": list(range(int(ytr.max()) + 1)),
+    }
+    exported = pm.export(out / "plan", codec=args.codec, meta=meta)
     _log(f"exported plan {exported.plan.hash[:12]} and {args.nodes} shards to {out / 'plan'}")
     nodes = [load_shard(out / "plan" / "plan.json", k) for k in range(args.nodes)]
     with torch.no_grad():
@@ -180,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="communication report of an exported plan")
     p.add_argument("plan", help="plan.json or its folder")
     p.add_argument("--codec", default=None, choices=["fp32", "fp16", "int8"])
+    serving_commands.add_parsers(sub)
     return ap
 
 
@@ -190,10 +205,16 @@ def main(argv: list[str] | None = None) -> int:
             cmd_train(args)
         elif args.command == "report":
             cmd_report(args)
+        elif args.command == "serve":
+            return serving_commands.cmd_serve(args)
+        elif args.command == "infer":
+            serving_commands.cmd_infer(args)
+        elif args.command == "certs":
+            return serving_commands.cmd_certs(args)
     except KeyboardInterrupt:
         _log("interrupted")
         return 130
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PlanError, InferenceError, TimeoutError) as e:
         print(f"disco-fl: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -332,11 +332,11 @@ class PartitionedModel(nn.Module):
 
         return comm_report(self, codec)
 
-    def export(self, path: Any, codec: str = "fp32") -> Any:
+    def export(self, path: Any, codec: str = "fp32", meta: dict[str, Any] | None = None) -> Any:
         """Write the plan and one weights file per node; see :func:`disco_fl.export.export`."""
         from disco_fl.export import export
 
-        return export(self, path, codec=codec)
+        return export(self, path, codec=codec, meta=meta)
 
 
 def partition(

@@ -84,8 +84,15 @@ class ExportResult:
     whole_model_param_bytes: int
 
 
-def export(pm: Any, path: str | Path, codec: str = "fp32") -> ExportResult:
-    """Write ``plan.json`` and ``node_<k>.pt`` for every node under ``path``."""
+def export(
+    pm: Any, path: str | Path, codec: str = "fp32", meta: dict[str, Any] | None = None
+) -> ExportResult:
+    """Write ``plan.json`` and ``node_<k>.pt`` for every node under ``path``.
+
+    ``meta`` (JSON-serializable, part of the plan's hash) describes the model's interface for
+    callers, e.g. ``{"input": {"mean": [0.1307], "std": [0.3081]}, "classes": [...]}``
+    (read by ``disco-fl infer`` to preprocess images).
+    """
     path = Path(path)
     masks = {
         e.name: {
@@ -96,7 +103,7 @@ def export(pm: Any, path: str | Path, codec: str = "fp32") -> ExportResult:
         }
         for e in pm.program.exchanges
     }
-    plan = Plan(pm.program, masks, codec)
+    plan = Plan(pm.program, masks, codec, meta=dict(meta or {}))
     states = [_compact_state(pm, plan, k) for k in range(pm.num_nodes)]
     for k, state in enumerate(states):
         buf = io.BytesIO()

@@ -46,6 +46,8 @@ class Plan:
     masks: dict[str, dict[str, list[int]]]  # exchange -> "j->k" -> open global channels
     codec: str = "fp32"
     shards: list[ShardManifest] = field(default_factory=list)
+    # the model's interface for callers (input normalization, class names); JSON, hashed
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_nodes(self) -> int:
@@ -61,6 +63,7 @@ class Plan:
             "masks": self.masks,
             "codec": self.codec,
             "shards": [s.to_json() for s in self.shards],
+            "meta": self.meta,
         }
 
     @property
@@ -98,9 +101,12 @@ class Plan:
                 )
                 for s in d["shards"]
             ]
+            meta = d.get("meta", {})
+            if not isinstance(meta, dict):
+                raise TypeError(f"meta must be an object, got {type(meta).__name__}")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"malformed plan: {e}") from e
-        plan = Plan(program, masks, d["codec"], shards)
+        plan = Plan(program, masks, d["codec"], shards, meta)
         validate_program(program)
         _validate_masks(plan)
         if d.get("hash") != plan.hash:
@@ -143,6 +149,11 @@ def validate_program(program: Program) -> None:
                 and lay.num_channels == rec.shape[rec.cdim]
                 and all(lay.count(k) > 0 for k in range(program.num_nodes))
             )
+            if ok:
+                try:
+                    spec.check_layout(op, rec)
+                except PartitionError as e:
+                    raise PlanError(f"invalid op {op.name!r} ({op.kind}): {e}") from None
         else:
             ok = rec == got
         if not ok:

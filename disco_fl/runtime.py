@@ -15,6 +15,7 @@ instead of waiting for their timeouts.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from disco_fl.export import ShardNode
 from disco_fl.partition import Op, Program, Traffic, get_spec
 from disco_fl.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2
-from disco_fl.transport.base import MAX_ERROR_TEXT, Transport
+from disco_fl.transport.base import MAX_ERROR_TEXT, PeerDownError, Transport
 from disco_fl.wire import CODECS, decode_tensor, encode_tensor
 
 Frame = peer_pb2.Frame
@@ -92,7 +93,8 @@ def run_node(
     """Run ``node`` (a :class:`~disco_fl.export.ShardNode`) for one input over ``transport``.
 
     ``x`` is the model input on the requester (``plan.program.requester``) and ignored
-    elsewhere. ``timeout`` bounds the wait for each message. Returns the output on the
+    elsewhere. ``timeout`` is the deadline of the whole call, in seconds: every wait for a
+    peer's message is bounded by what is left of it. Returns the output on the
     requester, ``None`` on the other nodes. Raises ``TimeoutError`` (a peer is silent),
     :class:`PeerError` (a peer failed or sent a message that does not fit the plan) or
     :class:`~disco_fl.wire.WireError` (a malformed message). The session's frames are
@@ -109,6 +111,7 @@ def run_node(
     if k == program.requester and not isinstance(x, torch.Tensor):
         raise ValueError(f"node {k} is the requester: it needs the input tensor")
     codec = get_codec(plan.codec)
+    deadline = time.monotonic() + timeout
     env: dict[str, Any] = {}
     result: Any = None
     batch: int | None = None
@@ -151,7 +154,19 @@ def run_node(
                     sent.add(dest)
                 received: dict[int, torch.Tensor] = {}
                 for src in sorted(in_from):
-                    f = transport.recv(session_id, layer, src, timeout, step=step)
+                    left = max(0.0, deadline - time.monotonic())
+                    try:
+                        f = transport.recv(session_id, layer, src, left, step=step)
+                    except TimeoutError:
+                        raise TimeoutError(
+                            f"node {k}: no message from node {src} for layer {layer} "
+                            f"({op.name}) within the deadline of {timeout:g} s "
+                            f"(session {session_id!r})"
+                        ) from None
+                    except PeerDownError as e:
+                        raise PeerError(
+                            f"node {k}: peer {src} is unreachable (layer {layer}, {op.name}): {e}"
+                        ) from None
                     if f.error:
                         raise PeerError(
                             f"node {src} failed at layer {layer} ({op.name}): {f.error}"
@@ -202,11 +217,12 @@ def _notify_peers(
     k = transport.index
     text = f"node {k}: {why}"[:MAX_ERROR_TEXT]
     send: Callable[[Frame], None] = transport.send
+    unreachable: set[int] = set()
     for layer in range(failed_at, len(plan.program.ops)):
         op = plan.program.ops[layer]
         coded = get_spec(op.kind).coded_messages
         for t in op_traffic(plan, op):
-            if t.src != k or (layer == failed_at and t.dst in already_sent):
+            if t.src != k or t.dst in unreachable or (layer == failed_at and t.dst in already_sent):
                 continue
             frame = Frame(
                 session_id=session_id,
@@ -219,5 +235,5 @@ def _notify_peers(
             )
             try:
                 send(frame)
-            except Exception:  # the peer may be gone; nothing more to do
-                continue
+            except Exception:  # the peer is gone: do not try it again for this session
+                unreachable.add(t.dst)

@@ -294,7 +294,7 @@ def test_config_validation() -> None:
 
 
 def test_registry() -> None:
-    assert set(MODELS) == {"resnet", "resnet_narrow", "resnet18", "resnet50"}
+    assert set(MODELS) == {"resnet", "resnet_narrow", "resnet18", "resnet50", "vit_tiny_mnist"}
     assert build_model("resnet18", num_classes=5).fc.out_features == 5  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="known models: resnet, resnet18, resnet50"):
         build_model("vgg16")

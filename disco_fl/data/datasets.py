@@ -278,6 +278,8 @@ def to_tensor(
     """
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got dtype {images.dtype}")
+    if not images.flags.writeable:  # torch tensors must not alias read-only memory
+        images = images.copy()
     if images.ndim == 3:
         x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
     elif images.ndim == 4:

@@ -1,26 +1,28 @@
-"""Models: torchvision-compatible ResNets and strict checkpoint handling."""
+"""Models: torchvision-compatible ResNets, a timm-compatible ViT, strict checkpoint handling."""
 
 from disco_fl.models.checkpoint import (
     CheckpointError,
     load_checkpoint_strict,
     save_checkpoint_atomic,
 )
+from disco_fl.models.registry import MODELS, build_model
 from disco_fl.models.resnet import (
-    MODELS,
     ResNet,
     ResNetConfig,
-    build_model,
     resnet18,
     resnet50,
     resnet_narrow,
     resnet_small,
 )
+from disco_fl.models.vit import ViT, ViTConfig, vit_tiny_mnist
 
 __all__ = [
     "MODELS",
     "CheckpointError",
     "ResNet",
     "ResNetConfig",
+    "ViT",
+    "ViTConfig",
     "build_model",
     "load_checkpoint_strict",
     "resnet18",
@@ -28,4 +30,5 @@ __all__ = [
     "resnet_narrow",
     "resnet_small",
     "save_checkpoint_atomic",
+    "vit_tiny_mnist",
 ]

@@ -9,19 +9,16 @@ data-dependent control flow, so every model is traceable by ``torch.fx.symbolic_
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 __all__ = [
-    "MODELS",
     "BasicBlock",
     "Bottleneck",
     "ResNet",
     "ResNetConfig",
-    "build_model",
     "group_norm_groups",
     "resnet18",
     "resnet50",
@@ -490,34 +487,3 @@ def resnet50(
             norm=norm,
         )
     )
-
-
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "resnet": resnet_small,
-    "resnet_narrow": resnet_narrow,
-    "resnet18": resnet18,
-    "resnet50": resnet50,
-}
-
-
-def build_model(name: str, **kwargs: object) -> nn.Module:
-    """Build a registered model by name.
-
-    Parameters
-    ----------
-    name : str
-        A key of :data:`MODELS` ("resnet", "resnet_narrow", "resnet18", "resnet50").
-    **kwargs
-        Passed to the builder (e.g. ``num_classes``, ``in_channels``, ``norm``).
-
-    Raises
-    ------
-    ValueError
-        If ``name`` is not registered; the message lists the known names.
-    """
-    try:
-        builder = MODELS[name]
-    except KeyError:
-        known = ", ".join(sorted(MODELS))
-        raise ValueError(f"unknown model {name!r}; known models: {known}") from None
-    return builder(**kwargs)

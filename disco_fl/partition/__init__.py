@@ -1,9 +1,15 @@
 """Partitioning: the op registry, the program format and the fx capture."""
 
-from disco_fl.partition import ops_comm, ops_local, ops_norm  # noqa: F401  (register specs)
+from disco_fl.partition import (  # noqa: F401  (register specs)
+    ops_attention,
+    ops_comm,
+    ops_local,
+    ops_norm,
+)
 from disco_fl.partition.capture import (
     capture,
     capture_function,
+    capture_leaf,
     capture_method,
     capture_module,
 )
@@ -31,6 +37,7 @@ __all__ = [
     "Traffic",
     "capture",
     "capture_function",
+    "capture_leaf",
     "capture_method",
     "capture_module",
     "get_spec",

@@ -2,14 +2,24 @@
 
 The model is traced with ``torch.fx`` and its shapes measured on the example input. Each fx
 node is turned into program ops by a capture function registered for its module type, its
-function, or its method name. Where a mixing layer reads a sharded tensor, an ``exchange`` op is
-inserted once per tensor (layers reading the same tensor share the exchange and its gates).
+function, or its method name, or for modules recognised by their structure
+(:func:`capture_leaf`, traced as leaves). Where a mixing layer reads a sharded tensor, an
+``exchange`` op is inserted once per tensor (layers reading the same tensor share the exchange
+and its gates).
+
+Tensor attributes of the model (``get_attr``: a class token, a positional embedding) are placed
+by their first consumer: added to or concatenated (along another dim) with a sharded activation
+whose channel dim they share, they become a ``param`` op split the same way, each node holding
+and training its slice; otherwise they are replicated ``const`` ops (not trained). A size read
+from a tensor's shape (``x.shape[0]``) that feeds ``expand`` is read again at run time, so
+batch and token counts stay free.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,11 +27,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from disco_fl.layout import Layout
 from disco_fl.partition.program import Op, Program, TensorInfo
 from disco_fl.partition.registry import InferContext, PartitionError, get_spec
 
 CaptureFn = Callable[["Capturer", fx.Node, Any], str]
+LeafPredicate = Callable[[nn.Module], bool]
 MODULE_CAPTURES: dict[type[nn.Module], CaptureFn] = {}
+LEAF_CAPTURES: list[tuple[LeafPredicate, CaptureFn]] = []
 FUNCTION_CAPTURES: dict[Any, CaptureFn] = {}
 METHOD_CAPTURES: dict[str, CaptureFn] = {}
 
@@ -33,6 +46,53 @@ def capture_module(*types: type[nn.Module]) -> Callable[[CaptureFn], CaptureFn]:
         return fn
 
     return deco
+
+
+def capture_leaf(predicate: LeafPredicate) -> Callable[[CaptureFn], CaptureFn]:
+    """Register a capture function for user modules recognised by ``predicate`` (by structure,
+    not by type). Such modules are traced as leaves: fx does not look inside them, and the
+    capture function is called with the module (its example input and output are in
+    ``node.meta["disco_example"]`` as ``(args, kwargs, output)``, for verification)."""
+
+    def deco(fn: CaptureFn) -> CaptureFn:
+        LEAF_CAPTURES.append((predicate, fn))
+        return fn
+
+    return deco
+
+
+def leaf_capture(module: nn.Module) -> CaptureFn | None:
+    """The capture function of a structurally recognised leaf module, if any."""
+    if any(t in MODULE_CAPTURES for t in type(module).__mro__):
+        return None
+    for predicate, fn in LEAF_CAPTURES:
+        if predicate(module):
+            return fn
+    return None
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that also keeps structurally recognised modules (see :func:`capture_leaf`)
+    as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return leaf_capture(m) is not None or super().is_leaf_module(m, module_qualified_name)
+
+
+class _ExampleRecorder(ShapeProp):
+    """Shape propagation that also records the example input and output of leaf modules
+    matched by :func:`capture_leaf` (their capture verifies them)."""
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        out = super().call_module(target, args, kwargs)
+        node = getattr(self, "_disco_node", None)
+        if node is not None and leaf_capture(self.fetch_attr(str(target))) is not None:
+            node.meta["disco_example"] = (args, dict(kwargs), out)
+        return out
+
+    def run_node(self, n: fx.Node) -> Any:
+        self._disco_node = n
+        return super().run_node(n)
 
 
 def capture_function(*targets: Any) -> Callable[[CaptureFn], CaptureFn]:
@@ -59,6 +119,17 @@ class _ConstHolder(nn.Module):
         self.register_buffer("value", value.detach().clone())
 
 
+@dataclass
+class _Pending:
+    """A tensor attribute of the model (``get_attr``), optionally expanded, whose ownership is
+    decided by its first consumer: sharded like the tensor it is added to / concatenated with
+    (a trainable ``param`` op holding each node's slice), or replicated (a ``const`` op)."""
+
+    source: fx.Node  # the get_attr node
+    tensor: torch.Tensor
+    expand: fx.Node | None = None  # an ``expand`` of the attribute, applied after it
+
+
 class Capturer:
     """Walks one traced graph and builds the program."""
 
@@ -73,8 +144,13 @@ class Capturer:
         self.modules: dict[str, nn.Module] = {}
         self.values: dict[fx.Node, str] = {}  # fx node -> program value name
         self.consts: dict[fx.Node, Any] = {}  # fx node -> python value (sizes, shapes)
+        self.pending: dict[fx.Node, _Pending] = {}  # tensor attributes not yet placed
+        self.tuples: dict[fx.Node, list[str | None]] = {}  # tuple outputs (None: unsupported)
+        self.shape_of: dict[fx.Node, str] = {}  # fx node of ``v.shape`` / ``v.size()`` -> v
+        self.dim_of: dict[fx.Node, tuple[str, int]] = {}  # ``v.shape[d]`` -> (v, d)
         self._exchanged: dict[str, str] = {}
         self._names: set[str] = set()
+        self._placed: dict[tuple[Any, ...], str] = {}
 
     # -- helpers for capture functions ---------------------------------------------------
     def describe(self, node: fx.Node) -> str:
@@ -95,14 +171,31 @@ class Capturer:
         return tuple(int(s) for s in meta.shape)
 
     def is_tensor(self, arg: Any) -> bool:
-        return isinstance(arg, fx.Node) and arg in self.values
+        return isinstance(arg, fx.Node) and (arg in self.values or arg in self.pending)
+
+    def is_pending(self, arg: Any) -> bool:
+        """A tensor attribute whose ownership its consumer decides (see :meth:`value_like`)."""
+        return isinstance(arg, fx.Node) and arg in self.pending
 
     def value(self, arg: Any, node: fx.Node) -> str:
+        """Program value of a tensor argument (a pending attribute becomes replicated)."""
+        if isinstance(arg, fx.Node) and self.is_pending(arg):
+            return self.place(arg, None)
         if not self.is_tensor(arg):
             raise PartitionError(
                 f"{self.describe(node)} at {node.name!r}: expected a tensor argument"
             )
         return self.values[arg]
+
+    def value_like(self, arg: Any, partner: TensorInfo | None, node: fx.Node) -> str:
+        """Like :meth:`value`, but a pending tensor attribute is sharded like ``partner`` (a
+        sharded tensor it is combined with) where one of its dims is ``partner``'s channel dim
+        (right-aligned broadcasting); otherwise it is replicated."""
+        if not (isinstance(arg, fx.Node) and self.is_pending(arg)):
+            return self.value(arg, node)
+        if partner is None or partner.kind != "sharded" or partner.cdim is None:
+            return self.place(arg, None)
+        return self.place(arg, partner)
 
     def const(self, arg: Any) -> Any:
         if isinstance(arg, fx.Node):
@@ -111,7 +204,51 @@ class Capturer:
             raise PartitionError(f"argument {arg.name!r} is a tensor where a constant is expected")
         if isinstance(arg, (list, tuple)):
             return type(arg)(self.const(a) for a in arg)
+        if isinstance(arg, slice):
+            return slice(self.const(arg.start), self.const(arg.stop), self.const(arg.step))
         return arg
+
+    def place(self, arg: fx.Node, partner: TensorInfo | None) -> str:
+        """Emit the ops of a pending tensor attribute (once per placement)."""
+        p = self.pending[arg]
+        src = p.source
+        shape = tuple(int(s) for s in p.tensor.shape)
+        full = self.shape(p.expand) if p.expand is not None else shape  # shape of ``arg``
+        cdim: int | None = None
+        layout: Layout | None = None
+        pad = 0  # leading dims added so that the channel dim lines up with the partner's
+        if partner is not None and partner.cdim is not None:
+            channels = partner.shape[partner.cdim]
+            ed = partner.cdim - (len(partner.shape) - len(full))  # channel dim within ``full``
+            pd = ed - (len(full) - len(shape))  # ... within the attribute itself
+            if 0 <= ed < len(full) and full[ed] == channels and pd >= 0 and shape[pd] == channels:
+                cdim, layout = pd, partner.layout
+                if p.expand is None:
+                    pad = len(partner.shape) - len(full)
+        key = (src, cdim, None if layout is None else layout.owners, pad)
+        if key not in self._placed:
+            holder = f"const:{src.name}"
+            if holder not in self.modules:
+                self.modules[holder] = _ConstHolder(p.tensor)
+            if cdim is None:
+                self._placed[key] = self.add(src, "const", [], module=holder, shape=shape)
+            else:
+                assert layout is not None
+                attrs = {
+                    "cdim": cdim + pad,
+                    "layout": layout.to_json(),
+                    "trainable": isinstance(p.tensor, nn.Parameter) and p.tensor.requires_grad,
+                }
+                self._placed[key] = self.add(
+                    src, "param", [], attrs, holder, shape=(1,) * pad + shape
+                )
+        value = self._placed[key]
+        if p.expand is None:
+            return value
+        ekey = (p.expand, key)
+        if ekey not in self._placed:
+            self._placed[ekey] = _emit_expand(self, p.expand, value)
+        return self._placed[ekey]
 
     def info(self, name: str) -> TensorInfo:
         return self.infos[name]
@@ -173,18 +310,15 @@ class Capturer:
             elif node.op == "get_attr":
                 obj = _fetch_attr(self.gm, str(node.target))
                 if isinstance(obj, torch.Tensor):
-                    name = self.add(node, "const", [], module=f"const:{node.name}")
-                    self.modules[f"const:{node.name}"] = _ConstHolder(obj)
-                    self.values[node] = name
+                    self.pending[node] = _Pending(node, obj)
                 else:
                     self.consts[node] = obj
             elif node.op == "output":
                 arg = node.args[0]
                 if not self.is_tensor(arg):
                     raise PartitionError("the model must return a single tensor")
-                out_name = self.add(
-                    node, "output", [self.values[arg]], shape=self.infos[self.values[arg]].shape
-                )
+                value = self.value(arg, node)
+                out_name = self.add(node, "output", [value], shape=self.infos[value].shape)
             else:
                 self._call(node)
         if out_name is None:
@@ -201,13 +335,18 @@ class Capturer:
                 if t in MODULE_CAPTURES:
                     fn = MODULE_CAPTURES[t]
                     break
+            if fn is None:
+                fn = leaf_capture(mod)
         elif node.op == "call_function":
             fn = FUNCTION_CAPTURES.get(node.target)
         elif node.op == "call_method":
             fn = METHOD_CAPTURES.get(str(node.target))
         if fn is None:
-            tensors = [a for a in node.all_input_nodes if a in self.values]
-            if tensors and all(self.infos[self.values[a]].kind == "replicated" for a in tensors):
+            tensors = [a for a in node.all_input_nodes if self.is_tensor(a)]
+            if tensors and all(
+                a in self.pending or self.infos[self.values[a]].kind == "replicated"
+                for a in tensors
+            ):
                 raise PartitionError(
                     f"unsupported op: {self.describe(node)} at {node.name!r} (even on the "
                     "replicated input, every op must be in the registry)"
@@ -254,14 +393,18 @@ def capture(
     if not isinstance(example_input, torch.Tensor):
         raise PartitionError("example_input must be a tensor (batch first)")
     try:
-        gm = fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as e:  # fx raises many types; report them uniformly
         raise PartitionError(f"torch.fx could not trace the model: {e}") from e
     was_training = model.training
     gm.eval()
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example_input)
-    gm.train(was_training)
+    try:
+        with torch.no_grad():
+            _ExampleRecorder(gm).propagate(example_input)
+    finally:
+        gm.train(was_training)
     cap = Capturer(gm, num_nodes, capacities)
     program = cap.run()
     modules = dict(cap.modules)
@@ -498,14 +641,21 @@ def _binary(cap: Capturer, node: fx.Node, fn: str) -> str:
         )
     ta, tb = cap.is_tensor(a), cap.is_tensor(b)
     if ta and tb:
-        return cap.add(node, "binary", [cap.values[a], cap.values[b]], {"fn": fn})  # type: ignore[index]
+        # a tensor attribute (e.g. a positional embedding) is sharded like its partner
+        va = None if cap.is_pending(a) else cap.value(a, node)
+        vb = None if cap.is_pending(b) else cap.value(b, node)
+        if va is None:
+            va = cap.value_like(a, cap.info(vb) if vb is not None else None, node)
+        if vb is None:
+            vb = cap.value_like(b, cap.info(va), node)
+        return cap.add(node, "binary", [va, vb], {"fn": fn})
     if ta or tb:
         scalar = cap.const(b if ta else a)
         if not isinstance(scalar, (int, float)):
             raise PartitionError(
                 f"{cap.describe(node)} at {node.name!r}: non-scalar constant operand"
             )
-        x = cap.values[a if ta else b]  # type: ignore[index]
+        x = cap.value(a if ta else b, node)
         return cap.add(node, "binary", [x], {"fn": fn, "scalar": scalar, "scalar_first": tb})
     cap.consts[node] = _eval_const(cap, node)
     return ""
@@ -531,9 +681,17 @@ def _cat(cap: Capturer, node: fx.Node, target: Any) -> str:
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if not isinstance(tensors, (list, tuple)):
         raise PartitionError(f"{cap.describe(node)}: expected a list of tensors")
-    names = [cap.value(t, node) for t in tensors]
     nd = len(cap.shape(node))
-    return cap.add(node, "cat", names, {"dim": _norm_dim(int(cap.const(dim)), nd)})
+    d = _norm_dim(int(cap.const(dim)), nd)
+    placed = {i: cap.value(t, node) for i, t in enumerate(tensors) if not cap.is_pending(t)}
+    partner = next((cap.info(v) for v in placed.values() if cap.info(v).kind == "sharded"), None)
+    if partner is not None and partner.cdim == d:
+        partner = None  # a channel concat: attributes are not split like the other operand
+    names = [
+        placed[i] if i in placed else cap.value_like(t, partner, node)
+        for i, t in enumerate(tensors)
+    ]
+    return cap.add(node, "cat", names, {"dim": d})
 
 
 def _flatten(cap: Capturer, node: fx.Node, x: str, start: int, end: int) -> str:
@@ -601,15 +759,31 @@ def _reduce_method(cap: Capturer, node: fx.Node, target: Any) -> str:
     return _reduce(cap, node, str(node.target))
 
 
+def _shape_source(cap: Capturer, x: Any, node: fx.Node) -> tuple[tuple[int, ...], str | None]:
+    """Shape of a tensor argument and the value it can be read from at run time (``None`` for
+    a tensor attribute, whose shape is fixed: it is not placed just to read its shape)."""
+    if cap.is_pending(x):
+        return cap.shape(x), None
+    v = cap.value(x, node)
+    return cap.info(v).shape, v
+
+
 @capture_method("size", "dim")
 def _size(cap: Capturer, node: fx.Node, target: Any) -> str:
-    x = node.args[0]
-    shape = cap.info(cap.value(x, node)).shape
+    shape, v = _shape_source(cap, node.args[0], node)
     if node.target == "dim":
         cap.consts[node] = len(shape)
         return ""
     d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    cap.consts[node] = torch.Size(shape) if d is None else shape[cap.const(d)]
+    if d is None:
+        cap.consts[node] = torch.Size(shape)
+        if v is not None:
+            cap.shape_of[node] = v
+    else:
+        dim = _norm_dim(int(cap.const(d)), len(shape))
+        cap.consts[node] = shape[dim]
+        if v is not None:
+            cap.dim_of[node] = (v, dim)
     return ""
 
 
@@ -617,16 +791,161 @@ def _size(cap: Capturer, node: fx.Node, target: Any) -> str:
 def _getattr(cap: Capturer, node: fx.Node, target: Any) -> str:
     obj, attr = node.args[0], node.args[1]
     if cap.is_tensor(obj) and attr == "shape":
-        cap.consts[node] = torch.Size(cap.info(cap.values[obj]).shape)  # type: ignore[index]
+        shape, v = _shape_source(cap, obj, node)
+        cap.consts[node] = torch.Size(shape)
+        if v is not None:
+            cap.shape_of[node] = v
         return ""
     raise PartitionError(f"{cap.describe(node)} at {node.name!r}: attribute {attr!r} of a tensor")
 
 
+def _index_entries(cap: Capturer, node: fx.Node, index: Any, ndim: int) -> list[list[Any]]:
+    """``x[index]`` as one entry per dim: ``["all"]``, ``["int", i]`` or ``["slice", a, b, s]``."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if sum(1 for i in items if i is Ellipsis) > 1:
+        raise PartitionError(f"{cap.describe(node)} at {node.name!r}: more than one Ellipsis")
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at : at + 1] = [slice(None)] * (ndim - len(items) + 1)
+    if len(items) > ndim:
+        raise PartitionError(f"{cap.describe(node)} at {node.name!r}: too many indices")
+    out: list[list[Any]] = []
+    for i in items:
+        if isinstance(i, bool) or i is None:
+            raise PartitionError(
+                f"{cap.describe(node)} at {node.name!r}: indexing with {i!r} is not supported"
+            )
+        if isinstance(i, int):
+            out.append(["int", i])
+        elif isinstance(i, slice):
+            parts = [i.start, i.stop, i.step]
+            if any(p is not None and not isinstance(p, int) for p in parts):
+                raise PartitionError(
+                    f"{cap.describe(node)} at {node.name!r}: slice bounds must be integers"
+                )
+            out.append(["all"] if parts == [None, None, None] else ["slice", *parts])
+        else:
+            raise PartitionError(
+                f"{cap.describe(node)} at {node.name!r}: indexing with {type(i).__name__} is "
+                "not supported (integers and slices only)"
+            )
+    return out + [["all"]] * (ndim - len(out))
+
+
 @capture_function(operator.getitem)
 def _getitem(cap: Capturer, node: fx.Node, target: Any) -> str:
-    if cap.is_tensor(node.args[0]):
-        raise PartitionError(
-            f"{cap.describe(node)} at {node.name!r}: indexing a tensor is not supported"
-        )
+    src = node.args[0]
+    if isinstance(src, fx.Node) and src in cap.tuples:
+        i = cap.const(node.args[1])
+        outs = cap.tuples[src]
+        entry = outs[i] if isinstance(i, int) and -len(outs) <= i < len(outs) else None
+        if entry is None:
+            if node.users:
+                raise PartitionError(
+                    f"{cap.describe(node)} at {node.name!r}: output {i!r} of {src.name!r} is "
+                    "not supported (only the attention output, not its weights)"
+                )
+            return ""
+        return entry
+    if cap.is_tensor(src):
+        x = cap.value(src, node)
+        index = cap.const(node.args[1])
+        entries = _index_entries(cap, node, index, len(cap.info(x).shape))
+        return cap.add(node, "index", [x], {"index": entries})
     cap.consts[node] = _eval_const(cap, node)
+    if isinstance(src, fx.Node) and src in cap.shape_of:
+        i = cap.const(node.args[1])
+        if isinstance(i, int):
+            v = cap.shape_of[src]
+            cap.dim_of[node] = (v, _norm_dim(i, len(cap.info(v).shape)))
     return ""
+
+
+def _permute(cap: Capturer, node: fx.Node, x: str, dims: Sequence[int]) -> str:
+    nd = len(cap.info(x).shape)
+    perm = [_norm_dim(int(d), nd) for d in dims]
+    return cap.add(node, "permute", [x], {"dims": perm})
+
+
+@capture_method("transpose", "swapaxes", "swapdims")
+def _transpose_method(cap: Capturer, node: fx.Node, target: Any) -> str:
+    return _transpose_function(cap, node, torch.transpose)
+
+
+@capture_function(torch.transpose, torch.swapaxes, torch.swapdims)
+def _transpose_function(cap: Capturer, node: fx.Node, target: Any) -> str:
+    x = cap.value(node.args[0], node)
+    args = list(node.args[1:])
+    d0 = args[0] if args else node.kwargs.get("dim0")
+    d1 = args[1] if len(args) > 1 else node.kwargs.get("dim1")
+    nd = len(cap.info(x).shape)
+    a, b = _norm_dim(int(cap.const(d0)), nd), _norm_dim(int(cap.const(d1)), nd)
+    perm = list(range(nd))
+    perm[a], perm[b] = perm[b], perm[a]
+    return _permute(cap, node, x, perm)
+
+
+@capture_method("permute")
+def _permute_method(cap: Capturer, node: fx.Node, target: Any) -> str:
+    x = cap.value(node.args[0], node)
+    dims: Any = cap.const(list(node.args[1:]) or node.kwargs.get("dims"))
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = list(dims[0])
+    return _permute(cap, node, x, dims)
+
+
+@capture_function(torch.permute)
+def _permute_function(cap: Capturer, node: fx.Node, target: Any) -> str:
+    x = cap.value(node.args[0], node)
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dims")
+    return _permute(cap, node, x, cap.const(dims))
+
+
+def _emit_expand(cap: Capturer, node: fx.Node, x: str) -> str:
+    """``x.expand(*sizes)``; a size read from a tensor's shape follows that tensor at run time
+    (e.g. ``cls_token.expand(x.shape[0], -1, -1)`` follows the batch size)."""
+    sizes_arg: Any = list(node.args[1:])
+    if not sizes_arg:
+        sizes_arg = node.kwargs.get("size")
+    if isinstance(sizes_arg, list) and len(sizes_arg) == 1:
+        first = sizes_arg[0]
+        if isinstance(first, (list, tuple)) or (
+            isinstance(first, fx.Node) and first in cap.shape_of
+        ):
+            sizes_arg = first
+    if isinstance(sizes_arg, fx.Node):  # x.expand(y.shape)
+        v = cap.shape_of.get(sizes_arg)
+        size = cap.const(sizes_arg)
+        entries: list[Any] = [(v, d) if v is not None else int(s) for d, s in enumerate(size)]
+    else:
+        entries = [
+            cap.dim_of[s] if isinstance(s, fx.Node) and s in cap.dim_of else int(cap.const(s))
+            for s in sizes_arg
+        ]
+    sizes: list[int] = []
+    inputs = [x]
+    dynamic: list[list[int]] = []
+    for pos, e in enumerate(entries):
+        if isinstance(e, tuple):
+            v, d = e
+            info = cap.info(v)
+            if info.kind != "replicated" and info.cdim == d:  # channel counts are fixed
+                sizes.append(info.shape[d])
+                continue
+            if v not in inputs:
+                inputs.append(v)
+            dynamic.append([pos, inputs.index(v), d])
+            sizes.append(info.shape[d])
+        else:
+            sizes.append(e)
+    return cap.add(node, "expand", inputs, {"sizes": sizes, "dynamic": dynamic})
+
+
+@capture_method("expand")
+def _expand(cap: Capturer, node: fx.Node, target: Any) -> str:
+    src = node.args[0]
+    if isinstance(src, fx.Node) and src in cap.pending and cap.pending[src].expand is None:
+        p = cap.pending[src]
+        cap.pending[node] = _Pending(p.source, p.tensor, node)  # placed by its consumer
+        return ""
+    return _emit_expand(cap, node, cap.value(src, node))

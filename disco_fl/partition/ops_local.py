@@ -398,3 +398,164 @@ class ConstSpec(OpSpec):
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
     ) -> Any:
         return node.state(op)["value"]
+
+
+@register_spec
+class ParamSpec(OpSpec):
+    """A tensor attribute of the model (e.g. a class token or positional embedding) split along
+    its channel dim ``attrs["cdim"]`` like the activation it is combined with
+    (``attrs["layout"]``): node ``k`` holds (and trains, if ``attrs["trainable"]``) its slice.
+    The slice is stored channel-first (``value`` of shape ``(C_k, ...)``)."""
+
+    kind = "param"
+
+    def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
+        if ins:
+            raise PartitionError(f"{op.name}: a parameter op has no inputs")
+        cdim = int(op.attrs["cdim"])
+        if not 0 <= cdim < len(ctx.out_shape):
+            raise PartitionError(f"{op.name}: channel dim {cdim} out of range")
+        layout = Layout.from_json(op.attrs["layout"], ctx.num_nodes)
+        if layout.num_channels != ctx.out_shape[cdim]:
+            raise PartitionError(
+                f"{op.name}: layout of {layout.num_channels} channels for a dim of "
+                f"{ctx.out_shape[cdim]}"
+            )
+        return TensorInfo("sharded", ctx.out_shape, cdim, layout)
+
+    def init_state(
+        self, op: Op, module: nn.Module | None, program: Program, k: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        value = getattr(module, "value", None)
+        if not isinstance(value, torch.Tensor):
+            raise PartitionError(f"{op.name}: parameter op without a tensor value")
+        info = program.infos[op.name]
+        t = value.detach().reshape(info.shape).movedim(int(op.attrs["cdim"]), 0)
+        t = t.index_select(0, layout_of(info, op.name).index_tensor(k)).clone()
+        return ({"value": t}, {}) if op.attrs.get("trainable", True) else ({}, {"value": t})
+
+    def compute(
+        self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
+    ) -> Any:
+        return node.state(op)["value"].movedim(0, int(op.attrs["cdim"]))
+
+
+def _check_batch_first(op: Op, what: str) -> None:
+    raise PartitionError(
+        f"{op.name}: {what} would move or cut dim 0, which every partitioned value keeps as "
+        "its batch (per-sample) dim"
+    )
+
+
+@register_spec
+class PermuteSpec(OpSpec):
+    """``x.permute(dims)`` / ``x.transpose(a, b)``; dim 0 stays first, the channel dim moves."""
+
+    kind = "permute"
+
+    def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
+        x = _one_tensor(op, ins)
+        dims = [int(d) for d in op.attrs["dims"]]
+        if sorted(dims) != list(range(len(x.shape))):
+            raise PartitionError(f"{op.name}: {dims} is not a permutation of {len(x.shape)} dims")
+        if dims[0] != 0:
+            _check_batch_first(op, f"permutation {dims}")
+        if x.kind == "replicated":
+            return TensorInfo("replicated", ctx.out_shape)
+        assert x.cdim is not None
+        return TensorInfo("sharded", ctx.out_shape, dims.index(x.cdim), x.layout)
+
+    def compute(
+        self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
+    ) -> Any:
+        return xs[0].permute(*op.attrs["dims"])
+
+
+def index_tuple(entries: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
+    """The Python index of an ``index`` op's entries (see :class:`IndexSpec`)."""
+    out: list[Any] = []
+    for e in entries:
+        if e[0] == "all":
+            out.append(slice(None))
+        elif e[0] == "int":
+            out.append(int(e[1]))
+        elif e[0] == "slice":
+            out.append(slice(e[1], e[2], e[3]))
+        else:
+            raise PartitionError(f"unknown index entry {e!r}")
+    return tuple(out)
+
+
+@register_spec
+class IndexSpec(OpSpec):
+    """Basic indexing ``x[:, 0]`` / ``x[:, 1:]`` of non-batch, non-channel dims.
+
+    ``attrs["index"]`` has one entry per dim: ``["all"]``, ``["int", i]`` (the dim is removed)
+    or ``["slice", start, stop, step]``.
+    """
+
+    kind = "index"
+
+    def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
+        x = _one_tensor(op, ins)
+        entries = op.attrs["index"]
+        index_tuple(entries)
+        if len(entries) != len(x.shape):
+            raise PartitionError(f"{op.name}: {len(entries)} index entries for {len(x.shape)} dims")
+        if entries[0][0] != "all":
+            _check_batch_first(op, "indexing dim 0")
+        if x.kind == "replicated":
+            return TensorInfo("replicated", ctx.out_shape)
+        assert x.cdim is not None
+        if entries[x.cdim][0] != "all":
+            raise PartitionError(
+                f"{op.name}: indexing the channel dim {x.cdim} (split across nodes) is not "
+                "supported"
+            )
+        cdim = x.cdim - sum(1 for e in entries[: x.cdim] if e[0] == "int")
+        return TensorInfo("sharded", ctx.out_shape, cdim, x.layout)
+
+    def compute(
+        self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
+    ) -> Any:
+        return xs[0][index_tuple(op.attrs["index"])]
+
+
+@register_spec
+class ExpandSpec(OpSpec):
+    """``x.expand(*sizes)``. ``attrs["dynamic"]`` lists ``[position, input, dim]``: size
+    ``position`` is read at run time from dim ``dim`` of input ``input`` (e.g. the batch size
+    of the activation a class token is concatenated with); the channel dim keeps its slice."""
+
+    kind = "expand"
+
+    def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
+        if not ins or ins[0].kind == "gathered":
+            raise PartitionError(f"{op.name}: expected a tensor that is not an exchanged value")
+        x = ins[0]
+        sizes = [int(s) for s in op.attrs["sizes"]]
+        if len(sizes) != len(ctx.out_shape) or len(sizes) < len(x.shape):
+            raise PartitionError(f"{op.name}: sizes {sizes} do not fit the output")
+        for pos, i, d in op.attrs["dynamic"]:
+            if not (0 <= pos < len(sizes) and 1 <= i < len(ins) and 0 <= d < len(ins[i].shape)):
+                raise PartitionError(f"{op.name}: bad dynamic size {[pos, i, d]}")
+        if x.kind == "replicated":
+            return TensorInfo("replicated", ctx.out_shape)
+        assert x.cdim is not None
+        c = x.cdim + len(sizes) - len(x.shape)
+        if sizes[c] not in (-1, ctx.out_shape[c]) or any(p == c for p, _, _ in op.attrs["dynamic"]):
+            raise PartitionError(f"{op.name}: expanding the channel dim is not supported")
+        return TensorInfo("sharded", ctx.out_shape, c, x.layout)
+
+    def compute(
+        self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
+    ) -> Any:
+        x = xs[0]
+        sizes = [int(s) for s in op.attrs["sizes"]]
+        for pos, i, d in op.attrs["dynamic"]:
+            sizes[pos] = int(xs[i].shape[d])
+        info = node.program.infos[op.name]
+        if info.kind == "sharded":
+            assert info.cdim is not None
+            sizes[info.cdim] = -1
+        return x.expand(*sizes)

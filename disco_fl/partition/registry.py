@@ -84,6 +84,11 @@ class OpSpec(ABC):
     def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
         """Value info of the op's output (ownership propagation and validation)."""
 
+    def check_layout(self, op: Op, info: TensorInfo) -> None:
+        """Mixing ops: extra checks of a recorded output layout (e.g. of a loaded plan, whose
+        slice sizes may differ from an equal split); raise :class:`PartitionError`."""
+        return None
+
     def init_state(
         self, op: Op, module: nn.Module | None, program: Program, k: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

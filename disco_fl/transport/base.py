@@ -19,10 +19,11 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 from disco_fl.proto_gen.disco.v1 import peer_pb2
-from disco_fl.wire import WireError, check_header, payload_bytes
+from disco_fl.wire import WireError, payload_bytes, validate_tensor
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,32 @@ FrameKey = tuple[str, int, int, int, bool]  # session, step, layer, src, backwar
 
 DEFAULT_MAX_PENDING_BYTES = 1 << 30
 MAX_SESSION_ID = 256
+MAX_TENSOR_BYTES = 1 << 31  # transports bound whole frames more tightly (max_frame_bytes)
 MAX_ERROR_TEXT = 4096
 _DIRECTIONS = frozenset({Frame.FORWARD, Frame.BACKWARD, Frame.INPUT, Frame.OUTPUT, Frame.NORMS})
 
 
 class TransportError(RuntimeError):
     """The transport cannot do what was asked (closed, peer unreachable, frame refused)."""
+
+
+class PeerDownError(TransportError):
+    """The connection to a peer broke; frames from it will not come (until it reconnects)."""
+
+
+GRPC_MESSAGE_PREFIX = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
+HTTP2_FRAME_HEADER = 9  # every HTTP/2 DATA frame
+HTTP2_MAX_FRAME = 16384  # default SETTINGS_MAX_FRAME_SIZE
+
+
+def framed_size(message_bytes: int) -> int:
+    """Bytes a serialized message of ``message_bytes`` occupies in HTTP/2 DATA frames.
+
+    The gRPC message prefix and one HTTP/2 frame header per 16 KiB; TCP/IP, TLS and
+    HTTP/2 control frames (headers, window updates, pings) are not included.
+    """
+    body = message_bytes + GRPC_MESSAGE_PREFIX
+    return body + HTTP2_FRAME_HEADER * max(1, -(-body // HTTP2_MAX_FRAME))
 
 
 def frame_key(frame: peer_pb2.Frame) -> FrameKey:
@@ -60,7 +81,7 @@ def check_incoming(
 
     Checks addressing (``dst`` is this node, ``src`` a peer, and the stream's authenticated
     peer when given), the layer range, the direction, the sizes of the text fields and the
-    tensor's header (enums, dimensions); the payload itself is checked when it is decoded.
+    tensor (enums, dimensions, and shape x codec == the byte length of data and scales).
     """
     if not isinstance(frame, peer_pb2.Frame):
         return f"expected a disco.v1.Frame, got {type(frame).__name__}"
@@ -81,8 +102,8 @@ def check_incoming(
     if not frame.error:
         if not frame.HasField("tensor"):
             return "frame carries neither a tensor nor an error"
-        try:
-            check_header(frame.tensor)
+        try:  # shape x codec == byte length, scales, dims, enums: before it is stored
+            validate_tensor(frame.tensor, max_bytes=MAX_TENSOR_BYTES)
         except WireError as e:
             return str(e)
     return None
@@ -102,12 +123,13 @@ class Mailbox:
         max_closed_sessions: int = 1024,
     ) -> None:
         self._cond = threading.Condition()
-        self._frames: dict[FrameKey, tuple[peer_pb2.Frame, int]] = {}
+        self._frames: dict[FrameKey, tuple[peer_pb2.Frame, int, float]] = {}
         self._bytes = 0
         self._max_bytes = max_pending_bytes
         self._closed_sessions: OrderedDict[str, None] = OrderedDict()
         self._max_closed = max_closed_sessions
         self._closed = False
+        self._down: dict[int, str] = {}  # peer -> why its frames will not come
 
     @property
     def pending(self) -> int:
@@ -138,13 +160,31 @@ class Mailbox:
                     f"mailbox full ({self._bytes} bytes pending, limit {self._max_bytes}); "
                     f"frame of {size} bytes refused"
                 )
-            self._frames[key] = (frame, size)
+            self._frames[key] = (frame, size, time.monotonic())
             self._bytes += size
             self._cond.notify_all()
         return None
 
+    def ended(self, session_id: str) -> bool:
+        """Whether ``session_id`` has ended on this node (its late frames are dropped)."""
+        with self._cond:
+            return session_id in self._closed_sessions
+
+    def mark_down(self, src: int, reason: str) -> None:
+        """Frames from ``src`` will not come: waiting and later ``get`` calls for it fail."""
+        with self._cond:
+            self._down[src] = reason
+            self._cond.notify_all()
+
+    def mark_up(self, src: int) -> None:
+        with self._cond:
+            self._down.pop(src, None)
+
     def get(self, key: FrameKey, timeout: float) -> peer_pb2.Frame | None:
-        """Take the frame ``key``, waiting at most ``timeout`` seconds (``None`` if none came)."""
+        """Take the frame ``key``, waiting at most ``timeout`` seconds (``None`` if none came).
+
+        Raises :class:`PeerDownError` when the sender is marked down and its frame is not here.
+        """
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -156,10 +196,23 @@ class Mailbox:
                 if item is not None:
                     self._bytes -= item[1]
                     return item[0]
+                down = self._down.get(key[3])
+                if down is not None:
+                    raise PeerDownError(down)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
                 self._cond.wait(left)
+
+    def expire(self, max_age: float, keep: set[str]) -> int:
+        """End every session not in ``keep`` holding a frame older than ``max_age`` seconds
+        (frames of sessions that never started here); returns how many were ended."""
+        limit = time.monotonic() - max_age
+        with self._cond:
+            stale = {k[0] for k, v in self._frames.items() if v[2] < limit and k[0] not in keep}
+        for sid in stale:
+            self.end_session(sid)
+        return len(stale)
 
     def end_session(self, session_id: str) -> int:
         """Forget the session's pending frames (returns how many) and drop its late frames."""
@@ -204,10 +257,13 @@ class Transport(ABC):
         self.errors: deque[str] = deque(maxlen=256)  # frames refused here or by peers
         self._stats = threading.Lock()
         self._payload_sent: dict[tuple[int, int], int] = {}
+        self._framed_sent = 0
         self._wire_sent = 0
         self._wire_received = 0
         self._frames_sent = 0
         self._closed = False
+        # called with (session_id, step) when a peer's INPUT frame starts a new session here
+        self.on_session: Callable[[str, int], None] | None = None
 
     # ---- sending -------------------------------------------------------------------------
     def send(self, frame: peer_pb2.Frame) -> None:
@@ -225,6 +281,7 @@ class Transport(ABC):
             key = (int(frame.dst), int(frame.layer))
             self._payload_sent[key] = self._payload_sent.get(key, 0) + payload
             self._wire_sent += wire
+            self._framed_sent += framed_size(wire)
             self._frames_sent += 1
 
     @abstractmethod
@@ -237,15 +294,25 @@ class Transport(ABC):
     ) -> str | None:
         """Validate and store a frame that arrived; return why it was refused, or None."""
         reason = check_incoming(frame, self.index, self.num_nodes, self.num_layers, expected_src)
+        new_session = (
+            reason is None
+            and frame.direction == Frame.INPUT
+            and not frame.error
+            and self.on_session is not None
+            and not self.mailbox.ended(frame.session_id)
+        )
         if reason is None:
             reason = self.mailbox.put(frame, size)
         if reason is not None:
             msg = f"node {self.index} refused a frame from {getattr(frame, 'src', '?')}: {reason}"
             self.errors.append(msg)
-            log.warning(msg)
+            if not self._closed:  # frames still arriving while shutting down are expected
+                log.warning(msg)
             return reason
         with self._stats:
             self._wire_received += size
+        if new_session and self.on_session is not None:
+            self.on_session(frame.session_id, int(frame.step))
         return None
 
     def recv(
@@ -314,6 +381,12 @@ class Transport(ABC):
             return self._wire_received
 
     @property
+    def framed_bytes_sent(self) -> int:
+        """Estimated bytes on the HTTP/2 connection for what was sent (:func:`framed_size`)."""
+        with self._stats:
+            return self._framed_sent
+
+    @property
     def frames_sent(self) -> int:
         with self._stats:
             return self._frames_sent
@@ -322,3 +395,4 @@ class Transport(ABC):
         with self._stats:
             self._payload_sent.clear()
             self._wire_sent = self._wire_received = self._frames_sent = 0
+            self._framed_sent = 0

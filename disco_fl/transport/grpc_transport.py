@@ -10,8 +10,18 @@ be addressed to this node and name a layer of the program (see
 :func:`~disco_fl.transport.base.check_incoming`). Refused frames are answered on the reply
 stream with a frame whose ``error`` says why (recorded in the sender's ``errors``).
 
-Channels are insecure for now; ``server_credentials`` / ``channel_credentials`` are the hook
-for TLS (``grpc.ssl_server_credentials`` / ``grpc.ssl_channel_credentials``).
+With ``server_credentials`` / ``channel_credentials`` (see :mod:`disco_fl.security`) the
+channels use TLS with client certificates (mutual TLS); otherwise they are plaintext.
+
+Failures: when the stream to a peer breaks (the peer died or restarted), frames from that peer
+are marked as not coming, so a node waiting for one fails at once with the cause instead of
+waiting for its deadline; the next frame to that peer reconnects (without waiting if the peer
+is still unreachable) and, once the peer is back, everything works again. gRPC keepalive
+pings detect a peer that vanished without closing its connection.
+
+A :class:`LinkShape` makes each outgoing link behave like a link of a given rate and
+one-way delay (for benchmarks): frames leave in order, each taking ``framed bytes * 8 /
+rate`` on the link, and are handed to gRPC when they would arrive.
 """
 
 from __future__ import annotations
@@ -19,10 +29,14 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import math
 import queue
+import socket
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -33,6 +47,7 @@ from disco_fl.transport.base import (
     MAX_SESSION_ID,
     Transport,
     TransportError,
+    framed_size,
 )
 
 log = logging.getLogger(__name__)
@@ -45,6 +60,47 @@ _MD_PLAN, _MD_NODE, _MD_EXPECTED, _MD_TOKEN = (
     "disco-token",
 )
 _STOP = object()
+KEEPALIVE_MS = 10_000  # ping an idle connection every 10 s; drop it if no answer in 5 s
+KEEPALIVE_TIMEOUT_MS = 5_000
+RETRY_S = 0.5  # a peer found unreachable is not tried again for this long
+
+
+@dataclass(frozen=True)
+class LinkShape:
+    """An emulated link for every outgoing peer stream.
+
+    Parameters
+    ----------
+    rate_bps : float
+        Link rate in bits per second (e.g. ``100e6``); ``math.inf`` for no limit.
+    rtt_s : float, default 0
+        Round-trip time in seconds; each frame is delayed by ``rtt_s / 2`` (one way).
+    """
+
+    rate_bps: float
+    rtt_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.rate_bps > 0:
+            raise ValueError(f"rate_bps must be positive, got {self.rate_bps}")
+        if not (math.isfinite(self.rtt_s) and self.rtt_s >= 0):
+            raise ValueError(f"rtt_s must be a finite number >= 0, got {self.rtt_s}")
+
+
+class _Pacer:
+    """FIFO link state: when the link is free again; sleeps until each frame would arrive."""
+
+    def __init__(self, shape: LinkShape) -> None:
+        self.shape = shape
+        self.free = 0.0
+
+    def pace(self, message_bytes: int) -> None:
+        now = time.monotonic()
+        start = max(now, self.free)
+        self.free = start + framed_size(message_bytes) * 8.0 / self.shape.rate_bps
+        arrive = self.free + self.shape.rtt_s / 2.0
+        if arrive > now:
+            time.sleep(arrive - now)
 
 
 class HandshakeError(TransportError):
@@ -54,12 +110,13 @@ class HandshakeError(TransportError):
 class _Link:
     """Node ``owner.index``'s outgoing connection to peer ``dst``: channel, stream, queue."""
 
-    def __init__(self, owner: GrpcTransport, dst: int, address: str) -> None:
+    def __init__(self, owner: GrpcTransport, dst: int, address: str, *, wait: bool = True) -> None:
         self.owner = owner
         self.dst = dst
         self.address = address
         self.failed: str | None = None
         self._closing = False
+        self._pacer = _Pacer(owner.link_shape) if owner.link_shape is not None else None
         opts = owner._channel_options
         creds = owner._channel_credentials
         self.channel = (
@@ -69,7 +126,7 @@ class _Link:
         )
         try:
             self.stub = peer_pb2_grpc.PeerStub(self.channel)
-            self._handshake()
+            self._handshake(wait)
             self.queue: queue.Queue[Any] = queue.Queue(maxsize=owner.send_queue_frames)
             self.call = self.stub.Exchange(
                 self._requests(), metadata=owner._metadata(dst), wait_for_ready=True
@@ -82,8 +139,25 @@ class _Link:
             self.channel.close()
             raise
 
-    def _handshake(self) -> None:
+    def _probe(self) -> None:
+        """Reconnecting: fail at once if nothing listens at the peer's address (gRPC would
+        otherwise hold the handshake until its timeout)."""
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not port.isdigit():
+            return  # not host:port (e.g. a unix socket): let gRPC decide
+        try:
+            socket.create_connection(
+                (host.strip("[]"), int(port)), timeout=self.owner.connect_timeout
+            ).close()
+        except OSError as e:
+            raise HandshakeError(
+                f"node {self.owner.index}: peer {self.dst} at {self.address} is unreachable: {e}"
+            ) from None
+
+    def _handshake(self, wait: bool) -> None:
         o = self.owner
+        if not wait:
+            self._probe()
         hello = peer_pb2.Hello(
             plan_hash=o.plan_hash,
             node=o.index,
@@ -91,14 +165,19 @@ class _Link:
             expected_node=self.dst,
         )
         try:
-            reply = self.stub.Handshake(hello, timeout=o.connect_timeout, wait_for_ready=True)
+            reply = self.stub.Handshake(hello, timeout=o.connect_timeout, wait_for_ready=wait)
         except grpc.RpcError as e:
             code = e.code() if isinstance(e, grpc.Call) else None
             details = e.details() if isinstance(e, grpc.Call) else str(e)
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                hint = (
+                    " (or refused our TLS certificate)"
+                    if o._channel_credentials is not None
+                    else ""
+                )
                 raise HandshakeError(
                     f"node {o.index}: peer {self.dst} at {self.address} did not answer within "
-                    f"{o.connect_timeout:g} s"
+                    f"{o.connect_timeout:g} s{hint}"
                 ) from None
             raise HandshakeError(
                 f"node {o.index}: peer {self.dst} at {self.address} refused the handshake "
@@ -116,6 +195,8 @@ class _Link:
             item = self.queue.get()
             if item is _STOP:
                 return
+            if self._pacer is not None:
+                self._pacer.pace(item.ByteSize())
             yield item
 
     def _read(self) -> None:
@@ -139,6 +220,8 @@ class _Link:
                 log.warning(self.failed)
         if not self._closing and self.failed is None:
             self.failed = f"node {self.owner.index}: peer {self.dst} closed the stream"
+        if not self._closing and self.failed is not None:
+            self.owner.mailbox.mark_down(self.dst, self.failed)
 
     def put(self, frame: peer_pb2.Frame, timeout: float) -> None:
         if self.failed is not None:
@@ -172,7 +255,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
     def Handshake(self, request: peer_pb2.Hello, context: grpc.ServicerContext) -> Any:
         problem = self.t._check_peer(
             request.plan_hash, request.node, request.household_token, request.expected_node
-        )
+        ) or self.t._check_identity(context, request.node)
         if problem is not None:
             context.abort(*problem)
         return peer_pb2.HelloReply(plan_hash=self.t.plan_hash, node=self.t.index)
@@ -186,9 +269,12 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             expected = int(md.get(_MD_EXPECTED, ""))
         except ValueError:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "missing or bad node metadata")
-        problem = self.t._check_peer(md.get(_MD_PLAN, ""), src, md.get(_MD_TOKEN, ""), expected)
+        problem = self.t._check_peer(
+            md.get(_MD_PLAN, ""), src, md.get(_MD_TOKEN, ""), expected
+        ) or self.t._check_identity(context, src)
         if problem is not None:
             context.abort(*problem)
+        self.t._peer_connected(src)
         for frame in request_iterator:
             reason = self.t._accept(frame, frame.ByteSize(), expected_src=src)
             if reason is not None:
@@ -237,6 +323,9 @@ class GrpcTransport(Transport):
         send_queue_frames: int = 256,
         server_credentials: grpc.ServerCredentials | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        services: Sequence[Callable[[grpc.Server], None]] = (),
+        max_extra_rpcs: int = 16,
+        link_shape: LinkShape | None = None,
     ) -> None:
         super().__init__(
             index, num_nodes, num_layers=num_layers, max_pending_bytes=max_pending_bytes
@@ -252,22 +341,46 @@ class GrpcTransport(Transport):
         self.send_queue_frames = send_queue_frames
         self._token = household_token
         self._channel_credentials = channel_credentials
-        opts = [
+        self.link_shape = link_shape
+        self._tls = server_credentials is not None
+        opts: list[tuple[str, int]] = [
             ("grpc.max_send_message_length", max_frame_bytes),
             ("grpc.max_receive_message_length", max_frame_bytes),
         ]
-        self._channel_options = opts
+        self._channel_options = [
+            *opts,
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # a restarted peer is found again quickly (no shared, backed-off subchannel)
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        server_opts = [
+            *opts,
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+            ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+        ]
         self._links: dict[int, _Link] = {}
+        # after a failed reconnection, sends to that peer fail at once for RETRY_S seconds
+        self._unreachable: dict[int, tuple[float, str]] = {}
         self._link_locks = [threading.Lock() for _ in range(num_nodes)]
         self._addresses: list[str] | None = None
-        # N-1 long-lived incoming streams, plus handshakes and health checks
-        workers = num_nodes + 8
+        # N-1 long-lived incoming streams (and their replacements after a peer restarts),
+        # handshakes, health checks and the extra services' calls
+        workers = 2 * num_nodes + 8 + max_extra_rpcs
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"disco-peer-{index}"),
-            options=opts,
+            options=server_opts,
             maximum_concurrent_rpcs=workers - 1,
         )
         peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self), self._server)
+        for add in services:
+            add(self._server)
         try:
             if server_credentials is not None:
                 port = self._server.add_secure_port(listen, server_credentials)
@@ -290,27 +403,46 @@ class GrpcTransport(Transport):
             raise ValueError(f"expected {self.num_nodes} addresses, got {len(addresses)}")
         self._addresses = [str(a) for a in addresses]
 
-    def connect(self) -> None:
-        """Handshake with every peer now (otherwise done on the first frame to each)."""
-        for d in range(self.num_nodes):
-            if d != self.index:
-                self._link(d)
+    def connect(self, peers: Sequence[int] | None = None) -> None:
+        """Handshake with every peer now (otherwise done on the first frame to each).
 
-    def _link(self, dst: int) -> _Link:
+        Waits up to ``connect_timeout`` for each peer that is not listening yet.
+        """
+        for d in range(self.num_nodes) if peers is None else peers:
+            if d != self.index:
+                self._link(d, wait=True)
+
+    def _peer_connected(self, src: int) -> None:
+        """A peer opened a stream to us (again): its frames can come."""
+        self.mailbox.mark_up(src)
+
+    def _link(self, dst: int, wait: bool = True) -> _Link:
         with self._link_locks[dst]:
             if self.closed:
                 raise TransportError(f"node {self.index}: transport is closed")
             link = self._links.get(dst)
             if link is not None and link.failed is not None:
-                # a broken stream is reported once, then replaced on the next send
+                # the stream broke: replace it now, without waiting for a peer that is gone
                 del self._links[dst]
                 link.close(timeout=0.5)
-                raise TransportError(link.failed)
+                link = None
+                wait = False
             if link is None:
                 if self._addresses is None:
                     raise TransportError(f"node {self.index}: peer addresses are not set")
-                link = _Link(self, dst, self._addresses[dst])
+                if not wait:
+                    since, why = self._unreachable.get(dst, (-math.inf, ""))
+                    if time.monotonic() - since < RETRY_S:
+                        raise TransportError(why)
+                try:
+                    link = _Link(self, dst, self._addresses[dst], wait=wait)
+                except TransportError as e:
+                    if not wait:
+                        self._unreachable[dst] = (time.monotonic(), str(e))
+                    raise
+                self._unreachable.pop(dst, None)
                 self._links[dst] = link
+                self.mailbox.mark_up(dst)
             return link
 
     def health(self, dst: int, timeout: float = 5.0) -> peer_pb2.HealthReply:
@@ -352,6 +484,24 @@ class GrpcTransport(Transport):
             )
         return None
 
+    def _check_identity(
+        self, context: grpc.ServicerContext, node: int
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """With TLS on, the caller's certificate must be node ``node``'s (not a client's)."""
+        if not self._tls:
+            return None
+        from disco_fl.security import node_common_name
+
+        names = context.auth_context().get("x509_common_name", [])
+        want = node_common_name(node).encode()
+        if list(names) != [want]:
+            got = b", ".join(names).decode(errors="replace") or "none"
+            return (
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"node {self.index}: the caller's certificate ({got}) is not node {node}'s",
+            )
+        return None
+
     # ---- transport -----------------------------------------------------------------------
     def _transmit(self, frame: peer_pb2.Frame) -> None:
         size = frame.ByteSize()
@@ -360,7 +510,7 @@ class GrpcTransport(Transport):
                 f"node {self.index}: frame of {size} bytes for layer {frame.layer} exceeds "
                 f"max_frame_bytes={self.max_frame_bytes}"
             )
-        self._link(frame.dst).put(frame, self.send_timeout)
+        self._link(frame.dst, wait=False).put(frame, self.send_timeout)
 
     def close(self, timeout: float = 2.0) -> None:
         """Flush and end the outgoing streams, then stop the server (bounded by ``timeout``)."""

@@ -118,3 +118,33 @@ class HealthReply(_message.Message):
     node: int
     num_nodes: int
     def __init__(self, status: _Optional[_Union[HealthReply.Status, str]] = ..., plan_hash: _Optional[str] = ..., node: _Optional[int] = ..., num_nodes: _Optional[int] = ...) -> None: ...
+
+class InferRequest(_message.Message):
+    __slots__ = ("input", "request_id", "deadline_s")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    input: Tensor
+    request_id: str
+    deadline_s: float
+    def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+
+class InferReply(_message.Message):
+    __slots__ = ("output", "session_id", "server_ms")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVER_MS_FIELD_NUMBER: _ClassVar[int]
+    output: Tensor
+    session_id: str
+    server_ms: float
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., session_id: _Optional[str] = ..., server_ms: _Optional[float] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...

@@ -186,3 +186,121 @@ class Peer:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class InferenceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Infer = channel.unary_unary(
+                '/disco.v1.Inference/Infer',
+                request_serializer=disco_dot_v1_dot_peer__pb2.InferRequest.SerializeToString,
+                response_deserializer=disco_dot_v1_dot_peer__pb2.InferReply.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/disco.v1.Inference/Status',
+                request_serializer=disco_dot_v1_dot_peer__pb2.StatusRequest.SerializeToString,
+                response_deserializer=disco_dot_v1_dot_peer__pb2.StatusReply.FromString,
+                _registered_method=True)
+
+
+class InferenceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Infer(self, request, context):
+        """Errors: INVALID_ARGUMENT (bad input), FAILED_PRECONDITION (this node is not the
+        requester), UNAVAILABLE (a peer is down or failed), DEADLINE_EXCEEDED (a peer is silent),
+        RESOURCE_EXHAUSTED (too many requests in flight), PERMISSION_DENIED (token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_InferenceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Infer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Infer,
+                    request_deserializer=disco_dot_v1_dot_peer__pb2.InferRequest.FromString,
+                    response_serializer=disco_dot_v1_dot_peer__pb2.InferReply.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=disco_dot_v1_dot_peer__pb2.StatusRequest.FromString,
+                    response_serializer=disco_dot_v1_dot_peer__pb2.StatusReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'disco.v1.Inference', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('disco.v1.Inference', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Inference:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Infer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disco.v1.Inference/Infer',
+            disco_dot_v1_dot_peer__pb2.InferRequest.SerializeToString,
+            disco_dot_v1_dot_peer__pb2.InferReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disco.v1.Inference/Status',
+            disco_dot_v1_dot_peer__pb2.StatusRequest.SerializeToString,
+            disco_dot_v1_dot_peer__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,45 @@
+"""The model registry: builders by name, used by the CLI and the benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from disco_fl.models.resnet import resnet18, resnet50, resnet_narrow, resnet_small
+from disco_fl.models.vit import vit_tiny_mnist
+
+__all__ = ["MODELS", "build_model"]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet": resnet_small,
+    "resnet_narrow": resnet_narrow,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "vit_tiny_mnist": vit_tiny_mnist,
+}
+
+
+def build_model(name: str, **kwargs: object) -> nn.Module:
+    """Build a registered model by name.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`MODELS` ("resnet", "resnet_narrow", "resnet18", "resnet50",
+        "vit_tiny_mnist").
+    **kwargs
+        Passed to the builder (every builder takes ``num_classes`` and ``in_channels``; the
+        ResNets also ``norm``, the ViT ``pool`` and ``dropout``).
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered; the message lists the known names.
+    """
+    try:
+        builder = MODELS[name]
+    except KeyError:
+        known = ", ".join(sorted(MODELS))
+        raise ValueError(f"unknown model {name!r}; known models: {known}") from None
+    return builder(**kwargs)
