@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from disco_fl.gates import PairGates, prob_open, sample_hard_concrete
+from disco_fl.gates import PairGates, gate_generator, prob_open, sample_hard_concrete
 from disco_fl.layout import Layout
 from disco_fl.node import run_lockstep
 from disco_fl.partition import Op, PartitionError, Program, capture, get_spec
@@ -95,7 +95,7 @@ class _EmuNode:
     def send_selection(self, op: Op, dest: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         gates: PairGates = self.shard.gates[op.name]  # type: ignore[assignment]
         if self.pm.gate_mode == "stochastic":
-            return None, sample_hard_concrete(gates.log_alpha[str(dest)])
+            return None, self.pm.gate_sample(op.name, self.index, dest)
         mask = gates.mask(dest)
         return None, mask
 
@@ -154,6 +154,10 @@ class PartitionedModel(nn.Module):
         ``k`` is a zeroed column ``c`` of ``k``'s weights, so each mixing layer becomes one
         convolution over the whole tensor with gated weights. ``auto`` (default) is fused for
         the fp32 codec, lock-step otherwise (other codecs round only the received channels).
+    gate_seed : int or None
+        Default ``None`` (stochastic gates draw from the global RNG). Set, with ``gate_step``
+        (default 0), the noise is reproducible per ``(step, exchange, src, dst)``: the
+        distributed training step (:mod:`disco_fl.training`) draws the same samples.
     """
 
     def __init__(self, program: Program, modules: Mapping[str, nn.Module]) -> None:
@@ -165,6 +169,10 @@ class PartitionedModel(nn.Module):
         self.gate_mode: GateMode = "hard"
         self.codec = "fp32"
         self.execution: Execution = "auto"
+        # seeded gate noise (see :meth:`gate_sample`); None: the global RNG (the default)
+        self.gate_seed: int | None = None
+        self.gate_step = 0
+        self._layer_of = {op.name: i for i, op in enumerate(program.ops)}
         self._perm_cache: dict[tuple[str, int], torch.Tensor] = {}
 
     @property
@@ -214,7 +222,7 @@ class PartitionedModel(nn.Module):
                     continue
                 g: PairGates = self.shards[j].gates[exchange]  # type: ignore[index, assignment]
                 if self.gate_mode == "stochastic":
-                    pieces.append(sample_hard_concrete(g.log_alpha[str(k)]))
+                    pieces.append(self.gate_sample(exchange, j, k))
                 else:
                     pieces.append(g.mask(k))
             out.append(_assemble(pieces, layout))
@@ -276,6 +284,20 @@ class PartitionedModel(nn.Module):
                     own[n].copy_(src)
 
     # -- gates --------------------------------------------------------------------------
+    def gate_sample(self, exchange: str, src: int, dst: int) -> torch.Tensor:
+        """Hard-concrete sample of the gates ``src -> dst`` of ``exchange`` (stochastic mode).
+
+        With ``gate_seed`` set, the noise comes from
+        :func:`~disco_fl.gates.gate_generator` ``(gate_seed, gate_step, layer, src, dst)``,
+        exactly as the distributed training step draws it; otherwise (default) from the global
+        RNG.
+        """
+        g: PairGates = self.shards[src].gates[exchange]  # type: ignore[index, assignment]
+        gen = None
+        if self.gate_seed is not None:
+            gen = gate_generator(self.gate_seed, self.gate_step, self._layer_of[exchange], src, dst)
+        return sample_hard_concrete(g.log_alpha[str(dst)], gen)
+
     def gate_items(self) -> list[tuple[str, int, int, PairGates]]:
         """``(exchange, sender, dest, gates)`` for every exchanged tensor and ordered pair."""
         out = []

@@ -21,6 +21,7 @@ are dropped from its exported shard.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -40,6 +41,17 @@ def sample_hard_concrete(
     u = u.clamp(1e-6, 1.0 - 1e-6)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
     return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def gate_generator(seed: int, step: int, layer: int, src: int, dst: int) -> torch.Generator:
+    """A generator for the hard-concrete noise of one gate vector in one training step.
+
+    Seeded from ``(seed, step, layer, src, dst)`` (``layer`` = the exchange's op index in the
+    program), so the emulation and the distributed training step draw the same samples
+    whatever order they visit the gates in.
+    """
+    key = hashlib.sha256(f"disco-gate/{seed}/{step}/{layer}/{src}/{dst}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
 
 
 def prob_open(log_alpha: torch.Tensor) -> torch.Tensor:

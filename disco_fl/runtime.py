@@ -16,6 +16,7 @@ instead of waiting for their timeouts.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,18 @@ def op_traffic(plan: Plan, op: Op) -> list[Traffic]:
         return len(plan.open_channels(op.name, src, dst))
 
     return get_spec(op.kind).traffic(op, plan.program, open_count)
+
+
+_TRAFFIC: weakref.WeakKeyDictionary[Any, list[list[Traffic]]] = weakref.WeakKeyDictionary()
+
+
+def node_traffic(node: ShardNode) -> list[list[Traffic]]:
+    """:func:`op_traffic` of every op of ``node``'s plan, computed once per node object."""
+    cached = _TRAFFIC.get(node)
+    if cached is None:
+        cached = [op_traffic(node.plan, op) for op in node.plan.program.ops]
+        _TRAFFIC[node] = cached
+    return cached
 
 
 def _check_message(
@@ -118,6 +131,7 @@ def run_node(
     layer = 0
     sent: set[int] = set()  # peers already sent this layer's message
     last_use = {name: i for i, op in enumerate(program.ops) for name in op.inputs}
+    traffics = node_traffic(node)
     try:
         with torch.no_grad():
             for layer, op in enumerate(program.ops):
@@ -127,7 +141,7 @@ def run_node(
                     if op.kind == "input"
                     else [env[i] for i in op.inputs]
                 )
-                traffic = op_traffic(plan, op)
+                traffic = traffics[layer]
                 out_to = sorted({t.dst for t in traffic if t.src == k})
                 in_from = {t.src: t for t in traffic if t.dst == k}
                 msgs = spec.send(op, node, xs) or {}

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from disco_fl.emulation import PartitionedModel
+from disco_fl.gates import prob_open
 
 Log = Callable[[str], None]
 
@@ -141,6 +142,8 @@ class BudgetConfig:
     temperature: float = 4.0  # distillation temperature
     augment_shift: int = 0  # random translation of training images, pixels (0 = off)
     max_steps_per_epoch: int | None = None  # cap on batches per epoch (short runs)
+    # at most this many layers exchange anything (each is a round trip); None = no limit
+    max_sync_points: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -157,32 +160,69 @@ class BudgetConfig:
             raise ValueError("gate_lr and dual_lr must be positive")
         if not 0.0 < self.anneal <= 1.0:
             raise ValueError("anneal must be in (0, 1]")
+        if self.max_sync_points is not None and self.max_sync_points < 0:
+            raise ValueError("max_sync_points must be >= 0 (or None for no limit)")
 
 
-def calibrate_masks(pm: PartitionedModel, budget: float) -> float:
-    """Set hard masks: highest gate logits first, while the exchange bytes fit the budget.
-
-    Returns the achieved fraction of dense exchange bytes (``<= budget``).
-    """
+def _fill_masks(pm: PartitionedModel, budget: float, allowed: set[str] | None) -> float:
+    """Hard masks: highest gate logits first (exchanges in ``allowed`` only, all if None)
+    while the exchange bytes fit ``budget``; returns the achieved fraction."""
     items: list[tuple[float, int, Any, int, int]] = []
     dense = 0
     for name, _, d, g in pm.gate_items():
         per = pm.program.infos[name].elements_per_channel
         dense += per * g.num_channels
+        if allowed is not None and name not in allowed:
+            continue
         la = g.log_alpha[str(d)].detach()
         for c in range(g.num_channels):
             items.append((float(la[c]), per, g, d, c))
     items.sort(key=lambda t: (-t[0], t[1]))
     masks = {(id(g), d): torch.zeros(g.num_channels) for _, _, d, g in pm.gate_items()}
-    allowed = budget * dense
+    limit = budget * dense
     used = 0
     for _, per, g, d, c in items:
-        if used + per <= allowed + 1e-9:
+        if used + per <= limit + 1e-9:
             masks[(id(g), d)][c] = 1.0
             used += per
     for _, _, d, g in pm.gate_items():
         g.set_mask(d, masks[(id(g), d)])
     return used / dense if dense else 0.0
+
+
+def calibrate_masks(
+    pm: PartitionedModel, budget: float, max_sync_points: int | None = None
+) -> float:
+    """Set hard masks: highest gate logits first, while the exchange bytes fit the budget.
+
+    With ``max_sync_points``, at most that many layers may exchange anything (each one costs
+    a network round trip at inference): cross-node normalization layers always do; among the
+    exchanges, those whose selected gates the training voted open most clearly
+    (``sum max(0, 2 P(open) - 1)``, ties by ``sum P(open)``) are kept, the others are closed,
+    and the freed budget goes to the kept exchanges' next channels. Returns the achieved
+    fraction of dense exchange bytes (``<= budget``).
+    """
+    achieved = _fill_masks(pm, budget, None)
+    if max_sync_points is None:
+        return achieved
+    rep = pm.comm_report()
+    stats = sum(1 for layer in rep.layers if layer.kind == "stats" and layer.bytes)
+    room = max_sync_points - stats
+    if room < 0:
+        raise ValueError(
+            f"max_sync_points={max_sync_points} is below the {stats} normalization layers "
+            "that always exchange statistics"
+        )
+    score: dict[str, tuple[float, float]] = {}
+    for name, _, d, g in pm.gate_items():
+        p = prob_open(g.log_alpha[str(d)].detach()) * g.mask(d)
+        if float(p.sum()) > 0:
+            vote, mass = score.get(name, (0.0, 0.0))
+            score[name] = (vote + float((2 * p - 1).clamp(min=0).sum()), mass + float(p.sum()))
+    if len(score) <= room:
+        return achieved
+    keep = set(sorted(score, key=lambda e: score[e], reverse=True)[:room])
+    return _fill_masks(pm, budget, keep)
 
 
 def recalibrate_batchnorm(
@@ -269,13 +309,13 @@ def fit_budget(
         if config.budget >= 1.0 or config.budget <= 0.0:
             pm.set_all_masks(1.0 if config.budget >= 1.0 else 0.0)
         else:  # no gate training: equal logits, so the cheapest channels are kept first
-            calibrate_masks(pm, config.budget)
+            calibrate_masks(pm, config.budget, config.max_sync_points)
 
     while state["epoch"] < total:
         ep = state["epoch"]
         gate_phase = ep < gate_epochs
         if ep == gate_epochs and gate_epochs > 0:
-            achieved = calibrate_masks(pm, config.budget)
+            achieved = calibrate_masks(pm, config.budget, config.max_sync_points)
             log(f"calibrated hard masks: {achieved:.4f} of dense exchange bytes")
         pm.gate_mode = "stochastic" if gate_phase else "hard"
         pm.train()
@@ -345,7 +385,7 @@ def fit_budget(
                 },
             )
     if gate_epochs > 0 and config.finetune_epochs == 0:
-        calibrate_masks(pm, config.budget)
+        calibrate_masks(pm, config.budget, config.max_sync_points)
     pm.gate_mode = "hard"
     recalibrate_batchnorm(pm, x, batch_size=max(config.batch_size, 256))
     pm.eval()

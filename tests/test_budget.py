@@ -166,3 +166,33 @@ def test_checkpoint_from_other_config_is_refused(
 def test_bad_config(bad: dict) -> None:
     with pytest.raises(ValueError):
         BudgetConfig(**bad)
+
+
+def test_sync_point_limit_keeps_the_strongest_exchanges() -> None:
+    torch.manual_seed(0)
+    pm = disco_fl.partition(resnet_narrow(), 2, torch.randn(2, 1, 28, 28))
+    names = [e.name for e in pm.program.exchanges]
+    assert len(names) > 4
+    strong = {names[1], names[-2]}
+    for name, _, d, g in pm.gate_items():  # two exchanges the training wanted open
+        g.log_alpha[str(d)].data.fill_(3.0 if name in strong else -4.0)
+    free = calibrate_masks(pm, 0.3)
+    assert pm.comm_report().sync_points > 2  # the budget alone spreads channels
+    limited = calibrate_masks(pm, 0.3, max_sync_points=2)
+    rep = pm.comm_report()
+    assert rep.sync_points == 2
+    assert {layer.op for layer in rep.layers if layer.kind == "exchange" and layer.bytes} == strong
+    assert limited <= 0.3 + 1e-9 and limited > 0.5 * free  # the freed budget is reused
+    pm0 = disco_fl.partition(resnet_narrow(), 2, torch.randn(2, 1, 28, 28))
+    calibrate_masks(pm0, 0.3, max_sync_points=0)
+    assert pm0.comm_report().sync_points == 0 and pm0.hard_exchange_fraction() == 0.0
+
+
+def test_sync_point_limit_counts_normalization_layers() -> None:
+    from tests.zoo import UserNet
+
+    pm = disco_fl.partition(UserNet(), 2, torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="normalization layers"):
+        calibrate_masks(pm, 0.5, max_sync_points=0)
+    with pytest.raises(ValueError, match="max_sync_points"):
+        BudgetConfig(budget=0.1, max_sync_points=-1)

@@ -132,7 +132,12 @@ class Household:
 
 
 def _export(tmp: Path, name: str, n: int, codec: str = "fp32") -> tuple[Path, Any, torch.Tensor]:
-    build, shape = ZOO[name]
+    if name == "vit":
+        from disco_fl.models import build_model
+
+        build, shape = (lambda: build_model("vit_tiny_mnist")), (3, 1, 28, 28)
+    else:
+        build, shape = ZOO[name]
     torch.manual_seed(n)
     model = build().eval()
     x = torch.randn(*shape)
@@ -225,7 +230,7 @@ def test_int8_plan_over_processes(
     assert counted == _expected_payload(Plan.load(plan_dir / "plan.json"), x.shape[0])
 
 
-@pytest.mark.parametrize("name", ["bottleneck", "user"])
+@pytest.mark.parametrize("name", ["bottleneck", "user", "vit"])
 def test_other_model_families_over_processes(
     tmp_path: Path, start_household: Callable[..., Household], name: str
 ) -> None:

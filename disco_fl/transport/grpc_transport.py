@@ -343,9 +343,10 @@ class GrpcTransport(Transport):
         self._channel_credentials = channel_credentials
         self.link_shape = link_shape
         self._tls = server_credentials is not None
-        opts: list[tuple[str, int]] = [
+        opts: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", max_frame_bytes),
             ("grpc.max_receive_message_length", max_frame_bytes),
+            ("grpc.optimization_target", "latency"),
         ]
         self._channel_options = [
             *opts,

@@ -1,0 +1,413 @@
+"""Latency and throughput of collaborative inference over emulated home links.
+
+Model: the core benchmark's ``resnet`` (widths 32/64/128) on 28x28 MNIST images, trained dense
+briefly on the 4000-image training split (latency does not depend on accuracy; the accuracy
+of such plans is ``bench/comm_accuracy.py``'s subject). Modes:
+
+- ``single``: one process running the whole model (torch, 1 thread);
+- ``dense_tp``: dense tensor parallelism, i.e. the partitioned model with every gate open,
+  over this runtime (N ``disco-fl serve`` processes, 1 torch thread each);
+- ``disco``: plans trained to budgets 0.2, 0.1 and 0.05 (short gate training + calibration).
+
+Links: every ordered pair of nodes gets its own emulated link (``--link-mbps``,
+``--link-rtt-ms`` of ``disco-fl serve``: :class:`disco_fl.transport.grpc_transport.LinkShape`):
+frames leave in order, each occupying the link for ``framed bytes * 8 / rate``, and are
+delivered half a round trip later. This shaper lives in the transport because this machine's
+kernel has no ``netem``; it counts the gRPC message prefix and HTTP/2 frame headers, not
+TCP/IP headers. The caller talks to node 0 over plain loopback (it sits on node 0's device).
+
+Per mode, link and N: the median latency of single-image requests, throughput with batches of
+32 and 2 in flight, payload bytes (tensor data) and wire bytes (serialized frames + gRPC/HTTP/2
+framing) per sample, counted by the nodes, and the analytic floor
+``compute / N + bytes of the busiest link / rate + (sync points + 2) x one-way latency``,
+where compute is ``single``'s median latency, and the ``+ 2`` are the input hop to the peers
+and the output hop back (links are full duplex and independent, so the busiest directed link,
+not the sum over links, bounds the transfer time).
+
+Usage::
+
+    python bench/latency.py --json latency.json            # N = 2 and 4
+    python bench/latency.py --quick --json latency.json    # N = 2, < 10 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import disco_fl
+from disco_fl.comm import program_traffic
+from disco_fl.data import load_builtin, load_npz, stratified_split, to_tensor
+from disco_fl.models import build_model
+from disco_fl.plan import Plan
+from disco_fl.serving import InferenceSession
+from disco_fl.train import BudgetConfig, evaluate, fit_budget, train_model
+
+LINKS = {"100Mbit_2ms": (100.0, 2.0), "1Gbit_0.5ms": (1000.0, 0.5)}
+# (budget, max_sync_points): the plain budget plans, and the 0.05 budget with at most
+# SYNC_LIMIT layers exchanging (each sync point costs a round trip on a slow link)
+SYNC_LIMIT = 3
+PLANS = [(0.2, None), (0.1, None), (0.05, None), (0.05, SYNC_LIMIT)]
+SETTINGS = {
+    "full": {
+        "nodes": [2, 4],
+        "requests": 60,
+        "throughput_images": 512,
+        "dense_epochs": 4,
+        "gate_steps": 60,  # batches per epoch of gate training and of fine-tuning
+    },
+    "quick": {
+        "nodes": [2],
+        "requests": 30,
+        "throughput_images": 192,
+        "dense_epochs": 2,
+        "gate_steps": 30,  # batches per epoch of gate training and of fine-tuning
+    },
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist_5k.npz"
+    images, labels = load_npz(shared) if shared.exists() else load_builtin("mnist_5k")
+    tr, te = stratified_split(labels, [4000, 1000], seed=0)
+    x = to_tensor(images)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    return x[tr], y[tr], x[te], y[te]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class Household:
+    """N ``disco-fl serve`` processes on loopback with an emulated link."""
+
+    def __init__(self, plan_dir: Path, n: int, link: tuple[float, float], work: Path) -> None:
+        self.addrs = [f"127.0.0.1:{p}" for p in free_ports(n)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        for k in range(n):
+            ready = work / f"ready{k}"
+            ready.unlink(missing_ok=True)
+            cmd = [
+                sys.executable,
+                "-m",
+                "disco_fl.cli",
+                "serve",
+                str(plan_dir),
+                "--node",
+                str(k),
+                "--peers",
+                ",".join(self.addrs),
+                "--threads",
+                "1",
+                "--deadline",
+                "60",
+                "--link-mbps",
+                str(link[0]),
+                "--link-rtt-ms",
+                str(link[1]),
+                "--ready-file",
+                str(ready),
+            ]
+            with open(work / f"node{k}.log", "ab") as out:
+                self.procs.append(
+                    subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+                )
+        deadline = time.monotonic() + 120
+        for k in range(n):
+            while not (work / f"ready{k}").exists():
+                if self.procs[k].poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"node {k} did not start: {(work / f'node{k}.log')}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def counters(addrs: list[str]) -> dict[str, Any]:
+    payload = 0
+    wire = 0
+    per_link: dict[str, int] = {}
+    for k, a in enumerate(addrs):
+        with InferenceSession(a) as s:
+            st = s.status()
+        wire += st["framed_bytes_sent"]
+        for key, b in st["payload_bytes_sent"].items():
+            payload += b
+            dst = key.split("/")[0]
+            per_link[f"{k}->{dst}"] = per_link.get(f"{k}->{dst}", 0) + b
+    return {"payload": payload, "wire": wire, "per_link": per_link}
+
+
+def measure_single(model: torch.nn.Module, x: torch.Tensor, cfg: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(5):
+            model(x[i : i + 1])
+        for i in range(cfg["requests"]):
+            t0 = time.perf_counter()
+            model(x[i : i + 1])
+            times.append((time.perf_counter() - t0) * 1e3)
+        n = cfg["throughput_images"]
+        t0 = time.perf_counter()
+        for b in range(0, n, 32):
+            model(x[b : b + 32])
+        thr = n / (time.perf_counter() - t0)
+    return {"latency_ms_median": statistics.median(times), "throughput_per_s": thr}
+
+
+def measure_household(
+    plan_dir: Path, n: int, link: tuple[float, float], x: torch.Tensor, cfg: dict[str, Any]
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as work:
+        hh = Household(plan_dir, n, link, Path(work))
+        try:
+            with InferenceSession(hh.addrs[0], timeout=120) as s:
+                for i in range(5):  # warm-up: connections, allocator, first-call overheads
+                    s.infer(x[i : i + 1])
+                before = counters(hh.addrs)
+                times = []
+                for i in range(cfg["requests"]):
+                    t0 = time.perf_counter()
+                    s.infer(x[i : i + 1])
+                    times.append((time.perf_counter() - t0) * 1e3)
+                after = counters(hh.addrs)
+                m = cfg["requests"]
+                nimg = cfg["throughput_images"]
+                t0 = time.perf_counter()
+                s.infer_many(x[:nimg], batch_size=32, max_inflight=2)
+                thr = nimg / (time.perf_counter() - t0)
+        finally:
+            hh.stop()
+    links = {k: (v - before["per_link"].get(k, 0)) / m for k, v in after["per_link"].items()}
+    return {
+        "latency_ms_median": statistics.median(times),
+        "latency_ms_p90": float(np.percentile(times, 90)),
+        "throughput_per_s": thr,
+        "payload_bytes_per_sample": (after["payload"] - before["payload"]) / m,
+        "wire_bytes_per_sample": (after["wire"] - before["wire"]) / m,
+        "busiest_link_payload_bytes": max(links.values()) if links else 0.0,
+    }
+
+
+def make_plans(
+    model: torch.nn.Module,
+    n: int,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    cfg: dict[str, Any],
+    out: Path,
+) -> list[dict[str, Any]]:
+    """Export the dense-TP plan and one DISCO plan per entry of PLANS."""
+    xtr, ytr, xte, yte = data
+    pm = disco_fl.partition(model, n, xtr[:2]).eval()
+    d = out / f"n{n}_dense"
+    pm.export(d)
+    plans = [
+        {
+            "mode": "dense_tp",
+            "dir": d,
+            "budget": None,
+            "max_sync_points": None,
+            "accuracy": evaluate(pm, xte, yte),
+        }
+    ]
+    for budget, max_sync in PLANS:
+        pmb = disco_fl.partition(copy.deepcopy(model), n, xtr[:2])
+        bc = BudgetConfig(
+            budget=budget,
+            gate_epochs=1,
+            finetune_epochs=1,
+            max_steps_per_epoch=cfg["gate_steps"],
+            max_sync_points=max_sync,
+            seed=0,
+        )
+        t0 = time.time()
+        fit_budget(pmb, xtr, ytr, bc, teacher=model)
+        pmb.eval()
+        d = out / f"n{n}_b{budget}_s{max_sync}"
+        pmb.export(d)
+        rep = pmb.comm_report()
+        acc = evaluate(pmb, xte, yte)
+        log(
+            f"N={n} budget {budget} max_sync {max_sync}: {rep.bytes_per_sample:,} B/sample "
+            f"({rep.reduction:.1f}x less than dense), sync points {rep.sync_points}, accuracy "
+            f"{100 * acc:.1f}% (trained in {time.time() - t0:.0f} s)"
+        )
+        plans.append(
+            {
+                "mode": "disco",
+                "dir": d,
+                "budget": budget,
+                "max_sync_points": max_sync,
+                "accuracy": acc,
+            }
+        )
+    return plans
+
+
+def _speedup(r: dict[str, Any]) -> str:
+    v = r.get("speedup_vs_dense_tp")
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as the table in BENCHMARKS.md."""
+    head = (
+        "| mode | N | budget | max sync | link | sync points | accuracy | latency ms (median) "
+        "| floor ms | latency / floor | vs dense TP | images/s | payload B/img | framing |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        acc = r.get("accuracy")
+        lines.append(
+            f"| {r['mode']} | {r['nodes']} | {r['budget'] if r['budget'] is not None else '-'} "
+            f"| {r.get('max_sync_points') or '-'} | {r['link']} | {r['sync_points']} "
+            f"| {'-' if acc is None else f'{100 * acc:.1f}%'} | {r['latency_ms_median']:.2f} "
+            f"| {r['floor_ms']:.2f} | {r['latency_ms_median'] / r['floor_ms']:.2f} "
+            f"| {_speedup(r)} | {r['throughput_per_s']:.0f} "
+            f"| {r['payload_bytes_per_sample']:,.0f} "
+            f"| {100 * r.get('framing_overhead', 0.0):.2f}% |"
+        )
+    return head + "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    cfg: dict[str, Any] = SETTINGS["quick" if args.quick else "full"]
+    t_start = time.time()
+    torch.manual_seed(0)
+    xtr, ytr, xte, yte = load_data()
+    model = build_model("resnet")
+    torch.set_num_threads(2)
+    log(f"training the dense resnet ({cfg['dense_epochs']} epochs; short: see the docstring)")
+    train_model(model, xtr, ytr, epochs=cfg["dense_epochs"], seed=0)
+    model.eval()
+    dense_acc = evaluate(model, xte, yte)
+    log(f"dense accuracy {100 * dense_acc:.1f}%")
+    single = measure_single(model, xte, cfg)
+    log(f"single: {single['latency_ms_median']:.2f} ms/image, {single['throughput_per_s']:.0f}/s")
+    rows: list[dict[str, Any]] = []
+    for link in LINKS:
+        rows.append(
+            {
+                "mode": "single",
+                "nodes": 1,
+                "budget": None,
+                "link": link,
+                **single,
+                "wire_bytes_per_sample": 0,
+                "payload_bytes_per_sample": 0,
+                "sync_points": 0,
+                "floor_ms": single["latency_ms_median"],
+                "accuracy": dense_acc,
+            }
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in cfg["nodes"]:
+            torch.set_num_threads(2)
+            plans = make_plans(model, n, (xtr, ytr, xte, yte), cfg, Path(tmp))
+            for info in plans:
+                plan_dir, budget = info["dir"], info["budget"]
+                name = f"{info['mode']}_{budget}_{info['max_sync_points']}"
+                plan = Plan.load(plan_dir / "plan.json")
+
+                def open_count(e: str, s: int, d: int, p: Plan = plan) -> int:
+                    return len(p.open_channels(e, s, d))
+
+                rep = program_traffic(plan.program, open_count, plan.codec)
+                for link, (mbps, rtt_ms) in LINKS.items():
+                    m = measure_household(plan_dir, n, (mbps, rtt_ms), xte, cfg)
+                    wire_per_link = m["busiest_link_payload_bytes"] * (
+                        m["wire_bytes_per_sample"] / max(m["payload_bytes_per_sample"], 1)
+                    )
+                    floor = (
+                        single["latency_ms_median"] / n
+                        + wire_per_link * 8 / (mbps * 1e6) * 1e3
+                        + (rep.sync_points + 2) * rtt_ms / 2
+                    )
+                    row = {
+                        "mode": info["mode"],
+                        "nodes": n,
+                        "budget": budget,
+                        "max_sync_points": info["max_sync_points"],
+                        "accuracy": info["accuracy"],
+                        "link": link,
+                        **m,
+                        "sync_points": rep.sync_points,
+                        "plan_bytes_per_sample": rep.bytes_per_sample,
+                        "floor_ms": floor,
+                        "latency_over_floor": m["latency_ms_median"] / floor,
+                        "framing_overhead": m["wire_bytes_per_sample"]
+                        / max(m["payload_bytes_per_sample"], 1)
+                        - 1,
+                    }
+                    rows.append(row)
+                    log(
+                        f"N={n} {name:<18} {link:<12} {m['latency_ms_median']:8.2f} ms "
+                        f"(floor {floor:.2f}, x{row['latency_over_floor']:.2f}) "
+                        f"{m['throughput_per_s']:7.1f}/s payload "
+                        f"{m['payload_bytes_per_sample']:,.0f} B wire +"
+                        f"{100 * row['framing_overhead']:.2f}%"
+                    )
+    result = {
+        "rows": rows,
+        "settings": {"mode": "quick" if args.quick else "full", **cfg},
+        "wall_s": time.time() - t_start,
+        "command": " ".join(["python", "bench/latency.py", *sys.argv[1:]]),
+    }
+    for r in rows:
+        dense = [
+            d
+            for d in rows
+            if d["mode"] == "dense_tp" and d["nodes"] == r["nodes"] and d["link"] == r["link"]
+        ]
+        if r["mode"] == "disco" and dense:
+            r["speedup_vs_dense_tp"] = dense[0]["latency_ms_median"] / r["latency_ms_median"]
+    print(markdown_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    log(f"done in {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""Differential privacy for the distributed training step (DP-SGD, flat clipping).
+
+Method (one step, after the ordinary distributed backward pass):
+
+1. **Per-sample gradients per shard**, with ``torch.func`` (``vmap`` of a ``vjp``) over each
+   op's own small graph: for every op with trainable parameters, the op's ``compute`` is
+   re-run per sample with the op's inputs, received messages and output gradient of that
+   sample (all kept from the step). Every op's output for sample ``b`` depends only on sample
+   ``b``'s inputs (BatchNorm in training mode is refused, see :func:`fix_batchnorm`), so this
+   is exact. Gate logits are not trained under DP (``gate_mode="hard"`` is required).
+2. **Whole-model norms**: each node sends the per-sample squared norms of its own
+   coordinates (fp32, ``(B,)``) to every peer (sub-session ``/norms``, ``NORMS`` frames); each
+   node sums them into the norm of the whole model's per-sample gradient.
+3. **Flat clipping** with factor ``min(1, C / (norm_b + 1e-6))`` (Opacus's formula), summed
+   over the batch; each node adds Gaussian noise ``N(0, (sigma C)^2)`` to its own
+   coordinates only, from a generator seeded by ``(seed, node, step)``, then divides by the
+   batch size (Opacus's ``loss_reduction="mean"``).
+4. **Accounting**: an Opacus accountant (``"rdp"`` default, or ``"prv"``) per data owner is
+   stepped after every committed step that owner's data took (sample rate = batch size /
+   that owner's dataset size); :meth:`DPState.epsilon` reports epsilon per owner. With
+   ``target_epsilon`` set, the noise multiplier is calibrated by
+   :func:`opacus.accountants.utils.get_noise_multiplier` for the planned steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from disco_fl.partition import get_spec
+from disco_fl.proto_gen.disco.v1 import peer_pb2
+from disco_fl.wire import WireError, decode_tensor
+
+if TYPE_CHECKING:
+    from disco_fl.training.step import NodeTrainer, _OpRecord, _StepIO, _TrainContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DPConfig:
+    """Settings of differentially private training.
+
+    Attributes
+    ----------
+    max_grad_norm : float
+        Clipping bound C of the whole model's per-sample gradient; default 1.0.
+    noise_multiplier : float or None
+        sigma; the noise std is ``sigma * C``. Default None: calibrated from
+        ``target_epsilon`` (one of the two must be given).
+    target_epsilon : float or None
+        Calibrate sigma so that every owner's epsilon after ``planned_steps`` of its own
+        steps is at most this; default None.
+    target_delta : float
+        delta of the (epsilon, delta) guarantee; default 1e-5.
+    dataset_sizes : mapping of int to int
+        Size of each data owner's dataset (node index -> samples); sets the sample rate.
+    batch_size : int
+        Samples per step; default 32.
+    planned_steps : int
+        Steps per owner for the target-epsilon calibration; default 100.
+    accountant : {"rdp", "prv"}
+        Opacus accountant; default "rdp".
+    seed : int
+        Seed of the noise generators; default 0.
+    """
+
+    dataset_sizes: Mapping[int, int]
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    target_delta: float = 1e-5
+    batch_size: int = 32
+    planned_steps: int = 100
+    accountant: str = "rdp"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError(f"target_epsilon must be positive, got {self.target_epsilon}")
+        if not 0 < self.target_delta < 1:
+            raise ValueError(f"target_delta must be in (0, 1), got {self.target_delta}")
+        if self.accountant not in ("rdp", "prv"):
+            raise ValueError(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
+        if self.batch_size < 1 or self.planned_steps < 1:
+            raise ValueError("batch_size and planned_steps must be >= 1")
+        if not self.dataset_sizes or any(v < self.batch_size for v in self.dataset_sizes.values()):
+            raise ValueError("dataset_sizes must give every owner at least batch_size samples")
+
+    def sample_rate(self, owner: int) -> float:
+        if owner not in self.dataset_sizes:
+            raise ValueError(f"no dataset size for data owner {owner}")
+        return self.batch_size / self.dataset_sizes[owner]
+
+    def resolved_noise_multiplier(self) -> float:
+        """sigma, calibrated with Opacus for the smallest-dataset owner if needed."""
+        if self.noise_multiplier is not None:
+            return float(self.noise_multiplier)
+        from opacus.accountants.utils import get_noise_multiplier
+
+        assert self.target_epsilon is not None
+        rate = max(self.sample_rate(o) for o in self.dataset_sizes)
+        return float(
+            get_noise_multiplier(
+                target_epsilon=self.target_epsilon,
+                target_delta=self.target_delta,
+                sample_rate=rate,
+                steps=self.planned_steps,
+                accountant=self.accountant,
+            )
+        )
+
+
+@dataclass
+class DPStepInfo:
+    """What DP did in one step (this node's view)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    clipped_fraction: float  # samples whose whole-model norm exceeded C
+    mean_norm: float  # mean whole-model per-sample gradient norm (before clipping)
+    epsilon: float | None = None  # the owner's epsilon after this step (set on commit)
+
+
+def fix_batchnorm(model: nn.Module) -> nn.Module:
+    """Replace BatchNorm with GroupNorm (Opacus's ``ModuleValidator.fix``), saying so.
+
+    DP-SGD needs per-sample gradients; BatchNorm mixes the samples of a batch. Call this on
+    the dense model before :func:`~disco_fl.partition` when training with DP.
+    """
+    from opacus.validators import ModuleValidator
+
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model
+    log.warning(
+        "differential privacy: BatchNorm mixes samples, so it is replaced by GroupNorm in %s "
+        "(opacus ModuleValidator.fix); retrain or fine-tune the model afterwards",
+        ", ".join(bns),
+    )
+    fixed = ModuleValidator.fix(model)
+    assert isinstance(fixed, nn.Module)
+    return fixed
+
+
+def _accountant(kind: str) -> Any:
+    if kind == "prv":
+        from opacus.accountants import PRVAccountant
+
+        return PRVAccountant()
+    from opacus.accountants import RDPAccountant
+
+    return RDPAccountant()
+
+
+class DPState:
+    """DP of one node: clipping with household norms, its own noise, the accountants."""
+
+    def __init__(self, config: DPConfig, trainer: NodeTrainer) -> None:
+        program = trainer.plan.program
+        bad = [op.name for op in program.ops if op.kind == "batch_norm"]
+        if bad:
+            raise ValueError(
+                f"differential privacy needs per-sample gradients but the model has BatchNorm "
+                f"({', '.join(bad)}); replace it with GroupNorm before partitioning: "
+                f"disco_fl.training.dp.fix_batchnorm(model) (as opacus ModuleValidator.fix)"
+            )
+        shared = [op.name for op in program.ops if op.kind == "param"]
+        if shared:
+            raise ValueError(
+                f"differential privacy: per-sample gradients of model tensors used without a "
+                f"batch input ({', '.join(shared)}) are not supported"
+            )
+        if trainer.gate_mode != "hard":
+            raise ValueError(
+                "differential privacy trains weights with fixed masks: use gate_mode='hard'"
+            )
+        self.config = config
+        self.t = trainer
+        self.sigma = config.resolved_noise_multiplier()
+        self.accountants = {o: _accountant(config.accountant) for o in config.dataset_sizes}
+
+    def epsilon(self, owner: int) -> float:
+        """epsilon of ``owner``'s dataset after the committed steps (``target_delta``)."""
+        acc = self.accountants[owner]
+        if not acc.history:
+            return 0.0
+        return float(acc.get_epsilon(delta=self.config.target_delta))
+
+    def after_commit(self, owner: int, batch: int) -> float:
+        rate = batch / self.config.dataset_sizes[owner]
+        self.accountants[owner].step(noise_multiplier=self.sigma, sample_rate=rate)
+        return self.epsilon(owner)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {o: list(a.history) for o, a in self.accountants.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for o, hist in state["history"].items():
+            if o in self.accountants:
+                self.accountants[o].history = [tuple(h) for h in hist]
+
+    # ---- the step -----------------------------------------------------------------------
+    def per_sample_grads(
+        self, ctx: _TrainContext, records: Sequence[_OpRecord]
+    ) -> dict[nn.Parameter, torch.Tensor]:
+        """``param -> (B, *param.shape)``: per-sample gradients of the step's (mean) loss."""
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        shard = self.t.shard
+        for rec in records:
+            op = rec.op
+            if op.name not in shard.ops or rec.grad_out is None:
+                continue
+            state = shard.ops[op.name]
+            params = {k: p for k, p in state._parameters.items() if p is not None}
+            if not params:
+                continue
+            spec = get_spec(op.kind)
+            pos = [i for i, v in enumerate(rec.xs) if isinstance(v, torch.Tensor)]
+            xs_t = tuple(rec.xs[i].detach() for i in pos)
+            srcs = sorted(rec.full_received)
+            rec_t = tuple(rec.full_received[j].detach() for j in srcs)
+            base = list(rec.xs)
+            buffers = dict(ctx.buffers.get(op.name, {}))
+
+            def one(
+                xb: tuple[torch.Tensor, ...],
+                rb: tuple[torch.Tensor, ...],
+                gb: torch.Tensor,
+                *,
+                _op: Any = op,
+                _spec: Any = spec,
+                _params: Mapping[str, torch.Tensor] = params,
+                _pos: list[int] = pos,
+                _base: list[Any] = base,
+                _srcs: list[int] = srcs,
+                _buffers: dict[str, torch.Tensor] = buffers,
+            ) -> dict[str, torch.Tensor]:
+                def f(pdict: dict[str, torch.Tensor]) -> torch.Tensor:
+                    xs = list(_base)
+                    for i, v in zip(_pos, xb, strict=True):
+                        xs[i] = v.unsqueeze(0)
+                    ctx.override[_op.name] = {**_buffers, **pdict}
+                    try:
+                        y = _spec.compute(
+                            _op,
+                            ctx,
+                            xs,
+                            {j: r.unsqueeze(0) for j, r in zip(_srcs, rb, strict=True)},
+                        )
+                    finally:
+                        ctx.override.pop(_op.name, None)
+                    assert isinstance(y, torch.Tensor)
+                    return y
+
+                detached = {name: v.detach() for name, v in _params.items()}
+                vjp = torch.func.vjp(f, detached)[1]
+                (g,) = vjp(gb.unsqueeze(0))
+                return g  # type: ignore[no-any-return]
+
+            grads = torch.func.vmap(one)(xs_t, rec_t, rec.grad_out)
+            for k, p in params.items():
+                out[p] = grads[k]
+        return out
+
+    def privatize(
+        self, ctx: _TrainContext, io_: _StepIO, records: Sequence[_OpRecord], owner: int
+    ) -> DPStepInfo:
+        """Replace this node's gradients with its part of the clipped, noised DP gradient."""
+        cfg = self.config
+        per = self.per_sample_grads(ctx, records)
+        batch = _batch_of(records)
+        # per-sample gradients of the per-sample losses (the step's loss is their mean)
+        local = torch.zeros(batch, dtype=torch.float64)
+        for g in per.values():
+            local += (g.reshape(batch, -1).double() * batch).pow(2).sum(1)
+        total = local.clone()
+        peers = [j for j in range(self.t.plan.num_nodes) if j != self.t.index]
+        for j in peers:
+            io_.send(io_.norms_sid, 0, j, local.float(), peer_pb2.Frame.NORMS)
+        for j in peers:
+            f = io_.recv(io_.norms_sid, 0, j, direction=peer_pb2.Frame.NORMS, codec="fp32")
+            try:
+                v = decode_tensor(f.tensor, max_bytes=4 * batch)
+            except WireError as e:
+                from disco_fl.training.step import _PeerFailure
+
+                raise _PeerFailure(j, f"bad per-sample norms: {e}") from e
+            if v.shape != (batch,) or not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+                from disco_fl.training.step import _PeerFailure
+
+                raise _PeerFailure(
+                    j, f"per-sample squared norms must be {batch} finite values >= 0"
+                )
+            total += v.double()
+        norms = total.sqrt()
+        clip = (cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        seed = _noise_seed(cfg.seed, self.t.index, ctx.step)
+        gen = torch.Generator().manual_seed(seed)
+        std = self.sigma * cfg.max_grad_norm
+        for p in self.t.shard.parameters():
+            p.grad = None
+        for p, g in per.items():
+            summed = torch.einsum("b,b...->...", clip.to(g.dtype), g * batch)
+            if std > 0:
+                summed = summed + torch.normal(0.0, std, size=summed.shape, generator=gen)
+            p.grad = (summed / batch).to(p.dtype)
+        return DPStepInfo(
+            self.sigma,
+            cfg.max_grad_norm,
+            float((norms > cfg.max_grad_norm).double().mean()),
+            float(norms.mean()),
+        )
+
+
+def _batch_of(records: Sequence[_OpRecord]) -> int:
+    for rec in records:
+        if rec.op.kind == "input" and isinstance(rec.out, torch.Tensor) and rec.out.dim():
+            return int(rec.out.shape[0])
+    raise RuntimeError("the step has no batched input")
+
+
+def _noise_seed(seed: int, node: int, step: int) -> int:
+    key = hashlib.sha256(f"disco-dp/{seed}/{node}/{step}".encode()).digest()
+    return int.from_bytes(key[:8], "little") >> 1
+
+
+__all__ = ["DPConfig", "DPState", "DPStepInfo", "fix_batchnorm"]
