@@ -3,10 +3,11 @@
 Data: ``mnist_5k.npz`` (``../shared/data`` when present, else the copy inside the package),
 stratified 4000/1000 train/test split, seed 0. Models: the small ResNet in two widths
 (``resnet`` 32/64/128, ``resnet_narrow`` 8/16/32) and the ViT preset ``vit_tiny_mnist``
-(patch 7, 64-dim embeddings, 4 heads, depth 4, partitioned by heads), trained dense first. For every model, node
-count and budget: partition the dense model, fine-tune gates and weights to the budget in the
-emulation (:func:`disco_fl.train.fit_budget`, with distillation from the dense model), and
-measure test accuracy and bytes per sample with the fp32 and int8 codecs.
+(patch 7, 64-dim embeddings, 4 heads, depth 4, partitioned by heads), trained dense first.
+For every model, node count and budget: partition the dense model, fine-tune gates and
+weights to the budget in the emulation (:func:`disco_fl.train.fit_budget`, with
+distillation from the dense model), and measure test accuracy and bytes per sample with the
+fp32 and int8 codecs.
 
 Usage::
 

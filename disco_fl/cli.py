@@ -22,6 +22,7 @@ from disco_fl.data import (
     stratified_split,
     to_tensor,
 )
+from disco_fl.demo import add_demo_args, run_demo
 from disco_fl.emulation import partition
 from disco_fl.export import load_shard, run_shards
 from disco_fl.models import MODELS, build_model, load_checkpoint_strict
@@ -186,9 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", default=None, help="write the summary JSON here")
 
     p = sub.add_parser(
-        "demo", help="pretrain, fine-tune to a budget, export shards, run them (emulation)"
+        "demo",
+        help="local Flower deployment: SuperLink + SuperNodes on loopback, federated DISCO "
+        "fine-tuning, then collaborative inference with `disco-fl serve` processes",
     )
-    train_args(p, "disco_demo")
+    add_demo_args(p)
     p = sub.add_parser("train", help="fine-tune a model's gates to a budget and export the plan")
     train_args(p, "disco_run")
     p = sub.add_parser("report", help="communication report of an exported plan")
@@ -201,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("demo", "train"):
+        if args.command == "demo":
+            run_demo(args)
+        elif args.command == "train":
             cmd_train(args)
         elif args.command == "report":
             cmd_report(args)
@@ -214,7 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _log("interrupted")
         return 130
-    except (ValueError, FileNotFoundError, PlanError, InferenceError, TimeoutError) as e:
+    except (
+        ValueError,
+        FileNotFoundError,
+        PlanError,
+        InferenceError,
+        TimeoutError,
+        RuntimeError,
+    ) as e:
         print(f"disco-fl: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -48,18 +48,38 @@ class OpState(nn.Module):
         return out
 
 
-class NodeShard(nn.Module):
-    """Everything node ``k`` holds in the emulation."""
+OpTensors = Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]]
 
-    def __init__(self, program: Program, k: int, modules: Mapping[str, nn.Module]) -> None:
+
+class NodeShard(nn.Module):
+    """Everything node ``k`` holds in the emulation.
+
+    Built from the original model's ``modules`` (slicing each op's weights), or, with
+    ``tensors`` (see :meth:`from_tensors`), from node ``k``'s own tensors only.
+    """
+
+    def __init__(
+        self,
+        program: Program,
+        k: int,
+        modules: Mapping[str, nn.Module] | None = None,
+        *,
+        tensors: OpTensors | None = None,
+    ) -> None:
         super().__init__()
+        if (modules is None) == (tensors is None):
+            raise ValueError("NodeShard needs exactly one of modules and tensors")
         self.index = k
         self.ops = nn.ModuleDict()
         self.gates = nn.ModuleDict()
         for op in program.ops:
             spec = get_spec(op.kind)
-            module = modules.get(op.module) if op.module else None
-            params, buffers = spec.init_state(op, module, program, k)
+            if tensors is not None:
+                params, buffers = tensors.get(op.name, ({}, {}))
+            else:
+                assert modules is not None
+                module = modules.get(op.module) if op.module else None
+                params, buffers = spec.init_state(op, module, program, k)
             if params or buffers:
                 self.ops[op.name] = OpState(params, buffers)
             if op.kind == "exchange":
@@ -68,6 +88,36 @@ class NodeShard(nn.Module):
                     raise PartitionError(f"{op.name}: exchange without layout")
                 dests = [d for d in range(program.num_nodes) if d != k]
                 self.gates[op.name] = PairGates(layout.count(k), dests)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        program: Program,
+        k: int,
+        tensors: OpTensors,
+        gates: Mapping[str, torch.Tensor] | None = None,
+    ) -> NodeShard:
+        """Node ``k``'s shard from its own tensors alone (no model, no other node's weights).
+
+        ``tensors`` is :meth:`own_tensors` of a shard of the same program (``op name ->
+        (parameters, buffers)``); ``gates`` optionally a ``self.gates.state_dict()`` (gate
+        logits and hard masks; default: gates open). A node process can thus load only its
+        shard, e.g. for :class:`~disco_fl.training.NodeTrainer`.
+        """
+        shard = cls(program, k, tensors=tensors)
+        if gates is not None:
+            shard.gates.load_state_dict(gates)
+        return shard
+
+    def own_tensors(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+        """``op name -> (parameters, buffers)``, detached copies (see :meth:`from_tensors`)."""
+        out: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+        for name, st in self.ops.items():
+            assert isinstance(st, OpState)
+            params = {k: v.detach().clone() for k, v in st._parameters.items() if v is not None}
+            bufs = {k: v.detach().clone() for k, v in st._buffers.items() if v is not None}
+            out[name] = (params, bufs)
+        return out
 
     def op_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Parameters and buffers of op ``name`` on this node (empty if it has none)."""

@@ -16,15 +16,16 @@ def test_help_lists_commands() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "disco_fl.cli", "--help"], capture_output=True, text=True, check=True
     )
-    for cmd in ("demo", "train", "report"):
+    for cmd in ("demo", "train", "report", "serve", "infer"):
         assert cmd in out.stdout
 
 
-def test_demo_small_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_small_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The emulation path (`disco-fl train`); the Flower demo is tests/test_flower_e2e.py."""
     out_json = tmp_path / "demo.json"
     rc = main(
         [
-            "demo",
+            "train",
             "--nodes", "2",
             "--budget", "0.2",
             "--dense-epochs", "2",
@@ -49,4 +50,7 @@ def test_demo_small_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "error" in capsys.readouterr().err
-    assert main(["demo", "--budget", "3", "--dense-epochs", "1", "--out", str(tmp_path)]) == 2
+    assert main(["train", "--budget", "3", "--dense-epochs", "1", "--out", str(tmp_path)]) == 2
+    # the demo checks its settings before starting any process
+    assert main(["demo", "--budget", "3", "--out", str(tmp_path / "d")]) == 2
+    assert main(["demo", "--households", "0", "--out", str(tmp_path / "d")]) == 2

@@ -1,0 +1,458 @@
+"""Training across devices: step time, bytes per step and memory per node (issue 4).
+
+Model: ResNet-18 widths (basic blocks, two per stage, widths 64/128/256/512, strides
+1/2/2/2, 11.17M parameters) with the small-image stem (3x3 stride-1 convolution, no max-pool)
+for 1x28x28 inputs and 10 classes, built with :class:`disco_fl.models.ResNetConfig`. Batch 64,
+Adam, random inputs (step time and memory do not depend on the data).
+
+Plans (N = 2): ``disco10``: gate logits drawn at random (seeded) and hard masks set by
+:func:`disco_fl.train.calibrate_masks` at a budget of 0.1 of the dense exchange bytes, i.e. a
+DISCO plan of that budget without gate training; ``dense`` (full run): every gate open
+(dense tensor parallelism).
+
+Modes, each measured in its own fresh process (``--worker``), 1 torch thread per process:
+
+- ``whole_model``: the original ``nn.Module`` (train: Adam; infer: ``eval()`` forward under
+  ``no_grad``);
+- ``emulation``: the :class:`~disco_fl.emulation.PartitionedModel` in one process (default
+  execution, i.e. fused for fp32; train: Adam over every shard);
+- ``distributed``: N processes over :class:`~disco_fl.transport.grpc_transport.GrpcTransport`
+  on 127.0.0.1. Train: each holds a :class:`~disco_fl.training.NodeTrainer` over only its
+  shard, loaded from a file written by the parent (:meth:`NodeShard.from_tensors`; no process
+  builds the whole model); node 0 owns the batches. Infer: each runs
+  :func:`disco_fl.runtime.run_node` on its exported shard (:func:`disco_fl.export.load_shard`).
+
+Memory attributable to the model: ``model_mb = peak RSS - RSS just before the model and data
+are loaded`` (the high-water mark ``VmHWM`` is reset by writing ``5`` to
+``/proc/self/clear_refs`` right after the baseline is read; torch, gRPC and the transport are
+already up by then). Workers run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors
+go back to the kernel and RSS tracks live memory (same setting for every mode).
+
+Step time: median over the steps after warm-up (distributed: node 0's
+``StepResult.seconds``). Bytes per step: payload bytes sent by all nodes, forward + backward
+(training) or forward (inference), counted by the transports; the emulation row repeats the
+plan's prediction (:func:`disco_fl.training.predict_step_bytes`), nothing crosses a network.
+
+Usage::
+
+    python bench/train.py --quick --json bench/results_train_quick.json   # < 10 min, 2 cores
+    python bench/train.py --json bench/results_train_full.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BATCH = 64
+WIDTHS = (64, 128, 256, 512)
+LR = 1e-3
+SEED = 0
+SETTINGS: dict[str, dict[str, Any]] = {
+    "quick": {"plans": ["disco10"], "warmup": 2, "train_steps": 4, "infer_reps": 6},
+    "full": {"plans": ["disco10", "dense"], "warmup": 2, "train_steps": 8, "infer_reps": 12},
+}
+NODES = 2
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+# ---- memory -------------------------------------------------------------------------------
+def _status_mb() -> dict[str, float]:
+    out: dict[str, float] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
+    return out
+
+
+def _baseline_mb() -> float:
+    """Current RSS; resets the high-water mark to it (so VmHWM is the peak from now on)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    st = _status_mb()
+    if st["VmHWM"] > st["VmRSS"] + 1.0:
+        raise RuntimeError("cannot reset VmHWM (writing 5 to /proc/self/clear_refs failed)")
+    return st["VmRSS"]
+
+
+def _peak_mb() -> float:
+    return _status_mb()["VmHWM"]
+
+
+def _warm_up_torch() -> None:
+    """Run a tiny model's training step (conv, BatchNorm, ReLU, linear, cross entropy, Adam)
+    and forward under ``no_grad`` before the baseline: torch's lazy initialization (e.g. the
+    optimizer's first use imports ~70 MB of modules) is not the model's memory."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    tiny = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 10),
+    )
+    opt = torch.optim.Adam(tiny.parameters(), LR)
+    x, y = torch.randn(2, 1, 28, 28), torch.tensor([0, 1])
+    F.cross_entropy(tiny(x), y).backward()
+    opt.step()
+    with torch.no_grad():
+        tiny.eval()(x)
+
+
+# ---- model and artifacts ------------------------------------------------------------------
+def build_model() -> torch.nn.Module:
+    from disco_fl.models import ResNet, ResNetConfig
+
+    cfg = ResNetConfig(
+        block="basic",
+        layers=(2, 2, 2, 2),
+        widths=WIDTHS,
+        strides=(1, 2, 2, 2),
+        stem="small",
+        in_channels=1,
+        num_classes=10,
+    )
+    return ResNet(cfg)
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(SEED + 1)
+    return [
+        (torch.randn(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def prepare(root: Path, plan_name: str, nodes: int, n_batches: int) -> dict[str, Any]:
+    """Write everything the workers load: whole model, partitioned model, per-node training
+    shards, the plan, the exported inference shards and the batches."""
+    import disco_fl
+    from disco_fl.train import calibrate_masks
+    from disco_fl.training import plan_of, plan_open_count, predict_step_bytes
+
+    torch.manual_seed(SEED)
+    model = build_model().train()
+    torch.save(model.state_dict(), root / "whole.pt")
+    pm = disco_fl.partition(model, nodes, torch.randn(2, 1, 28, 28)).train()
+    fraction = 1.0
+    if plan_name.startswith("disco"):
+        budget = int(plan_name[len("disco") :]) / 100.0
+        g = torch.Generator().manual_seed(SEED + 2)
+        with torch.no_grad():
+            for _, _, d, gates in pm.gate_items():
+                gates.log_alpha[str(d)].copy_(torch.randn(gates.num_channels, generator=g))
+        fraction = calibrate_masks(pm, budget)
+    torch.save(pm, root / "emulation.pt")
+    plan = plan_of(pm)
+    plan.save(root / "train_plan.json")
+    for k in range(nodes):
+        shard = pm.shard(k)
+        torch.save(
+            {"tensors": shard.own_tensors(), "gates": shard.gates.state_dict()},
+            root / f"train_node_{k}.pt",
+        )
+    exp = pm.export(root / "export")
+    torch.save(_batches(n_batches), root / "data.pt")
+    pred = predict_step_bytes(plan.program, plan_open_count(plan), BATCH)
+    rep = pm.comm_report()
+    return {
+        "exchange_fraction": fraction,
+        "params": sum(p.numel() for p in model.parameters()),
+        "predicted_train_bytes": pred.forward + pred.backward,
+        "predicted_infer_bytes": pred.forward,
+        "infer_bytes_per_sample": rep.bytes_per_sample,
+        "dense_infer_bytes_per_sample": rep.dense_bytes_per_sample,
+        "export_param_bytes_per_node": exp.param_bytes_per_node,
+    }
+
+
+# ---- workers ------------------------------------------------------------------------------
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _transport(spec: dict[str, Any], plan_hash: str, num_layers: int) -> Any:
+    from disco_fl.transport.grpc_transport import GrpcTransport
+
+    k, n = spec["node"], spec["nodes"]
+    addrs = [f"127.0.0.1:{p}" for p in spec["ports"]]
+    t = GrpcTransport(
+        k, n, plan_hash=plan_hash, listen=addrs[k], peers=addrs, num_layers=num_layers
+    )
+    t.connect()
+    return t
+
+
+def _worker_train(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    from disco_fl.training import default_param_groups
+
+    root = Path(spec["dir"])
+    warm, steps = spec["warmup"], spec["steps"]
+    mode = spec["mode"]
+    times: list[float] = []
+    nbytes: list[int] = []
+    if mode == "distributed":
+        from disco_fl.emulation import NodeShard
+        from disco_fl.plan import Plan
+        from disco_fl.training import NodeTrainer
+
+        plan = Plan.load(root / "train_plan.json")
+        tr = _transport(spec, plan.hash, len(plan.program.ops))
+        k = spec["node"]
+        base = _baseline_mb()
+        st = torch.load(root / f"train_node_{k}.pt", weights_only=True)
+        shard = NodeShard.from_tensors(plan.program, k, st["tensors"], st["gates"])
+        del st
+        opt = torch.optim.Adam(default_param_groups(shard, LR))
+        trainer = NodeTrainer(shard, plan, tr, opt, timeout=600.0)
+        data = torch.load(root / "data.pt", weights_only=True) if k == 0 else None
+        for t in range(warm + steps):
+            x, y = data[t] if data is not None else (None, None)
+            res = trainer.step(t, x, y)
+            if t >= warm:
+                times.append(res.seconds)
+                nbytes.append(res.forward_bytes + res.backward_bytes)
+        peak = _peak_mb()
+        tr.close(5.0)
+    else:
+        base = _baseline_mb()
+        if mode == "whole_model":
+            model = build_model()
+            model.load_state_dict(torch.load(root / "whole.pt", weights_only=True))
+            model.train()
+            opt = torch.optim.Adam(model.parameters(), LR)
+        else:
+            model = torch.load(root / "emulation.pt", weights_only=False)
+            model.train()
+            groups = [g for s in model.shards for g in default_param_groups(s, LR)]
+            opt = torch.optim.Adam(groups)
+        data = torch.load(root / "data.pt", weights_only=True)
+        for t in range(warm + steps):
+            x, y = data[t]
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            if t >= warm:
+                times.append(time.perf_counter() - t0)
+                nbytes.append(0)
+        peak = _peak_mb()
+    return {"times": times, "bytes": nbytes, "base_mb": base, "peak_mb": peak}
+
+
+def _worker_infer(spec: dict[str, Any]) -> dict[str, Any]:
+    root = Path(spec["dir"])
+    reps = spec["warmup"] + spec["steps"]
+    mode = spec["mode"]
+    times: list[float] = []
+    nbytes: list[int] = []
+    if mode == "distributed":
+        from disco_fl.export import load_shard
+        from disco_fl.plan import Plan
+        from disco_fl.runtime import run_node
+
+        plan = Plan.load(root / "export" / "plan.json")
+        tr = _transport(spec, plan.hash, len(plan.program.ops))
+        k = spec["node"]
+        base = _baseline_mb()
+        node = load_shard(root / "export" / "plan.json", k)
+        data = torch.load(root / "data.pt", weights_only=True) if k == 0 else None
+        for t in range(reps):
+            x = data[t % len(data)][0] if data is not None else None
+            before = sum(tr.payload_bytes_sent().values())
+            t0 = time.perf_counter()
+            run_node(node, tr, x, session_id=f"infer/{t}", step=t, timeout=600.0)
+            dt = time.perf_counter() - t0
+            if t >= spec["warmup"]:
+                times.append(dt)
+                nbytes.append(sum(tr.payload_bytes_sent().values()) - before)
+        peak = _peak_mb()
+        tr.close(5.0)
+    else:
+        base = _baseline_mb()
+        if mode == "whole_model":
+            model = build_model()
+            model.load_state_dict(torch.load(root / "whole.pt", weights_only=True))
+        else:
+            model = torch.load(root / "emulation.pt", weights_only=False)
+        model.eval()
+        data = torch.load(root / "data.pt", weights_only=True)
+        with torch.no_grad():
+            for t in range(reps):
+                x = data[t % len(data)][0]
+                t0 = time.perf_counter()
+                model(x)
+                if t >= spec["warmup"]:
+                    times.append(time.perf_counter() - t0)
+                    nbytes.append(0)
+        peak = _peak_mb()
+    return {"times": times, "bytes": nbytes, "base_mb": base, "peak_mb": peak}
+
+
+def worker(spec: dict[str, Any]) -> None:
+    torch.set_num_threads(1)
+    _warm_up_torch()
+    out = _worker_train(spec) if spec["phase"] == "train" else _worker_infer(spec)
+    Path(spec["out"]).write_text(json.dumps(out))
+
+
+def _run_config(
+    root: Path, plan_name: str, mode: str, phase: str, nodes: int, s: dict[str, Any]
+) -> dict[str, Any]:
+    procs = nodes if mode == "distributed" else 1
+    ports = _free_ports(procs)
+    env = {**os.environ, **WORKER_ENV}
+    running = []
+    outs = []
+    for k in range(procs):
+        out = root / f"out_{mode}_{phase}_{k}.json"
+        if out.exists():
+            out.unlink()
+        spec = {
+            "dir": str(root),
+            "mode": mode,
+            "phase": phase,
+            "node": k,
+            "nodes": nodes,
+            "ports": ports,
+            "warmup": s["warmup"],
+            "steps": s["train_steps"] if phase == "train" else s["infer_reps"],
+            "out": str(out),
+        }
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+        running.append(subprocess.Popen(cmd, env=env))
+        outs.append(out)
+    for p in running:
+        if p.wait(timeout=1800) != 0:
+            raise RuntimeError(f"{mode}/{phase} worker failed with exit code {p.returncode}")
+    res = [json.loads(o.read_text()) for o in outs]
+    model_mb = [r["peak_mb"] - r["base_mb"] for r in res]
+    per_step = [sum(vals) for vals in zip(*(r["bytes"] for r in res), strict=True)]
+    return {
+        "plan": plan_name,
+        "mode": mode,
+        "nodes": nodes,
+        "phase": phase,
+        "step_ms_median": 1000 * statistics.median(res[0]["times"]),
+        "step_ms_all": [round(1000 * t, 1) for t in res[0]["times"]],
+        "bytes_per_step": int(statistics.median(per_step)) if per_step else 0,
+        "bytes_measured": mode == "distributed",
+        "peak_rss_mb_per_node": max(r["peak_mb"] for r in res),
+        "model_mb_per_node": max(model_mb),
+        "model_mb_each_node": [round(m, 1) for m in model_mb],
+        "baseline_rss_mb_each_node": [round(r["base_mb"], 1) for r in res],
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    whole = {r["phase"]: r["model_mb_per_node"] for r in rows if r["mode"] == "whole_model"}
+    lines = [
+        "| plan | mode | N | phase | step ms (median) | bytes / step | peak RSS MB / node "
+        "| model MB / node | vs whole model |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b = r["bytes_per_step"]
+        bs = f"{b / 1e6:.2f} MB" + ("" if r["bytes_measured"] or not b else " (predicted)")
+        ratio = r["model_mb_per_node"] / whole[r["phase"]] if r["phase"] in whole else float("nan")
+        lines.append(
+            f"| {r['plan']} | {r['mode']} | {r['nodes']} | {r['phase']} | "
+            f"{r['step_ms_median']:.0f} | {bs} | {r['peak_rss_mb_per_node']:.0f} | "
+            f"{r['model_mb_per_node']:.0f} | {ratio:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--quick", action="store_true", help="one plan, fewer steps (< 10 min)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker is not None:
+        worker(json.loads(args.worker))
+        return 0
+    torch.set_num_threads(1)
+    s = SETTINGS["quick" if args.quick else "full"]
+    t_start = time.monotonic()
+    rows: list[dict[str, Any]] = []
+    plans: dict[str, Any] = {}
+    n_batches = max(s["warmup"] + s["train_steps"], s["warmup"] + s["infer_reps"])
+    with tempfile.TemporaryDirectory(prefix="disco_train_bench_") as tmp:
+        for i, plan_name in enumerate(s["plans"]):
+            root = Path(tmp) / plan_name
+            root.mkdir()
+            plans[plan_name] = prepare(root, plan_name, NODES, n_batches)
+            print(f"plan {plan_name}: {plans[plan_name]}", flush=True)
+            for phase in ("train", "infer"):
+                modes = ["whole_model"] if i == 0 else []
+                modes += ["emulation", "distributed"]
+                for mode in modes:
+                    n = 1 if mode == "whole_model" else NODES
+                    row = _run_config(root, plan_name, mode, phase, n, s)
+                    if phase == "train" and mode != "whole_model":
+                        row["predicted_bytes_per_step"] = plans[plan_name]["predicted_train_bytes"]
+                    elif mode != "whole_model":
+                        row["predicted_bytes_per_step"] = plans[plan_name]["predicted_infer_bytes"]
+                    if mode == "emulation":
+                        row["bytes_per_step"] = row["predicted_bytes_per_step"]
+                    rows.append(row)
+                    print(
+                        f"{plan_name:>8} {mode:>12} N={n} {phase}: {row['step_ms_median']:.0f} ms, "
+                        f"{row['bytes_per_step'] / 1e6:.2f} MB/step, model "
+                        f"{row['model_mb_per_node']:.0f} MB/node (peak RSS "
+                        f"{row['peak_rss_mb_per_node']:.0f} MB)",
+                        flush=True,
+                    )
+    wall = time.monotonic() - t_start
+    rows.sort(key=lambda r: (r["phase"] != "train", r["plan"], r["mode"] != "whole_model"))
+    table = _table(rows)
+    print(table)
+    whole_train = next(r for r in rows if r["mode"] == "whole_model" and r["phase"] == "train")
+    bar = {
+        r["plan"]: r["model_mb_per_node"] / whole_train["model_mb_per_node"]
+        for r in rows
+        if r["mode"] == "distributed" and r["phase"] == "train"
+    }
+    print(f"train model MB per node / whole model: {bar} (bar: <= 0.6); wall {wall:.0f} s")
+    if args.json:
+        out = {
+            "rows": rows,
+            "plans": plans,
+            "settings": {**s, "batch": BATCH, "widths": WIDTHS, "nodes": NODES, "lr": LR},
+            "worker_env": WORKER_ENV,
+            "train_ratio_vs_whole": bar,
+            "wall_s": round(wall, 1),
+            "argv": sys.argv[1:],
+        }
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

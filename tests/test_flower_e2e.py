@@ -1,0 +1,166 @@
+"""The Flower deployment with real processes on loopback: SuperLink, SuperNodes, ``flwr run``.
+
+- the demo path (``disco-fl demo``, small settings) writes its JSON and DISCO's accuracy is
+  within ``ACCURACY_TOLERANCE`` of dense;
+- a SuperNode killed mid-round: the failure is logged, the round completes for the other
+  household, the checkpoint is consistent, and a new deployment resumes the run from it;
+- a household missing a shard: a clear error before any training.
+
+Every wait is bounded; every process is stopped in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from disco_fl.demo import Deployment, descendants, wait_for_run, write_app
+from disco_fl.federated import ModelSpec
+
+ACCURACY_TOLERANCE = 0.15  # DISCO at budget 0.2 after 2 short rounds vs the dense model
+DEMO_TIMEOUT_S = 480
+RUN_TIMEOUT_S = 300
+
+
+def _config(run_dir: Path, **over: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        **ModelSpec(num_nodes=2).to_config(),
+        "households": 2,
+        "num-rounds": 2,
+        "steps": 6,
+        "batch-size": 16,
+        "budget": 0.3,
+        "finetune-rounds": 1,
+        "evaluate": False,
+        "step-timeout": 10.0,
+        "rendezvous-timeout": 20.0,
+        "query-timeout": 60.0,
+        "round-timeout": 120.0,
+        "run-dir": str(run_dir),
+    }
+    cfg.update(over)
+    return cfg
+
+
+def _deploy(tmp: Path, name: str, households: dict[int, list[int]]) -> Deployment:
+    dep = Deployment(tmp / name, 2, 2)
+    dep.start_superlink()
+    for h, shards in households.items():
+        for k in shards:
+            dep.start_supernode(h, k, f"builtin:{h}/2" if k == 0 else "")
+    return dep
+
+
+def test_demo_writes_json_and_disco_is_close_to_dense(tmp_path: Path) -> None:
+    out = tmp_path / "demo.json"
+    cmd = [
+        sys.executable, "-m", "disco_fl.cli", "demo",
+        "--households", "2", "--nodes", "2", "--rounds", "2", "--steps", "25",
+        "--budget", "0.2", "--dense-epochs", "3",
+        "--out", str(tmp_path / "work"), "--json", str(out),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S, env=env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    s = json.loads(out.read_text())
+    keys = {
+        "accuracy_dense", "accuracy_disco", "bytes_per_sample_dense", "bytes_per_sample_disco",
+        "epsilon", "nodes", "households", "rounds", "wall_s",
+    }  # fmt: skip
+    assert keys <= s.keys()
+    assert (s["nodes"], s["households"], s["rounds"], s["epsilon"]) == (2, 2, 2, None)
+    assert s["bytes_per_sample_disco"] < 0.5 * s["bytes_per_sample_dense"]
+    assert s["accuracy_dense"] > 0.8
+    assert s["accuracy_disco"] >= s["accuracy_dense"] - ACCURACY_TOLERANCE, s
+    assert "DISCO on Flower" in p.stdout
+
+
+def _kill_tree(dep: Deployment, name: str) -> None:
+    """A device dies: its SuperNode and the ClientApp it runs (SIGKILL)."""
+    p = dep.procs.procs[name]
+    for pid in [*descendants([p.pid]), p.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    p.wait(10)
+
+
+def _listening(address: str) -> bool:
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, int(port))) == 0
+
+
+def test_killed_supernode_round_completes_and_run_resumes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    dep = _deploy(tmp_path, "d1", {0: [0, 1], 1: [0, 1]})
+    try:
+        app = write_app(tmp_path / "app", _config(run_dir, steps=40))
+        dep.flwr_run(app, {})
+        # the round has started once household 1's peer endpoint is up; then node 1 dies
+        end = time.monotonic() + RUN_TIMEOUT_S
+        while not _listening(dep.peer_address(1, 1)):
+            dep.procs.check(["superlink", "flwr_run"])
+            assert time.monotonic() < end, dep.procs.log("flwr_run")
+            time.sleep(0.1)
+        _kill_tree(dep, dep.supernode_name(1, 1))
+        summary = wait_for_run(dep, run_dir, RUN_TIMEOUT_S)
+        log = dep.procs.log("flwr_run", tail=200_000)
+    finally:
+        dep.stop()
+    first = summary["history"][0]
+    assert "h1" in first["failed"] and "h0" not in first["failed"], first
+    assert first["train"]["households-ok"] == 1
+    assert "household 'h1' failed" in log
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["rounds_done"] == 2 and len(ckpt["history"]) == 2
+    # the checkpoint's shards are the exported ones
+    from disco_fl.export import load_shard
+
+    node0 = load_shard(run_dir / "plan" / "plan.json", 0)
+    assert node0.plan.hash == summary["plan_hash"]
+    # resume: a new deployment with 3 rounds continues after round 2
+    dep = _deploy(tmp_path, "d2", {0: [0, 1], 1: [0, 1]})
+    try:
+        (run_dir / "summary.json").unlink()
+        app = write_app(tmp_path / "app", _config(run_dir, steps=40, **{"num-rounds": 3}))
+        dep.flwr_run(app, {})
+        summary2 = wait_for_run(dep, run_dir, RUN_TIMEOUT_S)
+        log2 = dep.procs.log("flwr_run", tail=200_000)
+    finally:
+        dep.stop()
+    assert "resumed from" in log2 and "after round 2" in log2
+    assert [h["round"] for h in summary2["history"]] == [1, 2, 3]
+    assert summary2["history"][0] == summary["history"][0]
+    assert summary2["history"][2]["failed"] == {}
+
+
+def test_household_missing_a_shard_fails_before_training(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    dep = _deploy(tmp_path, "d", {0: [0, 1], 1: [0]})
+    try:
+        app = write_app(tmp_path / "app", _config(run_dir, **{"query-timeout": 10.0}))
+        p = dep.flwr_run(app, {})
+        end = time.monotonic() + RUN_TIMEOUT_S
+        while "missing shard" not in dep.procs.log("flwr_run", tail=200_000):
+            assert time.monotonic() < end, dep.procs.log("flwr_run")
+            assert p.poll() is None or "missing shard" in dep.procs.log("flwr_run", tail=200_000)
+            time.sleep(0.5)
+        log = dep.procs.log("flwr_run", tail=200_000)
+    finally:
+        dep.stop()
+    assert "household 'h1': missing shard 1 of 2" in log
+    assert "no training started" in log
+    assert "[ROUND" not in log
+    assert not (run_dir / "checkpoint.pt").exists()
