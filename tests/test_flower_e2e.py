@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from disco_fl.demo import Deployment, descendants, wait_for_run, write_app
@@ -146,12 +147,17 @@ def test_killed_supernode_round_completes_and_run_resumes(tmp_path: Path) -> Non
     assert summary2["history"][2]["failed"] == {}
 
 
-def test_household_missing_a_shard_fails_before_training(tmp_path: Path) -> None:
+@pytest.mark.parametrize("app_kind", ["app folder", "repository checkout"])
+def test_household_missing_a_shard_fails_before_training(tmp_path: Path, app_kind: str) -> None:
+    """Also: ``flwr run <repository>`` works (components and config from pyproject.toml)."""
     run_dir = tmp_path / "run"
     dep = _deploy(tmp_path, "d", {0: [0, 1], 1: [0]})
     try:
-        app = write_app(tmp_path / "app", _config(run_dir, **{"query-timeout": 10.0}))
-        p = dep.flwr_run(app, {})
+        config = _config(run_dir, **{"query-timeout": 20.0})  # every live node has registered
+        if app_kind == "app folder":
+            p = dep.flwr_run(write_app(tmp_path / "app", config), {})
+        else:
+            p = dep.flwr_run(Path(__file__).resolve().parents[1], config)
         end = time.monotonic() + RUN_TIMEOUT_S
         while "missing shard" not in dep.procs.log("flwr_run", tail=200_000):
             assert time.monotonic() < end, dep.procs.log("flwr_run")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,6 +112,30 @@ def load_npz(
     return images, _validate_arrays(images, labels, repr(source))
 
 
+def _builtin_file(filename: str) -> Any:
+    """The packaged data file; if this copy of the package carries code only (a Flower app
+    bundle of a repository checkout holds ``*.py`` files, no data), the same file of another
+    copy of ``disco_fl`` on ``sys.path`` (the installed package or the checkout)."""
+    resource = resources.files("disco_fl.data").joinpath(filename)
+    if resource.is_file():
+        return resource
+    for finder in sys.meta_path:  # path entries, and editable installs' own finders
+        find = getattr(finder, "find_spec", None)
+        try:
+            spec = find("disco_fl", None) if find is not None else None
+        except Exception:  # a finder that cannot answer for this name
+            spec = None
+        for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+            candidate = Path(loc) / "data" / filename
+            if candidate.is_file():
+                return candidate
+    for entry in sys.path:
+        candidate = Path(entry or ".") / "disco_fl" / "data" / filename
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"built-in data file {filename} is not in the disco_fl package")
+
+
 def load_builtin(name: str = "mnist_5k") -> tuple[np.ndarray, np.ndarray]:
     """Load a dataset shipped inside the package (works from a non-editable install).
 
@@ -127,7 +153,7 @@ def load_builtin(name: str = "mnist_5k") -> tuple[np.ndarray, np.ndarray]:
     """
     if name not in BUILTIN_DATASETS:
         raise ValueError(f"unknown builtin dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
-    resource = resources.files("disco_fl.data").joinpath(f"{name}.npz")
+    resource = _builtin_file(f"{name}.npz")
     with resource.open("rb") as fh, np.load(fh, allow_pickle=False) as npz:
         images = npz["images"]
         labels = npz["labels"]
