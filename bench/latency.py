@@ -37,7 +37,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ import torch
 import disco_fl
 from disco_fl.comm import program_traffic
 from disco_fl.data import load_builtin, load_npz, stratified_split, to_tensor
+from disco_fl.demo import free_ports
 from disco_fl.models import build_model
 from disco_fl.plan import Plan
 from disco_fl.serving import InferenceSession
@@ -91,17 +91,6 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
     x = to_tensor(images)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     return x[tr], y[tr], x[te], y[te]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Household:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -182,18 +181,6 @@ def prepare(root: Path, plan_name: str, nodes: int, n_batches: int) -> dict[str,
 
 
 # ---- workers ------------------------------------------------------------------------------
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _transport(spec: dict[str, Any], plan_hash: str, num_layers: int) -> Any:
     from disco_fl.transport.grpc_transport import GrpcTransport
 
@@ -325,7 +312,9 @@ def _run_config(
     root: Path, plan_name: str, mode: str, phase: str, nodes: int, s: dict[str, Any]
 ) -> dict[str, Any]:
     procs = nodes if mode == "distributed" else 1
-    ports = _free_ports(procs)
+    from disco_fl.demo import free_ports
+
+    ports = free_ports(procs)
     env = {**os.environ, **WORKER_ENV}
     running = []
     outs = []

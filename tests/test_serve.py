@@ -28,6 +28,7 @@ import torch
 
 import disco_fl
 from disco_fl.comm import program_traffic
+from disco_fl.demo import free_ports
 from disco_fl.export import load_shard, run_shards
 from disco_fl.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
@@ -42,17 +43,6 @@ DEADLINE_S = 2.0  # the serving deadline in the failure tests
 MEAN, STD = 0.5, 0.25
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 class Household:
     """``n`` serve processes of one exported plan."""
 
@@ -61,7 +51,7 @@ class Household:
         self.n = n
         self.workdir = workdir
         self.extra = extra
-        self.addrs = [f"127.0.0.1:{p}" for p in _free_ports(n)]
+        self.addrs = [f"127.0.0.1:{p}" for p in free_ports(n)]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
         for k in range(n):
             self.start(k)
