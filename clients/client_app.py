@@ -31,15 +31,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
+import os
 import time
 import types
+from logging import INFO
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 
 from disco_fl.federated import (
     ModelSpec,
@@ -54,10 +56,25 @@ from disco_fl.federated import (
 )
 from disco_fl.plan import Plan
 
-log = logging.getLogger("disco_fl.client")
-
 app = ClientApp()
 
+PROGRESS_EVERY = 10  # a progress line (SuperNode's log) every this many joint steps
+
+
+def _process_start_time() -> float:
+    """Wall-clock start of this process (Linux ``/proc``; else now), to report how much of a
+    round the ClientApp process start-up (interpreter, imports) took."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+_PROCESS_START = _process_start_time()
 _DATA_CACHE: dict[tuple[str, str], NodeData] = {}
 
 
@@ -169,7 +186,7 @@ def train(msg: Message, context: Context) -> Message:
     from disco_fl.training import NodeTrainer, default_param_groups
     from disco_fl.training.dp import DPConfig
 
-    t0 = time.monotonic()
+    t0, w0 = time.monotonic(), time.time()
     cfg, shard, plan, listen, k = _setup(msg, context)
     n = plan.num_nodes
     owners = [int(o) for o in rec_list(cfg, "owners")]
@@ -203,6 +220,7 @@ def train(msg: Message, context: Context) -> Message:
     perm = torch.randperm(len(data.y_train), generator=gen) if len(data.y_train) else None
     pos = 0
     transport = _transport(cfg, plan, k, listen, n, str(_node_setting(context, "tls-dir", "")))
+    t_steps = time.monotonic()
     try:
         trainer = NodeTrainer(
             shard,
@@ -233,6 +251,12 @@ def train(msg: Message, context: Context) -> Message:
             res = trainer.step(t, x, y, run_id=f"{hh}/r{r}")
             if res.loss is not None:
                 losses.append(res.loss)
+            if (t + 1) % PROGRESS_EVERY == 0 or t + 1 == steps:
+                log(
+                    INFO,
+                    "[disco] household %s shard %d round %d: step %d/%d (%.1f s)",
+                    hh, k, r, t + 1, steps, time.monotonic() - t_steps,
+                )  # fmt: skip
         sent = sum(res.total_bytes for res in trainer.history)
     finally:
         transport.close(2.0)
@@ -242,13 +266,18 @@ def train(msg: Message, context: Context) -> Message:
         "owner-steps": len(losses),
         "bytes-sent": float(sent),
         "seconds": time.monotonic() - t0,
+        # where a round's time goes on this node (wall clock): process start, handler start,
+        # peers connected, steps done (the strategy reports them relative to its push)
+        "t-process": _PROCESS_START,
+        "t-handler": w0,
+        "t-connected": w0 + (t_steps - t0),
+        "t-done": w0 + (time.monotonic() - t0),
     }
     if dp is not None and trainer.dp_state is not None:
         own = [res for res in trainer.history if res.owner == k]
         metrics["dp-steps"] = len(own)
         metrics["dp-noise"] = float(trainer.dp_state.sigma)
         metrics["dp-rate"] = dp.sample_rate(k) if k in owners else 0.0
-    log.info("household %s shard %d: %d steps in %.1fs", hh, k, steps, metrics["seconds"])
     return msg.create_reply(
         RecordDict({"arrays": shard_arrays(shard), "metrics": MetricRecord(metrics)})
     )

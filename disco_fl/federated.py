@@ -3,7 +3,8 @@
 - :class:`ModelSpec`: how every party rebuilds the same partitioned model (the server and each
   node partition the same registered model with the same example shape, so the program is
   identical everywhere; the plan sent by the server is checked against it).
-- shard <-> ``ArrayRecord`` conversion (:func:`shard_arrays`, :func:`load_shard_arrays`) and the
+- shard <-> ``ArrayRecord`` conversion (:func:`shard_arrays`, :func:`load_shard_arrays`; packed
+  into two arrays, :func:`pack_state`) and the
   server's global record of all shards (keys ``"<k>/<shard key>"``).
 - the budget schedule (:func:`round_budget`) and the round's gate mode (:func:`round_mode`).
 - local data of a node (:func:`node_data`): a ``.npz`` file or a partition of the private part
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -139,16 +141,91 @@ class ModelSpec:
 # ---- shards as records -------------------------------------------------------------------
 
 
-def shard_arrays(shard: NodeShard) -> Any:
-    """Node ``k``'s shard (weights, buffers, gate logits, hard masks) as an ``ArrayRecord``."""
-    from flwr.app import ArrayRecord
+# tensors of a shard travel packed into two arrays (a JSON index and one byte buffer): Flower
+# stores and moves every array of an ArrayRecord as its own object (one HTTP request and one
+# database row per hop), which made ~100 small tensors per node cost seconds per round
+PACK_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in PACK_DTYPES.items()}
 
-    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in shard.state_dict().items()})
+
+def pack_state(state: Mapping[str, torch.Tensor]) -> Any:
+    """``state`` as an ``ArrayRecord`` of two arrays: ``index`` (UTF-8 JSON: key, dtype,
+    shape, byte offset of each tensor) and ``data`` (the tensors' bytes, concatenated)."""
+    from flwr.app import Array, ArrayRecord
+
+    index: list[list[Any]] = []
+    chunks: list[bytes] = []
+    offset = 0
+    for key, v in state.items():
+        t = v.detach().cpu().contiguous()
+        if t.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"{key}: dtype {t.dtype} cannot be packed")
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        index.append([key, _DTYPE_NAMES[t.dtype], list(t.shape), offset])
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(index, separators=(",", ":")).encode()
+    return ArrayRecord(
+        {
+            "index": Array(np.frombuffer(head, dtype=np.uint8).copy()),
+            "data": Array(np.frombuffer(b"".join(chunks), dtype=np.uint8).copy()),
+        }
+    )
+
+
+def unpack_state(record: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a record made by :func:`pack_state`; every field is checked (known
+    dtype, non-negative shape, offsets contiguous and within the buffer)."""
+    try:
+        head = bytes(record["index"].numpy().tobytes())
+        data = record["data"].numpy()
+        index = json.loads(head.decode())
+    except (KeyError, ValueError, UnicodeDecodeError, TypeError, AttributeError) as e:
+        raise ValueError(f"not a packed shard record: {e}") from e
+    if set(record.keys()) != {"index", "data"} or not isinstance(index, list):
+        raise ValueError(f"not a packed shard record (arrays {sorted(record.keys())})")
+    buf = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1))
+    out: dict[str, torch.Tensor] = {}
+    pos = 0
+    for entry in index:
+        if not (isinstance(entry, list) and len(entry) == 4):
+            raise ValueError(f"packed record: bad index entry {entry!r}")
+        key, dname, shape, offset = entry
+        if not isinstance(key, str) or key in out or dname not in PACK_DTYPES:
+            raise ValueError(f"packed record: bad key or dtype in {entry!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)) or (
+            offset != pos
+        ):
+            raise ValueError(f"packed record: bad shape or offset in {entry!r}")
+        dtype = PACK_DTYPES[dname]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if pos + nbytes > buf.numel():
+            raise ValueError(f"packed record: {key} runs past the end of the data")
+        out[key] = buf[pos : pos + nbytes].clone().view(dtype).reshape(shape)
+        pos += nbytes
+    if pos != buf.numel():
+        raise ValueError(f"packed record: {buf.numel() - pos} trailing bytes")
+    return out
+
+
+def shard_arrays(shard: NodeShard) -> Any:
+    """Node ``k``'s shard (weights, buffers, gate logits, hard masks) as an ``ArrayRecord``
+    (packed, :func:`pack_state`)."""
+    return pack_state(shard.state_dict())
 
 
 def load_shard_arrays(shard: NodeShard, record: Any) -> None:
     """Load an ``ArrayRecord`` made by :func:`shard_arrays` into ``shard`` (strict)."""
-    state = record.to_torch_state_dict()
+    state = unpack_state(record)
     try:
         shard.load_state_dict(state, strict=True)
     except RuntimeError as e:

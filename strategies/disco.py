@@ -65,6 +65,7 @@ from disco_fl.federated import (
     round_mode,
     shard_arrays,
     split_global_state,
+    unpack_state,
 )
 from disco_fl.train import calibrate_masks
 from disco_fl.training import plan_of
@@ -309,6 +310,7 @@ class DiscoStrategy(Strategy):
         self.round_offset = 0  # rounds done before this start() (resume)
         self.num_rounds = 0  # total rounds of the run (set by start)
         self.lam = self.init_penalty
+        self._t_push = time.time()
         self.history: list[dict[str, Any]] = []
         # household -> [(sigma, sample rate, committed DP steps)] of its data owners
         self.dp_history: dict[str, list[tuple[float, float, int]]] = {}
@@ -586,8 +588,7 @@ class DiscoStrategy(Strategy):
             total = sum(weights)
             for k in range(n):
                 states = [
-                    good[h][k].content.array_records["arrays"].to_torch_state_dict()
-                    for h in complete
+                    unpack_state(good[h][k].content.array_records["arrays"]) for h in complete
                 ]
                 merged: dict[str, torch.Tensor] = {}
                 for key, first in states[0].items():
@@ -618,6 +619,7 @@ class DiscoStrategy(Strategy):
                             hist.append((rec_float(m, "dp-noise"), rec_float(m, "dp-rate"), steps))
             if wsum:
                 metrics["loss"] = losses / wsum
+            self._round_record["timeline"] = self._timeline(good, complete)
             samples = len(complete) * self.steps * self.batch_size
             metrics["train-bytes-per-sample"] = sent / max(samples, 1)
             if self._round_record.get("mode") == "stochastic":
@@ -634,6 +636,21 @@ class DiscoStrategy(Strategy):
                 metrics["epsilon"] = max(eps.values())
         self._round_record.update({"failed": dict(failed), "train": dict(metrics)})
         return arrays, MetricRecord(metrics)
+
+    def _timeline(
+        self, good: Mapping[str, Mapping[int, Message]], households: Sequence[str]
+    ) -> dict[str, list[float]]:
+        """Per node, seconds after the round's push: its ClientApp process started, its
+        handler started, its peers were connected, its steps were done (where Flower's time
+        goes; see docs/deployment.md)."""
+        out: dict[str, list[float]] = {}
+        keys = ("t-process", "t-handler", "t-connected", "t-done")
+        for h in households:
+            for k, m in sorted(good[h].items()):
+                rec = m.content.metric_records["metrics"]
+                if all(key in rec for key in keys):
+                    out[f"{h}/{k}"] = [round(rec_float(rec, key) - self._t_push, 2) for key in keys]
+        return out
 
     def epsilons(self) -> dict[str, float]:
         """epsilon (at ``dp.delta``) of each household's data so far."""
@@ -828,6 +845,7 @@ class DiscoStrategy(Strategy):
             log(INFO, "[ROUND %s/%s]", r, self.num_rounds)
             t0 = time.monotonic()
             msgs = self.configure_train(current, arrays, train_config, grid)
+            self._t_push = time.time()
             replies = self._exchange(grid, msgs, timeout, self.roster)
             agg, metrics = self.aggregate_train(current, replies)
             if agg is not None:
@@ -838,6 +856,7 @@ class DiscoStrategy(Strategy):
             if metrics is not None:
                 log(INFO, "\t└──> train: %s", dict(metrics))
                 result.train_metrics_clientapp[r] = metrics
+            self._round_record["train-seconds"] = time.monotonic() - t0
             emsgs = list(self.configure_evaluate(current, arrays, evaluate_config, grid))
             if emsgs:
                 ereplies = self._exchange(grid, emsgs, timeout, self.roster)

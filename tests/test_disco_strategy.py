@@ -23,7 +23,13 @@ from flwr.app import (
 from flwr.app.message.message import make_message
 from flwr.supercore.task_identity import TaskIdentity
 
-from disco_fl.federated import ModelSpec, round_budget, round_mode, shard_arrays
+from disco_fl.federated import (
+    ModelSpec,
+    round_budget,
+    round_mode,
+    shard_arrays,
+    unpack_state,
+)
 from strategies import DiscoStrategy, NodeInfo, RosterError, build_roster
 
 SPEC = ModelSpec(num_nodes=2)
@@ -142,7 +148,7 @@ def test_configure_train_sends_each_node_its_shard_and_roster() -> None:
         assert cfg["gate-mode"] == "stochastic" and list(cfg["owners"]) == [0]  # type: ignore[call-overload]
         plan = json.loads(str(cfg["plan"]))
         assert plan["program"] == s.pm.program.to_json()
-        sent = m.content.array_records["arrays"].to_torch_state_dict()
+        sent = unpack_state(m.content.array_records["arrays"])
         assert sent.keys() == s.pm.shard(k).state_dict().keys()
 
 
@@ -159,7 +165,7 @@ def test_aggregate_weighted_and_failed_household_kept(tmp_path: Path) -> None:
             replies.append(_reply(m, None, {}, error="StepAborted: node 1 died"))
             continue
         shard = SPEC.partition().shard(k)
-        shard.load_state_dict(m.content.array_records["arrays"].to_torch_state_dict())
+        shard.load_state_dict(unpack_state(m.content.array_records["arrays"]))
         with torch.no_grad():
             for p in shard.ops.parameters():
                 p.add_(1.0 if h == "a" else 100.0)

@@ -94,28 +94,21 @@ def _kill_tree(dep: Deployment, name: str) -> None:
     p.wait(10)
 
 
-def _listening(address: str) -> bool:
-    import socket
-
-    host, port = address.rsplit(":", 1)
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, int(port))) == 0
-
-
 def test_killed_supernode_round_completes_and_run_resumes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     dep = _deploy(tmp_path, "d1", {0: [0, 1], 1: [0, 1]})
     try:
         app = write_app(tmp_path / "app", _config(run_dir, steps=40))
         dep.flwr_run(app, {})
-        # the round has started once household 1's peer endpoint is up; then node 1 dies
+        # household 1's node 1 dies in the middle of round 1's joint steps (after its
+        # ClientApp reported step 10 of 40; a step takes a fraction of a second)
+        name = dep.supernode_name(1, 1)
         end = time.monotonic() + RUN_TIMEOUT_S
-        while not _listening(dep.peer_address(1, 1)):
+        while "round 1: step 10/40" not in dep.procs.log(name, tail=20_000):
             dep.procs.check(["superlink", "flwr_run"])
             assert time.monotonic() < end, dep.procs.log("flwr_run")
             time.sleep(0.1)
-        _kill_tree(dep, dep.supernode_name(1, 1))
+        _kill_tree(dep, name)
         summary = wait_for_run(dep, run_dir, RUN_TIMEOUT_S)
         log = dep.procs.log("flwr_run", tail=200_000)
     finally:
@@ -123,6 +116,10 @@ def test_killed_supernode_round_completes_and_run_resumes(tmp_path: Path) -> Non
     first = summary["history"][0]
     assert "h1" in first["failed"] and "h0" not in first["failed"], first
     assert first["train"]["households-ok"] == 1
+    # its surviving node aborted the step it was in, applying nothing
+    assert (
+        "StepAborted" in first["failed"]["h1"] and "no update was applied" in first["failed"]["h1"]
+    )
     assert "household 'h1' failed" in log
     ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert ckpt["rounds_done"] == 2 and len(ckpt["history"]) == 2
