@@ -169,7 +169,7 @@ def pack_state(state: Mapping[str, torch.Tensor]) -> Any:
         t = v.detach().cpu().contiguous()
         if t.dtype not in _DTYPE_NAMES:
             raise ValueError(f"{key}: dtype {t.dtype} cannot be packed")
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         index.append([key, _DTYPE_NAMES[t.dtype], list(t.shape), offset])
         chunks.append(raw)
         offset += len(raw)
