@@ -19,7 +19,10 @@ Modes, each measured in its own fresh process (``--worker``), 1 torch thread per
 - ``distributed``: N processes over :class:`~disco_fl.transport.grpc_transport.GrpcTransport`
   on 127.0.0.1. Train: each holds a :class:`~disco_fl.training.NodeTrainer` over only its
   shard, loaded from a file written by the parent (:meth:`NodeShard.from_tensors`; no process
-  builds the whole model); node 0 owns the batches. Infer: each runs
+  builds the whole model); node 0 owns the batches. The trainer is compact (``compact=True``:
+  hard masks, only the weight columns of open channels are held trained, with their gradients
+  and Adam state; the closed columns are kept aside, unchanged); ``--full-width`` trains every
+  column instead. Infer: each runs
   :func:`disco_fl.runtime.run_node` on its exported shard (:func:`disco_fl.export.load_shard`).
 
 Memory attributable to the model: ``model_mb = peak RSS - RSS just before the model and data
@@ -216,7 +219,7 @@ def _worker_train(spec: dict[str, Any]) -> dict[str, Any]:
         shard = NodeShard.from_tensors(plan.program, k, st["tensors"], st["gates"])
         del st
         opt = torch.optim.Adam(default_param_groups(shard, LR))
-        trainer = NodeTrainer(shard, plan, tr, opt, timeout=600.0)
+        trainer = NodeTrainer(shard, plan, tr, opt, timeout=600.0, compact=spec["compact"])
         data = torch.load(root / "data.pt", weights_only=True) if k == 0 else None
         for t in range(warm + steps):
             x, y = data[t] if data is not None else (None, None)
@@ -332,6 +335,7 @@ def _run_config(
             "warmup": s["warmup"],
             "steps": s["train_steps"] if phase == "train" else s["infer_reps"],
             "out": str(out),
+            "compact": s["compact"],
         }
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
         running.append(subprocess.Popen(cmd, env=env))
@@ -381,13 +385,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--quick", action="store_true", help="one plan, fewer steps (< 10 min)")
+    ap.add_argument(
+        "--full-width",
+        action="store_true",
+        help="distributed training without compact weights (every weight column trained)",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
         worker(json.loads(args.worker))
         return 0
     torch.set_num_threads(1)
-    s = SETTINGS["quick" if args.quick else "full"]
+    s = {**SETTINGS["quick" if args.quick else "full"], "compact": not args.full_width}
     t_start = time.monotonic()
     rows: list[dict[str, Any]] = []
     plans: dict[str, Any] = {}

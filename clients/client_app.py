@@ -233,6 +233,8 @@ def train(msg: Message, context: Context) -> Message:
             owners=owners,
             timeout=rec_float(cfg, "step-timeout"),
             dp=dp,
+            # fixed masks: hold and train only the open weight columns (less memory)
+            compact=mode == "hard",
         )
         shard.train()
         losses: list[float] = []
@@ -258,6 +260,8 @@ def train(msg: Message, context: Context) -> Message:
                     hh, k, r, t + 1, steps, time.monotonic() - t_steps,
                 )  # fmt: skip
         sent = sum(res.total_bytes for res in trainer.history)
+        if mode == "hard":
+            trainer.expand()  # the full-width shard goes back (closed columns unchanged)
     finally:
         transport.close(2.0)
     metrics: dict[str, Any] = {

@@ -231,6 +231,10 @@ class Deployment:
         return f"127.0.0.1:{self.peer_ports[h * self.nodes + k]}"
 
     def start_superlink(self) -> None:
+        # a fresh SuperLink state each time: nodes of an earlier deployment are gone (the
+        # run's own state, checkpoints included, lives in the run folder)
+        for old in self.workdir.glob("superlink.db*"):
+            old.unlink()
         self.procs.start(
             "superlink",
             [
@@ -307,6 +311,10 @@ def wait_for_run(
     while time.monotonic() < end:
         if summary.exists():
             return dict(json.loads(summary.read_text()))
+        failed = run_dir / "failed.json"  # written by the ServerApp (strategies.server_app)
+        if failed.exists():
+            why = json.loads(failed.read_text()).get("error", "unknown error")
+            raise RuntimeError(f"the ServerApp failed: {why} (log: {dep.procs.logdir})")
         dep.procs.check(["superlink"])
         p = dep.procs.procs.get("flwr_run")
         if p is not None and p.poll() is not None and p.returncode != 0:
@@ -428,6 +436,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if args.checkpoint:
         load_checkpoint_strict(dense, args.checkpoint)
         _log(f"loaded dense checkpoint {args.checkpoint}")
+    elif args.resume and dense_path.exists():
+        load_checkpoint_strict(dense, dense_path)
+        _log(f"resuming: dense model of the previous run ({dense_path})")
     else:
         _log(
             f"pretraining dense {args.model}{' (GroupNorm, for DP)' if args.dp else ''} for "
@@ -491,6 +502,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             f"started {args.households * args.nodes} flower-supernodes: {args.households} "
             f"households x {args.nodes} nodes (node 0 of each holds its private partition)"
         )
+        (run_dir / "summary.json").unlink(missing_ok=True)  # a resumed run writes a new one
         dep.flwr_run(app, {})
         _log(
             f"flwr run: {args.rounds} rounds x {args.steps} steps, budget {args.budget}"

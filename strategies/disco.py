@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
@@ -311,6 +312,7 @@ class DiscoStrategy(Strategy):
         self.num_rounds = 0  # total rounds of the run (set by start)
         self.lam = self.init_penalty
         self._t_push = time.time()
+        self._sent_to: dict[str, int] = {}  # message id -> destination node (last push)
         self.history: list[dict[str, Any]] = []
         # household -> [(sigma, sample rate, committed DP steps)] of its data owners
         self.dp_history: dict[str, list[tuple[float, float, int]]] = {}
@@ -391,10 +393,16 @@ class DiscoStrategy(Strategy):
         replies = self._exchange(grid, msgs, self.query_timeout, None)
         infos: list[NodeInfo] = []
         answered: set[int] = set()
+        offline: set[int] = set()
         for msg in replies:
-            src = msg.metadata.src_node_id
+            src = self._sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
-                log(WARNING, "roster: node %d failed: %s", src, msg.error.reason)
+                if msg.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    # registered once but gone (e.g. a SuperNode of an earlier deployment)
+                    offline.add(src)
+                    log(WARNING, "roster: node %d is offline, left out", src)
+                else:
+                    log(WARNING, "roster: node %d failed: %s", src, msg.error.reason)
                 continue
             c = msg.content.config_records.get("node")
             if c is None:
@@ -415,7 +423,7 @@ class DiscoStrategy(Strategy):
             infos,
             self.spec.num_nodes,
             expected_households=self.num_households,
-            unanswered=[n for n in node_ids if n not in answered],
+            unanswered=[n for n in node_ids if n not in answered and n not in offline],
         )
         if not roster:
             raise RosterError(
@@ -740,7 +748,12 @@ class DiscoStrategy(Strategy):
         """Push ``messages`` and pull replies until all came, the deadline passed, or (with
         ``households``) every household is decided: all its replies arrived or one failed
         (its other nodes cannot finish a joint round without it)."""
-        ids = set(grid.push_messages(messages))
+        messages = list(messages)
+        pushed = list(grid.push_messages(messages))
+        self._sent_to = {
+            mid: m.metadata.dst_node_id for mid, m in zip(pushed, messages, strict=True)
+        }
+        ids = set(pushed)
         end = time.monotonic() + timeout
         got: list[Message] = []
         while ids:

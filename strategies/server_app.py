@@ -72,9 +72,27 @@ def strategy_from_config(cfg: Any) -> DiscoStrategy:
     )
 
 
+FAILED_NAME = "failed.json"  # in run-dir: why the ServerApp stopped (the demo waits on it)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Roster, DISCO rounds (resuming a checkpoint), export of the plan and shards."""
+    """Roster, DISCO rounds (resuming a checkpoint), export of the plan and shards; a
+    failure is also written to ``<run-dir>/failed.json`` before it is raised."""
+    run_dir = str(context.run_config.get("run-dir", ""))
+    if run_dir:
+        (Path(run_dir) / FAILED_NAME).unlink(missing_ok=True)
+    try:
+        _main(grid, context)
+    except Exception as e:
+        if run_dir:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            why = {"error": f"{type(e).__name__}: {e}"}
+            atomic_write_bytes(Path(run_dir) / FAILED_NAME, json.dumps(why).encode())
+        raise
+
+
+def _main(grid: Grid, context: Context) -> None:
     t0 = time.time()
     cfg = context.run_config
     strategy = strategy_from_config(cfg)

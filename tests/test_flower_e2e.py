@@ -61,6 +61,20 @@ def _deploy(tmp: Path, name: str, households: dict[int, list[int]]) -> Deploymen
     return dep
 
 
+def _run_demo(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the demo; past ``DEMO_TIMEOUT_S`` kill it and every process it started."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = p.communicate(timeout=DEMO_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        for pid in [*descendants([p.pid]), p.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, err = p.communicate(timeout=30)
+        pytest.fail(f"the demo did not finish within {DEMO_TIMEOUT_S} s:\n{err[-4000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def test_demo_writes_json_and_disco_is_close_to_dense(tmp_path: Path) -> None:
     out = tmp_path / "demo.json"
     cmd = [
@@ -69,8 +83,7 @@ def test_demo_writes_json_and_disco_is_close_to_dense(tmp_path: Path) -> None:
         "--budget", "0.2", "--dense-epochs", "3",
         "--out", str(tmp_path / "work"), "--json", str(out),
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S, env=env)
+    p = _run_demo(cmd, dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-4000:]
     s = json.loads(out.read_text())
     keys = {
@@ -167,3 +180,55 @@ def test_household_missing_a_shard_fails_before_training(tmp_path: Path, app_kin
     assert "no training started" in log
     assert "[ROUND" not in log
     assert not (run_dir / "checkpoint.pt").exists()
+    # the ServerApp leaves the reason where the demo looks for it
+    assert "RosterError" in json.loads((run_dir / "failed.json").read_text())["error"]
+
+
+def test_demo_dp_ctrl_c_stops_everything_and_resume_finishes(tmp_path: Path) -> None:
+    """``disco-fl demo --dp`` interrupted after round 1 (SIGINT, as Ctrl-C): it exits and no
+    process it started survives; ``--resume`` runs the remaining round from the checkpoint
+    and reports epsilon."""
+    work, out = tmp_path / "work", tmp_path / "demo.json"
+    cmd = [
+        sys.executable, "-m", "disco_fl.cli", "demo", "--dp",
+        "--households", "2", "--nodes", "2", "--rounds", "2", "--steps", "8",
+        "--batch-size", "16", "--budget", "0.3", "--dense-epochs", "2",
+        "--out", str(work), "--json", str(out),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    err = tmp_path / "stderr.txt"
+    with open(err, "wb") as f:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=env)
+    try:
+        end = time.monotonic() + DEMO_TIMEOUT_S
+        while "round 1/2 done" not in err.read_text(errors="replace"):
+            assert p.poll() is None, err.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < end, err.read_text(errors="replace")[-4000:]
+            time.sleep(0.2)
+        started = descendants([p.pid])
+        assert len(started) >= 5  # superlink, 4 supernodes (and Flower's own children)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(60) == 130
+    finally:
+        if p.poll() is None:
+            for pid in [*descendants([p.pid]), p.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    time.sleep(1.0)
+    alive = [pid for pid in started if Path(f"/proc/{pid}").exists()]
+    assert not alive, f"processes left running after Ctrl-C: {alive}"
+    assert "interrupted" in err.read_text(errors="replace")
+    assert not out.exists()
+    ckpt = torch.load(work / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["rounds_done"] >= 1
+    first = ckpt["history"][0]
+
+    r = _run_demo([*cmd, "--resume"], env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    s = json.loads(out.read_text())
+    assert [h["round"] for h in s["federated_history"]] == [1, 2]
+    assert s["federated_history"][0] == first  # round 1 came from the checkpoint
+    assert "resuming: dense model of the previous run" in r.stderr
+    eps1 = first["train"]["epsilon"]
+    assert isinstance(s["epsilon"], float) and s["epsilon"] > eps1 > 0
+    assert s["accuracy_dense"] > 0.5

@@ -42,6 +42,14 @@ BATCH = 4
 # (weights, gates) learning rates; Adam's are smaller: it turns float noise in near-zero
 # gradients into steps of size lr, so its comparison tolerance scales with lr
 LRS = {"sgd": (0.05, 0.1), "adam": (0.005, 0.01)}
+# Adam's eps. Adam's step is independent of the gradient's scale only where |g| >> eps; below
+# that it is about lr * g / eps, so a rounding difference dg between two summation orders
+# (~1e-9 here: sums of ~1e-3 terms in fp32) moves a weight by up to lr * dg / eps. With the
+# default 1e-8 that is 5e-4 per step, far above the 1e-4 relative tolerance; with 1e-5 it is
+# 5e-7. It matters for gradients that are exactly zero in exact arithmetic yet computed as
+# rounding noise, e.g. the key bias of attention (softmax ignores the q.b_k added to every
+# score of a query), and for entries that happen to be near zero (|g| ~ eps).
+ADAM_EPS = 1e-5
 JOIN_S = 60.0
 # the CNNs of the zoo and the ViT preset (transformer blocks partitioned by heads)
 _ZOO: dict[str, tuple[Any, tuple[int, ...]]] = {
@@ -81,7 +89,7 @@ def _optimizer(kind: str, shards: Sequence[nn.Module]) -> torch.optim.Optimizer:
     groups = [g for s in shards for g in default_param_groups(s, lr, gate_lr)]  # type: ignore[arg-type]
     if kind == "sgd":
         return torch.optim.SGD(groups, momentum=0.9)
-    return torch.optim.Adam(groups)
+    return torch.optim.Adam(groups, eps=ADAM_EPS)
 
 
 def _emulate(
@@ -200,6 +208,7 @@ def _same_snapshot(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Ten
         ("user", 3, "sgd", "hard"),
         ("user", 3, "adam", "hard"),
         ("vit", 2, "sgd", "hard"),
+        ("vit", 2, "adam", "hard"),
         ("vit", 2, "sgd", "stochastic"),
     ],
 )
@@ -520,3 +529,255 @@ def test_dp_refuses_batchnorm_and_calibrates_target_epsilon() -> None:
     assert cfg.resolved_noise_multiplier() == pytest.approx(want)
     with pytest.raises(ValueError, match="exactly one"):
         DPConfig(dataset_sizes={0: 100}, batch_size=10)
+
+
+# ---- compact weights (hard gates) --------------------------------------------------------
+
+
+def _compact_optimizer(kind: str, shards: Sequence[nn.Module]) -> torch.optim.Optimizer:
+    """As :func:`_optimizer`, Adam with ``eps=1e-5``: the compact convolutions sum without the
+    closed (zero) columns, in another order than the emulation's full-width ones, and Adam
+    turns that rounding, in gradients near zero, into steps of up to ``lr`` (with the default
+    ``eps`` a single weight of the 3-node ResNet differs by 4e-5 of its tensor's scale)."""
+    opt = _optimizer(kind, shards)
+    if kind == "adam":
+        for group in opt.param_groups:
+            group["eps"] = 1e-5
+    return opt
+
+
+def _closed_columns(trainer: NodeTrainer) -> dict[str, torch.Tensor]:
+    """Full-width weight key -> the positions of its closed columns (nonempty)."""
+    return {f"ops.{name}.weight": c.closed for name, c in trainer._cols.items() if c.closed.numel()}
+
+
+@pytest.mark.parametrize(
+    ("name", "n", "opt_kind"),
+    [
+        ("resnet_narrow", 2, "sgd"),
+        ("resnet_narrow", 2, "adam"),
+        ("resnet_narrow", 3, "adam"),
+        ("user", 2, "adam"),
+        ("user", 3, "sgd"),
+        ("vit", 3, "sgd"),
+    ],
+)
+def test_compact_steps_equal_emulation(name: str, n: int, opt_kind: str) -> None:
+    """Compact trainers hold and train only the open columns; after the steps the full-width
+    shards equal the emulation's, their closed columns are bit-identical to the start, and the
+    trained parameters and optimizer state are exactly the closed columns smaller."""
+    pm, batches = _partition(name, n, 0.6)
+    ref = copy.deepcopy(pm)
+    before = _snapshot(pm)
+    full_numel = [sum(p.numel() for p in pm.shard(k).ops.parameters()) for k in range(n)]
+    gates_numel = [sum(p.numel() for p in pm.shard(k).gates.parameters()) for k in range(n)]
+    pm.gate_mode = ref.gate_mode = "hard"
+    ref.gate_seed = 7
+    ref.execution = "lockstep" if opt_kind == "adam" else "fused"
+    opt = _compact_optimizer(opt_kind, list(ref.shards))
+    for t in range(STEPS):
+        x, y = batches[t]
+        opt.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        opt.step()
+    plan = plan_of(pm)
+    with InProcessHub(n, num_layers=len(pm.program.ops)) as hub:
+        optimizers = [_compact_optimizer(opt_kind, [pm.shard(k)]) for k in range(n)]
+        trainers = [
+            NodeTrainer(pm.shard(k), plan, hub[k], optimizers[k], gate_seed=7, compact=True)
+            for k in range(n)
+        ]
+        _, errors = _run(trainers, batches, range(STEPS))
+    assert errors == [None] * n
+    for k, tr in enumerate(trainers):
+        assert tr.compact and tr.shard is pm.shard(k) and tr.optimizer is optimizers[k]
+        closed = _closed_columns(tr)
+        assert closed, "the masks close channels: some weights are compact"
+        # element counts: the compact parameters are the full ones minus the closed columns
+        dropped = 0
+        for key, cols in closed.items():
+            w = before[k][key]
+            dropped += w.numel() // w.shape[1] * cols.numel()
+            assert tr.shard.state_dict()[key].shape[1] == w.shape[1] - cols.numel()
+        assert tr.param_numel() == full_numel[k] + gates_numel[k] - dropped
+        assert sum(p.numel() for p in tr.shard.ops.parameters()) == full_numel[k] - dropped
+        # the optimizer holds state for the compact parameters only
+        trained = {id(p) for p in tr.shard.parameters()}
+        assert all(id(p) in trained for p in tr.optimizer.state)
+        if opt_kind == "adam":
+            state = sum(
+                st["exp_avg"].numel() + st["exp_avg_sq"].numel()
+                for p, st in tr.optimizer.state.items()
+                if p in set(tr.shard.ops.parameters())
+            )
+            assert state == 2 * (full_numel[k] - dropped)
+        full = tr.full_state_dict()
+        assert full.keys() == before[k].keys()
+        for key, cols in closed.items():  # never trained, bit-identical
+            assert torch.equal(
+                full[key].index_select(1, cols), before[k][key].index_select(1, cols)
+            )
+    for k, tr in enumerate(trainers):
+        full = tr.full_state_dict()
+        want = ref.shard(k).state_dict()
+        for key, v in want.items():
+            scale = max(float(v.abs().max()), 1e-6) if v.numel() else 1.0
+            err = float((full[key] - v).abs().max()) if v.numel() else 0.0
+            assert err <= 1e-4 * scale, f"node {k} {key}: max diff {err:.3g}"
+    assert not _same_snapshot(before, [tr.full_state_dict() for tr in trainers])  # it trained
+    # back to full width: the shards themselves equal the emulation's
+    for tr in trainers:
+        assert tr.expand() is tr.shard and not tr.compact
+    _assert_shards_equal(pm, ref)
+
+
+def test_compact_equals_full_width_training() -> None:
+    """SGD with momentum: compact and full-width trainers agree to float rounding, also after
+    ``expand`` (training on at full width from the compact run's optimizer state)."""
+    pm, batches = _partition("user", 3, 0.5)
+    pm_full = copy.deepcopy(pm)
+    with InProcessHub(3, num_layers=len(pm.program.ops)) as hub:
+        trainers = _trainers(pm, list(hub), "sgd", "hard", 0.0, compact=True)
+        _, errors = _run(trainers, batches, range(2))
+        assert errors == [None] * 3
+        for tr in trainers:
+            tr.expand()
+            assert all(
+                st["momentum_buffer"].shape == p.shape for p, st in tr.optimizer.state.items()
+            )
+        _, errors = _run(trainers, batches, range(2, STEPS))
+    assert errors == [None] * 3
+    with InProcessHub(3, num_layers=len(pm.program.ops)) as hub:
+        _, errors = _run(_trainers(pm_full, list(hub), "sgd", "hard", 0.0), batches, range(STEPS))
+    assert errors == [None] * 3
+    _assert_shards_equal(pm, pm_full, rel=1e-5)
+
+
+def test_compact_needs_hard_gates() -> None:
+    pm, _ = _partition("user", 2, 0.6)
+    with InProcessHub(2) as hub, pytest.raises(ValueError, match="compact=True needs"):
+        _trainers(pm, list(hub), "sgd", "stochastic", 0.0, compact=True)
+
+
+def test_compact_abort_and_resume_across_modes(tmp_path: Path) -> None:
+    """A compact node fails in its backward: no node changes anything (closed columns
+    included). Checkpoints hold the full-width shard: compact trainers resume from them, and
+    full-width trainers resume from a compact run's checkpoint (the Adam state widened)."""
+    n = 3
+    pm, batches = _partition("resnet_narrow", n, 0.6)
+    ref = copy.deepcopy(pm)
+    ref.gate_seed, ref.execution = 7, "lockstep"
+    opt = _compact_optimizer("adam", list(ref.shards))
+    for t in range(STEPS):
+        x, y = batches[t]
+        opt.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        opt.step()
+    plan = plan_of(pm)
+
+    def make(hub: InProcessHub, compact: bool) -> list[NodeTrainer]:
+        return [
+            NodeTrainer(
+                pm.shard(k),
+                plan,
+                hub[k],
+                _compact_optimizer("adam", [pm.shard(k)]),
+                gate_seed=7,
+                timeout=20.0,
+                compact=compact,
+            )
+            for k in range(n)
+        ]
+
+    with InProcessHub(n) as hub:
+        trainers = make(hub, True)
+        _, errors = _run(trainers, batches, range(1))
+        assert errors == [None] * n
+        for k, tr in enumerate(trainers):
+            tr.save_checkpoint(tmp_path / f"node_{k}.ckpt")
+            ckpt = torch.load(tmp_path / f"node_{k}.ckpt", weights_only=False)
+            assert ckpt["compact"] is True
+            assert {key: v.shape for key, v in ckpt["shard"].items()} == {
+                key: v.shape for key, v in ref.shard(k).state_dict().items()
+            }
+        before = [tr.full_state_dict() for tr in trainers]
+        opt_before = [copy.deepcopy(tr.optimizer.state_dict()) for tr in trainers]
+        victim = next(p for p in trainers[1].shard.ops.parameters() if p.dim() == 4)
+
+        def boom(g: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("injected failure in backward")
+
+        handle = victim.register_hook(boom)
+        _, errors = _run(trainers, batches, range(1, 2))
+        handle.remove()
+        assert all(isinstance(e, StepAborted) and e.failed_node == 1 for e in errors), errors
+        assert _same_snapshot(before, [tr.full_state_dict() for tr in trainers])
+        for tr, saved in zip(trainers, opt_before, strict=True):
+            now = tr.optimizer.state_dict()
+            for pid, st in saved["state"].items():
+                assert all(torch.equal(v, now["state"][pid][key]) for key, v in st.items())
+        # scramble, resume the compact trainers from their checkpoints and finish one step
+        with torch.no_grad():
+            for p in pm.parameters():
+                p.add_(1.0)
+        nxt = [tr.load_checkpoint(tmp_path / f"node_{k}.ckpt") for k, tr in enumerate(trainers)]
+        assert nxt == [1] * n
+        _, errors = _run(trainers, batches, range(1, 2))
+        assert errors == [None] * n
+        for k, tr in enumerate(trainers):
+            tr.save_checkpoint(tmp_path / f"node_{k}.ckpt")
+            tr.expand()
+    # full-width trainers (fresh optimizers) resume from the compact checkpoints of step 2
+    with InProcessHub(n) as hub:
+        trainers = make(hub, False)
+        nxt = [tr.load_checkpoint(tmp_path / f"node_{k}.ckpt") for k, tr in enumerate(trainers)]
+        assert nxt == [2] * n
+        _, errors = _run(trainers, batches, range(2, STEPS))
+    assert errors == [None] * n
+    _assert_shards_equal(pm, ref)
+
+
+def test_compact_dp_equals_full_width_dp() -> None:
+    """DP with compact weights (closed channels): with noise 0 the applied gradient equals
+    the full-width trainer's (closed columns: zero per-sample gradients, so the same norms);
+    with noise, the closed columns (unused by the plan) stay unchanged."""
+    from tests.test_shards import _random_masks
+
+    def run(sigma: float, compact: bool) -> tuple[list[dict[str, torch.Tensor]], list[Any]]:
+        pm, _, xy = _dp_setup(3, sigma, 15.0)
+        _random_masks(pm, 0.5, seed=3)
+        x, y, cfg = xy
+        start = _snapshot(pm)
+        plan = plan_of(pm)
+        with InProcessHub(3) as hub:
+            trainers = [
+                NodeTrainer(
+                    pm.shard(k),
+                    plan,
+                    hub[k],
+                    torch.optim.SGD(pm.shard(k).parameters(), lr=1.0),
+                    dp=cfg,
+                    compact=compact,
+                )
+                for k in range(3)
+            ]
+            _, errors = _run(trainers, [(x, y)], range(1))
+        assert errors == [None] * 3
+        grads = [
+            {key: s[key] - v for key, v in tr.full_state_dict().items() if "gates" not in key}
+            for s, tr in zip(start, trainers, strict=True)
+        ]
+        return grads, trainers
+
+    g_full, _ = run(0.0, False)
+    g_compact, trainers = run(0.0, True)
+    assert any(_closed_columns(tr) for tr in trainers)
+    for k in range(3):
+        for key, g in g_full[k].items():
+            err = float((g_compact[k][key] - g).abs().max())
+            assert err <= 1e-5, f"node {k} {key}: {err:.3g}"
+    g_noisy, trainers = run(0.5, True)
+    for k, tr in enumerate(trainers):
+        for key, cols in _closed_columns(tr).items():
+            assert not bool(g_noisy[k][key].index_select(1, cols).any())
+            assert bool(g_noisy[k][key].any())

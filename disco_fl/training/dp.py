@@ -8,6 +8,30 @@ Method (one step, after the ordinary distributed backward pass):
    sample (all kept from the step). Every op's output for sample ``b`` depends only on sample
    ``b``'s inputs (BatchNorm in training mode is refused, see :func:`fix_batchnorm`), so this
    is exact. Gate logits are not trained under DP (``gate_mode="hard"`` is required).
+
+   **Model tensors used without a batch input** (``param`` ops: a ViT's class token and
+   positional embedding) are the same for every sample, so their output gradient from the
+   backward pass is already summed over the batch. Their per-sample gradient is pulled back
+   from the ops that combine them with an activation (``expand`` + ``cat`` of a class token,
+   ``add`` of a positional embedding): those ops are re-run per sample like the others, with
+   the shared tensor whole, and the ``vjp`` also gives the gradient towards it for sample
+   ``b``; per shared value these are summed over its consumers and pulled back through any ops
+   on shared values alone down to the ``param`` op, one sample at a time. Also exact. A
+   shared tensor that reaches a communicating op (exchange, normalization statistics) or a
+   random one (dropout) before meeting an activation is refused with a clear error (capture
+   never produces one: a model tensor becomes a trainable ``param`` op only where it is added
+   to or concatenated with an activation).
+
+   **Attention**: partitioned attention is linear ops (``qkv`` / in-projection rows of the
+   node's heads, output projection) around per-head ``scaled_dot_product_attention``, all
+   per-sample, so step 1 covers it; nothing is swapped for Opacus's ``DPMultiheadAttention``.
+   The tests compare with Opacus's ``make_private`` on the same dense ViT (its hand-written
+   attention needs no ``ModuleValidator.fix``: Opacus's ``Linear``, ``Conv2d`` and
+   ``LayerNorm`` grad samplers, functorch for the class token and positional embedding).
+   ``nn.MultiheadAttention`` models must be batch first (sequence-first attention is refused:
+   dim 0 is taken as the samples), and dropout on the attention weights must be 0 (the
+   per-sample re-run could not redraw the step's mask; dropout ops elsewhere are fine: they
+   are not re-run, their kept inputs and gradients carry the step's mask).
 2. **Whole-model norms**: each node sends the per-sample squared norms of its own
    coordinates (fp32, ``(B,)``) to every peer (sub-session ``/norms``, ``NORMS`` frames); each
    node sums them into the norm of the whole model's per-sample gradient.
@@ -34,6 +58,7 @@ import torch
 from torch import nn
 
 from disco_fl.partition import get_spec
+from disco_fl.partition.registry import OpSpec
 from disco_fl.proto_gen.disco.v1 import peer_pb2
 from disco_fl.wire import WireError, decode_tensor
 
@@ -177,11 +202,24 @@ class DPState:
                 f"({', '.join(bad)}); replace it with GroupNorm before partitioning: "
                 f"disco_fl.training.dp.fix_batchnorm(model) (as opacus ModuleValidator.fix)"
             )
-        shared = [op.name for op in program.ops if op.kind == "param"]
-        if shared:
+        self._shared, self._grad_shared = _shared_values(program)
+        seq = [op.name for op in program.ops if op.attrs.get("seq_first")]
+        if seq:
             raise ValueError(
-                f"differential privacy: per-sample gradients of model tensors used without a "
-                f"batch input ({', '.join(shared)}) are not supported"
+                f"differential privacy takes dim 0 as the samples, but attention "
+                f"{', '.join(seq)} is sequence first (nn.MultiheadAttention / "
+                f"nn.TransformerEncoderLayer with batch_first=False); use batch_first=True"
+            )
+        drop = [
+            op.name
+            for op in program.ops
+            if op.kind == "attention" and float(op.attrs.get("dropout", 0.0)) > 0
+        ]
+        if drop:
+            raise ValueError(
+                f"differential privacy re-runs attention per sample, which cannot redraw the "
+                f"step's dropout mask on the attention weights ({', '.join(drop)}): set the "
+                f"attention dropout to 0 (e.g. build_model(..., dropout=0.0))"
             )
         if trainer.gate_mode != "hard":
             raise ValueError(
@@ -216,24 +254,47 @@ class DPState:
     def per_sample_grads(
         self, ctx: _TrainContext, records: Sequence[_OpRecord]
     ) -> dict[nn.Parameter, torch.Tensor]:
-        """``param -> (B, *param.shape)``: per-sample gradients of the step's (mean) loss."""
+        """``param -> (B, *param.shape)``: per-sample gradients of the step's (mean) loss.
+
+        Ops are visited in reverse order. An op on batched values is re-run per sample with
+        its kept inputs (sample ``b``'s rows; model tensors used without a batch input, the
+        *shared* values, whole) and ``grad_out[b]``; the ``vjp`` gives the per-sample gradient
+        of its own parameters and of every shared input that leads to a trainable ``param`` op
+        (e.g. ``expand`` of a class token, ``add`` of a positional embedding). Those per-sample
+        output gradients ``(B, *shape)`` are summed per shared value and pulled back through
+        the ops on shared values down to the ``param`` ops, one sample at a time.
+        """
         out: dict[nn.Parameter, torch.Tensor] = {}
         shard = self.t.shard
-        for rec in records:
+        shared, grad_shared = self._shared, self._grad_shared
+        psg: dict[str, torch.Tensor] = {}  # shared value -> (B, *shape) per-sample gradients
+        for rec in reversed(records):
             op = rec.op
-            if op.name not in shard.ops or rec.grad_out is None:
+            shared_out = op.name in grad_shared
+            g = psg.pop(op.name, None) if shared_out else rec.grad_out
+            if g is None:
                 continue
-            state = shard.ops[op.name]
-            params = {k: p for k, p in state._parameters.items() if p is not None}
-            if not params:
+            params: dict[str, nn.Parameter] = {}
+            if op.name in shard.ops:
+                state = shard.ops[op.name]
+                params = {k: p for k, p in state._parameters.items() if p is not None}
+            ins = list(op.inputs) if op.kind != "input" else []
+            wrt = [i for i, name in enumerate(ins) if name in grad_shared]
+            if not params and not wrt:
                 continue
             spec = get_spec(op.kind)
-            pos = [i for i, v in enumerate(rec.xs) if isinstance(v, torch.Tensor)]
+            pos = [
+                i
+                for i, v in enumerate(rec.xs)
+                if isinstance(v, torch.Tensor) and not (i < len(ins) and ins[i] in shared)
+            ]
             xs_t = tuple(rec.xs[i].detach() for i in pos)
             srcs = sorted(rec.full_received)
             rec_t = tuple(rec.full_received[j].detach() for j in srcs)
             base = list(rec.xs)
             buffers = dict(ctx.buffers.get(op.name, {}))
+            detached = {name: v.detach() for name, v in params.items()}
+            us = tuple(rec.xs[i].detach() for i in wrt)
 
             def one(
                 xb: tuple[torch.Tensor, ...],
@@ -242,17 +303,23 @@ class DPState:
                 *,
                 _op: Any = op,
                 _spec: Any = spec,
-                _params: Mapping[str, torch.Tensor] = params,
+                _detached: dict[str, torch.Tensor] = detached,
+                _us: tuple[torch.Tensor, ...] = us,
                 _pos: list[int] = pos,
+                _wrt: list[int] = wrt,
                 _base: list[Any] = base,
                 _srcs: list[int] = srcs,
                 _buffers: dict[str, torch.Tensor] = buffers,
-            ) -> dict[str, torch.Tensor]:
-                def f(pdict: dict[str, torch.Tensor]) -> torch.Tensor:
+                _whole: bool = shared_out,
+            ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+                def f(pdict: dict[str, torch.Tensor], ub: tuple[torch.Tensor, ...]) -> torch.Tensor:
                     xs = list(_base)
                     for i, v in zip(_pos, xb, strict=True):
                         xs[i] = v.unsqueeze(0)
-                    ctx.override[_op.name] = {**_buffers, **pdict}
+                    for i, u in zip(_wrt, ub, strict=True):
+                        xs[i] = u
+                    if pdict:
+                        ctx.override[_op.name] = {**_buffers, **pdict}
                     try:
                         y = _spec.compute(
                             _op,
@@ -265,14 +332,18 @@ class DPState:
                     assert isinstance(y, torch.Tensor)
                     return y
 
-                detached = {name: v.detach() for name, v in _params.items()}
-                vjp = torch.func.vjp(f, detached)[1]
-                (g,) = vjp(gb.unsqueeze(0))
-                return g  # type: ignore[no-any-return]
+                vjp = torch.func.vjp(f, _detached, _us)[1]
+                # a shared value's per-sample gradient has the value's own shape; a batched
+                # one's row b is the gradient of sample b's output of batch size 1
+                gp, gu = vjp(gb if _whole else gb.unsqueeze(0))
+                return gp, gu
 
-            grads = torch.func.vmap(one)(xs_t, rec_t, rec.grad_out)
+            gp, gu = torch.func.vmap(one)(xs_t, rec_t, g)
             for k, p in params.items():
-                out[p] = grads[k]
+                out[p] = gp[k]
+            for i, gi in zip(wrt, gu, strict=True):
+                name = ins[i]
+                psg[name] = gi if name not in psg else psg[name] + gi
         return out
 
     def privatize(
@@ -323,6 +394,45 @@ class DPState:
             float((norms > cfg.max_grad_norm).double().mean()),
             float(norms.mean()),
         )
+
+
+def _shared_values(program: Any) -> tuple[set[str], set[str]]:
+    """``(shared, grad_shared)``: values computed from model tensors alone (``param`` and
+    ``const`` ops and ops reading only those: no batch input, the same for every sample), and
+    those of them that lead to a trainable ``param`` op. Raises ``ValueError`` where such a
+    value is read by an op whose per-sample gradient towards it is not supported."""
+    shared: set[str] = set()
+    grad: set[str] = set()
+    for op in program.ops:
+        if op.kind in ("param", "const"):
+            shared.add(op.name)
+            if op.kind == "param" and op.attrs.get("trainable", True):
+                grad.add(op.name)
+            continue
+        if op.kind == "input":
+            continue
+        reads = [v for v in op.inputs if v in grad]
+        if reads:
+            spec = get_spec(op.kind)
+            random = op.kind == "dropout" and float(op.attrs.get("p", 0.0)) > 0
+            if (
+                spec.mixing
+                or op.kind in ("exchange", "output")
+                or random
+                or (type(spec).send is not OpSpec.send)
+            ):
+                raise ValueError(
+                    f"differential privacy: {op.name} ({op.kind}) reads "
+                    f"{', '.join(reads)}, computed from model tensors used without a batch "
+                    f"input; per-sample gradients through a "
+                    f"{'random' if random else 'communicating'} op on such a tensor are not "
+                    f"supported (combine it with an activation first, e.g. add or concatenate)"
+                )
+        if op.inputs and all(v in shared for v in op.inputs):
+            shared.add(op.name)
+            if reads:
+                grad.add(op.name)
+    return shared, grad
 
 
 def _batch_of(records: Sequence[_OpRecord]) -> int:

@@ -56,9 +56,14 @@ not stored assembled: its consumers rebuild ``[own channels, received channels]`
 activation and the compact received messages (no zero-padded copies, no second copy of the
 own channels); runs of local ops whose value has a single consumer that exchanges nothing
 share one autograd graph, so intermediate outputs that no backward reads (e.g. a BatchNorm
-output followed by a ReLU) are freed; values are dropped after their last reader. The math
+output followed by a ReLU) are freed; values are dropped after their last reader; a sent
+message is kept only as the autograd edge its gradient flows into (not its values). The math
 and the order of every sum are those of the per-op graphs (bit-identical shards after Adam
 steps in our checks: ResNet, hard and stochastic gates, and the zoo's mixed "user" net).
+With hard masks, ``NodeTrainer(..., compact=True)`` also drops the weight columns of closed
+channels from what is trained (weights, gradients, optimizer state) and from the assembled
+inputs (``[own channels, open channels received]``, no zero padding); the closed columns are
+kept aside, unchanged, for the full-width shard (:meth:`NodeTrainer.full_state_dict`).
 
 **Communication** is counted from the transport's payload counters (``data`` + ``scales`` of
 every frame sent) and reported per step as forward, backward and control (commit, DP norms)
@@ -78,10 +83,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from disco_fl.codecs import get_codec
 from disco_fl.emulation import NodeShard, OpState
-from disco_fl.export import atomic_write_bytes
+from disco_fl.export import atomic_write_bytes, compact_columns
 from disco_fl.gates import PairGates, gate_generator, prob_open, sample_hard_concrete
 from disco_fl.partition import Op, Program, Traffic, get_spec
 from disco_fl.plan import Plan
@@ -285,6 +291,8 @@ class _TrainContext:
         return idx, None
 
     def sources(self, op: Op) -> list[int]:
+        if self.t.compact:  # assemble [own, open channels of each peer] (the compact columns)
+            return self.t.open_sources(op.name)
         return self._peers
 
 
@@ -293,7 +301,7 @@ class _OpRecord:
     layer: int
     op: Op
     leaves: list[tuple[str, torch.Tensor]]  # (value name, input leaf)
-    msgs: dict[int, torch.Tensor]  # dest -> message (graph to inputs / gates)
+    msgs: dict[int, _Sent]  # dest -> message sent (its graph to the inputs / gates)
     received: dict[int, torch.Tensor]  # src -> received leaf (needs a gradient back)
     out: Any
     xs: list[Any] = field(default_factory=list)  # DP: the op's inputs
@@ -306,6 +314,17 @@ class _OpRecord:
         default_factory=list
     )
     chainable: bool = False  # lean mode: a consumer may extend this op's graph
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A message sent: its shape and dtype (to check the gradient coming back) and, if it
+    needs one, the edge its gradient flows into. The message's values are not kept (no
+    backward reads them)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    edge: GradientEdge | None
 
 
 class _Gathered:
@@ -322,6 +341,7 @@ class _Gathered:
         counts: list[int],
         index: int,
         sel: dict[int, torch.Tensor],
+        compact: bool = False,
     ) -> None:
         self.own = own
         self.recv = recv
@@ -331,6 +351,7 @@ class _Gathered:
         self.counts = counts  # channels of every node's slice
         self.index = index
         self.sel = sel
+        self.compact = compact  # assembled from the messages as they are (no zero padding)
         self.g_own: torch.Tensor | None = None
         self.g_recv: dict[int, torch.Tensor] = {}
 
@@ -354,7 +375,8 @@ _NO_CHAIN = frozenset({"exchange", "cat"})
 
 
 class _GatherFn(torch.autograd.Function):
-    """``[own, zero-padded messages of every peer]`` along the channel dim; saves nothing."""
+    """``[own, zero-padded messages of every peer]`` along the channel dim (compact trainer:
+    ``[own, message of every peer that sends]``); saves nothing."""
 
     @staticmethod
     def forward(ctx: Any, v: _Gathered, own: torch.Tensor, *recv: torch.Tensor) -> torch.Tensor:
@@ -369,6 +391,12 @@ class _GatherFn(torch.autograd.Function):
         out: dict[int, torch.Tensor] = {}
         for j in range(len(v.counts)):  # own first, then the peers ascending (the assembly)
             if j == v.index:
+                continue
+            if v.compact:
+                if j in v.recv:
+                    width = v.recv[j].shape[v.cdim]
+                    out[j] = g.narrow(v.cdim, off, width)
+                    off += width
                 continue
             if j in v.recv:
                 out[j] = g.narrow(v.cdim, off, v.counts[j]).index_select(v.cdim, v.sel[j])
@@ -423,6 +451,23 @@ class NodeTrainer:
         Differential privacy (:mod:`disco_fl.training.dp`); default off.
     max_message_bytes : int
         Bound on one received payload; default 1 GiB.
+    compact : bool
+        Hard gate mode only; default False. Train only the weight columns of open channels:
+        in hard mode a mixing op's columns that read channels closed towards this node get
+        exactly zero gradient and never change, yet (full width) they cost a weight, a
+        gradient and the optimizer's state. With ``compact=True`` the trainer replaces, in
+        ``shard`` itself, every such weight by a parameter of the open columns only (the
+        columns :func:`~disco_fl.export.compact_columns` keeps, in that order) and keeps the
+        closed columns aside, unchanged; ``optimizer``'s parameter groups are re-pointed in
+        place to the compact parameters (its state, if any, cut to the kept columns). Each
+        node then assembles ``[own channels, open channels received]`` only (no zero-padded
+        columns, smaller activations). ``shard`` stays compact while the trainer holds it:
+        read the full-width tensors with :meth:`full_state_dict` (closed columns bit-identical
+        to the start), or put them back with :meth:`expand`. Checkpoints hold the full-width
+        shard either way. Every committed step equals the full-width one up to float rounding
+        (the dropped columns only added zeros), except with weight decay, which would shrink
+        the closed columns of the full-width shard (they do not affect the model: export
+        drops them).
     """
 
     def __init__(
@@ -441,6 +486,7 @@ class NodeTrainer:
         temperature: float = 4.0,
         dp: DPConfig | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        compact: bool = False,
     ) -> None:
         program = plan.program
         k = shard.index
@@ -453,6 +499,11 @@ class NodeTrainer:
             raise ValueError(f"gate_mode must be 'hard' or 'stochastic', got {gate_mode!r}")
         if not timeout > 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}")
+        if compact and gate_mode != "hard":
+            raise ValueError(
+                "compact=True needs gate_mode='hard' (stochastic gates may reopen a channel: "
+                "every column is trained)"
+            )
         self.owners = sorted(set(owners)) if owners else [program.requester]
         if any(not 0 <= o < n for o in self.owners):
             raise ValueError(f"owners {list(owners or [])} out of range for {n} nodes")
@@ -470,7 +521,14 @@ class NodeTrainer:
         self.max_message_bytes = max_message_bytes
         self.layer_of = {op.name: i for i, op in enumerate(program.ops)}
         self._open: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._sources: dict[str, list[int]] = {}
         self._check_masks()
+        self.compact = False
+        # compactable weights: op name -> kept / closed columns; closed columns while compact
+        self._cols = self._compactable()
+        self._closed: dict[str, torch.Tensor] = {}
+        if compact:
+            self._compact()
         self.dp_state: DPState | None = None
         if dp is not None:
             from disco_fl.training.dp import DPState
@@ -493,6 +551,16 @@ class NodeTrainer:
             self._open[key] = torch.tensor([local[c] for c in chans], dtype=torch.long)
         return self._open[key]
 
+    def open_sources(self, exchange: str) -> list[int]:
+        """Peers that send this node at least one channel of ``exchange`` (hard), ascending."""
+        if exchange not in self._sources:
+            self._sources[exchange] = [
+                j
+                for j in range(self.plan.num_nodes)
+                if j != self.index and self.open_local(exchange, j, self.index).numel() > 0
+            ]
+        return self._sources[exchange]
+
     def _check_masks(self) -> None:
         for e in self.plan.program.exchanges:
             g = self.shard.gates[e.name]
@@ -504,6 +572,103 @@ class NodeTrainer:
                         f"node {self.index}: hard mask of {e.name} towards node {d} differs "
                         f"from the plan's"
                     )
+
+    # ---- compact weights (hard gates) ---------------------------------------------------
+    def _compactable(self) -> dict[str, _Columns]:
+        """Weights of mixing ops that read closed channels: their kept and closed columns."""
+        program = self.plan.program
+        out: dict[str, _Columns] = {}
+        for op in program.ops:
+            if not (op.inputs and get_spec(op.kind).mixing) or op.name not in self.shard.ops:
+                continue
+            x = program.infos[op.inputs[0]]
+            if x.kind != "gathered" or x.layout is None:
+                continue
+            if self.shard.ops[op.name]._parameters.get("weight") is None:
+                continue
+            full = x.layout.num_channels
+            keep = compact_columns(self.plan, op, self.index)
+            if keep == list(range(full)):
+                continue
+            kept = set(keep)
+            out[op.name] = _Columns(
+                torch.tensor(keep, dtype=torch.long),
+                torch.tensor([c for c in range(full) if c not in kept], dtype=torch.long),
+                full,
+            )
+        return out
+
+    def _weight(self, name: str) -> torch.nn.Parameter:
+        w = self.shard.ops[name]._parameters["weight"]
+        assert w is not None
+        return w
+
+    def _compact(self) -> None:
+        """Replace every compactable weight by its open columns; keep the closed ones aside."""
+        for name, cols in self._cols.items():
+            w = self._weight(name)
+            if w.dim() < 2 or w.shape[1] != cols.full:
+                raise ValueError(
+                    f"node {self.index}: {name}.weight has shape {tuple(w.shape)}, expected "
+                    f"{cols.full} columns (the full-width shard)"
+                )
+            with torch.no_grad():
+                small = torch.nn.Parameter(
+                    w.detach().index_select(1, cols.keep), requires_grad=w.requires_grad
+                )
+                self._closed[name] = w.detach().index_select(1, cols.closed)
+
+            def cut(v: torch.Tensor, c: _Columns = cols) -> torch.Tensor:
+                return v.index_select(1, c.keep)
+
+            _swap_param(self.optimizer, w, small, cut)
+            self.shard.ops[name].weight = small
+        self.compact = True
+
+    def _full_weight(self, name: str) -> torch.Tensor:
+        cols = self._cols[name]
+        w = self._weight(name).detach()
+        shape = list(w.shape)
+        shape[1] = cols.full
+        out = torch.empty(shape, dtype=w.dtype)
+        out.index_copy_(1, cols.keep, w)
+        out.index_copy_(1, cols.closed, self._closed[name])
+        return out
+
+    def expand(self) -> NodeShard:
+        """Leave compact mode: put full-width weights back into the shard (closed columns as
+        they were, trained columns as trained) and re-point the optimizer to them (its state
+        of the closed columns zero, as a full-width run has it); return the shard."""
+        if not self.compact:
+            return self.shard
+        for name, cols in self._cols.items():
+            w = self._weight(name)
+            full = torch.nn.Parameter(self._full_weight(name), requires_grad=w.requires_grad)
+
+            def widen(v: torch.Tensor, c: _Columns = cols) -> torch.Tensor:
+                shape = list(v.shape)
+                shape[1] = c.full
+                return torch.zeros(shape, dtype=v.dtype).index_copy_(1, c.keep, v)
+
+            _swap_param(self.optimizer, w, full, widen)
+            self.shard.ops[name].weight = full
+        self._closed = {}
+        self.compact = False
+        return self.shard
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The shard's ``state_dict`` at full width (copies), whether compact or not: what
+        :func:`~disco_fl.federated.shard_arrays` sends, the strategy averages and export
+        reads."""
+        out = {k: v.detach().clone() for k, v in self.shard.state_dict().items()}
+        if self.compact:
+            for name in self._cols:
+                out[f"ops.{name}.weight"] = self._full_weight(name)
+        return out
+
+    def param_numel(self) -> int:
+        """Elements of the parameters this node trains (compact: open columns only)."""
+        return sum(p.numel() for p in self.shard.parameters())
 
     def owner_of(self, step: int) -> int:
         """The batch owner of ``step``: ``owners[step % len(owners)]``."""
@@ -752,7 +917,11 @@ class NodeTrainer:
             env[op.name] = out
             if op.kind == "input" and isinstance(out, torch.Tensor) and out.dim():
                 batch = int(out.shape[0])
-            rec = _OpRecord(layer, op, leaves, msgs, received, None if gathered else out)
+            sent = {
+                d: _Sent(m.shape, m.dtype, get_gradient_edge(m) if m.requires_grad else None)
+                for d, m in msgs.items()
+            }
+            rec = _OpRecord(layer, op, leaves, sent, received, None if gathered else out)
             rec.gathered = gathered
             rec.gather_leaves = gathers
             rec.chainable = (
@@ -763,7 +932,7 @@ class NodeTrainer:
                 rec.xs = xs
                 rec.full_received = full
             records.append(rec)
-            del xs, built, full
+            del xs, built, full, msgs
             if lean:
                 for name in op.inputs:  # free what no later op reads
                     if last_use[name] == layer:
@@ -799,6 +968,7 @@ class NodeTrainer:
             [layout.count(j) for j in range(program.num_nodes)],
             self.index,
             sel,
+            self.compact,
         )
 
     def _selection_from(self, io_: _StepIO, op: Op, layer: int, src: int) -> torch.Tensor:
@@ -835,7 +1005,10 @@ class NodeTrainer:
         got: dict[int, torch.Tensor],
         sel: dict[int, torch.Tensor],
     ) -> dict[int, torch.Tensor]:
-        """Scatter each received message into a zero tensor of the sender's whole slice."""
+        """Scatter each received message into a zero tensor of the sender's whole slice
+        (compact trainer: the messages as they are, see :meth:`NodeTrainer.open_sources`)."""
+        if self.compact:
+            return dict(got)
         info = program.infos[op.name]
         layout = info.layout
         cdim = info.cdim
@@ -882,7 +1055,7 @@ class NodeTrainer:
                 gr = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
                 io_.send(io_.sid, layer, src, gr, Frame.BACKWARD)
             if op.kind != "input":
-                outs: list[torch.Tensor] = []
+                outs: list[GradientEdge] = []
                 gouts: list[torch.Tensor] = []
                 for dest, msg in sorted(rec.msgs.items()):
                     f = io_.recv(
@@ -900,8 +1073,8 @@ class NodeTrainer:
                         )
                     if not bool(torch.isfinite(gm).all()):
                         raise _PeerFailure(dest, f"non-finite gradient at layer {layer}")
-                    if msg.requires_grad:
-                        outs.append(msg)
+                    if msg.edge is not None:
+                        outs.append(msg.edge)
                         gouts.append(gm)
                 if outs:  # messages to several peers may share a graph (e.g. statistics)
                     torch.autograd.backward(outs, gouts)
@@ -938,8 +1111,9 @@ class NodeTrainer:
             "node": self.index,
             "plan_hash": self.plan.hash,
             "steps_done": self.steps_done,
-            "shard": {k: v.detach().clone() for k, v in self.shard.state_dict().items()},
+            "shard": self.full_state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "compact": self.compact,  # the optimizer state's weights hold the kept columns
         }
         if self.dp_state is not None:
             out["dp"] = self.dp_state.state_dict()
@@ -953,11 +1127,52 @@ class NodeTrainer:
                 f"checkpoint of node {state.get('node')} (plan {str(state.get('plan_hash'))[:12]})"
                 f" does not belong to node {self.index} (plan {self.plan.hash[:12]})"
             )
-        self.shard.load_state_dict(state["shard"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        shard = dict(state["shard"])
+        closed: dict[str, torch.Tensor] = {}
+        if self.compact:  # the checkpoint is full width: split the compacted weights
+            for name, cols in self._cols.items():
+                key = f"ops.{name}.weight"
+                w = shard.get(key)
+                if not isinstance(w, torch.Tensor) or w.dim() < 2 or w.shape[1] != cols.full:
+                    raise ValueError(f"checkpoint: {key} is not a full-width weight")
+                shard[key] = w.index_select(1, cols.keep)
+                closed[name] = w.index_select(1, cols.closed)
+        self.shard.load_state_dict(shard)
+        self._closed.update(closed)
+        self.optimizer.load_state_dict(self._fit_optimizer_state(state["optimizer"]))
         self.steps_done = int(state["steps_done"])
         if self.dp_state is not None and "dp" in state:
             self.dp_state.load_state_dict(state["dp"])
+
+    def _fit_optimizer_state(self, sd: Mapping[str, Any]) -> dict[str, Any]:
+        """An optimizer state of a compact (full-width) trainer, for this full-width
+        (compact) one: the state tensors of compactable weights cut to the kept columns, or
+        widened with zeros."""
+        sd = dict(sd)
+        if not self._cols:
+            return sd
+        mine = {id(self._weight(name)): name for name in self._cols}
+        saved = [i for g in sd.get("param_groups", []) for i in g["params"]]
+        current = [p for g in self.optimizer.param_groups for p in g["params"]]
+        states = dict(sd.get("state", {}))
+        for i, p in zip(saved, current, strict=False):
+            name = mine.get(id(p))
+            if name is None or i not in states:
+                continue
+            cols = self._cols[name]
+            fixed: dict[str, Any] = {}
+            for key, v in states[i].items():
+                if isinstance(v, torch.Tensor) and v.dim() == p.dim() and v.shape != p.shape:
+                    if v.shape[1] == cols.full and p.shape[1] == cols.keep.numel():
+                        v = v.index_select(1, cols.keep)
+                    elif v.shape[1] == cols.keep.numel() and p.shape[1] == cols.full:
+                        shape = list(v.shape)
+                        shape[1] = cols.full
+                        v = torch.zeros(shape, dtype=v.dtype).index_copy_(1, cols.keep, v)
+                fixed[key] = v
+            states[i] = fixed
+        sd["state"] = states
+        return sd
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Write :meth:`state_dict` atomically (temporary file + rename)."""
@@ -975,6 +1190,36 @@ class NodeTrainer:
             raise ValueError(f"{path} does not hold a training checkpoint")
         self.load_state_dict(state)
         return self.steps_done
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Columns of one mixing op's full-width weight (positions in the gathered order)."""
+
+    keep: torch.Tensor  # the open ones, in the compact order
+    closed: torch.Tensor
+    full: int
+
+
+def _swap_param(
+    optimizer: torch.optim.Optimizer,
+    old: torch.nn.Parameter,
+    new: torch.nn.Parameter,
+    convert: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
+    """Replace ``old`` by ``new`` in ``optimizer``'s groups (in place: some optimizers alias
+    the lists) and its state (tensors of ``old``'s shape through ``convert``)."""
+    for group in optimizer.param_groups:
+        params = group["params"]
+        for i, p in enumerate(params):
+            if p is old:
+                params[i] = new
+    st = optimizer.state.pop(old, None)
+    if st is not None:
+        optimizer.state[new] = {
+            k: convert(v) if isinstance(v, torch.Tensor) and v.shape == old.shape else v
+            for k, v in st.items()
+        }
 
 
 class _PackedGather:
