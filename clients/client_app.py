@@ -176,6 +176,11 @@ def _transport(
     except BaseException:
         t.close(1.0)
         raise
+    log(
+        INFO,
+        "[disco] household %s shard %d: peer endpoint %s (%s), %d peers connected",
+        cfg["household"], k, listen, "mutual TLS" if tls_dir else "plaintext", num_nodes - 1,
+    )  # fmt: skip
     return t
 
 

@@ -52,12 +52,17 @@ def _config(run_dir: Path, **over: Any) -> dict[str, Any]:
     return cfg
 
 
-def _deploy(tmp: Path, name: str, households: dict[int, list[int]]) -> Deployment:
+def _deploy(
+    tmp: Path, name: str, households: dict[int, list[int]], tls: dict[int, Path] | None = None
+) -> Deployment:
+    """SuperLink + SuperNodes; households in ``tls`` use mutual TLS on their peer channel
+    (``tls-dir`` node setting, certificates from :func:`disco_fl.security.make_household_certs`)."""
     dep = Deployment(tmp / name, 2, 2)
     dep.start_superlink()
     for h, shards in households.items():
         for k in shards:
-            dep.start_supernode(h, k, f"builtin:{h}/2" if k == 0 else "")
+            extra = {"tls-dir": str(tls[h])} if tls and h in tls else None
+            dep.start_supernode(h, k, f"builtin:{h}/2" if k == 0 else "", extra)
     return dep
 
 
@@ -108,8 +113,13 @@ def _kill_tree(dep: Deployment, name: str) -> None:
 
 
 def test_killed_supernode_round_completes_and_run_resumes(tmp_path: Path) -> None:
+    from disco_fl.security import make_household_certs
+
     run_dir = tmp_path / "run"
-    dep = _deploy(tmp_path, "d1", {0: [0, 1], 1: [0, 1]})
+    # household 0 trains over mutual TLS (its own CA), household 1 in plaintext
+    certs = {0: tmp_path / "certs_h0"}
+    make_household_certs(certs[0], 2)
+    dep = _deploy(tmp_path, "d1", {0: [0, 1], 1: [0, 1]}, tls=certs)
     try:
         app = write_app(tmp_path / "app", _config(run_dir, steps=40))
         dep.flwr_run(app, {})
@@ -124,8 +134,12 @@ def test_killed_supernode_round_completes_and_run_resumes(tmp_path: Path) -> Non
         _kill_tree(dep, name)
         summary = wait_for_run(dep, run_dir, RUN_TIMEOUT_S)
         log = dep.procs.log("flwr_run", tail=200_000)
+        tls_log = dep.procs.log(dep.supernode_name(0, 1), tail=200_000)
+        plain_log = dep.procs.log(dep.supernode_name(1, 0), tail=200_000)
     finally:
         dep.stop()
+    assert "household h0 shard 1: peer endpoint" in tls_log and "(mutual TLS)" in tls_log
+    assert "(plaintext)" in plain_log and "mutual TLS" not in plain_log
     first = summary["history"][0]
     assert "h1" in first["failed"] and "h0" not in first["failed"], first
     assert first["train"]["households-ok"] == 1
@@ -142,7 +156,7 @@ def test_killed_supernode_round_completes_and_run_resumes(tmp_path: Path) -> Non
     node0 = load_shard(run_dir / "plan" / "plan.json", 0)
     assert node0.plan.hash == summary["plan_hash"]
     # resume: a new deployment with 3 rounds continues after round 2
-    dep = _deploy(tmp_path, "d2", {0: [0, 1], 1: [0, 1]})
+    dep = _deploy(tmp_path, "d2", {0: [0, 1], 1: [0, 1]}, tls=certs)
     try:
         (run_dir / "summary.json").unlink()
         app = write_app(tmp_path / "app", _config(run_dir, steps=40, **{"num-rounds": 3}))
