@@ -564,7 +564,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--households", type=int, default=2, help="households (default 2)")
     p.add_argument("--nodes", type=int, default=2, help="nodes per household (default 2)")
     p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
-    p.add_argument("--steps", type=int, default=40, help="joint steps per round (default 40)")
+    p.add_argument("--steps", type=int, default=80, help="joint steps per round (default 80)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument(

@@ -51,7 +51,7 @@ def strategy_from_config(cfg: Any) -> DiscoStrategy:
     return DiscoStrategy(
         spec,
         budget=float(cfg.get("budget", 0.1)),
-        steps=int(cfg.get("steps", 40)),
+        steps=int(cfg.get("steps", 80)),
         batch_size=int(cfg.get("batch-size", 32)),
         lr=float(cfg.get("lr", 2e-3)),
         gate_lr=float(cfg.get("gate-lr", 0.5)),

@@ -349,7 +349,7 @@ def test_dead_peer_aborts_the_step(tmp_path: Path) -> None:
     """Node 2's transport closes in the middle of its backward pass (the node dies)."""
     pm, batches = _partition("user", 3, 0.6)
     with InProcessHub(3, num_layers=len(pm.program.ops)) as hub:
-        trainers = _trainers(pm, list(hub), "sgd", "hard", 0.0, timeout=3.0)
+        trainers = _trainers(pm, list(hub), "sgd", "hard", 0.0, timeout=10.0)
         before = _snapshot(pm)
         victim = next(p for p in pm.shard(2).ops.parameters() if p.dim() == 4)
 
