@@ -177,7 +177,7 @@ def test_household_missing_a_shard_fails_before_training(tmp_path: Path, app_kin
     run_dir = tmp_path / "run"
     dep = _deploy(tmp_path, "d", {0: [0, 1], 1: [0]})
     try:
-        config = _config(run_dir, **{"query-timeout": 20.0})  # every live node has registered
+        config = _config(run_dir, **{"query-timeout": 15.0})  # every live node has registered
         if app_kind == "app folder":
             p = dep.flwr_run(write_app(tmp_path / "app", config), {})
         else:
