@@ -24,6 +24,12 @@ where compute is ``single``'s median latency, and the ``+ 2`` are the input hop 
 and the output hop back (links are full duplex and independent, so the busiest directed link,
 not the sum over links, bounds the transfer time).
 
+Diagnostics (not the floor above, which stays as defined): ``node_compute_ms``, the median
+batch-1 time of each node's own shard program (its ``send`` and ``compute`` calls, the ones
+the runtime makes, run in this process with no communication and no encoding), and
+``floor_node_ms`` = the slowest node's compute + the same transfer and latency terms: what
+the floor would be if a node's compute were what it measures rather than ``compute / N``.
+
 Usage::
 
     python bench/latency.py --json latency.json            # N = 2 and 4
@@ -52,7 +58,9 @@ import disco_fl
 from disco_fl.comm import program_traffic
 from disco_fl.data import load_builtin, load_npz, stratified_split, to_tensor
 from disco_fl.demo import free_ports
+from disco_fl.export import load_shard
 from disco_fl.models import build_model
+from disco_fl.partition import get_spec
 from disco_fl.plan import Plan
 from disco_fl.serving import InferenceSession
 from disco_fl.train import BudgetConfig, evaluate, fit_budget, train_model
@@ -181,6 +189,52 @@ def measure_single(model: torch.nn.Module, x: torch.Tensor, cfg: dict[str, Any])
     return {"latency_ms_median": statistics.median(times), "throughput_per_s": thr}
 
 
+def measure_node_compute(
+    plan_dir: Path, n: int, x: torch.Tensor, cfg: dict[str, Any]
+) -> list[float]:
+    """Median batch-1 compute of each node's shard (ms), without communication.
+
+    Runs every node's ``send`` and ``compute`` calls op by op in this process (1 torch
+    thread), as :func:`disco_fl.runtime.run_node` calls them, and times each node's calls
+    only (messages are handed over in memory, without encoding).
+    """
+    torch.set_num_threads(1)
+    nodes = [load_shard(plan_dir / "plan.json", k) for k in range(n)]
+    program = nodes[0].plan.program
+    steps = [(op, get_spec(op.kind)) for op in program.ops]
+    r = program.requester
+
+    def run(xi: torch.Tensor, acc: list[float]) -> None:
+        envs: list[dict[str, Any]] = [{} for _ in range(n)]
+        for op, spec in steps:
+            xs = [
+                [xi if k == r else None] if op.kind == "input" else [envs[k][i] for i in op.inputs]
+                for k in range(n)
+            ]
+            inbox: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
+            for k in range(n):
+                t0 = time.perf_counter()
+                msgs = spec.send(op, nodes[k], xs[k])
+                acc[k] += time.perf_counter() - t0
+                for dst, t in (msgs or {}).items():
+                    inbox[dst][k] = t
+            for k in range(n):
+                t0 = time.perf_counter()
+                envs[k][op.name] = spec.compute(op, nodes[k], xs[k], inbox[k])
+                acc[k] += time.perf_counter() - t0
+
+    times: list[list[float]] = [[] for _ in range(n)]
+    with torch.inference_mode():
+        for i in range(5):
+            run(x[i : i + 1], [0.0] * n)
+        for i in range(cfg["requests"]):
+            acc = [0.0] * n
+            run(x[i : i + 1], acc)
+            for k in range(n):
+                times[k].append(acc[k] * 1e3)
+    return [statistics.median(t) for t in times]
+
+
 def measure_household(
     plan_dir: Path, n: int, link: tuple[float, float], x: torch.Tensor, cfg: dict[str, Any]
 ) -> dict[str, Any]:
@@ -290,8 +344,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| mode | N | budget | max sync | link | sync points | accuracy | latency ms (median) "
         "| floor ms | latency / floor | vs dense TP | images/s | payload B/img "
-        "| framing (batch 1) | framing (batch 32) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| framing (batch 1) | framing (batch 32) | node compute ms (diag.) "
+        "| floor_node ms (diag.) | latency / floor_node |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -304,7 +359,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {_speedup(r)} | {r['throughput_per_s']:.0f} "
             f"| {r['payload_bytes_per_sample']:,.0f} "
             f"| {100 * r.get('framing_overhead', 0.0):.2f}% "
-            f"| {100 * r.get('framing_overhead_batch32', 0.0):.2f}% |"
+            f"| {100 * r.get('framing_overhead_batch32', 0.0):.2f}% "
+            f"| {' / '.join(f'{v:.2f}' for v in r.get('node_compute_ms', []))} "
+            f"| {r.get('floor_node_ms', r['floor_ms']):.2f} "
+            f"| {r['latency_ms_median'] / r.get('floor_node_ms', r['floor_ms']):.2f} |"
         )
     return head + "\n".join(lines)
 
@@ -313,6 +371,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--keep-plans",
+        default=None,
+        metavar="DIR",
+        help="export the plans into DIR and keep them (for bench/latency_timeline.py)",
+    )
     ap.add_argument(
         "--model",
         default="resnet",
@@ -348,10 +412,14 @@ def main() -> None:
                 "payload_bytes_per_sample": 0,
                 "sync_points": 0,
                 "floor_ms": single["latency_ms_median"],
+                "node_compute_ms": [single["latency_ms_median"]],
+                "floor_node_ms": single["latency_ms_median"],
                 "accuracy": dense_acc,
             }
         )
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = args.keep_plans or tmp_dir
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         for n in cfg["nodes"]:
             torch.set_num_threads(2)
             plans = make_plans(model, n, (xtr, ytr, xte, yte), cfg, Path(tmp))
@@ -364,16 +432,16 @@ def main() -> None:
                     return len(p.open_channels(e, s, d))
 
                 rep = program_traffic(plan.program, open_count, plan.codec)
+                node_ms = measure_node_compute(plan_dir, n, xte, cfg)
                 for link, (mbps, rtt_ms) in LINKS.items():
                     m = measure_household(plan_dir, n, (mbps, rtt_ms), xte, cfg)
                     wire_per_link = m["busiest_link_payload_bytes"] * (
                         m["wire_bytes_per_sample"] / max(m["payload_bytes_per_sample"], 1)
                     )
-                    floor = (
-                        single["latency_ms_median"] / n
-                        + wire_per_link * 8 / (mbps * 1e6) * 1e3
-                        + (rep.sync_points + 2) * rtt_ms / 2
+                    comm = (
+                        wire_per_link * 8 / (mbps * 1e6) * 1e3 + (rep.sync_points + 2) * rtt_ms / 2
                     )
+                    floor = single["latency_ms_median"] / n + comm
                     row = {
                         "mode": info["mode"],
                         "nodes": n,
@@ -386,6 +454,11 @@ def main() -> None:
                         "plan_bytes_per_sample": rep.bytes_per_sample,
                         "floor_ms": floor,
                         "latency_over_floor": m["latency_ms_median"] / floor,
+                        # diagnostics: measured shard compute per node, and the floor with the
+                        # slowest node's measured compute in place of compute / N
+                        "node_compute_ms": node_ms,
+                        "floor_node_ms": max(node_ms) + comm,
+                        "latency_over_floor_node": m["latency_ms_median"] / (max(node_ms) + comm),
                         "framing_overhead": m["wire_bytes_per_sample"]
                         / max(m["payload_bytes_per_sample"], 1)
                         - 1,
@@ -393,7 +466,9 @@ def main() -> None:
                     rows.append(row)
                     log(
                         f"N={n} {name:<18} {link:<12} {m['latency_ms_median']:8.2f} ms "
-                        f"(floor {floor:.2f}, x{row['latency_over_floor']:.2f}) "
+                        f"(floor {floor:.2f}, x{row['latency_over_floor']:.2f}; node compute "
+                        f"{'/'.join(f'{v:.2f}' for v in node_ms)}, floor_node "
+                        f"{max(node_ms) + comm:.2f}) "
                         f"{m['throughput_per_s']:7.1f}/s payload "
                         f"{m['payload_bytes_per_sample']:,.0f} B wire +"
                         f"{100 * row['framing_overhead']:.2f}%"

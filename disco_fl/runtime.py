@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ import torch
 from disco_fl.codecs import get_codec
 from disco_fl.export import ShardNode
 from disco_fl.partition import Op, Program, Traffic, get_spec
+from disco_fl.partition.registry import OpSpec
 from disco_fl.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2
 from disco_fl.transport.base import MAX_ERROR_TEXT, PeerDownError, Transport
@@ -66,6 +68,60 @@ def node_traffic(node: ShardNode) -> list[list[Traffic]]:
         cached = [op_traffic(node.plan, op) for op in node.plan.program.ops]
         _TRAFFIC[node] = cached
     return cached
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What node ``k`` does for one op, worked out once per node (not per request)."""
+
+    layer: int
+    op: Op
+    spec: OpSpec
+    is_input: bool
+    is_output: bool
+    out_to: list[int]  # peers this node sends to, ascending
+    in_from: list[tuple[int, Traffic]]  # (peer, its message) this node receives, ascending
+    wire_codec: str
+    wire_enum: int
+    direction: int
+    free: tuple[str, ...]  # values no later op reads (dropped after this op: peak memory)
+
+
+_SCHEDULE: weakref.WeakKeyDictionary[Any, list[_Step]] = weakref.WeakKeyDictionary()
+
+
+def node_schedule(node: ShardNode) -> list[_Step]:
+    """The per-op :class:`_Step` list of ``node``, computed once per node object."""
+    cached = _SCHEDULE.get(node)
+    if cached is not None:
+        return cached
+    program = node.plan.program
+    k = node.index
+    codec = get_codec(node.plan.codec)
+    last_use = {name: i for i, op in enumerate(program.ops) for name in op.inputs}
+    steps = []
+    for layer, (op, traffic) in enumerate(zip(program.ops, node_traffic(node), strict=True)):
+        spec = get_spec(op.kind)
+        coded = spec.coded_messages
+        wire_codec = codec.name if coded else "fp32"
+        in_from = {t.src: t for t in traffic if t.dst == k}
+        steps.append(
+            _Step(
+                layer=layer,
+                op=op,
+                spec=spec,
+                is_input=op.kind == "input",
+                is_output=op.kind == "output",
+                out_to=sorted({t.dst for t in traffic if t.src == k}),
+                in_from=sorted(in_from.items()),
+                wire_codec=wire_codec,
+                wire_enum=CODECS[wire_codec],
+                direction=direction_of(op, coded),
+                free=tuple(dict.fromkeys(n for n in op.inputs if last_use[n] == layer)),
+            )
+        )
+    _SCHEDULE[node] = steps
+    return steps
 
 
 def _check_message(
@@ -123,54 +179,50 @@ def run_node(
         )
     if k == program.requester and not isinstance(x, torch.Tensor):
         raise ValueError(f"node {k} is the requester: it needs the input tensor")
-    codec = get_codec(plan.codec)
     deadline = time.monotonic() + timeout
     env: dict[str, Any] = {}
     result: Any = None
     batch: int | None = None
     layer = 0
     sent: set[int] = set()  # peers already sent this layer's message
-    last_use = {name: i for i, op in enumerate(program.ops) for name in op.inputs}
-    traffics = node_traffic(node)
+    requester = k == program.requester
+    recv = transport.recv
+    send = transport.send
     try:
-        with torch.no_grad():
-            for layer, op in enumerate(program.ops):
-                spec = get_spec(op.kind)
-                xs = (
-                    [x if k == program.requester else None]
-                    if op.kind == "input"
-                    else [env[i] for i in op.inputs]
-                )
-                traffic = traffics[layer]
-                out_to = sorted({t.dst for t in traffic if t.src == k})
-                in_from = {t.src: t for t in traffic if t.dst == k}
+        with torch.inference_mode():
+            for step_ in node_schedule(node):
+                layer = step_.layer
+                op = step_.op
+                spec = step_.spec
+                if step_.is_input:
+                    xs: list[Any] = [x if requester else None]
+                else:
+                    xs = [env[i] for i in op.inputs]
+                out_to = step_.out_to
                 msgs = spec.send(op, node, xs) or {}
-                if sorted(msgs) != out_to:
+                if len(msgs) != len(out_to) or sorted(msgs) != out_to:
                     raise RuntimeError(
                         f"node {k} layer {layer} ({op.name}): op sends to {sorted(msgs)} but "
                         f"the plan's traffic says {out_to}"
                     )
-                coded = spec.coded_messages
-                wire_codec = codec.name if coded else "fp32"
-                direction = direction_of(op, coded)
                 sent = set()
                 for dest in out_to:
                     frame = Frame(
                         session_id=session_id,
                         step=step,
                         layer=layer,
-                        direction=direction,  # type: ignore[arg-type]
+                        direction=step_.direction,  # type: ignore[arg-type]
                         src=k,
                         dst=dest,
                     )
-                    encode_tensor(msgs[dest], wire_codec, out=frame.tensor)
-                    transport.send(frame)
+                    encode_tensor(msgs[dest], step_.wire_codec, out=frame.tensor)
+                    send(frame)
                     sent.add(dest)
                 received: dict[int, torch.Tensor] = {}
-                for src in sorted(in_from):
+                for src, tr in step_.in_from:
                     left = max(0.0, deadline - time.monotonic())
                     try:
-                        f = transport.recv(session_id, layer, src, left, step=step)
+                        f = recv(session_id, layer, src, left, step=step)
                     except TimeoutError:
                         raise TimeoutError(
                             f"node {k}: no message from node {src} for layer {layer} "
@@ -185,24 +237,23 @@ def run_node(
                         raise PeerError(
                             f"node {src} failed at layer {layer} ({op.name}): {f.error}"
                         )
-                    if f.direction != direction or f.tensor.codec != CODECS[wire_codec]:
+                    if f.direction != step_.direction or f.tensor.codec != step_.wire_enum:
                         raise PeerError(
                             f"layer {layer} ({op.name}) from node {src}: direction "
-                            f"{f.direction}/codec {f.tensor.codec}, expected {direction}/"
-                            f"{CODECS[wire_codec]}"
+                            f"{f.direction}/codec {f.tensor.codec}, expected {step_.direction}/"
+                            f"{step_.wire_enum}"
                         )
                     t = decode_tensor(f.tensor, max_bytes=max_message_bytes)
-                    _check_message(program, op, layer, src, t, in_from[src], batch)
+                    _check_message(program, op, layer, src, t, tr, batch)
                     received[src] = t
                 value = spec.compute(op, node, xs, received)
                 env[op.name] = value
                 del xs, received, msgs
-                for name in op.inputs:  # free what no later op reads (peak memory)
-                    if last_use[name] == layer:
-                        env.pop(name, None)
-                if op.kind == "input" and isinstance(value, torch.Tensor) and value.dim():
+                for name in step_.free:  # free what no later op reads (peak memory)
+                    env.pop(name, None)
+                if step_.is_input and isinstance(value, torch.Tensor) and value.dim():
                     batch = int(value.shape[0])
-                if op.kind == "output":
+                if step_.is_output:
                     result = value
     except BaseException as e:
         why = f"{type(e).__name__}: {e}"
@@ -214,7 +265,7 @@ def run_node(
         return None
     if not isinstance(result, torch.Tensor):
         raise RuntimeError("program produced no output tensor")
-    return result
+    return result.clone()  # an ordinary tensor (not an inference-mode one) for the caller
 
 
 def _notify_peers(

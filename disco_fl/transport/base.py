@@ -276,7 +276,7 @@ class Transport(ABC):
             raise ValueError(f"node {self.index}: bad destination {frame.dst}")
         payload = payload_bytes(frame.tensor) if frame.HasField("tensor") else 0
         wire = frame.ByteSize()
-        self._transmit(frame)
+        self._transmit(frame, wire)
         with self._stats:
             key = (int(frame.dst), int(frame.layer))
             self._payload_sent[key] = self._payload_sent.get(key, 0) + payload
@@ -285,8 +285,9 @@ class Transport(ABC):
             self._frames_sent += 1
 
     @abstractmethod
-    def _transmit(self, frame: peer_pb2.Frame) -> None:
-        """Hand the frame to the peer (may return before it is delivered)."""
+    def _transmit(self, frame: peer_pb2.Frame, size: int) -> None:
+        """Hand the frame (``size`` serialized bytes) to the peer (may return before it is
+        delivered)."""
 
     # ---- receiving -----------------------------------------------------------------------
     def _accept(

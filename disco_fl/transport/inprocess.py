@@ -27,7 +27,7 @@ class InProcessTransport(Transport):
         )
         self._hub = hub
 
-    def _transmit(self, frame: peer_pb2.Frame) -> None:
+    def _transmit(self, frame: peer_pb2.Frame, size: int) -> None:
         data = frame.SerializeToString()
         peer = self._hub[frame.dst]
         if peer.closed:
