@@ -196,6 +196,15 @@ def _transport(spec: dict[str, Any], plan_hash: str, num_layers: int) -> Any:
     return t
 
 
+def _load_model(root: Path, mode: str) -> Any:
+    """The one-process model of ``mode``: the whole model or the emulated partitioned one."""
+    if mode == "whole_model":
+        model = build_model()
+        model.load_state_dict(torch.load(root / "whole.pt", weights_only=True))
+        return model
+    return torch.load(root / "emulation.pt", weights_only=False)
+
+
 def _worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
@@ -231,14 +240,10 @@ def _worker_train(spec: dict[str, Any]) -> dict[str, Any]:
         tr.close(5.0)
     else:
         base = _baseline_mb()
+        model = _load_model(root, mode).train()
         if mode == "whole_model":
-            model = build_model()
-            model.load_state_dict(torch.load(root / "whole.pt", weights_only=True))
-            model.train()
             opt = torch.optim.Adam(model.parameters(), LR)
         else:
-            model = torch.load(root / "emulation.pt", weights_only=False)
-            model.train()
             groups = [g for s in model.shards for g in default_param_groups(s, LR)]
             opt = torch.optim.Adam(groups)
         data = torch.load(root / "data.pt", weights_only=True)
@@ -285,12 +290,7 @@ def _worker_infer(spec: dict[str, Any]) -> dict[str, Any]:
         tr.close(5.0)
     else:
         base = _baseline_mb()
-        if mode == "whole_model":
-            model = build_model()
-            model.load_state_dict(torch.load(root / "whole.pt", weights_only=True))
-        else:
-            model = torch.load(root / "emulation.pt", weights_only=False)
-        model.eval()
+        model = _load_model(root, mode).eval()
         data = torch.load(root / "data.pt", weights_only=True)
         with torch.no_grad():
             for t in range(reps):

@@ -528,15 +528,15 @@ class DiscoStrategy(Strategy):
                             "dp-delta": self.dp.delta,
                         }
                     )
-                content = RecordDict(
-                    {"arrays": shard_arrays(self.pm.shard(k)), "config": ConfigRecord(cfg)}
-                )
-                msgs.append(
-                    Message(
-                        content=content, message_type=MessageType.TRAIN, dst_node_id=node.node_id
-                    )
-                )
+                msgs.append(self._shard_message(k, cfg, MessageType.TRAIN, node.node_id))
         return msgs
+
+    def _shard_message(self, k: int, cfg: dict[str, Any], kind: str, node_id: int) -> Message:
+        """Node ``k``'s shard (packed) and the round's config, addressed to ``node_id``."""
+        content = RecordDict(
+            {"arrays": shard_arrays(self.pm.shard(k)), "config": ConfigRecord(cfg)}
+        )
+        return Message(content=content, message_type=kind, dst_node_id=node_id)
 
     def _sort_replies(
         self, replies: Iterable[Message], what: str
@@ -698,14 +698,7 @@ class DiscoStrategy(Strategy):
                         "eval-batch-size": self.eval_batch_size,
                     }
                 )
-                content = RecordDict(
-                    {"arrays": shard_arrays(self.pm.shard(k)), "config": ConfigRecord(cfg)}
-                )
-                msgs.append(
-                    Message(
-                        content=content, message_type=MessageType.EVALUATE, dst_node_id=node.node_id
-                    )
-                )
+                msgs.append(self._shard_message(k, cfg, MessageType.EVALUATE, node.node_id))
         return msgs
 
     def aggregate_evaluate(

@@ -534,18 +534,6 @@ def test_dp_refuses_batchnorm_and_calibrates_target_epsilon() -> None:
 # ---- compact weights (hard gates) --------------------------------------------------------
 
 
-def _compact_optimizer(kind: str, shards: Sequence[nn.Module]) -> torch.optim.Optimizer:
-    """As :func:`_optimizer`, Adam with ``eps=1e-5``: the compact convolutions sum without the
-    closed (zero) columns, in another order than the emulation's full-width ones, and Adam
-    turns that rounding, in gradients near zero, into steps of up to ``lr`` (with the default
-    ``eps`` a single weight of the 3-node ResNet differs by 4e-5 of its tensor's scale)."""
-    opt = _optimizer(kind, shards)
-    if kind == "adam":
-        for group in opt.param_groups:
-            group["eps"] = 1e-5
-    return opt
-
-
 def _closed_columns(trainer: NodeTrainer) -> dict[str, torch.Tensor]:
     """Full-width weight key -> the positions of its closed columns (nonempty)."""
     return {f"ops.{name}.weight": c.closed for name, c in trainer._cols.items() if c.closed.numel()}
@@ -571,18 +559,11 @@ def test_compact_steps_equal_emulation(name: str, n: int, opt_kind: str) -> None
     before = _snapshot(pm)
     full_numel = [sum(p.numel() for p in pm.shard(k).ops.parameters()) for k in range(n)]
     gates_numel = [sum(p.numel() for p in pm.shard(k).gates.parameters()) for k in range(n)]
-    pm.gate_mode = ref.gate_mode = "hard"
-    ref.gate_seed = 7
-    ref.execution = "lockstep" if opt_kind == "adam" else "fused"
-    opt = _compact_optimizer(opt_kind, list(ref.shards))
-    for t in range(STEPS):
-        x, y = batches[t]
-        opt.zero_grad()
-        F.cross_entropy(ref(x), y).backward()
-        opt.step()
+    pm.gate_mode = "hard"
+    _emulate(ref, batches, opt_kind, "hard", range(STEPS), 0.0)
     plan = plan_of(pm)
     with InProcessHub(n, num_layers=len(pm.program.ops)) as hub:
-        optimizers = [_compact_optimizer(opt_kind, [pm.shard(k)]) for k in range(n)]
+        optimizers = [_optimizer(opt_kind, [pm.shard(k)]) for k in range(n)]
         trainers = [
             NodeTrainer(pm.shard(k), plan, hub[k], optimizers[k], gate_seed=7, compact=True)
             for k in range(n)
@@ -666,13 +647,7 @@ def test_compact_abort_and_resume_across_modes(tmp_path: Path) -> None:
     n = 3
     pm, batches = _partition("resnet_narrow", n, 0.6)
     ref = copy.deepcopy(pm)
-    ref.gate_seed, ref.execution = 7, "lockstep"
-    opt = _compact_optimizer("adam", list(ref.shards))
-    for t in range(STEPS):
-        x, y = batches[t]
-        opt.zero_grad()
-        F.cross_entropy(ref(x), y).backward()
-        opt.step()
+    _emulate(ref, batches, "adam", "hard", range(STEPS), 0.0)
     plan = plan_of(pm)
 
     def make(hub: InProcessHub, compact: bool) -> list[NodeTrainer]:
@@ -681,7 +656,7 @@ def test_compact_abort_and_resume_across_modes(tmp_path: Path) -> None:
                 pm.shard(k),
                 plan,
                 hub[k],
-                _compact_optimizer("adam", [pm.shard(k)]),
+                _optimizer("adam", [pm.shard(k)]),
                 gate_seed=7,
                 timeout=20.0,
                 compact=compact,
