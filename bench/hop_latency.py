@@ -1,84 +1,182 @@
-"""Round trip of one small frame between two processes over the gRPC peer transport.
+"""Round trip of one small frame between two processes: what one hop costs on this machine.
 
-A diagnostic for ``bench/latency.py``: what one hop of the runtime costs on this machine
-without any link emulation (Python gRPC streams: sender queue -> gRPC thread -> loopback ->
-server thread -> mailbox -> waiting thread). Frame: an fp32 tensor of shape (1, 8, 14, 14)
-(6,272 payload bytes), as an exchange of the small ResNet at batch 1.
+A diagnostic for ``bench/latency.py``, with no link emulation. Frame: an fp32 tensor of shape
+(1, 8, 14, 14) (6,272 payload bytes), as an exchange of the small ResNet at batch 1. Three
+paths, each a ping-pong between two processes (median round trip; a hop is about half):
+
+- ``raw_grpc_aio``: plain ``grpc.aio`` with no disco_fl code: one bidirectional stream, the
+  client writes a ``disco.v1.Frame`` and the server's handler writes it back (the least any
+  Python gRPC hop costs here);
+- ``transport_loop``: :class:`~disco_fl.transport.grpc_transport.GrpcTransport` used the way
+  ``disco-fl serve`` uses it: a coroutine on the transport's event loop sends and awaits
+  (``recv_async``): no thread hand-off;
+- ``transport_threads``: the same transport used from an ordinary thread (``send`` / blocking
+  ``recv``), as joint training uses it: every frame changes threads on both sides.
 
 Usage::
 
-    python bench/hop_latency.py [--n 400] [--json OUT]
+    python bench/hop_latency.py [--n 600] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing as mp
 import statistics
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import torch
 
-from disco_fl.proto_gen.disco.v1 import peer_pb2
+from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
 from disco_fl.transport.grpc_transport import GrpcTransport
 from disco_fl.wire import encode_tensor
 
+SHAPE = (1, 8, 14, 14)
 
-def _frame(src: int, dst: int, i: int, t: torch.Tensor) -> peer_pb2.Frame:
+
+def _frame(src: int, dst: int, i: int) -> peer_pb2.Frame:
     f = peer_pb2.Frame(
         session_id=f"s{i}", layer=0, src=src, dst=dst, direction=peer_pb2.Frame.FORWARD
     )
-    encode_tensor(t, "fp32", out=f.tensor)
+    encode_tensor(torch.zeros(SHAPE), "fp32", out=f.tensor)
     return f
 
 
-def _echo(port_q: Any, addr_q: Any, n: int) -> None:
+def _stats(rtts: list[float]) -> dict[str, Any]:
+    steady = sorted(rtts[len(rtts) // 10 :])
+    return {
+        "round_trip_us_median": statistics.median(steady),
+        "round_trip_us_p10": steady[len(steady) // 10],
+        "round_trip_us_p90": steady[9 * len(steady) // 10],
+        "n": len(steady),
+    }
+
+
+# ---- raw grpc.aio ----------------------------------------------------------------------------
+class _Echo(peer_pb2_grpc.PeerServicer):
+    async def Exchange(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[peer_pb2.Frame], context: Any
+    ) -> AsyncIterator[peer_pb2.Frame]:
+        async for frame in request_iterator:
+            yield frame
+
+
+def _raw_server(port_q: Any, n: int) -> None:
+    async def main() -> None:
+        server = grpc.aio.server()
+        peer_pb2_grpc.add_PeerServicer_to_server(_Echo(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        port_q.put(f"127.0.0.1:{port}")
+        await server.wait_for_termination(timeout=120)
+
+    asyncio.run(main())
+
+
+def _raw(n: int) -> list[float]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_raw_server, args=(q, n), daemon=True)
+    p.start()
+    address = q.get(timeout=60)
+
+    async def main() -> list[float]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = peer_pb2_grpc.PeerStub(channel).Exchange()
+            rtts = []
+            for i in range(n):
+                frame = _frame(0, 1, i)
+                t0 = time.perf_counter()
+                await call.write(frame)
+                await call.read()
+                rtts.append((time.perf_counter() - t0) * 1e6)
+            await call.done_writing()
+            return rtts
+
+    try:
+        return asyncio.run(main())
+    finally:
+        p.kill()
+        p.join(10)
+
+
+# ---- the transport ---------------------------------------------------------------------------
+def _echo(port_q: Any, addr_q: Any, n: int, on_loop: bool) -> None:
     torch.set_num_threads(1)
     t = GrpcTransport(1, 2, plan_hash="h", num_layers=1)
     port_q.put(t.address)
     t.set_peers([addr_q.get(), t.address])
     t.connect()
-    x = torch.zeros(1, 8, 14, 14)
-    for i in range(n):
-        t.recv(f"s{i}", 0, 0, 30)
-        t.send(_frame(1, 0, i, x))
+    if on_loop:
+
+        async def serve() -> None:
+            for i in range(n):
+                await t.recv_async(f"s{i}", 0, 0, 30)
+                t.send(_frame(1, 0, i))
+                await asyncio.sleep(0)  # let the link's writer hand it to gRPC
+
+        t.run(serve())
+    else:
+        for i in range(n):
+            t.recv(f"s{i}", 0, 0, 30)
+            t.send(_frame(1, 0, i))
     time.sleep(1.0)
     t.close()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=400)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+def _transport(n: int, on_loop: bool) -> list[float]:
     ctx = mp.get_context("spawn")
     pq, aq = ctx.Queue(), ctx.Queue()
-    p = ctx.Process(target=_echo, args=(pq, aq, args.n))
+    p = ctx.Process(target=_echo, args=(pq, aq, n, on_loop))
     p.start()
     t = GrpcTransport(0, 2, plan_hash="h", num_layers=1)
     peer = pq.get(timeout=60)
     aq.put(t.address)
     t.set_peers([t.address, peer])
     t.connect()
-    x = torch.zeros(1, 8, 14, 14)
-    rtts = []
-    for i in range(args.n):
-        t0 = time.perf_counter()
-        t.send(_frame(0, 1, i, x))
-        t.recv(f"s{i}", 0, 1, 30)
-        rtts.append((time.perf_counter() - t0) * 1e6)
+    rtts: list[float] = []
+    if on_loop:
+
+        async def ping() -> None:
+            for i in range(n):
+                frame = _frame(0, 1, i)
+                t0 = time.perf_counter()
+                t.send(frame)
+                await asyncio.sleep(0)
+                await t.recv_async(f"s{i}", 0, 1, 30)
+                rtts.append((time.perf_counter() - t0) * 1e6)
+
+        t.run(ping())
+    else:
+        for i in range(n):
+            frame = _frame(0, 1, i)
+            t0 = time.perf_counter()
+            t.send(frame)
+            t.recv(f"s{i}", 0, 1, 30)
+            rtts.append((time.perf_counter() - t0) * 1e6)
     p.join(30)
     t.close()
-    steady = rtts[args.n // 10 :]
+    return rtts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=600)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
     out = {
-        "round_trip_us_median": statistics.median(steady),
-        "round_trip_us_p10": sorted(steady)[len(steady) // 10],
-        "round_trip_us_p90": sorted(steady)[9 * len(steady) // 10],
-        "n": len(steady),
+        "frame_payload_bytes": 4 * 8 * 14 * 14,
+        "raw_grpc_aio": _stats(_raw(args.n)),
+        "transport_loop": _stats(_transport(args.n, on_loop=True)),
+        "transport_threads": _stats(_transport(args.n, on_loop=False)),
     }
     print(json.dumps(out, indent=1))
     if args.json:

@@ -245,11 +245,13 @@ def measure_household(
                 for i in range(5):  # warm-up: connections, allocator, first-call overheads
                     s.infer(x[i : i + 1])
                 before = counters(hh.addrs)
-                times = []
+                times = []  # the caller's round trip through node 0's Infer call
+                node_times = []  # node 0's own time: input there -> output there
                 for i in range(cfg["requests"]):
                     t0 = time.perf_counter()
                     s.infer(x[i : i + 1])
                     times.append((time.perf_counter() - t0) * 1e3)
+                    node_times.append(float(s.last_server_ms or 0.0))
                 after = counters(hh.addrs)
                 m = cfg["requests"]
                 nimg = cfg["throughput_images"]
@@ -261,8 +263,9 @@ def measure_household(
             hh.stop()
     links = {k: (v - before["per_link"].get(k, 0)) / m for k, v in after["per_link"].items()}
     return {
-        "latency_ms_median": statistics.median(times),
-        "latency_ms_p90": float(np.percentile(times, 90)),
+        "latency_ms_median": statistics.median(node_times),
+        "latency_ms_p90": float(np.percentile(node_times, 90)),
+        "latency_rpc_ms_median": statistics.median(times),
         "throughput_per_s": thr,
         "payload_bytes_per_sample": (after["payload"] - before["payload"]) / m,
         "wire_bytes_per_sample": (after["wire"] - before["wire"]) / m,
@@ -339,14 +342,19 @@ def _speedup(r: dict[str, Any]) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def _rpc(r: dict[str, Any]) -> str:
+    v = r.get("latency_rpc_ms_median")
+    return "- | -" if v is None else f"{v:.2f} | {v / r['floor_ms']:.2f}"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows as the table in BENCHMARKS.md."""
     head = (
         "| mode | N | budget | max sync | link | sync points | accuracy | latency ms (median) "
-        "| floor ms | latency / floor | vs dense TP | images/s | payload B/img "
-        "| framing (batch 1) | framing (batch 32) | node compute ms (diag.) "
-        "| floor_node ms (diag.) | latency / floor_node |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| floor ms | latency / floor | caller ms (via Infer) | caller / floor | vs dense TP "
+        "| images/s | payload B/img | framing (batch 1) | framing (batch 32) "
+        "| node compute ms (diag.) | floor_node ms (diag.) | latency / floor_node |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -356,7 +364,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {r.get('max_sync_points') or '-'} | {r['link']} | {r['sync_points']} "
             f"| {'-' if acc is None else f'{100 * acc:.1f}%'} | {r['latency_ms_median']:.2f} "
             f"| {r['floor_ms']:.2f} | {r['latency_ms_median'] / r['floor_ms']:.2f} "
-            f"| {_speedup(r)} | {r['throughput_per_s']:.0f} "
+            f"| {_rpc(r)} | {_speedup(r)} | {r['throughput_per_s']:.0f} "
             f"| {r['payload_bytes_per_sample']:,.0f} "
             f"| {100 * r.get('framing_overhead', 0.0):.2f}% "
             f"| {100 * r.get('framing_overhead_batch32', 0.0):.2f}% "
@@ -466,7 +474,8 @@ def main() -> None:
                     rows.append(row)
                     log(
                         f"N={n} {name:<18} {link:<12} {m['latency_ms_median']:8.2f} ms "
-                        f"(floor {floor:.2f}, x{row['latency_over_floor']:.2f}; node compute "
+                        f"(floor {floor:.2f}, x{row['latency_over_floor']:.2f}; caller "
+                        f"{m['latency_rpc_ms_median']:.2f} ms; node compute "
                         f"{'/'.join(f'{v:.2f}' for v in node_ms)}, floor_node "
                         f"{max(node_ms) + comm:.2f}) "
                         f"{m['throughput_per_s']:7.1f}/s payload "

@@ -2,13 +2,29 @@
 
 A diagnostic for ``bench/latency.py``. Starts two ``disco-fl serve`` processes for an exported
 2-node plan (as ``bench/latency.py`` does, same link emulation), each wrapped by this script
-so that it records timestamps (``time.monotonic``: one clock for all processes of a machine)
-when: the ``Infer`` call starts and ends, ``run_node`` starts and ends, a frame is handed to
-``Transport.send`` (and when that returns), a frame leaves the link shaper (handed to gRPC),
-a frame is accepted by the receiver, a ``recv`` call starts and returns. The caller times its
-own calls. Prints the median of every stage of the requests (node 0 is the requester; the
-stages follow the critical path: call, input hop, node 1's compute, each exchange, output
-hop, reply).
+so that it records timestamps (``time.monotonic``: one clock for all processes of a machine,
+and the clock of the transport's event loop) when, on the node's asyncio I/O loop:
+
+- the ``Infer`` handler (a coroutine) starts and ends, ``run_node_async`` starts and ends;
+- a frame is handed to ``Transport.send`` (and when that returns: the frame is only queued
+  for the link's writer task, which hands it to gRPC when the loop next runs);
+- a frame reaches the receiving node over loopback (``GrpcTransport._arrived``, called by the
+  ``Exchange`` handler), and when the emulated link is due to deliver it (the time the link
+  shape computes: RTT/2 + framed bytes / rate after the link is free);
+- the emulated link delivers the frame into the mailbox (``Transport._accept``, run by a
+  ``loop.call_at`` timer; at once without a link shape);
+- a session starts on node 1 (``NodeServer._start_session``, from ``_accept`` of the INPUT
+  frame) and a ``recv_async`` call starts and returns.
+
+Every event carries its frame's layer and session id, so each request's events are picked by
+session. The caller times its own calls. Prints the median of every stage of the requests
+(node 0 is the requester). The lettered stages follow the critical path -- the call, the
+input hop, node 1's timeline (its compute and, at each exchange, the wait for node 0's
+frame), the output hop and the reply -- and add up to the caller's total for every request;
+indented rows break a stage down or show the other node's side. A hop is split into
+``send -> arrived`` (the software hop: the link's writer task, gRPC, loopback, the receiver's
+gRPC) and ``arrived -> delivered`` (the emulated link: RTT/2 + bytes/rate, plus how late the
+loop's timer fires).
 
 Usage::
 
@@ -20,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -27,10 +44,39 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-Event = tuple[str, int, float]  # (what, layer, time.monotonic())
+Event = tuple[str, int, float, str]  # (what, layer, time.monotonic(), session id or "")
+_Tag = Callable[[tuple[Any, ...], dict[str, Any]], tuple[int, str]]  # args -> (layer, session)
+
+
+def _frame_tag(a: tuple[Any, ...], k: dict[str, Any]) -> tuple[int, str]:
+    """(layer, session) of a method's first argument after ``self``: a frame."""
+    frame = a[1] if len(a) > 1 else k["frame"]
+    return int(frame.layer), str(frame.session_id)
+
+
+def _recv_tag(a: tuple[Any, ...], k: dict[str, Any]) -> tuple[int, str]:
+    """(layer, session) of ``recv_async(self, session_id, layer, src, timeout)``."""
+    sid = a[1] if len(a) > 1 else k["session_id"]
+    layer = a[2] if len(a) > 2 else k["layer"]
+    return int(layer), str(sid)
+
+
+def _session_tag(a: tuple[Any, ...], k: dict[str, Any]) -> tuple[int, str]:
+    """(-1, session) of ``_start_session(self, session_id, step)``."""
+    return -1, str(a[1] if len(a) > 1 else k["session_id"])
+
+
+def _run_tag(a: tuple[Any, ...], k: dict[str, Any]) -> tuple[int, str]:
+    """(-1, session) of ``run_node_async(node, transport, x, *, session_id=...)``."""
+    return -1, str(k.get("session_id", ""))
+
+
+def _no_tag(a: tuple[Any, ...], k: dict[str, Any]) -> tuple[int, str]:
+    return -1, ""
 
 
 def _serve_wrapped(out: str, argv: list[str]) -> None:
@@ -43,106 +89,232 @@ def _serve_wrapped(out: str, argv: list[str]) -> None:
     ev: list[Event] = []
     mono = time.monotonic
 
-    def wrap(cls: Any, name: str, before: str, after: str | None, layer_arg: int | None) -> None:
-        orig = getattr(cls, name)
+    def wrap(obj: Any, name: str, before: str, after: str | None, tag: _Tag) -> None:
+        orig = getattr(obj, name)
 
         def f(*a: Any, **k: Any) -> Any:
-            layer = -1 if layer_arg is None else int(getattr(a[layer_arg], "layer", a[layer_arg]))
-            ev.append((before, layer, mono()))
+            layer, sid = tag(a, k)
+            ev.append((before, layer, mono(), sid))
             r = orig(*a, **k)
             if after:
-                ev.append((after, layer, mono()))
+                ev.append((after, layer, mono(), sid))
             return r
 
-        setattr(cls, name, f)
+        setattr(obj, name, f)
 
-    wrap(base.Transport, "send", "send", "send_ret", 1)
-    wrap(base.Transport, "_accept", "accept", None, 1)
-    wrap(base.Transport, "recv", "recv_call", "recv_ret", 2)
-    wrap(gt._Pacer, "pace", "pace_call", "paced", None)
-    wrap(ns.InferenceServicer, "Infer", "infer_start", "infer_end", None)
-    wrap(ns.NodeServer, "_start_session", "start_session", None, None)
-    orig_run = ns.run_node
+    def wrap_async(obj: Any, name: str, before: str, after: str, tag: _Tag) -> None:
+        orig = getattr(obj, name)
 
-    def run_node(*a: Any, **k: Any) -> Any:
-        ev.append(("run_start", -1, mono()))
-        try:
-            return orig_run(*a, **k)
-        finally:
-            ev.append(("run_end", -1, mono()))
+        async def f(*a: Any, **k: Any) -> Any:
+            layer, sid = tag(a, k)
+            ev.append((before, layer, mono(), sid))
+            try:
+                return await orig(*a, **k)
+            finally:
+                ev.append((after, layer, mono(), sid))
 
-    ns.run_node = run_node  # type: ignore[assignment]
-    signal.signal(signal.SIGUSR2, lambda *_: Path(out).write_text(json.dumps(ev)))
+        setattr(obj, name, f)
+
+    # when the emulated link is due to deliver the frame that just arrived (its link clock)
+    due: list[float] = []
+    orig_arrival = gt._LinkClock.arrival
+
+    def arrival(self: Any, message_bytes: int, now: float) -> float:
+        at = orig_arrival(self, message_bytes, now)
+        due.append(at)
+        return at
+
+    orig_arrived = gt.GrpcTransport._arrived
+
+    def arrived(self: Any, frame: Any, size: int, src: int) -> str | None:
+        layer, sid = int(frame.layer), str(frame.session_id)
+        ev.append(("arrived", layer, mono(), sid))
+        due.clear()
+        r = orig_arrived(self, frame, size, src)
+        if due:
+            ev.append(("due", layer, due[-1], sid))
+        return r
+
+    setattr(gt._LinkClock, "arrival", arrival)  # noqa: B010 - a patch; mypy: no method-assign
+    setattr(gt.GrpcTransport, "_arrived", arrived)  # noqa: B010
+    wrap(base.Transport, "send", "send", "send_ret", _frame_tag)
+    wrap(base.Transport, "_accept", "accept", None, _frame_tag)
+    wrap(ns.NodeServer, "_start_session", "start_session", None, _session_tag)
+    wrap_async(gt.GrpcTransport, "recv_async", "recv_call", "recv_ret", _recv_tag)
+    wrap_async(ns.InferenceServicer, "Infer", "infer_start", "infer_end", _no_tag)
+    wrap_async(ns, "run_node_async", "run_start", "run_end", _run_tag)
+
+    def dump(*_: Any) -> None:
+        tmp = Path(out + ".tmp")
+        tmp.write_text(json.dumps(list(ev)))
+        os.replace(tmp, out)  # the parent never reads half a file
+
+    signal.signal(signal.SIGUSR2, dump)
     sys.argv = ["disco-fl", *argv]
     main()
 
 
-def _analyze(client: list[tuple[float, float]], nodes: list[list[Event]]) -> dict[str, float]:
+SUM_KEY = "sum of the lettered (critical-path) stages"
+TOTAL_KEY = "total (caller)"
+
+
+def _request_rows(
+    cs: float, ce: float, server_ms: float, nodes: list[list[Event]]
+) -> list[tuple[str, float, bool]]:
+    """One request's stages: ``(name, seconds, on the critical path)``; raises ``LookupError``
+    when an event of the critical path is missing."""
+    rows: list[tuple[str, float, bool]] = []
+    window = [e for e in nodes[0] if cs <= e[2] <= ce]
+    sid = next(e[3] for e in window if e[0] == "run_start")  # StopIteration: not found
+    ev = [[e for e in evs if e[3] == sid] for evs in nodes]
+
+    def at(k: int, what: str, layer: int | None = None, after: float = -math.inf) -> float | None:
+        for w, lay, t, _ in ev[k]:
+            if w == what and (layer is None or lay == layer) and t >= after:
+                return t
+        return None
+
+    def must(k: int, what: str, layer: int | None = None, after: float = -math.inf) -> float:
+        t = at(k, what, layer, after)
+        if t is None:
+            raise LookupError(f"node {k}: {what} (layer {layer})")
+        return t
+
+    def stage(name: str, a: float, b: float) -> None:
+        rows.append((name, b - a, True))
+
+    def info(name: str, a: float | None, b: float | None, indent: str = "    ") -> None:
+        if a is not None and b is not None:
+            rows.append((indent + name, b - a, False))
+
+    def hop_info(what: str, k: int, layer: int, arrived: float | None) -> None:
+        """The emulated link's part of a hop into node ``k``, split."""
+        d = at(k, "due", layer)
+        info(f"{what}: arrived -> due (emulated: RTT/2 + bytes/rate)", arrived, d)
+        info(f"{what}: due -> delivered (timer lateness)", d, at(k, "accept", layer))
+
+    i0 = next(e[2] for e in window if e[0] == "infer_start")
+    ie = next(e[2] for e in window if e[0] == "infer_end")
+    r0, e0 = must(0, "run_start"), must(0, "run_end")
+    r1 = must(1, "run_start")
+    sends1 = sorted({lay for w, lay, _, _ in ev[1] if w == "send"})
+    out_layer = sends1[-1]
+    s_in = must(0, "send", 0)
+    arr_in, acc_in = must(1, "arrived", 0), must(1, "accept", 0)
+    stage("a. caller -> node 0 Infer handler starts", cs, i0)
+    stage("b. node 0: Infer handler -> run_node_async starts (decode, checks)", i0, r0)
+    stage("c. node 0: input encoded + handed to Transport.send", r0, s_in)
+    stage("d. input: send -> arrived at node 1 over loopback (software hop)", s_in, arr_in)
+    stage(
+        "e. input: arrived -> delivered by the emulated link (RTT/2 + bytes/rate + timer lateness)",
+        arr_in,
+        acc_in,
+    )
+    hop_info("input", 1, 0, arr_in)
+    stage("f. node 1: delivered -> run_node_async starts (session start)", acc_in, r1)
+    ss = at(1, "start_session")
+    info("node 1: delivered -> _start_session called", acc_in, ss)
+    info("node 1: _start_session -> run_node_async starts (task scheduled)", ss, r1)
+    # node 1's timeline: compute, and at every layer it receives (after the input) its wait
+    t = r1
+    prev0: float | None = at(0, "send_ret", 0)  # where node 0's own compute resumes
+    layers1 = sorted(
+        {lay for w, lay, _, _ in ev[1] if w in ("send", "recv_ret") and 0 < lay < out_layer}
+    )
+    for lay in layers1:
+        s1, rc1, rr1 = at(1, "send", lay), at(1, "recv_call", lay), at(1, "recv_ret", lay)
+        mark = s1 if s1 is not None else rc1
+        if mark is None:
+            raise LookupError(f"node 1: layer {lay}")
+        what = "send" if s1 is not None else "recv call"
+        stage(f"g. node 1: compute up to layer {lay} (its {what})", t, mark)
+        if rr1 is not None:
+            stage(f"h. layer {lay}: node 1 {what} -> has node 0's frame (recv returns)", mark, rr1)
+            t = rr1
+        else:
+            t = mark
+        s0 = at(0, "send", lay)
+        info(f"layer {lay}: node 0 compute up to its send (from its previous step)", prev0, s0)
+        arr1 = at(1, "arrived", lay, s0 if s0 is not None else -math.inf)
+        info(f"layer {lay}: node 0 send -> arrived at node 1 (software hop)", s0, arr1)
+        info(
+            f"layer {lay}: arrived at node 1 -> delivered (emulated link)",
+            arr1,
+            at(1, "accept", lay),
+        )
+        hop_info(f"layer {lay} at node 1", 1, lay, arr1)
+        info(f"layer {lay}: node 1 recv call -> returns (its wait for node 0)", rc1, rr1)
+        arr0 = at(0, "arrived", lay)
+        info(f"layer {lay}: node 1 send -> arrived at node 0 (software hop)", s1, arr0)
+        info(
+            f"layer {lay}: arrived at node 0 -> delivered (emulated link)",
+            arr0,
+            at(0, "accept", lay),
+        )
+        hop_info(f"layer {lay} at node 0", 0, lay, arr0)
+        rc0, rr0 = at(0, "recv_call", lay), at(0, "recv_ret", lay)
+        info(f"layer {lay}: node 0 recv call -> returns (its wait for node 1)", rc0, rr0)
+        prev0 = rr0 if rr0 is not None else (s0 if s0 is not None else prev0)
+    s_out = must(1, "send", out_layer)
+    arr_out, acc_out = must(0, "arrived", out_layer), must(0, "accept", out_layer)
+    rr_out = must(0, "recv_ret", out_layer)
+    stage("i. node 1: compute after its last wait (up to its output send)", t, s_out)
+    stage("j. output: send -> arrived at node 0 over loopback (software hop)", s_out, arr_out)
+    stage(
+        "k. output: arrived -> delivered by the emulated link (RTT/2 + bytes/rate + timer "
+        "lateness)",
+        arr_out,
+        acc_out,
+    )
+    hop_info("output", 0, out_layer, arr_out)
+    stage("l. node 0: delivered -> its recv returns", acc_out, rr_out)
+    rc_out = at(0, "recv_call", out_layer)
+    info(
+        "node 0: compute after its last exchange (up to its recv call for the output)",
+        prev0,
+        rc_out,
+    )
+    info("node 0: recv call for the output -> returns", rc_out, rr_out)
+    stage("m. node 0: output received -> run_node_async returns -> Infer returns", rr_out, ie)
+    info("node 0: output received -> run_node_async returns", rr_out, e0)
+    info("node 0: run_node_async returns -> Infer returns (reply encoded)", e0, ie)
+    stage("n. Infer returns -> caller has the reply", ie, ce)
+    info("node 1: run_node_async total", r1, at(1, "run_end"), indent="")
+    info("node 0: run_node_async total", r0, e0, indent="")
+    rows.append(("node 0: infer_async as it reports (server_ms)", server_ms / 1e3, False))
+    for k in range(2):
+        for w, lay, t_s, _ in ev[k]:
+            ret = at(k, "send_ret", lay, t_s) if w == "send" else None
+            if ret is not None:
+                rows.append((f"node {k}: Transport.send call", ret - t_s, False))
+    return rows
+
+
+def _analyze(
+    client: list[tuple[float, float, float]], nodes: list[list[Event]]
+) -> tuple[dict[str, float], int]:
+    """Median ms of every stage over the requests whose critical path was found whole."""
     rows: dict[str, list[float]] = {}
-
-    def add(key: str, v: float) -> None:
-        rows.setdefault(key, []).append(v * 1e3)
-
-    for cs, ce in client:
-        ev = [[e for e in evs if cs <= e[2] <= ce] for evs in nodes]
-
-        def first(
-            k: int, what: str, layer: int | None = None, after: float = 0.0, ev: Any = ev
-        ) -> float:
-            for w, lay, t in ev[k]:
-                if w == what and (layer is None or lay == layer) and t >= after:
-                    return t
-            raise LookupError(what)
-
+    critical: list[str] = []
+    done = 0
+    for cs, ce, server_ms in client:
         try:
-            sends1 = sorted({lay for w, lay, _ in ev[1] if w == "send"})
-            out_layer, exchanges = sends1[-1], sends1[:-1]
-            i0, r0 = first(0, "infer_start"), first(0, "run_start")
-            s_in = first(0, "send", 0)
-            p_in = first(0, "paced", None, s_in)
-            a_in, r1 = first(1, "accept", 0), first(1, "run_start")
-            add("a. caller -> node 0 Infer handler", i0 - cs)
-            add("b. Infer handler -> run_node (decode, checks)", r0 - i0)
-            add("c. node 0: input encoded + handed to the transport", s_in - r0)
-            add(
-                "d. input: send -> leaves the link shaper (emulated: RTT/2 + bytes/rate)",
-                p_in - s_in,
-            )
-            add("e. input: shaper -> accepted by node 1 (gRPC hop)", a_in - p_in)
-            add("f. node 1: accepted -> run_node starts (session start)", r1 - a_in)
-            t = r1
-            for lay in exchanges:
-                s0, s1 = first(0, "send", lay), first(1, "send", lay)
-                add(f"g. node 1: compute up to exchange layer {lay}", s1 - t)
-                add(f"g. node 0: compute up to exchange layer {lay} (from its run start)", s0 - r0)
-                add(f"h. layer {lay}: node 0 send -> node 1 accept", first(1, "accept", lay) - s0)
-                add(f"h. layer {lay}: node 1 send -> node 0 accept", first(0, "accept", lay) - s1)
-                t = first(1, "recv_ret", lay)
-                add(
-                    f"h. layer {lay}: node 1 waits for node 0's message",
-                    t - first(1, "recv_call", lay),
-                )
-            s_out = first(1, "send", out_layer)
-            p_out = first(1, "paced", None, s_out)
-            a_out = first(0, "accept", out_layer)
-            rr = first(0, "recv_ret", out_layer)
-            e0, ie = first(0, "run_end"), first(0, "infer_end")
-            add("i. node 1: compute after the last exchange", s_out - t)
-            add("j. output: send -> leaves the link shaper", p_out - s_out)
-            add("k. output: shaper -> accepted by node 0 (gRPC hop)", a_out - p_out)
-            add("l. node 0: accepted -> its recv returns", rr - a_out)
-            add("m. node 0: output assembled -> run_node returns -> Infer returns", ie - rr)
-            add("n. Infer returns -> caller has the reply", ce - ie)
-            add("node 1: run_node total", first(1, "run_end") - r1)
-            add("node 0: run_node total", e0 - r0)
-            add("total (caller)", ce - cs)
-            for k in range(2):
-                for w, lay, t_s in ev[k]:
-                    if w == "send":
-                        add(f"node {k}: Transport.send call", first(k, "send_ret", lay, t_s) - t_s)
-        except LookupError:
+            one = _request_rows(cs, ce, server_ms, nodes)
+        except (LookupError, StopIteration):
             continue
-    return {k: statistics.median(v) for k, v in rows.items()}
+        done += 1
+        for name, v, crit in one:
+            if not math.isnan(v):
+                rows.setdefault(name, []).append(v * 1e3)
+            if crit and name not in critical:
+                critical.append(name)
+        rows.setdefault(TOTAL_KEY, []).append((ce - cs) * 1e3)
+    if not done:
+        raise RuntimeError(f"no request's critical path was found ({len(client)} requests)")
+    med = {k: statistics.median(v) for k, v in rows.items() if k != TOTAL_KEY}
+    med[SUM_KEY] = sum(med[k] for k in critical)
+    med[TOTAL_KEY] = statistics.median(rows[TOTAL_KEY])
+    return med, done
 
 
 def main() -> None:
@@ -201,14 +373,14 @@ def main() -> None:
                 if procs[k].poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"node {k} did not start: {work / f'node{k}.log'}")
                 time.sleep(0.1)
-        client: list[tuple[float, float]] = []
+        client: list[tuple[float, float, float]] = []  # (start, end, server_ms)
         with InferenceSession(addrs[0], timeout=120) as s:
             for i in range(10):
                 s.infer(x[i : i + 1])
             for i in range(args.requests):
                 t0 = time.monotonic()
                 s.infer(x[i % 64 : i % 64 + 1])
-                client.append((t0, time.monotonic()))
+                client.append((t0, time.monotonic(), float(s.last_server_ms or 0.0)))
         for p in procs:
             p.send_signal(signal.SIGUSR2)
         for k in range(2):
@@ -224,11 +396,14 @@ def main() -> None:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-    stages = _analyze(client, nodes)
+    stages, done = _analyze(client, nodes)
+    print(f"median over {done} of {len(client)} requests (node 0 = requester):")
+    width = max(map(len, stages))
     for stage, ms in stages.items():
-        print(f"{stage:78s} {ms:7.3f} ms")
+        print(f"{stage:{width}s} {ms:8.3f} ms")
     if args.json:
         out = {"plan": args.plan, "link_mbps": args.link_mbps, "link_rtt_ms": args.link_rtt_ms}
+        out["requests_analyzed"] = done
         Path(args.json).write_text(json.dumps({**out, "median_ms": stages}, indent=1))
 
 

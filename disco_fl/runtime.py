@@ -15,9 +15,10 @@ instead of waiting for their timeouts.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ from disco_fl.partition import Op, Program, Traffic, get_spec
 from disco_fl.partition.registry import OpSpec
 from disco_fl.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2
-from disco_fl.transport.base import MAX_ERROR_TEXT, PeerDownError, Transport
+from disco_fl.transport.base import MAX_ERROR_TEXT, AsyncTransport, PeerDownError, Transport
 from disco_fl.wire import CODECS, decode_tensor, encode_tensor
 
 Frame = peer_pb2.Frame
@@ -149,26 +150,25 @@ def _check_message(
         )
 
 
-def run_node(
+_FLUSH = None  # yielded by _node_steps after an op that sent frames (see run_node_async)
+_Want = tuple[int, int]  # (layer, src): the frame the node waits for next
+
+
+def _node_steps(
     node: ShardNode,
     transport: Transport,
     x: torch.Tensor | None,
     *,
     session_id: str,
-    timeout: float = 10.0,
-    step: int = 0,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-) -> torch.Tensor | None:
-    """Run ``node`` (a :class:`~disco_fl.export.ShardNode`) for one input over ``transport``.
-
-    ``x`` is the model input on the requester (``plan.program.requester``) and ignored
-    elsewhere. ``timeout`` is the deadline of the whole call, in seconds: every wait for a
-    peer's message is bounded by what is left of it. Returns the output on the
-    requester, ``None`` on the other nodes. Raises ``TimeoutError`` (a peer is silent),
-    :class:`PeerError` (a peer failed or sent a message that does not fit the plan) or
-    :class:`~disco_fl.wire.WireError` (a malformed message). The session's frames are
-    dropped from the mailbox when the call returns; a ``session_id`` must not be reused.
-    """
+    timeout: float,
+    step: int,
+    max_message_bytes: int,
+) -> Generator[_Want | None, Frame, torch.Tensor | None]:
+    """The node's program as a generator: yields ``(layer, src)`` for every frame it needs
+    (the driver sends the frame in, or throws the driver's ``TimeoutError`` /
+    :class:`~disco_fl.transport.base.PeerDownError` in) and ``None`` after an op that sent
+    frames; returns the output (requester) or ``None``. One implementation for the blocking
+    driver (:func:`run_node`) and the event-loop driver (:func:`run_node_async`)."""
     plan: Plan = node.plan
     program = plan.program
     k = node.index
@@ -179,14 +179,12 @@ def run_node(
         )
     if k == program.requester and not isinstance(x, torch.Tensor):
         raise ValueError(f"node {k} is the requester: it needs the input tensor")
-    deadline = time.monotonic() + timeout
     env: dict[str, Any] = {}
     result: Any = None
     batch: int | None = None
     layer = 0
     sent: set[int] = set()  # peers already sent this layer's message
     requester = k == program.requester
-    recv = transport.recv
     send = transport.send
     try:
         with torch.inference_mode():
@@ -218,11 +216,12 @@ def run_node(
                     encode_tensor(msgs[dest], step_.wire_codec, out=frame.tensor)
                     send(frame)
                     sent.add(dest)
+                if out_to:
+                    yield _FLUSH
                 received: dict[int, torch.Tensor] = {}
                 for src, tr in step_.in_from:
-                    left = max(0.0, deadline - time.monotonic())
                     try:
-                        f = recv(session_id, layer, src, left, step=step)
+                        f = yield (layer, src)
                     except TimeoutError:
                         raise TimeoutError(
                             f"node {k}: no message from node {src} for layer {layer} "
@@ -259,13 +258,108 @@ def run_node(
         why = f"{type(e).__name__}: {e}"
         _notify_peers(plan, transport, session_id, step, layer, sent, why)
         raise
-    finally:
-        transport.end_session(session_id)
     if k != program.requester:
         return None
     if not isinstance(result, torch.Tensor):
         raise RuntimeError("program produced no output tensor")
     return result.clone()  # an ordinary tensor (not an inference-mode one) for the caller
+
+
+def run_node(
+    node: ShardNode,
+    transport: Transport,
+    x: torch.Tensor | None,
+    *,
+    session_id: str,
+    timeout: float = 10.0,
+    step: int = 0,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> torch.Tensor | None:
+    """Run ``node`` (a :class:`~disco_fl.export.ShardNode`) for one input over ``transport``.
+
+    ``x`` is the model input on the requester (``plan.program.requester``) and ignored
+    elsewhere. ``timeout`` is the deadline of the whole call, in seconds: every wait for a
+    peer's message is bounded by what is left of it. Returns the output on the
+    requester, ``None`` on the other nodes. Raises ``TimeoutError`` (a peer is silent),
+    :class:`PeerError` (a peer failed or sent a message that does not fit the plan) or
+    :class:`~disco_fl.wire.WireError` (a malformed message). The session's frames are
+    dropped from the mailbox when the call returns; a ``session_id`` must not be reused.
+    Waits block the calling thread (see :func:`run_node_async` for an event loop).
+    """
+    deadline = time.monotonic() + timeout
+    steps = _node_steps(
+        node,
+        transport,
+        x,
+        session_id=session_id,
+        timeout=timeout,
+        step=step,
+        max_message_bytes=max_message_bytes,
+    )
+    try:
+        want = next(steps)
+        while True:
+            if want is _FLUSH:
+                want = next(steps)
+                continue
+            try:
+                left = max(0.0, deadline - time.monotonic())
+                f = transport.recv(session_id, want[0], want[1], left, step=step)
+            except BaseException as e:
+                want = steps.throw(e)
+                continue
+            want = steps.send(f)
+    except StopIteration as done:
+        out: torch.Tensor | None = done.value
+        return out
+    finally:
+        transport.end_session(session_id)
+
+
+async def run_node_async(
+    node: ShardNode,
+    transport: AsyncTransport,
+    x: torch.Tensor | None,
+    *,
+    session_id: str,
+    timeout: float = 10.0,
+    step: int = 0,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> torch.Tensor | None:
+    """:func:`run_node` as a coroutine on the transport's event loop (same arguments, same
+    result and errors): the node computes on the loop's thread and waits for frames without
+    blocking it, so frames move without a thread hand-off and several sessions interleave at
+    their waits. After every op that sent frames the loop runs once, so the frames go out
+    while the node computes on."""
+    deadline = time.monotonic() + timeout
+    steps = _node_steps(
+        node,
+        transport,
+        x,
+        session_id=session_id,
+        timeout=timeout,
+        step=step,
+        max_message_bytes=max_message_bytes,
+    )
+    try:
+        want = next(steps)
+        while True:
+            if want is _FLUSH:
+                await asyncio.sleep(0)  # let the link writers hand the frames to gRPC
+                want = next(steps)
+                continue
+            try:
+                left = max(0.0, deadline - time.monotonic())
+                f = await transport.recv_async(session_id, want[0], want[1], left, step=step)
+            except BaseException as e:
+                want = steps.throw(e)
+                continue
+            want = steps.send(f)
+    except StopIteration as done:
+        out: torch.Tensor | None = done.value
+        return out
+    finally:
+        transport.end_session(session_id)
 
 
 def _notify_peers(

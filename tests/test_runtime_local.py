@@ -1,9 +1,13 @@
 """The peer runtime on one machine: N nodes as threads, over in-process transports and over
 real gRPC servers on loopback. Runtime == shard-only execution (bit for bit), payload bytes
-on the wire == the plan's accounting, strict wire validation, handshake refusal, timeouts."""
+on the wire == the plan's accounting, strict wire validation, handshake refusal, timeouts; the
+gRPC transport's event loop: nodes computing on it (``run_node_async``) == the shards, the
+mailbox's wake-ups for coroutines, receiver-side link emulation timing, blocking calls made on
+the loop itself refused."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,9 +23,10 @@ from disco_fl.codecs import get_codec
 from disco_fl.comm import program_traffic
 from disco_fl.export import ShardNode, load_shard, run_shards
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
-from disco_fl.runtime import PeerError, run_node
+from disco_fl.runtime import PeerError, run_node, run_node_async
 from disco_fl.transport import InProcessHub, Transport, TransportError
-from disco_fl.transport.grpc_transport import GrpcTransport, HandshakeError
+from disco_fl.transport.base import Mailbox, PeerDownError, framed_size
+from disco_fl.transport.grpc_transport import GrpcTransport, HandshakeError, LinkShape
 from disco_fl.wire import WireError, decode_tensor, encode_tensor, payload_bytes
 from tests.test_shards import _random_masks
 from tests.zoo import ZOO
@@ -418,3 +423,187 @@ def test_wire_refuses_what_it_cannot_encode() -> None:
         encode_tensor(torch.randn(2), "bf8")
     with pytest.raises(WireError, match="batch dimension"):
         encode_tensor(torch.tensor(1.0), "int8")
+
+
+# ---- the gRPC transport's event loop -------------------------------------------------------
+
+
+def _frame(src: int, dst: int, layer: int, t: torch.Tensor, session: str = "s") -> peer_pb2.Frame:
+    f = peer_pb2.Frame(session_id=session, layer=layer, src=src, dst=dst, direction=FWD)
+    encode_tensor(t, "fp32", out=f.tensor)
+    return f
+
+
+def _run_all_async(hh: Household, ts: list[GrpcTransport], session: str) -> list[Any]:
+    """Every node runs ``run_node_async`` on its own transport's loop (driven from a thread)."""
+    results: list[Any] = [None] * len(ts)
+    errors: list[BaseException | None] = [None] * len(ts)
+
+    def go(k: int) -> None:
+        try:
+            x = hh.x if k == 0 else None
+            results[k] = ts[k].run(
+                run_node_async(hh.nodes[k], ts[k], x, session_id=session, timeout=20.0)
+            )
+        except BaseException as e:
+            errors[k] = e
+
+    threads = [threading.Thread(target=go, args=(k,), daemon=True) for k in range(len(ts))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(JOIN_S)
+    assert not any(th.is_alive() for th in threads), "a node hung"
+    for e in errors:
+        if e is not None:
+            raise e
+    return results
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_run_node_async_equals_shards(
+    household: Callable[..., Household],
+    grpc_household: Callable[..., list[GrpcTransport]],
+    n: int,
+) -> None:
+    hh = household("resnet_narrow", n)
+    ts = grpc_household(n, hh.nodes[0].plan.hash, hh.num_layers)
+    for session in ("a1", "a2"):  # a second request on the same links
+        for t in ts:
+            t.reset_counters()
+        out = _run_all_async(hh, ts, session)
+        assert all(o is None for o in out[1:])
+        assert torch.equal(out[0], hh.ref), (out[0] - hh.ref).abs().max()
+        assert _counted_payload(ts) == _expected_payload(hh)
+    for t in ts:
+        assert not t.errors, list(t.errors)
+        assert t.mailbox.pending == 0
+
+
+def test_run_node_async_fails_fast_when_a_peer_is_gone(
+    household: Callable[..., Household],
+    grpc_household: Callable[..., list[GrpcTransport]],
+) -> None:
+    hh = household("resnet_narrow", 2)
+    ts = grpc_household(2, hh.nodes[0].plan.hash, hh.num_layers)
+    ts[0].connect()
+    ts[1].close(1.0)  # node 1 is gone: node 0's stream to it breaks
+    t0 = time.monotonic()
+    with pytest.raises((PeerError, TransportError), match="peer 1|node 1"):
+        ts[0].run(run_node_async(hh.nodes[0], ts[0], hh.x, session_id="gone", timeout=10.0))
+    assert time.monotonic() - t0 < 5.0  # well before the 10 s deadline
+
+
+def test_recv_async_times_out_and_sees_a_peer_go_down(
+    grpc_household: Callable[..., list[GrpcTransport]],
+) -> None:
+    ts = grpc_household(2, "e" * 64, 4)
+    t = ts[0]
+
+    async def wait(layer: int, timeout: float) -> peer_pb2.Frame:
+        return await t.recv_async("s", layer, 1, timeout)
+
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="no frame from node 1 for layer 2"):
+        t.run(wait(2, 0.3))
+    assert 0.28 <= time.monotonic() - t0 < 3.0
+
+    async def down_while_waiting() -> None:
+        waiter = asyncio.ensure_future(t.recv_async("s", 3, 1, 10.0))
+        await asyncio.sleep(0.05)
+        t.mailbox.mark_down(1, "peer 1 went away")
+        await waiter
+
+    t0 = time.monotonic()
+    with pytest.raises(PeerDownError, match="went away"):
+        t.run(down_while_waiting())
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_frames_sent_from_a_thread_reach_a_coroutine(
+    grpc_household: Callable[..., list[GrpcTransport]],
+) -> None:
+    ts = grpc_household(2, "d" * 64, 8)
+    xs = [torch.full((2, 3), float(i)) for i in range(8)]
+    for i, x in enumerate(xs):  # blocking sender (a training thread) ...
+        ts[0].send(_frame(0, 1, i, x))
+
+    async def take_all() -> list[peer_pb2.Frame]:  # ... coroutine receiver
+        return [await ts[1].recv_async("s", i, 0, 5.0) for i in range(8)]
+
+    got = ts[1].run(take_all())
+    assert [f.layer for f in got] == list(range(8))
+    assert ts[1].mailbox.pending == 0
+
+
+def test_blocking_calls_on_the_loop_are_refused(
+    grpc_household: Callable[..., list[GrpcTransport]],
+) -> None:
+    ts = grpc_household(2, "c" * 64, 2)
+
+    async def nested() -> None:
+        ts[0].connect()  # would block the loop that must answer it
+
+    with pytest.raises(RuntimeError, match="on its own event loop"):
+        ts[0].run(nested())
+
+
+def test_link_shape_delays_frames_in_order(
+    grpc_household: Callable[..., list[GrpcTransport]],
+) -> None:
+    """Receiver-side emulation: frame i is delivered no earlier than its send time plus the
+    link time of every frame up to it (framed bytes x 8 / rate) plus RTT / 2."""
+    rate, rtt = 8e6, 0.040  # 1 byte per microsecond; 20 ms one way
+    ts = grpc_household(2, "b" * 64, 4, link_shape=LinkShape(rate, rtt))
+    ts[0].connect()
+    ts[1].connect()
+    x = torch.zeros(2500)  # 10 kB of payload: about 10 ms on this link
+    frames = [_frame(0, 1, i, x, session="shaped") for i in range(3)]
+    sizes = [f.ByteSize() for f in frames]
+    link_s = [framed_size(s) * 8 / rate for s in sizes]
+    t0 = time.monotonic()
+    for f in frames:
+        ts[0].send(f)
+    arrived = []
+    for i in range(3):
+        ts[1].recv("shaped", i, 0, 5.0)
+        arrived.append(time.monotonic() - t0)
+    for i in range(3):
+        floor = sum(link_s[: i + 1]) + rtt / 2
+        assert arrived[i] >= floor - 1e-3, (i, arrived[i], floor)
+        assert arrived[i] < floor + 0.5, (i, arrived[i], floor)
+    # the other direction is a link of its own (into node 0): it starts free
+    t1 = time.monotonic()
+    ts[1].send(_frame(1, 0, 0, x, session="back"))
+    ts[0].recv("back", 0, 1, 5.0)
+    assert time.monotonic() - t1 >= sum(link_s[:1]) + rtt / 2 - 1e-3
+
+
+def test_mailbox_watchers_wake_on_every_change() -> None:
+    box = Mailbox()
+    woken: list[str] = []
+    key = ("s", 0, 1, 1, False)
+    unwatch = box.watch(key, lambda: woken.append("w"))
+    other = ("s", 0, 2, 1, False)
+    f = peer_pb2.Frame(session_id="s", layer=2, src=1, dst=0, direction=FWD)
+    assert box.put(f, 10) is None  # a different key: no wake-up
+    assert woken == []
+    f1 = peer_pb2.Frame(session_id="s", layer=1, src=1, dst=0, direction=FWD)
+    assert box.put(f1, 10) is None
+    assert woken == ["w"]
+    assert box.take(key) is f1 and box.take(key) is None
+    box.mark_down(2, "not our sender")
+    assert woken == ["w"]
+    box.mark_down(1, "gone")
+    assert woken == ["w", "w"]
+    with pytest.raises(PeerDownError, match="gone"):
+        box.take(key)
+    assert box.take(other) is not None  # a frame already here is still taken
+    box.mark_up(1)
+    box.end_session("s")
+    assert woken == ["w", "w", "w"]
+    unwatch()
+    box.close()
+    assert woken == ["w", "w", "w"]
+    with pytest.raises(TransportError, match="closed"):
+        box.take(key)

@@ -82,6 +82,9 @@ class InferenceSession:
         )
         self._stub = peer_pb2_grpc.InferenceStub(self._channel)
         self._counter = 0
+        # the requester node's own time for the last ``infer`` (input there -> output there),
+        # in ms, as the node reports it: the request's latency without this call's own hop
+        self.last_server_ms: float | None = None
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The node's status: plan hash, input shape, ``meta``, counters."""
@@ -119,6 +122,7 @@ class InferenceSession:
             )
         except grpc.RpcError as e:
             raise _error(e) from None
+        self.last_server_ms = float(reply.server_ms)
         return self._decode(reply)
 
     def infer_many(

@@ -197,8 +197,15 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--startup-timeout", type=float, default=120.0, help="wait this long for peers at start"
     )
-    p.add_argument("--link-mbps", type=float, default=0.0, help="emulate a link rate (Mbit/s)")
-    p.add_argument("--link-rtt-ms", type=float, default=0.0, help="emulated round trip (ms)")
+    p.add_argument(
+        "--link-mbps",
+        type=float,
+        default=0.0,
+        help="emulate the links into this node: rate (Mbit/s)",
+    )
+    p.add_argument(
+        "--link-rtt-ms", type=float, default=0.0, help="emulated round trip (ms), half per frame"
+    )
     p.add_argument("--ready-file", default=None, help="write {'address': ...} here when ready")
 
     p = sub.add_parser("infer", help="classify images / .npz through a serving household")

@@ -7,7 +7,13 @@ its gRPC endpoint (the ``disco.v1.Peer`` service for the household and the
 - on the **requester** (``plan.program.requester``, node 0), ``Inference.Infer`` gives each
   request a fresh session id and runs :func:`~disco_fl.runtime.run_node` with the input;
 - on every other node, the requester's INPUT frame of a new session starts
-  :func:`~disco_fl.runtime.run_node` for that session in a worker thread.
+  :func:`~disco_fl.runtime.run_node` for that session.
+
+Everything runs on the transport's event loop (:mod:`disco_fl.transport.grpc_transport`):
+the gRPC services, and the sessions themselves (:func:`~disco_fl.runtime.run_node_async`),
+which compute on the loop's thread and wait for their peers' frames without blocking it, so
+no frame or request changes threads on its way between gRPC and the computation. Sessions
+interleave at their waits.
 
 Several requests may be in flight at once (``max_inflight``); their frames are kept apart by
 session id. Every request has a deadline (``deadline_s``, default 5 s): a dead or stalled peer
@@ -19,6 +25,7 @@ dropped after ``2 x deadline_s``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -27,7 +34,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +43,7 @@ import torch
 
 from disco_fl.export import ShardNode, load_shard
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
-from disco_fl.runtime import PeerError, run_node
+from disco_fl.runtime import PeerError, run_node_async
 from disco_fl.transport.base import TransportError
 from disco_fl.transport.grpc_transport import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -130,10 +136,9 @@ class NodeServer:
         self._counter = 0
         self._lock = threading.Lock()
         self._active: set[str] = set()
-        self._inflight = threading.BoundedSemaphore(config.max_inflight)
-        self._workers = ThreadPoolExecutor(
-            max_workers=config.max_inflight, thread_name_prefix=f"disco-session-{self.index}"
-        )
+        self._inflight = asyncio.Semaphore(config.max_inflight)  # requests (requester)
+        self._slots = asyncio.Semaphore(config.max_inflight)  # sessions (other nodes)
+        self._tasks: set[asyncio.Task[None]] = set()
         self.stats: dict[str, int] = {
             "requests_ok": 0,
             "requests_failed": 0,
@@ -211,24 +216,35 @@ class NodeServer:
     def infer(
         self, x: torch.Tensor, deadline_s: float | None = None
     ) -> tuple[torch.Tensor, str, float]:
-        """Run one request (requester only); returns ``(output, session_id, ms)``.
+        """Run one request (requester only; from any thread but the transport's loop).
 
-        Raises ``TimeoutError``, :class:`~disco_fl.runtime.PeerError`,
-        :class:`~disco_fl.transport.TransportError` or :class:`BusyError`.
+        Returns ``(output, session_id, ms)``. Raises ``TimeoutError``,
+        :class:`~disco_fl.runtime.PeerError`, :class:`~disco_fl.transport.TransportError` or
+        :class:`BusyError`.
         """
+        return self.transport.run(self.infer_async(x, deadline_s))
+
+    async def infer_async(
+        self, x: torch.Tensor, deadline_s: float | None = None
+    ) -> tuple[torch.Tensor, str, float]:
+        """:meth:`infer` as a coroutine on the transport's event loop."""
         if not self.is_requester:
             raise RuntimeError(f"node {self.index} is not the requester")
         deadline = min(deadline_s or self.config.deadline_s, self.config.deadline_s)
-        if not self._inflight.acquire(timeout=min(deadline, 0.5)):
+        try:
+            await asyncio.wait_for(self._inflight.acquire(), min(deadline, 0.5))
+        except asyncio.TimeoutError:
             raise BusyError(
                 f"node {self.index}: {self.config.max_inflight} requests already in flight"
-            )
+            ) from None
         sid = self._new_session_id()
         t0 = time.perf_counter()
         try:
             with self._lock:
                 self._active.add(sid)
-            out = run_node(self.node, self.transport, x, session_id=sid, timeout=deadline)
+            out = await run_node_async(
+                self.node, self.transport, x, session_id=sid, timeout=deadline
+            )
             if out is None:
                 raise RuntimeError("the requester's run produced no output")
         except BaseException as e:
@@ -243,26 +259,28 @@ class NodeServer:
         return out, sid, (time.perf_counter() - t0) * 1e3
 
     def _start_session(self, session_id: str, step: int) -> None:
+        """A peer's INPUT frame opened a session here (called on the transport's loop)."""
+        if self._stop.is_set():
+            return
         with self._lock:
             if session_id in self._active:
                 return
             self._active.add(session_id)
-        try:
-            self._workers.submit(self._serve_session, session_id, step)
-        except RuntimeError:  # shutting down
-            with self._lock:
-                self._active.discard(session_id)
+        task = self.transport.loop.create_task(self._serve_session(session_id, step))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _serve_session(self, session_id: str, step: int) -> None:
+    async def _serve_session(self, session_id: str, step: int) -> None:
         try:
-            run_node(
-                self.node,
-                self.transport,
-                None,
-                session_id=session_id,
-                timeout=self.config.deadline_s,
-                step=step,
-            )
+            async with self._slots:
+                await run_node_async(
+                    self.node,
+                    self.transport,
+                    None,
+                    session_id=session_id,
+                    timeout=self.config.deadline_s,
+                    step=step,
+                )
             with self._lock:
                 self.stats["sessions_ok"] += 1
         except Exception as e:
@@ -326,8 +344,7 @@ class NodeServer:
             return
         self._stop.set()
         self.transport.on_session = None
-        self.transport.close(timeout)
-        self._workers.shutdown(wait=False, cancel_futures=True)
+        self.transport.close(timeout)  # waiting sessions fail; the loop stops
 
     def __enter__(self) -> NodeServer:
         return self
@@ -342,62 +359,66 @@ class InferenceServicer(peer_pb2_grpc.InferenceServicer):
     def __init__(self, server: NodeServer) -> None:
         self.s = server
 
-    def _authorize(self, context: grpc.ServicerContext) -> None:
-        md = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        md = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         token = md.get(MD_TOKEN, "")
         if not hmac.compare_digest(token.encode(), self.s.config.token.encode()):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong household token")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong household token")
 
-    def Infer(self, request: peer_pb2.InferRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(context)
+    async def Infer(  # type: ignore[override]
+        self, request: peer_pb2.InferRequest, context: grpc.aio.ServicerContext
+    ) -> peer_pb2.InferReply:
+        await self._authorize(context)
         s = self.s
         if not s.is_requester:
-            context.abort(
+            await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"node {s.index} is not the requester; send requests to node "
                 f"{s.plan.program.requester}",
             )
         if len(request.request_id) > MAX_REQUEST_ID:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id too long")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id too long")
         try:
             x = decode_tensor(request.input, max_bytes=s.config.max_frame_bytes)
         except WireError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad input tensor: {e}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad input tensor: {e}")
         want = s._input_shape[1:]
         if x.dim() != len(want) + 1 or list(x.shape[1:]) != want:
-            context.abort(
+            await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"input of shape {list(x.shape)}; the plan expects [batch, "
                 f"{', '.join(map(str, want))}]",
             )
         if not 1 <= x.shape[0] <= s.config.max_batch:
-            context.abort(
+            await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"batch of {x.shape[0]}; between 1 and {s.config.max_batch} accepted",
             )
         if not torch.isfinite(x).all():
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input holds NaN or infinity")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input holds NaN or infinity")
         deadline = float(request.deadline_s) if request.deadline_s > 0 else None
         remaining = context.time_remaining()
         if remaining is not None:
             deadline = min(deadline or remaining, remaining)
         try:
-            out, sid, ms = s.infer(x.float(), deadline)
+            out, sid, ms = await s.infer_async(x.float(), deadline)
         except BusyError as e:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except TimeoutError as e:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         except (PeerError, TransportError, WireError) as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except Exception as e:  # a bug in our own math: say so, keep serving
             log.exception("node %d: request failed", s.index)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         reply = peer_pb2.InferReply(session_id=sid, server_ms=ms)
         encode_tensor(out, "fp32", out=reply.output)
         return reply
 
-    def Status(self, request: peer_pb2.StatusRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(context)
+    async def Status(  # type: ignore[override]
+        self, request: peer_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> peer_pb2.StatusReply:
+        await self._authorize(context)
         return peer_pb2.StatusReply(json=json.dumps(self.s.status()))
 
 

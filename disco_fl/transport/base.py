@@ -13,13 +13,14 @@ received, frames sent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from disco_fl.proto_gen.disco.v1 import peer_pb2
@@ -122,7 +123,7 @@ class Mailbox:
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         max_closed_sessions: int = 1024,
     ) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.RLock())
         self._frames: dict[FrameKey, tuple[peer_pb2.Frame, int, float]] = {}
         self._bytes = 0
         self._max_bytes = max_pending_bytes
@@ -130,6 +131,7 @@ class Mailbox:
         self._max_closed = max_closed_sessions
         self._closed = False
         self._down: dict[int, str] = {}  # peer -> why its frames will not come
+        self._watchers: dict[FrameKey, list[Callable[[], None]]] = {}  # see watch()
 
     @property
     def pending(self) -> int:
@@ -163,6 +165,7 @@ class Mailbox:
             self._frames[key] = (frame, size, time.monotonic())
             self._bytes += size
             self._cond.notify_all()
+            self._wake((key,))
         return None
 
     def ended(self, session_id: str) -> bool:
@@ -175,10 +178,31 @@ class Mailbox:
         with self._cond:
             self._down[src] = reason
             self._cond.notify_all()
+            self._wake([k for k in self._watchers if k[3] == src])
 
     def mark_up(self, src: int) -> None:
         with self._cond:
             self._down.pop(src, None)
+
+    def take(self, key: FrameKey) -> peer_pb2.Frame | None:
+        """Take the frame ``key`` if it is here (never waits); ``None`` if it is not.
+
+        Raises :class:`PeerDownError` when the sender is marked down and its frame is not here,
+        :class:`TransportError` when the mailbox is closed or the session has ended.
+        """
+        with self._cond:
+            if self._closed:
+                raise TransportError("transport closed while waiting for a frame")
+            if key[0] in self._closed_sessions:
+                raise TransportError(f"session {key[0]!r} has ended on this node")
+            item = self._frames.pop(key, None)
+            if item is not None:
+                self._bytes -= item[1]
+                return item[0]
+            down = self._down.get(key[3])
+            if down is not None:
+                raise PeerDownError(down)
+            return None
 
     def get(self, key: FrameKey, timeout: float) -> peer_pb2.Frame | None:
         """Take the frame ``key``, waiting at most ``timeout`` seconds (``None`` if none came).
@@ -188,21 +212,42 @@ class Mailbox:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                if self._closed:
-                    raise TransportError("transport closed while waiting for a frame")
-                if key[0] in self._closed_sessions:
-                    raise TransportError(f"session {key[0]!r} has ended on this node")
-                item = self._frames.pop(key, None)
-                if item is not None:
-                    self._bytes -= item[1]
-                    return item[0]
-                down = self._down.get(key[3])
-                if down is not None:
-                    raise PeerDownError(down)
+                frame = self.take(key)  # the condition's lock is re-entrant
+                if frame is not None:
+                    return frame
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
                 self._cond.wait(left)
+
+    def watch(self, key: FrameKey, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call ``wake()`` (from the thread that stores it) when something may have changed
+        for ``key``: its frame arrived, its sender went down, its session ended or the mailbox
+        closed. For waiters that cannot block (an event loop); returns the un-watch function.
+        """
+        with self._cond:
+            self._watchers.setdefault(key, []).append(wake)
+
+        def unwatch() -> None:
+            with self._cond:
+                ws = self._watchers.get(key)
+                if ws is not None:
+                    with contextlib.suppress(ValueError):
+                        ws.remove(wake)
+                    if not ws:
+                        del self._watchers[key]
+
+        return unwatch
+
+    def _wake(self, keys: Iterable[FrameKey] | None = None) -> None:
+        """Wake the watchers of ``keys`` (all watchers if ``None``); caller holds the lock."""
+        if not self._watchers:
+            return
+        if keys is None:
+            keys = list(self._watchers)
+        for key in keys:
+            for wake in self._watchers.get(key, ()):
+                wake()
 
     def expire(self, max_age: float, keep: set[str]) -> int:
         """End every session not in ``keep`` holding a frame older than ``max_age`` seconds
@@ -225,6 +270,7 @@ class Mailbox:
             while len(self._closed_sessions) > self._max_closed:
                 self._closed_sessions.popitem(last=False)
             self._cond.notify_all()
+            self._wake([k for k in self._watchers if k[0] == session_id])
             return len(gone)
 
     def close(self) -> None:
@@ -233,6 +279,7 @@ class Mailbox:
             self._frames.clear()
             self._bytes = 0
             self._cond.notify_all()
+            self._wake()
 
 
 class Transport(ABC):
@@ -330,18 +377,29 @@ class Transport(ABC):
 
         Raises :class:`TimeoutError` naming the peer and the layer when it does not come.
         """
+        key = self._want(session_id, layer, src, timeout, step, backward)
+        frame = self.mailbox.get(key, float(timeout))
+        if frame is None:
+            raise self._no_frame(key, timeout)
+        return frame
+
+    def _want(
+        self, session_id: str, layer: int, src: int, timeout: float, step: int, backward: bool
+    ) -> FrameKey:
+        """The mailbox key of a ``recv`` (its arguments checked)."""
         if not 0 <= src < self.num_nodes or src == self.index:
             raise ValueError(f"node {self.index}: {src} is not a peer")
         if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout < 0:
             raise ValueError(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
-        frame = self.mailbox.get((session_id, step, layer, src, backward), float(timeout))
-        if frame is None:
-            what = "gradient" if backward else "frame"
-            raise TimeoutError(
-                f"node {self.index}: no {what} from node {src} for layer {layer} "
-                f"(session {session_id!r}, step {step}) within {timeout:g} s"
-            )
-        return frame
+        return (session_id, step, layer, src, backward)
+
+    def _no_frame(self, key: FrameKey, timeout: float) -> TimeoutError:
+        session_id, step, layer, src, backward = key
+        what = "gradient" if backward else "frame"
+        return TimeoutError(
+            f"node {self.index}: no {what} from node {src} for layer {layer} "
+            f"(session {session_id!r}, step {step}) within {timeout:g} s"
+        )
 
     def end_session(self, session_id: str) -> None:
         """Drop the session's pending and late frames (call when a session is over)."""
@@ -397,3 +455,21 @@ class Transport(ABC):
             self._payload_sent.clear()
             self._wire_sent = self._wire_received = self._frames_sent = 0
             self._framed_sent = 0
+
+
+class AsyncTransport(Transport):
+    """A transport whose frames arrive on an asyncio event loop, where a coroutine can also
+    wait for them (:meth:`recv_async`) without blocking the loop."""
+
+    @abstractmethod
+    async def recv_async(
+        self,
+        session_id: str,
+        layer: int,
+        src: int,
+        timeout: float,
+        *,
+        step: int = 0,
+        backward: bool = False,
+    ) -> peer_pb2.Frame:
+        """:meth:`Transport.recv` for a coroutine on this transport's event loop."""
