@@ -80,7 +80,6 @@ def pair() -> Iterator[Callable[..., list[GrpcTransport]]]:
                 num_layers=3,
                 household_token="tok",
                 connect_timeout=timeout,
-                send_timeout=timeout,
                 server_credentials=srv,
                 channel_credentials=chan,
             )

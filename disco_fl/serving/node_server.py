@@ -158,7 +158,6 @@ class NodeServer:
             num_layers=len(self.plan.program.ops),
             max_frame_bytes=config.max_frame_bytes,
             connect_timeout=config.connect_timeout_s,
-            send_timeout=config.deadline_s,
             server_credentials=config.server_credentials,
             channel_credentials=config.channel_credentials,
             services=[lambda s: peer_pb2_grpc.add_InferenceServicer_to_server(servicer, s)],

@@ -464,6 +464,8 @@ class GrpcTransport(AsyncTransport):
     ``listen`` is the address to serve on (port 0 picks a free port; see :attr:`address`).
     ``peers`` (or :meth:`set_peers`) lists every node's address, indexed by node.
     ``max_frame_bytes`` bounds a serialized frame both ways (gRPC message limits).
+    ``max_queued_bytes`` bounds the frames queued for one peer and not yet taken by gRPC (a
+    stalled peer's flow control holds them back): beyond it, ``send`` raises.
     ``services`` add more (``grpc.aio``) servicers to the server; they run on :attr:`loop`.
     """
 
@@ -480,7 +482,6 @@ class GrpcTransport(AsyncTransport):
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         connect_timeout: float = 10.0,
-        send_timeout: float = 30.0,
         max_queued_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         server_credentials: grpc.ServerCredentials | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
@@ -498,7 +499,6 @@ class GrpcTransport(AsyncTransport):
         self.plan_hash = plan_hash
         self.max_frame_bytes = max_frame_bytes
         self.connect_timeout = connect_timeout
-        self.send_timeout = send_timeout
         self.max_queued_bytes = max_queued_bytes
         self._token = household_token
         self._channel_credentials = channel_credentials
