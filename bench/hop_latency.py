@@ -7,6 +7,8 @@ paths, each a ping-pong between two processes (median round trip; a hop is about
 - ``raw_grpc_aio``: plain ``grpc.aio`` with no disco_fl code: one bidirectional stream, the
   client writes a ``disco.v1.Frame`` and the server's handler writes it back (the least any
   Python gRPC hop costs here);
+- ``raw_grpc_aio_two_streams``: the same, but each process opens its own stream to the other
+  and sends on it, as the transport does (one stream per ordered pair);
 - ``transport_loop``: :class:`~disco_fl.transport.grpc_transport.GrpcTransport` used the way
   ``disco-fl serve`` uses it: a coroutine on the transport's event loop sends and awaits
   (``recv_async``): no thread hand-off;
@@ -107,6 +109,70 @@ def _raw(n: int) -> list[float]:
         p.join(10)
 
 
+class _Sink(peer_pb2_grpc.PeerServicer):
+    def __init__(self, inbox: asyncio.Queue[peer_pb2.Frame]) -> None:
+        self.inbox = inbox
+
+    async def Exchange(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[peer_pb2.Frame], context: Any
+    ) -> AsyncIterator[peer_pb2.Frame]:
+        async for frame in request_iterator:
+            self.inbox.put_nowait(frame)
+        return
+        yield  # an (empty) response stream
+
+
+def _two_streams_node(mine: Any, theirs: Any, n: int, result: Any) -> None:
+    """One side of the two-stream ping-pong (``result`` is None on the echoing side)."""
+
+    async def main() -> list[float]:
+        inbox: asyncio.Queue[peer_pb2.Frame] = asyncio.Queue()
+        server = grpc.aio.server()
+        peer_pb2_grpc.add_PeerServicer_to_server(_Sink(inbox), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        mine.put(port)
+        other = await asyncio.get_running_loop().run_in_executor(None, theirs.get)
+        rtts: list[float] = []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{other}") as channel:
+            call = peer_pb2_grpc.PeerStub(channel).Exchange()
+            for i in range(n):
+                frame = _frame(0, 1, i)
+                if result is None:
+                    await inbox.get()
+                    await call.write(frame)
+                else:
+                    t0 = time.perf_counter()
+                    await call.write(frame)
+                    await inbox.get()
+                    rtts.append((time.perf_counter() - t0) * 1e6)
+            await asyncio.sleep(0.5)
+            call.cancel()
+        await server.stop(0.5)
+        return rtts
+
+    rtts = asyncio.run(main())
+    if result is not None:
+        result.put(rtts)
+
+
+def _raw_two_streams(n: int) -> list[float]:
+    ctx = mp.get_context("spawn")
+    a, b, result = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    echo = ctx.Process(target=_two_streams_node, args=(b, a, n, None), daemon=True)
+    ping = ctx.Process(target=_two_streams_node, args=(a, b, n, result), daemon=True)
+    echo.start()
+    ping.start()
+    try:
+        rtts: list[float] = result.get(timeout=300)
+        return rtts
+    finally:
+        for p in (ping, echo):
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+
+
 # ---- the transport ---------------------------------------------------------------------------
 def _echo(port_q: Any, addr_q: Any, n: int, on_loop: bool) -> None:
     torch.set_num_threads(1)
@@ -175,6 +241,7 @@ def main() -> None:
     out = {
         "frame_payload_bytes": 4 * 8 * 14 * 14,
         "raw_grpc_aio": _stats(_raw(args.n)),
+        "raw_grpc_aio_two_streams": _stats(_raw_two_streams(args.n)),
         "transport_loop": _stats(_transport(args.n, on_loop=True)),
         "transport_threads": _stats(_transport(args.n, on_loop=False)),
     }

@@ -158,11 +158,11 @@ def _node_steps(
     node: ShardNode,
     transport: Transport,
     x: torch.Tensor | None,
-    *,
     session_id: str,
     timeout: float,
     step: int,
     max_message_bytes: int,
+    /,
 ) -> Generator[_Want | None, Frame, torch.Tensor | None]:
     """The node's program as a generator: yields ``(layer, src)`` for every frame it needs
     (the driver sends the frame in, or throws the driver's ``TimeoutError`` /
@@ -287,15 +287,7 @@ def run_node(
     Waits block the calling thread (see :func:`run_node_async` for an event loop).
     """
     deadline = time.monotonic() + timeout
-    steps = _node_steps(
-        node,
-        transport,
-        x,
-        session_id=session_id,
-        timeout=timeout,
-        step=step,
-        max_message_bytes=max_message_bytes,
-    )
+    steps = _node_steps(node, transport, x, session_id, timeout, step, max_message_bytes)
     try:
         want = next(steps)
         while True:
@@ -332,15 +324,7 @@ async def run_node_async(
     their waits. After every op that sent frames the loop runs once, so the frames go out
     while the node computes on."""
     deadline = time.monotonic() + timeout
-    steps = _node_steps(
-        node,
-        transport,
-        x,
-        session_id=session_id,
-        timeout=timeout,
-        step=step,
-        max_message_bytes=max_message_bytes,
-    )
+    steps = _node_steps(node, transport, x, session_id, timeout, step, max_message_bytes)
     try:
         want = next(steps)
         while True:

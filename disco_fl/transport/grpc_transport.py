@@ -1,4 +1,4 @@
-"""The gRPC transport: every node serves ``disco.v1.Peer``; one long-lived stream per peer pair.
+"""The gRPC transport: every node serves ``disco.v1.Peer``; one long-lived stream per ordered pair.
 
 Node ``k`` runs a ``grpc.aio`` server with the :class:`PeerServicer` on its ``listen``
 address. For each peer ``d`` it sends to, it keeps one channel and one ``Exchange`` stream; the
@@ -286,12 +286,7 @@ class _Link:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            if not self._closing:
-                code, details = _rpc_error(e)
-                self._fail(
-                    f"node {o.index}: stream to peer {self.dst} at {self.address} broke "
-                    f"({code}): {details}"
-                )
+            self._broke(e)
         await reader
 
     def _stub(self) -> peer_pb2_grpc.PeerStub:
@@ -366,15 +361,19 @@ class _Link:
             if not self._closing:
                 raise
         except Exception as e:
-            if not self._closing:
-                code, details = _rpc_error(e)
-                self._fail(
-                    f"node {self.owner.index}: stream to peer {self.dst} at {self.address} "
-                    f"broke ({code}): {details}"
-                )
+            self._broke(e)
         if not self._closing and self.failed is None:
             self._fail(f"node {self.owner.index}: peer {self.dst} closed the stream")
         self._wake.set()  # the writer notices a failed link when it wakes
+
+    def _broke(self, e: Exception) -> None:
+        """The stream failed while writing or reading (unless we are closing it)."""
+        if not self._closing:
+            code, details = _rpc_error(e)
+            self._fail(
+                f"node {self.owner.index}: stream to peer {self.dst} at {self.address} "
+                f"broke ({code}): {details}"
+            )
 
     def _fail(self, why: str, handshake: bool = False) -> None:
         if self.failed is not None or self._closing:
