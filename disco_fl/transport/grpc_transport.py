@@ -530,6 +530,7 @@ class GrpcTransport(AsyncTransport):
             ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
         ]
         self._links: dict[int, _Link] = {}
+        self._closing_links: set[asyncio.Task[None]] = set()
         # after a failed reconnection, sends to that peer fail at once for RETRY_S seconds
         self._unreachable: dict[int, tuple[float, str]] = {}
         self._addresses: list[str] | None = None
@@ -607,7 +608,9 @@ class GrpcTransport(AsyncTransport):
         if link is not None and link.failed is not None:
             # the stream broke: replace it now, without waiting for a peer that is gone
             del self._links[dst]
-            self.loop.create_task(link.close(timeout=0.5))
+            closing = self.loop.create_task(link.close(timeout=0.5))
+            self._closing_links.add(closing)  # keep a reference until it is done
+            closing.add_done_callback(self._closing_links.discard)
             link = None
             wait = False
         if link is None:
