@@ -93,14 +93,29 @@ def load_data(
 
 def _job(
     args: tuple[str, int, float, dict[str, Any], dict[str, torch.Tensor], str | None, int],
-) -> list[dict[str, Any]]:
+) -> dict[str, Any]:
+    """One (model, nodes, budget) cell: ``{"rows": [...]}``, or ``{"rows": [], "skipped":
+    {...}}`` with the reason when the model cannot be partitioned that way (for example the
+    ViT's 4 heads over 8 nodes), so one impossible cell never costs the finished ones."""
     model_name, nodes, budget, setting, dense_state, data_path, seed = args
     torch.set_num_threads(1)
     xtr, ytr, xte, yte, _ = load_data(data_path)
     dense = build_model(model_name)
     dense.load_state_dict(dense_state)
     dense.eval()
-    pm = disco_fl.partition(dense, nodes, xtr[:2])
+    try:
+        pm = disco_fl.partition(dense, nodes, xtr[:2])
+    except disco_fl.PartitionError as e:
+        reason = f"cannot partition: {e}"
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {model_name} N={nodes} budget={budget}: "
+            f"skipped ({reason})",
+            flush=True,
+        )
+        return {
+            "rows": [],
+            "skipped": {"model": model_name, "nodes": nodes, "budget": budget, "reason": reason},
+        }
     cfg = BudgetConfig(
         budget=budget,
         gate_epochs=setting["gate_epochs"],
@@ -137,7 +152,7 @@ def _job(
         f"{rows[0]['sync_points']} sync points ({time.time() - t0:.0f}s)",
         flush=True,
     )
-    return rows
+    return {"rows": rows}
 
 
 def _dense(
@@ -190,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         out: dict[str, Any] = {
             "dense_accuracy": {name: acc for name, _, acc in dense},
             "rows": [],
+            "skipped": [],
             "meta": {
                 "mode": mode,
                 "data": source,
@@ -207,11 +223,16 @@ def main(argv: list[str] | None = None) -> int:
             for n in nodes
             for b in budgets
         ]
-        for rows in pool.imap(_job, jobs):
-            out["rows"].extend(rows)
+        for cell in pool.imap(_job, jobs):
+            out["rows"].extend(cell["rows"])
+            if "skipped" in cell:
+                out["skipped"].append(cell["skipped"])
             out["meta"]["wall_seconds"] = time.time() - t0
             Path(args.json).write_text(json.dumps(out, indent=1))
+    Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.json} ({time.time() - t0:.0f}s)")
+    for cell in out["skipped"]:
+        print(f"skipped {cell['model']} N={cell['nodes']} b={cell['budget']}: {cell['reason']}")
     return 0
 
 

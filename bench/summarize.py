@@ -37,6 +37,14 @@ def summarize(data: dict[str, Any]) -> str:
                     f"{_fmt_bytes(f32['dense_bytes_per_sample'])} | {red:.1f}x | "
                     f"{_fmt_bytes(i8['bytes_per_sample'])} | {f32['sync_points']} |"
                 )
+    skipped = data.get("skipped", [])
+    if skipped:
+        lines.append("\nSkipped (could not be partitioned):\n")
+        for cell in skipped:
+            lines.append(
+                f"- {cell['model']}, {cell['nodes']} nodes, budget {cell['budget']}: "
+                f"{cell['reason']}"
+            )
     return "\n".join(lines)
 
 

@@ -1,0 +1,33 @@
+"""The benchmark scripts keep what they finished when one cell cannot run."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from disco_fl.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):  # bench/ is a folder of scripts, not a package
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_comm_accuracy_skips_a_cell_that_cannot_partition() -> None:
+    bench = _load("comm_accuracy")
+    state = build_model("vit_tiny_mnist").state_dict()
+    setting = bench.SETTINGS["quick"]["vit_tiny_mnist"]
+    # 4 heads cannot be split over 8 nodes: the cell is skipped with its reason, not raised
+    cell = bench._job(("vit_tiny_mnist", 8, 0.1, setting, state, None, 0))
+    assert cell["rows"] == []
+    assert cell["skipped"]["nodes"] == 8
+    assert "cannot partition" in cell["skipped"]["reason"]
+    summary = _load("summarize").summarize(
+        {"dense_accuracy": {}, "rows": [], "skipped": [cell["skipped"]]}
+    )
+    assert "vit_tiny_mnist, 8 nodes" in summary
