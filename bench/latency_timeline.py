@@ -145,9 +145,9 @@ def _serve_wrapped(out: str, argv: list[str]) -> None:
     wrap_async(ns, "run_node_async", "run_start", "run_end", _run_tag)
 
     def dump(*_: Any) -> None:
-        tmp = Path(out + ".tmp")
-        tmp.write_text(json.dumps(list(ev)))
-        os.replace(tmp, out)  # the parent never reads half a file
+        from disco_fl.files import atomic_write_bytes
+
+        atomic_write_bytes(out, json.dumps(list(ev)).encode())  # never half a file
 
     signal.signal(signal.SIGUSR2, dump)
     sys.argv = ["disco-fl", *argv]

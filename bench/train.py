@@ -159,7 +159,8 @@ def prepare(root: Path, plan_name: str, nodes: int, n_batches: int) -> dict[str,
             for _, _, d, gates in pm.gate_items():
                 gates.log_alpha[str(d)].copy_(torch.randn(gates.num_channels, generator=g))
         fraction = calibrate_masks(pm, budget)
-    torch.save(pm, root / "emulation.pt")
+    torch.save(pm.state_dict(), root / "emulation.pt")  # tensors only: weights_only loads
+    _check_emulation(pm, _load_model(root, "emulation", nodes))
     plan = plan_of(pm)
     plan.save(root / "train_plan.json")
     for k in range(nodes):
@@ -196,13 +197,42 @@ def _transport(spec: dict[str, Any], plan_hash: str, num_layers: int) -> Any:
     return t
 
 
-def _load_model(root: Path, mode: str) -> Any:
-    """The one-process model of ``mode``: the whole model or the emulated partitioned one."""
+def _skeleton(nodes: int) -> Any:
+    """The partitioned model traced on the meta device: structure, no tensor memory."""
+    import disco_fl
+
+    with torch.device("meta"):
+        return disco_fl.partition(build_model(), nodes, torch.empty(2, 1, 28, 28))
+
+
+def _load_model(root: Path, mode: str, nodes: int, skeleton: Any = None) -> Any:
+    """The one-process model of ``mode``: the whole model or the emulated partitioned one.
+
+    The partitioned model is ``skeleton`` (default: :func:`_skeleton`; the workers trace it
+    before their memory baseline) with the tensors of ``emulation.pt`` (``assign=True``: held
+    once, as unpickling the whole module did, but only tensors are unpickled)."""
     if mode == "whole_model":
         model = build_model()
         model.load_state_dict(torch.load(root / "whole.pt", weights_only=True))
         return model
-    return torch.load(root / "emulation.pt", weights_only=False)
+    pm = skeleton if skeleton is not None else _skeleton(nodes)
+    pm.load_state_dict(torch.load(root / "emulation.pt", weights_only=True), assign=True)
+    left = [n for n, t in [*pm.named_parameters(), *pm.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"emulation.pt lacks {left[:5]}")
+    return pm
+
+
+def _check_emulation(pm: Any, loaded: Any) -> None:
+    """The partitioned model rebuilt from ``emulation.pt`` computes what ``pm`` does."""
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(SEED + 3))
+    pm.eval()
+    loaded.eval()
+    with torch.no_grad():
+        same = torch.equal(pm(x), loaded(x))
+    pm.train()
+    if not same:
+        raise RuntimeError("the partitioned model rebuilt from emulation.pt differs")
 
 
 def _worker_train(spec: dict[str, Any]) -> dict[str, Any]:
@@ -239,8 +269,9 @@ def _worker_train(spec: dict[str, Any]) -> dict[str, Any]:
         peak = _peak_mb()
         tr.close(5.0)
     else:
+        skeleton = _skeleton(spec["nodes"]) if mode == "emulation" else None
         base = _baseline_mb()
-        model = _load_model(root, mode).train()
+        model = _load_model(root, mode, spec["nodes"], skeleton).train()
         if mode == "whole_model":
             opt = torch.optim.Adam(model.parameters(), LR)
         else:
@@ -289,8 +320,9 @@ def _worker_infer(spec: dict[str, Any]) -> dict[str, Any]:
         peak = _peak_mb()
         tr.close(5.0)
     else:
+        skeleton = _skeleton(spec["nodes"]) if mode == "emulation" else None
         base = _baseline_mb()
-        model = _load_model(root, mode).eval()
+        model = _load_model(root, mode, spec["nodes"], skeleton).eval()
         data = torch.load(root / "data.pt", weights_only=True)
         with torch.no_grad():
             for t in range(reps):

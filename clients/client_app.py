@@ -130,7 +130,7 @@ def _setup(msg: Message, context: Context) -> tuple[ConfigRecord, Any, Plan, str
         )
     torch.set_num_threads(max(1, int(context.node_config.get("threads", 1))))
     spec = ModelSpec.from_config(cfg)
-    pm = spec.cached_partition(str(context.node_config.get("cache-dir", "")) or None)
+    pm = spec.partition()  # no disk cache: see ModelSpec.partition
     plan = Plan.from_json(json.loads(str(cfg["plan"])))
     if plan.program.to_json() != pm.program.to_json():
         raise ValueError(
@@ -210,14 +210,20 @@ def train(msg: Message, context: Context) -> Message:
     dp = None
     if bool(cfg["dp"]):
         b = min([batch, *sizes])
+        # no seed: DP noise and Poisson sampling come from each node's OS CSPRNG, never from
+        # the run config (the server holds it; DPConfig.insecure_seed is for tests only)
         dp = DPConfig(
             dataset_sizes=dict(zip(owners, sizes, strict=True)),
             max_grad_norm=rec_float(cfg, "dp-clip"),
             noise_multiplier=rec_float(cfg, "dp-noise"),
             target_delta=rec_float(cfg, "dp-delta"),
             batch_size=b,
-            seed=derive_seed(seed, hh, r),
         )
+        if k in owners and dp.dataset_sizes[k] != len(data.y_train):
+            raise ValueError(
+                f"shard {k} holds {len(data.y_train)} training examples, the round's config "
+                f"says {dp.dataset_sizes[k]}: the DP sample rate and epsilon would be wrong"
+            )
     opt = torch.optim.Adam(
         default_param_groups(shard, rec_float(cfg, "lr"), rec_float(cfg, "gate-lr"))
     )
@@ -245,15 +251,20 @@ def train(msg: Message, context: Context) -> Message:
         losses: list[float] = []
         for t in range(steps):
             x = y = None
-            if trainer.owner_of(t) == k:
+            if trainer.owner_of(t) == k and trainer.dp_state is not None:
+                # DP: Poisson sampling (what the accountant assumes), secure randomness; an
+                # empty batch is a noise-only step
+                idx = trainer.dp_state.sample_batch(t)
+                x, y = data.x_train[idx], data.y_train[idx]
+            elif trainer.owner_of(t) == k:
                 assert perm is not None
-                b = min(batch, len(perm)) if dp is None else dp.batch_size
+                b = min(batch, len(perm))
                 if pos + b > len(perm):
                     perm = torch.randperm(len(perm), generator=gen)
                     pos = 0
                 idx = perm[pos : pos + b]
                 pos += b
-                x = random_shift(data.x_train[idx], 1, gen) if dp is None else data.x_train[idx]
+                x = random_shift(data.x_train[idx], 1, gen)
                 y = data.y_train[idx]
             res = trainer.step(t, x, y, run_id=f"{hh}/r{r}")
             if res.loss is not None:
@@ -287,6 +298,9 @@ def train(msg: Message, context: Context) -> Message:
         metrics["dp-steps"] = len(own)
         metrics["dp-noise"] = float(trainer.dp_state.sigma)
         metrics["dp-rate"] = dp.sample_rate(k) if k in owners else 0.0
+        # not for the server under DP: the training loss is computed on the private batches
+        # without noise, and the count of steps with a loss tells which batches were empty
+        del metrics["loss"], metrics["owner-steps"]
     return msg.create_reply(
         RecordDict({"arrays": shard_arrays(shard), "metrics": MetricRecord(metrics)})
     )

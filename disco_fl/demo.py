@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from disco_fl.federated import ModelSpec, builtin_tensors
+from disco_fl.files import load_torch, save_torch
 
 FLWR_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -322,7 +322,7 @@ def wait_for_run(
         ckpt = run_dir / "checkpoint.pt"
         if ckpt.exists():
             with contextlib.suppress(Exception):  # being replaced right now: next time
-                st = torch.load(ckpt, map_location="cpu", weights_only=False)
+                st = load_torch(ckpt)
                 if st["rounds_done"] != seen_round:
                     seen_round = st["rounds_done"]
                     h = st["history"][-1] if st["history"] else {}
@@ -344,11 +344,7 @@ def wait_for_run(
 
 
 def _save_dense(model: torch.nn.Module, path: Path) -> None:
-    from disco_fl.export import atomic_write_bytes
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    atomic_write_bytes(path, buf.getvalue())
+    save_torch(model.state_dict(), path)  # checksummed; read by load_checkpoint_strict
 
 
 def serve_and_infer(

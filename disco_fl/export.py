@@ -3,16 +3,15 @@
 ``export(pm, path)`` writes ``plan.json`` and ``node_<k>.pt`` per node. A node file holds only
 that node's *compact* tensors: weights that read closed channels are dropped, gates are gone.
 :func:`load_shard` rebuilds one node from the plan and its file alone, checking the plan hash,
-the file's sha256, and every tensor name and shape against the plan. Files are written to a
-temporary name and renamed, so a crash never leaves a half-written plan or shard.
+the file's sha256, and every tensor name and shape against the plan. Files are written with
+:func:`disco_fl.files.atomic_write_bytes` (temporary file, fsync, rename, fsync of the folder),
+so a crash never leaves a half-written plan or shard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,25 +20,11 @@ from typing import Any
 import torch
 
 from disco_fl.codecs import Codec
+from disco_fl.files import atomic_write_bytes
 from disco_fl.node import run_lockstep
 from disco_fl.partition import Op, Program, get_spec
 from disco_fl.partition.ops_comm import gathered_columns
 from disco_fl.plan import Plan, PlanError, ShardManifest
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _compact_state(pm: Any, plan: Plan, k: int) -> dict[str, torch.Tensor]:

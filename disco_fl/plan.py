@@ -77,7 +77,7 @@ class Plan:
         return d
 
     def save(self, path: str | Path) -> None:
-        from disco_fl.export import atomic_write_bytes
+        from disco_fl.files import atomic_write_bytes
 
         atomic_write_bytes(Path(path), json.dumps(self.to_json(), indent=1).encode())
 

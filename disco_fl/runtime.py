@@ -11,12 +11,19 @@ exactly what ``codec.roundtrip`` produces in the emulation, so the requester's o
 If the node fails (a timeout, a bad frame, an error in its own math), it sends an error frame
 in place of every message it still owed its peers, so they fail at once with the cause
 instead of waiting for their timeouts.
+
+The deadline (``timeout``) bounds the whole call, computation included: it is checked before
+every op as well as while waiting for frames, so a call fails at most one op after it. A
+failed call drops the frames of its traceback (:func:`traceback.clear_frames`), so the
+activations it held are freed when the call fails, not when the garbage collector next runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -39,6 +46,28 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 
 class PeerError(RuntimeError):
     """A peer reported a failure, or sent a message that does not fit the plan."""
+
+
+class PeerBusyError(PeerError):
+    """A peer refused the session: it has too many sessions running and queued."""
+
+
+class PeerStalledError(TimeoutError):
+    """Node ``node`` sent nothing within the deadline, as node ``observer`` saw it.
+
+    Raised where a wait for a peer's frame times out (the node waited for is the one named), and
+    where a peer's error frame carries ``stalled_node`` (a peer gave up waiting for that node):
+    the node that stalled is named, not the healthy node that was waiting for it.
+    """
+
+    def __init__(self, message: str, *, node: int, observer: int) -> None:
+        super().__init__(message)
+        self.node = node
+        self.observer = observer
+
+
+BUSY_TAG = "[busy]"  # in a peer's error text: the peer refused the session for lack of room
+YIELD_AFTER_S = 0.005  # run_node_async lets other sessions run after computing this long
 
 
 def direction_of(op: Op, coded: bool) -> int:
@@ -152,6 +181,7 @@ def _check_message(
 
 _FLUSH = None  # yielded by _node_steps after an op that sent frames (see run_node_async)
 _Want = tuple[int, int]  # (layer, src): the frame the node waits for next
+_TURN: _Want = (-1, -1)  # yielded by _node_steps after every op (the driver may yield the loop)
 
 
 def _node_steps(
@@ -162,13 +192,16 @@ def _node_steps(
     timeout: float,
     step: int,
     max_message_bytes: int,
+    deadline: float,
     /,
 ) -> Generator[_Want | None, Frame, torch.Tensor | None]:
     """The node's program as a generator: yields ``(layer, src)`` for every frame it needs
     (the driver sends the frame in, or throws the driver's ``TimeoutError`` /
-    :class:`~disco_fl.transport.base.PeerDownError` in) and ``None`` after an op that sent
-    frames; returns the output (requester) or ``None``. One implementation for the blocking
-    driver (:func:`run_node`) and the event-loop driver (:func:`run_node_async`)."""
+    :class:`~disco_fl.transport.base.PeerDownError` in), ``None`` after an op that sent
+    frames and ``_TURN`` after every op; returns the output (requester) or ``None``. Raises
+    ``TimeoutError`` before an op when ``time.monotonic()`` is past ``deadline``. One
+    implementation for the blocking driver (:func:`run_node`) and the event-loop driver
+    (:func:`run_node_async`)."""
     plan: Plan = node.plan
     program = plan.program
     k = node.index
@@ -192,6 +225,12 @@ def _node_steps(
                 layer = step_.layer
                 op = step_.op
                 spec = step_.spec
+                if time.monotonic() > deadline:  # computation counts against the deadline
+                    raise TimeoutError(
+                        f"node {k}: the deadline ({timeout:.3g} s from the session's start) "
+                        f"passed while computing, before layer {layer} ({op.name}) "
+                        f"(session {session_id!r})"
+                    )
                 if step_.is_input:
                     xs: list[Any] = [x if requester else None]
                 else:
@@ -223,19 +262,28 @@ def _node_steps(
                     try:
                         f = yield (layer, src)
                     except TimeoutError:
-                        raise TimeoutError(
-                            f"node {k}: no message from node {src} for layer {layer} "
-                            f"({op.name}) within the deadline of {timeout:g} s "
-                            f"(session {session_id!r})"
+                        raise PeerStalledError(
+                            f"node {src} stalled: node {k} got no message from node {src} for "
+                            f"layer {layer} ({op.name}) within the deadline of {timeout:g} s "
+                            f"(session {session_id!r})",
+                            node=src,
+                            observer=k,
                         ) from None
                     except PeerDownError as e:
                         raise PeerError(
                             f"node {k}: peer {src} is unreachable (layer {layer}, {op.name}): {e}"
                         ) from None
-                    if f.error:
-                        raise PeerError(
-                            f"node {src} failed at layer {layer} ({op.name}): {f.error}"
+                    stalled = f.stalled_node if f.HasField("stalled_node") else None
+                    if f.error and stalled is not None and stalled < program.num_nodes:
+                        s = int(stalled)  # the peer gave up waiting for node s
+                        raise PeerStalledError(
+                            f"node {s} stalled (reported by node {src}, layer {layer}): {f.error}",
+                            node=s,
+                            observer=src,
                         )
+                    if f.error:
+                        error = PeerBusyError if BUSY_TAG in f.error else PeerError
+                        raise error(f"node {src} failed at layer {layer} ({op.name}): {f.error}")
                     if f.direction != step_.direction or f.tensor.codec != step_.wire_enum:
                         raise PeerError(
                             f"layer {layer} ({op.name}) from node {src}: direction "
@@ -254,9 +302,11 @@ def _node_steps(
                     batch = int(value.shape[0])
                 if step_.is_output:
                     result = value
+                yield _TURN
     except BaseException as e:
         why = f"{type(e).__name__}: {e}"
-        _notify_peers(plan, transport, session_id, step, layer, sent, why)
+        stalled = e.node if isinstance(e, PeerStalledError) else None
+        _notify_peers(plan, transport, session_id, step, layer, sent, why, stalled)
         raise
     if k != program.requester:
         return None
@@ -287,11 +337,11 @@ def run_node(
     Waits block the calling thread (see :func:`run_node_async` for an event loop).
     """
     deadline = time.monotonic() + timeout
-    steps = _node_steps(node, transport, x, session_id, timeout, step, max_message_bytes)
+    steps = _node_steps(node, transport, x, session_id, timeout, step, max_message_bytes, deadline)
     try:
         want = next(steps)
         while True:
-            if want is _FLUSH:
+            if want is _FLUSH or want is _TURN:
                 want = next(steps)
                 continue
             try:
@@ -304,7 +354,11 @@ def run_node(
     except StopIteration as done:
         out: torch.Tensor | None = done.value
         return out
+    except BaseException as e:
+        _drop_frames(e)
+        raise
     finally:
+        steps.close()
         transport.end_session(session_id)
 
 
@@ -322,14 +376,25 @@ async def run_node_async(
     result and errors): the node computes on the loop's thread and waits for frames without
     blocking it, so frames move without a thread hand-off and several sessions interleave at
     their waits. After every op that sent frames the loop runs once, so the frames go out
-    while the node computes on."""
+    while the node computes on; after an op that ends ``YIELD_AFTER_S`` or more of
+    computation without such a turn, too, so that a large request cannot hold the loop (and
+    the other sessions' frames and deadlines) for longer than one op."""
     deadline = time.monotonic() + timeout
-    steps = _node_steps(node, transport, x, session_id, timeout, step, max_message_bytes)
+    steps = _node_steps(node, transport, x, session_id, timeout, step, max_message_bytes, deadline)
+    clock = time.perf_counter
+    turned = clock()  # when this session last let the loop run
     try:
         want = next(steps)
         while True:
+            if want is _TURN:
+                if clock() - turned >= YIELD_AFTER_S:
+                    await asyncio.sleep(0)  # other sessions' frames, requests and timers
+                    turned = clock()
+                want = next(steps)
+                continue
             if want is _FLUSH:
                 await asyncio.sleep(0)  # let the link writers hand the frames to gRPC
+                turned = clock()
                 want = next(steps)
                 continue
             try:
@@ -342,8 +407,59 @@ async def run_node_async(
     except StopIteration as done:
         out: torch.Tensor | None = done.value
         return out
+    except BaseException as e:
+        _drop_frames(e)
+        raise
     finally:
+        steps.close()
         transport.end_session(session_id)
+
+
+def _drop_frames(error: BaseException) -> None:
+    """Clear the local variables of the finished frames in ``error``'s tracebacks (and its
+    causes' and contexts'): the node program's generator frame holds the request's
+    activations, and whoever keeps the exception (a gRPC call's state, a log record, a
+    reference cycle waiting for the garbage collector) would otherwise keep them too."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # frames still running are left alone
+        todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
+
+
+def refuse_session(
+    node: ShardNode, transport: Transport, session_id: str, step: int, why: str
+) -> None:
+    """Fail a session that this node will not run (best effort): one error frame to each
+    peer, at the first layer at which that peer waits for a message from this node, so every
+    node of the session fails at once with ``why`` (a node blocked earlier waits for a peer
+    that fails there and tells it). ``why`` holding :data:`BUSY_TAG` makes the requester
+    raise :class:`PeerBusyError`."""
+    k = transport.index
+    text = f"node {k}: {why}"[:MAX_ERROR_TEXT]
+    todo = set(range(node.plan.num_nodes)) - {k}
+    for st in node_schedule(node):
+        for dst in st.out_to:
+            if dst not in todo:
+                continue
+            todo.discard(dst)
+            frame = Frame(
+                session_id=session_id,
+                step=step,
+                layer=st.layer,
+                direction=st.direction,  # type: ignore[arg-type]
+                src=k,
+                dst=dst,
+                error=text,
+            )
+            with contextlib.suppress(Exception):  # the peer is gone: nothing waits there
+                transport.send(frame)
+        if not todo:
+            break
 
 
 def _notify_peers(
@@ -354,9 +470,11 @@ def _notify_peers(
     failed_at: int,
     already_sent: set[int],
     why: str,
+    stalled: int | None = None,
 ) -> None:
     """Send an error frame for every message this node still owed (best effort): the rest of
-    layer ``failed_at`` (``already_sent`` lists its peers already served) and all later ones."""
+    layer ``failed_at`` (``already_sent`` lists its peers already served) and all later ones.
+    ``stalled``: the node that stalled (the frames carry it as ``stalled_node``)."""
     k = transport.index
     text = f"node {k}: {why}"[:MAX_ERROR_TEXT]
     send: Callable[[Frame], None] = transport.send
@@ -376,6 +494,8 @@ def _notify_peers(
                 dst=t.dst,
                 error=text,
             )
+            if stalled is not None:
+                frame.stalled_node = stalled
             try:
                 send(frame)
             except Exception:  # the peer is gone: do not try it again for this session

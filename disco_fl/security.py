@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from disco_fl.files import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "SecurityError",
     "TLSFiles",
     "channel_credentials",
+    "is_loopback_address",
     "make_household_certs",
     "read_token",
     "server_credentials",
@@ -484,19 +486,9 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temporary file (created ``0600``) and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` atomically with ``mode`` (the temporary file is ``0600``
+    until it gets ``mode``): :func:`disco_fl.files.atomic_write_bytes`."""
+    atomic_write_bytes(path, data, mode)
 
 
 # ---- household token -----------------------------------------------------------------------
@@ -550,3 +542,50 @@ def read_token(path: str | os.PathLike[str] | None, env: str = "DISCO_TOKEN") ->
     if any(not (0x20 <= ord(c) < 0x7F) for c in token):
         raise SecurityError(f"the token in {source} must be printable ASCII")
     return token
+
+
+# ---- addresses -----------------------------------------------------------------------------
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether the gRPC address ``address`` (``host:port``, ``[v6]:port``, ``ipv4:``/``ipv6:``
+    /``dns:`` forms, ``unix:``) reaches only this machine.
+
+    Loopback: an IP in ``127.0.0.0/8`` or ``::1`` (also IPv4-mapped), the name ``localhost``,
+    and Unix sockets. Everything else is not: wildcard binds (``0.0.0.0``, ``::``, an empty
+    host) listen on every interface, and other names are not resolved (a name may point
+    anywhere). ``disco-fl serve`` runs plaintext only on loopback addresses unless told
+    ``--insecure``.
+    """
+    a = address.strip()
+    low = a.lower()
+    if low.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("ipv4:", "ipv6:", "dns:"):
+        if low.startswith(scheme):
+            a = a[len(scheme) :]
+            break
+    if a.startswith("//"):  # dns://authority/host:port
+        a = a[2:].partition("/")[2]
+    host = a
+    with contextlib.suppress(ValueError):  # a bare IP address (IPv6 without a port)
+        return _loopback_ip(ipaddress.ip_address(host))
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            return False
+        host = host[1:end]
+    else:
+        host = host.rpartition(":")[0] if ":" in host else host
+    host = host.strip().lower()
+    if host == "localhost":
+        return True
+    try:
+        return _loopback_ip(ipaddress.ip_address(host))
+    except ValueError:
+        return False
+
+
+def _loopback_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from disco_fl.emulation import PartitionedModel
+from disco_fl.files import load_torch
 from disco_fl.gates import prob_open
 
 Log = Callable[[str], None]
@@ -294,7 +295,7 @@ def fit_budget(
     if teacher is not None:
         teacher.eval()
     if ckpt is not None and ckpt.exists():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        saved = load_torch(ckpt)  # checksum verified, weights_only=True
         if saved.get("config") != asdict(config):
             raise ValueError(f"checkpoint {ckpt} was made with a different configuration")
         pm.load_state_dict(saved["model"])

@@ -38,7 +38,6 @@ with the final masks fixed. Under differential privacy every round is a hard-mas
 
 from __future__ import annotations
 
-import io
 import json
 import secrets
 import time
@@ -55,7 +54,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
-from disco_fl.export import atomic_write_bytes
 from disco_fl.federated import (
     ModelSpec,
     epsilon_of,
@@ -68,6 +66,7 @@ from disco_fl.federated import (
     split_global_state,
     unpack_state,
 )
+from disco_fl.files import ChecksumError, load_torch, remove_stale_temps, save_torch
 from disco_fl.train import calibrate_masks
 from disco_fl.training import plan_of
 
@@ -778,7 +777,8 @@ class DiscoStrategy(Strategy):
         return self.checkpoint_dir / CHECKPOINT_NAME if self.checkpoint_dir else None
 
     def save_checkpoint(self, done_rounds: int, arrays: ArrayRecord) -> None:
-        """Write the run's state after ``done_rounds`` rounds (temporary file + rename)."""
+        """Write the run's state after ``done_rounds`` rounds: tensors and plain data with a
+        sha256 checksum, atomically (a killed write leaves the previous checkpoint)."""
         path = self.checkpoint_path()
         if path is None:
             return
@@ -792,19 +792,24 @@ class DiscoStrategy(Strategy):
             "history": self.history,
             "dp_history": self.dp_history,
         }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        save_torch(state, path)
 
     def resume(self) -> ArrayRecord | None:
         """Load the last checkpoint, if any: returns the global arrays (and sets the rounds
-        already done), or None when there is none. Refuses one of other settings."""
+        already done), or None when there is none. Refuses one of other settings, and a
+        corrupted one (:class:`~disco_fl.files.ChecksumError` naming the file); only plain
+        data is unpickled (``weights_only=True``). Removes temporary files of killed writes."""
         path = self.checkpoint_path()
-        if path is None or not path.exists():
+        if path is None:
+            return None
+        remove_stale_temps(path.parent)  # what a write killed in an earlier start left
+        if not path.exists():
             return None
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # torch raises several types for corrupt files
+            state = load_torch(path)
+        except ChecksumError as e:
+            raise ChecksumError(f"cannot read run checkpoint {path}: {e}") from e
+        except (OSError, ValueError) as e:
             raise ValueError(f"cannot read run checkpoint {path}: {e}") from e
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a DISCO run checkpoint")

@@ -28,8 +28,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from disco_fl.data import MNIST_MEAN, MNIST_STD
-from disco_fl.export import atomic_write_bytes
 from disco_fl.federated import ModelSpec
+from disco_fl.files import atomic_write_bytes
 from disco_fl.models import load_checkpoint_strict
 from strategies.disco import DiscoStrategy, DPSettings
 

@@ -126,11 +126,14 @@ def _refused(ts: list[GrpcTransport]) -> None:
 def _raw_health(
     address: str, chan: grpc.ChannelCredentials | None, timeout: float = CONNECT_S
 ) -> grpc.StatusCode:
-    """The status of one Health call on a fresh channel (OK, or why it failed)."""
+    """The status of one Health call on a fresh channel with the household token (OK, or why
+    it failed)."""
     ch = grpc.secure_channel(address, chan) if chan else grpc.insecure_channel(address)
     with ch:
         try:
-            peer_pb2_grpc.PeerStub(ch).Health(peer_pb2.HealthRequest(), timeout=timeout)
+            peer_pb2_grpc.PeerStub(ch).Health(
+                peer_pb2.HealthRequest(), metadata=[("disco-token", "tok")], timeout=timeout
+            )
         except grpc.RpcError as e:
             return e.code()  # type: ignore[no-any-return,attr-defined]
     return grpc.StatusCode.OK

@@ -124,9 +124,9 @@ def test_export_is_atomic(exported: Path, monkeypatch: pytest.MonkeyPatch) -> No
     def boom(*a: object, **k: object) -> None:
         raise OSError("disk full")
 
-    import disco_fl.export as ex
+    import disco_fl.files as files  # export's writer
 
-    monkeypatch.setattr(ex.os, "fsync", boom)
+    monkeypatch.setattr(files.os, "fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         pm.export(exported)
     assert (exported / "plan.json").read_bytes() == before

@@ -1,6 +1,7 @@
 """Models: torchvision-compatible ResNets, a timm-compatible ViT, strict checkpoint handling."""
 
 from disco_fl.models.checkpoint import (
+    CheckpointChecksumError,
     CheckpointError,
     load_checkpoint_strict,
     save_checkpoint_atomic,
@@ -18,6 +19,7 @@ from disco_fl.models.vit import ViT, ViTConfig, vit_tiny_mnist
 
 __all__ = [
     "MODELS",
+    "CheckpointChecksumError",
     "CheckpointError",
     "ResNet",
     "ResNetConfig",

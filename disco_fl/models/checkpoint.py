@@ -1,18 +1,28 @@
-"""Strict checkpoint loading and atomic checkpoint saving."""
+"""Strict checkpoint loading and atomic, checksummed checkpoint saving.
+
+Files of :func:`save_checkpoint_atomic` are ordinary ``torch.save`` files whose zip comment
+holds their sha256 (:mod:`disco_fl.files`); :func:`load_checkpoint_strict` verifies it and
+refuses a mismatch with :class:`CheckpointChecksumError`. A ``.pth`` of another tool (no
+checksum) is still read, with ``weights_only=True``.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "load_checkpoint_strict", "save_checkpoint_atomic"]
+from disco_fl.files import ChecksumError, load_torch, save_torch
+
+__all__ = [
+    "CheckpointChecksumError",
+    "CheckpointError",
+    "load_checkpoint_strict",
+    "save_checkpoint_atomic",
+]
 
 _WRAPPER_KEYS = ("state_dict", "model")
 _NUM_BATCHES_TRACKED = "num_batches_tracked"
@@ -22,11 +32,17 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model."""
 
 
+class CheckpointChecksumError(CheckpointError, ChecksumError):
+    """A checkpoint written with a checksum no longer matches it (corrupted on disk)."""
+
+
 def _read(path: str | os.PathLike[str]) -> Any:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {os.fspath(path)!r} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_torch(path, require_checksum=False)
+    except ChecksumError as exc:
+        raise CheckpointChecksumError(str(exc)) from exc
     except Exception as exc:  # corrupt, truncated or unsafe pickles all end up here
         raise CheckpointError(
             f"could not read checkpoint {os.fspath(path)!r}: {type(exc).__name__}: {exc}"
@@ -89,6 +105,8 @@ def load_checkpoint_strict(
         If the file is missing, corrupt or not a state dict (the message names the path), or
         if keys are missing or unexpected or shapes differ (the message lists every missing
         key, every unexpected key and every shape mismatch with expected and actual shape).
+        :class:`CheckpointChecksumError` (a subclass) if the file carries a checksum that
+        does not match its bytes.
     """
     if isinstance(path_or_state_dict, Mapping):
         source = "<state dict>"
@@ -121,30 +139,21 @@ def load_checkpoint_strict(
 
 
 def save_checkpoint_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
-    """Save ``obj`` with ``torch.save`` so that ``path`` is never left half-written.
+    """Save ``obj`` with ``torch.save`` and a checksum so that ``path`` is never left
+    half-written and a later corruption is detected.
 
-    The object is written to a temporary file in the same directory, flushed to disk and then
-    moved over ``path`` with ``os.replace``. If anything fails, the temporary file is removed,
-    any previous file at ``path`` is left untouched and the exception propagates.
+    The bytes (their sha256 in the zip comment) go to a temporary file in the same
+    directory, which is fsynced and moved over ``path`` with ``os.replace``; the directory is
+    fsynced too (:func:`disco_fl.files.atomic_write_bytes`). If anything fails, the temporary
+    file is removed, any previous file at ``path`` is left untouched and the exception
+    propagates.
 
     Parameters
     ----------
     obj : Any
-        What to save (typically ``model.state_dict()``).
+        What to save (typically ``model.state_dict()``): tensors and plain data only
+        (:func:`disco_fl.files.plain_data`; anything else raises ``TypeError``).
     path : str or os.PathLike
         Destination. Missing parent directories are created. The file gets mode 0o644.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+    save_torch(obj, path, mode=0o644)

@@ -51,28 +51,63 @@ def _tls_client(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     return channel_credentials(TLSFiles.from_dir(args.tls_dir, str(args.client_name)))
 
 
+def _plaintext_check(args: argparse.Namespace, listen: str, peers: list[str]) -> list[str]:
+    """Refuse plaintext beyond loopback unless ``--insecure``; returns the exposed addresses.
+
+    Flower's convention, TLS unless ``--insecure`` is given, with one exception kept for tests
+    and the local demo: a household whose addresses are all loopback may run plaintext.
+    """
+    from disco_fl.security import is_loopback_address
+
+    if args.insecure and args.tls_dir:
+        raise ValueError("--insecure and --tls-dir exclude each other: give one of them")
+    if args.tls_dir:
+        return []
+    exposed = [a for a in dict.fromkeys([listen, *peers]) if not is_loopback_address(a)]
+    if exposed and not args.insecure:
+        raise ValueError(
+            f"refusing to serve in plaintext on non-loopback address(es) {', '.join(exposed)}: "
+            "the household token and the activations would cross the network unencrypted. "
+            "Create certificates with `disco-fl certs --nodes N --hosts IP1,IP2,... --out "
+            "certs` and give --tls-dir certs (mutual TLS), or give --insecure to accept "
+            "plaintext (a trusted test network only)"
+        )
+    return exposed
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps the stacks
-    if args.threads:
-        torch.set_num_threads(args.threads)
     peers = [a.strip() for a in args.peers.split(",")]
     if not 0 <= args.node < len(peers):
         raise ValueError(f"--node {args.node} is not an index into --peers ({len(peers)} given)")
+    listen = args.listen or peers[args.node]
+    exposed = _plaintext_check(args, listen, peers)
+    if exposed:
+        _log(
+            f"WARNING: --insecure: plaintext on {', '.join(exposed)}; anyone on the network "
+            "can read the household token and the activations"
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     server_creds, channel_creds = _tls_node(args, args.node)
     shape = LinkShape(args.link_mbps * 1e6, args.link_rtt_ms / 1e3) if args.link_mbps else None
     cfg = ServeConfig(
         plan=Path(args.plan),
         node=args.node,
-        listen=args.listen or peers[args.node],
+        listen=listen,
         peers=peers,
         token=_token(args),
         server_credentials=server_creds,
         channel_credentials=channel_creds,
         deadline_s=args.deadline,
         max_inflight=args.max_inflight,
+        max_queued=args.max_queued,
+        max_batch=args.max_batch,
+        chunk_batch=args.chunk_batch,
         max_frame_bytes=int(args.max_frame_mb * (1 << 20)),
         link_shape=shape,
+        max_connections=args.max_connections,
     )
     server = NodeServer(cfg)
     stop = threading.Event()
@@ -167,18 +202,25 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    def auth(p: argparse.ArgumentParser) -> None:
+    def auth(p: argparse.ArgumentParser, serve: bool = False) -> None:
         p.add_argument(
             "--token-file",
             default=None,
             help="file holding the household token (default: $DISCO_TOKEN, else none)",
         )
-        p.add_argument(
-            "--tls-dir",
-            default=None,
-            help="folder from `disco-fl certs` (ca.pem, node<k>.pem/.key, client.pem/.key): "
-            "mutual TLS; default plaintext",
+        tls_help = (
+            "folder from `disco-fl certs` (ca.pem, node<k>.pem/.key, client.pem/.key): mutual TLS"
         )
+        if serve:
+            tls_help += "; without it, plaintext is refused beyond loopback unless --insecure"
+        p.add_argument("--tls-dir", default=None, help=tls_help)
+        if serve:
+            p.add_argument(
+                "--insecure",
+                action="store_true",
+                help="allow plaintext on non-loopback addresses (a trusted test network only; "
+                "loopback-only households run plaintext without it)",
+            )
 
     p = sub.add_parser("serve", help="serve this node's shard of an exported plan")
     p.add_argument("plan", help="plan.json or its folder (only node_<k>.pt is read)")
@@ -187,9 +229,26 @@ def add_parsers(sub: Any) -> None:
         "--peers", required=True, help="every node's host:port, comma-separated, by index"
     )
     p.add_argument("--listen", default=None, help="address to bind (default: own --peers entry)")
-    auth(p)
+    auth(p, serve=True)
     p.add_argument("--deadline", type=float, default=5.0, help="request deadline, s (default 5)")
     p.add_argument("--max-inflight", type=int, default=8, help="requests at once (default 8)")
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        default=None,
+        help="sessions waiting for a slot on a non-requester node; more are refused "
+        "(default: --max-inflight)",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=4096, help="largest batch accepted (default 4096)"
+    )
+    p.add_argument(
+        "--chunk-batch",
+        type=int,
+        default=0,
+        help="larger requests run as sessions of at most this many inputs (default 0: about "
+        "1 MiB of input per chunk)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument(
         "--max-frame-mb", type=float, default=64.0, help="largest message, MiB (default 64)"
@@ -205,6 +264,12 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument(
         "--link-rtt-ms", type=float, default=0.0, help="emulated round trip (ms), half per frame"
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=128,
+        help="connections held at once, handshakes included; more are closed (default 128)",
     )
     p.add_argument("--ready-file", default=None, help="write {'address': ...} here when ready")
 

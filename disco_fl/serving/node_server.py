@@ -7,7 +7,11 @@ its gRPC endpoint (the ``disco.v1.Peer`` service for the household and the
 - on the **requester** (``plan.program.requester``, node 0), ``Inference.Infer`` gives each
   request a fresh session id and runs :func:`~disco_fl.runtime.run_node` with the input;
 - on every other node, the requester's INPUT frame of a new session starts
-  :func:`~disco_fl.runtime.run_node` for that session.
+  :func:`~disco_fl.runtime.run_node` for that session. Only the requester's INPUT frames at
+  the program's input layer open sessions (``Transport.session_origin``; other INPUT frames
+  are refused), at most ``max_inflight`` run at once and ``max_queued`` more wait for a slot;
+  beyond that a session is refused at once (its peers and the requester fail with
+  ``RESOURCE_EXHAUSTED``).
 
 Everything runs on the transport's event loop (:mod:`disco_fl.transport.grpc_transport`):
 the gRPC services, and the sessions themselves (:func:`~disco_fl.runtime.run_node_async`),
@@ -16,20 +20,33 @@ no frame or request changes threads on its way between gRPC and the computation.
 interleave at their waits.
 
 Several requests may be in flight at once (``max_inflight``); their frames are kept apart by
-session id. Every request has a deadline (``deadline_s``, default 5 s): a dead or stalled peer
-makes the request fail with a clear error within it (``DEADLINE_EXCEEDED`` or ``UNAVAILABLE``)
-while the node goes on serving; once the peer is back, requests succeed again. Frames of
-sessions that never start here (their requester gave up before reaching this node) are
-dropped after ``2 x deadline_s``.
+session id. Every request has a deadline (``deadline_s``, default 5 s), counted from its arrival
+(the ``Infer`` call; on the other nodes, the session's INPUT frame), that bounds waiting for a
+slot, waiting for peers and computing alike (checked between ops): a dead or stalled peer or a
+request too large to compute in time makes the request fail with a clear error within it
+(``DEADLINE_EXCEEDED`` or ``UNAVAILABLE``) while the node goes on serving; once the peer is
+back, requests succeed again. A request larger than ``chunk_batch`` runs as consecutive
+sessions of at most ``chunk_batch`` inputs (one op of one chunk is the most a deadline can be
+overrun by); one larger than ``max_batch`` is refused. Frames of sessions that never start here
+(their requester gave up before reaching this node) are dropped after ``2 x deadline_s``; a
+session still running then is cancelled.
+
+A failed request frees its tensors at once: the error leaves the handler as a status
+(``set_code``), never as an exception raised inside an ``except`` block, and the node program's
+frames are cleared from the error's traceback (:func:`~disco_fl.runtime.run_node_async`), so
+no reference cycle through gRPC's call state keeps the activations alive until the garbage
+collector runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import hmac
 import json
 import logging
+import math
 import secrets
 import threading
 import time
@@ -43,7 +60,13 @@ import torch
 
 from disco_fl.export import ShardNode, load_shard
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
-from disco_fl.runtime import PeerError, run_node_async
+from disco_fl.runtime import (
+    BUSY_TAG,
+    PeerBusyError,
+    PeerError,
+    refuse_session,
+    run_node_async,
+)
 from disco_fl.transport.base import TransportError
 from disco_fl.transport.grpc_transport import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -56,7 +79,44 @@ from disco_fl.wire import WireError, decode_tensor, encode_tensor
 log = logging.getLogger(__name__)
 
 MD_TOKEN = "disco-token"
+MD_SERVER_MS = "disco-server-ms"  # trailing metadata of a failed Infer: the node's own time
 MAX_REQUEST_ID = 256
+CHUNK_INPUT_BYTES = 1 << 20  # automatic chunk_batch: about this many input bytes per chunk
+IDLE_TRIM_S = 0.5  # a node idle this long gives the C heap's free pages back to the system
+_TRIM: list[Callable[[int], int] | None] = []  # glibc's malloc_trim, looked up once
+
+
+def release_free_memory() -> bool:
+    """Give the free pages of the C heap back to the operating system (glibc's
+    ``malloc_trim``); ``False`` where there is no such call.
+
+    Freed tensors of up to 32 MiB come from glibc's heap, which keeps its free pages (the
+    process's RSS stays at its peak) until something trims it."""
+    if not _TRIM:
+        fn: Callable[[int], int] | None = None
+        with contextlib.suppress(Exception):
+            trim = ctypes.CDLL(None).malloc_trim
+            trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+            fn = trim
+        _TRIM.append(fn)
+    fn = _TRIM[0]
+    if fn is None:
+        return False
+    fn(0)
+    return True
+
+
+def peer_session_timeout(deadline_s: float) -> float:
+    """The deadline of a session on a node that is not the requester: ``deadline_s`` less a
+    margin (a fifth of it, at least 0.25 s, at most 1 s; never below half of it).
+
+    A node that gives up waiting for a stalled peer tells the requester which node stalled
+    (``stalled_node`` on its error frames); giving up this much earlier lets that report
+    arrive before the requester's own deadline, so the caller hears which node stalled rather
+    than which healthy node was waiting for it.
+    """
+    margin = min(1.0, max(0.25, deadline_s / 5))
+    return max(deadline_s / 2, deadline_s - margin)
 
 
 class BusyError(RuntimeError):
@@ -86,13 +146,25 @@ class ServeConfig:
     max_inflight : int, default 8
         Requests served at once; more are refused with ``RESOURCE_EXHAUSTED``.
     max_batch : int, default 4096
-        Largest batch accepted in one request.
+        Largest batch accepted in one request (larger ones are refused with
+        ``INVALID_ARGUMENT``); on the other nodes, the largest batch of a session.
+    chunk_batch : int, default 0
+        A request of more inputs than this runs as consecutive sessions of at most this many
+        (0: automatic, about ``CHUNK_INPUT_BYTES`` of fp32 input per chunk: 334 inputs of
+        1x28x28), so that one op of one chunk bounds how far computing can overrun a
+        deadline and how long other requests wait for the event loop.
+    max_queued : int or None, default None
+        Sessions (on the nodes that are not the requester) waiting for a slot beyond the
+        ``max_inflight`` running; more are refused at once (``None``: ``max_inflight``).
     max_frame_bytes : int, default 64 MiB
         Largest message accepted or sent (peer frames and inference requests).
     connect_timeout_s : float, default 3.0
         Bound on one handshake with a peer.
     link_shape : LinkShape or None
         Emulated link for outgoing peer traffic (benchmarks).
+    max_connections : int, default 128
+        Connections the node's server holds at once (peers, callers, and connections still
+        in their TLS/HTTP/2 handshake); more are closed as they are accepted.
     """
 
     plan: Path
@@ -105,9 +177,12 @@ class ServeConfig:
     deadline_s: float = 5.0
     max_inflight: int = 8
     max_batch: int = 4096
+    chunk_batch: int = 0
+    max_queued: int | None = None
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     connect_timeout_s: float = 3.0
     link_shape: LinkShape | None = None
+    max_connections: int = 128
 
     def __post_init__(self) -> None:
         self.plan = Path(self.plan)
@@ -119,6 +194,12 @@ class ServeConfig:
             raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.chunk_batch < 0:
+            raise ValueError(f"chunk_batch must be >= 0, got {self.chunk_batch}")
+        if self.max_queued is None:
+            self.max_queued = self.max_inflight
+        if self.max_queued < 0:
+            raise ValueError(f"max_queued must be >= 0, got {self.max_queued}")
 
 
 class NodeServer:
@@ -132,18 +213,26 @@ class NodeServer:
         self.num_nodes = self.plan.num_nodes
         self.is_requester = self.index == self.plan.program.requester
         self._input_shape = list(self.plan.program.infos[self.plan.program.ops[0].name].shape)
+        per_input = 4 * math.prod(self._input_shape[1:])  # fp32 bytes of one input
+        self.chunk_batch = config.chunk_batch or max(1, CHUNK_INPUT_BYTES // max(1, per_input))
+        input_layer = next(
+            (i for i, op in enumerate(self.plan.program.ops) if op.kind == "input"), 0
+        )
         self._prefix = secrets.token_hex(3)  # session ids unique across restarts
         self._counter = 0
         self._lock = threading.Lock()
-        self._active: set[str] = set()
+        self._active: set[str] = set()  # sessions running here (requests' and peers')
+        self._starts = 0  # sessions started so far (an idle node trims if none started since)
         self._inflight = asyncio.Semaphore(config.max_inflight)  # requests (requester)
         self._slots = asyncio.Semaphore(config.max_inflight)  # sessions (other nodes)
-        self._tasks: set[asyncio.Task[None]] = set()
+        # sessions of the other nodes, running or queued: id -> (arrival, task)
+        self._sessions: dict[str, tuple[float, asyncio.Task[None]]] = {}
         self.stats: dict[str, int] = {
             "requests_ok": 0,
             "requests_failed": 0,
             "sessions_ok": 0,
             "sessions_failed": 0,
+            "sessions_refused": 0,
             "sessions_expired": 0,
         }
         self.last_errors: list[str] = []
@@ -163,7 +252,10 @@ class NodeServer:
             services=[lambda s: peer_pb2_grpc.add_InferenceServicer_to_server(servicer, s)],
             max_extra_rpcs=config.max_inflight + 4,
             link_shape=config.link_shape,
+            max_connections=config.max_connections,
         )
+        # only the requester's INPUT frames, at the input layer, exist (and open sessions)
+        self.transport.session_origin = (self.plan.program.requester, input_layer)
         if not self.is_requester:
             self.transport.on_session = self._start_session
         self._stop = threading.Event()
@@ -224,69 +316,166 @@ class NodeServer:
         return self.transport.run(self.infer_async(x, deadline_s))
 
     async def infer_async(
-        self, x: torch.Tensor, deadline_s: float | None = None
+        self,
+        x: torch.Tensor,
+        deadline_s: float | None = None,
+        *,
+        arrival: float | None = None,
     ) -> tuple[torch.Tensor, str, float]:
-        """:meth:`infer` as a coroutine on the transport's event loop."""
+        """:meth:`infer` as a coroutine on the transport's event loop.
+
+        The deadline (``deadline_s``, at most the node's) counts from ``arrival``
+        (``time.monotonic()`` when the request arrived; default: now). A batch larger than
+        :attr:`chunk_batch` runs as consecutive sessions (ids ``<id>``, ``<id>.1``, ...)."""
         if not self.is_requester:
             raise RuntimeError(f"node {self.index} is not the requester")
-        deadline = min(deadline_s or self.config.deadline_s, self.config.deadline_s)
-        try:
-            await asyncio.wait_for(self._inflight.acquire(), min(deadline, 0.5))
-        except asyncio.TimeoutError:
-            raise BusyError(
-                f"node {self.index}: {self.config.max_inflight} requests already in flight"
-            ) from None
+        cfg = self.config
+        budget = min(deadline_s or cfg.deadline_s, cfg.deadline_s)
+        deadline = (time.monotonic() if arrival is None else arrival) + budget
+        n = int(x.shape[0]) if x.dim() else 0
+        if not 1 <= n <= cfg.max_batch:
+            raise ValueError(f"batch of {n}; between 1 and {cfg.max_batch} accepted")
+        if self._inflight.locked():
+            try:
+                wait = min(deadline - time.monotonic(), 0.5)
+                await asyncio.wait_for(self._inflight.acquire(), max(0.0, wait))
+            except asyncio.TimeoutError:
+                raise BusyError(
+                    f"node {self.index}: {cfg.max_inflight} requests already in flight"
+                ) from None
+        else:
+            await self._inflight.acquire()
         sid = self._new_session_id()
         t0 = time.perf_counter()
+        parts = x.split(self.chunk_batch) if n > self.chunk_batch else (x,)
+        outs: list[torch.Tensor] = []
         try:
-            with self._lock:
-                self._active.add(sid)
-            out = await run_node_async(
-                self.node, self.transport, x, session_id=sid, timeout=deadline
-            )
-            if out is None:
-                raise RuntimeError("the requester's run produced no output")
+            for i, part in enumerate(parts):
+                part_sid = sid if i == 0 else f"{sid}.{i}"
+                left = deadline - time.monotonic()
+                if left <= 0:  # between chunks: the deadline counts computation too
+                    done = sum(int(o.shape[0]) for o in outs)
+                    raise TimeoutError(
+                        f"node {self.index}: the deadline of {budget:g} s passed after "
+                        f"{done} of {n} inputs (request {sid!r})"
+                    )
+                with self._lock:
+                    self._active.add(part_sid)
+                    self._starts += 1
+                try:
+                    out = await run_node_async(
+                        self.node, self.transport, part, session_id=part_sid, timeout=left
+                    )
+                finally:
+                    self._leave(part_sid)
+                if out is None:
+                    raise RuntimeError("the requester's run produced no output")
+                outs.append(out)
+            result = outs[0] if len(outs) == 1 else torch.cat(outs)
         except BaseException as e:
             self._failed("requests_failed", f"session {sid}: {type(e).__name__}: {e}")
             raise
         finally:
-            with self._lock:
-                self._active.discard(sid)
+            outs.clear()
             self._inflight.release()
         with self._lock:
             self.stats["requests_ok"] += 1
-        return out, sid, (time.perf_counter() - t0) * 1e3
+        return result, sid, (time.perf_counter() - t0) * 1e3
 
-    def _start_session(self, session_id: str, step: int) -> None:
-        """A peer's INPUT frame opened a session here (called on the transport's loop)."""
+    def _start_session(self, session_id: str, step: int, batch: int = 0) -> None:
+        """The requester's INPUT frame opened a session here (called on the transport's
+        loop): start it (it waits for a slot if ``max_inflight`` run), or refuse it when
+        ``max_inflight + max_queued`` sessions are already here or its batch is too large."""
         if self._stop.is_set():
             return
+        cfg = self.config
+        arrival = time.monotonic()  # the session's deadline counts from here
+        why = None
         with self._lock:
             if session_id in self._active:
                 return
-            self._active.add(session_id)
-        task = self.transport.loop.create_task(self._serve_session(session_id, step))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            room = cfg.max_inflight + (cfg.max_queued or 0)
+            if batch > cfg.max_batch:
+                why = f"batch of {batch} refused; at most {cfg.max_batch} accepted"
+            elif len(self._sessions) >= room:
+                why = (
+                    f"{BUSY_TAG} {len(self._sessions)} sessions running or queued here "
+                    f"(max_inflight {cfg.max_inflight} + max_queued {cfg.max_queued}); "
+                    f"session refused"
+                )
+            else:
+                self._active.add(session_id)
+                self._starts += 1
+                task = self.transport.loop.create_task(
+                    self._serve_session(session_id, step, arrival)
+                )
+                self._sessions[session_id] = (arrival, task)
+        if why is not None:
+            self._failed("sessions_refused", f"session {session_id}: {why}")
+            self.transport.end_session(session_id)  # drops its INPUT frame
+            refuse_session(self.node, self.transport, session_id, step, why)
 
-    async def _serve_session(self, session_id: str, step: int) -> None:
+    async def _serve_session(self, session_id: str, step: int, arrival: float) -> None:
+        budget = peer_session_timeout(self.config.deadline_s)
+        deadline = arrival + budget
+        started = False
         try:
-            async with self._slots:
+            if self._slots.locked():  # queued: the wait counts against the deadline
+                try:
+                    left = max(0.0, deadline - time.monotonic())
+                    await asyncio.wait_for(self._slots.acquire(), left)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(
+                        f"node {self.index}: {BUSY_TAG} session {session_id!r} waited its "
+                        f"deadline of {budget:g} s for one of {self.config.max_inflight} slots"
+                    ) from None
+            else:
+                await self._slots.acquire()
+            try:
+                started = True
                 await run_node_async(
                     self.node,
                     self.transport,
                     None,
                     session_id=session_id,
-                    timeout=self.config.deadline_s,
+                    timeout=max(0.0, deadline - time.monotonic()),
                     step=step,
                 )
+            finally:
+                self._slots.release()
             with self._lock:
                 self.stats["sessions_ok"] += 1
+        except asyncio.CancelledError:
+            self._failed("sessions_expired", f"session {session_id}: cancelled")
+            raise
         except Exception as e:
-            self._failed("sessions_failed", f"session {session_id}: {type(e).__name__}: {e}")
+            why = f"{type(e).__name__}: {e}"
+            self._failed("sessions_failed", f"session {session_id}: {why}")
+            if not started:  # its peers wait for it: tell them (run_node_async does if run)
+                self.transport.end_session(session_id)
+                refuse_session(self.node, self.transport, session_id, step, why)
         finally:
             with self._lock:
-                self._active.discard(session_id)
+                self._sessions.pop(session_id, None)
+            self._leave(session_id)
+
+    def _leave(self, session_id: str) -> None:
+        """A session ended here (on the loop). Once the node has been idle for
+        ``IDLE_TRIM_S``, the memory its sessions freed goes back to the system: a burst of
+        large requests (or of failures) does not leave the node at its peak RSS."""
+        with self._lock:
+            self._active.discard(session_id)
+            idle = not self._active
+            mark = self._starts
+        if idle and not self._stop.is_set():
+            with contextlib.suppress(RuntimeError):  # the loop has stopped
+                self.transport.loop.call_later(IDLE_TRIM_S, self._trim_if_idle, mark)
+
+    def _trim_if_idle(self, mark: int) -> None:
+        with self._lock:
+            if self._active or self._starts != mark:
+                return  # a session started since: it is not idle time
+        release_free_memory()
 
     def _failed(self, counter: str, msg: str) -> None:
         log.warning("node %d: %s", self.index, msg)
@@ -295,12 +484,20 @@ class NodeServer:
             self.last_errors = [*self.last_errors[-19:], msg]
 
     def _sweep(self) -> None:
-        """Drop frames of sessions that never started here (bounded memory)."""
+        """Drop frames of sessions that never started here, and cancel sessions here that
+        outlived twice the deadline (their own deadline ends them first; this is the
+        backstop), so that memory stays bounded."""
         period = max(0.5, self.config.deadline_s / 2)
+        limit = 2 * self.config.deadline_s
         while not self._stop.wait(period):
+            now = time.monotonic()
             with self._lock:
                 keep = set(self._active)
-            n = self.transport.mailbox.expire(2 * self.config.deadline_s, keep)
+                stuck = [task for t0, task in self._sessions.values() if now - t0 > limit]
+            for task in stuck:
+                with contextlib.suppress(RuntimeError):  # the loop has stopped
+                    self.transport.loop.call_soon_threadsafe(task.cancel)
+            n = self.transport.mailbox.expire(limit, keep)
             if n:
                 with self._lock:
                     self.stats["sessions_expired"] += n
@@ -358,61 +555,93 @@ class InferenceServicer(peer_pb2_grpc.InferenceServicer):
     def __init__(self, server: NodeServer) -> None:
         self.s = server
 
-    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+    def _token_ok(self, context: grpc.aio.ServicerContext) -> bool:
         md = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         token = md.get(MD_TOKEN, "")
-        if not hmac.compare_digest(token.encode(), self.s.config.token.encode()):
+        return hmac.compare_digest(token.encode(), self.s.config.token.encode())
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._token_ok(context):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong household token")
 
     async def Infer(  # type: ignore[override]
         self, request: peer_pb2.InferRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.InferReply:
-        await self._authorize(context)
+        arrival = time.monotonic()  # the request's deadline counts from here
+        if not self._token_ok(context):
+            code, message, reply = grpc.StatusCode.PERMISSION_DENIED, "wrong household token", None
+        else:
+            code, message, reply = await self._infer(request, context, arrival)
+        if code is not None or reply is None:
+            # a status, not an exception: context.abort() raises, and the exception's
+            # traceback would hold this frame (the request) and, raised while handling the
+            # failure, that failure's frames (the activations) in a reference cycle with the
+            # call's state until the garbage collector ran
+            context.set_code(code or grpc.StatusCode.INTERNAL)
+            context.set_details(message)
+            # the node's own time, arrival to answer (the caller's also has the transfers)
+            ms = (time.monotonic() - arrival) * 1e3
+            context.set_trailing_metadata(((MD_SERVER_MS, f"{ms:.1f}"),))
+            return peer_pb2.InferReply()
+        return reply
+
+    async def _infer(
+        self, request: peer_pb2.InferRequest, context: grpc.aio.ServicerContext, arrival: float
+    ) -> tuple[grpc.StatusCode | None, str, peer_pb2.InferReply | None]:
+        """Validate and run one request: ``(None, "", reply)`` or ``(code, message, None)``
+        (errors are returned, never raised, and hold no traceback once returned)."""
         s = self.s
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
         if not s.is_requester:
-            await context.abort(
+            return (
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"node {s.index} is not the requester; send requests to node "
                 f"{s.plan.program.requester}",
+                None,
             )
         if len(request.request_id) > MAX_REQUEST_ID:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id too long")
+            return invalid, "request_id too long", None
         try:
             x = decode_tensor(request.input, max_bytes=s.config.max_frame_bytes)
         except WireError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad input tensor: {e}")
+            return invalid, f"bad input tensor: {e}", None
         want = s._input_shape[1:]
         if x.dim() != len(want) + 1 or list(x.shape[1:]) != want:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            return (
+                invalid,
                 f"input of shape {list(x.shape)}; the plan expects [batch, "
                 f"{', '.join(map(str, want))}]",
+                None,
             )
         if not 1 <= x.shape[0] <= s.config.max_batch:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            return (
+                invalid,
                 f"batch of {x.shape[0]}; between 1 and {s.config.max_batch} accepted",
+                None,
             )
         if not torch.isfinite(x).all():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input holds NaN or infinity")
+            return invalid, "input holds NaN or infinity", None
         deadline = float(request.deadline_s) if request.deadline_s > 0 else None
         remaining = context.time_remaining()
         if remaining is not None:
             deadline = min(deadline or remaining, remaining)
         try:
-            out, sid, ms = await s.infer_async(x.float(), deadline)
+            out, sid, ms = await s.infer_async(x.float(), deadline, arrival=arrival)
         except BusyError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), None
         except TimeoutError as e:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+            return grpc.StatusCode.DEADLINE_EXCEEDED, str(e), None
+        except PeerBusyError as e:  # a peer has no room for the session
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), None
         except (PeerError, TransportError, WireError) as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            return grpc.StatusCode.UNAVAILABLE, str(e), None
         except Exception as e:  # a bug in our own math: say so, keep serving
-            log.exception("node %d: request failed", s.index)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            log.error("node %d: request failed: %s: %s", s.index, type(e).__name__, e)
+            return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}", None
+        del x
         reply = peer_pb2.InferReply(session_id=sid, server_ms=ms)
         encode_tensor(out, "fp32", out=reply.output)
-        return reply
+        return None, "", reply
 
     async def Status(  # type: ignore[override]
         self, request: peer_pb2.StatusRequest, context: grpc.aio.ServicerContext

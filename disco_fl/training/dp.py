@@ -37,29 +37,50 @@ Method (one step, after the ordinary distributed backward pass):
    node sums them into the norm of the whole model's per-sample gradient.
 3. **Flat clipping** with factor ``min(1, C / (norm_b + 1e-6))`` (Opacus's formula), summed
    over the batch; each node adds Gaussian noise ``N(0, (sigma C)^2)`` to its own
-   coordinates only, from a generator seeded by ``(seed, node, step)``, then divides by the
-   batch size (Opacus's ``loss_reduction="mean"``).
+   coordinates only (every trainable tensor of its shard), drawn from the operating
+   system's CSPRNG (see *Randomness* below), then divides by the **expected** batch size
+   ``DPConfig.batch_size`` (Opacus's ``loss_reduction="mean"`` with Poisson sampling,
+   ``expected_batch_size``).
 4. **Accounting**: an Opacus accountant (``"rdp"`` default, or ``"prv"``) per data owner is
-   stepped after every committed step that owner's data took (sample rate = batch size /
-   that owner's dataset size); :meth:`DPState.epsilon` reports epsilon per owner. With
+   stepped after every committed step that owner's data took, with the sample rate
+   ``q = batch_size / dataset size`` of that owner (:meth:`DPConfig.sample_rate`), the same
+   ``q`` the sampler uses; :meth:`DPState.epsilon` reports epsilon per owner. With
    ``target_epsilon`` set, the noise multiplier is calibrated by
    :func:`opacus.accountants.utils.get_noise_multiplier` for the planned steps.
+
+**Poisson sampling** (what the accountant assumes): the batch owner draws each step's batch
+with :meth:`DPState.sample_batch`: every one of its examples is taken independently with
+probability ``q`` (as Opacus's ``UniformWithReplacementSampler``), so the batch size varies
+from step to step (mean ``q * n = batch_size``). A caller that feeds
+:meth:`~disco_fl.training.NodeTrainer.step` batches of its own gets the same clipping and
+noise, but the reported epsilon then rests on an assumption its batches do not meet (as with
+Opacus's ``poisson_sampling=False``). **An empty batch** (probability ``(1 - q)^n``) is a
+noise-only step, as in Opacus: the owner feeds ``x`` and ``y`` with 0 rows; the input frame
+tells every node, no layer is computed, no norms are exchanged, every node sets the gradient
+of every trainable tensor of its shard to ``N(0, (sigma C)^2) / batch_size``, the step commits
+and the optimizer steps; the accountant counts it like any other step (one invocation of the
+sampled Gaussian mechanism). Skipping it instead would show, without noise, that the batch
+was empty.
+
+**Randomness** (noise and the Poisson sample) is in :mod:`disco_fl.training.dp_random`:
+fresh from the operating system's CSPRNG on every node, never derivable from the run config.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from disco_fl.partition import get_spec
 from disco_fl.partition.registry import OpSpec
 from disco_fl.proto_gen.disco.v1 import peer_pb2
+from disco_fl.training.dp_random import gaussian_noise, insecure_bits, poisson_sample
 from disco_fl.wire import WireError, decode_tensor
 
 if TYPE_CHECKING:
@@ -87,13 +108,17 @@ class DPConfig:
     dataset_sizes : mapping of int to int
         Size of each data owner's dataset (node index -> samples); sets the sample rate.
     batch_size : int
-        Samples per step; default 32.
+        Expected samples per step (Poisson sampling: each of an owner's ``n`` examples is
+        taken with probability ``batch_size / n``); the noisy sum is divided by it. Default 32.
     planned_steps : int
         Steps per owner for the target-epsilon calibration; default 100.
     accountant : {"rdp", "prv"}
         Opacus accountant; default "rdp".
-    seed : int
-        Seed of the noise generators; default 0.
+    insecure_seed : int or None
+        **Tests only.** Draw the noise and the Poisson sample from a generator seeded by
+        ``(insecure_seed, node, step)`` instead of the OS's CSPRNG: anyone who knows the seed
+        can subtract the noise (no privacy at all). Every use logs a warning. Default None
+        (secure).
     """
 
     dataset_sizes: Mapping[int, int]
@@ -104,7 +129,7 @@ class DPConfig:
     batch_size: int = 32
     planned_steps: int = 100
     accountant: str = "rdp"
-    seed: int = 0
+    insecure_seed: int | None = None
 
     def __post_init__(self) -> None:
         if not self.max_grad_norm > 0:
@@ -125,6 +150,7 @@ class DPConfig:
             raise ValueError("dataset_sizes must give every owner at least batch_size samples")
 
     def sample_rate(self, owner: int) -> float:
+        """``q`` of ``owner``: the Poisson sample rate and the accountant's sample rate."""
         if owner not in self.dataset_sizes:
             raise ValueError(f"no dataset size for data owner {owner}")
         return self.batch_size / self.dataset_sizes[owner]
@@ -157,6 +183,7 @@ class DPStepInfo:
     clipped_fraction: float  # samples whose whole-model norm exceeded C
     mean_norm: float  # mean whole-model per-sample gradient norm (before clipping)
     epsilon: float | None = None  # the owner's epsilon after this step (set on commit)
+    batch: int = 0  # samples in the step's batch (0: a noise-only step)
 
 
 def fix_batchnorm(model: nn.Module) -> nn.Module:
@@ -237,10 +264,45 @@ class DPState:
             return 0.0
         return float(acc.get_epsilon(delta=self.config.target_delta))
 
-    def after_commit(self, owner: int, batch: int) -> float:
-        rate = batch / self.config.dataset_sizes[owner]
+    def after_commit(self, owner: int) -> float:
+        """Count one committed step of ``owner``'s data (empty batches included) at the
+        Poisson sample rate ``q`` of that owner; its epsilon after it."""
+        rate = self.config.sample_rate(owner)
         self.accountants[owner].step(noise_multiplier=self.sigma, sample_rate=rate)
         return self.epsilon(owner)
+
+    def sample_batch(self, step: int) -> torch.Tensor:
+        """The batch of ``step`` on its owner (this node): ascending indices into the owner's
+        dataset of ``dataset_sizes[owner]`` examples, each taken independently with
+        probability ``q = batch_size / dataset_sizes[owner]`` (Poisson sampling, as the
+        accountant assumes), from the OS's CSPRNG. The batch may be empty: feed it anyway
+        (``x[idx]``, ``y[idx]``), the step is then a noise-only step."""
+        owner = self.t.owner_of(step)
+        if owner != self.t.index:
+            raise ValueError(f"node {self.t.index} does not own step {step} (node {owner} does)")
+        n = self.config.dataset_sizes[owner]
+        return poisson_sample(n, self.config.sample_rate(owner), self._bits("sample", step))
+
+    def _bits(self, purpose: str, step: int) -> np.random.PCG64 | None:
+        """None (the OS's CSPRNG) or, with ``insecure_seed``, a seeded generator (warned)."""
+        seed = self.config.insecure_seed
+        if seed is None:
+            return None
+        return insecure_bits(seed, purpose, self.t.index, step)
+
+    def _trainable(self, per: Mapping[nn.Parameter, torch.Tensor]) -> list[nn.Parameter]:
+        """Every tensor of this shard that DP updates (the same set in every step, empty
+        batches included, so that a step's noise never tells whether its batch was empty):
+        the ops' trainable parameters, then any other with a per-sample gradient."""
+        out: list[nn.Parameter] = []
+        seen: set[int] = set()
+        for st in self.t.shard.ops.values():
+            for p in st._parameters.values():
+                if p is not None and p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        out.extend(p for p in per if id(p) not in seen)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {o: list(a.history) for o, a in self.accountants.items()}}
@@ -351,8 +413,10 @@ class DPState:
     ) -> DPStepInfo:
         """Replace this node's gradients with its part of the clipped, noised DP gradient."""
         cfg = self.config
-        per = self.per_sample_grads(ctx, records)
         batch = _batch_of(records)
+        if batch == 0:  # empty Poisson batch: a noise-only step (nothing was computed)
+            return self._noise_step(ctx.step, {}, torch.zeros(0, dtype=torch.float64))
+        per = self.per_sample_grads(ctx, records)
         # per-sample gradients of the per-sample losses (the step's loss is their mean)
         local = torch.zeros(batch, dtype=torch.float64)
         for g in per.values():
@@ -378,21 +442,37 @@ class DPState:
             total += v.double()
         norms = total.sqrt()
         clip = (cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        seed = _noise_seed(cfg.seed, self.t.index, ctx.step)
-        gen = torch.Generator().manual_seed(seed)
+        summed = {
+            p: torch.einsum("b,b...->...", clip.to(g.dtype), g * batch) for p, g in per.items()
+        }
+        return self._noise_step(ctx.step, summed, norms)
+
+    def _noise_step(
+        self, step: int, summed: Mapping[nn.Parameter, torch.Tensor], norms: torch.Tensor
+    ) -> DPStepInfo:
+        """Set every DP-updated tensor's gradient to (its clipped sum, zero where none, plus
+        this node's noise) / the expected batch size."""
+        cfg = self.config
         std = self.sigma * cfg.max_grad_norm
+        bits = self._bits("noise", step) if std > 0 else None
         for p in self.t.shard.parameters():
             p.grad = None
-        for p, g in per.items():
-            summed = torch.einsum("b,b...->...", clip.to(g.dtype), g * batch)
+        for p in self._trainable(summed):
+            s = summed.get(p)
+            if s is None:
+                s = torch.zeros(p.shape, dtype=p.dtype)
             if std > 0:
-                summed = summed + torch.normal(0.0, std, size=summed.shape, generator=gen)
-            p.grad = (summed / batch).to(p.dtype)
+                noise = gaussian_noise(s.numel(), std, bits).reshape(s.shape)
+                p.grad = ((s.double() + noise) / cfg.batch_size).to(p.dtype)
+            else:
+                p.grad = (s / cfg.batch_size).to(p.dtype)
+        batch = int(norms.numel())
         return DPStepInfo(
             self.sigma,
             cfg.max_grad_norm,
-            float((norms > cfg.max_grad_norm).double().mean()),
-            float(norms.mean()),
+            float((norms > cfg.max_grad_norm).double().mean()) if batch else 0.0,
+            float(norms.mean()) if batch else 0.0,
+            batch=batch,
         )
 
 
@@ -442,9 +522,11 @@ def _batch_of(records: Sequence[_OpRecord]) -> int:
     raise RuntimeError("the step has no batched input")
 
 
-def _noise_seed(seed: int, node: int, step: int) -> int:
-    key = hashlib.sha256(f"disco-dp/{seed}/{node}/{step}".encode()).digest()
-    return int.from_bytes(key[:8], "little") >> 1
-
-
-__all__ = ["DPConfig", "DPState", "DPStepInfo", "fix_batchnorm"]
+__all__ = [
+    "DPConfig",
+    "DPState",
+    "DPStepInfo",
+    "fix_batchnorm",
+    "gaussian_noise",
+    "poisson_sample",
+]

@@ -29,7 +29,8 @@ program):
    producing ops' output gradients.
 4. Optional differential privacy (:mod:`disco_fl.training.dp`): per-sample norms are summed
    across the household (sub-session ``/norms``), each node clips and noises its own
-   coordinates.
+   coordinates. An empty (Poisson) batch is a noise-only step: the forward stops after the
+   input layer (whose frame tells every node), no backward, no norms, noise only.
 5. **Commit** (sub-session ``/commit``): every node sends a vote to the owner (layer 0); the
    owner, holding every vote, answers every node (layer 1). Only then does a node apply its
    optimizer and write back its BatchNorm running statistics (kept in per-step copies until
@@ -74,7 +75,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -87,7 +87,8 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from disco_fl.codecs import get_codec
 from disco_fl.emulation import NodeShard, OpState
-from disco_fl.export import atomic_write_bytes, compact_columns
+from disco_fl.export import compact_columns
+from disco_fl.files import ChecksumError, load_torch, remove_stale_temps, save_torch
 from disco_fl.gates import PairGates, gate_generator, prob_open, sample_hard_concrete
 from disco_fl.partition import Op, Program, Traffic, get_spec
 from disco_fl.plan import Plan
@@ -707,6 +708,8 @@ class NodeTrainer:
                 raise ValueError(f"node {self.index} owns step {step}: it needs x and y")
             if y.dim() != 1 or y.shape[0] != x.shape[0]:
                 raise ValueError(f"labels of shape {tuple(y.shape)} for a batch of {x.shape[0]}")
+            if x.dim() and x.shape[0] == 0 and self.dp_state is None:
+                raise ValueError("an empty batch is a step only with DP (a noise-only step)")
         sid = f"{run_id}/g{self.generation}/s{step}"
         ctx = _TrainContext(self, program, step)
         deadline = time.monotonic() + self.timeout
@@ -715,14 +718,15 @@ class NodeTrainer:
         c0 = self._sent()
         loss_value: float | None = None
         dp_info = None
-        dp_batch = 0
         try:
             self.optimizer.zero_grad(set_to_none=True)
             self._zero_grads()
             records = self._forward(ctx, io_, x)
             c1 = self._sent()
+            # DP, empty Poisson batch: a noise-only step (the forward stopped at the input)
+            empty = self.dp_state is not None and _batch_size(records) == 0
             g_out: torch.Tensor | None = None
-            if self.index == owner:
+            if self.index == owner and not empty:
                 out = records[-1].out
                 if not isinstance(out, torch.Tensor):
                     raise RuntimeError("program produced no output tensor")
@@ -738,12 +742,12 @@ class NodeTrainer:
                 loss.backward()
                 g_out = logits.grad
                 loss_value = float(loss.detach())
-            self._gate_penalty(program)
-            self._backward(ctx, io_, records, g_out)
+            if not empty:
+                self._gate_penalty(program)
+                self._backward(ctx, io_, records, g_out)
             c2 = self._sent()
             if self.dp_state is not None:
                 dp_info = self.dp_state.privatize(ctx, io_, records, owner)
-                dp_batch = _batch_size(records)
             self._commit(io_, owner)
             c3 = self._sent()
         except BaseException as e:
@@ -766,7 +770,7 @@ class NodeTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.dp_state is not None and dp_info is not None:
-            dp_info.epsilon = self.dp_state.after_commit(owner, dp_batch)
+            dp_info.epsilon = self.dp_state.after_commit(owner)
         self.steps_done = step + 1
         res = StepResult(
             step,
@@ -932,6 +936,8 @@ class NodeTrainer:
                 rec.xs = xs
                 rec.full_received = full
             records.append(rec)
+            if batch == 0 and keep_xs:
+                break  # DP: an empty Poisson batch is a noise-only step, nothing to compute
             del xs, built, full, msgs
             if lean:
                 for name in op.inputs:  # free what no later op reads
@@ -1175,16 +1181,22 @@ class NodeTrainer:
         return sd
 
     def save_checkpoint(self, path: str | Path) -> None:
-        """Write :meth:`state_dict` atomically (temporary file + rename)."""
-        buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
-        atomic_write_bytes(Path(path), buf.getvalue())
+        """Write :meth:`state_dict` (tensors and plain data) with a sha256 checksum,
+        atomically: a killed write leaves the previous checkpoint (:func:`save_torch`)."""
+        save_torch(self.state_dict(), path)
 
     def load_checkpoint(self, path: str | Path) -> int:
-        """Load a checkpoint written by :meth:`save_checkpoint`; return the next step."""
+        """Load a checkpoint written by :meth:`save_checkpoint`; return the next step.
+
+        The checksum is verified (a corrupted or truncated file raises
+        :class:`~disco_fl.files.ChecksumError` naming it) and only plain data is unpickled
+        (``weights_only=True``). Temporary files of killed writes beside it are removed."""
+        remove_stale_temps(Path(path).parent)
         try:
-            state = torch.load(Path(path), map_location="cpu", weights_only=False)
-        except Exception as e:  # torch raises several types for corrupt files
+            state = load_torch(path)
+        except ChecksumError as e:
+            raise ChecksumError(f"cannot read training checkpoint {path}: {e}") from e
+        except (OSError, ValueError) as e:
             raise ValueError(f"cannot read training checkpoint {path}: {e}") from e
         if not isinstance(state, dict):
             raise ValueError(f"{path} does not hold a training checkpoint")

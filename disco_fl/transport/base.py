@@ -6,6 +6,10 @@ hands a frame to the peer ``frame.dst``; frames from peers are validated on arri
 identified by ``(session_id, step, layer, src, backward)`` (:func:`frame_key`): at most one
 frame per key may be pending; a duplicate is rejected.
 
+Sessions: a node that serves requests (``on_session``) opens a session only for an INPUT
+frame from the session's requester at the program's input layer (``session_origin``); an INPUT
+frame from any other node, or at any other layer, is refused (the protocol has none).
+
 Counters (for checking the plan's accounting against the wire): payload bytes sent per
 ``(dst, layer)`` (``len(data) + len(scales)`` of the tensor), serialized frame bytes sent and
 received, frames sent.
@@ -309,8 +313,12 @@ class Transport(ABC):
         self._wire_received = 0
         self._frames_sent = 0
         self._closed = False
-        # called with (session_id, step) when a peer's INPUT frame starts a new session here
-        self.on_session: Callable[[str, int], None] | None = None
+        # (requester, input layer): the only source and layer of INPUT frames; when set,
+        # other INPUT frames are refused and the requester's may open sessions (on_session)
+        self.session_origin: tuple[int, int] | None = None
+        # called with (session_id, step, batch) when the requester's INPUT frame starts a new
+        # session here (only with session_origin set)
+        self.on_session: Callable[[str, int, int], None] | None = None
 
     # ---- sending -------------------------------------------------------------------------
     def send(self, frame: peer_pb2.Frame) -> None:
@@ -342,8 +350,20 @@ class Transport(ABC):
     ) -> str | None:
         """Validate and store a frame that arrived; return why it was refused, or None."""
         reason = check_incoming(frame, self.index, self.num_nodes, self.num_layers, expected_src)
+        origin = self.session_origin
+        if (
+            reason is None
+            and origin is not None
+            and frame.direction == Frame.INPUT
+            and (frame.src, frame.layer) != origin
+        ):
+            reason = (
+                f"INPUT frame from node {frame.src} at layer {frame.layer}: only node "
+                f"{origin[0]} sends the input, at layer {origin[1]}"
+            )
         new_session = (
             reason is None
+            and origin is not None
             and frame.direction == Frame.INPUT
             and not frame.error
             and self.on_session is not None
@@ -359,8 +379,10 @@ class Transport(ABC):
             return reason
         with self._stats:
             self._wire_received += size
-        if new_session and self.on_session is not None:
-            self.on_session(frame.session_id, int(frame.step))
+        on_session = self.on_session
+        if new_session and on_session is not None:
+            shape = frame.tensor.shape
+            on_session(frame.session_id, int(frame.step), int(shape[0]) if shape else 0)
         return None
 
     def recv(

@@ -20,7 +20,15 @@ frames (:meth:`GrpcTransport.recv_async`) with no thread hand-off at all: a fram
 the computing code to gRPC, and from gRPC to the computing code, on the same thread.
 
 With ``server_credentials`` / ``channel_credentials`` (see :mod:`disco_fl.security`) the
-channels use TLS with client certificates (mutual TLS); otherwise they are plaintext.
+channels use TLS with client certificates (mutual TLS); otherwise they are plaintext. Every
+call to the ``Peer`` service (``Handshake``, ``Exchange``, ``Health``) must carry the household
+token.
+
+Connection limits: the server holds at most ``max_connections`` connections (more are closed
+as they are accepted), closes a connection that has not finished its TLS and HTTP/2 handshake
+within ``handshake_timeout_s`` and one without a call for ``idle_timeout_s``, and pings its
+callers (keepalive) so that connections of vanished callers are closed too; an idle or
+unauthenticated connection thus holds a file descriptor for a bounded time only.
 
 Failures: when the stream to a peer breaks (the peer died or restarted), frames from that peer
 are marked as not coming, so a node waiting for one fails at once with the cause instead of
@@ -77,6 +85,9 @@ _MD_PLAN, _MD_NODE, _MD_EXPECTED, _MD_TOKEN = (
 _STOP = object()
 KEEPALIVE_MS = 10_000  # ping an idle connection every 10 s; drop it if no answer in 5 s
 KEEPALIVE_TIMEOUT_MS = 5_000
+DEFAULT_MAX_CONNECTIONS = 128  # connections a node's server holds at once
+DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0  # to finish the TLS and HTTP/2 handshakes
+DEFAULT_IDLE_TIMEOUT_S = 300.0  # a connection without a call for this long is closed
 RETRY_S = 0.5  # a peer found unreachable is not tried again for this long
 _PR_SET_TIMERSLACK = 29
 T = TypeVar("T")
@@ -449,6 +460,10 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         self, request: peer_pb2.HealthRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.HealthReply:
         t = self.t
+        md = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        problem = t._check_token(md.get(_MD_TOKEN, ""))
+        if problem is not None:
+            await context.abort(*problem)
         return peer_pb2.HealthReply(
             status=peer_pb2.HealthReply.NOT_SERVING if t.closed else peer_pb2.HealthReply.SERVING,
             plan_hash=t.plan_hash,
@@ -466,6 +481,8 @@ class GrpcTransport(AsyncTransport):
     ``max_queued_bytes`` bounds the frames queued for one peer and not yet taken by gRPC (a
     stalled peer's flow control holds them back): beyond it, ``send`` raises.
     ``services`` add more (``grpc.aio``) servicers to the server; they run on :attr:`loop`.
+    ``max_connections``, ``handshake_timeout_s`` and ``idle_timeout_s`` bound the server's
+    connections (see the module's docstring).
     """
 
     def __init__(
@@ -487,6 +504,9 @@ class GrpcTransport(AsyncTransport):
         services: Sequence[Callable[[grpc.aio.Server], None]] = (),
         max_extra_rpcs: int = 16,
         link_shape: LinkShape | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
         super().__init__(
             index, num_nodes, num_layers=num_layers, max_pending_bytes=max_pending_bytes
@@ -495,6 +515,14 @@ class GrpcTransport(AsyncTransport):
             raise ValueError("plan_hash is required")
         if max_frame_bytes <= 0:
             raise ValueError(f"max_frame_bytes must be positive, got {max_frame_bytes}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        for name, v in (
+            ("handshake_timeout_s", handshake_timeout_s),
+            ("idle_timeout_s", idle_timeout_s),
+        ):
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {v}")
         self.plan_hash = plan_hash
         self.max_frame_bytes = max_frame_bytes
         self.connect_timeout = connect_timeout
@@ -528,6 +556,16 @@ class GrpcTransport(AsyncTransport):
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
             ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+            # a caller pinging more often is sent away (the default 2 strikes); the server
+            # pings its callers too, so that a vanished caller's connection is closed
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.max_pings_without_data", 0),
+            # bounded connections: at most max_connections at once, a handshake (TLS and
+            # HTTP/2) within handshake_timeout_s, no connection idle beyond idle_timeout_s
+            ("grpc.max_allowed_incoming_connections", max_connections),
+            ("grpc.server_handshake_timeout_ms", max(1, round(handshake_timeout_s * 1000))),
+            ("grpc.max_connection_idle_ms", max(1, round(idle_timeout_s * 1000))),
         ]
         self._links: dict[int, _Link] = {}
         self._closing_links: set[asyncio.Task[None]] = set()
@@ -556,9 +594,10 @@ class GrpcTransport(AsyncTransport):
     ) -> int:
         # N-1 long-lived incoming streams (and their replacements after a peer restarts),
         # handshakes, health checks and the extra services' calls
+        max_rpcs = 2 * self.num_nodes + 8 + max_extra_rpcs
         self._server = grpc.aio.server(
-            options=self._server_options,
-            maximum_concurrent_rpcs=2 * self.num_nodes + 8 + max_extra_rpcs,
+            options=[*self._server_options, ("grpc.max_concurrent_streams", max_rpcs)],
+            maximum_concurrent_rpcs=max_rpcs,
         )
         peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self), self._server)
         for add in services:
@@ -641,7 +680,7 @@ class GrpcTransport(AsyncTransport):
         async def ask() -> peer_pb2.HealthReply:
             link = await self._ready_link(dst, wait=True)
             reply: peer_pb2.HealthReply = await link._stub().Health(
-                peer_pb2.HealthRequest(), timeout=timeout
+                peer_pb2.HealthRequest(), metadata=self._metadata(dst), timeout=timeout
             )
             return reply
 
@@ -655,12 +694,19 @@ class GrpcTransport(AsyncTransport):
             (_MD_TOKEN, self._token),
         ]
 
+    def _check_token(self, token: str) -> tuple[grpc.StatusCode, str] | None:
+        """The household token, compared in constant time (an empty token means none)."""
+        if not hmac.compare_digest(token.encode(), self._token.encode()):
+            return grpc.StatusCode.PERMISSION_DENIED, f"node {self.index}: wrong household token"
+        return None
+
     def _check_peer(
         self, plan_hash: str, node: int, token: str, expected: int
     ) -> tuple[grpc.StatusCode, str] | None:
         me = self.index
-        if not hmac.compare_digest(token.encode(), self._token.encode()):
-            return grpc.StatusCode.PERMISSION_DENIED, f"node {me}: wrong household token"
+        problem = self._check_token(token)
+        if problem is not None:
+            return problem
         if plan_hash != self.plan_hash:
             return (
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -42,7 +42,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[Tensor.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Tensor.Codec, str]] = ..., scales: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("session_id", "step", "layer", "direction", "src", "dst", "tensor", "error")
+    __slots__ = ("session_id", "step", "layer", "direction", "src", "dst", "tensor", "error", "stalled_node")
     class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         DIRECTION_UNSPECIFIED: _ClassVar[Frame.Direction]
@@ -65,6 +65,7 @@ class Frame(_message.Message):
     DST_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STALLED_NODE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     layer: int
@@ -73,7 +74,8 @@ class Frame(_message.Message):
     dst: int
     tensor: Tensor
     error: str
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., direction: _Optional[_Union[Frame.Direction, str]] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    stalled_node: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., direction: _Optional[_Union[Frame.Direction, str]] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ..., stalled_node: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("plan_hash", "node", "household_token", "expected_node")

@@ -72,7 +72,10 @@ class PeerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Health(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Whether the node is serving, its plan hash and index. The caller presents the household
+        token in the `disco-token` metadata (and, with TLS, a household certificate, as for every
+        call); refused with PERMISSION_DENIED otherwise.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
