@@ -23,11 +23,13 @@ from torch import nn
 from disco_fl.gates import PairGates, gate_generator, prob_open, sample_hard_concrete
 from disco_fl.layout import Layout
 from disco_fl.node import run_lockstep
-from disco_fl.partition import Op, PartitionError, Program, capture, get_spec
+from disco_fl.partition import Op, PartitionError, Program, capture_export, get_spec
+from disco_fl.partition import capture as fx_capture
 from disco_fl.partition.ops_comm import gathered_columns
 
 GateMode = Literal["hard", "stochastic"]
 Execution = Literal["auto", "fused", "lockstep"]
+CaptureMode = Literal["fx", "export", "auto"]
 
 
 class OpState(nn.Module):
@@ -417,19 +419,28 @@ def partition(
     example_input: torch.Tensor,
     *,
     capacities: Sequence[float] | None = None,
+    capture: CaptureMode = "fx",
 ) -> PartitionedModel:
     """Split every layer of ``model`` across ``num_nodes`` nodes (emulated in one process).
 
     Parameters
     ----------
     model : nn.Module
-        A standard PyTorch model, traceable by ``torch.fx``. It is not modified.
+        A standard PyTorch model. It is not modified.
     num_nodes : int
         Number of nodes N (>= 1). Every layer must have at least N output channels.
     example_input : torch.Tensor
         A batch-first example input; it fixes channel counts and the per-sample traffic.
     capacities : sequence of float, optional
         Relative capacity per node for uneven slices; default equal slices.
+    capture : {"fx", "export", "auto"}
+        How the model is captured. ``"fx"`` (default): symbolic ``torch.fx``
+        (:func:`~disco_fl.partition.capture`), which keeps the model's training-mode
+        behaviour. ``"export"``: ``torch.export`` in eval mode
+        (:func:`~disco_fl.partition.capture_export`): Python control flow, functional calls
+        and the ops of today's vision zoos (grouped convolutions, views of the channel dim,
+        channel shuffles, resizing, ...); stochastic depth is captured as its eval-mode
+        identity. ``"auto"``: fx, and export where fx refuses the model.
 
     Returns
     -------
@@ -438,7 +449,20 @@ def partition(
     """
     if not isinstance(num_nodes, int) or num_nodes < 1:
         raise PartitionError(f"num_nodes must be a positive integer, got {num_nodes!r}")
-    program, modules = capture(model, num_nodes, example_input, capacities)
+    if capture not in ("fx", "export", "auto"):
+        raise PartitionError(f"capture must be 'fx', 'export' or 'auto', got {capture!r}")
+    if capture == "export":
+        program, modules = capture_export(model, num_nodes, example_input, capacities)
+    else:
+        try:
+            program, modules = fx_capture(model, num_nodes, example_input, capacities)
+        except PartitionError as fx_error:
+            if capture == "fx" or not isinstance(example_input, torch.Tensor):
+                raise
+            try:
+                program, modules = capture_export(model, num_nodes, example_input, capacities)
+            except PartitionError as e:
+                raise PartitionError(f"{e} (the fx capture refused it too: {fx_error})") from e
     pm = PartitionedModel(program, modules)
     pm.train(model.training)
     return pm

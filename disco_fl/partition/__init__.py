@@ -1,10 +1,13 @@
-"""Partitioning: the op registry, the program format and the fx capture."""
+"""Partitioning: the op registry, the program format and the captures (fx, torch.export)."""
 
-from disco_fl.partition import (  # noqa: F401  (register specs)
+from disco_fl.partition import (  # noqa: F401  (register specs and capture rules)
+    aten_rules,
     ops_attention,
     ops_comm,
     ops_local,
     ops_norm,
+    ops_view,
+    ops_vision,
 )
 from disco_fl.partition.capture import (
     capture,
@@ -13,6 +16,7 @@ from disco_fl.partition.capture import (
     capture_method,
     capture_module,
 )
+from disco_fl.partition.capture_export import capture_aten, capture_export, export_model
 from disco_fl.partition.program import Op, Program, TensorInfo
 from disco_fl.partition.registry import (
     SPECS,
@@ -36,10 +40,13 @@ __all__ = [
     "TensorInfo",
     "Traffic",
     "capture",
+    "capture_aten",
+    "capture_export",
     "capture_function",
     "capture_leaf",
     "capture_method",
     "capture_module",
+    "export_model",
     "get_spec",
     "register_spec",
 ]

@@ -130,6 +130,61 @@ class _Pending:
     expand: fx.Node | None = None  # an ``expand`` of the attribute, applied after it
 
 
+class ProgramBuilder:
+    """Appends ops to a program under construction: unique names, ownership inferred by each
+    op's spec, and one ``exchange`` inserted (once per tensor) before every mixing op that
+    reads a sharded value. Shared by the fx and the ``torch.export`` front ends."""
+
+    def __init__(self, num_nodes: int, capacities: Sequence[float] | None) -> None:
+        self.num_nodes = num_nodes
+        self.capacities = capacities
+        self.ops: list[Op] = []
+        self.infos: dict[str, TensorInfo] = {}
+        self._exchanged: dict[str, str] = {}
+        self._names: set[str] = set()
+
+    def emit(
+        self,
+        name: str,
+        kind: str,
+        inputs: list[str],
+        attrs: dict[str, Any] | None,
+        module: str | None,
+        out_shape: tuple[int, ...],
+        where: Callable[[], str],
+    ) -> str:
+        """Append one op; ``where()`` names it in a :class:`PartitionError`."""
+        base, i = name, 1
+        while name in self._names:
+            name, i = f"{base}_{i}", i + 1
+        self._names.add(name)
+        op = Op(name, kind, inputs, attrs or {}, module)
+        spec = get_spec(kind)
+        if spec.mixing:
+            op.inputs = [
+                self._gathered(v, where) if self.infos[v].kind == "sharded" else v for v in inputs
+            ]
+        ctx = InferContext(self.num_nodes, out_shape, self.capacities)
+        try:
+            info = spec.infer(op, [self.infos[v] for v in op.inputs], ctx)
+        except ValueError as e:  # PartitionError included
+            raise PartitionError(f"{where()}: {e}") from None
+        self.ops.append(op)
+        self.infos[name] = info
+        return name
+
+    def _gathered(self, value: str, where: Callable[[], str]) -> str:
+        if value not in self._exchanged:
+            src = self.infos[value]
+            self._exchanged[value] = self.emit(
+                f"{value}_x", "exchange", [value], None, None, src.shape, where
+            )
+        return self._exchanged[value]
+
+    def program(self) -> Program:
+        return Program(self.num_nodes, self.ops, self.infos)
+
+
 class Capturer:
     """Walks one traced graph and builds the program."""
 
@@ -139,8 +194,9 @@ class Capturer:
         self.gm = gm
         self.num_nodes = num_nodes
         self.capacities = capacities
-        self.ops: list[Op] = []
-        self.infos: dict[str, TensorInfo] = {}
+        self.builder = ProgramBuilder(num_nodes, capacities)
+        self.ops = self.builder.ops
+        self.infos = self.builder.infos
         self.modules: dict[str, nn.Module] = {}
         self.values: dict[fx.Node, str] = {}  # fx node -> program value name
         self.consts: dict[fx.Node, Any] = {}  # fx node -> python value (sizes, shapes)
@@ -148,8 +204,6 @@ class Capturer:
         self.tuples: dict[fx.Node, list[str | None]] = {}  # tuple outputs (None: unsupported)
         self.shape_of: dict[fx.Node, str] = {}  # fx node of ``v.shape`` / ``v.size()`` -> v
         self.dim_of: dict[fx.Node, tuple[str, int]] = {}  # ``v.shape[d]`` -> (v, d)
-        self._exchanged: dict[str, str] = {}
-        self._names: set[str] = set()
         self._placed: dict[tuple[Any, ...], str] = {}
 
     # -- helpers for capture functions ---------------------------------------------------
@@ -264,35 +318,16 @@ class Capturer:
         name: str | None = None,
         shape: tuple[int, ...] | None = None,
     ) -> str:
-        name = name or node.name
-        base, i = name, 1
-        while name in self._names:
-            name, i = f"{base}_{i}", i + 1
-        self._names.add(name)
-        op = Op(name, kind, inputs, attrs or {}, module)
-        spec = get_spec(kind)
-        if spec.mixing:
-            op.inputs = [
-                self._gathered(v, node) if self.infos[v].kind == "sharded" else v for v in inputs
-            ]
-        ctx = InferContext(
-            self.num_nodes, shape if shape is not None else self.shape(node), self.capacities
+        out_shape = shape if shape is not None else self.shape(node)
+        return self.builder.emit(
+            name or node.name,
+            kind,
+            inputs,
+            attrs,
+            module,
+            out_shape,
+            lambda: f"{self.describe(node)} at {node.name!r}",
         )
-        try:
-            info = spec.infer(op, [self.infos[v] for v in op.inputs], ctx)
-        except ValueError as e:  # PartitionError included
-            raise PartitionError(f"{self.describe(node)} at {node.name!r}: {e}") from None
-        self.ops.append(op)
-        self.infos[name] = info
-        return name
-
-    def _gathered(self, value: str, node: fx.Node) -> str:
-        if value not in self._exchanged:
-            src = self.infos[value]
-            self._exchanged[value] = self.add(
-                node, "exchange", [value], name=f"{value}_x", shape=src.shape
-            )
-        return self._exchanged[value]
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.gm.get_submodule(str(node.target))
@@ -323,7 +358,7 @@ class Capturer:
                 self._call(node)
         if out_name is None:
             raise PartitionError("the traced graph has no output")
-        return Program(self.num_nodes, self.ops, self.infos)
+        return self.builder.program()
 
     def _call(self, node: fx.Node) -> None:
         fn: CaptureFn | None = None

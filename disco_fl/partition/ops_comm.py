@@ -156,6 +156,10 @@ class _MixingSpec(OpSpec):
         )
         return TensorInfo("sharded", ctx.out_shape, cdim, Layout.contiguous(sizes))
 
+    def dense_weight(self, op: Op, module: nn.Module) -> Any:
+        """The module's weight as ``(C_out, C_in, ...)``; node slices cut rows and columns."""
+        return module.weight
+
     def init_state(
         self, op: Op, module: nn.Module | None, program: Program, k: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -163,7 +167,7 @@ class _MixingSpec(OpSpec):
             raise PartitionError(f"{op.name}: no module")
         rows = layout_of(program.infos[op.name], op.name).index_tensor(k)
         x = program.infos[op.inputs[0]]
-        weight, bias = module.weight, module.bias
+        weight, bias = self.dense_weight(op, module), module.bias
         if not isinstance(weight, torch.Tensor):
             raise PartitionError(f"{op.name}: module has no weight")
         w = weight.detach()  # (C_out, C_in, ...)

@@ -36,6 +36,7 @@ ACTIVATIONS: dict[str, Any] = {
     "hardsigmoid": lambda x, a: F.hardsigmoid(x),
     "leaky_relu": lambda x, a: F.leaky_relu(x, a.get("negative_slope", 0.01)),
     "elu": lambda x, a: F.elu(x, a.get("alpha", 1.0)),
+    "hardtanh": lambda x, a: F.hardtanh(x, a.get("min_val", -1.0), a.get("max_val", 1.0)),
     "identity": lambda x, a: x,
 }
 
@@ -85,6 +86,8 @@ class DropoutSpec(OpSpec):
     def compute(
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
     ) -> Any:
+        if op.attrs.get("feature"):  # whole channels (Dropout2d), drawn by each node for its own
+            return torch.feature_dropout(xs[0], op.attrs["p"], node.training)
         return F.dropout(xs[0], op.attrs["p"], node.training)
 
 
@@ -187,25 +190,27 @@ class DepthwiseConvSpec(OpSpec):
     def init_state(
         self, op: Op, module: nn.Module | None, program: Program, k: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        assert isinstance(module, nn.Conv2d)
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if not isinstance(weight, torch.Tensor):
+            raise PartitionError(f"{op.name}: module has no weight")
         out = program.infos[op.name]
         rows = None if out.kind == "replicated" else layout_of(out, op.name).index_tensor(k)
 
         def cut(t: torch.Tensor) -> torch.Tensor:
             return (t.detach() if rows is None else t.detach().index_select(0, rows)).clone()
 
-        params = {"weight": cut(module.weight)}
-        if module.bias is not None:
-            params["bias"] = cut(module.bias)
+        params = {"weight": cut(weight)}
+        if isinstance(bias, torch.Tensor):
+            params["bias"] = cut(bias)
         return params, {}
 
     def compute(
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
     ) -> Any:
         st, a, x = node.state(op), op.attrs, xs[0]
-        return F.conv2d(
-            x, st["weight"], st.get("bias"), a["stride"], a["padding"], a["dilation"], x.shape[1]
-        )
+        w = st["weight"]  # (C_out_k, C_in / groups, kh, kw)
+        groups = x.shape[1] // w.shape[1]  # this node's groups (its channels if depthwise)
+        return F.conv2d(x, w, st.get("bias"), a["stride"], a["padding"], a["dilation"], groups)
 
 
 @register_spec

@@ -1,0 +1,167 @@
+"""Views of a sharded tensor: ``reshape`` and ``reindex`` (channel gathers).
+
+Ownership moves through a reshape the way DTensor moves a ``Shard(dim)`` placement through
+``view`` (``torch/distributed/tensor/_ops/_view_ops.py``), with one difference: our channel
+ownership is an arbitrary map ``channel -> node`` (a :class:`~disco_fl.layout.Layout`), not
+an even block split, so instead of DTensor's symbolic rules (flatten / split / singleton) the
+rule is computed on the example shapes:
+
+- label every element of the input (batch row 0) with the owner of its channel, reshape the
+  labels like the tensor, and look for the output dim ``d`` along which the owner varies
+  while it is constant along every other dim. That ``d`` is the output's channel dim and the
+  owners along it its layout. A flatten of ``(C, H)`` gives ``C`` blocks of ``H``
+  (``repeat_each``), a flatten of ``(H, C)`` tiles the layout ``H`` times, a split of ``C`` into
+  ``(G, C / G)`` keeps whichever factor the owner follows.
+- because a reshape keeps the row-major order of elements, node ``k``'s slice of the output,
+  in ascending global order, is exactly its own slice of the input reshaped: the node math is
+  ``x.reshape`` with its local channel count at ``d`` (and the batch read at run time).
+- when the owner varies along several output dims (e.g. a channel shuffle on 4 nodes: the view
+  ``(B, C) -> (B, 2, C / 2)`` puts each node's channels in both halves) no single dim is the
+  channel dim; the capture then composes the following views and permutes on element
+  positions and emits one ``reindex`` (a channel permutation / selection) if the chain ends
+  in the input's own shape, as a channel shuffle does.
+
+``reindex`` also implements slicing, ``chunk`` and ``split`` of the channel dim: output channel
+``j`` is input channel ``src[j]`` and keeps its owner, so every node selects from its own
+channels and nothing is sent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from disco_fl.layout import Layout
+from disco_fl.partition.ops_local import _one_tensor
+from disco_fl.partition.program import Op, TensorInfo
+from disco_fl.partition.registry import (
+    InferContext,
+    NodeContext,
+    OpSpec,
+    PartitionError,
+    layout_of,
+    register_spec,
+)
+
+
+def owner_labels(info: TensorInfo) -> torch.Tensor:
+    """``(1, *shape[1:])`` tensor: the owner node of every element of one sample."""
+    assert info.cdim is not None
+    owners = torch.tensor(layout_of(info, "value").owners, dtype=torch.long)
+    view = [1] * len(info.shape)
+    view[info.cdim] = -1
+    return owners.view(view).expand(1, *info.shape[1:]).contiguous()
+
+
+def resolve_dim_owner(labels: torch.Tensor) -> tuple[int, list[int]] | None:
+    """The dim ``d >= 1`` along which the labels vary while constant along every other dim, and
+    the labels along it; ``None`` if they vary along several dims. Constant labels (one owner)
+    resolve to the first dim of size > 1 (or dim 1)."""
+    nd = labels.dim()
+    if nd < 2:
+        return None
+    if bool((labels == labels.flatten()[0]).all()):
+        d = next((i for i in range(1, nd) if labels.shape[i] > 1), 1)
+        return d, [int(labels.flatten()[0])] * labels.shape[d]
+    for d in range(1, nd):
+        rows = labels.movedim(d, -1).reshape(-1, labels.shape[d])
+        if bool((rows == rows[0]).all()):
+            return d, [int(v) for v in rows[0]]
+    return None
+
+
+def reshape_info(x: TensorInfo, out_shape: Sequence[int], num_nodes: int) -> TensorInfo:
+    """Ownership of ``x.reshape(out_shape)`` (see the module docstring)."""
+    out = tuple(int(s) for s in out_shape)
+    if out[0] != x.shape[0] or math.prod(out[1:]) != math.prod(x.shape[1:]):
+        raise PartitionError(
+            f"a reshape of {tuple(x.shape)} to {out} would merge or split the batch dim 0 "
+            "(e.g. a window partition); every partitioned value keeps dim 0 as its batch"
+        )
+    if x.kind == "replicated":
+        return TensorInfo("replicated", out)
+    labels = owner_labels(x).reshape(1, *out[1:])
+    found = resolve_dim_owner(labels)
+    if found is None:
+        raise PartitionError(
+            f"after the reshape of {tuple(x.shape)} to {out} the channels of one node lie along "
+            "several dims (no single channel dim)"
+        )
+    d, owners = found
+    return TensorInfo("sharded", out, d, Layout(tuple(owners), num_nodes))
+
+
+@register_spec
+class ReshapeSpec(OpSpec):
+    """``x.reshape(B, *attrs["shape"])`` with the batch read at run time (view, flatten,
+    unsqueeze, squeeze); the channel dim and layout follow :func:`reshape_info`."""
+
+    kind = "reshape"
+
+    def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
+        x = _one_tensor(op, ins)
+        if list(ctx.out_shape[1:]) != [int(s) for s in op.attrs["shape"]]:
+            raise PartitionError(f"{op.name}: shape {op.attrs['shape']} does not fit the output")
+        return reshape_info(x, ctx.out_shape, ctx.num_nodes)
+
+    def compute(
+        self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
+    ) -> Any:
+        x = xs[0]
+        sizes = [x.shape[0]] + [int(s) for s in op.attrs["shape"]]
+        info = node.program.infos[op.name]
+        if info.kind == "sharded":
+            assert info.cdim is not None
+            sizes[info.cdim] = -1  # this node's channel count
+        return x.reshape(sizes)
+
+
+def reindex_positions(layout: Layout, src: Sequence[int], k: int) -> list[int]:
+    """Positions, within node ``k``'s own input channels, of its output channels (ascending
+    output order) of a ``reindex`` whose output channel ``j`` is input channel ``src[j]``."""
+    local = {c: i for i, c in enumerate(layout.indices(k))}
+    return [local[c] for c in src if layout.owners[c] == k]
+
+
+@register_spec
+class ReindexSpec(OpSpec):
+    """``out.select(d, j) = x.select(d, src[j])`` along the channel dim ``d`` (``attrs["dim"]``):
+    slicing, ``chunk`` / ``split`` and channel shuffles. Every output channel keeps the owner of
+    its source channel, so each node selects from its own channels."""
+
+    kind = "reindex"
+
+    def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
+        x = _one_tensor(op, ins)
+        src = [int(s) for s in op.attrs["src"]]
+        d = int(op.attrs["dim"])
+        if len(ctx.out_shape) != len(x.shape) or not 0 < d < len(x.shape):
+            raise PartitionError(f"{op.name}: bad reindex dim {d}")
+        if ctx.out_shape[d] != len(src) or any(not 0 <= s < x.shape[d] for s in src):
+            raise PartitionError(f"{op.name}: source channels out of range")
+        if x.kind == "replicated":
+            return TensorInfo("replicated", ctx.out_shape)
+        if x.cdim != d:
+            raise PartitionError(f"{op.name}: reindex of dim {d}, channels are at {x.cdim}")
+        owners = layout_of(x, op.name).owners
+        return TensorInfo(
+            "sharded", ctx.out_shape, d, Layout(tuple(owners[s] for s in src), ctx.num_nodes)
+        )
+
+    def compute(
+        self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
+    ) -> Any:
+        x, d = xs[0], int(op.attrs["dim"])
+        info = node.program.infos[op.inputs[0]]
+        if info.kind == "replicated":
+            return self.compute_global(op, node, xs)
+        pos = reindex_positions(layout_of(info, op.name), op.attrs["src"], node.index)
+        return x.index_select(d, torch.tensor(pos, dtype=torch.long, device=x.device))
+
+    def compute_global(self, op: Op, node: NodeContext, xs: Sequence[Any]) -> Any:
+        x = xs[0]
+        src = torch.tensor([int(s) for s in op.attrs["src"]], dtype=torch.long, device=x.device)
+        return x.index_select(int(op.attrs["dim"]), src)
