@@ -3,7 +3,7 @@
 - :class:`ModelSpec`: how every party rebuilds the same partitioned model (the server and each
   node partition the same registered model with the same example shape, so the program is
   identical everywhere; the plan sent by the server is checked against it).
-- shard <-> ``ArrayRecord`` conversion (:func:`shard_arrays`, :func:`load_shard_arrays`; packed
+- shard <-> ``ArrayRecord`` conversion (:func:`shard_arrays`, :func:`shard_from_record`; packed
   into two arrays, :func:`pack_state`) and the
   server's global record of all shards (keys ``"<k>/<shard key>"``).
 - the budget schedule (:func:`round_budget`) and the round's gate mode (:func:`round_mode`).
@@ -27,6 +27,7 @@ import torch
 from disco_fl.data import load_builtin, load_npz, split_households, stratified_split, to_tensor
 from disco_fl.emulation import NodeShard, PartitionedModel, partition
 from disco_fl.models import build_model
+from disco_fl.partition import Program
 
 # the built-in set (5,000 MNIST images) is cut once, with a fixed seed, into a public part
 # (the server pretrains the dense model on it), a private part (split among households) and
@@ -98,15 +99,9 @@ class ModelSpec:
         return torch.zeros(2, self.in_channels, self.image_size, self.image_size)
 
     def partition(self, dense: torch.nn.Module | None = None) -> PartitionedModel:
-        """The partitioned model (of ``dense``, default a freshly built one).
-
-        The ClientApp calls this on every Flower message, in a fresh process, with no disk
-        cache: the earlier cache was a pickled module in the shared temporary folder, loaded
-        with ``weights_only=False``, so any local user who could write there could run code in
-        the SuperNode. Measured cold, in a fresh process on this project's 2-core machine
-        (build + trace + partition, 1 thread): resnet_narrow 0.25 s, vit_tiny_mnist 0.27-0.6 s,
-        resnet18 0.4 s, resnet50 0.6-2.2 s (N = 2 and 4), against 0.01-0.3 s to unpickle the
-        cached module; a demo round takes ~25 s. Nothing is read from disk here."""
+        """The partitioned model (of ``dense``, default a freshly built one): the server's
+        (and the demo's) view. A node never calls this: the ClientApp rebuilds only its own
+        shard from the round's plan and its record (:func:`shard_from_record`)."""
         model = dense if dense is not None else self.build_dense()
         return partition(model, self.num_nodes, self.example())
 
@@ -196,13 +191,11 @@ def shard_arrays(shard: NodeShard) -> Any:
     return pack_state(shard.state_dict())
 
 
-def load_shard_arrays(shard: NodeShard, record: Any) -> None:
-    """Load an ``ArrayRecord`` made by :func:`shard_arrays` into ``shard`` (strict)."""
-    state = unpack_state(record)
-    try:
-        shard.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"shard {shard.index}: arrays do not fit the model: {e}") from e
+def shard_from_record(program: Program, k: int, record: Any) -> NodeShard:
+    """Node ``k``'s shard rebuilt from the program (of the round's plan) and the
+    ``ArrayRecord`` made by :func:`shard_arrays`: no model is built or partitioned, no other
+    node's tensor is held, nothing is unpickled. ``ValueError`` when the record does not fit."""
+    return NodeShard.from_state_dict(program, k, unpack_state(record))
 
 
 def global_state(pm: PartitionedModel) -> dict[str, torch.Tensor]:
