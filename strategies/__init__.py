@@ -8,7 +8,8 @@ round waits for replies), :mod:`strategies.aggregation` (replies as data, shard 
 """
 
 from strategies.checkpoint import CHECKPOINT_FORMAT
-from strategies.disco import DiscoStrategy, DPSettings
+from strategies.disco import DiscoStrategy
+from strategies.messages import DPSettings
 from strategies.roster import Household, NodeInfo, RosterError, build_roster
 
 __all__ = [

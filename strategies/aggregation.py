@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import WARNING
+from typing import Any
 
 import torch
-from flwr.app import Message
+from flwr.app import Message, MetricRecord
 from flwr.supercore import log
 
-from disco_fl.federated import rec_float
+from disco_fl.federated import rec_float, rec_int
+from strategies.roster import Household
 
 Good = dict[str, dict[int, Message]]  # household -> shard -> reply
 Failed = dict[str, str]  # household -> why it failed (first failed shard)
@@ -98,4 +100,64 @@ def timeline(good: Good, households: Sequence[str], t_push: float) -> dict[str, 
     return out
 
 
-__all__ = ["average_states", "complete_households", "sort_replies", "timeline"]
+def train_metrics(
+    good: Good, complete: Sequence[str], weights: Sequence[float], samples_per_household: int
+) -> tuple[dict[str, Any], dict[str, list[tuple[float, float, int]]]]:
+    """The round's training metrics over the ``complete`` households: ``loss`` (mean over
+    the batch owners that reported one, weighted by ``weights``; absent under DP, where nodes
+    keep it), ``train-bytes-per-sample``; and per household the DP steps its nodes committed
+    (``(sigma, sample rate, steps)``, for the accountant)."""
+    out: dict[str, Any] = {}
+    dp: dict[str, list[tuple[float, float, int]]] = {}
+    losses, sent, wsum = 0.0, 0.0, 0.0
+    for h, w in zip(complete, weights, strict=True):
+        ms = [m.content.metric_records["metrics"] for _, m in sorted(good[h].items())]
+        owner_losses = [rec_float(m, "loss") for m in ms if rec_float(m, "owner-steps", 0) > 0]
+        if owner_losses:
+            losses += w * sum(owner_losses) / len(owner_losses)
+            wsum += w
+        sent += sum(rec_float(m, "bytes-sent") for m in ms)
+        for m in ms:
+            steps = rec_int(m, "dp-steps", 0)
+            if steps:
+                dp.setdefault(h, []).append(
+                    (rec_float(m, "dp-noise"), rec_float(m, "dp-rate"), steps)
+                )
+    if wsum:
+        out["loss"] = losses / wsum
+    out["train-bytes-per-sample"] = sent / max(len(complete) * samples_per_household, 1)
+    return out, dp
+
+
+def evaluate_metrics(
+    good: Good, failed: Failed, roster: Mapping[str, Household], comm: Any
+) -> MetricRecord:
+    """Accuracy per household (from its requester), their example-weighted mean, and the
+    bytes per sample of the plan evaluated (``comm``: a comm report)."""
+    metrics: dict[str, Any] = {}
+    correct = total = 0
+    for h, hh in roster.items():
+        owner = hh.eval_owner
+        if owner is None or h in failed or owner not in good[h]:
+            continue
+        m = good[h][owner].content.metric_records["metrics"]
+        c, n = rec_int(m, "correct"), rec_int(m, "num-examples")
+        metrics[f"accuracy/{h}"] = c / max(n, 1)
+        correct += c
+        total += n
+    if total:
+        metrics["accuracy"] = correct / total
+        metrics["num-examples"] = total
+    metrics["bytes-per-sample"] = int(comm.bytes_per_sample)
+    metrics["households-failed"] = len(failed)
+    return MetricRecord(metrics)
+
+
+__all__ = [
+    "average_states",
+    "complete_households",
+    "evaluate_metrics",
+    "sort_replies",
+    "timeline",
+    "train_metrics",
+]

@@ -1,25 +1,16 @@
 """``DiscoStrategy``: the server side of DISCO fine-tuning, as a Flower 1.41 ``Strategy``.
 
-It overrides Flower's hooks and lets ``Strategy.start`` run the rounds:
-
-1. **Roster** (:mod:`strategies.roster`, in a thin :meth:`DiscoStrategy.start` before
-   ``super().start``): every connected node says who it is; incomplete households stop the
-   run before any training.
-2. **configure_train**: node ``(h, k)`` gets its shard ``k`` of the global model (packed
-   ``ArrayRecord``: weights, buffers, gate logits, hard masks) and a
-   :class:`~disco_fl.round_config.TrainConfig` (roster, plan, schedule, DP). All N nodes of a
-   household get their message in the same push: they train jointly over their peer channel.
-3. **aggregate_train** (:mod:`strategies.aggregation`): a household counts only if all its N
-   nodes replied; shard ``k`` is the example-weighted average of shard ``k`` over those
-   households. A household with a failed or missing node keeps its previous shards (it is
-   left out of the average) and the run goes on; the failure is logged and recorded.
-4. **configure_evaluate / aggregate_evaluate** (optional): every household runs
-   collaborative inference on its held-out data; accuracy weighted by examples.
-5. **End of round**: the round's record joins the history and the checkpoint is replaced
-   atomically (:mod:`strategies.checkpoint`); :meth:`DiscoStrategy.resume` continues from it.
-   An ``evaluate_fn`` given to :meth:`start` is honoured as in Flower: it is called with
-   ``(round, arrays)`` before the first round and after each one (the global record of all
-   shards; :meth:`DiscoStrategy.assembled_model` turns it into the model).
+It overrides Flower's hooks and lets ``Strategy.start`` run the rounds. A thin :meth:`start`
+checks the roster first (:mod:`strategies.roster`). ``configure_train`` sends node ``(h, k)``
+its shard ``k`` (packed ``ArrayRecord``) and a :class:`~disco_fl.round_config.TrainConfig`;
+all N nodes of every household are in the same push (they train jointly over their peer
+channel). ``aggregate_train`` (:mod:`strategies.aggregation`) averages shard ``k`` over the
+households whose N nodes all replied; a household with a failed or missing node keeps its
+previous shards and the run goes on. ``configure_evaluate`` / ``aggregate_evaluate``: federated
+evaluation by the households. After the round's last hook the round's record joins the
+history and the checkpoint is replaced atomically (:mod:`strategies.checkpoint`); an
+``evaluate_fn`` is honoured as in Flower (``(round, arrays)`` before the first round and after
+each; :meth:`DiscoStrategy.assembled_model` turns ``arrays`` into the model).
 
 **What Flower's ``start`` cannot express**, and the smallest override kept for it: how long to
 wait for a round's replies. Flower waits for every reply (or the timeout); a DISCO round is
@@ -27,17 +18,15 @@ decided once every household has all its replies or one error (its other nodes c
 a joint round without the failed one). ``start`` hands Flower a
 :class:`~strategies.exchange.HouseholdGrid` wrapping the grid, whose ``send_and_receive``
 stops there. Rounds in logs, history, checkpoints and ``Result`` count from the start of the
-run (after a resume Flower's own ``[ROUND i/n]`` lines count this start's rounds).
+run (after a resume, Flower's own ``[ROUND i/n]`` lines count this start's rounds).
 
-**Budget schedule.** With ``R`` rounds of which the last ``finetune_rounds`` fine-tune, the
-first ``G = R - finetune_rounds`` rounds train the gates (``gate-mode="stochastic"``) towards
-a target that falls geometrically from 1 to the budget: ``budget ** (r / G)`` in round ``r``.
-The gate penalty is ``lam / target``, where the multiplier ``lam`` (start ``init_penalty``)
-follows dual ascent once per round, ``lam += dual_lr * (E / target - 1)`` (``E``: expected
-fraction of dense exchange bytes of the aggregated gates). Before every round and every
-evaluation the server sets the hard masks to the highest gate logits that fit the round's
-target (:func:`~disco_fl.train.calibrate_masks`); the fine-tuning rounds train the weights
-with the final masks fixed. Under differential privacy every round is a hard-mask round.
+**Budget schedule** (:func:`~disco_fl.federated.round_budget`): the gate rounds' target falls
+geometrically to ``budget``; the gate penalty is ``lam / target``, with ``lam`` (start
+``init_penalty``) following dual ascent once per round, ``lam += dual_lr * (E / target - 1)``
+(``E``: expected exchange fraction of the aggregated gates). Before every round and every
+evaluation the hard masks are set to the highest gate logits that fit the round's target
+(:func:`~disco_fl.train.calibrate_masks`); the last ``finetune_rounds`` (and every round
+under DP) train the weights with the masks fixed.
 """
 
 from __future__ import annotations
@@ -45,12 +34,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
@@ -61,43 +50,34 @@ from disco_fl.federated import (
     epsilon_of,
     global_state,
     rec_float,
-    rec_int,
     round_budget,
     round_mode,
-    shard_arrays,
     split_global_state,
     unpack_state,
 )
-from disco_fl.round_config import EvalConfig, RoundConfig, TrainConfig
 from disco_fl.train import calibrate_masks
 from disco_fl.training import plan_of
-from strategies.aggregation import average_states, complete_households, sort_replies, timeline
+from strategies.aggregation import (
+    average_states,
+    complete_households,
+    evaluate_metrics,
+    sort_replies,
+    timeline,
+    train_metrics,
+)
 from strategies.checkpoint import CHECKPOINT_NAME, RunState, load_run, save_run
 from strategies.exchange import HouseholdGrid
-from strategies.roster import Household, query_roster
-
-CLIPPING_NORM_KEY = "clipping_norm"  # what Flower's client-side DP wrappers inject
+from strategies.messages import (
+    CLIPPING_NORM_KEY,
+    WRAPPED_BY_FLOWER_DP,
+    DPSettings,
+    RoundCommon,
+    evaluate_messages,
+    train_messages,
+)
+from strategies.roster import Household, household_of, query_roster
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
-
-
-@dataclass(frozen=True)
-class DPSettings:
-    """Differential privacy inside each household (see :mod:`disco_fl.training.dp`).
-
-    Attributes
-    ----------
-    noise_multiplier : float
-        sigma of DP-SGD; default 1.0.
-    max_grad_norm : float
-        Clipping bound of the whole model's per-sample gradient; default 1.0.
-    delta : float
-        delta of the reported (epsilon, delta); default 1e-5.
-    """
-
-    noise_multiplier: float = 1.0
-    max_grad_norm: float = 1.0
-    delta: float = 1e-5
 
 
 class DiscoStrategy(Strategy):
@@ -238,12 +218,9 @@ class DiscoStrategy(Strategy):
         s = self.spec
         log(INFO, "\t├──> DISCO: %s over %d nodes per household", s.name, s.num_nodes)
         log(
-            INFO,
-            "\t│\t├── budget %.4g (final), %d finetune round(s), codec %s",
-            self.budget,
-            self.finetune_rounds,
-            self.codec,
-        )
+            INFO, "\t│\t├── budget %.4g (final), %d finetune round(s), codec %s",
+            self.budget, self.finetune_rounds, self.codec,
+        )  # fmt: skip
         log(INFO, "\t│\t├── %d steps of %d per round, lr %g", self.steps, self.batch_size, self.lr)
         log(INFO, "\t│\t└── DP: %s", asdict(self.dp) if self.dp else "off")
 
@@ -290,25 +267,13 @@ class DiscoStrategy(Strategy):
         return self.roster
 
     def _household_of(self, node_id: int) -> tuple[str, int] | None:
-        for name, hh in (self.roster or {}).items():
-            for k, n in hh.nodes.items():
-                if n.node_id == node_id:
-                    return name, k
-        return None
+        return household_of(self.roster or {}, node_id)
 
     # ---- train -------------------------------------------------------------------------
-    def _base_config(self, r: int, hh: Household, k: int, plan_json: str) -> dict[str, Any]:
-        return {
-            "server_round": r,
-            "household": hh.name,
-            "shard": k,
-            "peers": tuple(hh.peers()),
-            "token": hh.token,
-            "plan": plan_json,
-            "seed": self.seed,
-            "step_timeout": self.step_timeout,
-            "rendezvous_timeout": self.rendezvous_timeout,
-        }
+    def _common(self, r: int) -> RoundCommon:
+        """What every message of round ``r`` shares; the plan of the current hard masks."""
+        plan_json = json.dumps(plan_of(self.pm, self.codec).to_json(), separators=(",", ":"))
+        return RoundCommon(r, plan_json, self.seed, self.step_timeout, self.rendezvous_timeout)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -316,14 +281,7 @@ class DiscoStrategy(Strategy):
         """Each node's shard and the round's :class:`TrainConfig` (roster, plan, schedule,
         DP); every node of every household of the roster, in one push."""
         if CLIPPING_NORM_KEY in config:
-            raise ValueError(
-                "DiscoStrategy cannot be wrapped in Flower's client-side fixed-clipping DP "
-                "strategies: they clip whole-model updates on each client and add noise to "
-                "every aggregated array, but a DISCO node holds one shard (its update is not "
-                "the model's) and the record also carries hard masks and normalization "
-                "buffers that noise would corrupt. Use DiscoStrategy(dp=DPSettings(...)) "
-                "(per-sample clipping across the household's shards, Opacus accounting)."
-            )
+            raise ValueError(WRAPPED_BY_FLOWER_DP)
         self._t_round = time.monotonic()
         if self.roster is None:
             self.query_roster(grid)
@@ -335,7 +293,6 @@ class DiscoStrategy(Strategy):
         achieved = self._set_masks(target)
         mode = round_mode(r, self.num_rounds, self.finetune_rounds, self.dp is not None)
         penalty = self.lam / target if mode == "stochastic" else 0.0
-        plan_json = json.dumps(plan_of(self.pm, self.codec).to_json(), separators=(",", ":"))
         log(
             INFO,
             "round %d/%d: target %.4f of dense bytes (masks %.4f), gates %s, penalty %.3g",
@@ -343,36 +300,19 @@ class DiscoStrategy(Strategy):
         )  # fmt: skip
         self._round_record = {"round": r, "target": target, "mode": mode, "penalty": penalty}
         dp = self.dp
-        msgs: list[Message] = []
-        for hh in self.roster.values():
-            owners = hh.owners
-            for k, node in sorted(hh.nodes.items()):
-                cfg = TrainConfig(
-                    **self._base_config(r, hh, k, plan_json),
-                    owners=tuple(owners),
-                    owner_examples=tuple(hh.nodes[o].num_examples for o in owners),
-                    steps=self.steps,
-                    batch_size=self.batch_size,
-                    lr=self.lr,
-                    gate_lr=self.gate_lr,
-                    gate_mode=mode,  # type: ignore[arg-type]
-                    gate_penalty=penalty,
-                    budget=target,
-                    dp=dp is not None,
-                    dp_noise=dp.noise_multiplier if dp else None,
-                    dp_clip=dp.max_grad_norm if dp else None,
-                    dp_delta=dp.delta if dp else None,
-                )
-                msgs.append(self._shard_message(k, cfg, MessageType.TRAIN, node.node_id))
+        train: dict[str, Any] = {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "gate_lr": self.gate_lr,
+            "gate_mode": mode,
+            "gate_penalty": penalty,
+            "budget": target,
+            **(dp.train_fields() if dp else {}),
+        }
+        msgs = train_messages(self.pm, self.roster, self._common(r), train)
         self._t_push = time.time()
         return msgs
-
-    def _shard_message(self, k: int, cfg: RoundConfig, kind: str, node_id: int) -> Message:
-        """Node ``k``'s shard (packed) and the round's config, addressed to ``node_id``."""
-        content = RecordDict(
-            {"arrays": shard_arrays(self.pm.shard(k)), "config": ConfigRecord(cfg.to_config())}
-        )
-        return Message(content=content, message_type=kind, dst_node_id=node_id)
 
     def aggregate_train(
         self,
@@ -420,28 +360,12 @@ class DiscoStrategy(Strategy):
     def _train_metrics(
         self, good: dict[str, dict[int, Message]], complete: list[str], weights: list[float]
     ) -> dict[str, Any]:
-        """Loss (mean over batch owners, weighted by households' examples), bytes per sample,
-        the dual step on ``lam`` (gate rounds); records DP steps for the accountant."""
-        n = self.spec.num_nodes
-        out: dict[str, Any] = {}
-        losses, sent, wsum = 0.0, 0.0, 0.0
-        for h, w in zip(complete, weights, strict=True):
-            ms = [good[h][k].content.metric_records["metrics"] for k in range(n)]
-            owner_losses = [rec_float(m, "loss") for m in ms if rec_float(m, "owner-steps", 0) > 0]
-            if owner_losses:
-                losses += w * sum(owner_losses) / len(owner_losses)
-                wsum += w
-            sent += sum(rec_float(m, "bytes-sent") for m in ms)
-            if self.dp is not None:
-                hist = self.dp_history.setdefault(h, [])
-                for m in ms:
-                    steps = rec_int(m, "dp-steps", 0)
-                    if steps:
-                        hist.append((rec_float(m, "dp-noise"), rec_float(m, "dp-rate"), steps))
-        if wsum:
-            out["loss"] = losses / wsum
-        samples = len(complete) * self.steps * self.batch_size
-        out["train-bytes-per-sample"] = sent / max(samples, 1)
+        """:func:`~strategies.aggregation.train_metrics`, DP steps for the accountant, and the
+        dual step on ``lam`` in gate rounds."""
+        out, dp_steps = train_metrics(good, complete, weights, self.steps * self.batch_size)
+        if self.dp is not None:
+            for h, steps in dp_steps.items():
+                self.dp_history.setdefault(h, []).extend(steps)
         if self._round_record.get("mode") == "stochastic":
             target = rec_float(self._round_record, "target")
             e = float(self.pm.expected_exchange_fraction().detach())
@@ -472,22 +396,7 @@ class DiscoStrategy(Strategy):
         assert self.roster is not None
         self._load(arrays)
         self._set_masks(self._target(r))
-        plan_json = json.dumps(plan_of(self.pm, self.codec).to_json(), separators=(",", ":"))
-        msgs: list[Message] = []
-        for hh in self.roster.values():
-            owner = hh.eval_owner
-            if owner is None:
-                continue
-            n_eval = hh.nodes[owner].num_eval
-            for k, node in sorted(hh.nodes.items()):
-                cfg = EvalConfig(
-                    **self._base_config(r, hh, k, plan_json),
-                    requester=owner,
-                    eval_batches=-(-n_eval // self.eval_batch_size),
-                    eval_batch_size=self.eval_batch_size,
-                )
-                msgs.append(self._shard_message(k, cfg, MessageType.EVALUATE, node.node_id))
-        return msgs
+        return evaluate_messages(self.pm, self.roster, self._common(r), self.eval_batch_size)
 
     def aggregate_evaluate(
         self,
@@ -501,34 +410,13 @@ class DiscoStrategy(Strategy):
         r = server_round + self.round_offset
         out: MetricRecord | None = None
         if self._evaluate_due:
-            out = self._evaluate_metrics(replies, r)
+            what = f"round {r} evaluate"
+            good, failed = sort_replies(replies, self.roster, self._household_of, what)
+            out = evaluate_metrics(good, failed, self.roster, self.pm.comm_report(self.codec))
             self._round_record["evaluate"] = dict(out)
         if self._evaluate_fn is None:
             self._finish_round(r)
         return out
-
-    def _evaluate_metrics(self, replies: Iterable[Message], r: int) -> MetricRecord:
-        assert self.roster is not None
-        what = f"round {r} evaluate"
-        good, failed = sort_replies(replies, self.roster, self._household_of, what)
-        metrics: dict[str, Any] = {}
-        correct = total = 0
-        for h, hh in self.roster.items():
-            owner = hh.eval_owner
-            if owner is None or h in failed or owner not in good[h]:
-                continue
-            m = good[h][owner].content.metric_records["metrics"]
-            c, n = rec_int(m, "correct"), rec_int(m, "num-examples")
-            metrics[f"accuracy/{h}"] = c / max(n, 1)
-            correct += c
-            total += n
-        if total:
-            metrics["accuracy"] = correct / total
-            metrics["num-examples"] = total
-        rep = self.pm.comm_report(self.codec)
-        metrics["bytes-per-sample"] = int(rep.bytes_per_sample)
-        metrics["households-failed"] = len(failed)
-        return MetricRecord(metrics)
 
     def _server_evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """The ``evaluate_fn`` Flower's loop calls: the user's, with the run's round; after a

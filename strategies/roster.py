@@ -132,6 +132,15 @@ def build_roster(
     return households
 
 
+def household_of(roster: dict[str, Household], node_id: int) -> tuple[str, int] | None:
+    """``(household, shard)`` of node ``node_id`` in ``roster``, or None."""
+    for name, hh in roster.items():
+        for k, n in hh.nodes.items():
+            if n.node_id == node_id:
+                return name, k
+    return None
+
+
 def query_roster(
     grid: HouseholdGrid,
     num_nodes: int,
@@ -218,4 +227,4 @@ def query_roster(
     return roster
 
 
-__all__ = ["Household", "NodeInfo", "RosterError", "build_roster", "query_roster"]
+__all__ = ["Household", "NodeInfo", "RosterError", "build_roster", "household_of", "query_roster"]
