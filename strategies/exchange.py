@@ -108,6 +108,8 @@ class HouseholdGrid(Grid):
             who = self.household_of(m.metadata.dst_node_id)
             if who is not None:
                 want.setdefault(who[0], set()).add(who[1])
+        if not want:  # no household known yet (the roster query): wait for every reply
+            return False
         seen: dict[str, set[int]] = {h: set() for h in want}
         bad: set[str] = set()
         for m in got:

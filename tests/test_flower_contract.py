@@ -218,6 +218,20 @@ def test_no_evaluate_fn_means_none_is_called_and_round_still_checkpointed(tmp_pa
 
 
 def test_household_grid_waits_for_all_without_a_roster() -> None:
+    """Before the roster is known (its query), every reply is waited for."""
+
+    def slow(node: int, m: Message) -> str | None:
+        return None if node == 104 else ""
+
+    sim = SimGrid(slow)
+    g = HouseholdGrid(sim, household_of=lambda n: None)
+    msgs = [
+        Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=n, message_type="query")
+        for n in NODES
+    ]
+    t0 = time.monotonic()
+    assert len(list(g.send_and_receive(msgs, timeout=1.5))) == 3
+    assert time.monotonic() - t0 >= 1.5  # not cut short: no household is decided
     g = HouseholdGrid(SimGrid(), household_of=lambda n: None)
     msgs = [
         Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=n, message_type="query")
