@@ -18,6 +18,13 @@ Node settings (``flower-supernode --node-config``):
 Handlers:
 
 - ``query``: answers the roster query (household, shard, peer address, example counts).
+Every ``train`` / ``evaluate`` message carries this node's shard (packed ``ArrayRecord``) and a
+typed config (:class:`~disco_fl.round_config.TrainConfig` / ``EvalConfig``, read once by
+``from_config``: a missing or ill-typed key is a clear error). The node rebuilds only its own
+shard from the plan's program and that record (:func:`~disco_fl.federated.shard_from_record`):
+it never builds or partitions the whole model, holds no other node's tensor, and unpickles
+nothing.
+
 - ``train``: brings up the peer endpoint, trains ``steps`` joint steps with the household
   (:class:`~disco_fl.training.NodeTrainer`; batch owners take turns), replies with the shard
   and metrics. Any failure (a peer that died, a deadline) is raised, so Flower returns an
@@ -115,7 +122,9 @@ C = TypeVar("C", bound=RoundConfig)
 
 
 def _setup(
-    msg: Message, context: Context, kind: type[C] = TrainConfig
+    msg: Message,
+    context: Context,
+    kind: type[C] = TrainConfig,  # type: ignore[assignment]
 ) -> tuple[C, NodeShard, Plan, str, int]:
     """Check the message against this node; rebuild the round's plan and this node's shard
     from the plan's program and the message's record alone (no model is built or partitioned
