@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,18 +152,39 @@ def pack_state(state: Mapping[str, torch.Tensor]) -> Any:
     )
 
 
+def _bytes_view(array: Any) -> np.ndarray:
+    """The bytes of a 1-D uint8 Flower ``Array`` as a read-only view of its serialized data
+    (``Array.numpy()`` copies them: a shard's size more at the peak); other arrays go
+    through ``numpy()``."""
+    data = getattr(array, "data", None)
+    if getattr(array, "stype", None) == "numpy.ndarray" and isinstance(data, bytes):
+        f = io.BytesIO(data)
+        try:
+            fmt = np.lib.format
+            major, _ = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+        except ValueError:
+            return array.numpy()
+        if dtype == np.uint8 and len(shape) == 1 and not fortran:
+            return np.frombuffer(data, dtype=np.uint8, count=shape[0], offset=f.tell())
+    return array.numpy()
+
+
 def unpack_state(record: Any) -> dict[str, torch.Tensor]:
     """The tensors of a record made by :func:`pack_state`; every field is checked (known
     dtype, non-negative shape, offsets contiguous and within the buffer)."""
     try:
         head = bytes(record["index"].numpy().tobytes())
-        data = record["data"].numpy()
+        data = _bytes_view(record["data"])
         index = json.loads(head.decode())
     except (KeyError, ValueError, UnicodeDecodeError, TypeError, AttributeError) as e:
         raise ValueError(f"not a packed shard record: {e}") from e
     if set(record.keys()) != {"index", "data"} or not isinstance(index, list):
         raise ValueError(f"not a packed shard record (arrays {sorted(record.keys())})")
-    buf = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1))
+    with warnings.catch_warnings():  # a read-only view: only read here, every tensor cloned
+        warnings.simplefilter("ignore", UserWarning)
+        buf = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1))
     out: dict[str, torch.Tensor] = {}
     pos = 0
     for entry in index:
