@@ -115,7 +115,7 @@ def query(msg: Message, context: Context) -> Message:
             "num-eval": len(d.y_eval),
         }
     )
-    return msg.create_reply(RecordDict({"node": rec}))
+    return Message(RecordDict({"node": rec}), reply_to=msg)
 
 
 C = TypeVar("C", bound=RoundConfig)
@@ -295,9 +295,8 @@ def train(msg: Message, context: Context) -> Message:
         # not for the server under DP: the training loss is computed on the private batches
         # without noise, and the count of steps with a loss tells which batches were empty
         del metrics["loss"], metrics["owner-steps"]
-    return msg.create_reply(
-        RecordDict({"arrays": shard_arrays(shard), "metrics": MetricRecord(metrics)})
-    )
+    content = RecordDict({"arrays": shard_arrays(shard), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()
@@ -342,7 +341,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         "correct": correct,
         "accuracy": correct / n_eval if n_eval else 0.0,
     }
-    return msg.create_reply(RecordDict({"metrics": MetricRecord(metrics)}))
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 __all__ = ["app"]
