@@ -14,15 +14,7 @@ import gc
 import json
 
 import torch
-
-
-def _status() -> dict[str, float]:
-    out: dict[str, float] = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return out
+from train import _baseline_mb, _peak_mb, _status_mb  # bench/train.py: the same memory measure
 
 
 def main() -> None:
@@ -53,18 +45,16 @@ def main() -> None:
         "peer-address": "127.0.0.1:7100",
     }
     ctx = Context(run_id=1, node_id=101, node_config=node_config, state=RecordDict(), run_config={})
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status()["VmRSS"]
+    base = _baseline_mb()  # resets the high-water mark
     _, shard, _, _, _ = ca._setup(msg, ctx)
     gc.collect()
-    st = _status()
+    st = _status_mb()
     held = sum(t.numel() * t.element_size() for t in shard.state_dict().values())
     print(
         json.dumps(
             {
                 "code": ca.__file__,
-                "setup_peak_mb": round(st["VmHWM"] - base, 1),
+                "setup_peak_mb": round(_peak_mb() - base, 1),
                 "after_setup_mb": round(st["VmRSS"] - base, 1),
                 "shard_tensor_mb": round(held / 2**20, 1),
                 "all_shards_tensor_mb": round(whole / 2**20, 1),
