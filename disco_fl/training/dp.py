@@ -69,24 +69,66 @@ fresh from the operating system's CSPRNG on every node, never derivable from the
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from disco_fl.partition import get_spec
-from disco_fl.partition.registry import OpSpec
+from disco_fl.emulation import NodeShard
+from disco_fl.partition import Op, get_spec
+from disco_fl.partition.registry import NodeContext, OpSpec
+from disco_fl.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2
 from disco_fl.training.dp_random import gaussian_noise, insecure_bits, poisson_sample
+from disco_fl.training.errors import PeerFailure
+from disco_fl.training.trace import StepTrace
 from disco_fl.wire import WireError, decode_tensor
 
-if TYPE_CHECKING:
-    from disco_fl.training.step import NodeTrainer, _OpRecord, _StepIO, _TrainContext
-
 log = logging.getLogger(__name__)
+
+# sends this node's per-sample squared norms (fp32, ``(B,)``) to every peer and returns each
+# peer's message, not yet decoded (:meth:`disco_fl.training.commit.StepIO.exchange_norms`)
+NormsExchange = Callable[[torch.Tensor], Mapping[int, peer_pb2.Tensor]]
+
+
+class DPNode(Protocol):
+    """What :class:`DPState` reads of the node it privatizes (a
+    :class:`~disco_fl.training.NodeTrainer`)."""
+
+    index: int
+    plan: Plan
+    shard: NodeShard
+    gate_mode: str
+
+    def owner_of(self, step: int) -> int: ...
+
+
+class _Override:
+    """A node context whose ``state`` of one op is given tensors (the functional parameters
+    of a per-sample re-run); everything else is the step's context."""
+
+    def __init__(self, base: NodeContext, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        self.base = base
+        self.name = name
+        self.over = state
+        self.index = base.index
+        self.num_nodes = base.num_nodes
+        self.training = base.training
+        self.program = base.program
+
+    def state(self, op: Op) -> Mapping[str, torch.Tensor]:
+        return self.over if op.name == self.name else self.base.state(op)
+
+    def send_selection(
+        self, op: Op, dest: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        return self.base.send_selection(op, dest)
+
+    def sources(self, op: Op) -> list[int]:
+        return self.base.sources(op)
 
 
 @dataclass
@@ -220,7 +262,7 @@ def _accountant(kind: str) -> Any:
 class DPState:
     """DP of one node: clipping with household norms, its own noise, the accountants."""
 
-    def __init__(self, config: DPConfig, trainer: NodeTrainer) -> None:
+    def __init__(self, config: DPConfig, trainer: DPNode) -> None:
         program = trainer.plan.program
         bad = [op.name for op in program.ops if op.kind == "batch_norm"]
         if bad:
@@ -313,9 +355,7 @@ class DPState:
                 self.accountants[o].history = [tuple(h) for h in hist]
 
     # ---- the step -----------------------------------------------------------------------
-    def per_sample_grads(
-        self, ctx: _TrainContext, records: Sequence[_OpRecord]
-    ) -> dict[nn.Parameter, torch.Tensor]:
+    def per_sample_grads(self, trace: StepTrace) -> dict[nn.Parameter, torch.Tensor]:
         """``param -> (B, *param.shape)``: per-sample gradients of the step's (mean) loss.
 
         Ops are visited in reverse order. An op on batched values is re-run per sample with
@@ -330,7 +370,8 @@ class DPState:
         shard = self.t.shard
         shared, grad_shared = self._shared, self._grad_shared
         psg: dict[str, torch.Tensor] = {}  # shared value -> (B, *shape) per-sample gradients
-        for rec in reversed(records):
+        ctx = trace.context
+        for rec in reversed(trace.ops):
             op = rec.op
             shared_out = op.name in grad_shared
             g = psg.pop(op.name, None) if shared_out else rec.grad_out
@@ -347,16 +388,16 @@ class DPState:
             spec = get_spec(op.kind)
             pos = [
                 i
-                for i, v in enumerate(rec.xs)
+                for i, v in enumerate(rec.inputs)
                 if isinstance(v, torch.Tensor) and not (i < len(ins) and ins[i] in shared)
             ]
-            xs_t = tuple(rec.xs[i].detach() for i in pos)
-            srcs = sorted(rec.full_received)
-            rec_t = tuple(rec.full_received[j].detach() for j in srcs)
-            base = list(rec.xs)
-            buffers = dict(ctx.buffers.get(op.name, {}))
+            xs_t = tuple(rec.inputs[i].detach() for i in pos)
+            srcs = sorted(rec.received)
+            rec_t = tuple(rec.received[j].detach() for j in srcs)
+            base = list(rec.inputs)
+            buffers = dict(trace.buffers.get(op.name, {}))
             detached = {name: v.detach() for name, v in params.items()}
-            us = tuple(rec.xs[i].detach() for i in wrt)
+            us = tuple(rec.inputs[i].detach() for i in wrt)
 
             def one(
                 xb: tuple[torch.Tensor, ...],
@@ -380,17 +421,13 @@ class DPState:
                         xs[i] = v.unsqueeze(0)
                     for i, u in zip(_wrt, ub, strict=True):
                         xs[i] = u
-                    if pdict:
-                        ctx.override[_op.name] = {**_buffers, **pdict}
-                    try:
-                        y = _spec.compute(
-                            _op,
-                            ctx,
-                            xs,
-                            {j: r.unsqueeze(0) for j, r in zip(_srcs, rb, strict=True)},
-                        )
-                    finally:
-                        ctx.override.pop(_op.name, None)
+                    node = _Override(ctx, _op.name, {**_buffers, **pdict}) if pdict else ctx
+                    y = _spec.compute(
+                        _op,
+                        node,
+                        xs,
+                        {j: r.unsqueeze(0) for j, r in zip(_srcs, rb, strict=True)},
+                    )
                     assert isinstance(y, torch.Tensor)
                     return y
 
@@ -408,44 +445,33 @@ class DPState:
                 psg[name] = gi if name not in psg else psg[name] + gi
         return out
 
-    def privatize(
-        self, ctx: _TrainContext, io_: _StepIO, records: Sequence[_OpRecord], owner: int
-    ) -> DPStepInfo:
-        """Replace this node's gradients with its part of the clipped, noised DP gradient."""
+    def privatize(self, trace: StepTrace, exchange_norms: NormsExchange) -> DPStepInfo:
+        """Replace this node's gradients with its part of the clipped, noised DP gradient
+        (the household's whole-model norms through ``exchange_norms``)."""
         cfg = self.config
-        batch = _batch_of(records)
+        batch = trace.batch
         if batch == 0:  # empty Poisson batch: a noise-only step (nothing was computed)
-            return self._noise_step(ctx.step, {}, torch.zeros(0, dtype=torch.float64))
-        per = self.per_sample_grads(ctx, records)
+            return self._noise_step(trace.step, {}, torch.zeros(0, dtype=torch.float64))
+        per = self.per_sample_grads(trace)
         # per-sample gradients of the per-sample losses (the step's loss is their mean)
         local = torch.zeros(batch, dtype=torch.float64)
         for g in per.values():
             local += (g.reshape(batch, -1).double() * batch).pow(2).sum(1)
         total = local.clone()
-        peers = [j for j in range(self.t.plan.num_nodes) if j != self.t.index]
-        for j in peers:
-            io_.send(io_.norms_sid, 0, j, local.float(), peer_pb2.Frame.NORMS)
-        for j in peers:
-            f = io_.recv(io_.norms_sid, 0, j, direction=peer_pb2.Frame.NORMS, codec="fp32")
+        for j, msg in sorted(exchange_norms(local.float()).items()):
             try:
-                v = decode_tensor(f.tensor, max_bytes=4 * batch)
+                v = decode_tensor(msg, max_bytes=4 * batch)
             except WireError as e:
-                from disco_fl.training.step import _PeerFailure
-
-                raise _PeerFailure(j, f"bad per-sample norms: {e}") from e
+                raise PeerFailure(j, f"bad per-sample norms: {e}") from e
             if v.shape != (batch,) or not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
-                from disco_fl.training.step import _PeerFailure
-
-                raise _PeerFailure(
-                    j, f"per-sample squared norms must be {batch} finite values >= 0"
-                )
+                raise PeerFailure(j, f"per-sample squared norms must be {batch} finite values >= 0")
             total += v.double()
         norms = total.sqrt()
         clip = (cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         summed = {
             p: torch.einsum("b,b...->...", clip.to(g.dtype), g * batch) for p, g in per.items()
         }
-        return self._noise_step(ctx.step, summed, norms)
+        return self._noise_step(trace.step, summed, norms)
 
     def _noise_step(
         self, step: int, summed: Mapping[nn.Parameter, torch.Tensor], norms: torch.Tensor
@@ -515,15 +541,9 @@ def _shared_values(program: Any) -> tuple[set[str], set[str]]:
     return shared, grad
 
 
-def _batch_of(records: Sequence[_OpRecord]) -> int:
-    for rec in records:
-        if rec.op.kind == "input" and isinstance(rec.out, torch.Tensor) and rec.out.dim():
-            return int(rec.out.shape[0])
-    raise RuntimeError("the step has no batched input")
-
-
 __all__ = [
     "DPConfig",
+    "DPNode",
     "DPState",
     "DPStepInfo",
     "fix_batchnorm",
