@@ -162,7 +162,8 @@ def _transport(
     t = GrpcTransport(
         k,
         num_nodes,
-        plan_hash=f"{plan.hash}/r{rec_int(cfg, 'server-round')}",
+        plan_hash=plan.hash,
+        training_round=rec_int(cfg, "server-round"),  # peers of another round are refused
         listen=listen,
         peers=peers,
         household_token=str(cfg["token"]),

@@ -54,8 +54,11 @@ def predict_step_bytes(
     owner : int, optional
         The step's batch owner; default ``program.requester``.
     selection_frames : bool
-        Stochastic gates: add the selection frames (4 bytes per sent channel, per exchange
-        and pair, independent of the batch). Default False.
+        Stochastic gates: add the selection frames (a typed ``ChannelSelection`` per
+        exchange and pair, independent of the batch; its indices are varints, so this counts
+        each at the size of the sender's largest index: exact when every index of the slice
+        encodes to the same size, e.g. slices of at most 128 channels, an upper bound
+        otherwise). Default False.
 
     Returns
     -------
@@ -73,7 +76,9 @@ def predict_step_bytes(
             f = (c.message_bytes(t.elements) if coded else 4 * t.elements) * batch
             b = 0 if op.kind == "input" else 4 * t.elements * batch
             if selection_frames and op.kind == "exchange":
-                f += 4 * t.channels
+                layout = program.infos[op.name].layout
+                width = layout.count(t.src) if layout is not None else t.channels
+                f += selection_bytes(t.channels, width)
             fw, bw = out.per_sender.get(t.src, (0, 0))
             out.per_sender[t.src] = (fw + f, bw)
             fw, bw = out.per_sender.get(t.dst, (0, 0))  # gradients flow back from the receiver
@@ -81,6 +86,20 @@ def predict_step_bytes(
             out.forward += f
             out.backward += b
     return out
+
+
+def selection_bytes(channels: int, width: int) -> int:
+    """Serialized ``Control{selection}`` of ``channels`` indices of a slice of ``width``
+    channels, each counted at the varint size of ``width - 1`` (see ``selection_frames``)."""
+    if channels == 0:
+        return 2  # the body's tag and zero length
+    packed = channels * _varint_size(max(width - 1, 0))
+    inner = 1 + _varint_size(packed) + packed  # ChannelSelection: field 1, packed
+    return 1 + _varint_size(inner) + inner  # Control: field 3 (selection)
+
+
+def _varint_size(v: int) -> int:
+    return max(1, (v.bit_length() + 6) // 7)
 
 
 def plan_open_count(plan: Plan) -> Callable[[str, int, int], int]:

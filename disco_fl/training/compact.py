@@ -124,7 +124,11 @@ class CompactWeights:
         for name, cols in self.cols.items():
             w = self.weight(name)
             full = torch.nn.Parameter(self.full_weight(name), requires_grad=w.requires_grad)
-            swap_param(self.optimizer, w, full, lambda v, c=cols: _widen(v, c))
+
+            def widen(v: torch.Tensor, c: Columns = cols) -> torch.Tensor:
+                return _widen(v, c)
+
+            swap_param(self.optimizer, w, full, widen)
             self.shard.ops[name].weight = full
         self.closed = {}
         self.active = False

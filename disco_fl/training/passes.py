@@ -37,12 +37,18 @@ class NodeTrainer(Protocol):
     index: int
     plan: Plan
     shard: NodeShard
-    gate_mode: str
     gate_seed: int
     layer_of: dict[str, int]
     max_message_bytes: int
-    dp_state: object | None
-    compact: bool
+
+    @property
+    def gate_mode(self) -> str: ...
+
+    @property
+    def dp_state(self) -> object | None: ...  # DP on: every op keeps its inputs
+
+    @property
+    def compact(self) -> bool: ...
 
     def open_local(self, exchange: str, src: int, dst: int) -> torch.Tensor: ...
 
@@ -202,9 +208,8 @@ def forward(
         direction = direction_of(op, coded)
         for dest in out_to:
             if op.kind == "exchange" and tr.gate_mode == "stochastic":
-                sel = ctx.selections[(op.name, dest)].to(torch.float32)
-                io_.send(io_.sel_sid, layer, dest, sel, Frame.NORMS)
-            io_.send(io_.sid, layer, dest, msgs[dest], direction, codec=wire)
+                io_.send_selection(layer, dest, ctx.selections[(op.name, dest)])
+            io_.send(layer, dest, msgs[dest], direction, codec=wire)
         received: dict[int, torch.Tensor] = {}
         full: dict[int, torch.Tensor] = {}
         recv_sel: dict[int, torch.Tensor] = {}
@@ -212,7 +217,7 @@ def forward(
             sel_idx: torch.Tensor | None = None
             if op.kind == "exchange":
                 sel_idx = recv_sel[src] = _selection_from(tr, io_, op, layer, src)
-            f = io_.recv(io_.sid, layer, src, direction=direction, codec=wire)
+            f = io_.recv(layer, src, direction=direction, codec=wire)
             try:
                 t = decode_tensor(f.tensor, max_bytes=tr.max_message_bytes)
             except WireError as e:
@@ -318,26 +323,8 @@ def _selection_from(tr: NodeTrainer, io_: StepIO, op: Op, layer: int, src: int) 
     assert layout is not None
     if tr.gate_mode == "hard":
         return tr.open_local(op.name, src, tr.index)
-    f = io_.recv(io_.sel_sid, layer, src, direction=Frame.NORMS, codec="fp32")
-    try:
-        v = decode_tensor(f.tensor, max_bytes=8 * layout.count(src) + 64)
-    except WireError as e:
-        raise PeerFailure(src, f"bad channel selection at layer {layer}: {e}") from e
-    c = layout.count(src)
-    if (
-        v.dim() != 1
-        or v.numel() > c
-        or not bool(torch.isfinite(v).all())
-        or not bool((v == v.round()).all())
-        or (v.numel() and (float(v.min()) < 0 or float(v.max()) >= c))
-        or (v.numel() > 1 and not bool((v[1:] > v[:-1]).all()))
-    ):
-        raise PeerFailure(
-            src,
-            f"bad channel selection at layer {layer} ({op.name}): expected increasing "
-            f"channel indices in [0, {c})",
-        )
-    return v.to(torch.long)
+    # typed indices, strictly increasing, each below the sender's slice width (else refused)
+    return io_.recv_selection(layer, src, layout.count(src))
 
 
 def _assemble(
@@ -397,14 +384,12 @@ def backward(
             torch.autograd.backward(rec.out, g)
         for src, leaf in sorted(rec.received.items()):
             gr = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-            io_.send(io_.sid, layer, src, gr, Frame.BACKWARD)
+            io_.send(layer, src, gr, Frame.BACKWARD)
         if op.kind != "input":
             outs: list[GradientEdge] = []
             gouts: list[torch.Tensor] = []
             for dest, msg in sorted(rec.msgs.items()):
-                f = io_.recv(
-                    io_.sid, layer, dest, direction=Frame.BACKWARD, codec="fp32", backward=True
-                )
+                f = io_.recv(layer, dest, direction=Frame.BACKWARD, backward=True)
                 try:
                     gm = decode_tensor(f.tensor, max_bytes=tr.max_message_bytes)
                 except WireError as e:

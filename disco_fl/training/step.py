@@ -5,15 +5,18 @@ weights, buffers and gate logits; its optimizer and optimizer state) and runs tr
 with its peers. It calls the same ``spec.send`` / ``spec.compute`` as the emulation and the
 inference runtime: there is one implementation of a node's math.
 
-Protocol of one step ``t`` (session ``<run>/s<t>``; ``layer`` = the op's index in the
-program):
+Protocol of one step ``t`` (session ``<run>/g<generation>/s<t>``; ``layer`` = the op's index
+in the program; the parts of a step are typed sub-channels of its session, and its control
+messages typed ``disco.v1.Control`` bodies, see :mod:`disco_fl.training.commit`). The forward
+and backward passes are in :mod:`disco_fl.training.passes`:
 
 1. **Forward**, op by op as in inference, but with autograd: the op's inputs are detached
    leaves and every received message is a leaf, so each op is its own small graph. Exchanged
    activations use the plan's codec (default fp32); normalization statistics are fp32. In
    ``"hard"`` gate mode only the channels open in the plan's masks are sent; in
    ``"stochastic"`` mode only the channels whose hard-concrete sample is non-zero, preceded by
-   a *selection* frame (sub-session ``/sel``: the sender's local channel indices, fp32) so the
+   a *selection* frame (sub-channel SELECTION: a ``ChannelSelection`` of the sender's local
+   channel indices, refused unless strictly increasing and within the sender's slice) so the
    receiver knows where they go. The receiver scatters a message into a zero tensor of the
    sender's full slice, so its weights keep every column (as in the emulation).
 2. **Loss** on the batch owner (the step's requester): cross entropy, optionally with
@@ -28,15 +31,16 @@ program):
    logits, which live on the sender). Gradients of the op's input leaves are added to the
    producing ops' output gradients.
 4. Optional differential privacy (:mod:`disco_fl.training.dp`): per-sample norms are summed
-   across the household (sub-session ``/norms``), each node clips and noises its own
+   across the household (sub-channel NORMS), each node clips and noises its own
    coordinates. An empty (Poisson) batch is a noise-only step: the forward stops after the
    input layer (whose frame tells every node), no backward, no norms, noise only.
-5. **Commit** (sub-session ``/commit``): every node sends a vote to the owner (layer 0); the
+5. **Commit** (sub-channel COMMIT): every node sends a ``Vote`` to the owner (layer 0); the
    owner, holding every vote, answers every node (layer 1). Only then does a node apply its
    optimizer and write back its BatchNorm running statistics (kept in per-step copies until
    then). Any error (its own, a peer's error frame, an unreachable peer, a timeout) aborts
-   the step: the node sends an abort frame with the cause to every peer (sub-session
-   ``/abort``; waits poll it), drops its gradients, leaves its shard and optimizer state
+   the step: the node sends an ``Abort`` (the failed node as a typed field, and the cause) to
+   every peer (sub-channel ABORT; a waiting node is woken by it at once, no polling), drops
+   its gradients, leaves its shard and optimizer state
    unchanged and raises :class:`StepAborted` naming the failed node. The owner commits only
    after all votes, so a step fails everywhere unless the owner itself dies between its
    answers (then the household resumes from the last checkpoint, see
@@ -51,24 +55,27 @@ the loss; everything else is symmetric.
 :func:`~disco_fl.gates.gate_generator` ``(gate_seed, step, layer, src, dst)``, exactly as the
 emulation does with ``pm.gate_seed`` / ``pm.gate_step`` set.
 
-**Memory** (without DP): a node keeps only what its backward needs. An exchanged tensor is
-not stored assembled: its consumers rebuild ``[own channels, received channels]`` on the fly
-(:class:`_GatherFn`) and a saved-tensor hook stores it as references to the node's own
-activation and the compact received messages (no zero-padded copies, no second copy of the
-own channels); runs of local ops whose value has a single consumer that exchanges nothing
-share one autograd graph, so intermediate outputs that no backward reads (e.g. a BatchNorm
-output followed by a ReLU) are freed; values are dropped after their last reader; a sent
-message is kept only as the autograd edge its gradient flows into (not its values). The math
-and the order of every sum are those of the per-op graphs (bit-identical shards after Adam
-steps in our checks: ResNet, hard and stochastic gates, and the zoo's mixed "user" net).
-With hard masks, ``NodeTrainer(..., compact=True)`` also drops the weight columns of closed
-channels from what is trained (weights, gradients, optimizer state) and from the assembled
-inputs (``[own channels, open channels received]``, no zero padding); the closed columns are
-kept aside, unchanged, for the full-width shard (:meth:`NodeTrainer.full_state_dict`).
+**Memory** (without DP): a node keeps only what its backward needs. An exchanged tensor is not
+stored assembled: its consumers rebuild ``[own channels, received channels]`` on the fly
+(:class:`~disco_fl.training.autograd.GatherFn`) and a saved-tensor hook stores it as references
+to the node's own activation and the compact received messages (no zero-padded copies, no second
+copy of the own channels); runs of local ops whose value has a single consumer that exchanges
+nothing share one autograd graph, so intermediate outputs that no backward reads (e.g. a
+BatchNorm output followed by a ReLU) are freed; values are dropped after their last reader; a
+sent message is kept only as the autograd edge its gradient flows into (not its values). The
+math and the order of every sum are those of the per-op graphs (bit-identical shards after Adam
+steps in our checks: ResNet, hard and stochastic gates, and the zoo's mixed "user" net). With
+hard masks, ``NodeTrainer(..., compact=True)`` also drops the weight columns of closed channels
+from what is trained (weights, gradients, optimizer state) and from the assembled inputs (``[own
+channels, open channels received]``, no zero padding); the closed columns are kept aside,
+unchanged, for the full-width shard (:meth:`NodeTrainer.full_state_dict`; see
+:mod:`disco_fl.training.compact`). Checkpoints: :mod:`disco_fl.training.checkpoint`.
 
 **Communication** is counted from the transport's payload counters (``data`` + ``scales`` of
-every frame sent) and reported per step as forward, backward and control (commit, DP norms)
-bytes; :func:`predict_step_bytes` gives the forward and backward figures from the masks.
+every tensor sent, the serialized ``Control`` body of every control frame: a vote is 4 bytes)
+and reported per step as forward, backward and control (commit, DP norms) bytes;
+:func:`~disco_fl.training.predict_step_bytes` gives the forward and backward figures from the
+masks.
 """
 
 from __future__ import annotations
