@@ -292,6 +292,7 @@ def test_exchange_stream_checks_identity_and_frames(
             ("disco-node", "0"),
             ("disco-expected-node", "1"),
             ("disco-token", ""),
+            ("disco-protocol", "2"),  # the current peer protocol: refused for the plan
         ]
         call = stub.Exchange(iter([peer_pb2.Frame()]), metadata=md, timeout=5.0)
         with pytest.raises(grpc.RpcError) as info:
