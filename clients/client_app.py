@@ -164,7 +164,8 @@ def _transport(
     t = GrpcTransport(
         k,
         num_nodes,
-        plan_hash=f"{plan.hash}/r{cfg.server_round}",
+        plan_hash=plan.hash,
+        training_round=cfg.server_round,  # peers of another round are refused
         listen=listen,
         peers=list(cfg.peers),
         household_token=cfg.token,
