@@ -25,6 +25,14 @@ Modes, each measured in its own fresh process (``--worker``), 1 torch thread per
   column instead. Infer: each runs
   :func:`disco_fl.runtime.run_node` on its exported shard (:func:`disco_fl.export.load_shard`).
 
+- ``clientapp`` (train only): the Flower ``ClientApp``'s ``train`` handler
+  (``clients.client_app.train``) called once in each of N processes with the message a
+  SuperNode hands it (node k's packed shard record and a ``TrainConfig`` of hard masks, the
+  steps of the other modes, node 0 holding the batches), its peer channel pre-connected over
+  gRPC on 127.0.0.1. The memory counts the incoming message, the shard the handler rebuilds
+  from the plan and the record (no whole model, no partition), its training and the reply.
+  Step time: the mean over the call's steps (the handler reports no per-step times).
+
 Memory attributable to the model: ``model_mb = peak RSS - RSS just before the model and data
 are loaded`` (the high-water mark ``VmHWM`` is reset by writing ``5`` to
 ``/proc/self/clear_refs`` right after the baseline is read; torch, gRPC and the transport are
@@ -144,6 +152,7 @@ def prepare(root: Path, plan_name: str, nodes: int, n_batches: int) -> dict[str,
     """Write everything the workers load: whole model, partitioned model, per-node training
     shards, the plan, the exported inference shards and the batches."""
     import disco_fl
+    from disco_fl.federated import shard_arrays
     from disco_fl.train import calibrate_masks
     from disco_fl.training import plan_of, plan_open_count, predict_step_bytes
 
@@ -169,6 +178,10 @@ def prepare(root: Path, plan_name: str, nodes: int, n_batches: int) -> dict[str,
             {"tensors": shard.own_tensors(), "gates": shard.gates.state_dict()},
             root / f"train_node_{k}.pt",
         )
+    for k in range(nodes):  # what a SuperNode hands the ClientApp: the packed shard record
+        rec = shard_arrays(pm.shard(k))
+        packed = {key: torch.from_numpy(rec[key].numpy().copy()) for key in ("index", "data")}
+        torch.save(packed, root / f"clientapp_node_{k}.pt")
     exp = pm.export(root / "export")
     torch.save(_batches(n_batches), root / "data.pt")
     pred = predict_step_bytes(plan.program, plan_open_count(plan), BATCH)
@@ -268,6 +281,8 @@ def _worker_train(spec: dict[str, Any]) -> dict[str, Any]:
                 nbytes.append(res.forward_bytes + res.backward_bytes)
         peak = _peak_mb()
         tr.close(5.0)
+    elif mode == "clientapp":
+        return _worker_clientapp(spec)
     else:
         skeleton = _skeleton(spec["nodes"]) if mode == "emulation" else None
         base = _baseline_mb()
@@ -289,6 +304,71 @@ def _worker_train(spec: dict[str, Any]) -> dict[str, Any]:
                 nbytes.append(0)
         peak = _peak_mb()
     return {"times": times, "bytes": nbytes, "base_mb": base, "peak_mb": peak}
+
+
+def _worker_clientapp(spec: dict[str, Any]) -> dict[str, Any]:
+    """One call of the ClientApp's ``train`` handler (see the module docstring)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # clients/ of this checkout
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import clients.client_app as ca
+    import disco_fl.train  # noqa: F401  (the handler's lazy imports, before the baseline)
+    import disco_fl.training  # noqa: F401
+    from disco_fl.federated import NodeData
+    from disco_fl.plan import Plan
+    from disco_fl.round_config import TrainConfig
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    root = Path(spec["dir"])
+    k, n, steps = spec["node"], spec["nodes"], spec["warmup"] + spec["steps"]
+    plan_json = (root / "train_plan.json").read_text()
+    plan = Plan.from_json(json.loads(plan_json))
+    tr = _transport(spec, f"{plan.hash}/r1", len(plan.program.ops))
+    close = tr.close
+    tr.close = lambda *a, **kw: None  # closed below, after the measurement
+    ca._transport = lambda *a, **kw: tr  # type: ignore[assignment]
+    batches = torch.load(root / "data.pt", weights_only=True)
+    x = torch.cat([b[0] for b in batches]) if k == 0 else torch.zeros(0)
+    y = torch.cat([b[1] for b in batches]) if k == 0 else torch.zeros(0, dtype=torch.long)
+    data = NodeData(x, y, torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    ca._data = lambda ctx: data  # type: ignore[assignment]
+    cfg = TrainConfig(
+        server_round=1, household="bench", shard=k, token="bench", plan=plan_json, seed=SEED,
+        peers=tuple(f"127.0.0.1:{p}" for p in spec["ports"]), step_timeout=600.0,
+        owners=(0,), owner_examples=(len(batches[0][1]) * len(batches),), steps=steps,
+        batch_size=BATCH, lr=LR, gate_lr=0.0, gate_mode="hard", gate_penalty=0.0, budget=1.0,
+    )  # fmt: skip
+    node_config = {
+        "household": "bench",
+        "shard": k,
+        "peer-address": f"127.0.0.1:{spec['ports'][k]}",
+    }
+    ctx = Context(run_id=1, node_id=k, node_config=node_config, state=RecordDict(), run_config={})
+    base = _baseline_mb()
+    packed = torch.load(root / f"clientapp_node_{k}.pt", weights_only=True)
+    arrays = ArrayRecord({key: Array(t.numpy()) for key, t in packed.items()})
+    del packed
+    msg = Message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord(cfg.to_config())}),
+        dst_node_id=k,
+        message_type="train",
+    )
+    del arrays
+    reply = ca.train(msg, ctx)
+    peak = _peak_mb()
+    metrics = reply.content.metric_records["metrics"]
+    per_step = (float(metrics["t-done"]) - float(metrics["t-connected"])) / steps  # type: ignore[arg-type]
+    sent = float(metrics["bytes-sent"]) / steps  # type: ignore[arg-type]
+    n_meas = spec["steps"]
+    close(5.0)
+    return {
+        "times": [per_step] * n_meas,
+        "bytes": [int(sent)] * n_meas,
+        "base_mb": base,
+        "peak_mb": peak,
+        "nodes": n,
+    }
 
 
 def _worker_infer(spec: dict[str, Any]) -> dict[str, Any]:
@@ -346,7 +426,7 @@ def worker(spec: dict[str, Any]) -> None:
 def _run_config(
     root: Path, plan_name: str, mode: str, phase: str, nodes: int, s: dict[str, Any]
 ) -> dict[str, Any]:
-    procs = nodes if mode == "distributed" else 1
+    procs = nodes if mode in ("distributed", "clientapp") else 1
     from disco_fl.demo import free_ports
 
     ports = free_ports(procs)
@@ -386,7 +466,7 @@ def _run_config(
         "step_ms_median": 1000 * statistics.median(res[0]["times"]),
         "step_ms_all": [round(1000 * t, 1) for t in res[0]["times"]],
         "bytes_per_step": int(statistics.median(per_step)) if per_step else 0,
-        "bytes_measured": mode == "distributed",
+        "bytes_measured": mode in ("distributed", "clientapp"),
         "peak_rss_mb_per_node": max(r["peak_mb"] for r in res),
         "model_mb_per_node": max(model_mb),
         "model_mb_each_node": [round(m, 1) for m in model_mb],
@@ -442,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             for phase in ("train", "infer"):
                 modes = ["whole_model"] if i == 0 else []
                 modes += ["emulation", "distributed"]
+                modes += ["clientapp"] if phase == "train" and i == 0 else []
                 for mode in modes:
                     n = 1 if mode == "whole_model" else NODES
                     row = _run_config(root, plan_name, mode, phase, n, s)
@@ -469,7 +550,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows
         if r["mode"] == "distributed" and r["phase"] == "train"
     }
+    clientapp = {
+        r["plan"]: r["model_mb_per_node"] / whole_train["model_mb_per_node"]
+        for r in rows
+        if r["mode"] == "clientapp"
+    }
     print(f"train model MB per node / whole model: {bar} (bar: <= 0.6); wall {wall:.0f} s")
+    print(f"ClientApp train call, model MB per node / whole model: {clientapp}")
     if args.json:
         out = {
             "rows": rows,
@@ -477,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {**s, "batch": BATCH, "widths": WIDTHS, "nodes": NODES, "lr": LR},
             "worker_env": WORKER_ENV,
             "train_ratio_vs_whole": bar,
+            "clientapp_ratio_vs_whole": clientapp,
             "wall_s": round(wall, 1),
             "argv": sys.argv[1:],
         }

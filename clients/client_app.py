@@ -18,6 +18,13 @@ Node settings (``flower-supernode --node-config``):
 Handlers:
 
 - ``query``: answers the roster query (household, shard, peer address, example counts).
+Every ``train`` / ``evaluate`` message carries this node's shard (packed ``ArrayRecord``) and a
+typed config (:class:`~disco_fl.round_config.TrainConfig` / ``EvalConfig``, read once by
+``from_config``: a missing or ill-typed key is a clear error). The node rebuilds only its own
+shard from the plan's program and that record (:func:`~disco_fl.federated.shard_from_record`):
+it never builds or partitions the whole model, holds no other node's tensor, and unpickles
+nothing.
+
 - ``train``: brings up the peer endpoint, trains ``steps`` joint steps with the household
   (:class:`~disco_fl.training.NodeTrainer`; batch owners take turns), replies with the shard
   and metrics. Any failure (a peer that died, a deadline) is raised, so Flower returns an
@@ -36,25 +43,17 @@ import os
 import time
 import types
 from logging import INFO
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
-from disco_fl.federated import (
-    ModelSpec,
-    NodeData,
-    derive_seed,
-    load_shard_arrays,
-    node_data,
-    rec_float,
-    rec_int,
-    rec_list,
-    shard_arrays,
-)
+from disco_fl.emulation import NodeShard
+from disco_fl.federated import NodeData, derive_seed, node_data, shard_arrays, shard_from_record
 from disco_fl.plan import Plan
+from disco_fl.round_config import EvalConfig, RoundConfig, TrainConfig
 
 app = ClientApp()
 
@@ -116,29 +115,33 @@ def query(msg: Message, context: Context) -> Message:
             "num-eval": len(d.y_eval),
         }
     )
-    return msg.create_reply(RecordDict({"node": rec}))
+    return Message(RecordDict({"node": rec}), reply_to=msg)
 
 
-def _setup(msg: Message, context: Context) -> tuple[ConfigRecord, Any, Plan, str, int]:
-    """Check the message against this node, rebuild its shard and the round's plan."""
-    cfg = msg.content.config_records["config"]
+C = TypeVar("C", bound=RoundConfig)
+
+
+def _setup(
+    msg: Message,
+    context: Context,
+    kind: type[C] = TrainConfig,  # type: ignore[assignment]
+) -> tuple[C, NodeShard, Plan, str, int]:
+    """Check the message against this node; rebuild the round's plan and this node's shard
+    from the plan's program and the message's record alone (no model is built or partitioned
+    here, no other node's tensor is held, nothing is unpickled)."""
+    cfg = kind.from_config(msg.content.config_records["config"])
     hh, k, _, listen = _identity(context)
-    if str(cfg["household"]) != hh or rec_int(cfg, "shard") != k:
+    if cfg.household != hh or cfg.shard != k:
         raise ValueError(
-            f"message for household {cfg['household']!r} shard {rec_int(cfg, 'shard')} reached "
+            f"message for household {cfg.household!r} shard {cfg.shard} reached "
             f"household {hh!r} shard {k}"
         )
     torch.set_num_threads(max(1, int(context.node_config.get("threads", 1))))
-    spec = ModelSpec.from_config(cfg)
-    pm = spec.partition()  # no disk cache: see ModelSpec.partition
-    plan = Plan.from_json(json.loads(str(cfg["plan"])))
-    if plan.program.to_json() != pm.program.to_json():
-        raise ValueError(
-            f"the server's plan does not fit model {spec.name!r} partitioned over "
-            f"{spec.num_nodes} nodes on this node (different versions?)"
-        )
-    shard = pm.shard(k)
-    load_shard_arrays(shard, msg.content.array_records["arrays"])
+    plan = Plan.from_json(json.loads(cfg.plan))
+    if len(cfg.peers) != plan.num_nodes:
+        raise ValueError(f"{len(cfg.peers)} peers for a {plan.num_nodes}-node plan")
+    shard = shard_from_record(plan.program, k, msg.content.array_records["arrays"])
+    del msg.content.array_records["arrays"]  # the packed copy: the shard holds the tensors now
     return cfg, shard, plan, listen, k
 
 
@@ -153,21 +156,21 @@ def peer_credentials(tls_dir: str, k: int) -> tuple[Any, Any]:
 
 
 def _transport(
-    cfg: ConfigRecord, plan: Plan, k: int, listen: str, num_nodes: int, tls_dir: str = ""
+    cfg: RoundConfig, plan: Plan, k: int, listen: str, num_nodes: int, tls_dir: str = ""
 ) -> Any:
     from disco_fl.transport.grpc_transport import GrpcTransport
 
-    peers = [str(a) for a in rec_list(cfg, "peers")]
     server_creds, channel_creds = peer_credentials(tls_dir, k)
     t = GrpcTransport(
         k,
         num_nodes,
-        plan_hash=f"{plan.hash}/r{rec_int(cfg, 'server-round')}",
+        plan_hash=plan.hash,
+        training_round=cfg.server_round,  # peers of another round are refused
         listen=listen,
-        peers=peers,
-        household_token=str(cfg["token"]),
+        peers=list(cfg.peers),
+        household_token=cfg.token,
         num_layers=len(plan.program.ops),
-        connect_timeout=rec_float(cfg, "rendezvous-timeout"),
+        connect_timeout=cfg.rendezvous_timeout,
         server_credentials=server_creds,
         channel_credentials=channel_creds,
     )
@@ -179,7 +182,7 @@ def _transport(
     log(
         INFO,
         "[disco] household %s shard %d: peer endpoint %s (%s), %d peers connected",
-        cfg["household"], k, listen, "mutual TLS" if tls_dir else "plaintext", num_nodes - 1,
+        cfg.household, k, listen, "mutual TLS" if tls_dir else "plaintext", num_nodes - 1,
     )  # fmt: skip
     return t
 
@@ -192,31 +195,25 @@ def train(msg: Message, context: Context) -> Message:
     from disco_fl.training.dp import DPConfig
 
     t0, w0 = time.monotonic(), time.time()
-    cfg, shard, plan, listen, k = _setup(msg, context)
+    cfg, shard, plan, listen, k = _setup(msg, context, TrainConfig)
     n = plan.num_nodes
-    owners = [int(o) for o in rec_list(cfg, "owners")]
-    sizes = [int(s) for s in rec_list(cfg, "owner-examples")]
-    steps = rec_int(cfg, "steps")
-    batch = rec_int(cfg, "batch-size")
-    r = rec_int(cfg, "server-round")
-    seed = rec_int(cfg, "seed")
-    hh = str(cfg["household"])
+    owners, sizes = list(cfg.owners), list(cfg.owner_examples)
+    steps, batch, r, hh = cfg.steps, cfg.batch_size, cfg.server_round, cfg.household
     data = _data(context)
     if k in owners and len(data.y_train) == 0:
         raise ValueError(f"shard {k} is a batch owner but holds no training data")
-    mode = str(cfg["gate-mode"])
-    if mode not in ("hard", "stochastic"):
-        raise ValueError(f"gate-mode must be 'hard' or 'stochastic', got {mode!r}")
+    mode = cfg.gate_mode
     dp = None
-    if bool(cfg["dp"]):
+    if cfg.dp:
+        assert cfg.dp_clip is not None and cfg.dp_noise is not None and cfg.dp_delta is not None
         b = min([batch, *sizes])
         # no seed: DP noise and Poisson sampling come from each node's OS CSPRNG, never from
         # the run config (the server holds it; DPConfig.insecure_seed is for tests only)
         dp = DPConfig(
             dataset_sizes=dict(zip(owners, sizes, strict=True)),
-            max_grad_norm=rec_float(cfg, "dp-clip"),
-            noise_multiplier=rec_float(cfg, "dp-noise"),
-            target_delta=rec_float(cfg, "dp-delta"),
+            max_grad_norm=cfg.dp_clip,
+            noise_multiplier=cfg.dp_noise,
+            target_delta=cfg.dp_delta,
             batch_size=b,
         )
         if k in owners and dp.dataset_sizes[k] != len(data.y_train):
@@ -224,10 +221,8 @@ def train(msg: Message, context: Context) -> Message:
                 f"shard {k} holds {len(data.y_train)} training examples, the round's config "
                 f"says {dp.dataset_sizes[k]}: the DP sample rate and epsilon would be wrong"
             )
-    opt = torch.optim.Adam(
-        default_param_groups(shard, rec_float(cfg, "lr"), rec_float(cfg, "gate-lr"))
-    )
-    gen = torch.Generator().manual_seed(derive_seed(seed, hh, r, "batches"))
+    opt = torch.optim.Adam(default_param_groups(shard, cfg.lr, cfg.gate_lr))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, hh, r, "batches"))
     perm = torch.randperm(len(data.y_train), generator=gen) if len(data.y_train) else None
     pos = 0
     transport = _transport(cfg, plan, k, listen, n, str(_node_setting(context, "tls-dir", "")))
@@ -239,10 +234,10 @@ def train(msg: Message, context: Context) -> Message:
             transport,
             opt,
             gate_mode="hard" if mode == "hard" else "stochastic",
-            gate_seed=derive_seed(seed, hh, r, "gates"),
-            gate_penalty=rec_float(cfg, "gate-penalty"),
+            gate_seed=derive_seed(cfg.seed, hh, r, "gates"),
+            gate_penalty=cfg.gate_penalty,
             owners=owners,
-            timeout=rec_float(cfg, "step-timeout"),
+            timeout=cfg.step_timeout,
             dp=dp,
             # fixed masks: hold and train only the open weight columns (less memory)
             compact=mode == "hard",
@@ -301,9 +296,8 @@ def train(msg: Message, context: Context) -> Message:
         # not for the server under DP: the training loss is computed on the private batches
         # without noise, and the count of steps with a loss tells which batches were empty
         del metrics["loss"], metrics["owner-steps"]
-    return msg.create_reply(
-        RecordDict({"arrays": shard_arrays(shard), "metrics": MetricRecord(metrics)})
-    )
+    content = RecordDict({"arrays": shard_arrays(shard), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()
@@ -312,18 +306,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     from disco_fl.export import ShardNode, _compact_state
     from disco_fl.runtime import run_node
 
-    cfg, shard, plan, listen, k = _setup(msg, context)
-    requester = rec_int(cfg, "requester")
-    r = rec_int(cfg, "server-round")
-    hh = str(cfg["household"])
+    cfg, shard, plan, listen, k = _setup(msg, context, EvalConfig)
+    requester, r, hh = cfg.requester, cfg.server_round, cfg.household
     eplan = dataclasses.replace(
         plan, program=dataclasses.replace(plan.program, requester=requester)
     )
     holder = types.SimpleNamespace(program=eplan.program, shards={k: shard})
     node = ShardNode(eplan, k, _compact_state(holder, eplan, k))
+    del holder, shard  # inference runs on the compact tensors only
     data = _data(context)
-    batches = rec_int(cfg, "eval-batches")
-    bs = rec_int(cfg, "eval-batch-size")
+    batches, bs = cfg.eval_batches, cfg.eval_batch_size
     if k == requester and math.ceil(len(data.y_eval) / bs) != batches:
         raise ValueError(f"{len(data.y_eval)} held-out examples do not make {batches} batches")
     correct = 0
@@ -338,7 +330,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                     transport,
                     x,
                     session_id=f"{hh}/eval/r{r}/b{i}",
-                    timeout=rec_float(cfg, "step-timeout"),
+                    timeout=cfg.step_timeout,
                 )
                 if out is not None:
                     correct += int((out.argmax(1) == data.y_eval[i * bs : (i + 1) * bs]).sum())
@@ -350,7 +342,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         "correct": correct,
         "accuracy": correct / n_eval if n_eval else 0.0,
     }
-    return msg.create_reply(RecordDict({"metrics": MetricRecord(metrics)}))
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 __all__ = ["app"]

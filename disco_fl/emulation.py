@@ -111,6 +111,36 @@ class NodeShard(nn.Module):
             shard.gates.load_state_dict(gates)
         return shard
 
+    @classmethod
+    def from_state_dict(
+        cls, program: Program, k: int, state: Mapping[str, torch.Tensor]
+    ) -> NodeShard:
+        """Node ``k``'s shard from a flat ``state_dict()`` of a shard of ``program`` (keys
+        ``ops.<op>.<tensor>`` and ``gates.<exchange>.*``): no model, no other node's tensors.
+        Which tensors are buffers the op says (:meth:`OpSpec.buffer_names`). Raises
+        ``ValueError`` naming a key of no op of the program, or gates that do not fit."""
+        ops = {op.name: op for op in program.ops}
+        tensors: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+        gates: dict[str, torch.Tensor] = {}
+        for key, t in state.items():
+            group, _, rest = key.partition(".")
+            name, _, tname = rest.partition(".")
+            if group == "gates":
+                gates[rest] = t
+                continue
+            if group != "ops" or name not in ops or not tname or "." in tname:
+                raise ValueError(f"shard {k}: {key!r} is no tensor of an op of the program")
+            params, buffers = tensors.setdefault(name, ({}, {}))
+            (buffers if tname in get_spec(ops[name].kind).buffer_names(ops[name]) else params)[
+                tname
+            ] = t
+        shard = cls(program, k, tensors=tensors)
+        try:
+            shard.gates.load_state_dict(gates, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"shard {k}: gates do not fit the program: {e}") from e
+        return shard
+
     def own_tensors(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
         """``op name -> (parameters, buffers)``, detached copies (see :meth:`from_tensors`)."""
         out: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}

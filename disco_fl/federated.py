@@ -3,7 +3,7 @@
 - :class:`ModelSpec`: how every party rebuilds the same partitioned model (the server and each
   node partition the same registered model with the same example shape, so the program is
   identical everywhere; the plan sent by the server is checked against it).
-- shard <-> ``ArrayRecord`` conversion (:func:`shard_arrays`, :func:`load_shard_arrays`; packed
+- shard <-> ``ArrayRecord`` conversion (:func:`shard_arrays`, :func:`shard_from_record`; packed
   into two arrays, :func:`pack_state`) and the
   server's global record of all shards (keys ``"<k>/<shard key>"``).
 - the budget schedule (:func:`round_budget`) and the round's gate mode (:func:`round_mode`).
@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ import torch
 from disco_fl.data import load_builtin, load_npz, split_households, stratified_split, to_tensor
 from disco_fl.emulation import NodeShard, PartitionedModel, partition
 from disco_fl.models import build_model
+from disco_fl.partition import Program
 
 # the built-in set (5,000 MNIST images) is cut once, with a fixed seed, into a public part
 # (the server pretrains the dense model on it), a private part (split among households) and
@@ -98,15 +101,9 @@ class ModelSpec:
         return torch.zeros(2, self.in_channels, self.image_size, self.image_size)
 
     def partition(self, dense: torch.nn.Module | None = None) -> PartitionedModel:
-        """The partitioned model (of ``dense``, default a freshly built one).
-
-        The ClientApp calls this on every Flower message, in a fresh process, with no disk
-        cache: the earlier cache was a pickled module in the shared temporary folder, loaded
-        with ``weights_only=False``, so any local user who could write there could run code in
-        the SuperNode. Measured cold, in a fresh process on this project's 2-core machine
-        (build + trace + partition, 1 thread): resnet_narrow 0.25 s, vit_tiny_mnist 0.27-0.6 s,
-        resnet18 0.4 s, resnet50 0.6-2.2 s (N = 2 and 4), against 0.01-0.3 s to unpickle the
-        cached module; a demo round takes ~25 s. Nothing is read from disk here."""
+        """The partitioned model (of ``dense``, default a freshly built one): the server's
+        (and the demo's) view. A node never calls this: the ClientApp rebuilds only its own
+        shard from the round's plan and its record (:func:`shard_from_record`)."""
         model = dense if dense is not None else self.build_dense()
         return partition(model, self.num_nodes, self.example())
 
@@ -155,18 +152,39 @@ def pack_state(state: Mapping[str, torch.Tensor]) -> Any:
     )
 
 
+def _bytes_view(array: Any) -> np.ndarray:
+    """The bytes of a 1-D uint8 Flower ``Array`` as a read-only view of its serialized data
+    (``Array.numpy()`` copies them: a shard's size more at the peak); other arrays go
+    through ``numpy()``."""
+    data = getattr(array, "data", None)
+    if getattr(array, "stype", None) == "numpy.ndarray" and isinstance(data, bytes):
+        f = io.BytesIO(data)
+        try:
+            fmt = np.lib.format
+            major, _ = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+        except ValueError:
+            return array.numpy()
+        if dtype == np.uint8 and len(shape) == 1 and not fortran:
+            return np.frombuffer(data, dtype=np.uint8, count=shape[0], offset=f.tell())
+    return array.numpy()
+
+
 def unpack_state(record: Any) -> dict[str, torch.Tensor]:
     """The tensors of a record made by :func:`pack_state`; every field is checked (known
     dtype, non-negative shape, offsets contiguous and within the buffer)."""
     try:
         head = bytes(record["index"].numpy().tobytes())
-        data = record["data"].numpy()
+        data = _bytes_view(record["data"])
         index = json.loads(head.decode())
     except (KeyError, ValueError, UnicodeDecodeError, TypeError, AttributeError) as e:
         raise ValueError(f"not a packed shard record: {e}") from e
     if set(record.keys()) != {"index", "data"} or not isinstance(index, list):
         raise ValueError(f"not a packed shard record (arrays {sorted(record.keys())})")
-    buf = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1))
+    with warnings.catch_warnings():  # a read-only view: only read here, every tensor cloned
+        warnings.simplefilter("ignore", UserWarning)
+        buf = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1))
     out: dict[str, torch.Tensor] = {}
     pos = 0
     for entry in index:
@@ -196,13 +214,11 @@ def shard_arrays(shard: NodeShard) -> Any:
     return pack_state(shard.state_dict())
 
 
-def load_shard_arrays(shard: NodeShard, record: Any) -> None:
-    """Load an ``ArrayRecord`` made by :func:`shard_arrays` into ``shard`` (strict)."""
-    state = unpack_state(record)
-    try:
-        shard.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"shard {shard.index}: arrays do not fit the model: {e}") from e
+def shard_from_record(program: Program, k: int, record: Any) -> NodeShard:
+    """Node ``k``'s shard rebuilt from the program (of the round's plan) and the
+    ``ArrayRecord`` made by :func:`shard_arrays`: no model is built or partitioned, no other
+    node's tensor is held, nothing is unpickled. ``ValueError`` when the record does not fit."""
+    return NodeShard.from_state_dict(program, k, unpack_state(record))
 
 
 def global_state(pm: PartitionedModel) -> dict[str, torch.Tensor]:

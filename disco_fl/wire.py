@@ -165,3 +165,95 @@ def decode_tensor(msg: peer_pb2.Tensor, *, max_bytes: int) -> torch.Tensor:
         scale = torch.from_numpy(np.frombuffer(scales, dtype=_SCALE).astype(np.float32))
         x = int8_dequantize(x, scale)
     return x if dtype == torch.float32 else x.to(dtype)
+
+
+# ---- typed control messages of a training step (disco.v1.Control) ---------------------------
+
+PROTOCOL_VERSION = 2  # of the peer protocol (protos/disco/v1/peer.proto); 1 had no number
+MAX_CAUSE = 4096  # characters of an abort's cause
+MAX_SELECTION = 1 << 20  # channel indices in one selection
+
+Control = peer_pb2.Control
+
+
+def check_control(msg: peer_pb2.Control, *, num_nodes: int) -> str | None:
+    """Why a control message must be refused, or ``None``: exactly one known body with its
+    required fields (a vote's ``ok``, an abort's ``failed_node`` naming one of ``num_nodes``
+    nodes and a cause of at most :data:`MAX_CAUSE` characters, a selection of strictly
+    increasing channel indices, so no duplicates). A selection's indices are checked against
+    the sender's slice by :func:`decode_selection`, which knows it."""
+    if not isinstance(msg, peer_pb2.Control):
+        return f"expected a disco.v1.Control message, got {type(msg).__name__}"
+    body = msg.WhichOneof("body")
+    if body is None:
+        # fields this node does not know still count in the serialized size
+        unknown = " (a body this node does not know)" if msg.ByteSize() else ""
+        return f"control message without a body{unknown}"
+    if body == "vote":
+        if not msg.vote.HasField("ok"):
+            return "vote without its 'ok' field"
+        return None
+    if body == "abort":
+        a = msg.abort
+        if not a.HasField("failed_node"):
+            return "abort without its 'failed_node' field"
+        if not a.failed_node < num_nodes:
+            return f"abort names node {a.failed_node}, out of range for {num_nodes} nodes"
+        if len(a.cause) > MAX_CAUSE:
+            return f"abort cause longer than {MAX_CAUSE} characters"
+        return None
+    chans = msg.selection.channels
+    if len(chans) > MAX_SELECTION:
+        return f"channel selection of {len(chans)} indices (at most {MAX_SELECTION})"
+    for i in range(1, len(chans)):
+        if chans[i] == chans[i - 1]:
+            return f"channel selection repeats channel {chans[i]}"
+        if chans[i] < chans[i - 1]:
+            return f"channel selection is not increasing ({chans[i - 1]} then {chans[i]})"
+    return None
+
+
+def validate_control(msg: peer_pb2.Control, *, num_nodes: int) -> None:
+    """Raise :class:`WireError` unless ``msg`` passes :func:`check_control`."""
+    why = check_control(msg, num_nodes=num_nodes)
+    if why is not None:
+        raise WireError(why)
+
+
+def decode_selection(msg: peer_pb2.Control, *, channels: int) -> torch.Tensor:
+    """The channel indices of a selection message (``int64``, strictly increasing), each below
+    ``channels`` (the sender's slice width). Raises :class:`WireError`."""
+    if not isinstance(msg, peer_pb2.Control) or msg.WhichOneof("body") != "selection":
+        body = msg.WhichOneof("body") if isinstance(msg, peer_pb2.Control) else None
+        raise WireError(f"expected a channel selection, got {body or 'no body'}")
+    why = check_control(msg, num_nodes=1)
+    if why is not None:
+        raise WireError(why)
+    chans = list(msg.selection.channels)
+    if chans and chans[-1] >= channels:
+        raise WireError(
+            f"channel selection names channel {chans[-1]}, out of range for a slice of "
+            f"{channels} channels"
+        )
+    return torch.tensor(chans, dtype=torch.long)
+
+
+def selection_message(idx: torch.Tensor) -> peer_pb2.Control:
+    """A selection message of local channel indices ``idx`` (1-d, strictly increasing)."""
+    return Control(selection=peer_pb2.ChannelSelection(channels=[int(i) for i in idx.tolist()]))
+
+
+def vote_message(ok: bool = True) -> peer_pb2.Control:
+    return Control(vote=peer_pb2.Vote(ok=ok))
+
+
+def abort_message(failed_node: int, cause: str) -> peer_pb2.Control:
+    return Control(abort=peer_pb2.Abort(failed_node=failed_node, cause=cause[:MAX_CAUSE]))
+
+
+def frame_payload_bytes(frame: peer_pb2.Frame) -> int:
+    """Payload of a frame: its tensor's (:func:`payload_bytes`) or its control message's
+    serialized size (a commit vote: 4 bytes)."""
+    if frame.HasField("control"):
+        return frame.control.ByteSize()
+    return payload_bytes(frame.tensor) if frame.HasField("tensor") else 0

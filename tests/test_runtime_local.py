@@ -292,6 +292,7 @@ def test_exchange_stream_checks_identity_and_frames(
             ("disco-node", "0"),
             ("disco-expected-node", "1"),
             ("disco-token", ""),
+            ("disco-protocol", "2"),  # the current peer protocol: refused for the plan
         ]
         call = stub.Exchange(iter([peer_pb2.Frame()]), metadata=md, timeout=5.0)
         with pytest.raises(grpc.RpcError) as info:
@@ -582,9 +583,9 @@ def test_link_shape_delays_frames_in_order(
 def test_mailbox_watchers_wake_on_every_change() -> None:
     box = Mailbox()
     woken: list[str] = []
-    key = ("s", 0, 1, 1, False)
+    key = ("s", 0, 1, 1, False, 0)
     unwatch = box.watch(key, lambda: woken.append("w"))
-    other = ("s", 0, 2, 1, False)
+    other = ("s", 0, 2, 1, False, 0)
     f = peer_pb2.Frame(session_id="s", layer=2, src=1, dst=0, direction=FWD)
     assert box.put(f, 10) is None  # a different key: no wake-up
     assert woken == []

@@ -399,6 +399,7 @@ def test_garbage_bytes_and_malformed_frames_leave_nodes_serving(
             ("disco-node", "0"),
             ("disco-expected-node", "1"),
             ("disco-token", ""),
+            ("disco-protocol", "2"),  # the current peer protocol version
         ]
         replies = list(peer_pb2_grpc.PeerStub(ch).Exchange(iter([bad]), metadata=md, timeout=5))
     assert len(replies) == 1 and replies[0].error, replies

@@ -118,6 +118,7 @@ def _exchange(
         ("disco-node", str(src)),
         ("disco-expected-node", str(dst)),
         ("disco-token", ""),
+        ("disco-protocol", "2"),  # the current peer protocol version
     ]
     with grpc.insecure_channel(addr) as ch:
         stub = peer_pb2_grpc.PeerStub(ch)

@@ -153,6 +153,9 @@ class BatchNormSpec(OpSpec):
             }
         return params, bufs
 
+    def buffer_names(self, op: Op) -> frozenset[str]:
+        return frozenset({"running_mean", "running_var"})
+
     def compute(
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
     ) -> Any:
@@ -396,6 +399,9 @@ class ConstSpec(OpSpec):
             raise PartitionError(f"{op.name}: constant op without a tensor value")
         return {}, {"value": value.detach().clone()}
 
+    def buffer_names(self, op: Op) -> frozenset[str]:
+        return frozenset({"value"})
+
     def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
         return TensorInfo("replicated", ctx.out_shape)
 
@@ -438,6 +444,9 @@ class ParamSpec(OpSpec):
         t = value.detach().reshape(info.shape).movedim(int(op.attrs["cdim"]), 0)
         t = t.index_select(0, layout_of(info, op.name).index_tensor(k)).clone()
         return ({"value": t}, {}) if op.attrs.get("trainable", True) else ({}, {"value": t})
+
+    def buffer_names(self, op: Op) -> frozenset[str]:
+        return frozenset() if op.attrs.get("trainable", True) else frozenset({"value"})
 
     def compute(
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]

@@ -95,6 +95,11 @@ class OpSpec(ABC):
         """``(parameters, buffers)`` of node ``k`` cut from the original module."""
         return {}, {}
 
+    def buffer_names(self, op: Op) -> frozenset[str]:
+        """Names of the tensors of :meth:`init_state` that are buffers (not trained): a node
+        rebuilding its shard from a flat state dict, without the model, asks the op."""
+        return frozenset()
+
     def send(self, op: Op, node: NodeContext, xs: Sequence[Any]) -> dict[int, torch.Tensor] | None:
         return None
 

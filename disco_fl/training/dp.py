@@ -33,7 +33,7 @@ Method (one step, after the ordinary distributed backward pass):
    per-sample re-run could not redraw the step's mask; dropout ops elsewhere are fine: they
    are not re-run, their kept inputs and gradients carry the step's mask).
 2. **Whole-model norms**: each node sends the per-sample squared norms of its own
-   coordinates (fp32, ``(B,)``) to every peer (sub-session ``/norms``, ``NORMS`` frames); each
+   coordinates (fp32, ``(B,)``) to every peer (sub-channel NORMS, ``NORMS`` frames); each
    node sums them into the norm of the whole model's per-sample gradient.
 3. **Flat clipping** with factor ``min(1, C / (norm_b + 1e-6))`` (Opacus's formula), summed
    over the batch; each node adds Gaussian noise ``N(0, (sigma C)^2)`` to its own
@@ -69,24 +69,43 @@ fresh from the operating system's CSPRNG on every node, never derivable from the
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from disco_fl.partition import get_spec
-from disco_fl.partition.registry import OpSpec
+from disco_fl.emulation import NodeShard
+from disco_fl.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2
+from disco_fl.training.dp_grads import per_sample_grads
+from disco_fl.training.dp_grads import shared_values as _shared_values
 from disco_fl.training.dp_random import gaussian_noise, insecure_bits, poisson_sample
+from disco_fl.training.errors import PeerFailure
+from disco_fl.training.trace import StepTrace
 from disco_fl.wire import WireError, decode_tensor
 
-if TYPE_CHECKING:
-    from disco_fl.training.step import NodeTrainer, _OpRecord, _StepIO, _TrainContext
-
 log = logging.getLogger(__name__)
+
+# sends this node's per-sample squared norms (fp32, ``(B,)``) to every peer and returns each
+# peer's message, not yet decoded (:meth:`disco_fl.training.commit.StepIO.exchange_norms`)
+NormsExchange = Callable[[torch.Tensor], Mapping[int, peer_pb2.Tensor]]
+
+
+class DPNode(Protocol):
+    """What :class:`DPState` reads of the node it privatizes (a
+    :class:`~disco_fl.training.NodeTrainer`)."""
+
+    index: int
+    plan: Plan
+    shard: NodeShard
+
+    @property
+    def gate_mode(self) -> str: ...
+
+    def owner_of(self, step: int) -> int: ...
 
 
 @dataclass
@@ -220,7 +239,7 @@ def _accountant(kind: str) -> Any:
 class DPState:
     """DP of one node: clipping with household norms, its own noise, the accountants."""
 
-    def __init__(self, config: DPConfig, trainer: NodeTrainer) -> None:
+    def __init__(self, config: DPConfig, trainer: DPNode) -> None:
         program = trainer.plan.program
         bad = [op.name for op in program.ops if op.kind == "batch_norm"]
         if bad:
@@ -313,139 +332,38 @@ class DPState:
                 self.accountants[o].history = [tuple(h) for h in hist]
 
     # ---- the step -----------------------------------------------------------------------
-    def per_sample_grads(
-        self, ctx: _TrainContext, records: Sequence[_OpRecord]
-    ) -> dict[nn.Parameter, torch.Tensor]:
-        """``param -> (B, *param.shape)``: per-sample gradients of the step's (mean) loss.
+    def per_sample_grads(self, trace: StepTrace) -> dict[nn.Parameter, torch.Tensor]:
+        """``param -> (B, *param.shape)``: per-sample gradients of the step's (mean) loss
+        (:func:`~disco_fl.training.dp_grads.per_sample_grads`)."""
+        return per_sample_grads(trace, self.t.shard, self._shared, self._grad_shared)
 
-        Ops are visited in reverse order. An op on batched values is re-run per sample with
-        its kept inputs (sample ``b``'s rows; model tensors used without a batch input, the
-        *shared* values, whole) and ``grad_out[b]``; the ``vjp`` gives the per-sample gradient
-        of its own parameters and of every shared input that leads to a trainable ``param`` op
-        (e.g. ``expand`` of a class token, ``add`` of a positional embedding). Those per-sample
-        output gradients ``(B, *shape)`` are summed per shared value and pulled back through
-        the ops on shared values down to the ``param`` ops, one sample at a time.
-        """
-        out: dict[nn.Parameter, torch.Tensor] = {}
-        shard = self.t.shard
-        shared, grad_shared = self._shared, self._grad_shared
-        psg: dict[str, torch.Tensor] = {}  # shared value -> (B, *shape) per-sample gradients
-        for rec in reversed(records):
-            op = rec.op
-            shared_out = op.name in grad_shared
-            g = psg.pop(op.name, None) if shared_out else rec.grad_out
-            if g is None:
-                continue
-            params: dict[str, nn.Parameter] = {}
-            if op.name in shard.ops:
-                state = shard.ops[op.name]
-                params = {k: p for k, p in state._parameters.items() if p is not None}
-            ins = list(op.inputs) if op.kind != "input" else []
-            wrt = [i for i, name in enumerate(ins) if name in grad_shared]
-            if not params and not wrt:
-                continue
-            spec = get_spec(op.kind)
-            pos = [
-                i
-                for i, v in enumerate(rec.xs)
-                if isinstance(v, torch.Tensor) and not (i < len(ins) and ins[i] in shared)
-            ]
-            xs_t = tuple(rec.xs[i].detach() for i in pos)
-            srcs = sorted(rec.full_received)
-            rec_t = tuple(rec.full_received[j].detach() for j in srcs)
-            base = list(rec.xs)
-            buffers = dict(ctx.buffers.get(op.name, {}))
-            detached = {name: v.detach() for name, v in params.items()}
-            us = tuple(rec.xs[i].detach() for i in wrt)
-
-            def one(
-                xb: tuple[torch.Tensor, ...],
-                rb: tuple[torch.Tensor, ...],
-                gb: torch.Tensor,
-                *,
-                _op: Any = op,
-                _spec: Any = spec,
-                _detached: dict[str, torch.Tensor] = detached,
-                _us: tuple[torch.Tensor, ...] = us,
-                _pos: list[int] = pos,
-                _wrt: list[int] = wrt,
-                _base: list[Any] = base,
-                _srcs: list[int] = srcs,
-                _buffers: dict[str, torch.Tensor] = buffers,
-                _whole: bool = shared_out,
-            ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
-                def f(pdict: dict[str, torch.Tensor], ub: tuple[torch.Tensor, ...]) -> torch.Tensor:
-                    xs = list(_base)
-                    for i, v in zip(_pos, xb, strict=True):
-                        xs[i] = v.unsqueeze(0)
-                    for i, u in zip(_wrt, ub, strict=True):
-                        xs[i] = u
-                    if pdict:
-                        ctx.override[_op.name] = {**_buffers, **pdict}
-                    try:
-                        y = _spec.compute(
-                            _op,
-                            ctx,
-                            xs,
-                            {j: r.unsqueeze(0) for j, r in zip(_srcs, rb, strict=True)},
-                        )
-                    finally:
-                        ctx.override.pop(_op.name, None)
-                    assert isinstance(y, torch.Tensor)
-                    return y
-
-                vjp = torch.func.vjp(f, _detached, _us)[1]
-                # a shared value's per-sample gradient has the value's own shape; a batched
-                # one's row b is the gradient of sample b's output of batch size 1
-                gp, gu = vjp(gb if _whole else gb.unsqueeze(0))
-                return gp, gu
-
-            gp, gu = torch.func.vmap(one)(xs_t, rec_t, g)
-            for k, p in params.items():
-                out[p] = gp[k]
-            for i, gi in zip(wrt, gu, strict=True):
-                name = ins[i]
-                psg[name] = gi if name not in psg else psg[name] + gi
-        return out
-
-    def privatize(
-        self, ctx: _TrainContext, io_: _StepIO, records: Sequence[_OpRecord], owner: int
-    ) -> DPStepInfo:
-        """Replace this node's gradients with its part of the clipped, noised DP gradient."""
+    def privatize(self, trace: StepTrace, exchange_norms: NormsExchange) -> DPStepInfo:
+        """Replace this node's gradients with its part of the clipped, noised DP gradient
+        (the household's whole-model norms through ``exchange_norms``)."""
         cfg = self.config
-        batch = _batch_of(records)
+        batch = trace.batch
         if batch == 0:  # empty Poisson batch: a noise-only step (nothing was computed)
-            return self._noise_step(ctx.step, {}, torch.zeros(0, dtype=torch.float64))
-        per = self.per_sample_grads(ctx, records)
+            return self._noise_step(trace.step, {}, torch.zeros(0, dtype=torch.float64))
+        per = self.per_sample_grads(trace)
         # per-sample gradients of the per-sample losses (the step's loss is their mean)
         local = torch.zeros(batch, dtype=torch.float64)
         for g in per.values():
             local += (g.reshape(batch, -1).double() * batch).pow(2).sum(1)
         total = local.clone()
-        peers = [j for j in range(self.t.plan.num_nodes) if j != self.t.index]
-        for j in peers:
-            io_.send(io_.norms_sid, 0, j, local.float(), peer_pb2.Frame.NORMS)
-        for j in peers:
-            f = io_.recv(io_.norms_sid, 0, j, direction=peer_pb2.Frame.NORMS, codec="fp32")
+        for j, msg in sorted(exchange_norms(local.float()).items()):
             try:
-                v = decode_tensor(f.tensor, max_bytes=4 * batch)
+                v = decode_tensor(msg, max_bytes=4 * batch)
             except WireError as e:
-                from disco_fl.training.step import _PeerFailure
-
-                raise _PeerFailure(j, f"bad per-sample norms: {e}") from e
+                raise PeerFailure(j, f"bad per-sample norms: {e}") from e
             if v.shape != (batch,) or not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
-                from disco_fl.training.step import _PeerFailure
-
-                raise _PeerFailure(
-                    j, f"per-sample squared norms must be {batch} finite values >= 0"
-                )
+                raise PeerFailure(j, f"per-sample squared norms must be {batch} finite values >= 0")
             total += v.double()
         norms = total.sqrt()
         clip = (cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         summed = {
             p: torch.einsum("b,b...->...", clip.to(g.dtype), g * batch) for p, g in per.items()
         }
-        return self._noise_step(ctx.step, summed, norms)
+        return self._noise_step(trace.step, summed, norms)
 
     def _noise_step(
         self, step: int, summed: Mapping[nn.Parameter, torch.Tensor], norms: torch.Tensor
@@ -476,54 +394,9 @@ class DPState:
         )
 
 
-def _shared_values(program: Any) -> tuple[set[str], set[str]]:
-    """``(shared, grad_shared)``: values computed from model tensors alone (``param`` and
-    ``const`` ops and ops reading only those: no batch input, the same for every sample), and
-    those of them that lead to a trainable ``param`` op. Raises ``ValueError`` where such a
-    value is read by an op whose per-sample gradient towards it is not supported."""
-    shared: set[str] = set()
-    grad: set[str] = set()
-    for op in program.ops:
-        if op.kind in ("param", "const"):
-            shared.add(op.name)
-            if op.kind == "param" and op.attrs.get("trainable", True):
-                grad.add(op.name)
-            continue
-        if op.kind == "input":
-            continue
-        reads = [v for v in op.inputs if v in grad]
-        if reads:
-            spec = get_spec(op.kind)
-            random = op.kind == "dropout" and float(op.attrs.get("p", 0.0)) > 0
-            if (
-                spec.mixing
-                or op.kind in ("exchange", "output")
-                or random
-                or (type(spec).send is not OpSpec.send)
-            ):
-                raise ValueError(
-                    f"differential privacy: {op.name} ({op.kind}) reads "
-                    f"{', '.join(reads)}, computed from model tensors used without a batch "
-                    f"input; per-sample gradients through a "
-                    f"{'random' if random else 'communicating'} op on such a tensor are not "
-                    f"supported (combine it with an activation first, e.g. add or concatenate)"
-                )
-        if op.inputs and all(v in shared for v in op.inputs):
-            shared.add(op.name)
-            if reads:
-                grad.add(op.name)
-    return shared, grad
-
-
-def _batch_of(records: Sequence[_OpRecord]) -> int:
-    for rec in records:
-        if rec.op.kind == "input" and isinstance(rec.out, torch.Tensor) and rec.out.dim():
-            return int(rec.out.shape[0])
-    raise RuntimeError("the step has no batched input")
-
-
 __all__ = [
     "DPConfig",
+    "DPNode",
     "DPState",
     "DPStepInfo",
     "fix_batchnorm",

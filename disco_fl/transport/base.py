@@ -3,8 +3,10 @@
 A :class:`Transport` belongs to one node ``index`` of an ``num_nodes`` household. ``send``
 hands a frame to the peer ``frame.dst``; frames from peers are validated on arrival
 (:func:`check_incoming`) and kept in a :class:`Mailbox` until ``recv`` takes them. A frame is
-identified by ``(session_id, step, layer, src, backward)`` (:func:`frame_key`): at most one
-frame per key may be pending; a duplicate is rejected.
+identified by ``(session_id, step, layer, src, backward, sub_channel)`` (:func:`frame_key`): at
+most one frame per key may be pending; a duplicate is rejected. A waiter may wait for the
+first of several keys (:meth:`Transport.recv_first`): a training step waits for its frame and
+for every peer's abort at once, so an abort wakes it the moment it arrives.
 
 Sessions: a node that serves requests (``on_session``) opens a session only for an INPUT
 frame from the session's requester at the program's input layer (``session_origin``); an INPUT
@@ -28,18 +30,21 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from disco_fl.proto_gen.disco.v1 import peer_pb2
-from disco_fl.wire import WireError, payload_bytes, validate_tensor
+from disco_fl.wire import WireError, check_control, frame_payload_bytes, validate_tensor
 
 log = logging.getLogger(__name__)
 
 Frame = peer_pb2.Frame
-FrameKey = tuple[str, int, int, int, bool]  # session, step, layer, src, backward
+FrameKey = tuple[str, int, int, int, bool, int]  # session, step, layer, src, backward, sub-channel
 
 DEFAULT_MAX_PENDING_BYTES = 1 << 30
 MAX_SESSION_ID = 256
 MAX_TENSOR_BYTES = 1 << 31  # transports bound whole frames more tightly (max_frame_bytes)
 MAX_ERROR_TEXT = 4096
-_DIRECTIONS = frozenset({Frame.FORWARD, Frame.BACKWARD, Frame.INPUT, Frame.OUTPUT, Frame.NORMS})
+_DIRECTIONS = frozenset(
+    {Frame.FORWARD, Frame.BACKWARD, Frame.INPUT, Frame.OUTPUT, Frame.NORMS, Frame.CONTROL}
+)
+_SUB_CHANNELS = frozenset(Frame.SubChannel.values())
 
 
 class TransportError(RuntimeError):
@@ -47,7 +52,10 @@ class TransportError(RuntimeError):
 
 
 class PeerDownError(TransportError):
-    """The connection to a peer broke; frames from it will not come (until it reconnects)."""
+    """The connection to a peer broke; frames from it will not come (until it reconnects).
+    ``peer``: that peer, where the raiser knows it."""
+
+    peer: int | None = None
 
 
 GRPC_MESSAGE_PREFIX = 5  # gRPC length-prefixed message: 1 flag byte + 4 length bytes
@@ -72,6 +80,7 @@ def frame_key(frame: peer_pb2.Frame) -> FrameKey:
         int(frame.layer),
         int(frame.src),
         frame.direction == Frame.BACKWARD,
+        int(frame.sub_channel),
     )
 
 
@@ -85,8 +94,11 @@ def check_incoming(
     """Why a frame arriving at node ``index`` must be rejected, or ``None`` if it is fine.
 
     Checks addressing (``dst`` is this node, ``src`` a peer, and the stream's authenticated
-    peer when given), the layer range, the direction, the sizes of the text fields and the
-    tensor (enums, dimensions, and shape x codec == the byte length of data and scales).
+    peer when given), the layer range, the direction and sub-channel, the sizes of the text
+    fields, and the body: exactly one of an error, a tensor (enums, dimensions, and shape x
+    codec == the byte length of data and scales) or, with direction CONTROL, a control message
+    (:func:`~disco_fl.wire.check_control`: a known body, its required fields, node indices in
+    range, no duplicate channels).
     """
     if not isinstance(frame, peer_pb2.Frame):
         return f"expected a disco.v1.Frame, got {type(frame).__name__}"
@@ -100,10 +112,24 @@ def check_incoming(
         return f"layer {frame.layer} out of range (the program has {num_layers} ops)"
     if frame.direction not in _DIRECTIONS:
         return f"unknown frame direction {frame.direction}"
+    if frame.sub_channel not in _SUB_CHANNELS:
+        return f"unknown frame sub-channel {frame.sub_channel}"
     if len(frame.session_id) > MAX_SESSION_ID:
         return f"session id longer than {MAX_SESSION_ID} characters"
     if len(frame.error) > MAX_ERROR_TEXT:
         return f"error text longer than {MAX_ERROR_TEXT} characters"
+    control = frame.HasField("control")
+    if control and (frame.error or frame.HasField("tensor")):
+        return "control frame also carries a tensor or an error"
+    if control != (frame.direction == Frame.CONTROL):
+        return (
+            f"control message in a frame of direction {Frame.Direction.Name(frame.direction)}"
+            if control
+            else "CONTROL frame without a control message"
+        )
+    if control:
+        why = check_control(frame.control, num_nodes=num_nodes)
+        return None if why is None else f"bad control frame: {why}"
     if not frame.error:
         if not frame.HasField("tensor"):
             return "frame carries neither a tensor nor an error"
@@ -160,7 +186,10 @@ class Mailbox:
                 log.debug("dropped a late frame of ended session %r: %s", key[0], key)
                 return None
             if key in self._frames:
-                return f"duplicate frame for session {key[0]!r} layer {key[2]} from {key[3]}"
+                return (
+                    f"duplicate frame for session {key[0]!r} layer {key[2]} from {key[3]}"
+                    f"{'' if not key[5] else ' (' + Frame.SubChannel.Name(key[5]) + ')'}"
+                )
             if self._bytes + size > self._max_bytes:
                 return (
                     f"mailbox full ({self._bytes} bytes pending, limit {self._max_bytes}); "
@@ -219,6 +248,32 @@ class Mailbox:
                 frame = self.take(key)  # the condition's lock is re-entrant
                 if frame is not None:
                     return frame
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def get_first(
+        self, keys: list[FrameKey], timeout: float
+    ) -> tuple[FrameKey, peer_pb2.Frame] | None:
+        """Take the first frame to arrive among ``keys`` (the earlier key first when several
+        are here), waiting at most ``timeout`` seconds (``None`` if none came). A frame that
+        arrives wakes the waiter at once (no polling).
+
+        Raises :class:`PeerDownError` (its ``peer`` set) when the sender of one of the keys is
+        marked down and that key's frame is not here.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for key in keys:
+                    try:
+                        frame = self.take(key)
+                    except PeerDownError as e:
+                        e.peer = key[3]
+                        raise
+                    if frame is not None:
+                        return key, frame
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
@@ -329,7 +384,7 @@ class Transport(ABC):
             raise ValueError(f"node {self.index} cannot send a frame with src={frame.src}")
         if not 0 <= frame.dst < self.num_nodes or frame.dst == self.index:
             raise ValueError(f"node {self.index}: bad destination {frame.dst}")
-        payload = payload_bytes(frame.tensor) if frame.HasField("tensor") else 0
+        payload = frame_payload_bytes(frame)
         wire = frame.ByteSize()
         self._transmit(frame, wire)
         with self._stats:
@@ -394,29 +449,47 @@ class Transport(ABC):
         *,
         step: int = 0,
         backward: bool = False,
+        sub_channel: int = Frame.SUB_CHANNEL_DATA,
     ) -> peer_pb2.Frame:
         """The frame of ``(session_id, step, layer)`` from ``src``, waiting at most ``timeout`` s.
 
         Raises :class:`TimeoutError` naming the peer and the layer when it does not come.
         """
-        key = self._want(session_id, layer, src, timeout, step, backward)
+        key = self._want(session_id, layer, src, timeout, step, backward, sub_channel)
         frame = self.mailbox.get(key, float(timeout))
         if frame is None:
             raise self._no_frame(key, timeout)
         return frame
 
+    def recv_first(
+        self, keys: list[FrameKey], timeout: float
+    ) -> tuple[FrameKey, peer_pb2.Frame] | None:
+        """The first frame to arrive among ``keys`` (see :func:`frame_key`), waiting at most
+        ``timeout`` seconds; ``None`` if none came. Woken by the frame itself (no polling).
+        Raises :class:`PeerDownError` (``peer`` set) when a key's sender is down."""
+        for key in keys:
+            self._want(key[0], key[2], key[3], timeout, key[1], key[4], key[5])
+        return self.mailbox.get_first(keys, float(timeout))
+
     def _want(
-        self, session_id: str, layer: int, src: int, timeout: float, step: int, backward: bool
+        self,
+        session_id: str,
+        layer: int,
+        src: int,
+        timeout: float,
+        step: int,
+        backward: bool,
+        sub_channel: int = Frame.SUB_CHANNEL_DATA,
     ) -> FrameKey:
         """The mailbox key of a ``recv`` (its arguments checked)."""
         if not 0 <= src < self.num_nodes or src == self.index:
             raise ValueError(f"node {self.index}: {src} is not a peer")
         if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout < 0:
             raise ValueError(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
-        return (session_id, step, layer, src, backward)
+        return (session_id, step, layer, src, backward, int(sub_channel))
 
     def _no_frame(self, key: FrameKey, timeout: float) -> TimeoutError:
-        session_id, step, layer, src, backward = key
+        session_id, step, layer, src, backward, _ = key
         what = "gradient" if backward else "frame"
         return TimeoutError(
             f"node {self.index}: no {what} from node {src} for layer {layer} "
@@ -493,5 +566,6 @@ class AsyncTransport(Transport):
         *,
         step: int = 0,
         backward: bool = False,
+        sub_channel: int = Frame.SUB_CHANNEL_DATA,
     ) -> peer_pb2.Frame:
         """:meth:`Transport.recv` for a coroutine on this transport's event loop."""

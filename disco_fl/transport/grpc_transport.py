@@ -1,14 +1,15 @@
 """The gRPC transport: every node serves ``disco.v1.Peer``; one long-lived stream per ordered pair.
 
-Node ``k`` runs a ``grpc.aio`` server with the :class:`PeerServicer` on its ``listen``
-address. For each peer ``d`` it sends to, it keeps one channel and one ``Exchange`` stream; the
-stream is opened lazily on the first frame to ``d`` (or by :meth:`GrpcTransport.connect`),
-after a ``Handshake`` in which both ends check the plan hash, the node indices and the
-household token. Each ``Exchange`` call identifies its caller in the call metadata, checked the
-same way; every frame arriving on it must come from that caller, be addressed to this node and
-name a layer of the program (see :func:`~disco_fl.transport.base.check_incoming`). Refused
-frames are answered on the reply stream with a frame whose ``error`` says why (recorded in the
-sender's ``errors``).
+Node ``k`` runs a ``grpc.aio`` server with the :class:`PeerServicer` on its ``listen`` address.
+For each peer ``d`` it sends to, it keeps one channel and one ``Exchange`` stream; the stream
+is opened lazily on the first frame to ``d`` (or by :meth:`GrpcTransport.connect`), after a
+``Handshake`` in which both ends check the peer protocol version
+(:data:`~disco_fl.wire.PROTOCOL_VERSION`: a peer speaking another one is refused with a message
+saying so), the plan hash, the training round, the node indices and the household token. Each
+``Exchange`` call identifies its caller in the call metadata, checked the same way; every frame
+arriving on it must come from that caller, be addressed to this node and name a layer of the
+program (see :func:`~disco_fl.transport.base.check_incoming`). Refused frames are answered on
+the reply stream with a frame whose ``error`` says why (recorded in the sender's ``errors``).
 
 **Threads.** All gRPC work of a transport runs on one asyncio event loop in a thread of its
 own (the *I/O loop*; a select-based loop, so its timers are precise to tens of microseconds
@@ -72,15 +73,18 @@ from disco_fl.transport.base import (
     check_incoming,
     framed_size,
 )
+from disco_fl.wire import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_FRAME_BYTES = 64 << 20
-_MD_PLAN, _MD_NODE, _MD_EXPECTED, _MD_TOKEN = (
+_MD_PLAN, _MD_NODE, _MD_EXPECTED, _MD_TOKEN, _MD_PROTOCOL, _MD_ROUND = (
     "disco-plan-hash",
     "disco-node",
     "disco-expected-node",
     "disco-token",
+    "disco-protocol",
+    "disco-round",
 )
 _STOP = object()
 KEEPALIVE_MS = 10_000  # ping an idle connection every 10 s; drop it if no answer in 5 s
@@ -331,6 +335,8 @@ class _Link:
             node=o.index,
             household_token=o._token,
             expected_node=self.dst,
+            protocol_version=PROTOCOL_VERSION,
+            round=o.round,
         )
         stub = self._stub()
         try:
@@ -351,6 +357,17 @@ class _Link:
                 f"node {o.index}: peer {self.dst} at {self.address} refused the handshake "
                 f"({code}): {details}"
             ) from None
+        if reply.protocol_version != PROTOCOL_VERSION:
+            raise HandshakeError(
+                f"node {o.index}: peer {self.dst} at {self.address} speaks disco peer "
+                f"protocol {_version_name(reply.protocol_version)}, this node speaks "
+                f"{PROTOCOL_VERSION}: run the same disco_fl version on every node"
+            )
+        if reply.round != o.round:
+            raise HandshakeError(
+                f"node {o.index}: peer {self.dst} at {self.address} is in round {reply.round}, "
+                f"this node in round {o.round}"
+            )
         if reply.node != self.dst or reply.plan_hash != o.plan_hash:
             raise HandshakeError(
                 f"node {o.index}: {self.address} answered as node {reply.node} with plan "
@@ -422,11 +439,21 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         self, request: peer_pb2.Hello, context: grpc.aio.ServicerContext
     ) -> peer_pb2.HelloReply:
         problem = self.t._check_peer(
-            request.plan_hash, request.node, request.household_token, request.expected_node
+            request.plan_hash,
+            request.node,
+            request.household_token,
+            request.expected_node,
+            request.protocol_version,
+            request.round,
         ) or self.t._check_identity(context, request.node)
         if problem is not None:
             await context.abort(*problem)
-        return peer_pb2.HelloReply(plan_hash=self.t.plan_hash, node=self.t.index)
+        return peer_pb2.HelloReply(
+            plan_hash=self.t.plan_hash,
+            node=self.t.index,
+            protocol_version=PROTOCOL_VERSION,
+            round=self.t.round,
+        )
 
     async def Exchange(  # type: ignore[override]
         self, request_iterator: AsyncIterator[peer_pb2.Frame], context: grpc.aio.ServicerContext
@@ -435,10 +462,14 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         try:
             src = int(md.get(_MD_NODE, ""))
             expected = int(md.get(_MD_EXPECTED, ""))
+            version = int(md.get(_MD_PROTOCOL, "0"))  # version 1 sent none
+            rnd = int(md.get(_MD_ROUND, "0"))
         except ValueError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "missing or bad node metadata")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "missing or bad node / protocol metadata"
+            )
         problem = self.t._check_peer(
-            md.get(_MD_PLAN, ""), src, md.get(_MD_TOKEN, ""), expected
+            md.get(_MD_PLAN, ""), src, md.get(_MD_TOKEN, ""), expected, version, rnd
         ) or self.t._check_identity(context, src)
         if problem is not None:
             await context.abort(*problem)
@@ -483,6 +514,9 @@ class GrpcTransport(AsyncTransport):
     ``services`` add more (``grpc.aio``) servicers to the server; they run on :attr:`loop`.
     ``max_connections``, ``handshake_timeout_s`` and ``idle_timeout_s`` bound the server's
     connections (see the module's docstring).
+    ``training_round`` (default 0: none) is the Flower server round the node trains in: the
+    handshake refuses a peer of another round (as it refuses another plan or another
+    protocol version, :data:`~disco_fl.wire.PROTOCOL_VERSION`).
     """
 
     def __init__(
@@ -504,6 +538,7 @@ class GrpcTransport(AsyncTransport):
         services: Sequence[Callable[[grpc.aio.Server], None]] = (),
         max_extra_rpcs: int = 16,
         link_shape: LinkShape | None = None,
+        training_round: int = 0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
@@ -523,7 +558,10 @@ class GrpcTransport(AsyncTransport):
         ):
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {v}")
+        if training_round < 0:
+            raise ValueError(f"training_round must be >= 0, got {training_round}")
         self.plan_hash = plan_hash
+        self.round = int(training_round)  # peers must be in the same round (0: none)
         self.max_frame_bytes = max_frame_bytes
         self.connect_timeout = connect_timeout
         self.max_queued_bytes = max_queued_bytes
@@ -692,6 +730,8 @@ class GrpcTransport(AsyncTransport):
             (_MD_NODE, str(self.index)),
             (_MD_EXPECTED, str(dst)),
             (_MD_TOKEN, self._token),
+            (_MD_PROTOCOL, str(PROTOCOL_VERSION)),
+            (_MD_ROUND, str(self.round)),
         ]
 
     def _check_token(self, token: str) -> tuple[grpc.StatusCode, str] | None:
@@ -701,12 +741,24 @@ class GrpcTransport(AsyncTransport):
         return None
 
     def _check_peer(
-        self, plan_hash: str, node: int, token: str, expected: int
+        self, plan_hash: str, node: int, token: str, expected: int, version: int, rnd: int
     ) -> tuple[grpc.StatusCode, str] | None:
         me = self.index
         problem = self._check_token(token)
         if problem is not None:
             return problem
+        if version != PROTOCOL_VERSION:
+            return (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node {me}: the caller speaks disco peer protocol {_version_name(version)}, "
+                f"this node speaks {PROTOCOL_VERSION}: run the same disco_fl version on every "
+                f"node",
+            )
+        if rnd != self.round:
+            return (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node {me}: the caller is in round {rnd}, this node in round {self.round}",
+            )
         if plan_hash != self.plan_hash:
             return (
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -789,9 +841,10 @@ class GrpcTransport(AsyncTransport):
         *,
         step: int = 0,
         backward: bool = False,
+        sub_channel: int = peer_pb2.Frame.SUB_CHANNEL_DATA,
     ) -> peer_pb2.Frame:
         """:meth:`recv` for a coroutine on :attr:`loop` (waits without blocking the loop)."""
-        key = self._want(session_id, layer, src, timeout, step, backward)
+        key = self._want(session_id, layer, src, timeout, step, backward, sub_channel)
         deadline = time.monotonic() + timeout
         while True:
             woken: asyncio.Future[None] = self.loop.create_future()
@@ -833,6 +886,11 @@ class GrpcTransport(AsyncTransport):
         except Exception as e:  # closing is best effort
             log.warning("node %d: closing the transport: %s", self.index, e)
         self._io.stop(timeout + 1.0)
+
+
+def _version_name(v: int) -> str:
+    """A peer's protocol version as said in errors (version 1 sent none: it reads 0)."""
+    return "1 (or older; it states no version)" if v == 0 else str(v)
 
 
 def _set_done(f: asyncio.Future[None]) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64isco/v1/peer.proto\x12\x08\x64isco.v1\"\xad\x02\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.disco.v1.Tensor.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12%\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x16.disco.v1.Tensor.Codec\x12\x0e\n\x06scales\x18\x04 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\"N\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_FP32\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_INT8\x10\x03\"\xc2\x02\n\x05\x46rame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\r\n\x05layer\x18\x03 \x01(\r\x12,\n\tdirection\x18\x04 \x01(\x0e\x32\x19.disco.v1.Frame.Direction\x12\x0b\n\x03src\x18\x05 \x01(\r\x12\x0b\n\x03\x64st\x18\x06 \x01(\r\x12 \n\x06tensor\x18\x07 \x01(\x0b\x32\x10.disco.v1.Tensor\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x19\n\x0cstalled_node\x18\t \x01(\rH\x00\x88\x01\x01\"c\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46ORWARD\x10\x01\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x02\x12\t\n\x05INPUT\x10\x03\x12\n\n\x06OUTPUT\x10\x04\x12\t\n\x05NORMS\x10\x05\x42\x0f\n\r_stalled_node\"X\n\x05Hello\x12\x11\n\tplan_hash\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\r\x12\x17\n\x0fhousehold_token\x18\x03 \x01(\t\x12\x15\n\rexpected_node\x18\x04 \x01(\r\"-\n\nHelloReply\x12\x11\n\tplan_hash\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\r\"\x0f\n\rHealthRequest\"\xaf\x01\n\x0bHealthReply\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.disco.v1.HealthReply.Status\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\r\x12\x11\n\tnum_nodes\x18\x04 \x01(\r\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\"W\n\x0cInferRequest\x12\x1f\n\x05input\x18\x01 \x01(\x0b\x32\x10.disco.v1.Tensor\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\ndeadline_s\x18\x03 \x01(\x02\"U\n\nInferReply\x12 \n\x06output\x18\x01 \x01(\x0b\x32\x10.disco.v1.Tensor\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tserver_ms\x18\x03 \x01(\x01\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xa6\x01\n\x04Peer\x12\x32\n\tHandshake\x12\x0f.disco.v1.Hello\x1a\x14.disco.v1.HelloReply\x12\x30\n\x08\x45xchange\x12\x0f.disco.v1.Frame\x1a\x0f.disco.v1.Frame(\x01\x30\x01\x12\x38\n\x06Health\x12\x17.disco.v1.HealthRequest\x1a\x15.disco.v1.HealthReply2|\n\tInference\x12\x35\n\x05Infer\x12\x16.disco.v1.InferRequest\x1a\x14.disco.v1.InferReply\x12\x38\n\x06Status\x12\x17.disco.v1.StatusRequest\x1a\x15.disco.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64isco/v1/peer.proto\x12\x08\x64isco.v1\"\xad\x02\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.disco.v1.Tensor.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12%\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x16.disco.v1.Tensor.Codec\x12\x0e\n\x06scales\x18\x04 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\"N\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_FP32\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_INT8\x10\x03\"\xaa\x04\n\x05\x46rame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\r\n\x05layer\x18\x03 \x01(\r\x12,\n\tdirection\x18\x04 \x01(\x0e\x32\x19.disco.v1.Frame.Direction\x12\x0b\n\x03src\x18\x05 \x01(\r\x12\x0b\n\x03\x64st\x18\x06 \x01(\r\x12 \n\x06tensor\x18\x07 \x01(\x0b\x32\x10.disco.v1.Tensor\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x19\n\x0cstalled_node\x18\t \x01(\rH\x00\x88\x01\x01\x12\"\n\x07\x63ontrol\x18\n \x01(\x0b\x32\x11.disco.v1.Control\x12/\n\x0bsub_channel\x18\x0b \x01(\x0e\x32\x1a.disco.v1.Frame.SubChannel\"p\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46ORWARD\x10\x01\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x02\x12\t\n\x05INPUT\x10\x03\x12\n\n\x06OUTPUT\x10\x04\x12\t\n\x05NORMS\x10\x05\x12\x0b\n\x07\x43ONTROL\x10\x06\"\x83\x01\n\nSubChannel\x12\x14\n\x10SUB_CHANNEL_DATA\x10\x00\x12\x19\n\x15SUB_CHANNEL_SELECTION\x10\x01\x12\x15\n\x11SUB_CHANNEL_NORMS\x10\x02\x12\x16\n\x12SUB_CHANNEL_COMMIT\x10\x03\x12\x15\n\x11SUB_CHANNEL_ABORT\x10\x04\x42\x0f\n\r_stalled_node\"\x84\x01\n\x07\x43ontrol\x12\x1e\n\x04vote\x18\x01 \x01(\x0b\x32\x0e.disco.v1.VoteH\x00\x12 \n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x0f.disco.v1.AbortH\x00\x12/\n\tselection\x18\x03 \x01(\x0b\x32\x1a.disco.v1.ChannelSelectionH\x00\x42\x06\n\x04\x62ody\"\x1e\n\x04Vote\x12\x0f\n\x02ok\x18\x01 \x01(\x08H\x00\x88\x01\x01\x42\x05\n\x03_ok\"@\n\x05\x41\x62ort\x12\x18\n\x0b\x66\x61iled_node\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05\x63\x61use\x18\x02 \x01(\tB\x0e\n\x0c_failed_node\"$\n\x10\x43hannelSelection\x12\x10\n\x08\x63hannels\x18\x01 \x03(\r\"\x81\x01\n\x05Hello\x12\x11\n\tplan_hash\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\r\x12\x17\n\x0fhousehold_token\x18\x03 \x01(\t\x12\x15\n\rexpected_node\x18\x04 \x01(\r\x12\x18\n\x10protocol_version\x18\x05 \x01(\r\x12\r\n\x05round\x18\x06 \x01(\x04\"V\n\nHelloReply\x12\x11\n\tplan_hash\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\r\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\r\n\x05round\x18\x04 \x01(\x04\"\x0f\n\rHealthRequest\"\xaf\x01\n\x0bHealthReply\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.disco.v1.HealthReply.Status\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\r\x12\x11\n\tnum_nodes\x18\x04 \x01(\r\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\"W\n\x0cInferRequest\x12\x1f\n\x05input\x18\x01 \x01(\x0b\x32\x10.disco.v1.Tensor\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\ndeadline_s\x18\x03 \x01(\x02\"U\n\nInferReply\x12 \n\x06output\x18\x01 \x01(\x0b\x32\x10.disco.v1.Tensor\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tserver_ms\x18\x03 \x01(\x01\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xa6\x01\n\x04Peer\x12\x32\n\tHandshake\x12\x0f.disco.v1.Hello\x1a\x14.disco.v1.HelloReply\x12\x30\n\x08\x45xchange\x12\x0f.disco.v1.Frame\x1a\x0f.disco.v1.Frame(\x01\x30\x01\x12\x38\n\x06Health\x12\x17.disco.v1.HealthRequest\x1a\x15.disco.v1.HealthReply2|\n\tInference\x12\x35\n\x05Infer\x12\x16.disco.v1.InferRequest\x1a\x14.disco.v1.InferReply\x12\x38\n\x06Status\x12\x17.disco.v1.StatusRequest\x1a\x15.disco.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,29 +38,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR_CODEC']._serialized_start=257
   _globals['_TENSOR_CODEC']._serialized_end=335
   _globals['_FRAME']._serialized_start=338
-  _globals['_FRAME']._serialized_end=660
-  _globals['_FRAME_DIRECTION']._serialized_start=544
-  _globals['_FRAME_DIRECTION']._serialized_end=643
-  _globals['_HELLO']._serialized_start=662
-  _globals['_HELLO']._serialized_end=750
-  _globals['_HELLOREPLY']._serialized_start=752
-  _globals['_HELLOREPLY']._serialized_end=797
-  _globals['_HEALTHREQUEST']._serialized_start=799
-  _globals['_HEALTHREQUEST']._serialized_end=814
-  _globals['_HEALTHREPLY']._serialized_start=817
-  _globals['_HEALTHREPLY']._serialized_end=992
-  _globals['_HEALTHREPLY_STATUS']._serialized_start=930
-  _globals['_HEALTHREPLY_STATUS']._serialized_end=992
-  _globals['_INFERREQUEST']._serialized_start=994
-  _globals['_INFERREQUEST']._serialized_end=1081
-  _globals['_INFERREPLY']._serialized_start=1083
-  _globals['_INFERREPLY']._serialized_end=1168
-  _globals['_STATUSREQUEST']._serialized_start=1170
-  _globals['_STATUSREQUEST']._serialized_end=1185
-  _globals['_STATUSREPLY']._serialized_start=1187
-  _globals['_STATUSREPLY']._serialized_end=1214
-  _globals['_PEER']._serialized_start=1217
-  _globals['_PEER']._serialized_end=1383
-  _globals['_INFERENCE']._serialized_start=1385
-  _globals['_INFERENCE']._serialized_end=1509
+  _globals['_FRAME']._serialized_end=892
+  _globals['_FRAME_DIRECTION']._serialized_start=629
+  _globals['_FRAME_DIRECTION']._serialized_end=741
+  _globals['_FRAME_SUBCHANNEL']._serialized_start=744
+  _globals['_FRAME_SUBCHANNEL']._serialized_end=875
+  _globals['_CONTROL']._serialized_start=895
+  _globals['_CONTROL']._serialized_end=1027
+  _globals['_VOTE']._serialized_start=1029
+  _globals['_VOTE']._serialized_end=1059
+  _globals['_ABORT']._serialized_start=1061
+  _globals['_ABORT']._serialized_end=1125
+  _globals['_CHANNELSELECTION']._serialized_start=1127
+  _globals['_CHANNELSELECTION']._serialized_end=1163
+  _globals['_HELLO']._serialized_start=1166
+  _globals['_HELLO']._serialized_end=1295
+  _globals['_HELLOREPLY']._serialized_start=1297
+  _globals['_HELLOREPLY']._serialized_end=1383
+  _globals['_HEALTHREQUEST']._serialized_start=1385
+  _globals['_HEALTHREQUEST']._serialized_end=1400
+  _globals['_HEALTHREPLY']._serialized_start=1403
+  _globals['_HEALTHREPLY']._serialized_end=1578
+  _globals['_HEALTHREPLY_STATUS']._serialized_start=1516
+  _globals['_HEALTHREPLY_STATUS']._serialized_end=1578
+  _globals['_INFERREQUEST']._serialized_start=1580
+  _globals['_INFERREQUEST']._serialized_end=1667
+  _globals['_INFERREPLY']._serialized_start=1669
+  _globals['_INFERREPLY']._serialized_end=1754
+  _globals['_STATUSREQUEST']._serialized_start=1756
+  _globals['_STATUSREQUEST']._serialized_end=1771
+  _globals['_STATUSREPLY']._serialized_start=1773
+  _globals['_STATUSREPLY']._serialized_end=1800
+  _globals['_PEER']._serialized_start=1803
+  _globals['_PEER']._serialized_end=1969
+  _globals['_INFERENCE']._serialized_start=1971
+  _globals['_INFERENCE']._serialized_end=2095
 # @@protoc_insertion_point(module_scope)

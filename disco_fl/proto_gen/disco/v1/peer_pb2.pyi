@@ -42,7 +42,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[Tensor.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Tensor.Codec, str]] = ..., scales: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("session_id", "step", "layer", "direction", "src", "dst", "tensor", "error", "stalled_node")
+    __slots__ = ("session_id", "step", "layer", "direction", "src", "dst", "tensor", "error", "stalled_node", "control", "sub_channel")
     class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         DIRECTION_UNSPECIFIED: _ClassVar[Frame.Direction]
@@ -51,12 +51,26 @@ class Frame(_message.Message):
         INPUT: _ClassVar[Frame.Direction]
         OUTPUT: _ClassVar[Frame.Direction]
         NORMS: _ClassVar[Frame.Direction]
+        CONTROL: _ClassVar[Frame.Direction]
     DIRECTION_UNSPECIFIED: Frame.Direction
     FORWARD: Frame.Direction
     BACKWARD: Frame.Direction
     INPUT: Frame.Direction
     OUTPUT: Frame.Direction
     NORMS: Frame.Direction
+    CONTROL: Frame.Direction
+    class SubChannel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        SUB_CHANNEL_DATA: _ClassVar[Frame.SubChannel]
+        SUB_CHANNEL_SELECTION: _ClassVar[Frame.SubChannel]
+        SUB_CHANNEL_NORMS: _ClassVar[Frame.SubChannel]
+        SUB_CHANNEL_COMMIT: _ClassVar[Frame.SubChannel]
+        SUB_CHANNEL_ABORT: _ClassVar[Frame.SubChannel]
+    SUB_CHANNEL_DATA: Frame.SubChannel
+    SUB_CHANNEL_SELECTION: Frame.SubChannel
+    SUB_CHANNEL_NORMS: Frame.SubChannel
+    SUB_CHANNEL_COMMIT: Frame.SubChannel
+    SUB_CHANNEL_ABORT: Frame.SubChannel
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +80,8 @@ class Frame(_message.Message):
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     STALLED_NODE_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
+    SUB_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     layer: int
@@ -75,27 +91,67 @@ class Frame(_message.Message):
     tensor: Tensor
     error: str
     stalled_node: int
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., direction: _Optional[_Union[Frame.Direction, str]] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ..., stalled_node: _Optional[int] = ...) -> None: ...
+    control: Control
+    sub_channel: Frame.SubChannel
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., direction: _Optional[_Union[Frame.Direction, str]] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ..., stalled_node: _Optional[int] = ..., control: _Optional[_Union[Control, _Mapping]] = ..., sub_channel: _Optional[_Union[Frame.SubChannel, str]] = ...) -> None: ...
+
+class Control(_message.Message):
+    __slots__ = ("vote", "abort", "selection")
+    VOTE_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    vote: Vote
+    abort: Abort
+    selection: ChannelSelection
+    def __init__(self, vote: _Optional[_Union[Vote, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., selection: _Optional[_Union[ChannelSelection, _Mapping]] = ...) -> None: ...
+
+class Vote(_message.Message):
+    __slots__ = ("ok",)
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    def __init__(self, ok: _Optional[bool] = ...) -> None: ...
+
+class Abort(_message.Message):
+    __slots__ = ("failed_node", "cause")
+    FAILED_NODE_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    failed_node: int
+    cause: str
+    def __init__(self, failed_node: _Optional[int] = ..., cause: _Optional[str] = ...) -> None: ...
+
+class ChannelSelection(_message.Message):
+    __slots__ = ("channels",)
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    channels: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, channels: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("plan_hash", "node", "household_token", "expected_node")
+    __slots__ = ("plan_hash", "node", "household_token", "expected_node", "protocol_version", "round")
     PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     HOUSEHOLD_TOKEN_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_NODE_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     plan_hash: str
     node: int
     household_token: str
     expected_node: int
-    def __init__(self, plan_hash: _Optional[str] = ..., node: _Optional[int] = ..., household_token: _Optional[str] = ..., expected_node: _Optional[int] = ...) -> None: ...
+    protocol_version: int
+    round: int
+    def __init__(self, plan_hash: _Optional[str] = ..., node: _Optional[int] = ..., household_token: _Optional[str] = ..., expected_node: _Optional[int] = ..., protocol_version: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("plan_hash", "node")
+    __slots__ = ("plan_hash", "node", "protocol_version", "round")
     PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     plan_hash: str
     node: int
-    def __init__(self, plan_hash: _Optional[str] = ..., node: _Optional[int] = ...) -> None: ...
+    protocol_version: int
+    round: int
+    def __init__(self, plan_hash: _Optional[str] = ..., node: _Optional[int] = ..., protocol_version: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

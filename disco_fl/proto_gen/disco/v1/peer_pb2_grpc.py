@@ -55,8 +55,9 @@ class PeerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Handshake(self, request, context):
-        """Checks plan hash, node indices and household token; refused with FAILED_PRECONDITION
-        (plan), INVALID_ARGUMENT (indices) or PERMISSION_DENIED (token).
+        """Checks protocol version, plan hash, round, node indices and household token; refused with
+        FAILED_PRECONDITION (version, plan, round), INVALID_ARGUMENT (indices) or
+        PERMISSION_DENIED (token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -64,8 +65,8 @@ class PeerServicer:
 
     def Exchange(self, request_iterator, context):
         """One long-lived stream per ordered peer pair. The caller identifies itself in the call
-        metadata (disco-plan-hash, disco-node, disco-token, disco-expected-node), checked like
-        Handshake. The reply stream carries only frames the receiver rejected.
+        metadata (disco-plan-hash, disco-node, disco-token, disco-expected-node, disco-protocol,
+        disco-round), checked like Handshake. The reply stream carries only frames the receiver rejected.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

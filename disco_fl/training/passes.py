@@ -1,0 +1,467 @@
+"""The forward and backward passes of one training step on one node, op by op.
+
+The forward runs the program as inference does but with autograd, sending and receiving each
+op's messages through the step's :class:`~disco_fl.training.commit.StepIO`; it returns one
+:class:`OpRecord` per op (what the backward needs of it). The backward walks the records in
+reverse, sends the gradients of received messages back to their senders and receives those of
+its own messages (see :mod:`disco_fl.training.step` for the protocol and the memory rules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from disco_fl.codecs import get_codec
+from disco_fl.emulation import NodeShard, OpState
+from disco_fl.gates import PairGates, gate_generator, sample_hard_concrete
+from disco_fl.partition import Op, Program, get_spec
+from disco_fl.plan import Plan
+from disco_fl.proto_gen.disco.v1 import peer_pb2
+from disco_fl.runtime import direction_of
+from disco_fl.training.accounting import op_traffic, plan_open_count
+from disco_fl.training.autograd import NO_CHAIN, Gathered, GatherFn, Sent, gather_pack, unpack
+from disco_fl.training.commit import StepIO
+from disco_fl.training.errors import PeerFailure
+from disco_fl.training.trace import OpTrace, StepTrace
+from disco_fl.wire import WireError, decode_tensor
+
+
+class NodeTrainer(Protocol):
+    """What the passes read of the node's trainer (:class:`~disco_fl.training.NodeTrainer`)."""
+
+    index: int
+    plan: Plan
+    shard: NodeShard
+    gate_seed: int
+    layer_of: dict[str, int]
+    max_message_bytes: int
+
+    @property
+    def gate_mode(self) -> str: ...
+
+    @property
+    def dp_state(self) -> object | None: ...  # DP on: every op keeps its inputs
+
+    @property
+    def compact(self) -> bool: ...
+
+    def open_local(self, exchange: str, src: int, dst: int) -> torch.Tensor: ...
+
+    def open_sources(self, exchange: str) -> list[int]: ...
+
+
+Frame = peer_pb2.Frame
+
+
+class TrainContext:
+    """:class:`~disco_fl.partition.registry.NodeContext` of one node during one step."""
+
+    def __init__(self, trainer: NodeTrainer, program: Program, step: int) -> None:
+        self.t = trainer
+        self.index = trainer.index
+        self.num_nodes = program.num_nodes
+        self.program = program
+        self.training = True
+        self.step = step
+        self.buffers: dict[str, dict[str, torch.Tensor]] = {}  # per-step copies
+        self.selections: dict[tuple[str, int], torch.Tensor] = {}  # (exchange, dest) -> idx
+        self._peers = [j for j in range(program.num_nodes) if j != trainer.index]
+
+    def state(self, op: Op) -> Mapping[str, torch.Tensor]:
+        if op.name not in self.t.shard.ops:
+            return {}
+        st = self.t.shard.ops[op.name]
+        assert isinstance(st, OpState)
+        out: dict[str, torch.Tensor] = {k: v for k, v in st._parameters.items() if v is not None}
+        if st._buffers:
+            if op.name not in self.buffers:
+                self.buffers[op.name] = {
+                    k: v.detach().clone() for k, v in st._buffers.items() if v is not None
+                }
+            out.update(self.buffers[op.name])
+        return out
+
+    def send_selection(
+        self, op: Op, dest: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        gates: PairGates = self.t.shard.gates[op.name]  # type: ignore[assignment]
+        if self.t.gate_mode == "stochastic":
+            gen = gate_generator(
+                self.t.gate_seed, self.step, self.t.layer_of[op.name], self.index, dest
+            )
+            z = sample_hard_concrete(gates.log_alpha[str(dest)], gen)
+            idx = torch.nonzero(z.detach() != 0).flatten()
+            self.selections[(op.name, dest)] = idx
+            return idx, z.index_select(0, idx)
+        idx = self.t.open_local(op.name, self.index, dest)
+        if idx.numel() == 0:
+            return None
+        self.selections[(op.name, dest)] = idx
+        return idx, None
+
+    def sources(self, op: Op) -> list[int]:
+        if self.t.compact:  # assemble [own, open channels of each peer] (the compact columns)
+            return self.t.open_sources(op.name)
+        return self._peers
+
+
+@dataclass
+class OpRecord:
+    """What the backward (and DP) needs of one op of the forward."""
+
+    layer: int
+    op: Op
+    leaves: list[tuple[str, torch.Tensor]]  # (value name, input leaf)
+    msgs: dict[int, Sent]  # dest -> message sent (its graph to the inputs / gates)
+    received: dict[int, torch.Tensor]  # src -> received leaf (needs a gradient back)
+    out: Any
+    xs: list[Any] = field(default_factory=list)  # DP: the op's inputs
+    full_received: dict[int, torch.Tensor] = field(default_factory=dict)  # DP
+    grad_out: torch.Tensor | None = None  # DP: the op's output gradient
+    # lean mode: an exchange's assembled value (built lazily by its consumers)
+    gathered: Gathered | None = None
+    # lean mode: per gathered input, (value, leaf of own channels, leaves of received ones)
+    gather_leaves: list[tuple[Gathered, torch.Tensor, dict[int, torch.Tensor]]] = field(
+        default_factory=list
+    )
+    chainable: bool = False  # lean mode: a consumer may extend this op's graph
+
+
+def forward(
+    tr: NodeTrainer, ctx: TrainContext, io_: StepIO, x: torch.Tensor | None
+) -> list[OpRecord]:
+    """Run the program's ops on this node, exchanging their messages; one record per op."""
+    program = ctx.program
+    k = tr.index
+    owner = program.requester
+    codec = get_codec(tr.plan.codec)
+    open_count = _open_count(tr, program)
+    env: dict[str, Any] = {}
+    records: list[OpRecord] = []
+    batch: int | None = None
+    keep_xs = tr.dp_state is not None
+    lean = not keep_xs  # DP needs every op's inputs and its own graph (per-sample grads)
+    uses: dict[str, int] = {}
+    last_use: dict[str, int] = {}
+    for i, op in enumerate(program.ops):
+        for name in op.inputs:
+            uses[name] = uses.get(name, 0) + 1
+            last_use[name] = i
+    rec_of: dict[str, OpRecord] = {}
+    for layer, op in enumerate(program.ops):
+        spec = get_spec(op.kind)
+        traffic = op_traffic(program, op, open_count)
+        out_to = sorted({t.dst for t in traffic if t.src == k})
+        in_from = {t.src: t for t in traffic if t.dst == k}
+        leaves: list[tuple[str, torch.Tensor]] = []
+        gathers: list[tuple[Gathered, torch.Tensor, dict[int, torch.Tensor]]] = []
+        built: list[tuple[torch.Tensor, Gathered]] = []
+        xs: list[Any]
+        if op.kind == "input":
+            xs = [x.detach() if k == owner and x is not None else None]
+        else:
+            xs = []
+            for name in op.inputs:
+                v = env[name]
+                if isinstance(v, Gathered):
+                    lo = v.own.detach().requires_grad_(True)
+                    lr = {j: r.detach().requires_grad_(True) for j, r in v.recv.items()}
+                    gv = GatherFn.apply(v, lo, *(lr[j] for j in v.srcs))
+                    gathers.append((v, lo, lr))
+                    built.append((gv, v))
+                    xs.append(gv)
+                elif isinstance(v, torch.Tensor) and v.is_floating_point():
+                    prod = rec_of.get(name)
+                    if (
+                        lean
+                        and prod is not None
+                        and prod.chainable
+                        and uses[name] == 1
+                        and v.requires_grad
+                        and not out_to
+                        and not in_from
+                        and op.kind not in NO_CHAIN
+                    ):
+                        # the single consumer extends the producer's graph: the
+                        # producer's output is kept only if this op's backward saves it
+                        prod.out = None
+                        xs.append(v)
+                    else:
+                        leaf = v.detach().requires_grad_(True)
+                        leaves.append((name, leaf))
+                        xs.append(leaf)
+                else:
+                    xs.append(v)
+        msgs = spec.send(op, ctx, xs) or {}
+        if sorted(msgs) != out_to:
+            raise RuntimeError(
+                f"node {k} layer {layer} ({op.name}): op sends to {sorted(msgs)}, the plan's "
+                f"traffic says {out_to}"
+            )
+        coded = spec.coded_messages
+        wire = codec.name if coded else "fp32"
+        direction = direction_of(op, coded)
+        for dest in out_to:
+            if op.kind == "exchange" and tr.gate_mode == "stochastic":
+                io_.send_selection(layer, dest, ctx.selections[(op.name, dest)])
+            io_.send(layer, dest, msgs[dest], direction, codec=wire)
+        received: dict[int, torch.Tensor] = {}
+        full: dict[int, torch.Tensor] = {}
+        recv_sel: dict[int, torch.Tensor] = {}
+        for src in sorted(in_from):
+            sel_idx: torch.Tensor | None = None
+            if op.kind == "exchange":
+                sel_idx = recv_sel[src] = _selection_from(tr, io_, op, layer, src)
+            f = io_.recv(layer, src, direction=direction, codec=wire)
+            try:
+                t = decode_tensor(f.tensor, max_bytes=tr.max_message_bytes)
+            except WireError as e:
+                raise PeerFailure(src, f"bad message at layer {layer} ({op.name}): {e}") from e
+            _check_forward(program, op, layer, src, t, batch, sel_idx, ctx, xs)
+            if op.kind != "input":
+                t.requires_grad_(True)
+                received[src] = t
+            full[src] = t
+        gathered: Gathered | None = None
+        if op.kind == "exchange" and lean and isinstance(xs[0], torch.Tensor):
+            gathered = _gathered(tr, program, op, ctx, xs[0], full, recv_sel)
+            out: Any = gathered
+        else:
+            if op.kind == "exchange":
+                full = _assemble(tr, program, op, xs[0], full, recv_sel)
+            if built:  # store assembled inputs as references to their parts
+                with torch.autograd.graph.saved_tensors_hooks(gather_pack(built), unpack):
+                    out = spec.compute(op, ctx, xs, full)
+                built.clear()  # the hooks live on with the graph: drop the tensors
+            else:
+                out = spec.compute(op, ctx, xs, full)
+        env[op.name] = out
+        if op.kind == "input" and isinstance(out, torch.Tensor) and out.dim():
+            batch = int(out.shape[0])
+        sent = {
+            d: Sent(m.shape, m.dtype, get_gradient_edge(m) if m.requires_grad else None)
+            for d, m in msgs.items()
+        }
+        rec = OpRecord(layer, op, leaves, sent, received, None if gathered else out)
+        rec.gathered = gathered
+        rec.gather_leaves = gathers
+        rec.chainable = lean and op.kind not in ("input", "exchange") and not msgs and not received
+        rec_of[op.name] = rec
+        if keep_xs:
+            rec.xs = xs
+            rec.full_received = full
+        records.append(rec)
+        if batch == 0 and keep_xs:
+            break  # DP: an empty Poisson batch is a noise-only step, nothing to compute
+        del xs, built, full, msgs
+        if lean:
+            for name in op.inputs:  # free what no later op reads
+                if last_use[name] == layer:
+                    env.pop(name, None)
+    return records
+
+
+def _open_count(tr: NodeTrainer, program: Program) -> Callable[[str, int, int], int]:
+    """Channels sent per exchange and pair: stochastic gates may send any channel of the
+    slice (the selection frame says which), hard masks the plan's open ones."""
+    if tr.gate_mode == "stochastic":
+
+        def all_channels(name: str, s: int, d: int) -> int:
+            layout = program.infos[name].layout
+            return layout.count(s) if layout is not None else 0
+
+        return all_channels
+    return plan_open_count(tr.plan)
+
+
+def trace_of(ctx: TrainContext, records: Sequence[OpRecord]) -> StepTrace:
+    """The public per-op trace of a step whose records kept their inputs (DP)."""
+    ops = [OpTrace(r.op, r.xs, r.full_received, r.grad_out) for r in records]
+    return StepTrace(ctx.step, batch_size(records), ctx, ctx.buffers, ops)
+
+
+def _gathered(
+    tr: NodeTrainer,
+    program: Program,
+    op: Op,
+    ctx: TrainContext,
+    own: torch.Tensor,
+    got: dict[int, torch.Tensor],
+    sel: dict[int, torch.Tensor],
+) -> Gathered:
+    """Lean exchange output: the spec's assembly of ``own`` and the received messages,
+    deferred to its consumers."""
+    info = program.infos[op.name]
+    layout = info.layout
+    assert layout is not None and info.cdim is not None
+    spec = get_spec(op.kind)
+
+    def build(o: torch.Tensor, r: dict[int, torch.Tensor]) -> torch.Tensor:
+        y = spec.compute(op, ctx, [o], _assemble(tr, program, op, o, r, sel))
+        assert isinstance(y, torch.Tensor)
+        return y
+
+    return Gathered(
+        own.detach(),
+        {j: t.detach() for j, t in got.items()},
+        build,
+        info.cdim,
+        [layout.count(j) for j in range(program.num_nodes)],
+        tr.index,
+        sel,
+        tr.compact,
+    )
+
+
+def _selection_from(tr: NodeTrainer, io_: StepIO, op: Op, layer: int, src: int) -> torch.Tensor:
+    layout = tr.plan.program.infos[op.name].layout
+    assert layout is not None
+    if tr.gate_mode == "hard":
+        return tr.open_local(op.name, src, tr.index)
+    # typed indices, strictly increasing, each below the sender's slice width (else refused)
+    return io_.recv_selection(layer, src, layout.count(src))
+
+
+def _assemble(
+    tr: NodeTrainer,
+    program: Program,
+    op: Op,
+    own: torch.Tensor,
+    got: dict[int, torch.Tensor],
+    sel: dict[int, torch.Tensor],
+) -> dict[int, torch.Tensor]:
+    """Scatter each received message into a zero tensor of the sender's whole slice
+    (compact trainer: the messages as they are, see :meth:`NodeTrainer.open_sources`)."""
+    if tr.compact:
+        return dict(got)
+    info = program.infos[op.name]
+    layout = info.layout
+    cdim = info.cdim
+    assert layout is not None and cdim is not None
+    out: dict[int, torch.Tensor] = {}
+    for j in range(program.num_nodes):
+        if j == tr.index:
+            continue
+        shape = list(own.shape)
+        shape[cdim] = layout.count(j)
+        base = torch.zeros(shape, dtype=own.dtype)
+        if j in got:
+            base = base.index_copy(cdim, sel[j], got[j])
+        out[j] = base
+    return out
+
+
+def backward(
+    tr: NodeTrainer,
+    ctx: TrainContext,
+    io_: StepIO,
+    records: list[OpRecord],
+    g_final: torch.Tensor | None,
+) -> None:
+    grads: dict[str, torch.Tensor] = {}
+    if g_final is not None:
+        grads[records[-1].op.name] = g_final
+    keep = tr.dp_state is not None
+    for rec in reversed(records):
+        op, layer = rec.op, rec.layer
+        g = grads.pop(op.name, None)
+        if keep:
+            rec.grad_out = g
+        gat = rec.gathered
+        if gat is not None:  # lean exchange: its consumers' gradients, split per part
+            if gat.g_own is not None and rec.leaves:
+                rec.leaves[0][1].grad = gat.g_own
+            for src, leaf in rec.received.items():
+                leaf.grad = gat.g_recv.get(src)
+            rec.gathered = gat.g_own = None
+            gat.g_recv = {}
+        elif g is not None and isinstance(rec.out, torch.Tensor) and rec.out.requires_grad:
+            torch.autograd.backward(rec.out, g)
+        for src, leaf in sorted(rec.received.items()):
+            gr = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            io_.send(layer, src, gr, Frame.BACKWARD)
+        if op.kind != "input":
+            outs: list[GradientEdge] = []
+            gouts: list[torch.Tensor] = []
+            for dest, msg in sorted(rec.msgs.items()):
+                f = io_.recv(layer, dest, direction=Frame.BACKWARD, backward=True)
+                try:
+                    gm = decode_tensor(f.tensor, max_bytes=tr.max_message_bytes)
+                except WireError as e:
+                    raise PeerFailure(dest, f"bad gradient at layer {layer}: {e}") from e
+                if gm.shape != msg.shape or gm.dtype != msg.dtype:
+                    raise PeerFailure(
+                        dest,
+                        f"gradient of shape {tuple(gm.shape)} at layer {layer} ({op.name}) "
+                        f"for a message of shape {tuple(msg.shape)}",
+                    )
+                if not bool(torch.isfinite(gm).all()):
+                    raise PeerFailure(dest, f"non-finite gradient at layer {layer}")
+                if msg.edge is not None:
+                    outs.append(msg.edge)
+                    gouts.append(gm)
+            if outs:  # messages to several peers may share a graph (e.g. statistics)
+                torch.autograd.backward(outs, gouts)
+        for name, leaf in rec.leaves:
+            if leaf.grad is not None:
+                prev = grads.get(name)
+                grads[name] = leaf.grad if prev is None else prev + leaf.grad
+        for v, lo, lr in rec.gather_leaves:
+            v.add_grads(lo.grad, {j: t.grad for j, t in lr.items() if t.grad is not None})
+        rec.gather_leaves = []
+        if not keep:
+            rec.msgs = {}
+            rec.received = {}
+            rec.out = None
+            rec.leaves = []
+
+
+def _check_forward(
+    program: Program,
+    op: Op,
+    layer: int,
+    src: int,
+    t: torch.Tensor,
+    batch: int | None,
+    sel: torch.Tensor | None,
+    ctx: TrainContext,
+    xs: Sequence[Any],
+) -> None:
+    """A received forward message must have the shape the plan implies."""
+    where = f"layer {layer} ({op.name}, {op.kind})"
+    info = program.infos[op.name]
+    if t.dtype != torch.float32:
+        raise PeerFailure(src, f"{where}: message of type {t.dtype}, expected float32")
+    if not bool(torch.isfinite(t).all()):
+        raise PeerFailure(src, f"{where}: non-finite values")
+    if op.kind == "input":
+        if t.dim() != len(info.shape) or tuple(t.shape[1:]) != tuple(info.shape[1:]):
+            raise PeerFailure(src, f"{where}: input of shape {tuple(t.shape)}, plan {info.shape}")
+        return
+    if batch is None or t.dim() == 0 or t.shape[0] != batch:
+        raise PeerFailure(src, f"{where}: message of shape {tuple(t.shape)} for batch {batch}")
+    expected: list[int] | None = None
+    if op.kind == "exchange" and sel is not None and isinstance(xs[0], torch.Tensor):
+        cdim = info.cdim
+        assert cdim is not None
+        expected = list(xs[0].shape)
+        expected[cdim] = int(sel.numel())
+    elif op.kind == "output":
+        src_info = program.infos[op.inputs[0]]
+        if src_info.layout is not None and src_info.cdim is not None and xs:
+            expected = list(xs[0].shape)
+            expected[src_info.cdim] = src_info.layout.count(src)
+    if expected is not None and list(t.shape) != expected:
+        raise PeerFailure(src, f"{where}: message of shape {tuple(t.shape)}, expected {expected}")
+
+
+def batch_size(records: Sequence[OpRecord]) -> int:
+    for rec in records:
+        if rec.op.kind == "input" and isinstance(rec.out, torch.Tensor) and rec.out.dim():
+            return int(rec.out.shape[0])
+    raise RuntimeError("the step has no batched input")

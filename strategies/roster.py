@@ -1,0 +1,230 @@
+"""The roster: which nodes form which household, checked before any training.
+
+Every connected node gets a ``query`` message and answers with its ``household``, ``shard``
+index, ``peer-address`` (its peer endpoint for activations), ``num-examples`` (local training
+examples, 0 if it holds none) and ``num-eval`` (held-out examples). :func:`build_roster`
+checks that every household has all N shards exactly once (and, if configured, that the
+expected number of households came); otherwise the run stops with a :class:`RosterError`
+naming what is missing.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.supercore import log
+
+from disco_fl.federated import rec_int
+from strategies.exchange import POLL_S, HouseholdGrid
+
+
+class RosterError(ValueError):
+    """The nodes do not form complete households (checked before any training)."""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One node, as it answered the roster query."""
+
+    node_id: int
+    household: str
+    shard: int
+    address: str
+    num_examples: int = 0
+    num_eval: int = 0
+
+
+@dataclass
+class Household:
+    """The N nodes holding one full model."""
+
+    name: str
+    nodes: dict[int, NodeInfo]  # shard -> node
+    token: str = ""
+
+    @property
+    def owners(self) -> list[int]:
+        """Shards holding training data (batch owners), ascending."""
+        return sorted(k for k, n in self.nodes.items() if n.num_examples > 0)
+
+    @property
+    def num_examples(self) -> int:
+        return sum(n.num_examples for n in self.nodes.values())
+
+    @property
+    def eval_owner(self) -> int | None:
+        """The shard that runs federated evaluation (first one with held-out data)."""
+        have = sorted(k for k, n in self.nodes.items() if n.num_eval > 0)
+        return have[0] if have else None
+
+    def peers(self) -> list[str]:
+        return [self.nodes[k].address for k in sorted(self.nodes)]
+
+
+def build_roster(
+    infos: Sequence[NodeInfo],
+    num_nodes: int,
+    *,
+    expected_households: int | None = None,
+    unanswered: Sequence[int] = (),
+) -> dict[str, Household]:
+    """Group nodes into households and check that each has shards ``0..N-1`` exactly once.
+
+    Raises
+    ------
+    RosterError
+        Naming every household with a missing, duplicate or out-of-range shard, a household
+        without training data, nodes that did not answer the query, a peer address used twice
+        and a wrong number of households.
+    """
+    problems: list[str] = []
+    if unanswered:
+        problems.append(
+            f"nodes {', '.join(str(n) for n in sorted(unanswered))} did not answer the roster query"
+        )
+    by_hh: dict[str, list[NodeInfo]] = {}
+    for info in infos:
+        by_hh.setdefault(info.household, []).append(info)
+    households: dict[str, Household] = {}
+    for name in sorted(by_hh):
+        members = by_hh[name]
+        shards = [m.shard for m in members]
+        bad = sorted({s for s in shards if not 0 <= s < num_nodes})
+        dup = sorted({s for s in shards if shards.count(s) > 1 and 0 <= s < num_nodes})
+        missing = sorted(set(range(num_nodes)) - set(shards))
+        if bad:
+            problems.append(
+                f"household {name!r}: shard index {bad} out of range for {num_nodes} nodes"
+            )
+        if dup:
+            nodes = ", ".join(
+                f"shard {s} on nodes {[m.node_id for m in members if m.shard == s]}" for s in dup
+            )
+            problems.append(f"household {name!r}: duplicate {nodes}")
+        if missing:
+            problems.append(
+                f"household {name!r}: missing shard{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(str(s) for s in missing)} of {num_nodes}"
+            )
+        if bad or dup or missing:
+            continue
+        hh = Household(name, {m.shard: m for m in members})
+        if not hh.owners:
+            problems.append(f"household {name!r}: no node holds training data")
+            continue
+        households[name] = hh
+    addrs = [i.address for i in infos]
+    for a in sorted({a for a in addrs if addrs.count(a) > 1}):
+        problems.append(f"peer address {a} is used by several nodes")
+    if expected_households is not None and len(by_hh) != expected_households:
+        problems.append(
+            f"expected {expected_households} households, found {len(by_hh)} "
+            f"({', '.join(sorted(by_hh)) or 'none'})"
+        )
+    if problems:
+        raise RosterError("incomplete households, no training started: " + "; ".join(problems))
+    return households
+
+
+def household_of(roster: dict[str, Household], node_id: int) -> tuple[str, int] | None:
+    """``(household, shard)`` of node ``node_id`` in ``roster``, or None."""
+    for name, hh in roster.items():
+        for k, n in hh.nodes.items():
+            if n.node_id == node_id:
+                return name, k
+    return None
+
+
+def query_roster(
+    grid: HouseholdGrid,
+    num_nodes: int,
+    *,
+    num_households: int | None = None,
+    query_timeout: float = 120.0,
+) -> dict[str, Household]:
+    """Ask every connected node who it is and build the roster (:func:`build_roster`),
+    with a fresh per-household token.
+
+    Waits up to ``query_timeout`` for the expected nodes (``num_households * num_nodes``,
+    or ``num_nodes`` when None) to connect, and as long again for their answers (each
+    node starts a ClientApp process to answer). A node the SuperLink reports unavailable
+    is left out with a warning.
+    """
+    end = time.monotonic() + query_timeout
+    want = num_households * num_nodes if num_households else None
+    node_ids: list[int] = []
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        enough = len(node_ids) >= want if want else len(node_ids) >= num_nodes
+        if enough or time.monotonic() >= end:
+            break
+        time.sleep(POLL_S)
+    log(INFO, "roster: querying %d connected nodes", len(node_ids))
+    msgs = [
+        Message(
+            content=RecordDict({"config": ConfigRecord({"action": "roster"})}),
+            message_type=MessageType.QUERY,
+            dst_node_id=nid,
+        )
+        for nid in node_ids
+    ]
+    # the replies get their own window: each node starts a ClientApp process to answer
+    replies = grid.send_and_receive(msgs, timeout=query_timeout)
+    infos: list[NodeInfo] = []
+    answered: set[int] = set()
+    offline: set[int] = set()
+    for msg in replies:
+        src = grid.origin_of(msg)
+        if msg.has_error():
+            if msg.error.code == ErrorCode.NODE_UNAVAILABLE:
+                # registered once but gone (e.g. a SuperNode of an earlier deployment)
+                offline.add(src)
+                log(WARNING, "roster: node %d is offline, left out", src)
+            else:
+                log(WARNING, "roster: node %d failed: %s", src, msg.error.reason)
+            continue
+        c = msg.content.config_records.get("node")
+        if c is None:
+            log(WARNING, "roster: node %d sent no 'node' record", src)
+            continue
+        answered.add(src)
+        infos.append(
+            NodeInfo(
+                src,
+                str(c["household"]),
+                rec_int(c, "shard"),
+                str(c["peer-address"]),
+                rec_int(c, "num-examples", 0),
+                rec_int(c, "num-eval", 0),
+            )
+        )
+    roster = build_roster(
+        infos,
+        num_nodes,
+        expected_households=num_households,
+        unanswered=[n for n in node_ids if n not in answered and n not in offline],
+    )
+    if not roster:
+        raise RosterError(
+            f"no household connected within {query_timeout:g} s ({len(node_ids)} nodes seen)"
+        )
+    for hh in roster.values():
+        hh.token = secrets.token_hex(16)
+        log(
+            INFO,
+            "roster: household %r: %s (data on shards %s, %d examples)",
+            hh.name,
+            ", ".join(f"{k}@{n.address}" for k, n in sorted(hh.nodes.items())),
+            hh.owners,
+            hh.num_examples,
+        )
+    return roster
+
+
+__all__ = ["Household", "NodeInfo", "RosterError", "build_roster", "household_of", "query_roster"]
