@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
+import pytest
 import torch
 
 
@@ -31,3 +33,17 @@ def import_torchvision() -> ModuleType:
     finally:
         torch.library.register_fake = original  # type: ignore[assignment]
     return torchvision
+
+
+@pytest.fixture
+def flower_run_identity() -> Iterator[None]:
+    """Messages need a run id (Flower sets one inside a ServerApp); for tests that build
+    Messages outside one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old

@@ -4,7 +4,6 @@ schedule, checkpoints, and Flower's client-side DP wrapper refusing it clearly."
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app.message.message import make_message
-from flwr.supercore.task_identity import TaskIdentity
 
 from disco_fl.federated import (
     ModelSpec,
@@ -36,14 +34,8 @@ SPEC = ModelSpec(num_nodes=2)
 
 
 @pytest.fixture(autouse=True)
-def _run_identity() -> Iterator[None]:
-    """Messages need a run id (set by Flower inside a ServerApp)."""
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 0
-    TaskIdentity.task_id = 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+def _run_identity(flower_run_identity: None) -> None:
+    """Every test here builds Flower Messages."""
 
 
 def _infos(households: dict[str, list[int]], data: bool = True) -> list[NodeInfo]:

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -197,19 +196,6 @@ def test_insecure_seed_reproduces_and_warns_every_time(caplog: pytest.LogCapture
 # ---- the Flower client path ----------------------------------------------------------------
 
 
-@pytest.fixture
-def _run_identity() -> Iterator[None]:
-    """Messages need a run id (set by Flower inside a ServerApp)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 0
-    TaskIdentity.task_id = 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
-
-
 def _client_round(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any, configs: list[Any]
 ) -> tuple[list[Any], list[DPConfig], list[Any], list[int]]:
@@ -303,7 +289,7 @@ def _client_round(
 
 
 def test_client_app_noise_and_batches_not_from_the_run_config(
-    tmp_path: Any, _run_identity: None, caplog: pytest.LogCaptureFixture
+    tmp_path: Any, flower_run_identity: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Through the ClientApp: two rounds with identical messages (config, seed, shards) give
     different updates; the DPConfig it builds has no seed, even when the run config carries

@@ -22,7 +22,6 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,19 +61,6 @@ def _old_cache_name(spec: ModelSpec) -> str:
     return f"pm_{hashlib.sha256(canon.encode()).hexdigest()[:16]}_{torch.__version__}.pt"
 
 
-@pytest.fixture
-def _run_identity() -> Iterator[None]:
-    """Messages need a run id (set by Flower inside a ServerApp)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 0
-    TaskIdentity.task_id = 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
-
-
 def _train_message() -> Any:
     from flwr.app import ConfigRecord
 
@@ -90,7 +76,7 @@ def _train_message() -> Any:
 
 
 def test_planted_pickle_in_temp_folder_never_runs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _run_identity: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flower_run_identity: None
 ) -> None:
     from flwr.app import Context, RecordDict
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from flwr.app import (
 )
 from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from disco_fl.federated import ModelSpec, pack_state, split_global_state, unpack_state
 from disco_fl.round_config import EvalConfig, TrainConfig
@@ -36,14 +35,8 @@ SPEC = ModelSpec(num_nodes=2)
 
 
 @pytest.fixture(autouse=True)
-def _run_identity() -> Iterator[None]:
-    """Messages need a run id (set by Flower inside a ServerApp)."""
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 0
-    TaskIdentity.task_id = 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+def _run_identity(flower_run_identity: None) -> None:
+    """Every test here builds Flower Messages."""
 
 
 # ---- a simulated deployment -------------------------------------------------------------
@@ -308,7 +301,8 @@ def _no_partition(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(federated, "partition", boom)
     monkeypatch.setattr(federated, "build_model", boom)
-    monkeypatch.setattr(emulation, "capture", boom)
+    monkeypatch.setattr(emulation, "fx_capture", boom)
+    monkeypatch.setattr(emulation, "capture_export", boom)
     monkeypatch.setattr(ModelSpec, "partition", boom)
     monkeypatch.setattr(ModelSpec, "build_dense", boom)
 
