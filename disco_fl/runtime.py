@@ -152,6 +152,14 @@ def node_schedule(node: ShardNode) -> list[_Step]:
     return steps
 
 
+def input_batch(op: Op, value: Any) -> int | None:
+    """The batch size that ``op``'s output sets: its first dimension for the ``input`` op,
+    ``None`` for every other op (and a 0-d input)."""
+    if op.kind == "input" and isinstance(value, torch.Tensor) and value.dim():
+        return int(value.shape[0])
+    return None
+
+
 def message_problem(
     program: Program,
     op: Op,
@@ -327,8 +335,8 @@ def _node_steps(
                 del xs, received, msgs
                 for name in step_.free:  # free what no later op reads (peak memory)
                     env.pop(name, None)
-                if step_.is_input and isinstance(value, torch.Tensor) and value.dim():
-                    batch = int(value.shape[0])
+                if step_.is_input and (b := input_batch(op, value)) is not None:
+                    batch = b
                 if step_.is_output:
                     result = value
                 yield _TURN

@@ -22,7 +22,7 @@ from disco_fl.gates import PairGates, gate_generator, sample_hard_concrete
 from disco_fl.partition import Op, Program, full_open_count, get_spec, op_traffic, plan_open_count
 from disco_fl.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2
-from disco_fl.runtime import direction_of, message_problem
+from disco_fl.runtime import direction_of, input_batch, message_problem
 from disco_fl.training.autograd import NO_CHAIN, Gathered, GatherFn, Sent, gather_pack, unpack
 from disco_fl.training.commit import StepIO
 from disco_fl.training.errors import PeerFailure
@@ -240,8 +240,8 @@ def forward(
             else:
                 out = spec.compute(op, ctx, xs, full)
         env[op.name] = out
-        if op.kind == "input" and isinstance(out, torch.Tensor) and out.dim():
-            batch = int(out.shape[0])
+        if (b := input_batch(op, out)) is not None:
+            batch = b
         sent = {
             d: Sent(m.shape, m.dtype, get_gradient_edge(m) if m.requires_grad else None)
             for d, m in msgs.items()
@@ -445,6 +445,7 @@ def _check_forward(
 
 def batch_size(records: Sequence[OpRecord]) -> int:
     for rec in records:
-        if rec.op.kind == "input" and isinstance(rec.out, torch.Tensor) and rec.out.dim():
-            return int(rec.out.shape[0])
+        b = input_batch(rec.op, rec.out)
+        if b is not None:
+            return b
     raise RuntimeError("the step has no batched input")
