@@ -60,7 +60,7 @@ from disco_fl.data import load_builtin, load_npz, stratified_split, to_tensor
 from disco_fl.demo import free_ports
 from disco_fl.export import load_shard
 from disco_fl.models import build_model
-from disco_fl.partition import get_spec
+from disco_fl.partition import get_spec, plan_open_count
 from disco_fl.plan import Plan
 from disco_fl.serving import InferenceSession
 from disco_fl.train import BudgetConfig, evaluate, fit_budget, train_model
@@ -435,11 +435,7 @@ def main() -> None:
                 plan_dir, budget = info["dir"], info["budget"]
                 name = f"{info['mode']}_{budget}_{info['max_sync_points']}"
                 plan = Plan.load(plan_dir / "plan.json")
-
-                def open_count(e: str, s: int, d: int, p: Plan = plan) -> int:
-                    return len(p.open_channels(e, s, d))
-
-                rep = program_traffic(plan.program, open_count, plan.codec)
+                rep = program_traffic(plan.program, plan_open_count(plan), plan.codec)
                 node_ms = measure_node_compute(plan_dir, n, xte, cfg)
                 for link, (mbps, rtt_ms) in LINKS.items():
                     m = measure_household(plan_dir, n, (mbps, rtt_ms), xte, cfg)

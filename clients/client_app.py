@@ -145,19 +145,10 @@ def _setup(
     return cfg, shard, plan, listen, k
 
 
-def peer_credentials(tls_dir: str, k: int) -> tuple[Any, Any]:
-    """``(server, channel)`` gRPC credentials of node ``k`` from ``tls_dir`` (None if empty)."""
-    if not tls_dir:
-        return None, None
-    from disco_fl.security import TLSFiles, channel_credentials, server_credentials
-
-    tls = TLSFiles.from_dir(tls_dir, k)
-    return server_credentials(tls), channel_credentials(tls)
-
-
 def _transport(
     cfg: RoundConfig, plan: Plan, k: int, listen: str, num_nodes: int, tls_dir: str = ""
 ) -> Any:
+    from disco_fl.security import peer_credentials
     from disco_fl.transport.grpc_transport import GrpcTransport
 
     server_creds, channel_creds = peer_credentials(tls_dir, k)

@@ -26,6 +26,7 @@ from disco_fl.demo import add_demo_args, run_demo
 from disco_fl.emulation import partition
 from disco_fl.export import load_shard, run_shards
 from disco_fl.models import MODELS, build_model, load_checkpoint_strict
+from disco_fl.partition import plan_open_count
 from disco_fl.plan import Plan, PlanError
 from disco_fl.serving import commands as serving_commands
 from disco_fl.serving.client import InferenceError
@@ -145,11 +146,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_report(args: argparse.Namespace) -> None:
     path = Path(args.plan)
     plan = Plan.load(path / "plan.json" if path.is_dir() else path)
-
-    def open_count(e: str, s: int, d: int) -> int:
-        return len(plan.open_channels(e, s, d))
-
-    rep = program_traffic(plan.program, open_count, args.codec or plan.codec)
+    rep = program_traffic(plan.program, plan_open_count(plan), args.codec or plan.codec)
     _print_report(rep, f"plan {plan.hash[:12]}, {plan.num_nodes} nodes")
     for k, s in enumerate(plan.shards):
         print(f"  node {k}: {s.file} {s.param_bytes:,} parameter bytes")

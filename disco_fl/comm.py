@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from disco_fl.codecs import get_codec
-from disco_fl.partition import Program, Traffic, get_spec
+from disco_fl.partition import Program, Traffic, full_open_count, op_traffic, plan_open_count
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -94,18 +94,10 @@ def program_traffic(
     tot = {"input": 0, "output": 0, "exchange": 0, "stats": 0}
     dense = dict(tot)
     sync = dense_sync = 0
+    dense_count = full_open_count(program)
     for op in program.ops:
-        spec = get_spec(op.kind)
-
-        def live(s: int, d: int, name: str = op.name) -> int:
-            return open_count(name, s, d)
-
-        def full(s: int, d: int, name: str = op.name) -> int:
-            layout = program.infos[name].layout
-            return layout.count(s) if layout is not None else 0
-
-        t_live = spec.traffic(op, program, live)
-        t_dense = spec.traffic(op, program, full)
+        t_live = op_traffic(program, op, open_count)
+        t_dense = op_traffic(program, op, dense_count)
         if not t_dense:
             continue
         kind = op.kind if op.kind in ("input", "output", "exchange") else "stats"
@@ -134,8 +126,4 @@ def program_traffic(
 
 def comm_report(pm: Any, codec: str = "fp32") -> CommReport:
     """:class:`CommReport` of a :class:`~disco_fl.emulation.PartitionedModel`'s hard masks."""
-
-    def open_count(name: str, s: int, d: int) -> int:
-        return len(pm.open_channels(name, s, d))
-
-    return program_traffic(pm.program, open_count, codec)
+    return program_traffic(pm.program, plan_open_count(pm), codec)

@@ -24,7 +24,7 @@ from disco_fl.files import atomic_write_bytes
 from disco_fl.node import run_lockstep
 from disco_fl.partition import Op, Program, get_spec
 from disco_fl.partition.ops_comm import gathered_columns
-from disco_fl.plan import Plan, PlanError, ShardManifest
+from disco_fl.plan import Plan, PlanError, ShardManifest, plan_of
 
 
 def _compact_state(pm: Any, plan: Plan, k: int) -> dict[str, torch.Tensor]:
@@ -79,16 +79,7 @@ def export(
     (read by ``disco-fl infer`` to preprocess images).
     """
     path = Path(path)
-    masks = {
-        e.name: {
-            f"{j}->{k}": pm.open_channels(e.name, j, k)
-            for j in range(pm.num_nodes)
-            for k in range(pm.num_nodes)
-            if j != k
-        }
-        for e in pm.program.exchanges
-    }
-    plan = Plan(pm.program, masks, codec, meta=dict(meta or {}))
+    plan = plan_of(pm, codec, meta)
     states = [_compact_state(pm, plan, k) for k in range(pm.num_nodes)]
     for k, state in enumerate(states):
         buf = io.BytesIO()
@@ -130,19 +121,12 @@ class ShardNode:
         self._send: dict[str, dict[int, torch.Tensor]] = {}
         self._sources: dict[str, list[int]] = {}
         for e in self.program.exchanges:
-            layout = self.program.infos[e.name].layout
-            assert layout is not None
-            local = {c: i for i, c in enumerate(layout.indices(k))}
             self._send[e.name] = {
-                d: torch.tensor(
-                    [local[c] for c in plan.open_channels(e.name, k, d)], dtype=torch.long
-                )
+                d: torch.tensor(plan.open_local(e.name, k, d), dtype=torch.long)
                 for d in range(self.num_nodes)
                 if d != k and plan.open_channels(e.name, k, d)
             }
-            self._sources[e.name] = [
-                j for j in range(self.num_nodes) if j != k and plan.open_channels(e.name, j, k)
-            ]
+            self._sources[e.name] = plan.open_sources(e.name, k)
 
     def state(self, op: Op) -> Mapping[str, torch.Tensor]:
         return self._state.get(op.name, {})

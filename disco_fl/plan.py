@@ -16,6 +16,7 @@ from typing import Any
 
 from disco_fl.codecs import get_codec
 from disco_fl.partition import InferContext, PartitionError, Program, get_spec
+from disco_fl.partition.registry import HasOpenChannels
 
 PLAN_FORMAT = "disco_fl.plan/1"
 
@@ -55,6 +56,19 @@ class Plan:
 
     def open_channels(self, exchange: str, src: int, dst: int) -> list[int]:
         return self.masks.get(exchange, {}).get(f"{src}->{dst}", [])
+
+    def open_local(self, exchange: str, src: int, dst: int) -> list[int]:
+        """:meth:`open_channels` as local indices, positions in ``src``'s slice."""
+        layout = self.program.infos[exchange].layout
+        assert layout is not None
+        local = {c: i for i, c in enumerate(layout.indices(src))}
+        return [local[c] for c in self.open_channels(exchange, src, dst)]
+
+    def open_sources(self, exchange: str, dst: int) -> list[int]:
+        """Peers that send ``dst`` at least one channel of ``exchange``, ascending."""
+        return [
+            j for j in range(self.num_nodes) if j != dst and self.open_channels(exchange, j, dst)
+        ]
 
     def body(self) -> dict[str, Any]:
         return {
@@ -183,3 +197,21 @@ def _validate_masks(plan: Plan) -> None:
                 )
     if plan.shards and len(plan.shards) != n:
         raise PlanError(f"plan lists {len(plan.shards)} shards for {n} nodes")
+
+
+def plan_of(pm: HasOpenChannels, codec: str = "fp32", meta: dict[str, Any] | None = None) -> Plan:
+    """The :class:`Plan` (program, hard masks, codec, ``meta``) of a partitioned model
+    (anything with ``program`` and ``open_channels``), without shard manifests: what the nodes
+    of a household agree on before training, and what :func:`~disco_fl.export.export_plan`
+    completes with the shards."""
+    n = pm.program.num_nodes
+    masks = {
+        e.name: {
+            f"{j}->{k}": pm.open_channels(e.name, j, k)
+            for j in range(n)
+            for k in range(n)
+            if j != k
+        }
+        for e in pm.program.exchanges
+    }
+    return Plan(pm.program, masks, codec, meta=dict(meta or {}))

@@ -25,7 +25,7 @@ import contextlib
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,15 +33,20 @@ import torch
 
 from disco_fl.codecs import get_codec
 from disco_fl.export import ShardNode
-from disco_fl.partition import Op, Program, Traffic, get_spec
+from disco_fl.partition import Op, Program, Traffic, get_spec, op_traffic, plan_open_count
 from disco_fl.partition.registry import OpSpec
 from disco_fl.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2
 from disco_fl.transport.base import MAX_ERROR_TEXT, AsyncTransport, PeerDownError, Transport
-from disco_fl.wire import CODECS, decode_tensor, encode_tensor
+from disco_fl.wire import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    codec_enum,
+    decode_tensor,
+    encode_tensor,
+    frame_kind_problem,
+)
 
 Frame = peer_pb2.Frame
-DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 
 
 class PeerError(RuntimeError):
@@ -79,23 +84,16 @@ def direction_of(op: Op, coded: bool) -> int:
     return Frame.FORWARD if coded else Frame.NORMS
 
 
-def op_traffic(plan: Plan, op: Op) -> list[Traffic]:
-    """Messages of ``op`` per sample, as the plan's accounting sees them."""
-
-    def open_count(src: int, dst: int) -> int:
-        return len(plan.open_channels(op.name, src, dst))
-
-    return get_spec(op.kind).traffic(op, plan.program, open_count)
-
-
 _TRAFFIC: weakref.WeakKeyDictionary[Any, list[list[Traffic]]] = weakref.WeakKeyDictionary()
 
 
 def node_traffic(node: ShardNode) -> list[list[Traffic]]:
-    """:func:`op_traffic` of every op of ``node``'s plan, computed once per node object."""
+    """:func:`~disco_fl.partition.op_traffic` of every op of ``node``'s plan, computed once per
+    node object."""
     cached = _TRAFFIC.get(node)
     if cached is None:
-        cached = [op_traffic(node.plan, op) for op in node.plan.program.ops]
+        program, open_count = node.plan.program, plan_open_count(node.plan)
+        cached = [op_traffic(program, op, open_count) for op in program.ops]
         _TRAFFIC[node] = cached
     return cached
 
@@ -145,7 +143,7 @@ def node_schedule(node: ShardNode) -> list[_Step]:
                 out_to=sorted({t.dst for t in traffic if t.src == k}),
                 in_from=sorted(in_from.items()),
                 wire_codec=wire_codec,
-                wire_enum=CODECS[wire_codec],
+                wire_enum=codec_enum(wire_codec),
                 direction=direction_of(op, coded),
                 free=tuple(dict.fromkeys(n for n in op.inputs if last_use[n] == layer)),
             )
@@ -154,29 +152,65 @@ def node_schedule(node: ShardNode) -> list[_Step]:
     return steps
 
 
-def _check_message(
-    program: Program, op: Op, layer: int, src: int, t: torch.Tensor, tr: Traffic, batch: int | None
-) -> None:
-    """The decoded message must have the shape the plan implies (batch, channels)."""
-    where = f"layer {layer} ({op.name}, {op.kind}) from node {src}"
+def input_batch(op: Op, value: Any) -> int | None:
+    """The batch size that ``op``'s output sets: its first dimension for the ``input`` op,
+    ``None`` for every other op (and a 0-d input)."""
+    if op.kind == "input" and isinstance(value, torch.Tensor) and value.dim():
+        return int(value.shape[0])
+    return None
+
+
+def message_problem(
+    program: Program,
+    op: Op,
+    t: torch.Tensor,
+    batch: int | None,
+    *,
+    channels: int = 0,
+    expected: Sequence[int] | None = None,
+    strict: bool = False,
+) -> str | None:
+    """Why a decoded message of ``op`` does not have the shape the plan implies, or ``None``.
+
+    The one frame check of inference (:func:`run_node`) and training
+    (:mod:`disco_fl.training.passes`); each caller raises its own error with the text.
+
+    Parameters
+    ----------
+    program, op : Program, Op
+        The plan's program and the op the message belongs to.
+    t : torch.Tensor
+        The decoded message.
+    batch : int or None
+        The step's batch size (``None``: not known yet, unchecked unless ``strict``).
+    channels : int
+        Channels the message must have at the channel dimension (0: unchecked). Default 0.
+    expected : sequence of int, optional
+        The message's whole shape, when the receiver knows it. Default None (unchecked).
+    strict : bool
+        Training, whose messages enter autograd: also float32, finite values, a known batch,
+        and an input of exactly the plan's shape past the batch dimension (inference checks
+        the input's number of dimensions only). Default False.
+    """
     info = program.infos[op.name]
+    shape = tuple(t.shape)
+    if strict:
+        if t.dtype != torch.float32:
+            return f"message of type {t.dtype}, expected float32"
+        if not bool(torch.isfinite(t).all()):
+            return "non-finite values"
     if op.kind == "input":
-        if t.dim() != len(info.shape):
-            raise PeerError(f"{where}: input has {t.dim()} dims, the plan expects {info.shape}")
-        return
-    if batch is not None and (t.dim() == 0 or t.shape[0] != batch):
-        raise PeerError(f"{where}: message of shape {tuple(t.shape)} for batch size {batch}")
+        if t.dim() != len(info.shape) or (strict and shape[1:] != tuple(info.shape[1:])):
+            return f"input of shape {shape}, the plan expects {info.shape}"
+        return None
+    if (batch is not None or strict) and (t.dim() == 0 or t.shape[0] != batch):
+        return f"message of shape {shape} for batch size {batch}"
     cdim = info.cdim
-    if (
-        tr.coded
-        and tr.channels
-        and cdim is not None
-        and (t.dim() != len(info.shape) or t.shape[cdim] != tr.channels)
-    ):
-        raise PeerError(
-            f"{where}: message of shape {tuple(t.shape)}, expected {tr.channels} channels "
-            f"at dim {cdim}"
-        )
+    if channels and cdim is not None and (t.dim() != len(info.shape) or t.shape[cdim] != channels):
+        return f"message of shape {shape}, expected {channels} channels at dim {cdim}"
+    if expected is not None and list(shape) != list(expected):
+        return f"message of shape {shape}, expected {list(expected)}"
+    return None
 
 
 _FLUSH = None  # yielded by _node_steps after an op that sent frames (see run_node_async)
@@ -284,22 +318,25 @@ def _node_steps(
                     if f.error:
                         error = PeerBusyError if BUSY_TAG in f.error else PeerError
                         raise error(f"node {src} failed at layer {layer} ({op.name}): {f.error}")
-                    if f.direction != step_.direction or f.tensor.codec != step_.wire_enum:
-                        raise PeerError(
-                            f"layer {layer} ({op.name}) from node {src}: direction "
-                            f"{f.direction}/codec {f.tensor.codec}, expected {step_.direction}/"
-                            f"{step_.wire_enum}"
-                        )
+                    problem = frame_kind_problem(f, step_.direction, step_.wire_enum)
+                    if problem:
+                        raise PeerError(f"layer {layer} ({op.name}) from node {src}: {problem}")
                     t = decode_tensor(f.tensor, max_bytes=max_message_bytes)
-                    _check_message(program, op, layer, src, t, tr, batch)
+                    problem = message_problem(
+                        program, op, t, batch, channels=tr.channels if tr.coded else 0
+                    )
+                    if problem:
+                        raise PeerError(
+                            f"layer {layer} ({op.name}, {op.kind}) from node {src}: {problem}"
+                        )
                     received[src] = t
                 value = spec.compute(op, node, xs, received)
                 env[op.name] = value
                 del xs, received, msgs
                 for name in step_.free:  # free what no later op reads (peak memory)
                     env.pop(name, None)
-                if step_.is_input and isinstance(value, torch.Tensor) and value.dim():
-                    batch = int(value.shape[0])
+                if step_.is_input and (b := input_batch(op, value)) is not None:
+                    batch = b
                 if step_.is_output:
                     result = value
                 yield _TURN
@@ -479,10 +516,11 @@ def _notify_peers(
     text = f"node {k}: {why}"[:MAX_ERROR_TEXT]
     send: Callable[[Frame], None] = transport.send
     unreachable: set[int] = set()
+    open_count = plan_open_count(plan)
     for layer in range(failed_at, len(plan.program.ops)):
         op = plan.program.ops[layer]
         coded = get_spec(op.kind).coded_messages
-        for t in op_traffic(plan, op):
+        for t in op_traffic(plan.program, op, open_count):
             if t.src != k or t.dst in unreachable or (layer == failed_at and t.dst in already_sent):
                 continue
             frame = Frame(

@@ -244,6 +244,30 @@ def channel_credentials(tls: TLSFiles) -> grpc.ChannelCredentials:
     )
 
 
+def peer_credentials(
+    tls_dir: str, name: int | str
+) -> tuple[grpc.ServerCredentials | None, grpc.ChannelCredentials | None]:
+    """``(server, channel)`` credentials of node or client ``name`` from ``tls_dir``.
+
+    Parameters
+    ----------
+    tls_dir : str
+        The household's TLS folder (see :meth:`TLSFiles.from_dir`); ``""`` means plaintext.
+    name : int or str
+        The node's index, or a client's name.
+
+    Returns
+    -------
+    tuple
+        :func:`server_credentials` and :func:`channel_credentials` of ``name``'s files, or
+        ``(None, None)`` when ``tls_dir`` is empty.
+    """
+    if not tls_dir:
+        return None, None
+    tls = TLSFiles.from_dir(tls_dir, name)
+    return server_credentials(tls), channel_credentials(tls)
+
+
 # ---- making a household's certificates -----------------------------------------------------
 
 

@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from disco_fl.codecs import int8_dequantize, int8_quantize
+from disco_fl.codecs import CODECS, int8_dequantize, int8_quantize
 from disco_fl.proto_gen.disco.v1 import peer_pb2
 
 MAX_NDIM = 8
+# default bound of one decoded peer message (``max_bytes``) in inference and training
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 
 Tensor = peer_pb2.Tensor
 
@@ -32,12 +34,9 @@ DTYPES: dict[int, torch.dtype] = {
 }
 _DTYPE_ENUM = {v: k for k, v in DTYPES.items()}
 
-CODECS: dict[str, int] = {
-    "fp32": Tensor.CODEC_FP32,
-    "fp16": Tensor.CODEC_FP16,
-    "int8": Tensor.CODEC_INT8,
-}
-CODEC_NAMES = {v: k for k, v in CODECS.items()}
+# the wire enum of every codec of :data:`disco_fl.codecs.CODECS` (``"fp16"`` -> CODEC_FP16)
+_CODEC_ENUM: dict[str, int] = {name: Tensor.Codec.Value(f"CODEC_{name.upper()}") for name in CODECS}
+CODEC_NAMES = {v: k for k, v in _CODEC_ENUM.items()}
 # bytes of one element of ``data`` and its little-endian numpy type, per codec
 _ITEM: dict[int, tuple[int, np.dtype[Any]]] = {
     Tensor.CODEC_FP32: (4, np.dtype("<f4")),
@@ -52,8 +51,9 @@ class WireError(ValueError):
 
 
 def codec_enum(codec: str) -> int:
+    """The wire enum of codec ``codec`` (a name of :data:`disco_fl.codecs.CODECS`)."""
     try:
-        return CODECS[codec]
+        return _CODEC_ENUM[codec]
     except KeyError:
         raise WireError(f"unknown codec {codec!r}; choose one of {sorted(CODECS)}") from None
 
@@ -257,3 +257,14 @@ def frame_payload_bytes(frame: peer_pb2.Frame) -> int:
     if frame.HasField("control"):
         return frame.control.ByteSize()
     return payload_bytes(frame.tensor) if frame.HasField("tensor") else 0
+
+
+def frame_kind_problem(frame: peer_pb2.Frame, direction: int, codec: int) -> str | None:
+    """Why a tensor frame is not of the ``direction`` and wire ``codec`` (enum) the plan says
+    the receiver expects, or ``None``."""
+    if frame.direction == direction and frame.tensor.codec == codec:
+        return None
+    return (
+        f"frame direction {frame.direction} / codec {frame.tensor.codec}, "
+        f"expected {direction} / {codec}"
+    )

@@ -230,9 +230,8 @@ def test_dp_needs_group_norm() -> None:
 def test_client_peer_channel_uses_mutual_tls_from_node_config(tmp_path: Any) -> None:
     import torch
 
-    from clients.client_app import peer_credentials
     from disco_fl.proto_gen.disco.v1 import peer_pb2
-    from disco_fl.security import make_household_certs
+    from disco_fl.security import make_household_certs, peer_credentials
     from disco_fl.transport.grpc_transport import GrpcTransport, HandshakeError
     from disco_fl.wire import encode_tensor
 

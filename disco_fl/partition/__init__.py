@@ -22,10 +22,14 @@ from disco_fl.partition.registry import (
     SPECS,
     InferContext,
     NodeContext,
+    OpenCount,
     OpSpec,
     PartitionError,
     Traffic,
+    full_open_count,
     get_spec,
+    op_traffic,
+    plan_open_count,
     register_spec,
 )
 
@@ -34,6 +38,7 @@ __all__ = [
     "InferContext",
     "NodeContext",
     "Op",
+    "OpenCount",
     "OpSpec",
     "PartitionError",
     "Program",
@@ -47,6 +52,9 @@ __all__ = [
     "capture_method",
     "capture_module",
     "export_model",
+    "full_open_count",
     "get_spec",
+    "op_traffic",
+    "plan_open_count",
     "register_spec",
 ]

@@ -141,6 +141,41 @@ def get_spec(kind: str) -> OpSpec:
         raise PartitionError(f"unknown op kind {kind!r}") from None
 
 
+OpenCount = Callable[[str, int, int], int]  # (exchange, src, dst) -> channels sent
+
+
+class HasOpenChannels(Protocol):
+    """A plan or a partitioned model: the open channels of an exchange per pair of nodes."""
+
+    program: Program
+
+    def open_channels(self, exchange: str, src: int, dst: int) -> list[int]: ...
+
+
+def plan_open_count(plan: HasOpenChannels) -> OpenCount:
+    """``open_count(exchange, src, dst)`` of a plan's (or a partitioned model's) hard masks."""
+
+    def count(name: str, s: int, d: int) -> int:
+        return len(plan.open_channels(name, s, d))
+
+    return count
+
+
+def full_open_count(program: Program) -> OpenCount:
+    """``open_count`` of every channel of the sender's slice (dense exchanges)."""
+
+    def count(name: str, s: int, d: int) -> int:
+        layout = program.infos[name].layout
+        return layout.count(s) if layout is not None else 0
+
+    return count
+
+
+def op_traffic(program: Program, op: Op, open_count: OpenCount) -> list[Traffic]:
+    """Messages of ``op`` per sample, given ``open_count(exchange, src, dst)`` open channels."""
+    return get_spec(op.kind).traffic(op, program, lambda s, d: open_count(op.name, s, d))
+
+
 def layout_of(info: TensorInfo, what: str) -> Layout:
     if info.layout is None:
         raise PartitionError(f"{what}: value has no channel layout")

@@ -21,8 +21,7 @@ import grpc
 import torch
 
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
-from disco_fl.serving.node_server import MD_TOKEN
-from disco_fl.transport.grpc_transport import DEFAULT_MAX_FRAME_BYTES
+from disco_fl.transport.grpc_transport import DEFAULT_MAX_FRAME_BYTES, MD_TOKEN
 from disco_fl.wire import WireError, decode_tensor, encode_tensor
 
 

@@ -35,20 +35,15 @@ def _token(args: argparse.Namespace) -> str:
 def _tls_node(
     args: argparse.Namespace, node: int
 ) -> tuple[grpc.ServerCredentials | None, grpc.ChannelCredentials | None]:
-    if not args.tls_dir:
-        return None, None
-    from disco_fl.security import TLSFiles, channel_credentials, server_credentials
+    from disco_fl.security import peer_credentials
 
-    tls = TLSFiles.from_dir(args.tls_dir, node)
-    return server_credentials(tls), channel_credentials(tls)
+    return peer_credentials(args.tls_dir, node)
 
 
 def _tls_client(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    if not args.tls_dir:
-        return None
-    from disco_fl.security import TLSFiles, channel_credentials
+    from disco_fl.security import peer_credentials
 
-    return channel_credentials(TLSFiles.from_dir(args.tls_dir, str(args.client_name)))
+    return peer_credentials(args.tls_dir, str(args.client_name))[1]
 
 
 def _plaintext_check(args: argparse.Namespace, listen: str, peers: list[str]) -> list[str]:

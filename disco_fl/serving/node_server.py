@@ -70,6 +70,7 @@ from disco_fl.runtime import (
 from disco_fl.transport.base import TransportError
 from disco_fl.transport.grpc_transport import (
     DEFAULT_MAX_FRAME_BYTES,
+    MD_TOKEN,
     GrpcTransport,
     HandshakeError,
     LinkShape,
@@ -78,7 +79,6 @@ from disco_fl.wire import WireError, decode_tensor, encode_tensor
 
 log = logging.getLogger(__name__)
 
-MD_TOKEN = "disco-token"
 MD_SERVER_MS = "disco-server-ms"  # trailing metadata of a failed Infer: the node's own time
 MAX_REQUEST_ID = 256
 CHUNK_INPUT_BYTES = 1 << 20  # automatic chunk_batch: about this many input bytes per chunk

@@ -9,12 +9,9 @@ bytes), :mod:`~disco_fl.training.errors`, :mod:`~disco_fl.training.trace` (the p
 DP reads) and :mod:`~disco_fl.training.dp` (differential privacy).
 """
 
-from disco_fl.training.accounting import (
-    StepBytes,
-    plan_of,
-    plan_open_count,
-    predict_step_bytes,
-)
+from disco_fl.partition import plan_open_count
+from disco_fl.plan import plan_of
+from disco_fl.training.accounting import StepBytes, predict_step_bytes
 from disco_fl.training.errors import StepAborted
 from disco_fl.training.step import NodeTrainer, StepResult, default_param_groups
 from disco_fl.training.trace import OpTrace, StepTrace

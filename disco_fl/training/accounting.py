@@ -1,16 +1,13 @@
-"""Payload bytes of a training step predicted from the program and the open channels, and
-the plan a household agrees on before training (:func:`plan_of`)."""
+"""Payload bytes of a training step predicted from the program and the open channels."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from disco_fl.codecs import get_codec
-from disco_fl.partition import Op, Program, Traffic, get_spec
-from disco_fl.plan import Plan
+from disco_fl.partition import Program, get_spec, op_traffic
 
 
 @dataclass
@@ -21,12 +18,6 @@ class StepBytes:
     backward: int = 0
     # node k -> (forward bytes k sends, backward bytes k sends)
     per_sender: dict[int, tuple[int, int]] = field(default_factory=dict)
-
-
-def op_traffic(
-    program: Program, op: Op, open_count: Callable[[str, int, int], int]
-) -> list[Traffic]:
-    return get_spec(op.kind).traffic(op, program, lambda s, d: open_count(op.name, s, d))
 
 
 def predict_step_bytes(
@@ -100,27 +91,3 @@ def selection_bytes(channels: int, width: int) -> int:
 
 def _varint_size(v: int) -> int:
     return max(1, (v.bit_length() + 6) // 7)
-
-
-def plan_open_count(plan: Plan) -> Callable[[str, int, int], int]:
-    """``open_count`` of :func:`predict_step_bytes` for a plan's hard masks."""
-
-    def count(name: str, s: int, d: int) -> int:
-        return len(plan.open_channels(name, s, d))
-
-    return count
-
-
-def plan_of(pm: Any, codec: str = "fp32") -> Plan:
-    """The :class:`~disco_fl.plan.Plan` (program, hard masks, codec) of a partitioned model,
-    without shard manifests: what the nodes of a household agree on before training."""
-    masks = {
-        e.name: {
-            f"{j}->{k}": pm.open_channels(e.name, j, k)
-            for j in range(pm.num_nodes)
-            for k in range(pm.num_nodes)
-            if j != k
-        }
-        for e in pm.program.exchanges
-    }
-    return Plan(pm.program, masks, codec)

@@ -29,11 +29,12 @@ from disco_fl.proto_gen.disco.v1 import peer_pb2
 from disco_fl.training.errors import PeerFailure
 from disco_fl.transport.base import FrameKey, PeerDownError, Transport
 from disco_fl.wire import (
-    CODECS,
     WireError,
     abort_message,
+    codec_enum,
     decode_selection,
     encode_tensor,
+    frame_kind_problem,
     selection_message,
     vote_message,
 )
@@ -160,12 +161,9 @@ class StepIO:
                     f"{f.direction} with {f.control.WhichOneof('body') or 'no control body'}",
                 )
             return f
-        if f.direction != direction or f.tensor.codec != CODECS[codec]:
-            raise PeerFailure(
-                src,
-                f"layer {layer}: frame direction {f.direction} / codec {f.tensor.codec}, "
-                f"expected {direction} / {CODECS[codec]}",
-            )
+        problem = frame_kind_problem(f, direction, codec_enum(codec))
+        if problem:
+            raise PeerFailure(src, f"layer {layer}: {problem}")
         return f
 
     def _wait(self, keys: list[FrameKey], timeout: float) -> peer_pb2.Frame | str | None:

@@ -19,11 +19,10 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from disco_fl.codecs import get_codec
 from disco_fl.emulation import NodeShard, OpState
 from disco_fl.gates import PairGates, gate_generator, sample_hard_concrete
-from disco_fl.partition import Op, Program, get_spec
+from disco_fl.partition import Op, Program, full_open_count, get_spec, op_traffic, plan_open_count
 from disco_fl.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2
-from disco_fl.runtime import direction_of
-from disco_fl.training.accounting import op_traffic, plan_open_count
+from disco_fl.runtime import direction_of, input_batch, message_problem
 from disco_fl.training.autograd import NO_CHAIN, Gathered, GatherFn, Sent, gather_pack, unpack
 from disco_fl.training.commit import StepIO
 from disco_fl.training.errors import PeerFailure
@@ -222,7 +221,7 @@ def forward(
                 t = decode_tensor(f.tensor, max_bytes=tr.max_message_bytes)
             except WireError as e:
                 raise PeerFailure(src, f"bad message at layer {layer} ({op.name}): {e}") from e
-            _check_forward(program, op, layer, src, t, batch, sel_idx, ctx, xs)
+            _check_forward(program, op, layer, src, t, batch, sel_idx, xs)
             if op.kind != "input":
                 t.requires_grad_(True)
                 received[src] = t
@@ -241,8 +240,8 @@ def forward(
             else:
                 out = spec.compute(op, ctx, xs, full)
         env[op.name] = out
-        if op.kind == "input" and isinstance(out, torch.Tensor) and out.dim():
-            batch = int(out.shape[0])
+        if (b := input_batch(op, out)) is not None:
+            batch = b
         sent = {
             d: Sent(m.shape, m.dtype, get_gradient_edge(m) if m.requires_grad else None)
             for d, m in msgs.items()
@@ -270,12 +269,7 @@ def _open_count(tr: NodeTrainer, program: Program) -> Callable[[str, int, int], 
     """Channels sent per exchange and pair: stochastic gates may send any channel of the
     slice (the selection frame says which), hard masks the plan's open ones."""
     if tr.gate_mode == "stochastic":
-
-        def all_channels(name: str, s: int, d: int) -> int:
-            layout = program.infos[name].layout
-            return layout.count(s) if layout is not None else 0
-
-        return all_channels
+        return full_open_count(program)
     return plan_open_count(tr.plan)
 
 
@@ -429,25 +423,13 @@ def _check_forward(
     t: torch.Tensor,
     batch: int | None,
     sel: torch.Tensor | None,
-    ctx: TrainContext,
     xs: Sequence[Any],
 ) -> None:
-    """A received forward message must have the shape the plan implies."""
-    where = f"layer {layer} ({op.name}, {op.kind})"
-    info = program.infos[op.name]
-    if t.dtype != torch.float32:
-        raise PeerFailure(src, f"{where}: message of type {t.dtype}, expected float32")
-    if not bool(torch.isfinite(t).all()):
-        raise PeerFailure(src, f"{where}: non-finite values")
-    if op.kind == "input":
-        if t.dim() != len(info.shape) or tuple(t.shape[1:]) != tuple(info.shape[1:]):
-            raise PeerFailure(src, f"{where}: input of shape {tuple(t.shape)}, plan {info.shape}")
-        return
-    if batch is None or t.dim() == 0 or t.shape[0] != batch:
-        raise PeerFailure(src, f"{where}: message of shape {tuple(t.shape)} for batch {batch}")
+    """A received forward message must have the shape the plan implies
+    (:func:`~disco_fl.runtime.message_problem`, strict)."""
     expected: list[int] | None = None
     if op.kind == "exchange" and sel is not None and isinstance(xs[0], torch.Tensor):
-        cdim = info.cdim
+        cdim = program.infos[op.name].cdim
         assert cdim is not None
         expected = list(xs[0].shape)
         expected[cdim] = int(sel.numel())
@@ -456,12 +438,14 @@ def _check_forward(
         if src_info.layout is not None and src_info.cdim is not None and xs:
             expected = list(xs[0].shape)
             expected[src_info.cdim] = src_info.layout.count(src)
-    if expected is not None and list(t.shape) != expected:
-        raise PeerFailure(src, f"{where}: message of shape {tuple(t.shape)}, expected {expected}")
+    problem = message_problem(program, op, t, batch, expected=expected, strict=True)
+    if problem:
+        raise PeerFailure(src, f"layer {layer} ({op.name}, {op.kind}): {problem}")
 
 
 def batch_size(records: Sequence[OpRecord]) -> int:
     for rec in records:
-        if rec.op.kind == "input" and isinstance(rec.out, torch.Tensor) and rec.out.dim():
-            return int(rec.out.shape[0])
+        b = input_batch(rec.op, rec.out)
+        if b is not None:
+            return b
     raise RuntimeError("the step has no batched input")

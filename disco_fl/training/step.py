@@ -93,7 +93,6 @@ from disco_fl.emulation import NodeShard
 from disco_fl.gates import PairGates, prob_open
 from disco_fl.partition import Program
 from disco_fl.plan import Plan
-from disco_fl.runtime import DEFAULT_MAX_MESSAGE_BYTES
 from disco_fl.train import distill_loss
 from disco_fl.training.checkpoint import (
     check_checkpoint,
@@ -107,6 +106,7 @@ from disco_fl.training.dp import DPConfig, DPState, DPStepInfo
 from disco_fl.training.errors import PeerFailure, StepAborted
 from disco_fl.training.passes import TrainContext, backward, batch_size, forward, trace_of
 from disco_fl.transport.base import Transport
+from disco_fl.wire import DEFAULT_MAX_MESSAGE_BYTES
 
 TrainGateMode = Literal["hard", "stochastic"]
 
@@ -268,21 +268,14 @@ class NodeTrainer:
         """Local indices (in ``src``'s slice) of the channels ``src`` sends ``dst`` (hard)."""
         key = (exchange, src, dst)
         if key not in self._open:
-            layout = self.plan.program.infos[exchange].layout
-            assert layout is not None
-            local = {c: i for i, c in enumerate(layout.indices(src))}
-            chans = self.plan.open_channels(exchange, src, dst)
-            self._open[key] = torch.tensor([local[c] for c in chans], dtype=torch.long)
+            local = self.plan.open_local(exchange, src, dst)
+            self._open[key] = torch.tensor(local, dtype=torch.long)
         return self._open[key]
 
     def open_sources(self, exchange: str) -> list[int]:
         """Peers that send this node at least one channel of ``exchange`` (hard), ascending."""
         if exchange not in self._sources:
-            self._sources[exchange] = [
-                j
-                for j in range(self.plan.num_nodes)
-                if j != self.index and self.open_local(exchange, j, self.index).numel() > 0
-            ]
+            self._sources[exchange] = self.plan.open_sources(exchange, self.index)
         return self._sources[exchange]
 
     def _check_masks(self) -> None:

@@ -78,11 +78,11 @@ from disco_fl.wire import PROTOCOL_VERSION
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_FRAME_BYTES = 64 << 20
-_MD_PLAN, _MD_NODE, _MD_EXPECTED, _MD_TOKEN, _MD_PROTOCOL, _MD_ROUND = (
+MD_TOKEN = "disco-token"  # call metadata: the household token (peer frames and inference)
+_MD_PLAN, _MD_NODE, _MD_EXPECTED, _MD_PROTOCOL, _MD_ROUND = (
     "disco-plan-hash",
     "disco-node",
     "disco-expected-node",
-    "disco-token",
     "disco-protocol",
     "disco-round",
 )
@@ -469,7 +469,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "missing or bad node / protocol metadata"
             )
         problem = self.t._check_peer(
-            md.get(_MD_PLAN, ""), src, md.get(_MD_TOKEN, ""), expected, version, rnd
+            md.get(_MD_PLAN, ""), src, md.get(MD_TOKEN, ""), expected, version, rnd
         ) or self.t._check_identity(context, src)
         if problem is not None:
             await context.abort(*problem)
@@ -492,7 +492,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
     ) -> peer_pb2.HealthReply:
         t = self.t
         md = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        problem = t._check_token(md.get(_MD_TOKEN, ""))
+        problem = t._check_token(md.get(MD_TOKEN, ""))
         if problem is not None:
             await context.abort(*problem)
         return peer_pb2.HealthReply(
@@ -729,7 +729,7 @@ class GrpcTransport(AsyncTransport):
             (_MD_PLAN, self.plan_hash),
             (_MD_NODE, str(self.index)),
             (_MD_EXPECTED, str(dst)),
-            (_MD_TOKEN, self._token),
+            (MD_TOKEN, self._token),
             (_MD_PROTOCOL, str(PROTOCOL_VERSION)),
             (_MD_ROUND, str(self.round)),
         ]
