@@ -25,7 +25,6 @@ import contextlib
 import logging
 import math
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -109,7 +108,7 @@ class LinkOwner(Protocol):
     max_queued_bytes: int
     errors: deque[str]
     _token: str
-    _channel_options: Sequence[tuple[str, Any]]
+    _channel_options: list[tuple[str, Any]]
     _channel_credentials: grpc.ChannelCredentials | None
 
     def _metadata(self, dst: int) -> list[tuple[str, str]]: ...
