@@ -35,171 +35,52 @@ A failed request frees its tensors at once: the error leaves the handler as a st
 (``set_code``), never as an exception raised inside an ``except`` block, and the node program's
 frames are cleared from the error's traceback (:func:`~disco_fl.runtime.run_node_async`), so
 no reference cycle through gRPC's call state keeps the activations alive until the garbage
-collector runs.
+collector ru
+
+This module holds :class:`NodeServer` (session admission, the queue, the sweeper) and
+:func:`serve_forever`; the configuration is :mod:`disco_fl.serving.serve_config`, the
+``Inference`` service :mod:`disco_fl.serving.inference_service`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import hmac
-import json
 import logging
 import math
 import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import grpc
 import torch
 
 from disco_fl.export import ShardNode, load_shard
-from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
-from disco_fl.runtime import (
-    BUSY_TAG,
-    PeerBusyError,
-    PeerError,
-    refuse_session,
-    run_node_async,
+from disco_fl.proto_gen.disco.v1 import peer_pb2_grpc
+from disco_fl.runtime import BUSY_TAG, refuse_session, run_node_async
+from disco_fl.serving.inference_service import InferenceServicer
+from disco_fl.serving.serve_config import (
+    CHUNK_INPUT_BYTES,
+    IDLE_TRIM_S,
+    BusyError,
+    ServeConfig,
+    peer_session_timeout,
+    release_free_memory,
 )
-from disco_fl.transport.base import TransportError
-from disco_fl.transport.grpc_transport import (
-    DEFAULT_MAX_FRAME_BYTES,
-    MD_TOKEN,
-    GrpcTransport,
-    HandshakeError,
-    LinkShape,
-)
-from disco_fl.wire import WireError, decode_tensor, encode_tensor
+from disco_fl.transport.grpc_transport import GrpcTransport, HandshakeError
+
+__all__ = [
+    "BusyError",
+    "InferenceServicer",
+    "NodeServer",
+    "ServeConfig",
+    "peer_session_timeout",
+    "release_free_memory",
+    "serve_forever",
+]
 
 log = logging.getLogger(__name__)
-
-MD_SERVER_MS = "disco-server-ms"  # trailing metadata of a failed Infer: the node's own time
-MAX_REQUEST_ID = 256
-CHUNK_INPUT_BYTES = 1 << 20  # automatic chunk_batch: about this many input bytes per chunk
-IDLE_TRIM_S = 0.5  # a node idle this long gives the C heap's free pages back to the system
-_TRIM: list[Callable[[int], int] | None] = []  # glibc's malloc_trim, looked up once
-
-
-def release_free_memory() -> bool:
-    """Give the free pages of the C heap back to the operating system (glibc's
-    ``malloc_trim``); ``False`` where there is no such call.
-
-    Freed tensors of up to 32 MiB come from glibc's heap, which keeps its free pages (the
-    process's RSS stays at its peak) until something trims it."""
-    if not _TRIM:
-        fn: Callable[[int], int] | None = None
-        with contextlib.suppress(Exception):
-            trim = ctypes.CDLL(None).malloc_trim
-            trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-            fn = trim
-        _TRIM.append(fn)
-    fn = _TRIM[0]
-    if fn is None:
-        return False
-    fn(0)
-    return True
-
-
-def peer_session_timeout(deadline_s: float) -> float:
-    """The deadline of a session on a node that is not the requester: ``deadline_s`` less a
-    margin (a fifth of it, at least 0.25 s, at most 1 s; never below half of it).
-
-    A node that gives up waiting for a stalled peer tells the requester which node stalled
-    (``stalled_node`` on its error frames); giving up this much earlier lets that report
-    arrive before the requester's own deadline, so the caller hears which node stalled rather
-    than which healthy node was waiting for it.
-    """
-    margin = min(1.0, max(0.25, deadline_s / 5))
-    return max(deadline_s / 2, deadline_s - margin)
-
-
-class BusyError(RuntimeError):
-    """Too many requests in flight on this node."""
-
-
-@dataclass
-class ServeConfig:
-    """How one node serves its shard.
-
-    Parameters
-    ----------
-    plan : Path
-        ``plan.json`` of an exported plan, or the directory holding it (with ``node_<k>.pt``).
-    node : int
-        This node's index; only ``node_<node>.pt`` is read.
-    listen : str, default "127.0.0.1:0"
-        Address to serve on (port 0 picks a free port).
-    peers : sequence of str or None
-        Every node's address, indexed by node (this node's own entry is ignored).
-    token : str, default ""
-        The household token (empty: none). Peers and inference callers must present it.
-    server_credentials, channel_credentials : grpc credentials or None
-        TLS (see :mod:`disco_fl.security`); ``None``: plaintext.
-    deadline_s : float, default 5.0
-        Deadline of one request on every node; a caller may ask for less, never more.
-    max_inflight : int, default 8
-        Requests served at once; more are refused with ``RESOURCE_EXHAUSTED``.
-    max_batch : int, default 4096
-        Largest batch accepted in one request (larger ones are refused with
-        ``INVALID_ARGUMENT``); on the other nodes, the largest batch of a session.
-    chunk_batch : int, default 0
-        A request of more inputs than this runs as consecutive sessions of at most this many
-        (0: automatic, about ``CHUNK_INPUT_BYTES`` of fp32 input per chunk: 334 inputs of
-        1x28x28), so that one op of one chunk bounds how far computing can overrun a
-        deadline and how long other requests wait for the event loop.
-    max_queued : int or None, default None
-        Sessions (on the nodes that are not the requester) waiting for a slot beyond the
-        ``max_inflight`` running; more are refused at once (``None``: ``max_inflight``).
-    max_frame_bytes : int, default 64 MiB
-        Largest message accepted or sent (peer frames and inference requests).
-    connect_timeout_s : float, default 3.0
-        Bound on one handshake with a peer.
-    link_shape : LinkShape or None
-        Emulated link for outgoing peer traffic (benchmarks).
-    max_connections : int, default 128
-        Connections the node's server holds at once (peers, callers, and connections still
-        in their TLS/HTTP/2 handshake); more are closed as they are accepted.
-    """
-
-    plan: Path
-    node: int
-    listen: str = "127.0.0.1:0"
-    peers: Sequence[str] | None = None
-    token: str = ""
-    server_credentials: grpc.ServerCredentials | None = None
-    channel_credentials: grpc.ChannelCredentials | None = None
-    deadline_s: float = 5.0
-    max_inflight: int = 8
-    max_batch: int = 4096
-    chunk_batch: int = 0
-    max_queued: int | None = None
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-    connect_timeout_s: float = 3.0
-    link_shape: LinkShape | None = None
-    max_connections: int = 128
-
-    def __post_init__(self) -> None:
-        self.plan = Path(self.plan)
-        if self.plan.is_dir():
-            self.plan = self.plan / "plan.json"
-        if not (self.deadline_s > 0 and self.deadline_s < 86400):
-            raise ValueError(f"deadline_s must be in (0, 86400), got {self.deadline_s}")
-        if self.max_inflight < 1:
-            raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.chunk_batch < 0:
-            raise ValueError(f"chunk_batch must be >= 0, got {self.chunk_batch}")
-        if self.max_queued is None:
-            self.max_queued = self.max_inflight
-        if self.max_queued < 0:
-            raise ValueError(f"max_queued must be >= 0, got {self.max_queued}")
 
 
 class NodeServer:
@@ -547,107 +428,6 @@ class NodeServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-class InferenceServicer(peer_pb2_grpc.InferenceServicer):
-    """``disco.v1.Inference`` of one node: checks the caller, validates, runs the request."""
-
-    def __init__(self, server: NodeServer) -> None:
-        self.s = server
-
-    def _token_ok(self, context: grpc.aio.ServicerContext) -> bool:
-        md = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        token = md.get(MD_TOKEN, "")
-        return hmac.compare_digest(token.encode(), self.s.config.token.encode())
-
-    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if not self._token_ok(context):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong household token")
-
-    async def Infer(  # type: ignore[override]
-        self, request: peer_pb2.InferRequest, context: grpc.aio.ServicerContext
-    ) -> peer_pb2.InferReply:
-        arrival = time.monotonic()  # the request's deadline counts from here
-        if not self._token_ok(context):
-            code, message, reply = grpc.StatusCode.PERMISSION_DENIED, "wrong household token", None
-        else:
-            code, message, reply = await self._infer(request, context, arrival)
-        if code is not None or reply is None:
-            # a status, not an exception: context.abort() raises, and the exception's
-            # traceback would hold this frame (the request) and, raised while handling the
-            # failure, that failure's frames (the activations) in a reference cycle with the
-            # call's state until the garbage collector ran
-            context.set_code(code or grpc.StatusCode.INTERNAL)
-            context.set_details(message)
-            # the node's own time, arrival to answer (the caller's also has the transfers)
-            ms = (time.monotonic() - arrival) * 1e3
-            context.set_trailing_metadata(((MD_SERVER_MS, f"{ms:.1f}"),))
-            return peer_pb2.InferReply()
-        return reply
-
-    async def _infer(
-        self, request: peer_pb2.InferRequest, context: grpc.aio.ServicerContext, arrival: float
-    ) -> tuple[grpc.StatusCode | None, str, peer_pb2.InferReply | None]:
-        """Validate and run one request: ``(None, "", reply)`` or ``(code, message, None)``
-        (errors are returned, never raised, and hold no traceback once returned)."""
-        s = self.s
-        invalid = grpc.StatusCode.INVALID_ARGUMENT
-        if not s.is_requester:
-            return (
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"node {s.index} is not the requester; send requests to node "
-                f"{s.plan.program.requester}",
-                None,
-            )
-        if len(request.request_id) > MAX_REQUEST_ID:
-            return invalid, "request_id too long", None
-        try:
-            x = decode_tensor(request.input, max_bytes=s.config.max_frame_bytes)
-        except WireError as e:
-            return invalid, f"bad input tensor: {e}", None
-        want = s._input_shape[1:]
-        if x.dim() != len(want) + 1 or list(x.shape[1:]) != want:
-            return (
-                invalid,
-                f"input of shape {list(x.shape)}; the plan expects [batch, "
-                f"{', '.join(map(str, want))}]",
-                None,
-            )
-        if not 1 <= x.shape[0] <= s.config.max_batch:
-            return (
-                invalid,
-                f"batch of {x.shape[0]}; between 1 and {s.config.max_batch} accepted",
-                None,
-            )
-        if not torch.isfinite(x).all():
-            return invalid, "input holds NaN or infinity", None
-        deadline = float(request.deadline_s) if request.deadline_s > 0 else None
-        remaining = context.time_remaining()
-        if remaining is not None:
-            deadline = min(deadline or remaining, remaining)
-        try:
-            out, sid, ms = await s.infer_async(x.float(), deadline, arrival=arrival)
-        except BusyError as e:
-            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), None
-        except TimeoutError as e:
-            return grpc.StatusCode.DEADLINE_EXCEEDED, str(e), None
-        except PeerBusyError as e:  # a peer has no room for the session
-            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), None
-        except (PeerError, TransportError, WireError) as e:
-            return grpc.StatusCode.UNAVAILABLE, str(e), None
-        except Exception as e:  # a bug in our own math: say so, keep serving
-            log.error("node %d: request failed: %s: %s", s.index, type(e).__name__, e)
-            return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}", None
-        del x
-        reply = peer_pb2.InferReply(session_id=sid, server_ms=ms)
-        encode_tensor(out, "fp32", out=reply.output)
-        return None, "", reply
-
-    async def Status(  # type: ignore[override]
-        self, request: peer_pb2.StatusRequest, context: grpc.aio.ServicerContext
-    ) -> peer_pb2.StatusReply:
-        await self._authorize(context)
-        return peer_pb2.StatusReply(json=json.dumps(self.s.status()))
 
 
 def serve_forever(server: NodeServer, stop: threading.Event) -> None:
