@@ -2,6 +2,8 @@
 
 from disco_fl.partition import (  # noqa: F401  (register specs and capture rules)
     aten_rules,
+    capture_layers,
+    capture_tensor,
     ops_attention,
     ops_comm,
     ops_local,
