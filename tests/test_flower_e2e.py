@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from disco_fl.demo import Deployment, descendants, wait_for_run, write_app
+from disco_fl.deployment import Deployment, descendants, wait_for_run, write_app
 from disco_fl.federated import ModelSpec
 
 ACCURACY_TOLERANCE = 0.15  # DISCO at budget 0.2 after 2 short rounds vs the dense model

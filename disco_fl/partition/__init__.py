@@ -2,10 +2,14 @@
 
 from disco_fl.partition import (  # noqa: F401  (register specs and capture rules)
     aten_rules,
+    capture_attention,
+    capture_layers,
+    capture_tensor,
     ops_attention,
     ops_comm,
     ops_local,
     ops_norm,
+    ops_shape,
     ops_view,
     ops_vision,
 )

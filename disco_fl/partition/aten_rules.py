@@ -2,7 +2,8 @@
 
 One function per family of ATen ops, registered with :func:`~.capture_export.capture_aten`:
 it receives the op's arguments by schema name and emits ops of the registry (see
-:mod:`.ops_local`, :mod:`.ops_comm`, :mod:`.ops_norm`, :mod:`.ops_view`, :mod:`.ops_vision`).
+:mod:`.ops_local`, :mod:`.ops_shape`, :mod:`.ops_comm`, :mod:`.ops_norm`, :mod:`.ops_view`,
+:mod:`.ops_vision`).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from disco_fl.partition.capture import ProgramBuilder, _ConstHolder
+from disco_fl.partition.builder import ProgramBuilder, _ConstHolder
 from disco_fl.partition.program import Program, TensorInfo
 from disco_fl.partition.registry import PartitionError
 
