@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -47,3 +48,27 @@ def flower_run_identity() -> Iterator[None]:
     TaskIdentity.task_id = 0
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+def run_nodes(call: Callable[[int], Any], n: int, timeout: float = 120.0) -> list[Any]:
+    """``call(k)`` for nodes ``k = 0..n-1``, each in its own thread (a household in one
+    process); returns the results in node order, or raises the first node's error."""
+    results: list[Any] = [None] * n
+    errors: list[BaseException | None] = [None] * n
+
+    def go(k: int) -> None:
+        try:
+            results[k] = call(k)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors[k] = e
+
+    threads = [threading.Thread(target=go, args=(k,), daemon=True) for k in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout)
+    assert not any(th.is_alive() for th in threads), f"a node did not finish in {timeout} s"
+    for e in errors:
+        if e is not None:
+            raise e
+    return results

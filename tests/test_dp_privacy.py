@@ -20,6 +20,7 @@ import torch
 from disco_fl.training import NodeTrainer, plan_of
 from disco_fl.training.dp import DPConfig, gaussian_noise, poisson_sample
 from disco_fl.transport import InProcessHub
+from tests.conftest import run_nodes
 from tests.test_training_distributed import _dp_distributed_grads, _dp_setup, _run, _snapshot
 
 SIGMA, CLIP, BATCH = 0.5, 2.0, 8
@@ -257,10 +258,8 @@ def _client_round(
     monkeypatch.setattr(
         ca, "_data", lambda ctx: owner_data if int(ctx.node_config["shard"]) == 0 else none
     )
-    replies: list[Any] = [None, None]
-    errors: list[BaseException | None] = [None, None]
 
-    def go(k: int) -> None:
+    def go(k: int) -> Any:
         ctx = Context(
             run_id=1,
             node_id=k,
@@ -273,18 +272,12 @@ def _client_round(
             state=RecordDict(),
             run_config={},
         )
-        try:
-            replies[k] = ca.train(configs[k], ctx)
-        except BaseException as e:
-            errors[k] = e
+        return ca.train(configs[k], ctx)
 
-    threads = [threading.Thread(target=go, args=(k,), daemon=True) for k in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(120)
-    hub.close()
-    assert errors == [None, None]
+    try:
+        replies = run_nodes(go, 2)
+    finally:
+        hub.close()
     return replies, built, trainers, drawn
 
 

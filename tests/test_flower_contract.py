@@ -5,7 +5,6 @@ the assembled model); the typed round config; the ClientApp holds only its own s
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -30,6 +29,7 @@ from disco_fl.federated import ModelSpec, pack_state, split_global_state, unpack
 from disco_fl.round_config import EvalConfig, TrainConfig
 from strategies import DiscoStrategy
 from strategies.exchange import HouseholdGrid
+from tests.conftest import run_nodes
 
 SPEC = ModelSpec(num_nodes=2)
 
@@ -372,22 +372,10 @@ def test_client_train_round_never_partitions_the_model(
         hub[k].close = lambda *a, **kw: None  # type: ignore[method-assign]
     monkeypatch.setattr(ca, "_transport", lambda cfg, plan, k, *a: hub[k])
     monkeypatch.setattr(ca, "_data", lambda ctx: owner if ctx.node_config["shard"] == 0 else none)
-    replies: list[Any] = [None, None]
-    errors: list[BaseException | None] = [None, None]
-
-    def go(k: int) -> None:
-        try:
-            replies[k] = ca.train(msgs[k], _context(k))
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors[k] = e
-
-    threads = [threading.Thread(target=go, args=(k,), daemon=True) for k in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(120)
-    hub.close()
-    assert errors == [None, None]
+    try:
+        replies = run_nodes(lambda k: ca.train(msgs[k], _context(k)), 2)
+    finally:
+        hub.close()
     for k in range(2):
         got = unpack_state(replies[k].content.array_records["arrays"])
         assert got.keys() == s.pm.shard(k).state_dict().keys()
