@@ -259,7 +259,7 @@ def _worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     times: list[float] = []
     nbytes: list[int] = []
     if mode == "distributed":
-        from disco_fl.emulation import NodeShard
+        from disco_fl.node.shard import NodeShard
         from disco_fl.plan import Plan
         from disco_fl.training import NodeTrainer
 

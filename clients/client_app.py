@@ -50,8 +50,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
-from disco_fl.emulation import NodeShard
 from disco_fl.federated import NodeData, derive_seed, node_data, shard_arrays, shard_from_record
+from disco_fl.node.shard import NodeShard
 from disco_fl.plan import Plan
 from disco_fl.round_config import EvalConfig, RoundConfig, TrainConfig
 

@@ -19,7 +19,17 @@ import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from disco_fl.gates import PairGates, gate_generator, sample_hard_concrete
-from disco_fl.node import Executor, MessageError, Recv, Send, Step, drive, input_batch, schedule
+from disco_fl.node import (
+    Executor,
+    MessageError,
+    Recv,
+    Send,
+    Step,
+    drive,
+    input_batch,
+    message_problem,
+    schedule,
+)
 from disco_fl.node.shard import NodeShard, OpState
 from disco_fl.partition import Op, Program, Traffic, full_open_count, get_spec, plan_open_count
 from disco_fl.plan import Plan
@@ -428,14 +438,17 @@ def backward(
                     gm = decode_tensor(f.tensor, max_bytes=tr.max_message_bytes)
                 except WireError as e:
                     raise PeerFailure(dest, f"bad gradient at layer {layer}: {e}") from e
-                if gm.shape != msg.shape or gm.dtype != msg.dtype:
-                    raise PeerFailure(
-                        dest,
-                        f"gradient of shape {tuple(gm.shape)} at layer {layer} ({op.name}) "
-                        f"for a message of shape {tuple(msg.shape)}",
-                    )
-                if not bool(torch.isfinite(gm).all()):
-                    raise PeerFailure(dest, f"non-finite gradient at layer {layer}")
+                # the one message check: the gradient of a message has the message's shape
+                problem = message_problem(
+                    ctx.program,
+                    op,
+                    gm,
+                    msg.shape[0] if msg.shape else None,
+                    expected=list(msg.shape),
+                    strict=True,
+                )
+                if problem:
+                    raise PeerFailure(dest, f"gradient at layer {layer} ({op.name}): {problem}")
                 if msg.edge is not None:
                     outs.append(msg.edge)
                     gouts.append(gm)
