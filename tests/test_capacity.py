@@ -117,3 +117,38 @@ def test_training_memory_estimate() -> None:
     assert training_memory(uneven, 0, 32).total < training_memory(even, 0, 32).total < need.total
     dp = training_memory(uneven, 1, 32, dp=True)
     assert dp.total == need.total + 32 * params and "per-sample" in dp.explain()
+
+
+@pytest.mark.parametrize(
+    ("name", "caps"),
+    [("resnet_narrow", [1.0, 3.0]), ("user", [1.0, 3.0]), ("resnet_narrow", [1.0, 2.0, 5.0])],
+)
+def test_uneven_plan_shards_and_runtime_equal_emulation(
+    tmp_path: Path, name: str, caps: list[float]
+) -> None:
+    """An exported uneven plan: shard-only execution == emulation, and the runtime over
+    in-process transports == the shards, with the plan's payload bytes on the wire."""
+    from disco_fl.export import load_shard, run_shards
+    from disco_fl.transport import InProcessHub
+    from tests.test_runtime_local import Household, _check_run
+    from tests.test_shards import _random_masks
+    from tests.zoo import ZOO
+
+    n = len(caps)
+    build, shape = ZOO[name]
+    torch.manual_seed(n)
+    model = build().eval()
+    x = torch.randn(*shape)
+    pm = disco_fl.partition(model, n, x, capacities=caps).eval()
+    shares = channel_shares(pm.program)
+    assert shares == sorted(shares) and shares[-1] > 0.5  # really uneven
+    _random_masks(pm, 0.35, seed=n)
+    with torch.no_grad():
+        ref = pm(x)
+    pm.export(tmp_path)
+    nodes = [load_shard(tmp_path / "plan.json", k) for k in range(n)]
+    out = run_shards(nodes, x)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (out - ref).abs().max()
+    hh = Household(nodes, x, out)
+    with InProcessHub(n, num_layers=hh.num_layers) as hub:
+        _check_run(hh, list(hub), "uneven")

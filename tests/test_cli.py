@@ -54,6 +54,7 @@ def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFi
     # the demo checks its settings before starting any process
     assert main(["demo", "--budget", "3", "--out", str(tmp_path / "d")]) == 2
     assert main(["demo", "--households", "0", "--out", str(tmp_path / "d")]) == 2
+    assert main(["demo", "--capacities", "1,0", "--out", str(tmp_path / "d")]) == 2
 
 
 def test_train_capacities_give_uneven_slices(tmp_path: Path) -> None:
