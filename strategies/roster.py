@@ -197,11 +197,12 @@ def check_memory(roster: Mapping[str, Household], needs: Sequence[MemoryNeed]) -
         )
 
 
-def _optional(c: Mapping[str, object], key: str, src: int, kind: type) -> float | int | None:
+def _optional(c: Mapping[str, object], key: str, src: int) -> float | None:
+    """``c[key]`` as a number, None when absent; a :class:`RosterError` naming the node."""
     if c.get(key) is None:
         return None
     try:
-        return rec_float(c, key) if kind is float else rec_int(c, key)  # type: ignore[arg-type]
+        return rec_float(c, key)
     except ValueError as e:
         raise RosterError(f"node {src}: {e}") from e
 
@@ -283,8 +284,8 @@ def query_roster(
                 str(c["peer-address"]),
                 rec_int(c, "num-examples", 0),
                 rec_int(c, "num-eval", 0),
-                _optional(c, "capacity", src, float),
-                _optional(c, "memory-bytes", src, int),  # type: ignore[arg-type]
+                _optional(c, "capacity", src),
+                None if (mem := _optional(c, "memory-bytes", src)) is None else int(mem),
             )
         )
     roster = build_roster(

@@ -16,7 +16,7 @@ def test_help_lists_commands() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "disco_fl.cli", "--help"], capture_output=True, text=True, check=True
     )
-    for cmd in ("demo", "train", "report", "serve", "infer"):
+    for cmd in ("demo", "train", "report", "probe", "serve", "infer"):
         assert cmd in out.stdout
 
 
@@ -57,7 +57,9 @@ def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["demo", "--capacities", "1,0", "--out", str(tmp_path / "d")]) == 2
 
 
-def test_train_capacities_give_uneven_slices(tmp_path: Path) -> None:
+def test_train_capacities_give_uneven_slices(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`disco-fl train --capacities 1,3` at N = 2: node 1 owns about 3/4 of every layer's
     channels (node 0 at least one per layer), in the exported plan as in the summary."""
     import numpy as np
@@ -90,6 +92,9 @@ def test_train_capacities_give_uneven_slices(tmp_path: Path) -> None:
     assert summary["shard_vs_emulation_max_abs_diff"] < 1e-4
     shard_bytes = [s.param_bytes for s in plan.shards]
     assert shard_bytes[1] > 2 * shard_bytes[0]
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "run" / "plan")]) == 0
+    assert f"channel shares per node {shares[0]:.2f}/{shares[1]:.2f}" in capsys.readouterr().out
     # a wrong count of capacities is a clear error before any training
     assert main(["train", "--capacities", "1,2,3", "--nodes", "2", "--dense-epochs", "1",
                  "--out", str(tmp_path / "bad")]) == 2  # fmt: skip
