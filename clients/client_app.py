@@ -10,6 +10,13 @@ Node settings (``flower-supernode --node-config``):
 - ``data`` (str, optional): local training data: a ``.npz`` (``images``, ``labels``) or
   ``builtin:i/n`` (partition i of n of the built-in set's private part); empty: none.
 - ``eval-data`` (str, optional): a ``.npz`` of held-out data (default: 20 % of ``data``).
+- ``capacity`` (number or ``"probe"``, optional): this device's relative throughput (e.g.
+  ``disco-fl probe``'s GFLOP/s); ``"probe"`` measures it when the roster asks (about 1 s).
+  When the nodes report capacities, every layer is sliced in proportion to them.
+- ``memory-bytes`` (int, optional): memory this node can give to the model; default the
+  memory available when the roster asks (``disco-fl probe``: ``MemAvailable`` or the cgroup's
+  headroom, the smaller). The strategy refuses, before training, a node whose shard needs more
+  (``disco_fl.capacity.training_memory``).
 - ``tls-dir`` (str, optional): a folder from ``disco-fl certs`` (``ca.pem``,
   ``node<k>.pem``/``.key``): the peer endpoint then uses mutual TLS, and a peer must present
   its own node's certificate; default plaintext (the per-round household token is checked
@@ -17,7 +24,8 @@ Node settings (``flower-supernode --node-config``):
 
 Handlers:
 
-- ``query``: answers the roster query (household, shard, peer address, example counts).
+- ``query``: answers the roster query (household, shard, peer address, example counts,
+  capacity and memory).
 Every ``train`` / ``evaluate`` message carries this node's shard (packed ``ArrayRecord``) and a
 typed config (:class:`~disco_fl.round_config.TrainConfig` / ``EvalConfig``, read once by
 ``from_config``: a missing or ill-typed key is a clear error). The node rebuilds only its own
@@ -101,9 +109,34 @@ def _identity(context: Context) -> tuple[str, int, str, str]:
     return hh, k, addr, listen
 
 
+def _device(context: Context) -> dict[str, Any]:
+    """``capacity`` (node config: a number or ``"probe"``; absent: not reported) and
+    ``memory-bytes`` (node config, else measured) for the roster."""
+    from disco_fl.probe import available_memory, measure_compute
+
+    out: dict[str, Any] = {}
+    cap = context.node_config.get("capacity")
+    if isinstance(cap, str) and cap.strip().lower() == "probe":
+        cap = measure_compute(1.0).gflops
+    if cap is not None:
+        try:
+            out["capacity"] = float(cap)
+        except ValueError as e:
+            raise ValueError(f"node config capacity={cap!r}: a number or 'probe'") from e
+    mem = context.node_config.get("memory-bytes")
+    if mem is None:
+        mem = available_memory().bytes or None  # 0: unknown, not reported
+    if mem is not None:
+        if isinstance(mem, bool) or not isinstance(mem, (int, float)):
+            raise ValueError(f"node config memory-bytes={mem!r}: a number of bytes")
+        out["memory-bytes"] = int(mem)
+    return out
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Who this node is: household, shard, peer address, local example counts."""
+    """Who this node is: household, shard, peer address, local example counts, capacity and
+    memory (:func:`_device`)."""
     hh, k, addr, _ = _identity(context)
     d = _data(context)
     rec = ConfigRecord(
@@ -113,6 +146,7 @@ def query(msg: Message, context: Context) -> Message:
             "peer-address": addr,
             "num-examples": len(d.y_train),
             "num-eval": len(d.y_eval),
+            **_device(context),
         }
     )
     return Message(RecordDict({"node": rec}), reply_to=msg)

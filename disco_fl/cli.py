@@ -1,4 +1,5 @@
-"""``disco-fl`` command line: ``demo``, ``train``, ``report``, ``serve``, ``infer``, ``certs``."""
+"""``disco-fl`` command line: ``demo``, ``train``, ``report``, ``probe``, ``serve``, ``infer``,
+``certs``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from disco_fl.capacity import channel_shares, parse_capacities
 from disco_fl.comm import CommReport, program_traffic
 from disco_fl.data import (
     MNIST_MEAN,
@@ -77,7 +79,11 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         train_model(model, xtr, ytr, epochs=args.dense_epochs, lr=0.01, seed=args.seed, log=_log)
     dense_acc = evaluate(model, xte, yte)
     _log(f"dense accuracy {dense_acc:.4f}")
-    pm = partition(model, args.nodes, xtr[:2])
+    caps = parse_capacities(args.capacities, args.nodes)
+    pm = partition(model, args.nodes, xtr[:2], capacities=caps)
+    shares = channel_shares(pm.program)
+    if caps:
+        _log(f"uneven slices: capacities {list(caps)}, channel shares {_fmt_shares(shares)}")
     dense_rep = pm.comm_report(args.codec)
     cfg = BudgetConfig(
         budget=args.budget,
@@ -115,6 +121,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         "model": args.model,
         "nodes": args.nodes,
+        "capacities": list(caps) if caps else None,
+        "channel_shares": shares,
         "budget": args.budget,
         "codec": args.codec,
         "accuracy_dense": dense_acc,
@@ -143,6 +151,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _fmt_shares(shares: list[float]) -> str:
+    return "/".join(f"{s:.2f}" for s in shares)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     path = Path(args.plan)
     plan = Plan.load(path / "plan.json" if path.is_dir() else path)
@@ -150,6 +162,33 @@ def cmd_report(args: argparse.Namespace) -> None:
     _print_report(rep, f"plan {plan.hash[:12]}, {plan.num_nodes} nodes")
     for k, s in enumerate(plan.shards):
         print(f"  node {k}: {s.file} {s.param_bytes:,} parameter bytes")
+    print(f"  channel shares per node {_fmt_shares(channel_shares(plan.program))}")
+
+
+def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
+    """``disco-fl probe``: this device's capacity and available memory (:mod:`disco_fl.probe`).
+
+    The compute part only, for now; a link measurement (``--peers``) will add its own entry
+    to the same JSON."""
+    from disco_fl.probe import probe
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    res = probe(args.seconds)
+    c, m = res.compute, res.memory
+    print(
+        f"capacity {res.capacity:.1f} GFLOP/s (matmul {c.matmul_gflops:.1f}, conv "
+        f"{c.conv_gflops:.1f}; {c.threads} threads, {c.seconds:.1f} s)\n"
+        f"memory {res.memory_bytes:,} bytes available ({m.source})\n"
+        f"node config: capacity={res.capacity:g} memory-bytes={res.memory_bytes}"
+    )
+    out = res.to_json()
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        _log(f"wrote {args.json}")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--checkpoint", default=None, help="dense torchvision-style checkpoint to start from"
         )
         p.add_argument("--nodes", type=int, default=4, help="nodes per household (default 4)")
+        p.add_argument(
+            "--capacities",
+            default=None,
+            help="relative capacity per node, e.g. 1,3 (`disco-fl probe`): slices proportional "
+            "to it (default equal slices)",
+        )
         p.add_argument(
             "--budget",
             type=float,
@@ -194,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="communication report of an exported plan")
     p.add_argument("plan", help="plan.json or its folder")
     p.add_argument("--codec", default=None, choices=["fp32", "fp16", "int8"])
+    p = sub.add_parser(
+        "probe",
+        help="measure this device: capacity (matmul + conv GFLOP/s) and available memory, "
+        "for the node config (capacity=..., memory-bytes=...)",
+    )
+    p.add_argument(
+        "--seconds", type=float, default=1.0, help="compute timing, both kernels (default 1)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: the current setting)"
+    )
+    p.add_argument("--json", default=None, help="write the result JSON here")
     serving_commands.add_parsers(sub)
     return ap
 
@@ -207,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_train(args)
         elif args.command == "report":
             cmd_report(args)
+        elif args.command == "probe":
+            cmd_probe(args)
         elif args.command == "serve":
             return serving_commands.cmd_serve(args)
         elif args.command == "infer":

@@ -2,7 +2,8 @@
 
 Steps: pretrain a dense model on the public part of the built-in data (or load
 ``--checkpoint``); start ``flower-superlink`` and one ``flower-supernode`` per node (each
-with its household, shard, peer address and private data partition in ``--node-config``);
+with its household, shard, peer address, private data partition and, with ``--capacities``,
+its ``capacity`` in ``--node-config``: the strategy then slices every layer in proportion);
 ``flwr run`` the DISCO app (``strategies.server_app:app`` / ``clients.client_app:app``) from a
 small app folder whose components point into the installed package; wait for the exported
 plan and shards; start ``disco-fl serve`` on every node of one household; run collaborative
@@ -37,6 +38,7 @@ from disco_fl.deployment import (
 )
 from disco_fl.federated import ModelSpec, builtin_tensors
 from disco_fl.files import save_torch
+from disco_fl.plan import Plan
 
 
 def _save_dense(model: torch.nn.Module, path: Path) -> None:
@@ -104,6 +106,7 @@ def _payload(status: dict[str, Any]) -> int:
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """The whole demo; returns the summary (also written to ``--json``)."""
+    from disco_fl.capacity import channel_shares, parse_capacities
     from disco_fl.emulation import partition
     from disco_fl.models import load_checkpoint_strict
     from disco_fl.train import evaluate, train_model
@@ -114,6 +117,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("households", "nodes", "rounds", "steps", "batch_size", "dense_epochs"):
         if getattr(args, name) < 1 and not (name == "dense_epochs" and args.checkpoint):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    caps = parse_capacities(args.capacities, args.nodes)
     torch.manual_seed(args.seed)
     workdir = Path(args.out).resolve()
     if workdir.exists() and not args.resume:
@@ -150,7 +154,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     _save_dense(dense, dense_path)
     acc_dense = evaluate(dense, x_test, y_test)
     dense_bytes = int(
-        partition(dense, args.nodes, x_test[:2]).comm_report(args.codec).bytes_per_sample
+        partition(dense, args.nodes, x_test[:2], capacities=caps)
+        .comm_report(args.codec)
+        .bytes_per_sample
     )
     progress(f"dense accuracy {acc_dense:.4f} on {len(y_test)} held-out images")
 
@@ -191,10 +197,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         for h in range(args.households):
             for k in range(args.nodes):
                 data = f"builtin:{h}/{args.households}" if k == 0 else ""
-                dep.start_supernode(h, k, data)
+                dep.start_supernode(h, k, data, {"capacity": caps[k]} if caps else None)
         progress(
             f"started {args.households * args.nodes} flower-supernodes: {args.households} "
-            f"households x {args.nodes} nodes (node 0 of each holds its private partition)"
+            f"households x {args.nodes} nodes (node 0 of each holds its private partition"
+            f"{f'; capacities {list(caps)}' if caps else ''})"
         )
         (run_dir / "summary.json").unlink(missing_ok=True)  # a resumed run writes a new one
         dep.flwr_run(app, {})
@@ -205,6 +212,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         fl = wait_for_run(dep, run_dir, args.timeout)
         progress(f"federated fine-tuning done in {fl['seconds']:.0f}s; serving the exported shards")
         acc_disco, sent = serve_and_infer(dep, run_dir / "plan", x_test, y_test)
+        shares = channel_shares(Plan.load(run_dir / "plan" / "plan.json").program)
     finally:
         dep.stop()
         signal.signal(signal.SIGTERM, old)
@@ -218,6 +226,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "epsilon": max(eps.values()) if isinstance(eps, dict) and eps else None,
         "epsilon_per_household": eps if isinstance(eps, dict) else None,
         "nodes": args.nodes,
+        "capacities": list(caps) if caps else None,
+        "channel_shares": shares,
         "households": args.households,
         "rounds": args.rounds,
         "budget": args.budget,
@@ -232,6 +242,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"\nDISCO on Flower: {args.households} households x {args.nodes} nodes, "
         f"{args.rounds} rounds"
+        + (f", channel shares {'/'.join(f'{x:.2f}' for x in shares)}" if caps else "")
     )
     print(f"  {'':<22} {'dense TP':>12} {'DISCO':>12}")
     for name, a, b in rows:
@@ -257,6 +268,12 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--households", type=int, default=2, help="households (default 2)")
     p.add_argument("--nodes", type=int, default=2, help="nodes per household (default 2)")
+    p.add_argument(
+        "--capacities",
+        default=None,
+        help="relative capacity per node, e.g. 1,3 (`disco-fl probe`), given to every "
+        "household's SuperNodes as capacity=...: slices proportional to it (default equal)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
     p.add_argument("--steps", type=int, default=80, help="joint steps per round (default 80)")
     p.add_argument("--batch-size", type=int, default=32)

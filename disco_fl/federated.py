@@ -18,7 +18,7 @@ import io
 import json
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,12 +100,15 @@ class ModelSpec:
     def example(self) -> torch.Tensor:
         return torch.zeros(2, self.in_channels, self.image_size, self.image_size)
 
-    def partition(self, dense: torch.nn.Module | None = None) -> PartitionedModel:
-        """The partitioned model (of ``dense``, default a freshly built one): the server's
-        (and the demo's) view. A node never calls this: the ClientApp rebuilds only its own
-        shard from the round's plan and its record (:func:`shard_from_record`)."""
+    def partition(
+        self, dense: torch.nn.Module | None = None, capacities: Sequence[float] | None = None
+    ) -> PartitionedModel:
+        """The partitioned model (of ``dense``, default a freshly built one; slices
+        proportional to ``capacities``, default equal): the server's (and the demo's) view. A
+        node never calls this: the ClientApp rebuilds only its own shard from the round's plan
+        and its record (:func:`shard_from_record`)."""
         model = dense if dense is not None else self.build_dense()
-        return partition(model, self.num_nodes, self.example())
+        return partition(model, self.num_nodes, self.example(), capacities=capacities)
 
 
 # ---- shards as records -------------------------------------------------------------------

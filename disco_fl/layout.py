@@ -28,7 +28,9 @@ def split_sizes(
     capacities : sequence of float, optional
         Relative capacity of each node. Default ``None`` gives an equal split where the first
         ``total % num_nodes`` nodes get one extra channel. Otherwise sizes are proportional to
-        the capacities (largest-remainder rounding), every node getting at least one channel.
+        the capacities: ``total * c_k / sum(c)`` rounded by largest remainder (a tie goes to
+        the node of smaller capacity, then the lower index), then every node below one channel
+        gets one from the node most above its exact share.
     what : str
         Name used in the error message.
 
@@ -47,16 +49,22 @@ def split_sizes(
     if capacities is None:
         base, extra = divmod(total, num_nodes)
         return [base + (1 if k < extra else 0) for k in range(num_nodes)]
-    if len(capacities) != num_nodes or any(not c > 0 for c in capacities):
+    if len(capacities) != num_nodes or any(not 0 < c < float("inf") for c in capacities):
         raise ValueError(f"capacities must be {num_nodes} positive numbers, got {list(capacities)}")
-    spare = total - num_nodes  # one channel each is guaranteed
     weight = sum(capacities)
-    exact = [spare * c / weight for c in capacities]
+    exact = [total * c / weight for c in capacities]
     sizes = [int(e) for e in exact]
-    order = sorted(range(num_nodes), key=lambda k: exact[k] - sizes[k], reverse=True)
-    for k in order[: spare - sum(sizes)]:
+    order = sorted(range(num_nodes), key=lambda k: (sizes[k] - exact[k], capacities[k], k))
+    for k in order[: total - sum(sizes)]:
         sizes[k] += 1
-    return [s + 1 for s in sizes]
+    for k in range(num_nodes):
+        if sizes[k] == 0:  # total >= num_nodes: some node holds more than one
+            j = max(
+                (j for j in range(num_nodes) if sizes[j] > 1), key=lambda j: sizes[j] - exact[j]
+            )
+            sizes[j] -= 1
+            sizes[k] = 1
+    return sizes
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ One file, ``<checkpoint_dir>/checkpoint.pt``: tensors and plain data only (loade
 :func:`disco_fl.files.save_torch` (temporary file, fsync, rename, fsync of the folder), so a
 killed write leaves the previous checkpoint. Content (:class:`RunState`): the rounds done, the
 total rounds, the settings it must agree with to be resumed, the global arrays (every shard,
-keys ``"<k>/<key>"``), the budget multiplier ``lam``, the per-round history and each
-household's DP history.
+keys ``"<k>/<key>"``), the budget multiplier ``lam``, the per-round history, each
+household's DP history and the capacities the shards were sliced by (a resumed run keeps them).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     # household -> [(sigma, sample rate, committed DP steps)] of its data owners
     dp_history: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
+    capacities: tuple[float, ...] | None = None  # of the partition; None: equal slices
 
 
 def save_run(path: Path, state: RunState) -> None:
@@ -50,6 +51,7 @@ def save_run(path: Path, state: RunState) -> None:
             "lam": state.lam,
             "history": state.history,
             "dp_history": state.dp_history,
+            "capacities": list(state.capacities) if state.capacities else None,
         },
         path,
     )
@@ -81,6 +83,7 @@ def load_run(path: Path, settings: dict[str, Any]) -> RunState | None:
         lam=rec_float(state, "lam"),
         history=list(state["history"]),
         dp_history={h: [tuple(x) for x in v] for h, v in state["dp_history"].items()},
+        capacities=tuple(float(c) for c in caps) if (caps := state.get("capacities")) else None,
     )
 
 

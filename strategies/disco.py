@@ -66,6 +66,7 @@ from strategies.aggregation import (
     train_metrics,
 )
 from strategies.checkpoint import CHECKPOINT_NAME, RunState, load_run, save_run
+from strategies.devices import fit_to_roster, fitted_arrays, set_capacities
 from strategies.exchange import HouseholdGrid
 from strategies.messages import (
     CLIPPING_NORM_KEY,
@@ -184,7 +185,10 @@ class DiscoStrategy(Strategy):
         self.eval_every = int(eval_every)
         self.eval_batch_size = int(eval_batch_size)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.pm = spec.partition()
+        self.capacities: tuple[float, ...] | None = None  # of the nodes (strategies.devices)
+        self.dense = spec.build_dense()  # partitioned again when the roster has capacities
+        self.pm = spec.partition(self.dense)
+        self.made_arrays: ArrayRecord | None = None  # the last initial_arrays()
         self.roster: dict[str, Household] | None = None
         self.round_offset = 0  # rounds done before this start() (resume)
         self.num_rounds = 0  # total rounds of the run (set by start)
@@ -203,15 +207,10 @@ class DiscoStrategy(Strategy):
     def settings(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed."""
         return {
-            "spec": asdict(self.spec),
-            "budget": self.budget,
-            "steps": self.steps,
-            "batch_size": self.batch_size,
-            "finetune_rounds": self.finetune_rounds,
-            "codec": self.codec,
-            "dp": asdict(self.dp) if self.dp else None,
-            "seed": self.seed,
-        }
+            "spec": asdict(self.spec), "budget": self.budget, "steps": self.steps,
+            "batch_size": self.batch_size, "finetune_rounds": self.finetune_rounds,
+            "codec": self.codec, "dp": asdict(self.dp) if self.dp else None, "seed": self.seed,
+        }  # fmt: skip
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
@@ -229,8 +228,9 @@ class DiscoStrategy(Strategy):
         """The global record (all shards, keys ``"<k>/<key>"``) of ``dense`` partitioned
         (default: the strategy's current model)."""
         if dense is not None:
-            self.pm = self.spec.partition(dense)
-        return ArrayRecord(global_state(self.pm))
+            self.dense, self.pm = dense, self.spec.partition(dense, self.capacities)
+        self.made_arrays = ArrayRecord(global_state(self.pm))
+        return self.made_arrays
 
     def _load(self, arrays: ArrayRecord) -> None:
         states = split_global_state(arrays.to_torch_state_dict(), self.spec.num_nodes)
@@ -256,7 +256,8 @@ class DiscoStrategy(Strategy):
 
     # ---- roster ------------------------------------------------------------------------
     def query_roster(self, grid: Grid) -> dict[str, Household]:
-        """Ask every node who it is (:func:`strategies.roster.query_roster`)."""
+        """Ask every node who it is (:func:`strategies.roster.query_roster`); slice by their
+        capacities and check their memory (:func:`strategies.devices.fit_to_roster`)."""
         hgrid = grid if isinstance(grid, HouseholdGrid) else HouseholdGrid(grid)
         self.roster = query_roster(
             hgrid,
@@ -264,6 +265,7 @@ class DiscoStrategy(Strategy):
             num_households=self.num_households,
             query_timeout=self.query_timeout,
         )
+        fit_to_roster(self)
         return self.roster
 
     def _household_of(self, node_id: int) -> tuple[str, int] | None:
@@ -301,15 +303,10 @@ class DiscoStrategy(Strategy):
         self._round_record = {"round": r, "target": target, "mode": mode, "penalty": penalty}
         dp = self.dp
         train: dict[str, Any] = {
-            "steps": self.steps,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "gate_lr": self.gate_lr,
-            "gate_mode": mode,
-            "gate_penalty": penalty,
-            "budget": target,
-            **(dp.train_fields() if dp else {}),
-        }
+            "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
+            "gate_lr": self.gate_lr, "gate_mode": mode, "gate_penalty": penalty,
+            "budget": target, **(dp.train_fields() if dp else {}),
+        }  # fmt: skip
         msgs = train_messages(self.pm, self.roster, self._common(r), train)
         self._t_push = time.time()
         return msgs
@@ -455,6 +452,7 @@ class DiscoStrategy(Strategy):
                 lam=self.lam,
                 history=self.history,
                 dp_history=self.dp_history,
+                capacities=self.capacities,
             ),
         )
 
@@ -473,6 +471,7 @@ class DiscoStrategy(Strategy):
         self.lam = state.lam
         self.history = state.history
         self.dp_history = state.dp_history
+        set_capacities(self, state.capacities)  # the shards' partition
         arrays = ArrayRecord(state.arrays)
         self._load(arrays)
         self._arrays = arrays
@@ -503,7 +502,7 @@ class DiscoStrategy(Strategy):
         hgrid.household_of = self._household_of
         if self.roster is None:
             self.query_roster(hgrid)
-        self._arrays = initial_arrays
+        initial_arrays = self._arrays = fitted_arrays(self, initial_arrays)
         self._evaluate_fn = evaluate_fn
         try:
             result = super().start(

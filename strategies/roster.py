@@ -2,17 +2,22 @@
 
 Every connected node gets a ``query`` message and answers with its ``household``, ``shard``
 index, ``peer-address`` (its peer endpoint for activations), ``num-examples`` (local training
-examples, 0 if it holds none) and ``num-eval`` (held-out examples). :func:`build_roster`
-checks that every household has all N shards exactly once (and, if configured, that the
-expected number of households came); otherwise the run stops with a :class:`RosterError`
-naming what is missing.
+examples, 0 if it holds none), ``num-eval`` (held-out examples) and optionally its
+``capacity`` (relative throughput, e.g. ``disco-fl probe``'s GFLOP/s) and ``memory-bytes``
+(memory it can give to the model). :func:`build_roster` checks that every household has all
+N shards exactly once (and, if configured, that the expected number of households came);
+otherwise the run stops with a :class:`RosterError` naming what is missing.
+:func:`roster_capacities` turns the capacities into the one partition all households train;
+:func:`check_memory` refuses a node whose shard does not fit the memory it reports
+(:class:`NodeMemoryError`), before any training.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -20,12 +25,17 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
-from disco_fl.federated import rec_int
+from disco_fl.capacity import MemoryNeed, shared_capacities
+from disco_fl.federated import rec_float, rec_int
 from strategies.exchange import POLL_S, HouseholdGrid
 
 
 class RosterError(ValueError):
     """The nodes do not form complete households (checked before any training)."""
+
+
+class NodeMemoryError(RosterError):
+    """A node reports less memory than its shard needs to train (checked before training)."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,8 @@ class NodeInfo:
     address: str
     num_examples: int = 0
     num_eval: int = 0
+    capacity: float | None = None  # relative throughput; None: not reported
+    memory_bytes: int | None = None  # memory it can give to the model; None: not reported
 
 
 @dataclass
@@ -119,6 +131,13 @@ def build_roster(
             problems.append(f"household {name!r}: no node holds training data")
             continue
         households[name] = hh
+    for i in infos:
+        if i.capacity is not None and not (math.isfinite(i.capacity) and i.capacity > 0):
+            problems.append(
+                f"node {i.node_id}: capacity must be a positive number, got {i.capacity}"
+            )
+        if i.memory_bytes is not None and i.memory_bytes < 0:
+            problems.append(f"node {i.node_id}: memory-bytes must be >= 0, got {i.memory_bytes}")
     addrs = [i.address for i in infos]
     for a in sorted({a for a in addrs if addrs.count(a) > 1}):
         problems.append(f"peer address {a} is used by several nodes")
@@ -130,6 +149,69 @@ def build_roster(
     if problems:
         raise RosterError("incomplete households, no training started: " + "; ".join(problems))
     return households
+
+
+def roster_capacities(roster: Mapping[str, Household], num_nodes: int) -> tuple[float, ...] | None:
+    """The capacity of each shard the partition follows, or None (equal slices) when no node
+    reports one. Every household trains the same partition (shard ``k`` is averaged across
+    households): :func:`~disco_fl.capacity.shared_capacities` of the households' reports.
+    A :class:`RosterError` names the nodes without a capacity when others report one."""
+    nodes = [(h, n) for h, hh in sorted(roster.items()) for _, n in sorted(hh.nodes.items())]
+    if all(n.capacity is None for _, n in nodes):
+        return None
+    missing = [
+        f"node {n.node_id} (household {h!r}, shard {n.shard})"
+        for h, n in nodes
+        if n.capacity is None
+    ]
+    if missing:
+        raise RosterError(
+            f"{', '.join(missing)} report no capacity while other nodes do: set capacity=... "
+            "(or capacity='probe') in the node config of every node, or of none"
+        )
+    return shared_capacities(
+        [
+            [float(hh.nodes[k].capacity or 0) for k in range(num_nodes)]
+            for _, hh in sorted(roster.items())
+        ]
+    )
+
+
+def check_memory(roster: Mapping[str, Household], needs: Sequence[MemoryNeed]) -> None:
+    """Refuse (:class:`NodeMemoryError`) every node whose reported ``memory-bytes`` is below
+    the estimated need of its shard ``needs[k]`` (:func:`disco_fl.capacity.training_memory`),
+    naming the node, its memory and the need. Nodes that report no memory are not checked."""
+    problems = []
+    for h, hh in sorted(roster.items()):
+        for k, n in sorted(hh.nodes.items()):
+            if n.memory_bytes is not None and n.memory_bytes < needs[k].total:
+                problems.append(
+                    f"node {n.node_id} (household {h!r}, shard {k}, {n.address}) reports "
+                    f"{n.memory_bytes:,} bytes of memory, its shard needs about "
+                    f"{needs[k].total:,} to train ({needs[k].explain()})"
+                )
+    if problems:
+        raise NodeMemoryError(
+            "not enough memory, no training started: " + "; ".join(problems) + ". Give the "
+            "node a smaller capacity (a smaller slice), a smaller batch-size, or more memory"
+        )
+
+
+def _optional(c: Mapping[str, object], key: str, src: int) -> float | None:
+    """``c[key]`` as a number, None when absent; a :class:`RosterError` naming the node."""
+    if c.get(key) is None:
+        return None
+    try:
+        return rec_float(c, key)
+    except ValueError as e:
+        raise RosterError(f"node {src}: {e}") from e
+
+
+def _device(n: NodeInfo) -> str:
+    parts = [f"capacity {n.capacity:g}" if n.capacity is not None else ""]
+    parts.append(f"{n.memory_bytes / 2**20:,.0f} MiB" if n.memory_bytes is not None else "")
+    got = ", ".join(p for p in parts if p)
+    return f" ({got})" if got else ""
 
 
 def household_of(roster: dict[str, Household], node_id: int) -> tuple[str, int] | None:
@@ -202,6 +284,8 @@ def query_roster(
                 str(c["peer-address"]),
                 rec_int(c, "num-examples", 0),
                 rec_int(c, "num-eval", 0),
+                _optional(c, "capacity", src),
+                None if (mem := _optional(c, "memory-bytes", src)) is None else int(mem),
             )
         )
     roster = build_roster(
@@ -220,11 +304,21 @@ def query_roster(
             INFO,
             "roster: household %r: %s (data on shards %s, %d examples)",
             hh.name,
-            ", ".join(f"{k}@{n.address}" for k, n in sorted(hh.nodes.items())),
+            ", ".join(f"{k}@{n.address}{_device(n)}" for k, n in sorted(hh.nodes.items())),
             hh.owners,
             hh.num_examples,
         )
     return roster
 
 
-__all__ = ["Household", "NodeInfo", "RosterError", "build_roster", "household_of", "query_roster"]
+__all__ = [
+    "Household",
+    "NodeInfo",
+    "NodeMemoryError",
+    "RosterError",
+    "build_roster",
+    "check_memory",
+    "household_of",
+    "query_roster",
+    "roster_capacities",
+]

@@ -13,6 +13,10 @@ see :class:`~disco_fl.federated.ModelSpec`), ``households`` (expected households
 ``initial-checkpoint`` (dense state dict to start from; empty: the model's initialization),
 ``run-dir`` (checkpoint, exported plan and ``summary.json`` go there; a run resumes from its
 checkpoint).
+
+Devices that differ are described by the nodes, not the run config: each SuperNode's
+``capacity`` and ``memory-bytes`` (see ``clients.client_app``) decide the slices and the
+memory check (:mod:`strategies.devices`).
 """
 
 from __future__ import annotations
@@ -136,6 +140,7 @@ def _main(grid: Grid, context: Context) -> None:
         "rounds": num_rounds,
         "households": sorted(strategy.roster or {}),
         "nodes": strategy.spec.num_nodes,
+        "capacities": list(strategy.capacities) if strategy.capacities else None,
         "budget": strategy.budget,
         "exchange_fraction": achieved,
         "bytes_per_sample": rep.bytes_per_sample,

@@ -1,7 +1,9 @@
 """The Flower deployment with real processes on loopback: SuperLink, SuperNodes, ``flwr run``.
 
-- the demo path (``disco-fl demo``, small settings) writes its JSON and DISCO's accuracy is
-  within ``ACCURACY_TOLERANCE`` of dense;
+- the demo path (``disco-fl demo``, small settings, devices of capacities 1:3) writes its
+  JSON, slices by capacity (the SuperNodes report it, the strategy partitions, ``disco-fl
+  serve`` serves the uneven plan) and DISCO's accuracy is within ``ACCURACY_TOLERANCE`` of
+  dense;
 - a SuperNode killed mid-round: the failure is logged, the round completes for the other
   household, the checkpoint is consistent, and a new deployment resumes the run from it;
 - a household missing a shard: a clear error before any training.
@@ -85,7 +87,7 @@ def test_demo_writes_json_and_disco_is_close_to_dense(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "disco_fl.cli", "demo",
         "--households", "2", "--nodes", "2", "--rounds", "2", "--steps", "25",
-        "--budget", "0.2", "--dense-epochs", "3",
+        "--budget", "0.2", "--dense-epochs", "3", "--capacities", "1,3",
         "--out", str(tmp_path / "work"), "--json", str(out),
     ]  # fmt: skip
     p = _run_demo(cmd, dict(os.environ, OMP_NUM_THREADS="1"))
@@ -97,6 +99,7 @@ def test_demo_writes_json_and_disco_is_close_to_dense(tmp_path: Path) -> None:
     }  # fmt: skip
     assert keys <= s.keys()
     assert (s["nodes"], s["households"], s["rounds"], s["epsilon"]) == (2, 2, 2, None)
+    assert s["capacities"] == [1.0, 3.0] and 0.2 <= s["channel_shares"][0] <= 0.3
     assert s["bytes_per_sample_disco"] < 0.5 * s["bytes_per_sample_dense"]
     assert s["accuracy_dense"] > 0.8
     assert s["accuracy_disco"] >= s["accuracy_dense"] - ACCURACY_TOLERANCE, s

@@ -121,7 +121,9 @@ class Household:
                     p.wait(5)
 
 
-def _export(tmp: Path, name: str, n: int, codec: str = "fp32") -> tuple[Path, Any, torch.Tensor]:
+def _export(
+    tmp: Path, name: str, n: int, codec: str = "fp32", capacities: list[float] | None = None
+) -> tuple[Path, Any, torch.Tensor]:
     if name == "vit":
         from disco_fl.models import build_model
 
@@ -131,7 +133,7 @@ def _export(tmp: Path, name: str, n: int, codec: str = "fp32") -> tuple[Path, An
     torch.manual_seed(n)
     model = build().eval()
     x = torch.randn(*shape)
-    pm = disco_fl.partition(model, n, x).eval()
+    pm = disco_fl.partition(model, n, x, capacities=capacities).eval()
     _random_masks(pm, 0.35, seed=n)
     meta = {"input": {"mean": [MEAN] * shape[1], "std": [STD] * shape[1]}}
     pm.export(tmp, codec=codec, meta=meta)
@@ -218,6 +220,23 @@ def test_int8_plan_over_processes(
     assert (out - ref).abs().max().item() <= 1e-3
     counted = {**_payload(hh.addrs[0], 0), **_payload(hh.addrs[1], 1)}
     assert counted == _expected_payload(Plan.load(plan_dir / "plan.json"), x.shape[0])
+
+
+def test_uneven_plan_over_processes(
+    tmp_path: Path, start_household: Callable[..., Household]
+) -> None:
+    """Devices that differ: a plan sliced 1:3 (``capacities``) served by two processes."""
+    plan_dir, pm, x = _export(tmp_path / "plan", "resnet_narrow", 2, capacities=[1.0, 3.0])
+    plan = Plan.load(plan_dir / "plan.json")
+    conv1 = plan.program.infos["conv1"].layout
+    assert conv1 is not None and (conv1.count(0), conv1.count(1)) == (2, 6)
+    hh = start_household(plan_dir, 2)
+    with InferenceSession(hh.addrs[0]) as s:
+        out = s.infer(x)
+    with torch.no_grad():
+        assert (out - pm(x)).abs().max().item() <= 1e-5
+    counted = {**_payload(hh.addrs[0], 0), **_payload(hh.addrs[1], 1)}
+    assert counted == _expected_payload(plan, x.shape[0])
 
 
 @pytest.mark.parametrize("name", ["bottleneck", "user", "vit"])
