@@ -10,16 +10,16 @@ import pytest
 import torch
 
 import disco_fl
-from disco_fl.capacity import (
+from disco_fl.cli.main import main
+from disco_fl.core.layout import split_sizes
+from disco_fl.emulation.capacity import (
     channel_shares,
     parse_capacities,
     shared_capacities,
     training_memory,
 )
-from disco_fl.cli import main
-from disco_fl.layout import split_sizes
 from disco_fl.models import build_model
-from disco_fl.probe import available_memory, measure_compute, probe
+from disco_fl.runtime.probe import available_memory, measure_compute, probe
 
 
 def test_probe_is_positive_and_bounded() -> None:
@@ -41,7 +41,7 @@ def test_probe_is_positive_and_bounded() -> None:
 def test_memory_is_the_smaller_of_meminfo_and_cgroup(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import disco_fl.probe as probe_mod
+    import disco_fl.runtime.probe as probe_mod
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal: 8000 kB\nMemAvailable: 4000 kB\n")
@@ -128,8 +128,8 @@ def test_uneven_plan_shards_and_runtime_equal_emulation(
 ) -> None:
     """An exported uneven plan: shard-only execution == emulation, and the runtime over
     in-process transports == the shards, with the plan's payload bytes on the wire."""
-    from disco_fl.export import load_shard, run_shards
-    from disco_fl.transport import InProcessHub
+    from disco_fl.emulation.export import load_shard, run_shards
+    from disco_fl.runtime.transport import InProcessHub
     from tests.test_runtime_local import Household, _check_run
     from tests.test_shards import _random_masks
     from tests.zoo import ZOO

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from disco_fl.cli import main
+from disco_fl.cli.main import main
 
 
 def test_help_lists_commands() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "disco_fl.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "disco_fl.cli.main", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     for cmd in ("demo", "train", "report", "probe", "serve", "infer"):
         assert cmd in out.stdout
@@ -64,9 +67,9 @@ def test_train_capacities_give_uneven_slices(
     channels (node 0 at least one per layer), in the exported plan as in the summary."""
     import numpy as np
 
-    from disco_fl.capacity import channel_shares
     from disco_fl.data import load_builtin
-    from disco_fl.plan import Plan
+    from disco_fl.emulation.capacity import channel_shares
+    from disco_fl.partition.plan import Plan
 
     images, labels = load_builtin()
     data = tmp_path / "small.npz"

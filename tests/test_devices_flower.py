@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from disco_fl.capacity import channel_shares, training_memory
-from disco_fl.federated import ModelSpec, split_global_state, unpack_state
-from disco_fl.plan import Plan
-from strategies import DiscoStrategy, NodeInfo, RosterError, build_roster
-from strategies.roster import NodeMemoryError, check_memory, roster_capacities
+from disco_fl.emulation.capacity import channel_shares, training_memory
+from disco_fl.fl.federated import ModelSpec, split_global_state, unpack_state
+from disco_fl.fl.server import DiscoStrategy, NodeInfo, RosterError, build_roster
+from disco_fl.fl.server.roster import NodeMemoryError, check_memory, roster_capacities
+from disco_fl.partition.plan import Plan
 from tests.test_flower_contract import NODES, SimGrid
 
 SPEC = ModelSpec(num_nodes=2)
@@ -133,7 +133,7 @@ def test_strategy_refuses_a_node_without_memory_before_training(tmp_path: Path) 
 
 
 def test_client_reports_capacity_and_memory() -> None:
-    from clients.client_app import _device
+    from disco_fl.fl.client_app import _device
 
     def ctx(**cfg: Any) -> Any:
         return SimpleNamespace(node_config=cfg)

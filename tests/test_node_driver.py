@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import disco_fl
-from disco_fl.export import ShardNode, load_shard, run_shards
+from disco_fl.emulation.export import ExportedShard, load_shard, run_shards
 from disco_fl.node import TURN, Executor, MessageError, Recv, Send, drive, run_lockstep, schedule
 from disco_fl.partition import plan_open_count
 from tests.zoo import ZOO
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[ShardNode], torch.Tensor]:
+def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[ExportedShard], torch.Tensor]:
     torch.manual_seed(0)
     model = ZOO["resnet_narrow"][0]().eval()
     x = torch.randn(3, 1, 28, 28)
@@ -30,7 +30,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[ShardNode], t
     return [load_shard(out / "plan.json", k) for k in range(2)], x
 
 
-def _drivers(nodes: list[ShardNode], x: torch.Tensor, **kw: object) -> list:
+def _drivers(nodes: list[ExportedShard], x: torch.Tensor, **kw: object) -> list:
     plan = nodes[0].plan
     return [
         drive(
@@ -106,7 +106,7 @@ def test_the_deadline_is_checked_before_every_op(shards) -> None:
         next(late)
 
 
-class _Mute(ShardNode):
+class _Mute(ExportedShard):
     """A node whose exchanges send nothing, whatever the plan says."""
 
     def send_selection(self, op, dest):  # type: ignore[no-untyped-def]
@@ -121,7 +121,7 @@ def test_sends_that_differ_from_the_schedule_are_refused(shards) -> None:
         with pytest.raises(RuntimeError, match="the plan's traffic says"):
             run_lockstep(plan.program, nodes, x, plan.codec, open_count=plan_open_count(plan))
     finally:
-        nodes[0].__class__ = ShardNode
+        nodes[0].__class__ = ExportedShard
 
 
 def test_one_node_yields_only_turns(tmp_path: Path) -> None:

@@ -27,14 +27,14 @@ import pytest
 import torch
 
 import disco_fl
-from disco_fl.comm import program_traffic
-from disco_fl.demo import free_ports
-from disco_fl.export import load_shard, run_shards
-from disco_fl.plan import Plan
+from disco_fl.cli.demo import free_ports
+from disco_fl.emulation.comm import program_traffic
+from disco_fl.emulation.export import load_shard, run_shards
+from disco_fl.partition.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
+from disco_fl.runtime.serving import InferenceError, InferenceSession
+from disco_fl.runtime.transport.grpc_transport import GrpcTransport, HandshakeError
 from disco_fl.security import TLSFiles, channel_credentials, make_household_certs
-from disco_fl.serving import InferenceError, InferenceSession
-from disco_fl.transport.grpc_transport import GrpcTransport, HandshakeError
 from tests.test_shards import _random_masks
 from tests.zoo import ZOO
 
@@ -70,7 +70,7 @@ class Household:
         cmd = [
             sys.executable,
             "-m",
-            "disco_fl.cli",
+            "disco_fl.cli.main",
             "serve",
             str(self.plan_dir),
             "--node",
@@ -270,7 +270,7 @@ def test_infer_command_with_npz_and_images(
         [
             sys.executable,
             "-m",
-            "disco_fl.cli",
+            "disco_fl.cli.main",
             "infer",
             str(tmp_path / "in.npz"),
             str(tmp_path / "a.png"),
