@@ -195,9 +195,15 @@ def load_shard(
 
 
 def run_shards(
-    nodes: Sequence[ExportedShard], x: torch.Tensor, codec: Codec | str | None = None
+    nodes: Sequence[ExportedShard],
+    x: torch.Tensor,
+    codec: Codec | str | None = None,
+    *,
+    overlap: bool = True,
 ) -> torch.Tensor:
-    """Shard-only execution of all nodes in this process (in-process exchange)."""
+    """Shard-only execution of all nodes in this process (in-process exchange), with the
+    arithmetic of the network runtime (``overlap`` as :func:`~disco_fl.runtime.inference.run_node`:
+    equal to it bit for bit)."""
     if not nodes:
         raise ValueError("no nodes")
     plan = nodes[0].plan
@@ -205,5 +211,10 @@ def run_shards(
         raise PlanError("nodes were loaded from different plans")
     with torch.no_grad():
         return run_lockstep(
-            plan.program, nodes, x, codec or plan.codec, open_count=plan_open_count(plan)
+            plan.program,
+            nodes,
+            x,
+            codec or plan.codec,
+            open_count=plan_open_count(plan),
+            overlap=overlap,
         )
