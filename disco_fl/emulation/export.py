@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,14 +200,17 @@ def run_shards(
     codec: Codec | str | None = None,
     *,
     overlap: bool = True,
+    missing: Collection[int] = (),
 ) -> torch.Tensor:
     """Shard-only execution of all nodes in this process (in-process exchange), with the
     arithmetic of the network runtime (``overlap`` as :func:`~disco_fl.runtime.inference.run_node`:
-    equal to it bit for bit)."""
+    equal to it bit for bit). ``missing``: nodes that do not run (their channels closed, as
+    the runtime's degraded mode); ``nodes`` may hold anything at their places."""
     if not nodes:
         raise ValueError("no nodes")
-    plan = nodes[0].plan
-    if any(n.plan.hash != plan.hash for n in nodes):
+    present = [n for k, n in enumerate(nodes) if k not in set(missing)]
+    plan = present[0].plan
+    if any(n.plan.hash != plan.hash for n in present):
         raise PlanError("nodes were loaded from different plans")
     with torch.no_grad():
         return run_lockstep(
@@ -217,4 +220,5 @@ def run_shards(
             codec or plan.codec,
             open_count=plan_open_count(plan),
             overlap=overlap,
+            missing=missing,
         )

@@ -47,6 +47,15 @@ class Recv:
 
 FLUSH = "flush"  # yielded after the sends of an op: a good moment to put frames on the wire
 TURN = "turn"  # yielded after every op: a good moment to let other work run
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+# the answer to a Recv whose sender is missing (degraded mode): the executor substitutes it
+MISSING: Any = _Missing()
 Event = Send | Recv | str
 
 
@@ -85,6 +94,25 @@ class Executor:
 
     def compute(self, step: Step, xs: list[Any], received: dict[int, torch.Tensor]) -> Any:
         return step.spec.compute(step.op, self.ctx, xs, received)
+
+    def substitute(self, step: Step, src: int, traffic: Traffic, own: Any) -> torch.Tensor | None:
+        """What stands for the message of a missing node ``src`` (degraded mode): zeros for its
+        channels of an exchanged or output tensor (its channels are closed), nothing for
+        normalization statistics (they combine over the nodes present). Other messages
+        cannot be done without: ``MessageError``."""
+        op = step.op
+        if traffic.coded and op.kind in ("exchange", "output") and isinstance(own, torch.Tensor):
+            channels = self.channels(step, src, traffic)
+            shape = expected_shape(self.program, op, src, own, channels)
+            if shape is not None:
+                return own.new_zeros(shape)
+        if not traffic.coded:
+            return None
+        raise MessageError(
+            f"layer {step.layer} ({op.name}, {op.kind}): cannot go on without node {src}'s message",
+            src=src,
+            layer=step.layer,
+        )
 
     def done(
         self,
@@ -138,7 +166,9 @@ def drive(
 
     def receive(st: Step, src: int, traffic: Traffic, own: Any) -> Generator[Event, Any, Any]:
         t = yield Recv(st, src)
-        assert isinstance(t, torch.Tensor), "a Recv must be answered with a tensor"
+        if t is MISSING:
+            return executor.substitute(st, src, traffic, own)
+        assert isinstance(t, torch.Tensor), "a Recv must be answered with a tensor or MISSING"
         channels = executor.channels(st, src, traffic)
         problem = message_problem(
             program,
@@ -195,7 +225,9 @@ def drive(
                 offset += got[src].shape[cdim]
         else:
             for src, traffic in st.in_from:
-                received[src] = yield from receive(st, src, traffic, xs[0] if xs else None)
+                t = yield from receive(st, src, traffic, xs[0] if xs else None)
+                if t is not None:  # None: a missing node's statistics, left out
+                    received[src] = t
             value = executor.compute(st, xs, received)
         env[op.name] = value
         if (b := input_batch(op, value)) is not None:

@@ -7,13 +7,13 @@ normalization statistics stay fp32.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
 
 from disco_fl.core.codecs import Codec, get_codec
-from disco_fl.node.driver import Executor, Recv, Send, drive
+from disco_fl.node.driver import MISSING, Executor, Recv, Send, drive
 from disco_fl.node.schedule import schedule
 from disco_fl.partition import Program, full_open_count
 from disco_fl.partition.registry import NodeContext, OpenCount
@@ -27,6 +27,7 @@ def run_lockstep(
     open_count: OpenCount | None = None,
     *,
     overlap: bool = False,
+    missing: Collection[int] = (),
 ) -> torch.Tensor:
     """Run every node of ``program`` in this process; return the requester's output.
 
@@ -34,12 +35,18 @@ def run_lockstep(
     channel of the slice, as the emulation's masked messages; shards of a plan send the
     plan's open channels only). ``overlap``: readers of an exchange compute their own
     channels' part before they take the peers' messages (:func:`~disco_fl.node.drive`).
+    ``missing``: nodes that do not run (a household with devices gone, degraded mode); the
+    others get :data:`~disco_fl.node.MISSING` for their messages, as the runtime's degraded
+    mode gives them.
     """
     codec = get_codec(codec) if isinstance(codec, str) else codec
     n = program.num_nodes
     if len(nodes) != n:
         raise ValueError(f"expected {n} nodes, got {len(nodes)}")
     count = open_count or full_open_count(program)
+    gone = set(missing)
+    if program.requester in gone:
+        raise ValueError(f"the requester (node {program.requester}) cannot be missing")
     drivers = [
         drive(
             schedule(program, k, count, codec.name),
@@ -51,17 +58,20 @@ def run_lockstep(
     mail: dict[tuple[int, int, int], torch.Tensor] = {}  # (layer, src, dst) -> message
     want: list[Any] = [None] * n  # what each driver waits for (a Recv), or None to start
     results: list[Any] = [None] * n
-    running = set(range(n))
+    running = set(range(n)) - gone
     while running:
         progressed = False
         for k in sorted(running):
-            reply: torch.Tensor | None = None
+            reply: Any = None
             w = want[k]
             if isinstance(w, Recv):
                 key = (w.step.layer, w.src, k)
-                if key not in mail:
+                if w.src in gone:
+                    reply = MISSING
+                elif key not in mail:
                     continue
-                reply = mail.pop(key)
+                else:
+                    reply = mail.pop(key)
             try:
                 event = drivers[k].send(reply) if w is not None else next(drivers[k])
                 while not isinstance(event, Recv):

@@ -37,7 +37,17 @@ from disco_fl.core.wire import (
     frame_kind_problem,
 )
 from disco_fl.emulation.export import ExportedShard
-from disco_fl.node import FLUSH, Executor, MessageError, Recv, Send, Step, drive, schedule
+from disco_fl.node import (
+    FLUSH,
+    MISSING,
+    Executor,
+    MessageError,
+    Recv,
+    Send,
+    Step,
+    drive,
+    schedule,
+)
 from disco_fl.partition import plan_open_count
 from disco_fl.partition.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2
@@ -86,9 +96,10 @@ def node_schedule(node: ExportedShard) -> list[Step]:
     return cached
 
 
-_Want = tuple[int, int]  # (layer, src): the frame the node waits for next
+_Want = tuple[int, int, float]  # (layer, src, until): the frame the node waits for next, and
+# until when (time.monotonic()) it waits
 _FLUSH = None  # yielded by _node_steps after an op that sent frames (see run_node_async)
-_TURN: _Want = (-1, -1)  # yielded by _node_steps after every op (the driver may yield the loop)
+_TURN: _Want = (-1, -1, 0.0)  # yielded by _node_steps after every op (the loop may run)
 
 
 def _node_steps(
@@ -101,14 +112,21 @@ def _node_steps(
     max_message_bytes: int,
     deadline: float,
     overlap: bool,
+    degraded_wait: float | None,
+    missing: set[int],
     /,
 ) -> Generator[_Want | None, Frame, torch.Tensor | None]:
     """The node's program (:func:`~disco_fl.node.drive`) with its messages as frames: yields
-    ``(layer, src)`` for every frame it needs (the caller sends the frame in, or throws the
-    caller's ``TimeoutError`` / :class:`~disco_fl.runtime.transport.base.PeerDownError` in),
-    ``None`` after an op that sent frames and ``_TURN`` after every op; returns the output
-    (requester) or ``None``. One implementation for the blocking driver (:func:`run_node`)
-    and the event-loop driver (:func:`run_node_async`)."""
+    ``(layer, src, until)`` for every frame it needs (the caller sends the frame in, or throws
+    the caller's ``TimeoutError`` / :class:`~disco_fl.runtime.transport.base.PeerDownError`
+    in), ``None`` after an op that sent frames and ``_TURN`` after every op; returns the
+    output (requester) or ``None``. One implementation for the blocking driver
+    (:func:`run_node`) and the event-loop driver (:func:`run_node_async`).
+
+    Degraded mode (``degraded_wait`` seconds, not ``None``): a peer that sends nothing within
+    that long, is unreachable or reports a failure joins ``missing``; its messages are
+    replaced as the executor says (zeros for its channels, its statistics left out) and
+    nothing more is sent to or awaited from it in this session."""
     plan: Plan = node.plan
     program = plan.program
     k = node.index
@@ -146,15 +164,36 @@ def _node_steps(
                         src=k,
                         dst=event.dest,
                     )
-                    encode_tensor(event.tensor, st.wire_codec, out=frame.tensor)
-                    send(frame)
+                    if event.dest not in missing:
+                        encode_tensor(event.tensor, st.wire_codec, out=frame.tensor)
+                        try:
+                            send(frame)
+                        except Exception:
+                            if degraded_wait is None:
+                                raise
+                            missing.add(event.dest)  # gone: its channels count as closed
                     sent.add(event.dest)
                     event = next(program_steps)
                 elif isinstance(event, Recv):
                     st, src = event.step, event.src
                     if st.layer != layer:
                         layer, sent = st.layer, set()
-                    f = yield from _receive(st, src, program.num_nodes, session_id, timeout)
+                    f = None
+                    if src not in missing:
+                        until = deadline
+                        if degraded_wait is not None:
+                            until = min(deadline, time.monotonic() + degraded_wait)
+                        f = yield from _receive(
+                            st, src, program.num_nodes, session_id, timeout, until,
+                            degraded_wait is not None,
+                        )  # fmt: skip
+                    if f is None:  # a missing node (degraded mode)
+                        missing.add(src)
+                        try:
+                            event = program_steps.send(MISSING)
+                        except MessageError as e:
+                            raise PeerError(str(e)) from None
+                        continue
                     problem = frame_kind_problem(f, st.direction, st.wire_enum)
                     if problem:
                         raise PeerError(
@@ -186,14 +225,23 @@ def _node_steps(
 
 
 def _receive(
-    st: Step, src: int, num_nodes: int, session_id: str, timeout: float
-) -> Generator[_Want, Frame, Frame]:
+    st: Step,
+    src: int,
+    num_nodes: int,
+    session_id: str,
+    timeout: float,
+    until: float,
+    degraded: bool,
+) -> Generator[_Want, Frame, Frame | None]:
     """Wait for ``src``'s frame of ``st`` (the caller sends it in); a peer's error frame, a
-    timeout or a dead peer become the errors that name the failed node."""
+    timeout or a dead peer become the errors that name the failed node, or, ``degraded``,
+    ``None`` (the peer is missing; a peer too busy to take the session still fails it)."""
     layer, op, k = st.layer, st.op, st.node
     try:
-        f = yield (layer, src)
+        f = yield (layer, src, until)
     except TimeoutError:
+        if degraded:
+            return None
         raise PeerStalledError(
             f"node {src} stalled: node {k} got no message from node {src} for "
             f"layer {layer} ({op.name}) within the deadline of {timeout:g} s "
@@ -202,9 +250,13 @@ def _receive(
             observer=k,
         ) from None
     except PeerDownError as e:
+        if degraded:
+            return None
         raise PeerError(
             f"node {k}: peer {src} is unreachable (layer {layer}, {op.name}): {e}"
         ) from None
+    if degraded and f.error and BUSY_TAG not in f.error:
+        return None
     stalled = f.stalled_node if f.HasField("stalled_node") else None
     if f.error and stalled is not None and stalled < num_nodes:
         raise PeerStalledError(
@@ -228,6 +280,8 @@ def run_node(
     step: int = 0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     overlap: bool = True,
+    degraded_wait: float | None = None,
+    missing: set[int] | None = None,
 ) -> torch.Tensor | None:
     """Run ``node`` (a :class:`~disco_fl.emulation.export.ExportedShard`) for one input over
     ``transport``.
@@ -240,11 +294,19 @@ def run_node(
     :class:`~disco_fl.core.wire.WireError` (a malformed message). The session's frames are
     dropped from the mailbox when the call returns; a ``session_id`` must not be reused.
     Waits block the calling thread (see :func:`run_node_async` for an event loop).
+
+    ``overlap``: mixing layers compute their own channels' part while the peers' travel
+    (:func:`~disco_fl.node.drive`). ``degraded_wait``: degraded mode, a household that
+    survives a missing device: a peer that sends nothing for that many seconds, is
+    unreachable or fails is treated as missing for the rest of the session (its channels
+    closed, its statistics left out) instead of failing the call; the nodes found missing are
+    added to ``missing``.
     """
     deadline = time.monotonic() + timeout
     steps = _node_steps(
-        node, transport, x, session_id, timeout, step, max_message_bytes, deadline, overlap
-    )
+        node, transport, x, session_id, timeout, step, max_message_bytes, deadline, overlap,
+        degraded_wait, missing if missing is not None else set(),
+    )  # fmt: skip
     try:
         want = next(steps)
         while True:
@@ -252,7 +314,7 @@ def run_node(
                 want = next(steps)
                 continue
             try:
-                left = max(0.0, deadline - time.monotonic())
+                left = max(0.0, want[2] - time.monotonic())
                 f = transport.recv(session_id, want[0], want[1], left, step=step)
             except BaseException as e:
                 want = steps.throw(e)
@@ -279,6 +341,8 @@ async def run_node_async(
     step: int = 0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     overlap: bool = True,
+    degraded_wait: float | None = None,
+    missing: set[int] | None = None,
 ) -> torch.Tensor | None:
     """:func:`run_node` as a coroutine on the transport's event loop (same arguments, same
     result and errors): the node computes on the loop's thread and waits for frames without
@@ -289,8 +353,9 @@ async def run_node_async(
     the other sessions' frames and deadlines) for longer than one op."""
     deadline = time.monotonic() + timeout
     steps = _node_steps(
-        node, transport, x, session_id, timeout, step, max_message_bytes, deadline, overlap
-    )
+        node, transport, x, session_id, timeout, step, max_message_bytes, deadline, overlap,
+        degraded_wait, missing if missing is not None else set(),
+    )  # fmt: skip
     clock = time.perf_counter
     turned = clock()  # when this session last let the loop run
     try:
@@ -308,7 +373,7 @@ async def run_node_async(
                 want = next(steps)
                 continue
             try:
-                left = max(0.0, deadline - time.monotonic())
+                left = max(0.0, want[2] - time.monotonic())
                 f = await transport.recv_async(session_id, want[0], want[1], left, step=step)
             except BaseException as e:
                 want = steps.throw(e)
