@@ -512,3 +512,31 @@ def test_mutual_tls_household(tmp_path: Path, start_household: Callable[..., Hou
             t.connect([1])
     finally:
         t.close()
+
+
+def test_degraded_household_answers_without_a_killed_node_then_recovers(
+    tmp_path: Path, start_household: Callable[..., Household]
+) -> None:
+    """Degraded mode over processes: node 2 killed, nodes 0 and 1 still answer, with node 2's
+    channels closed (== the shards run without it) and the reply naming it; node 2 back,
+    full answers again."""
+    plan_dir, pm, x = _export(tmp_path / "plan", "user", 3)
+    hh = start_household(plan_dir, 3, "--degraded-wait", "1.0", "--deadline", "10")
+    hh.wait_ready(range(3))
+    nodes = [load_shard(plan_dir / "plan.json", k) for k in range(3)]
+    with InferenceSession(hh.addrs[0], timeout=30) as s:
+        out = s.infer(x)
+        assert s.last_missing == ()
+        assert (out - run_shards(nodes, x)).abs().max().item() <= 1e-5
+        hh.kill(2)
+        out = s.infer(x)
+        assert s.last_missing == (2,)
+        assert (out - run_shards(nodes, x, missing={2})).abs().max().item() <= 1e-5
+        assert not torch.allclose(out, run_shards(nodes, x), atol=1e-3)
+        hh.start(2)
+        hh.wait_ready([2])
+        deadline = time.monotonic() + 30
+        while s.last_missing and time.monotonic() < deadline:  # the peers reconnect
+            out = s.infer(x)
+        assert s.last_missing == ()
+        assert (out - run_shards(nodes, x)).abs().max().item() <= 1e-5

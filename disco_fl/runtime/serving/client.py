@@ -84,6 +84,9 @@ class InferenceSession:
         # the requester node's own time for the last ``infer`` (input there -> output there),
         # in ms, as the node reports it: the request's latency without this call's own hop
         self.last_server_ms: float | None = None
+        # degraded mode: the nodes the household answered the last ``infer`` / ``infer_many``
+        # without (their channels counted as closed); empty when every node took part
+        self.last_missing: tuple[int, ...] = ()
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The node's status: plan hash, input shape, ``meta``, counters."""
@@ -122,6 +125,7 @@ class InferenceSession:
         except grpc.RpcError as e:
             raise _error(e) from None
         self.last_server_ms = float(reply.server_ms)
+        self.last_missing = tuple(sorted(reply.missing_nodes))
         return self._decode(reply)
 
     def infer_many(
@@ -143,6 +147,7 @@ class InferenceSession:
         n = int(x.shape[0])
         starts = list(range(0, n, batch_size))
         results: dict[int, torch.Tensor] = {}
+        missing: set[int] = set()
         pending: dict[int, Any] = {}
         nxt = 0
         try:
@@ -161,11 +166,13 @@ class InferenceSession:
                 except grpc.RpcError as e:
                     raise _error(e) from None
                 results[i] = self._decode(reply)
+                missing.update(reply.missing_nodes)
                 if progress:
                     progress(min(n, starts[i] + batch_size), n)
         finally:
             for f in pending.values():
                 f.cancel()
+            self.last_missing = tuple(sorted(missing))
         return torch.cat([results[i] for i in range(len(starts))])
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:

@@ -104,6 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         link_shape=shape,
         max_connections=args.max_connections,
         overlap=not args.no_overlap,
+        degraded_wait_s=args.degraded_wait,
     )
     server = NodeServer(cfg)
     stop = threading.Event()
@@ -154,6 +155,9 @@ def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
             progress=progress,
         )
         dt = time.perf_counter() - t1
+        missing = list(session.last_missing)
+    if missing:
+        _log(f"degraded: the household answered without nodes {missing}")
     probs = logits.softmax(-1)
     conf, pred = probs.max(-1)
     classes = status.get("meta", {}).get("classes")
@@ -172,6 +176,8 @@ def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
         "infer_s": dt,
         "images_per_s": n / dt if dt > 0 else None,
         "wall_s": time.perf_counter() - t0,
+        "degraded": bool(missing),
+        "missing_nodes": missing,
     }
     if inputs.labels is not None:
         acc = float((pred.numpy() == inputs.labels).mean())
@@ -266,6 +272,14 @@ def add_parsers(sub: Any) -> None:
         type=int,
         default=128,
         help="connections held at once, handshakes included; more are closed (default 128)",
+    )
+    p.add_argument(
+        "--degraded-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="degraded mode: leave out a peer that sends nothing for S seconds, is unreachable "
+        "or fails, and answer without it (its channels closed); default: such a request fails",
     )
     p.add_argument(
         "--no-overlap",

@@ -135,7 +135,7 @@ class InferenceServicer(peer_pb2_grpc.InferenceServicer):
         if remaining is not None:
             deadline = min(deadline or remaining, remaining)
         try:
-            out, sid, ms = await s.infer_async(x.float(), deadline, arrival=arrival)
+            out, sid, ms, missing = await s.infer_async(x.float(), deadline, arrival=arrival)
         except BusyError as e:
             return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), None
         except TimeoutError as e:
@@ -148,7 +148,9 @@ class InferenceServicer(peer_pb2_grpc.InferenceServicer):
             log.error("node %d: request failed: %s: %s", s.index, type(e).__name__, e)
             return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}", None
         del x
-        reply = peer_pb2.InferReply(session_id=sid, server_ms=ms)
+        reply = peer_pb2.InferReply(
+            session_id=sid, server_ms=ms, degraded=bool(missing), missing_nodes=missing
+        )
         encode_tensor(out, "fp32", out=reply.output)
         return None, "", reply
 

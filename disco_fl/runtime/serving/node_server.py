@@ -185,10 +185,11 @@ class NodeServer:
 
     def infer(
         self, x: torch.Tensor, deadline_s: float | None = None
-    ) -> tuple[torch.Tensor, str, float]:
+    ) -> tuple[torch.Tensor, str, float, list[int]]:
         """Run one request (requester only; from any thread but the transport's loop).
 
-        Returns ``(output, session_id, ms)``. Raises ``TimeoutError``,
+        Returns ``(output, session_id, ms, missing)``; ``missing`` lists the nodes left out
+        in degraded mode (:attr:`ServeConfig.degraded_wait_s`). Raises ``TimeoutError``,
         :class:`~disco_fl.runtime.inference.PeerError`,
         :class:`~disco_fl.runtime.transport.TransportError` or
         :class:`BusyError`.
@@ -201,7 +202,7 @@ class NodeServer:
         deadline_s: float | None = None,
         *,
         arrival: float | None = None,
-    ) -> tuple[torch.Tensor, str, float]:
+    ) -> tuple[torch.Tensor, str, float, list[int]]:
         """:meth:`infer` as a coroutine on the transport's event loop.
 
         The deadline (``deadline_s``, at most the node's) counts from ``arrival``
@@ -229,6 +230,7 @@ class NodeServer:
         t0 = time.perf_counter()
         parts = x.split(self.chunk_batch) if n > self.chunk_batch else (x,)
         outs: list[torch.Tensor] = []
+        missing: set[int] = set()
         try:
             for i, part in enumerate(parts):
                 part_sid = sid if i == 0 else f"{sid}.{i}"
@@ -250,6 +252,8 @@ class NodeServer:
                         session_id=part_sid,
                         timeout=left,
                         overlap=self.config.overlap,
+                        degraded_wait=self.config.degraded_wait_s,
+                        missing=missing,
                     )
                 finally:
                     self._leave(part_sid)
@@ -265,7 +269,12 @@ class NodeServer:
             self._inflight.release()
         with self._lock:
             self.stats["requests_ok"] += 1
-        return result, sid, (time.perf_counter() - t0) * 1e3
+            if missing:
+                self.stats["requests_degraded"] = self.stats.get("requests_degraded", 0) + 1
+        if missing:
+            log.warning("node %d: request %s answered without nodes %s", self.index, sid,
+                        sorted(missing))  # fmt: skip
+        return result, sid, (time.perf_counter() - t0) * 1e3, sorted(missing)
 
     def _start_session(self, session_id: str, step: int, batch: int = 0) -> None:
         """The requester's INPUT frame opened a session here (called on the transport's
@@ -326,6 +335,7 @@ class NodeServer:
                     timeout=max(0.0, deadline - time.monotonic()),
                     step=step,
                     overlap=self.config.overlap,
+                    degraded_wait=self.config.degraded_wait_s,
                 )
             finally:
                 self._slots.release()

@@ -106,6 +106,10 @@ class ServeConfig:
     overlap : bool, default True
         Mixing layers compute the part of the node's own channels while the peers' channels
         travel (:func:`disco_fl.node.drive`); ``False`` for comparisons.
+    degraded_wait_s : float or None, default None
+        Degraded mode: a peer that sends nothing for this long, is unreachable or fails is
+        left out of the session (its channels count as closed) and the household still
+        answers, saying which nodes were missing. ``None``: such a request fails.
     """
 
     plan: Path
@@ -125,6 +129,7 @@ class ServeConfig:
     link_shape: LinkShape | None = None
     max_connections: int = 128
     overlap: bool = True
+    degraded_wait_s: float | None = None
 
     def __post_init__(self) -> None:
         self.plan = Path(self.plan)
@@ -132,6 +137,11 @@ class ServeConfig:
             self.plan = self.plan / "plan.json"
         if not (self.deadline_s > 0 and self.deadline_s < 86400):
             raise ValueError(f"deadline_s must be in (0, 86400), got {self.deadline_s}")
+        if self.degraded_wait_s is not None and not 0 < self.degraded_wait_s < self.deadline_s:
+            raise ValueError(
+                f"degraded_wait_s must be in (0, deadline_s={self.deadline_s}), got "
+                f"{self.degraded_wait_s}"
+            )
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
         if self.max_batch < 1:
