@@ -109,3 +109,37 @@ def test_the_requester_cannot_be_missing(household: Callable[..., Household]) ->
     # a node without the requester's input cannot compute anything: it fails, clearly
     assert isinstance(errors[1], PeerError)
     assert "cannot go on without node 0's message" in str(errors[1])
+
+
+def test_head_on_the_requester_keeps_the_whole_output(tmp_path) -> None:  # noqa: ANN001
+    """``head="requester"``: the requester owns every output channel of the last mixing
+    layer, so without a node the output is complete; with a split head, the missing node's
+    slice of the output (here: its classes' logits) is all zeros."""
+    import disco_fl
+    from disco_fl.emulation.export import load_shard
+    from disco_fl.partition.head import head_op
+    from tests.zoo import ZOO
+
+    build, shape = ZOO["resnet_narrow"]
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(*shape)
+    outs = {}
+    for head in ("split", "requester"):
+        pm = disco_fl.partition(model, 3, x, head=head).eval()
+        with torch.no_grad():
+            assert (pm(x) - model(x)).abs().max().item() <= 1e-5  # gates open == original
+        fc = pm.program.infos[head_op(pm.program)].layout
+        assert fc is not None
+        assert (set(fc.owners) == {0}) == (head == "requester")
+        pm.export(tmp_path / head)
+        nodes = [load_shard(tmp_path / head / "plan.json", k) for k in range(3)]
+        assert (run_shards(nodes, x) - model(x)).abs().max().item() <= 1e-5
+        outs[head] = (run_shards(nodes, x, missing={2}), fc)
+    split, fc = outs["split"]
+    mine = torch.tensor([o == 2 for o in fc.owners])
+    assert torch.equal(split[:, mine], torch.zeros_like(split[:, mine]))
+    whole, _ = outs["requester"]
+    assert bool((whole[:, mine] != 0).all())
+    with pytest.raises(disco_fl.PartitionError, match="head"):
+        disco_fl.partition(model, 3, x, head="everywhere")

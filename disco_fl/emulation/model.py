@@ -26,6 +26,7 @@ from disco_fl.node import run_lockstep
 from disco_fl.node.shard import NodeShard
 from disco_fl.partition import Op, PartitionError, Program, capture_export, get_spec
 from disco_fl.partition import capture as fx_capture
+from disco_fl.partition.head import head_on
 from disco_fl.partition.ops_comm import gathered_columns
 
 GateMode = Literal["hard", "stochastic"]
@@ -332,6 +333,7 @@ def partition(
     *,
     capacities: Sequence[float] | None = None,
     capture: CaptureMode = "fx",
+    head: Literal["split", "requester"] = "split",
 ) -> PartitionedModel:
     """Split every layer of ``model`` across ``num_nodes`` nodes (emulated in one process).
 
@@ -353,6 +355,10 @@ def partition(
         and the ops of today's vision zoos (grouped convolutions, views of the channel dim,
         channel shuffles, resizing, ...); stochastic depth is captured as its eval-mode
         identity. ``"auto"``: fx, and export where fx refuses the model.
+    head : {"split", "requester"}
+        ``"split"`` (default): the last mixing layer is split like every other. ``"requester"``:
+        the requester computes all of it (:func:`~disco_fl.partition.head.head_on`), so that
+        with a device missing (degraded mode) it still produces the whole output.
 
     Returns
     -------
@@ -375,6 +381,10 @@ def partition(
                 program, modules = capture_export(model, num_nodes, example_input, capacities)
             except PartitionError as e:
                 raise PartitionError(f"{e} (the fx capture refused it too: {fx_error})") from e
+    if head == "requester":
+        program = head_on(program, program.requester)
+    elif head != "split":
+        raise PartitionError(f"head must be 'split' or 'requester', got {head!r}")
     pm = PartitionedModel(program, modules)
     pm.train(model.training)
     return pm

@@ -16,6 +16,7 @@ from typing import Any
 
 from disco_fl.core.codecs import get_codec
 from disco_fl.partition import InferContext, PartitionError, Program, get_spec
+from disco_fl.partition.head import head_op
 from disco_fl.partition.registry import HasOpenChannels
 
 PLAN_FORMAT = "disco_fl.plan/1"
@@ -161,7 +162,10 @@ def validate_program(program: Program) -> None:
                 and rec.cdim is not None
                 and lay.is_contiguous()
                 and lay.num_channels == rec.shape[rec.cdim]
-                and all(lay.count(k) > 0 for k in range(program.num_nodes))
+                and (
+                    all(lay.count(k) > 0 for k in range(program.num_nodes))
+                    or (set(lay.owners) == {program.requester} and _is_head(program, op.name))
+                )
             )
             if ok:
                 try:
@@ -172,6 +176,14 @@ def validate_program(program: Program) -> None:
             ok = rec == got
         if not ok:
             raise PlanError(f"op {op.name!r}: recorded ownership does not follow from its inputs")
+
+
+def _is_head(program: Program, name: str) -> bool:
+    """``name`` is the program's head (the requester may own all of it: ``head="requester"``)."""
+    try:
+        return head_op(program) == name
+    except PartitionError:
+        return False
 
 
 def _validate_masks(plan: Plan) -> None:
