@@ -26,6 +26,7 @@ from disco_fl.node import run_lockstep
 from disco_fl.partition import Op, PartitionError, Program, capture_export, get_spec
 from disco_fl.partition import capture as fx_capture
 from disco_fl.partition.ops_comm import gathered_columns
+from disco_fl.partition.outputs import restore_output
 
 GateMode = Literal["hard", "stochastic"]
 Execution = Literal["auto", "fused", "lockstep"]
@@ -267,11 +268,13 @@ class PartitionedModel(nn.Module):
             raise TypeError("shards must hold NodeShard modules")
         return s
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Any:
+        """The model's output: a tensor, or the dict / tuple / list of tensors the original
+        model returns (:func:`~disco_fl.partition.outputs.restore_output`)."""
         if self.execution == "fused" or (self.execution == "auto" and self.codec == "fp32"):
-            return self._fused_forward(x)
+            return restore_output(self.program, self._fused_forward(x))
         nodes = [_EmuNode(self, k) for k in range(self.num_nodes)]
-        return run_lockstep(self.program, nodes, x, self.codec)
+        return restore_output(self.program, run_lockstep(self.program, nodes, x, self.codec))
 
     # -- fused emulation ----------------------------------------------------------------
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:

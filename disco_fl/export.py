@@ -24,6 +24,7 @@ from disco_fl.files import atomic_write_bytes
 from disco_fl.node import run_lockstep
 from disco_fl.partition import Op, Program, get_spec
 from disco_fl.partition.ops_comm import gathered_columns
+from disco_fl.partition.outputs import restore_output
 from disco_fl.plan import Plan, PlanError, ShardManifest, plan_of
 
 
@@ -184,12 +185,14 @@ def load_shard(plan_path: str | Path, k: int, shard_path: str | Path | None = No
 
 def run_shards(
     nodes: Sequence[ShardNode], x: torch.Tensor, codec: Codec | str | None = None
-) -> torch.Tensor:
-    """Shard-only execution of all nodes in this process (in-process exchange)."""
+) -> Any:
+    """Shard-only execution of all nodes in this process (in-process exchange); returns what
+    the model returns (a tensor, or a dict / tuple / list of tensors)."""
     if not nodes:
         raise ValueError("no nodes")
     plan = nodes[0].plan
     if any(n.plan.hash != plan.hash for n in nodes):
         raise PlanError("nodes were loaded from different plans")
     with torch.no_grad():
-        return run_lockstep(plan.program, nodes, x, codec or plan.codec)
+        y = run_lockstep(plan.program, nodes, x, codec or plan.codec)
+    return restore_output(plan.program, y)
