@@ -303,3 +303,23 @@ def test_convnext_dp_noise_zero_equals_opacus(n: int) -> None:
             assert err <= 1e-5, f"node {k} {key}: {err:.3g}"
             checked += int(float(want[key].abs().max()) > 1e-4)
     assert checked > 10  # the comparison is not between zeros
+
+
+def test_stochastic_depth_dropped_by_the_export_capture_is_reported() -> None:
+    """torchvision's ``StochasticDepth`` is its identity in eval mode and leaves no op in the
+    exported graph, so the partitioned model (and its joint training) never drops a path: the
+    capture says so, naming the layers; without stochastic depth it says nothing."""
+    import warnings
+
+    x = torch.randn(*CN_SHAPE)
+    torch.manual_seed(0)
+    model = TinyConvNeXt(drop_path=0.1).train()
+    with pytest.warns(UserWarning, match=r"stage1\.stochastic_depth, stage2\.stochastic_depth"):
+        pm = disco_fl.partition(model, 2, x, capture="export")
+    assert "stochastic_depth" not in {op.kind for op in pm.program.ops}
+    pm.train()
+    with torch.no_grad():  # in training mode the original drops paths; the partition does not
+        assert torch.equal(pm(x), pm(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        disco_fl.partition(_tiny_convnext(), 2, x, capture="export")
