@@ -92,8 +92,12 @@ README_END = "<!-- zoo-table:end -->"
 # family -> (what is tested end to end, the tests in tests/test_zoo_system.py)
 SYSTEM_TESTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "lraspp": (
-        "runtime over gRPC == emulation (N = 2, sparse masks, dict output)",
-        ("test_grpc_runtime_equals_emulation_segmentation",),
+        "runtime over gRPC and over `disco-fl serve` processes == emulation (N = 2, sparse "
+        "masks, dict output)",
+        (
+            "test_grpc_runtime_equals_emulation_segmentation",
+            "test_serve_processes_equal_emulation_segmentation",
+        ),
     ),
     "convnext": (
         "joint training == emulation, DP (noise 0) == Opacus; on a small net of its `CNBlock`",

@@ -1,8 +1,9 @@
 """System-level checks of model families captured with ``torch.export`` (issue 15).
 
 - Runtime over real gRPC servers on loopback (one per node, as ``tests/test_runtime_local.py``)
-  == the emulation for torchvision's LR-ASPP segmentation model (random sparse hard masks,
-  N = 2), its ``OrderedDict`` output rebuilt from the runtime's output tensor; the same for a
+  and over real ``disco-fl serve`` processes (as ``tests/test_serve.py``) == the emulation for
+  torchvision's LR-ASPP segmentation model (random sparse hard masks, N = 2), its
+  ``OrderedDict`` output rebuilt from the runtime's output tensor; the same over gRPC for a
   small Swin transformer (windowed attention), enabled once the capture places it.
 - Joint training over the peer channel == the emulation after k steps, and DP with noise 0
   == Opacus, for a small ConvNeXt-style network built from torchvision's own ``CNBlock``
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ from disco_fl.runtime import run_node
 from disco_fl.transport.grpc_transport import GrpcTransport
 from tests.conftest import import_torchvision, run_nodes
 from tests.test_runtime_local import Household, _counted_payload, _expected_payload
+from tests.test_serve import Household as ServeHousehold
+from tests.test_serve import _expected_payload as _serve_expected
+from tests.test_serve import _payload as _serve_payload
 from tests.test_shards import _random_masks
 from tests.test_training_distributed import (
     _assert_shards_equal,
@@ -118,6 +122,52 @@ def test_grpc_runtime_equals_emulation_segmentation(tmp_path: Path, grpc_nodes: 
     _randomize_bn(model.eval())
     x = torch.randn(1, 3, 32, 32)
     _runtime_equals_emulation(model, x, 2, tmp_path, grpc_nodes)
+
+
+@pytest.fixture
+def serve_household(tmp_path: Path) -> Iterator[Callable[[Path, int], ServeHousehold]]:
+    """``disco-fl serve`` processes of a plan (``tests/test_serve.py``); stopped at the end."""
+    made: list[ServeHousehold] = []
+
+    def start(plan_dir: Path, n: int) -> ServeHousehold:
+        work = tmp_path / f"hh{len(made)}"
+        work.mkdir()
+        made.append(ServeHousehold(plan_dir, n, work, []))
+        return made[-1]
+
+    yield start
+    for hh in made:
+        hh.stop()
+
+
+def test_serve_processes_equal_emulation_segmentation(
+    tmp_path: Path, serve_household: Callable[[Path, int], ServeHousehold]
+) -> None:
+    """The same LR-ASPP plan served by two real ``disco-fl serve`` processes (each loads only
+    its shard; no torchvision there), queried with ``InferenceSession``: == the emulation,
+    payload bytes counted by each process == the plan's."""
+    from disco_fl.plan import Plan
+    from disco_fl.serving import InferenceSession
+
+    tv = import_torchvision()
+    torch.manual_seed(0)
+    model = tv.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)
+    _randomize_bn(model.eval())
+    x = torch.randn(1, 3, 32, 32)
+    pm = disco_fl.partition(model, 2, x, capture="export").eval()
+    _random_masks(pm, 0.35, seed=2)
+    pm.export(tmp_path / "plan")
+    plan = Plan.load(tmp_path / "plan" / "plan.json")
+    with torch.no_grad():
+        want = pm(x)
+    hh = serve_household(tmp_path / "plan", 2)
+    with InferenceSession(hh.addrs[0]) as s:
+        got = restore_output(plan.program, s.infer(x))
+    assert list(got) == ["out"] and got["out"].shape == want["out"].shape
+    scale = float(want["out"].abs().max())
+    assert float((got["out"] - want["out"]).abs().max()) <= 1e-5 * scale
+    counted = {**_serve_payload(hh.addrs[0], 0), **_serve_payload(hh.addrs[1], 1)}
+    assert counted == _serve_expected(plan, x.shape[0])
 
 
 def _small_swin() -> nn.Module:
