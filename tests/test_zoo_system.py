@@ -265,12 +265,19 @@ def _cn_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @pytest.mark.parametrize(
-    ("n", "opt_kind", "mode"), [(2, "sgd", "hard"), (2, "adam", "hard"), (3, "sgd", "stochastic")]
+    ("n", "opt_kind", "mode", "wire"),
+    [
+        (2, "sgd", "hard", "grpc"),
+        (2, "adam", "hard", "inprocess"),
+        (3, "sgd", "stochastic", "inprocess"),
+    ],
 )
-def test_convnext_joint_training_equals_emulation(n: int, opt_kind: str, mode: str) -> None:
-    """Every node trains its shard over the in-process peer channel (the same step as over
-    gRPC); after k steps every shard tensor (weights, layer scales, gate logits) equals the
-    emulation trained in one process."""
+def test_convnext_joint_training_equals_emulation(
+    n: int, opt_kind: str, mode: str, wire: str, grpc_nodes: Any
+) -> None:
+    """Every node trains its shard over the peer channel (gRPC servers on loopback, or the
+    in-process transport); after k steps every shard tensor (weights, layer scales, gate
+    logits) equals the emulation trained in one process."""
     from disco_fl.transport import InProcessHub
 
     pm = disco_fl.partition(_tiny_convnext(), n, torch.randn(*CN_SHAPE), capture="export")
@@ -282,9 +289,14 @@ def test_convnext_joint_training_equals_emulation(n: int, opt_kind: str, mode: s
     before = _snapshot(pm)
     penalty = 0.5 if mode == "stochastic" else 0.0
     _emulate(ref, batches, opt_kind, mode, range(STEPS), penalty)
-    with InProcessHub(n, num_layers=len(pm.program.ops)) as hub:
-        trainers = _trainers(pm, list(hub), opt_kind, mode, penalty)
+    layers = len(pm.program.ops)
+    if wire == "grpc":
+        trainers = _trainers(pm, grpc_nodes(n, "train", layers), opt_kind, mode, penalty)
         _, errors = _run(trainers, batches, range(STEPS))
+    else:
+        with InProcessHub(n, num_layers=layers) as hub:
+            trainers = _trainers(pm, list(hub), opt_kind, mode, penalty)
+            _, errors = _run(trainers, batches, range(STEPS))
     assert errors == [None] * n
     assert not _same_snapshot(before, _snapshot(pm))  # it trained
     _assert_shards_equal(pm, ref)
