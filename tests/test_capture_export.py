@@ -226,6 +226,18 @@ def test_auto_falls_back_to_export_and_fx_stays_default() -> None:
         assert torch.allclose(pm(x), model(x), atol=1e-5)
 
 
+def test_auto_falls_back_where_the_fx_trace_cannot_run() -> None:
+    """SegNet's optional argument traces as a Proxy that fx's shape propagation cannot run: a
+    PartitionError (not a RuntimeError), so "auto" falls back to export (and keeps the dict)."""
+    model, x = _build("segnet")
+    with pytest.raises(PartitionError, match="fx trace does not run on the example input"):
+        disco_fl.partition(model, 2, x)
+    pm = disco_fl.partition(model, 2, x, capture="auto").eval()
+    with torch.no_grad():
+        out = pm(x)
+        assert list(out) == ["out"] and torch.allclose(out["out"], model(x)["out"], atol=1e-5)
+
+
 def test_refusal_names_op_layer_and_reason() -> None:
     class Windows(nn.Module):
         def __init__(self) -> None:
