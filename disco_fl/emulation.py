@@ -24,6 +24,7 @@ from torch import nn
 from disco_fl.gates import PairGates, gate_generator, prob_open, sample_hard_concrete
 from disco_fl.layout import Layout
 from disco_fl.node import run_lockstep
+from disco_fl.node.shard import NodeShard
 from disco_fl.partition import Op, PartitionError, Program, capture_export, get_spec
 from disco_fl.partition import capture as fx_capture
 from disco_fl.partition.ops_comm import gathered_columns
@@ -32,133 +33,6 @@ from disco_fl.partition.outputs import restore_output
 GateMode = Literal["hard", "stochastic"]
 Execution = Literal["auto", "fused", "lockstep"]
 CaptureMode = Literal["fx", "export", "auto"]
-
-
-class OpState(nn.Module):
-    """Parameters and buffers of one op on one node."""
-
-    def __init__(
-        self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]
-    ) -> None:
-        super().__init__()
-        for k, v in params.items():
-            self.register_parameter(k, nn.Parameter(v))
-        for k, v in buffers.items():
-            self.register_buffer(k, v)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {k: v for k, v in self._parameters.items() if v is not None}
-        out.update({k: v for k, v in self._buffers.items() if v is not None})
-        return out
-
-
-OpTensors = Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]]
-
-
-class NodeShard(nn.Module):
-    """Everything node ``k`` holds in the emulation.
-
-    Built from the original model's ``modules`` (slicing each op's weights), or, with
-    ``tensors`` (see :meth:`from_tensors`), from node ``k``'s own tensors only.
-    """
-
-    def __init__(
-        self,
-        program: Program,
-        k: int,
-        modules: Mapping[str, nn.Module] | None = None,
-        *,
-        tensors: OpTensors | None = None,
-    ) -> None:
-        super().__init__()
-        if (modules is None) == (tensors is None):
-            raise ValueError("NodeShard needs exactly one of modules and tensors")
-        self.index = k
-        self.ops = nn.ModuleDict()
-        self.gates = nn.ModuleDict()
-        for op in program.ops:
-            spec = get_spec(op.kind)
-            if tensors is not None:
-                params, buffers = tensors.get(op.name, ({}, {}))
-            else:
-                assert modules is not None
-                module = modules.get(op.module) if op.module else None
-                params, buffers = spec.init_state(op, module, program, k)
-            if params or buffers:
-                self.ops[op.name] = OpState(params, buffers)
-            if op.kind == "exchange":
-                layout = program.infos[op.name].layout
-                if layout is None:
-                    raise PartitionError(f"{op.name}: exchange without layout")
-                dests = [d for d in range(program.num_nodes) if d != k]
-                self.gates[op.name] = PairGates(layout.count(k), dests)
-
-    @classmethod
-    def from_tensors(
-        cls,
-        program: Program,
-        k: int,
-        tensors: OpTensors,
-        gates: Mapping[str, torch.Tensor] | None = None,
-    ) -> NodeShard:
-        """Node ``k``'s shard from its own tensors alone (no model, no other node's weights).
-
-        ``tensors`` is :meth:`own_tensors` of a shard of the same program (``op name ->
-        (parameters, buffers)``); ``gates`` optionally a ``self.gates.state_dict()`` (gate
-        logits and hard masks; default: gates open). A node process can thus load only its
-        shard, e.g. for :class:`~disco_fl.training.NodeTrainer`.
-        """
-        shard = cls(program, k, tensors=tensors)
-        if gates is not None:
-            shard.gates.load_state_dict(gates)
-        return shard
-
-    @classmethod
-    def from_state_dict(
-        cls, program: Program, k: int, state: Mapping[str, torch.Tensor]
-    ) -> NodeShard:
-        """Node ``k``'s shard from a flat ``state_dict()`` of a shard of ``program`` (keys
-        ``ops.<op>.<tensor>`` and ``gates.<exchange>.*``): no model, no other node's tensors.
-        Which tensors are buffers the op says (:meth:`OpSpec.buffer_names`). Raises
-        ``ValueError`` naming a key of no op of the program, or gates that do not fit."""
-        ops = {op.name: op for op in program.ops}
-        tensors: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
-        gates: dict[str, torch.Tensor] = {}
-        for key, t in state.items():
-            group, _, rest = key.partition(".")
-            name, _, tname = rest.partition(".")
-            if group == "gates":
-                gates[rest] = t
-                continue
-            if group != "ops" or name not in ops or not tname or "." in tname:
-                raise ValueError(f"shard {k}: {key!r} is no tensor of an op of the program")
-            params, buffers = tensors.setdefault(name, ({}, {}))
-            (buffers if tname in get_spec(ops[name].kind).buffer_names(ops[name]) else params)[
-                tname
-            ] = t
-        shard = cls(program, k, tensors=tensors)
-        try:
-            shard.gates.load_state_dict(gates, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"shard {k}: gates do not fit the program: {e}") from e
-        return shard
-
-    def own_tensors(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
-        """``op name -> (parameters, buffers)``, detached copies (see :meth:`from_tensors`)."""
-        out: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
-        for name, st in self.ops.items():
-            assert isinstance(st, OpState)
-            params = {k: v.detach().clone() for k, v in st._parameters.items() if v is not None}
-            bufs = {k: v.detach().clone() for k, v in st._buffers.items() if v is not None}
-            out[name] = (params, bufs)
-        return out
-
-    def op_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Parameters and buffers of op ``name`` on this node (empty if it has none)."""
-        if name not in self.ops:
-            return {}
-        state = self.ops[name]
-        return state.tensors() if isinstance(state, OpState) else {}
 
 
 class _EmuNode:
@@ -176,7 +50,11 @@ class _EmuNode:
     def state(self, op: Op) -> Mapping[str, torch.Tensor]:
         return self.shard.op_tensors(op.name)
 
-    def send_selection(self, op: Op, dest: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def send_selection(
+        self, op: Op, dest: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        if not self._count(op, self.index):
+            return None  # no channels of this tensor here: nothing to send
         gates: PairGates = self.shard.gates[op.name]  # type: ignore[assignment]
         if self.pm.gate_mode == "stochastic":
             return None, self.pm.gate_sample(op.name, self.index, dest)
@@ -184,7 +62,11 @@ class _EmuNode:
         return None, mask
 
     def sources(self, op: Op) -> list[int]:
-        return self._peers
+        return [j for j in self._peers if self._count(op, j)]
+
+    def _count(self, op: Op, k: int) -> int:
+        layout = self.program.infos[op.name].layout
+        return layout.count(k) if layout is not None else 0
 
 
 class _GlobalNode:

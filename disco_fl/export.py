@@ -22,7 +22,8 @@ import torch
 from disco_fl.codecs import Codec
 from disco_fl.files import atomic_write_bytes
 from disco_fl.node import run_lockstep
-from disco_fl.partition import Op, Program, get_spec
+from disco_fl.node.shard import NodeShard
+from disco_fl.partition import Op, Program, get_spec, plan_open_count
 from disco_fl.partition.ops_comm import gathered_columns
 from disco_fl.partition.outputs import restore_output
 from disco_fl.plan import Plan, PlanError, ShardManifest, plan_of
@@ -107,7 +108,9 @@ def export(
 
 
 class ShardNode:
-    """One node rebuilt from the plan and its own weights file (no other node's data)."""
+    """One node rebuilt from the plan and its own weights file (no other node's data): the
+    :class:`~disco_fl.node.shard.NodeShard` of the plan's compact tensors (``shard``), and
+    the plan's hard masks as the node context of inference."""
 
     def __init__(self, plan: Plan, k: int, state: Mapping[str, torch.Tensor]) -> None:
         self.plan = plan
@@ -115,10 +118,17 @@ class ShardNode:
         self.index = k
         self.num_nodes = plan.num_nodes
         self.training = False
-        self._state: dict[str, dict[str, torch.Tensor]] = {}
+        ops = {op.name: op for op in self.program.ops}
+        tensors: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
         for key, t in state.items():
-            op, _, pname = key.rpartition(".")
-            self._state.setdefault(op, {})[pname] = t
+            name, _, tname = key.rpartition(".")
+            if name not in ops:
+                raise PlanError(f"shard {k}: {key!r} is no tensor of an op of the plan")
+            params, buffers = tensors.setdefault(name, ({}, {}))
+            is_buffer = tname in get_spec(ops[name].kind).buffer_names(ops[name])
+            (buffers if is_buffer else params)[tname] = t
+        self.shard = NodeShard(self.program, k, tensors=tensors).requires_grad_(False)
+        self._state = {name: self.shard.op_tensors(name) for name in self.shard.ops}
         self._send: dict[str, dict[int, torch.Tensor]] = {}
         self._sources: dict[str, list[int]] = {}
         for e in self.program.exchanges:
@@ -194,5 +204,7 @@ def run_shards(
     if any(n.plan.hash != plan.hash for n in nodes):
         raise PlanError("nodes were loaded from different plans")
     with torch.no_grad():
-        y = run_lockstep(plan.program, nodes, x, codec or plan.codec)
+        y = run_lockstep(
+            plan.program, nodes, x, codec or plan.codec, open_count=plan_open_count(plan)
+        )
     return restore_output(plan.program, y)

@@ -1,12 +1,12 @@
 """The network runtime: one node executes the program, exchanging frames over a transport.
 
-:func:`run_node` is the per-node counterpart of :func:`disco_fl.node.run_lockstep`: for every
-op of the plan's program it calls the same ``spec.send`` / ``spec.compute`` (there is one
-implementation of a node's math), sends each message as a frame (``layer`` = the op's index,
-activations with the plan's codec, normalization statistics in fp32) and receives exactly the
-frames that ``spec.traffic`` says are addressed to this node. A received message decodes to
-exactly what ``codec.roundtrip`` produces in the emulation, so the requester's output equals
-:func:`disco_fl.export.run_shards` bit for bit.
+:func:`run_node` runs the node's program with the one driver (:func:`disco_fl.node.drive`,
+as the emulation's :func:`disco_fl.node.run_lockstep` and the training step do) and moves its
+messages as frames: each message the driver sends becomes a frame (``layer`` = the op's
+index, activations with the plan's codec, normalization statistics in fp32), and it receives
+exactly the frames that the node's schedule says are addressed to this node. A received
+message decodes to exactly what ``codec.roundtrip`` produces in the emulation, so the
+requester's output equals :func:`disco_fl.export.run_shards` bit for bit.
 
 If the node fails (a timeout, a bad frame, an error in its own math), it sends an error frame
 in place of every message it still owed its peers, so they fail at once with the cause
@@ -25,22 +25,19 @@ import contextlib
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
 
-from disco_fl.codecs import get_codec
 from disco_fl.export import ShardNode
-from disco_fl.partition import Op, Program, Traffic, get_spec, op_traffic, plan_open_count
-from disco_fl.partition.registry import OpSpec
+from disco_fl.node import FLUSH, Executor, MessageError, Recv, Send, Step, drive, schedule
+from disco_fl.partition import plan_open_count
 from disco_fl.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2
 from disco_fl.transport.base import MAX_ERROR_TEXT, AsyncTransport, PeerDownError, Transport
 from disco_fl.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    codec_enum,
     decode_tensor,
     encode_tensor,
     frame_kind_problem,
@@ -75,146 +72,22 @@ BUSY_TAG = "[busy]"  # in a peer's error text: the peer refused the session for 
 YIELD_AFTER_S = 0.005  # run_node_async lets other sessions run after computing this long
 
 
-def direction_of(op: Op, coded: bool) -> int:
-    """Frame direction of the forward messages of ``op``."""
-    if op.kind == "input":
-        return Frame.INPUT
-    if op.kind == "output":
-        return Frame.OUTPUT
-    return Frame.FORWARD if coded else Frame.NORMS
+_SCHEDULE: weakref.WeakKeyDictionary[Any, list[Step]] = weakref.WeakKeyDictionary()
 
 
-_TRAFFIC: weakref.WeakKeyDictionary[Any, list[list[Traffic]]] = weakref.WeakKeyDictionary()
-
-
-def node_traffic(node: ShardNode) -> list[list[Traffic]]:
-    """:func:`~disco_fl.partition.op_traffic` of every op of ``node``'s plan, computed once per
-    node object."""
-    cached = _TRAFFIC.get(node)
+def node_schedule(node: ShardNode) -> list[Step]:
+    """``node``'s :func:`~disco_fl.node.schedule` under its plan's hard masks, computed once
+    per node object (not per request)."""
+    cached = _SCHEDULE.get(node)
     if cached is None:
-        program, open_count = node.plan.program, plan_open_count(node.plan)
-        cached = [op_traffic(program, op, open_count) for op in program.ops]
-        _TRAFFIC[node] = cached
+        plan = node.plan
+        cached = schedule(plan.program, node.index, plan_open_count(plan), plan.codec)
+        _SCHEDULE[node] = cached
     return cached
 
 
-@dataclass(frozen=True)
-class _Step:
-    """What node ``k`` does for one op, worked out once per node (not per request)."""
-
-    layer: int
-    op: Op
-    spec: OpSpec
-    is_input: bool
-    is_output: bool
-    out_to: list[int]  # peers this node sends to, ascending
-    in_from: list[tuple[int, Traffic]]  # (peer, its message) this node receives, ascending
-    wire_codec: str
-    wire_enum: int
-    direction: int
-    free: tuple[str, ...]  # values no later op reads (dropped after this op: peak memory)
-
-
-_SCHEDULE: weakref.WeakKeyDictionary[Any, list[_Step]] = weakref.WeakKeyDictionary()
-
-
-def node_schedule(node: ShardNode) -> list[_Step]:
-    """The per-op :class:`_Step` list of ``node``, computed once per node object."""
-    cached = _SCHEDULE.get(node)
-    if cached is not None:
-        return cached
-    program = node.plan.program
-    k = node.index
-    codec = get_codec(node.plan.codec)
-    last_use = {name: i for i, op in enumerate(program.ops) for name in op.inputs}
-    steps = []
-    for layer, (op, traffic) in enumerate(zip(program.ops, node_traffic(node), strict=True)):
-        spec = get_spec(op.kind)
-        coded = spec.coded_messages
-        wire_codec = codec.name if coded else "fp32"
-        in_from = {t.src: t for t in traffic if t.dst == k}
-        steps.append(
-            _Step(
-                layer=layer,
-                op=op,
-                spec=spec,
-                is_input=op.kind == "input",
-                is_output=op.kind == "output",
-                out_to=sorted({t.dst for t in traffic if t.src == k}),
-                in_from=sorted(in_from.items()),
-                wire_codec=wire_codec,
-                wire_enum=codec_enum(wire_codec),
-                direction=direction_of(op, coded),
-                free=tuple(dict.fromkeys(n for n in op.inputs if last_use[n] == layer)),
-            )
-        )
-    _SCHEDULE[node] = steps
-    return steps
-
-
-def input_batch(op: Op, value: Any) -> int | None:
-    """The batch size that ``op``'s output sets: its first dimension for the ``input`` op,
-    ``None`` for every other op (and a 0-d input)."""
-    if op.kind == "input" and isinstance(value, torch.Tensor) and value.dim():
-        return int(value.shape[0])
-    return None
-
-
-def message_problem(
-    program: Program,
-    op: Op,
-    t: torch.Tensor,
-    batch: int | None,
-    *,
-    channels: int = 0,
-    expected: Sequence[int] | None = None,
-    strict: bool = False,
-) -> str | None:
-    """Why a decoded message of ``op`` does not have the shape the plan implies, or ``None``.
-
-    The one frame check of inference (:func:`run_node`) and training
-    (:mod:`disco_fl.training.passes`); each caller raises its own error with the text.
-
-    Parameters
-    ----------
-    program, op : Program, Op
-        The plan's program and the op the message belongs to.
-    t : torch.Tensor
-        The decoded message.
-    batch : int or None
-        The step's batch size (``None``: not known yet, unchecked unless ``strict``).
-    channels : int
-        Channels the message must have at the channel dimension (0: unchecked). Default 0.
-    expected : sequence of int, optional
-        The message's whole shape, when the receiver knows it. Default None (unchecked).
-    strict : bool
-        Training, whose messages enter autograd: also float32, finite values, a known batch,
-        and an input of exactly the plan's shape past the batch dimension (inference checks
-        the input's number of dimensions only). Default False.
-    """
-    info = program.infos[op.name]
-    shape = tuple(t.shape)
-    if strict:
-        if t.dtype != torch.float32:
-            return f"message of type {t.dtype}, expected float32"
-        if not bool(torch.isfinite(t).all()):
-            return "non-finite values"
-    if op.kind == "input":
-        if t.dim() != len(info.shape) or (strict and shape[1:] != tuple(info.shape[1:])):
-            return f"input of shape {shape}, the plan expects {info.shape}"
-        return None
-    if (batch is not None or strict) and (t.dim() == 0 or t.shape[0] != batch):
-        return f"message of shape {shape} for batch size {batch}"
-    cdim = info.cdim
-    if channels and cdim is not None and (t.dim() != len(info.shape) or t.shape[cdim] != channels):
-        return f"message of shape {shape}, expected {channels} channels at dim {cdim}"
-    if expected is not None and list(shape) != list(expected):
-        return f"message of shape {shape}, expected {list(expected)}"
-    return None
-
-
-_FLUSH = None  # yielded by _node_steps after an op that sent frames (see run_node_async)
 _Want = tuple[int, int]  # (layer, src): the frame the node waits for next
+_FLUSH = None  # yielded by _node_steps after an op that sent frames (see run_node_async)
 _TURN: _Want = (-1, -1)  # yielded by _node_steps after every op (the driver may yield the loop)
 
 
@@ -229,13 +102,12 @@ def _node_steps(
     deadline: float,
     /,
 ) -> Generator[_Want | None, Frame, torch.Tensor | None]:
-    """The node's program as a generator: yields ``(layer, src)`` for every frame it needs
-    (the driver sends the frame in, or throws the driver's ``TimeoutError`` /
-    :class:`~disco_fl.transport.base.PeerDownError` in), ``None`` after an op that sent
-    frames and ``_TURN`` after every op; returns the output (requester) or ``None``. Raises
-    ``TimeoutError`` before an op when ``time.monotonic()`` is past ``deadline``. One
-    implementation for the blocking driver (:func:`run_node`) and the event-loop driver
-    (:func:`run_node_async`)."""
+    """The node's program (:func:`~disco_fl.node.drive`) with its messages as frames: yields
+    ``(layer, src)`` for every frame it needs (the caller sends the frame in, or throws the
+    caller's ``TimeoutError`` / :class:`~disco_fl.transport.base.PeerDownError` in),
+    ``None`` after an op that sent frames and ``_TURN`` after every op; returns the output
+    (requester) or ``None``. One implementation for the blocking driver (:func:`run_node`)
+    and the event-loop driver (:func:`run_node_async`)."""
     plan: Plan = node.plan
     program = plan.program
     k = node.index
@@ -246,110 +118,99 @@ def _node_steps(
         )
     if k == program.requester and not isinstance(x, torch.Tensor):
         raise ValueError(f"node {k} is the requester: it needs the input tensor")
-    env: dict[str, Any] = {}
-    result: Any = None
-    batch: int | None = None
     layer = 0
     sent: set[int] = set()  # peers already sent this layer's message
-    requester = k == program.requester
     send = transport.send
+    what = f" (session {session_id!r}, deadline {timeout:.3g} s from its start)"
+    program_steps = drive(
+        node_schedule(node), Executor(program, node), x, deadline=deadline, what=what
+    )
     try:
         with torch.inference_mode():
-            for step_ in node_schedule(node):
-                layer = step_.layer
-                op = step_.op
-                spec = step_.spec
-                if time.monotonic() > deadline:  # computation counts against the deadline
-                    raise TimeoutError(
-                        f"node {k}: the deadline ({timeout:.3g} s from the session's start) "
-                        f"passed while computing, before layer {layer} ({op.name}) "
-                        f"(session {session_id!r})"
-                    )
-                if step_.is_input:
-                    xs: list[Any] = [x if requester else None]
-                else:
-                    xs = [env[i] for i in op.inputs]
-                out_to = step_.out_to
-                msgs = spec.send(op, node, xs) or {}
-                if len(msgs) != len(out_to) or sorted(msgs) != out_to:
-                    raise RuntimeError(
-                        f"node {k} layer {layer} ({op.name}): op sends to {sorted(msgs)} but "
-                        f"the plan's traffic says {out_to}"
-                    )
-                sent = set()
-                for dest in out_to:
+            event = next(program_steps)
+            while True:
+                if isinstance(event, Send):
+                    st = event.step
+                    if st.layer != layer:
+                        layer, sent = st.layer, set()
                     frame = Frame(
                         session_id=session_id,
                         step=step,
-                        layer=layer,
-                        direction=step_.direction,  # type: ignore[arg-type]
+                        layer=st.layer,
+                        direction=st.direction,  # type: ignore[arg-type]
                         src=k,
-                        dst=dest,
+                        dst=event.dest,
                     )
-                    encode_tensor(msgs[dest], step_.wire_codec, out=frame.tensor)
+                    encode_tensor(event.tensor, st.wire_codec, out=frame.tensor)
                     send(frame)
-                    sent.add(dest)
-                if out_to:
-                    yield _FLUSH
-                received: dict[int, torch.Tensor] = {}
-                for src, tr in step_.in_from:
-                    try:
-                        f = yield (layer, src)
-                    except TimeoutError:
-                        raise PeerStalledError(
-                            f"node {src} stalled: node {k} got no message from node {src} for "
-                            f"layer {layer} ({op.name}) within the deadline of {timeout:g} s "
-                            f"(session {session_id!r})",
-                            node=src,
-                            observer=k,
-                        ) from None
-                    except PeerDownError as e:
-                        raise PeerError(
-                            f"node {k}: peer {src} is unreachable (layer {layer}, {op.name}): {e}"
-                        ) from None
-                    stalled = f.stalled_node if f.HasField("stalled_node") else None
-                    if f.error and stalled is not None and stalled < program.num_nodes:
-                        s = int(stalled)  # the peer gave up waiting for node s
-                        raise PeerStalledError(
-                            f"node {s} stalled (reported by node {src}, layer {layer}): {f.error}",
-                            node=s,
-                            observer=src,
-                        )
-                    if f.error:
-                        error = PeerBusyError if BUSY_TAG in f.error else PeerError
-                        raise error(f"node {src} failed at layer {layer} ({op.name}): {f.error}")
-                    problem = frame_kind_problem(f, step_.direction, step_.wire_enum)
+                    sent.add(event.dest)
+                    event = next(program_steps)
+                elif isinstance(event, Recv):
+                    st, src = event.step, event.src
+                    if st.layer != layer:
+                        layer, sent = st.layer, set()
+                    f = yield from _receive(st, src, program.num_nodes, session_id, timeout)
+                    problem = frame_kind_problem(f, st.direction, st.wire_enum)
                     if problem:
-                        raise PeerError(f"layer {layer} ({op.name}) from node {src}: {problem}")
+                        raise PeerError(
+                            f"layer {st.layer} ({st.op.name}) from node {src}: {problem}"
+                        )
                     t = decode_tensor(f.tensor, max_bytes=max_message_bytes)
-                    problem = message_problem(
-                        program, op, t, batch, channels=tr.channels if tr.coded else 0
-                    )
-                    if problem:
-                        raise PeerError(
-                            f"layer {layer} ({op.name}, {op.kind}) from node {src}: {problem}"
-                        )
-                    received[src] = t
-                value = spec.compute(op, node, xs, received)
-                env[op.name] = value
-                del xs, received, msgs
-                for name in step_.free:  # free what no later op reads (peak memory)
-                    env.pop(name, None)
-                if step_.is_input and (b := input_batch(op, value)) is not None:
-                    batch = b
-                if step_.is_output:
-                    result = value
-                yield _TURN
+                    try:
+                        event = program_steps.send(t)
+                    except MessageError as e:
+                        raise PeerError(str(e)) from None
+                    del t, f
+                else:
+                    yield _FLUSH if event == FLUSH else _TURN
+                    event = next(program_steps)
+    except StopIteration as done:
+        result = done.value
     except BaseException as e:
         why = f"{type(e).__name__}: {e}"
         stalled = e.node if isinstance(e, PeerStalledError) else None
-        _notify_peers(plan, transport, session_id, step, layer, sent, why, stalled)
+        _notify_peers(node, transport, session_id, step, layer, sent, why, stalled)
         raise
+    finally:
+        program_steps.close()
     if k != program.requester:
         return None
     if not isinstance(result, torch.Tensor):
         raise RuntimeError("program produced no output tensor")
     return result.clone()  # an ordinary tensor (not an inference-mode one) for the caller
+
+
+def _receive(
+    st: Step, src: int, num_nodes: int, session_id: str, timeout: float
+) -> Generator[_Want, Frame, Frame]:
+    """Wait for ``src``'s frame of ``st`` (the caller sends it in); a peer's error frame, a
+    timeout or a dead peer become the errors that name the failed node."""
+    layer, op, k = st.layer, st.op, st.node
+    try:
+        f = yield (layer, src)
+    except TimeoutError:
+        raise PeerStalledError(
+            f"node {src} stalled: node {k} got no message from node {src} for "
+            f"layer {layer} ({op.name}) within the deadline of {timeout:g} s "
+            f"(session {session_id!r})",
+            node=src,
+            observer=k,
+        ) from None
+    except PeerDownError as e:
+        raise PeerError(
+            f"node {k}: peer {src} is unreachable (layer {layer}, {op.name}): {e}"
+        ) from None
+    stalled = f.stalled_node if f.HasField("stalled_node") else None
+    if f.error and stalled is not None and stalled < num_nodes:
+        raise PeerStalledError(
+            f"node {int(stalled)} stalled (reported by node {src}, layer {layer}): {f.error}",
+            node=int(stalled),
+            observer=src,
+        )
+    if f.error:
+        error = PeerBusyError if BUSY_TAG in f.error else PeerError
+        raise error(f"node {src} failed at layer {layer} ({op.name}): {f.error}")
+    return f
 
 
 def run_node(
@@ -500,7 +361,7 @@ def refuse_session(
 
 
 def _notify_peers(
-    plan: Plan,
+    node: ShardNode,
     transport: Transport,
     session_id: str,
     step: int,
@@ -516,20 +377,17 @@ def _notify_peers(
     text = f"node {k}: {why}"[:MAX_ERROR_TEXT]
     send: Callable[[Frame], None] = transport.send
     unreachable: set[int] = set()
-    open_count = plan_open_count(plan)
-    for layer in range(failed_at, len(plan.program.ops)):
-        op = plan.program.ops[layer]
-        coded = get_spec(op.kind).coded_messages
-        for t in op_traffic(plan.program, op, open_count):
-            if t.src != k or t.dst in unreachable or (layer == failed_at and t.dst in already_sent):
+    for st in node_schedule(node)[failed_at:]:
+        for dst in st.out_to:
+            if dst in unreachable or (st.layer == failed_at and dst in already_sent):
                 continue
             frame = Frame(
                 session_id=session_id,
                 step=step,
-                layer=layer,
-                direction=direction_of(op, coded),  # type: ignore[arg-type]
+                layer=st.layer,
+                direction=st.direction,  # type: ignore[arg-type]
                 src=k,
-                dst=t.dst,
+                dst=dst,
                 error=text,
             )
             if stalled is not None:
@@ -537,4 +395,4 @@ def _notify_peers(
             try:
                 send(frame)
             except Exception:  # the peer is gone: do not try it again for this session
-                unreachable.add(t.dst)
+                unreachable.add(dst)

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from disco_fl.emulation import NodeShard
 from disco_fl.export import compact_columns
+from disco_fl.node.shard import NodeShard
 from disco_fl.partition import get_spec
 from disco_fl.plan import Plan
 

@@ -77,7 +77,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from disco_fl.emulation import NodeShard
+from disco_fl.node.shard import NodeShard
 from disco_fl.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2
 from disco_fl.training.dp_grads import per_sample_grads

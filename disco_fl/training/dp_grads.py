@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from disco_fl.emulation import NodeShard
+from disco_fl.node.shard import NodeShard
 from disco_fl.partition import Op, get_spec
 from disco_fl.partition.registry import NodeContext, OpSpec
 from disco_fl.training.trace import StepTrace

@@ -1,10 +1,12 @@
 """The forward and backward passes of one training step on one node, op by op.
 
-The forward runs the program as inference does but with autograd, sending and receiving each
-op's messages through the step's :class:`~disco_fl.training.commit.StepIO`; it returns one
-:class:`OpRecord` per op (what the backward needs of it). The backward walks the records in
-reverse, sends the gradients of received messages back to their senders and receives those of
-its own messages (see :mod:`disco_fl.training.step` for the protocol and the memory rules).
+The forward runs the program with the one driver of inference and the emulation
+(:func:`disco_fl.node.drive`) but with autograd (:class:`TrainExecutor`), sending and
+receiving each op's messages through the step's :class:`~disco_fl.training.commit.StepIO`;
+it returns one :class:`OpRecord` per op (what the backward needs of it). The backward walks
+the records in reverse, sends the gradients of received messages back to their senders and
+receives those of its own messages (see :mod:`disco_fl.training.step` for the protocol and the
+memory rules).
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ from typing import Any, Protocol
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from disco_fl.codecs import get_codec
-from disco_fl.emulation import NodeShard, OpState
 from disco_fl.gates import PairGates, gate_generator, sample_hard_concrete
-from disco_fl.partition import Op, Program, full_open_count, get_spec, op_traffic, plan_open_count
+from disco_fl.node import Executor, MessageError, Recv, Send, Step, drive, input_batch, schedule
+from disco_fl.node.shard import NodeShard, OpState
+from disco_fl.partition import Op, Program, Traffic, full_open_count, get_spec, plan_open_count
 from disco_fl.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2
-from disco_fl.runtime import direction_of, input_batch, message_problem
 from disco_fl.training.autograd import NO_CHAIN, Gathered, GatherFn, Sent, gather_pack, unpack
 from disco_fl.training.commit import StepIO
 from disco_fl.training.errors import PeerFailure
@@ -131,138 +132,177 @@ class OpRecord:
     chainable: bool = False  # lean mode: a consumer may extend this op's graph
 
 
-def forward(
-    tr: NodeTrainer, ctx: TrainContext, io_: StepIO, x: torch.Tensor | None
-) -> list[OpRecord]:
-    """Run the program's ops on this node, exchanging their messages; one record per op."""
-    program = ctx.program
-    k = tr.index
-    owner = program.requester
-    codec = get_codec(tr.plan.codec)
-    open_count = _open_count(tr, program)
-    env: dict[str, Any] = {}
-    records: list[OpRecord] = []
-    batch: int | None = None
-    keep_xs = tr.dp_state is not None
-    lean = not keep_xs  # DP needs every op's inputs and its own graph (per-sample grads)
-    uses: dict[str, int] = {}
-    last_use: dict[str, int] = {}
-    for i, op in enumerate(program.ops):
-        for name in op.inputs:
-            uses[name] = uses.get(name, 0) + 1
-            last_use[name] = i
-    rec_of: dict[str, OpRecord] = {}
-    for layer, op in enumerate(program.ops):
-        spec = get_spec(op.kind)
-        traffic = op_traffic(program, op, open_count)
-        out_to = sorted({t.dst for t in traffic if t.src == k})
-        in_from = {t.src: t for t in traffic if t.dst == k}
-        leaves: list[tuple[str, torch.Tensor]] = []
-        gathers: list[tuple[Gathered, torch.Tensor, dict[int, torch.Tensor]]] = []
-        built: list[tuple[torch.Tensor, Gathered]] = []
-        xs: list[Any]
-        if op.kind == "input":
-            xs = [x.detach() if k == owner and x is not None else None]
-        else:
-            xs = []
+class TrainExecutor(Executor):
+    """The driver's executor of a training forward pass (:func:`forward`).
+
+    Makes each op's tensor inputs autograd leaves (so the backward pass can run op by op
+    and send the gradients of received messages back), defers a lean exchange's assembly to
+    its consumers (:class:`~disco_fl.training.autograd.Gathered`), and keeps one
+    :class:`OpRecord` per op in ``records``. With DP every op keeps its inputs and its own
+    graph (per-sample gradients) and nothing is freed early.
+    """
+
+    strict = True
+
+    def __init__(self, tr: NodeTrainer, ctx: TrainContext) -> None:
+        super().__init__(ctx.program, ctx)
+        self.tr = tr
+        self.tctx = ctx
+        self.keep_xs = tr.dp_state is not None
+        self.lean = not self.keep_xs  # DP needs every op's inputs and its own graph
+        self.free_values = self.lean
+        self.uses: dict[str, int] = {}
+        for op in ctx.program.ops:
             for name in op.inputs:
-                v = env[name]
-                if isinstance(v, Gathered):
-                    lo = v.own.detach().requires_grad_(True)
-                    lr = {j: r.detach().requires_grad_(True) for j, r in v.recv.items()}
-                    gv = GatherFn.apply(v, lo, *(lr[j] for j in v.srcs))
-                    gathers.append((v, lo, lr))
-                    built.append((gv, v))
-                    xs.append(gv)
-                elif isinstance(v, torch.Tensor) and v.is_floating_point():
-                    prod = rec_of.get(name)
-                    if (
-                        lean
-                        and prod is not None
-                        and prod.chainable
-                        and uses[name] == 1
-                        and v.requires_grad
-                        and not out_to
-                        and not in_from
-                        and op.kind not in NO_CHAIN
-                    ):
-                        # the single consumer extends the producer's graph: the
-                        # producer's output is kept only if this op's backward saves it
-                        prod.out = None
-                        xs.append(v)
-                    else:
-                        leaf = v.detach().requires_grad_(True)
-                        leaves.append((name, leaf))
-                        xs.append(leaf)
-                else:
+                self.uses[name] = self.uses.get(name, 0) + 1
+        self.records: list[OpRecord] = []
+        self.rec_of: dict[str, OpRecord] = {}
+        self.batch: int | None = None
+        # the op being run: its leaves, gathered inputs, received selections, assembled inputs
+        self.leaves: list[tuple[str, torch.Tensor]] = []
+        self.gathers: list[tuple[Gathered, torch.Tensor, dict[int, torch.Tensor]]] = []
+        self.built: list[tuple[torch.Tensor, Gathered]] = []
+        self.recv_sel: dict[int, torch.Tensor] = {}
+        self.full: dict[int, torch.Tensor] = {}
+        self.gathered: Gathered | None = None
+
+    def inputs(self, step: Step, env: dict[str, Any], x: Any) -> list[Any]:
+        op = step.op
+        self.leaves, self.gathers, self.built, self.recv_sel = [], [], [], {}
+        if step.is_input:
+            owner = step.node == self.program.requester
+            return [x.detach() if owner and x is not None else None]
+        xs: list[Any] = []
+        for name in op.inputs:
+            v = env[name]
+            if isinstance(v, Gathered):
+                lo = v.own.detach().requires_grad_(True)
+                lr = {j: r.detach().requires_grad_(True) for j, r in v.recv.items()}
+                gv = GatherFn.apply(v, lo, *(lr[j] for j in v.srcs))
+                self.gathers.append((v, lo, lr))
+                self.built.append((gv, v))
+                xs.append(gv)
+            elif isinstance(v, torch.Tensor) and v.is_floating_point():
+                prod = self.rec_of.get(name)
+                if (
+                    self.lean
+                    and prod is not None
+                    and prod.chainable
+                    and self.uses[name] == 1
+                    and v.requires_grad
+                    and not step.out_to
+                    and not step.in_from
+                    and op.kind not in NO_CHAIN
+                ):
+                    # the single consumer extends the producer's graph: the producer's
+                    # output is kept only if this op's backward saves it
+                    prod.out = None
                     xs.append(v)
-        msgs = spec.send(op, ctx, xs) or {}
-        if sorted(msgs) != out_to:
-            raise RuntimeError(
-                f"node {k} layer {layer} ({op.name}): op sends to {sorted(msgs)}, the plan's "
-                f"traffic says {out_to}"
-            )
-        coded = spec.coded_messages
-        wire = codec.name if coded else "fp32"
-        direction = direction_of(op, coded)
-        for dest in out_to:
-            if op.kind == "exchange" and tr.gate_mode == "stochastic":
-                io_.send_selection(layer, dest, ctx.selections[(op.name, dest)])
-            io_.send(layer, dest, msgs[dest], direction, codec=wire)
-        received: dict[int, torch.Tensor] = {}
-        full: dict[int, torch.Tensor] = {}
-        recv_sel: dict[int, torch.Tensor] = {}
-        for src in sorted(in_from):
-            sel_idx: torch.Tensor | None = None
-            if op.kind == "exchange":
-                sel_idx = recv_sel[src] = _selection_from(tr, io_, op, layer, src)
-            f = io_.recv(layer, src, direction=direction, codec=wire)
-            try:
-                t = decode_tensor(f.tensor, max_bytes=tr.max_message_bytes)
-            except WireError as e:
-                raise PeerFailure(src, f"bad message at layer {layer} ({op.name}): {e}") from e
-            _check_forward(program, op, layer, src, t, batch, sel_idx, xs)
-            if op.kind != "input":
+                else:
+                    leaf = v.detach().requires_grad_(True)
+                    self.leaves.append((name, leaf))
+                    xs.append(leaf)
+            else:
+                xs.append(v)
+        return xs
+
+    def channels(self, step: Step, src: int, traffic: Traffic) -> int:
+        if step.op.kind == "exchange":  # the selection says (stochastic gates send any)
+            return int(self.recv_sel[src].numel())
+        return super().channels(step, src, traffic)
+
+    def compute(self, step: Step, xs: list[Any], received: dict[int, torch.Tensor]) -> Any:
+        op, spec, tr, ctx = step.op, step.spec, self.tr, self.tctx
+        if not step.is_input:
+            for t in received.values():
                 t.requires_grad_(True)
-                received[src] = t
-            full[src] = t
-        gathered: Gathered | None = None
-        if op.kind == "exchange" and lean and isinstance(xs[0], torch.Tensor):
-            gathered = _gathered(tr, program, op, ctx, xs[0], full, recv_sel)
-            out: Any = gathered
+        full = dict(received)
+        self.gathered = None
+        if op.kind == "exchange" and self.lean and isinstance(xs[0], torch.Tensor):
+            self.gathered = _gathered(tr, self.program, op, ctx, xs[0], full, self.recv_sel)
+            out: Any = self.gathered
         else:
             if op.kind == "exchange":
-                full = _assemble(tr, program, op, xs[0], full, recv_sel)
-            if built:  # store assembled inputs as references to their parts
-                with torch.autograd.graph.saved_tensors_hooks(gather_pack(built), unpack):
+                full = _assemble(tr, self.program, op, xs[0], full, self.recv_sel)
+            if self.built:  # store assembled inputs as references to their parts
+                with torch.autograd.graph.saved_tensors_hooks(gather_pack(self.built), unpack):
                     out = spec.compute(op, ctx, xs, full)
-                built.clear()  # the hooks live on with the graph: drop the tensors
+                self.built.clear()  # the hooks live on with the graph: drop the tensors
             else:
                 out = spec.compute(op, ctx, xs, full)
-        env[op.name] = out
-        if (b := input_batch(op, out)) is not None:
-            batch = b
+        self.full = full
+        return out
+
+    def done(
+        self,
+        step: Step,
+        xs: list[Any],
+        msgs: dict[int, torch.Tensor],
+        received: dict[int, torch.Tensor],
+        value: Any,
+    ) -> bool:
+        op, gathered = step.op, self.gathered
+        if (b := input_batch(op, value)) is not None:
+            self.batch = b
         sent = {
             d: Sent(m.shape, m.dtype, get_gradient_edge(m) if m.requires_grad else None)
             for d, m in msgs.items()
         }
-        rec = OpRecord(layer, op, leaves, sent, received, None if gathered else out)
+        kept = {} if step.is_input else dict(received)  # received leaves (need a gradient)
+        rec = OpRecord(step.layer, op, self.leaves, sent, kept, None if gathered else value)
         rec.gathered = gathered
-        rec.gather_leaves = gathers
-        rec.chainable = lean and op.kind not in ("input", "exchange") and not msgs and not received
-        rec_of[op.name] = rec
-        if keep_xs:
+        rec.gather_leaves = self.gathers
+        rec.chainable = self.lean and op.kind not in ("input", "exchange") and not msgs and not kept
+        self.rec_of[op.name] = rec
+        if self.keep_xs:
             rec.xs = xs
-            rec.full_received = full
-        records.append(rec)
-        if batch == 0 and keep_xs:
-            break  # DP: an empty Poisson batch is a noise-only step, nothing to compute
-        del xs, built, full, msgs
-        if lean:
-            for name in op.inputs:  # free what no later op reads
-                if last_use[name] == layer:
-                    env.pop(name, None)
-    return records
+            rec.full_received = self.full
+        self.records.append(rec)
+        self.full, self.gathered = {}, None
+        return self.batch == 0 and self.keep_xs  # DP: an empty Poisson batch is noise only
+
+
+def forward(
+    tr: NodeTrainer, ctx: TrainContext, io_: StepIO, x: torch.Tensor | None
+) -> list[OpRecord]:
+    """Run the program's ops on this node with the one driver (:func:`~disco_fl.node.drive`),
+    exchanging their messages through ``io_``; one record per op."""
+    program = ctx.program
+    steps = schedule(program, tr.index, _open_count(tr, program), tr.plan.codec)
+    ex = TrainExecutor(tr, ctx)
+    stochastic = tr.gate_mode == "stochastic"
+    run = drive(steps, ex, x)
+    try:
+        event = next(run)
+        while True:
+            if isinstance(event, Send):
+                st, dest = event.step, event.dest
+                if st.op.kind == "exchange" and stochastic:
+                    io_.send_selection(st.layer, dest, ctx.selections[(st.op.name, dest)])
+                io_.send(st.layer, dest, event.tensor, st.direction, codec=st.wire_codec)
+                event = next(run)
+            elif isinstance(event, Recv):
+                st, src = event.step, event.src
+                if st.op.kind == "exchange":
+                    ex.recv_sel[src] = _selection_from(tr, io_, st.op, st.layer, src)
+                f = io_.recv(st.layer, src, direction=st.direction, codec=st.wire_codec)
+                try:
+                    t = decode_tensor(f.tensor, max_bytes=tr.max_message_bytes)
+                except WireError as e:
+                    raise PeerFailure(
+                        src, f"bad message at layer {st.layer} ({st.op.name}): {e}"
+                    ) from e
+                try:
+                    event = run.send(t)
+                except MessageError as e:
+                    raise PeerFailure(e.src, str(e)) from None
+            else:
+                event = next(run)
+    except StopIteration:
+        pass
+    finally:
+        run.close()
+    return ex.records
 
 
 def _open_count(tr: NodeTrainer, program: Program) -> Callable[[str, int, int], int]:
@@ -413,34 +453,6 @@ def backward(
             rec.received = {}
             rec.out = None
             rec.leaves = []
-
-
-def _check_forward(
-    program: Program,
-    op: Op,
-    layer: int,
-    src: int,
-    t: torch.Tensor,
-    batch: int | None,
-    sel: torch.Tensor | None,
-    xs: Sequence[Any],
-) -> None:
-    """A received forward message must have the shape the plan implies
-    (:func:`~disco_fl.runtime.message_problem`, strict)."""
-    expected: list[int] | None = None
-    if op.kind == "exchange" and sel is not None and isinstance(xs[0], torch.Tensor):
-        cdim = program.infos[op.name].cdim
-        assert cdim is not None
-        expected = list(xs[0].shape)
-        expected[cdim] = int(sel.numel())
-    elif op.kind == "output":
-        src_info = program.infos[op.inputs[0]]
-        if src_info.layout is not None and src_info.cdim is not None and xs:
-            expected = list(xs[0].shape)
-            expected[src_info.cdim] = src_info.layout.count(src)
-    problem = message_problem(program, op, t, batch, expected=expected, strict=True)
-    if problem:
-        raise PeerFailure(src, f"layer {layer} ({op.name}, {op.kind}): {problem}")
 
 
 def batch_size(records: Sequence[OpRecord]) -> int:

@@ -89,8 +89,8 @@ from typing import Any, Literal
 
 import torch
 
-from disco_fl.emulation import NodeShard
 from disco_fl.gates import PairGates, prob_open
+from disco_fl.node.shard import NodeShard
 from disco_fl.partition import Program
 from disco_fl.plan import Plan
 from disco_fl.train import distill_loss

@@ -1,0 +1,174 @@
+"""The one driver of a node's program, sans I/O.
+
+:func:`drive` walks a node's :class:`~disco_fl.node.schedule.Step` list. For every op it asks
+the :class:`Executor` for the op's inputs, calls ``spec.send`` (what this node owes each
+peer), yields a :class:`Send` per message, then a :class:`Recv` per message it needs (the
+caller sends the received tensor in), checks each one against the plan
+(:func:`~disco_fl.node.schedule.message_problem`), and has the executor compute the op.
+It never touches a socket, a clock other than the optional deadline, or a codec: whoever drives
+it moves the messages:
+
+- the emulation runs N drivers in lock step in one process (:mod:`disco_fl.node.lockstep`);
+- the network runtime moves them as frames over a transport (:mod:`disco_fl.runtime`);
+- the training step does too, with an executor that keeps what the backward pass needs
+  (:mod:`disco_fl.training.passes`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from disco_fl.node.schedule import Step, expected_shape, input_batch, message_problem
+from disco_fl.partition import Program, Traffic
+from disco_fl.partition.registry import NodeContext
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``tensor`` to node ``dest`` (the driver continues at once)."""
+
+    step: Step
+    dest: int
+    tensor: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class Recv:
+    """The driver needs node ``src``'s message of ``step``: send the tensor in."""
+
+    step: Step
+    src: int
+
+
+FLUSH = "flush"  # yielded after the sends of an op: a good moment to put frames on the wire
+TURN = "turn"  # yielded after every op: a good moment to let other work run
+Event = Send | Recv | str
+
+
+class MessageError(RuntimeError):
+    """A received message does not fit the plan (``src`` sent it)."""
+
+    def __init__(self, message: str, *, src: int, layer: int) -> None:
+        super().__init__(message)
+        self.src = src
+        self.layer = layer
+
+
+class Executor:
+    """How a node gets an op's inputs and computes it: inference, as the op's spec says.
+
+    Training subclasses it (:class:`disco_fl.training.passes.TrainExecutor`) to make autograd
+    leaves of the inputs and to record what the backward pass needs.
+    """
+
+    strict = False  # message check: also dtype, finite values, exact input shape
+    free_values = True  # drop values no later op reads
+
+    def __init__(self, program: Program, ctx: NodeContext) -> None:
+        self.program = program
+        self.ctx = ctx
+
+    def inputs(self, step: Step, env: dict[str, Any], x: Any) -> list[Any]:
+        if step.is_input:
+            return [x if step.node == self.program.requester else None]
+        return [env[name] for name in step.op.inputs]
+
+    def channels(self, step: Step, src: int, traffic: Traffic) -> int:
+        """Channels ``src``'s message of ``step`` carries (0: not a channel message)."""
+        return traffic.channels if traffic.coded else 0
+
+    def compute(self, step: Step, xs: list[Any], received: dict[int, torch.Tensor]) -> Any:
+        return step.spec.compute(step.op, self.ctx, xs, received)
+
+    def done(
+        self,
+        step: Step,
+        xs: list[Any],
+        msgs: dict[int, torch.Tensor],
+        received: dict[int, torch.Tensor],
+        value: Any,
+    ) -> bool:
+        """Called after every op; ``True`` ends the program early."""
+        return False
+
+
+def drive(
+    steps: Sequence[Step],
+    executor: Executor,
+    x: Any,
+    *,
+    deadline: float | None = None,
+    what: str = "",
+) -> Generator[Event, torch.Tensor | None, Any]:
+    """Run one node's program; returns the value of the ``output`` op (``None`` on a node
+    that computes none, or when the executor ends the program early).
+
+    Raises :class:`MessageError` for a message that does not fit the plan, ``TimeoutError``
+    before an op when ``time.monotonic()`` is past ``deadline`` (computation counts against
+    it), ``RuntimeError`` when an op's sends differ from the schedule. ``what`` names the
+    run in errors (e.g. a session id).
+    """
+    program = executor.program
+    ctx = executor.ctx
+    env: dict[str, Any] = {}
+    batch: int | None = None
+    result: Any = None
+    for st in steps:
+        op = st.op
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(
+                f"node {st.node}: the deadline passed while computing, before layer "
+                f"{st.layer} ({op.name}){what}"
+            )
+        xs = executor.inputs(st, env, x)
+        msgs = st.spec.send(op, ctx, xs) or {}
+        if len(msgs) != len(st.out_to) or sorted(msgs) != st.out_to:
+            raise RuntimeError(
+                f"node {st.node} layer {st.layer} ({op.name}): op sends to {sorted(msgs)} but "
+                f"the plan's traffic says {st.out_to}"
+            )
+        for dest in st.out_to:
+            yield Send(st, dest, msgs[dest])
+        if st.out_to:
+            yield FLUSH
+        received: dict[int, torch.Tensor] = {}
+        for src, traffic in st.in_from:
+            t = yield Recv(st, src)
+            assert isinstance(t, torch.Tensor), "a Recv must be answered with a tensor"
+            own = xs[0] if xs else None
+            channels = executor.channels(st, src, traffic)
+            problem = message_problem(
+                program,
+                op,
+                t,
+                batch,
+                channels=channels,
+                expected=expected_shape(program, op, src, own, channels),
+                strict=executor.strict,
+            )
+            if problem:
+                raise MessageError(
+                    f"layer {st.layer} ({op.name}, {op.kind}) from node {src}: {problem}",
+                    src=src,
+                    layer=st.layer,
+                )
+            received[src] = t
+        value = executor.compute(st, xs, received)
+        env[op.name] = value
+        if (b := input_batch(op, value)) is not None:
+            batch = b
+        if st.is_output:
+            result = value
+        if executor.done(st, xs, msgs, received, value):
+            return None
+        del xs, received, msgs
+        if executor.free_values:
+            for name in st.free:  # free what no later op reads (peak memory)
+                env.pop(name, None)
+        yield TURN
+    return result
