@@ -7,7 +7,8 @@
   small Swin transformer (windowed attention), enabled once the capture places it.
 - Joint training over the peer channel == the emulation after k steps, and DP with noise 0
   == Opacus, for a small ConvNeXt-style network built from torchvision's own ``CNBlock``
-  (depthwise 7x7 conv, channels-last LayerNorm, permutes, layer scale, stochastic depth).
+  (depthwise 7x7 conv, channels-last LayerNorm, permutes, layer scale, stochastic depth);
+  joint training == the emulation for a dense-prediction model with per-pixel labels.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from tests.test_training_distributed import (
     _assert_shards_equal,
     _dp_distributed_grads,
     _emulate,
+    _optimizer,
     _run,
     _same_snapshot,
     _snapshot,
@@ -385,3 +387,38 @@ def test_stochastic_depth_dropped_by_the_export_capture_is_reported() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         disco_fl.partition(_tiny_convnext(), 2, x, capture="export")
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_segmentation_joint_training_equals_emulation(n: int) -> None:
+    """A dense-prediction model (tests/test_capture_export.py's SegNet: squeeze-excitation,
+    pixel (un)shuffle, transposed conv, padding, bilinear resizing, ``{"out": y}``) trained
+    for k steps with per-pixel labels: every node over the in-process peer channel == the
+    emulation (whose output is the model's dict)."""
+    from disco_fl.transport import InProcessHub
+    from tests.test_capture_export import SegNet
+
+    torch.manual_seed(0)
+    pm = disco_fl.partition(SegNet(), n, torch.randn(2, 3, 16, 16), capture="export").train()
+    _random_masks(pm, 0.6, seed=n)
+    g = torch.Generator().manual_seed(5)
+    batches = [
+        (torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 5, (4, 16, 16), generator=g))
+        for _ in range(STEPS)
+    ]
+    ref = copy.deepcopy(pm)
+    before = _snapshot(pm)
+    ref.gate_mode = "hard"  # type: ignore[assignment]
+    opt = _optimizer("sgd", list(ref.shards))
+    for x, y in batches:
+        loss = F.cross_entropy(ref(x)["out"], y)  # per pixel
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with InProcessHub(n, num_layers=len(pm.program.ops)) as hub:
+        trainers = _trainers(pm, list(hub), "sgd", "hard", 0.0)
+        results, errors = _run(trainers, batches, range(STEPS))
+    assert errors == [None] * n
+    assert not _same_snapshot(before, _snapshot(pm))
+    _assert_shards_equal(pm, ref)
+    assert all(r.loss is not None and r.loss > 0 for r in results[0])
