@@ -1,5 +1,5 @@
 """What a node holds when a ClientApp message arrives: peak RSS above the baseline of one
-``clients.client_app._setup`` call (the step before training: check the message, rebuild the
+``disco_fl.fl.client_app._setup`` call (the step before training: check the message, rebuild the
 plan and the node's shard), for ResNet-18 (``ModelSpec("resnet18", in_channels=1,
 image_size=28)``, N = 2, shard 0), in a fresh process, 1 torch thread.
 
@@ -22,9 +22,9 @@ def main() -> None:
     from flwr.app import ConfigRecord, Context, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    import clients.client_app as ca
-    from disco_fl.federated import ModelSpec
-    from strategies import DiscoStrategy, NodeInfo, build_roster
+    import disco_fl.fl.client_app as ca
+    from disco_fl.fl.federated import ModelSpec
+    from disco_fl.fl.server import DiscoStrategy, NodeInfo, build_roster
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     spec = ModelSpec(name="resnet18", num_nodes=2, in_channels=1, image_size=28)

@@ -5,7 +5,7 @@ stratified 4000/1000 train/test split, seed 0. Models: the small ResNet in two w
 (``resnet`` 32/64/128, ``resnet_narrow`` 8/16/32) and the ViT preset ``vit_tiny_mnist``
 (patch 7, 64-dim embeddings, 4 heads, depth 4, partitioned by heads), trained dense first.
 For every model, node count and budget: partition the dense model, fine-tune gates and
-weights to the budget in the emulation (:func:`disco_fl.train.fit_budget`, with
+weights to the budget in the emulation (:func:`disco_fl.emulation.budget.fit_budget`, with
 distillation from the dense model), and measure test accuracy and bytes per sample with the
 fp32 and int8 codecs.
 
@@ -32,8 +32,8 @@ import torch
 
 import disco_fl
 from disco_fl.data import load_builtin, load_npz, stratified_split, to_tensor
+from disco_fl.emulation.budget import BudgetConfig, evaluate, fit_budget, train_model
 from disco_fl.models import build_model
-from disco_fl.train import BudgetConfig, evaluate, fit_budget, train_model
 
 BUDGETS = [0.5, 0.2, 0.1, 0.05, 0.02, 0.0]
 NODES = [2, 4, 8]

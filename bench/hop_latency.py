@@ -9,7 +9,7 @@ paths, each a ping-pong between two processes (median round trip; a hop is about
   Python gRPC hop costs here);
 - ``raw_grpc_aio_two_streams``: the same, but each process opens its own stream to the other
   and sends on it, as the transport does (one stream per ordered pair);
-- ``transport_loop``: :class:`~disco_fl.transport.grpc_transport.GrpcTransport` used the way
+- ``transport_loop``: :class:`~disco_fl.runtime.transport.grpc_transport.GrpcTransport` used the way
   ``disco-fl serve`` uses it: a coroutine on the transport's event loop sends and awaits
   (``recv_async``): no thread hand-off;
 - ``transport_threads``: the same transport used from an ordinary thread (``send`` / blocking
@@ -36,9 +36,9 @@ import grpc
 import grpc.aio
 import torch
 
+from disco_fl.core.wire import encode_tensor
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
-from disco_fl.transport.grpc_transport import GrpcTransport
-from disco_fl.wire import encode_tensor
+from disco_fl.runtime.transport.grpc_transport import GrpcTransport
 
 SHAPE = (1, 8, 14, 14)
 

@@ -10,7 +10,8 @@ of such plans is ``bench/comm_accuracy.py``'s subject). Modes:
 - ``disco``: plans trained to budgets 0.2, 0.1 and 0.05 (short gate training + calibration).
 
 Links: every ordered pair of nodes gets its own emulated link (``--link-mbps``,
-``--link-rtt-ms`` of ``disco-fl serve``: :class:`disco_fl.transport.grpc_transport.LinkShape`):
+``--link-rtt-ms`` of ``disco-fl serve``:
+:class:`disco_fl.runtime.transport.grpc_transport.LinkShape`):
 frames leave in order, each occupying the link for ``framed bytes * 8 / rate``, and are
 delivered half a round trip later. This shaper lives in the transport because this machine's
 kernel has no ``netem``; it counts the gRPC message prefix and HTTP/2 frame headers, not
@@ -55,15 +56,15 @@ import numpy as np
 import torch
 
 import disco_fl
-from disco_fl.comm import program_traffic
+from disco_fl.cli.demo import free_ports
 from disco_fl.data import load_builtin, load_npz, stratified_split, to_tensor
-from disco_fl.demo import free_ports
-from disco_fl.export import load_shard
+from disco_fl.emulation.budget import BudgetConfig, evaluate, fit_budget, train_model
+from disco_fl.emulation.comm import program_traffic
+from disco_fl.emulation.export import load_shard
 from disco_fl.models import build_model
 from disco_fl.partition import get_spec, plan_open_count
-from disco_fl.plan import Plan
-from disco_fl.serving import InferenceSession
-from disco_fl.train import BudgetConfig, evaluate, fit_budget, train_model
+from disco_fl.partition.plan import Plan
+from disco_fl.runtime.serving import InferenceSession
 
 LINKS = {"100Mbit_2ms": (100.0, 2.0), "1Gbit_0.5ms": (1000.0, 0.5)}
 # (budget, exchanges allowed): the plain budget plans, and the 0.05 budget with at most 3 and
@@ -114,7 +115,7 @@ class Household:
             cmd = [
                 sys.executable,
                 "-m",
-                "disco_fl.cli",
+                "disco_fl.cli.main",
                 "serve",
                 str(plan_dir),
                 "--node",
@@ -195,7 +196,7 @@ def measure_node_compute(
     """Median batch-1 compute of each node's shard (ms), without communication.
 
     Runs every node's ``send`` and ``compute`` calls op by op in this process (1 torch
-    thread), as :func:`disco_fl.runtime.run_node` calls them, and times each node's calls
+    thread), as :func:`disco_fl.runtime.inference.run_node` calls them, and times each node's calls
     only (messages are handed over in memory, without encoding).
     """
     torch.set_num_threads(1)

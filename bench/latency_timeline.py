@@ -81,10 +81,10 @@ def _no_tag(a: tuple[Any, ...], k: dict[str, Any]) -> tuple[int, str]:
 
 def _serve_wrapped(out: str, argv: list[str]) -> None:
     """Run ``disco-fl serve`` with timestamping patches; write the events to ``out``."""
-    import disco_fl.serving.node_server as ns
-    import disco_fl.transport.base as base
-    import disco_fl.transport.grpc_transport as gt
-    from disco_fl.cli import main
+    import disco_fl.runtime.serving.node_server as ns
+    import disco_fl.runtime.transport.base as base
+    import disco_fl.runtime.transport.grpc_transport as gt
+    from disco_fl.cli.main import main
 
     ev: list[Event] = []
     mono = time.monotonic
@@ -145,7 +145,7 @@ def _serve_wrapped(out: str, argv: list[str]) -> None:
     wrap_async(ns, "run_node_async", "run_start", "run_end", _run_tag)
 
     def dump(*_: Any) -> None:
-        from disco_fl.files import atomic_write_bytes
+        from disco_fl.core.files import atomic_write_bytes
 
         atomic_write_bytes(out, json.dumps(list(ev)).encode())  # never half a file
 
@@ -330,9 +330,9 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from disco_fl.demo import free_ports
-    from disco_fl.plan import Plan
-    from disco_fl.serving import InferenceSession
+    from disco_fl.cli.demo import free_ports
+    from disco_fl.partition.plan import Plan
+    from disco_fl.runtime.serving import InferenceSession
 
     torch.manual_seed(0)
     program = Plan.load(Path(args.plan) / "plan.json").program

@@ -6,27 +6,29 @@ for 1x28x28 inputs and 10 classes, built with :class:`disco_fl.models.ResNetConf
 Adam, random inputs (step time and memory do not depend on the data).
 
 Plans (N = 2): ``disco10``: gate logits drawn at random (seeded) and hard masks set by
-:func:`disco_fl.train.calibrate_masks` at a budget of 0.1 of the dense exchange bytes, i.e. a
-DISCO plan of that budget without gate training; ``dense`` (full run): every gate open
-(dense tensor parallelism).
+:func:`disco_fl.emulation.budget.calibrate_masks` at a budget of 0.1 of the dense exchange bytes,
+i.e. a DISCO plan of that budget without gate training; ``dense`` (full run): every gate open (dense
+tensor parallelism).
 
 Modes, each measured in its own fresh process (``--worker``), 1 torch thread per process:
 
 - ``whole_model``: the original ``nn.Module`` (train: Adam; infer: ``eval()`` forward under
   ``no_grad``);
-- ``emulation``: the :class:`~disco_fl.emulation.PartitionedModel` in one process (default
+- ``emulation``: the :class:`~disco_fl.emulation.model.PartitionedModel` in one process (default
   execution, i.e. fused for fp32; train: Adam over every shard);
-- ``distributed``: N processes over :class:`~disco_fl.transport.grpc_transport.GrpcTransport`
-  on 127.0.0.1. Train: each holds a :class:`~disco_fl.training.NodeTrainer` over only its
+- ``distributed``: N processes over
+:class:`~disco_fl.runtime.transport.grpc_transport.GrpcTransport`
+  on 127.0.0.1. Train: each holds a :class:`~disco_fl.runtime.training.NodeTrainer` over only its
   shard, loaded from a file written by the parent (:meth:`NodeShard.from_tensors`; no process
   builds the whole model); node 0 owns the batches. The trainer is compact (``compact=True``:
   hard masks, only the weight columns of open channels are held trained, with their gradients
   and Adam state; the closed columns are kept aside, unchanged); ``--full-width`` trains every
   column instead. Infer: each runs
-  :func:`disco_fl.runtime.run_node` on its exported shard (:func:`disco_fl.export.load_shard`).
+  :func:`disco_fl.runtime.inference.run_node` on its exported shard
+  (:func:`disco_fl.emulation.export.load_shard`).
 
 - ``clientapp`` (train only): the Flower ``ClientApp``'s ``train`` handler
-  (``clients.client_app.train``) called once in each of N processes with the message a
+  (``disco_fl.fl.client_app.train``) called once in each of N processes with the message a
   SuperNode hands it (node k's packed shard record and a ``TrainConfig`` of hard masks, the
   steps of the other modes, node 0 holding the batches), its peer channel pre-connected over
   gRPC on 127.0.0.1. The memory counts the incoming message, the shard the handler rebuilds
@@ -42,7 +44,7 @@ go back to the kernel and RSS tracks live memory (same setting for every mode).
 Step time: median over the steps after warm-up (distributed: node 0's
 ``StepResult.seconds``). Bytes per step: payload bytes sent by all nodes, forward + backward
 (training) or forward (inference), counted by the transports; the emulation row repeats the
-plan's prediction (:func:`disco_fl.training.predict_step_bytes`), nothing crosses a network.
+plan's prediction (:func:`disco_fl.runtime.training.predict_step_bytes`), nothing crosses a network.
 
 Usage::
 
@@ -152,9 +154,9 @@ def prepare(root: Path, plan_name: str, nodes: int, n_batches: int) -> dict[str,
     """Write everything the workers load: whole model, partitioned model, per-node training
     shards, the plan, the exported inference shards and the batches."""
     import disco_fl
-    from disco_fl.federated import shard_arrays
-    from disco_fl.train import calibrate_masks
-    from disco_fl.training import plan_of, plan_open_count, predict_step_bytes
+    from disco_fl.emulation.budget import calibrate_masks
+    from disco_fl.fl.federated import shard_arrays
+    from disco_fl.runtime.training import plan_of, plan_open_count, predict_step_bytes
 
     torch.manual_seed(SEED)
     model = build_model().train()
@@ -199,7 +201,7 @@ def prepare(root: Path, plan_name: str, nodes: int, n_batches: int) -> dict[str,
 
 # ---- workers ------------------------------------------------------------------------------
 def _transport(spec: dict[str, Any], plan_hash: str, num_layers: int) -> Any:
-    from disco_fl.transport.grpc_transport import GrpcTransport
+    from disco_fl.runtime.transport.grpc_transport import GrpcTransport
 
     k, n = spec["node"], spec["nodes"]
     addrs = [f"127.0.0.1:{p}" for p in spec["ports"]]
@@ -251,7 +253,7 @@ def _check_emulation(pm: Any, loaded: Any) -> None:
 def _worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
-    from disco_fl.training import default_param_groups
+    from disco_fl.runtime.training import default_param_groups
 
     root = Path(spec["dir"])
     warm, steps = spec["warmup"], spec["steps"]
@@ -259,9 +261,9 @@ def _worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     times: list[float] = []
     nbytes: list[int] = []
     if mode == "distributed":
-        from disco_fl.emulation import NodeShard
-        from disco_fl.plan import Plan
-        from disco_fl.training import NodeTrainer
+        from disco_fl.node.shard import NodeShard
+        from disco_fl.partition.plan import Plan
+        from disco_fl.runtime.training import NodeTrainer
 
         plan = Plan.load(root / "train_plan.json")
         tr = _transport(spec, plan.hash, len(plan.program.ops))
@@ -312,12 +314,12 @@ def _worker_clientapp(spec: dict[str, Any]) -> dict[str, Any]:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    import clients.client_app as ca
-    import disco_fl.train  # noqa: F401  (the handler's lazy imports, before the baseline)
-    import disco_fl.training  # noqa: F401
-    from disco_fl.federated import NodeData
-    from disco_fl.plan import Plan
-    from disco_fl.round_config import TrainConfig
+    import disco_fl.emulation.budget  # noqa: F401  (the handler's lazy imports, before the baseline)
+    import disco_fl.fl.client_app as ca
+    import disco_fl.runtime.training  # noqa: F401
+    from disco_fl.fl.federated import NodeData
+    from disco_fl.fl.round_config import TrainConfig
+    from disco_fl.partition.plan import Plan
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     root = Path(spec["dir"])
@@ -378,9 +380,9 @@ def _worker_infer(spec: dict[str, Any]) -> dict[str, Any]:
     times: list[float] = []
     nbytes: list[int] = []
     if mode == "distributed":
-        from disco_fl.export import load_shard
-        from disco_fl.plan import Plan
-        from disco_fl.runtime import run_node
+        from disco_fl.emulation.export import load_shard
+        from disco_fl.partition.plan import Plan
+        from disco_fl.runtime.inference import run_node
 
         plan = Plan.load(root / "export" / "plan.json")
         tr = _transport(spec, plan.hash, len(plan.program.ops))
@@ -427,7 +429,7 @@ def _run_config(
     root: Path, plan_name: str, mode: str, phase: str, nodes: int, s: dict[str, Any]
 ) -> dict[str, Any]:
     procs = nodes if mode in ("distributed", "clientapp") else 1
-    from disco_fl.demo import free_ports
+    from disco_fl.cli.demo import free_ports
 
     ports = free_ports(procs)
     env = {**os.environ, **WORKER_ENV}

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from disco_fl.emulation import PartitionedModel  # noqa: E402
+from disco_fl.emulation.model import PartitionedModel  # noqa: E402
 from tests import tv_zoo  # noqa: E402
 
 TOL = 1e-4

@@ -9,8 +9,14 @@ import torch
 
 import disco_fl
 from disco_fl.data import load_builtin, stratified_split, to_tensor
+from disco_fl.emulation.budget import (
+    BudgetConfig,
+    calibrate_masks,
+    evaluate,
+    fit_budget,
+    train_model,
+)
 from disco_fl.models import resnet_narrow
-from disco_fl.train import BudgetConfig, calibrate_masks, evaluate, fit_budget, train_model
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +119,7 @@ def test_resume_from_checkpoint_is_exact(
     ref = disco_fl.partition(dense, 2, x[:2])
     fit_budget(ref, x, y, cfg, checkpoint_dir=tmp_path / "a")
 
-    import disco_fl.train as tr
+    import disco_fl.emulation.budget as tr
 
     real_save = tr._save
     calls = {"n": 0}

@@ -17,7 +17,7 @@ from torch import nn
 
 import disco_fl
 from disco_fl import PartitionError
-from disco_fl.export import load_shard, run_shards
+from disco_fl.emulation.export import load_shard, run_shards
 
 
 def _shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -293,7 +293,7 @@ def test_train_mode_gradients_equal_original(name: str) -> None:
 
 def test_reshape_ownership_rules() -> None:
     """Ownership through reshapes (DTensor's flatten / split rules on arbitrary layouts)."""
-    from disco_fl.layout import Layout
+    from disco_fl.core.layout import Layout
     from disco_fl.partition.ops_view import reshape_info
     from disco_fl.partition.program import TensorInfo
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import disco_fl
-from disco_fl.codecs import get_codec, int8_quantize
+from disco_fl.core.codecs import get_codec, int8_quantize
 
 
 class Tiny(nn.Module):

@@ -18,13 +18,7 @@ import grpc
 import pytest
 import torch
 
-from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
-from disco_fl.training.commit import ABORT, SELECTION, StepIO
-from disco_fl.training.errors import PeerFailure
-from disco_fl.transport.base import TransportError, check_incoming
-from disco_fl.transport.grpc_transport import GrpcTransport, HandshakeError
-from disco_fl.transport.inprocess import InProcessHub
-from disco_fl.wire import (
+from disco_fl.core.wire import (
     PROTOCOL_VERSION,
     WireError,
     abort_message,
@@ -32,6 +26,12 @@ from disco_fl.wire import (
     selection_message,
     vote_message,
 )
+from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
+from disco_fl.runtime.training.commit import ABORT, SELECTION, StepIO
+from disco_fl.runtime.training.errors import PeerFailure
+from disco_fl.runtime.transport.base import TransportError, check_incoming
+from disco_fl.runtime.transport.grpc_transport import GrpcTransport, HandshakeError
+from disco_fl.runtime.transport.inprocess import InProcessHub
 
 Frame = peer_pb2.Frame
 Control = peer_pb2.Control
@@ -175,7 +175,7 @@ def test_abort_names_the_failed_node_from_the_typed_field() -> None:
 def test_trainer_abort_frames_are_typed() -> None:
     """A node failing in its backward pass: its abort frames carry ``failed_node`` typed, and
     every node's StepAborted names it."""
-    from disco_fl.training import StepAborted
+    from disco_fl.runtime.training import StepAborted
     from tests.test_training_distributed import _partition, _run, _trainers
 
     pm, batches = _partition("user", 3, 0.6)

@@ -21,14 +21,14 @@ from flwr.app import (
 )
 from flwr.app.message.message import make_message
 
-from disco_fl.federated import (
+from disco_fl.fl.federated import (
     ModelSpec,
     round_budget,
     round_mode,
     shard_arrays,
     unpack_state,
 )
-from strategies import DiscoStrategy, NodeInfo, RosterError, build_roster
+from disco_fl.fl.server import DiscoStrategy, NodeInfo, RosterError, build_roster
 
 SPEC = ModelSpec(num_nodes=2)
 
@@ -221,7 +221,7 @@ def test_flower_client_side_dp_wrapper_fails_clearly() -> None:
 
 
 def test_dp_needs_group_norm() -> None:
-    from strategies import DPSettings
+    from disco_fl.fl.server import DPSettings
 
     with pytest.raises(ValueError, match="norm='group'"):
         DiscoStrategy(SPEC, dp=DPSettings())
@@ -230,10 +230,10 @@ def test_dp_needs_group_norm() -> None:
 def test_client_peer_channel_uses_mutual_tls_from_node_config(tmp_path: Any) -> None:
     import torch
 
+    from disco_fl.core.wire import encode_tensor
     from disco_fl.proto_gen.disco.v1 import peer_pb2
+    from disco_fl.runtime.transport.grpc_transport import GrpcTransport, HandshakeError
     from disco_fl.security import make_household_certs, peer_credentials
-    from disco_fl.transport.grpc_transport import GrpcTransport, HandshakeError
-    from disco_fl.wire import encode_tensor
 
     assert peer_credentials("", 0) == (None, None)
     make_household_certs(tmp_path, 2)

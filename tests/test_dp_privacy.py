@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from disco_fl.training import NodeTrainer, plan_of
-from disco_fl.training.dp import DPConfig, gaussian_noise, poisson_sample
-from disco_fl.transport import InProcessHub
+from disco_fl.runtime.training import NodeTrainer, plan_of
+from disco_fl.runtime.training.dp import DPConfig, gaussian_noise, poisson_sample
+from disco_fl.runtime.transport import InProcessHub
 from tests.conftest import run_nodes
 from tests.test_training_distributed import _dp_distributed_grads, _dp_setup, _run, _snapshot
 
@@ -175,7 +175,7 @@ def test_insecure_seed_reproduces_and_warns_every_time(caplog: pytest.LogCapture
     """The test-only switch: the same insecure_seed gives the same noise and batches, another
     seed other ones, and each use logs a warning."""
     clean = _noisy_update(0.0)
-    with caplog.at_level(logging.WARNING, logger="disco_fl.training.dp"):
+    with caplog.at_level(logging.WARNING, logger="disco_fl.runtime.training.dp"):
         a = _noisy_update(SIGMA, insecure_seed=7) - clean
         warned = [r for r in caplog.records if "INSECURE" in r.getMessage()]
         assert len(warned) == 3  # one per node for the step's noise
@@ -205,10 +205,10 @@ def _client_round(
     built, the node trainers and the sizes of the batches drawn by ``sample_batch``."""
     from flwr.app import Context, RecordDict
 
-    import clients.client_app as ca
-    import disco_fl.training as training
-    from disco_fl.federated import ModelSpec, NodeData
-    from disco_fl.training.dp import DPState
+    import disco_fl.fl.client_app as ca
+    import disco_fl.runtime.training as training
+    from disco_fl.fl.federated import ModelSpec, NodeData
+    from disco_fl.runtime.training.dp import DPState
 
     n_train = 40
     g = torch.Generator().manual_seed(5)
@@ -290,9 +290,9 @@ def test_client_app_noise_and_batches_not_from_the_run_config(
     warning is ever logged."""
     from flwr.app import ConfigRecord
 
-    from disco_fl.federated import ModelSpec, unpack_state
-    from strategies import DiscoStrategy, NodeInfo, build_roster
-    from strategies.disco import DPSettings
+    from disco_fl.fl.federated import ModelSpec, unpack_state
+    from disco_fl.fl.server import DiscoStrategy, NodeInfo, build_roster
+    from disco_fl.fl.server.strategy import DPSettings
 
     spec = ModelSpec(num_nodes=2, norm="group", image_size=12)
     s = DiscoStrategy(spec, steps=3, batch_size=8, dp=DPSettings(1.0, 1.0, 1e-5), seed=0)

@@ -20,7 +20,7 @@ from torch import nn
 import disco_fl
 from disco_fl.models import build_model
 from disco_fl.partition.program import Op
-from disco_fl.training.dp import DPConfig, _shared_values
+from disco_fl.runtime.training.dp import DPConfig, _shared_values
 from tests.test_training_distributed import _dp_distributed_grads
 
 BATCH = 8
@@ -163,8 +163,8 @@ def test_dp_vit_noise_zero_equals_opacus(n: int, layered: bool) -> None:
 def test_dp_vit_values_without_a_batch_input() -> None:
     """The class token and positional embedding are the values DP pulls per-sample gradients
     back to; the ops that combine them with the activation are batched."""
-    from disco_fl.training import NodeTrainer, plan_of
-    from disco_fl.transport import InProcessHub
+    from disco_fl.runtime.training import NodeTrainer, plan_of
+    from disco_fl.runtime.transport import InProcessHub
 
     model = _vit()
     x, y = _vit_data()
@@ -254,8 +254,8 @@ def test_dp_multihead_attention_noise_zero_equals_per_sample_reference(n: int) -
 
 def test_dp_refuses_sequence_first_attention_and_attention_dropout() -> None:
     """DP takes dim 0 as the samples; in a sequence-first model it is the sequence."""
-    from disco_fl.training import NodeTrainer, plan_of
-    from disco_fl.transport import InProcessHub
+    from disco_fl.runtime.training import NodeTrainer, plan_of
+    from disco_fl.runtime.transport import InProcessHub
 
     class SeqFirst(nn.Module):
         def __init__(self) -> None:

@@ -3,7 +3,7 @@
 - The ClientApp's partition path never unpickles anything: a malicious pickle planted at the
   old cache path (shared temporary folder) or in ``cache-dir`` is never executed.
 - A corrupted checkpoint (one flipped bit anywhere, a truncation) is refused with
-  :class:`~disco_fl.files.ChecksumError` naming the file: the NodeTrainer's, the strategy's
+  :class:`~disco_fl.core.files.ChecksumError` naming the file: the NodeTrainer's, the strategy's
   and :func:`~disco_fl.models.save_checkpoint_atomic`'s; nothing is loaded from it.
 - Temporary files of killed writes are removed on the next write / start; SIGKILL during a
   write never loses the last checkpoint; the folder is fsynced after the rename.
@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import torch
 
-from disco_fl.federated import ModelSpec
-from disco_fl.files import ChecksumError
+from disco_fl.core.files import ChecksumError
+from disco_fl.fl.federated import ModelSpec
 from disco_fl.models import (
     CheckpointChecksumError,
     CheckpointError,
@@ -64,7 +64,7 @@ def _old_cache_name(spec: ModelSpec) -> str:
 def _train_message() -> Any:
     from flwr.app import ConfigRecord
 
-    from strategies import DiscoStrategy, NodeInfo, build_roster
+    from disco_fl.fl.server import DiscoStrategy, NodeInfo, build_roster
 
     s = DiscoStrategy(SPEC, steps=1, batch_size=4)
     infos = [NodeInfo(101, "a", 0, "127.0.0.1:7100", 8, 0), NodeInfo(102, "a", 1, "x:1", 0, 0)]
@@ -80,7 +80,7 @@ def test_planted_pickle_in_temp_folder_never_runs(
 ) -> None:
     from flwr.app import Context, RecordDict
 
-    import clients.client_app as ca
+    import disco_fl.fl.client_app as ca
 
     shared_tmp = tmp_path / "shared_tmp"  # stands for /tmp: every local user can write there
     cache_dir = tmp_path / "cache"
@@ -143,7 +143,7 @@ def test_every_torch_load_in_the_library_is_weights_only() -> None:
     """An extra guard: every ``torch.load(...)`` call in the library passes
     ``weights_only=True`` literally."""
     bad = []
-    for folder in ("disco_fl", "strategies", "clients"):
+    for folder in ("disco_fl",):
         for path in sorted((ROOT / folder).rglob("*.py")):
             for line, call in _torch_load_calls(path):
                 kw = {k.arg: k.value for k in call.keywords}
@@ -178,8 +178,8 @@ def _corruptions(good: bytes) -> list[tuple[str, bytes]]:
 
 
 def _two_trainers() -> tuple[list[Any], Any]:
-    from disco_fl.training import NodeTrainer, default_param_groups, plan_of
-    from disco_fl.transport import InProcessHub
+    from disco_fl.runtime.training import NodeTrainer, default_param_groups, plan_of
+    from disco_fl.runtime.transport import InProcessHub
 
     torch.manual_seed(0)
     pm = SPEC.partition()
@@ -246,7 +246,7 @@ def test_corrupted_trainer_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def _strategy(tmp_path: Path) -> Any:
-    from strategies import DiscoStrategy
+    from disco_fl.fl.server import DiscoStrategy
 
     return DiscoStrategy(SPEC, steps=2, batch_size=4, checkpoint_dir=tmp_path)
 
@@ -301,7 +301,7 @@ def test_corrupted_model_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_checkpoints_hold_plain_data_only(tmp_path: Path) -> None:
-    from disco_fl.files import save_torch
+    from disco_fl.core.files import save_torch
 
     class Obj:
         pass

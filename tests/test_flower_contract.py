@@ -25,10 +25,10 @@ from flwr.app import (
 from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 
-from disco_fl.federated import ModelSpec, pack_state, split_global_state, unpack_state
-from disco_fl.round_config import EvalConfig, TrainConfig
-from strategies import DiscoStrategy
-from strategies.exchange import HouseholdGrid
+from disco_fl.fl.federated import ModelSpec, pack_state, split_global_state, unpack_state
+from disco_fl.fl.round_config import EvalConfig, TrainConfig
+from disco_fl.fl.server import DiscoStrategy
+from disco_fl.fl.server.exchange import HouseholdGrid
 from tests.conftest import run_nodes
 
 SPEC = ModelSpec(num_nodes=2)
@@ -293,8 +293,8 @@ def test_round_config_refuses_missing_and_ill_typed_keys(
 
 def _no_partition(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any whole-model build, capture or partition on the node raises."""
-    import disco_fl.emulation as emulation
-    import disco_fl.federated as federated
+    import disco_fl.emulation.model as emulation
+    import disco_fl.fl.federated as federated
 
     def boom(*a: Any, **kw: Any) -> Any:
         raise AssertionError("the ClientApp built or partitioned the whole model")
@@ -308,7 +308,7 @@ def _no_partition(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _messages(s: DiscoStrategy) -> list[Message]:
-    from strategies import NodeInfo, build_roster
+    from disco_fl.fl.server import NodeInfo, build_roster
 
     infos = [NodeInfo(101, "a", 0, "127.0.0.1:7100", 40, 0), NodeInfo(102, "a", 1, "x:1", 0, 0)]
     s.roster = build_roster(infos, 2)
@@ -326,7 +326,7 @@ def _context(k: int) -> Any:
 
 
 def test_client_setup_builds_only_its_shard(monkeypatch: pytest.MonkeyPatch) -> None:
-    import clients.client_app as ca
+    import disco_fl.fl.client_app as ca
 
     s = DiscoStrategy(ModelSpec(name="vit_tiny_mnist", num_nodes=2), steps=1, batch_size=4)
     msgs = _messages(s)
@@ -353,9 +353,9 @@ def test_client_train_round_never_partitions_the_model(
 ) -> None:
     """Both nodes of a household through ``train`` (threads, in-process peer channel) with
     every whole-model path raising: the replies are their trained shards."""
-    import clients.client_app as ca
-    from disco_fl.federated import NodeData
-    from disco_fl.transport import InProcessHub
+    import disco_fl.fl.client_app as ca
+    from disco_fl.fl.federated import NodeData
+    from disco_fl.runtime.transport import InProcessHub
 
     s = DiscoStrategy(SPEC, steps=2, batch_size=4)
     msgs = _messages(s)

@@ -1,7 +1,9 @@
 """The Flower deployment with real processes on loopback: SuperLink, SuperNodes, ``flwr run``.
 
-- the demo path (``disco-fl demo``, small settings) writes its JSON and DISCO's accuracy is
-  within ``ACCURACY_TOLERANCE`` of dense;
+- the demo path (``disco-fl demo``, small settings, devices of capacities 1:3) writes its
+  JSON, slices by capacity (the SuperNodes report it, the strategy partitions, ``disco-fl
+  serve`` serves the uneven plan) and DISCO's accuracy is within ``ACCURACY_TOLERANCE`` of
+  dense;
 - a SuperNode killed mid-round: the failure is logged, the round completes for the other
   household, the checkpoint is consistent, and a new deployment resumes the run from it;
 - a household missing a shard: a clear error before any training.
@@ -24,8 +26,8 @@ from typing import Any
 import pytest
 import torch
 
-from disco_fl.deployment import Deployment, descendants, wait_for_run, write_app
-from disco_fl.federated import ModelSpec
+from disco_fl.cli.deployment import Deployment, descendants, wait_for_run, write_app
+from disco_fl.fl.federated import ModelSpec
 
 ACCURACY_TOLERANCE = 0.15  # DISCO at budget 0.2 after 2 short rounds vs the dense model
 DEMO_TIMEOUT_S = 480
@@ -83,9 +85,9 @@ def _run_demo(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProces
 def test_demo_writes_json_and_disco_is_close_to_dense(tmp_path: Path) -> None:
     out = tmp_path / "demo.json"
     cmd = [
-        sys.executable, "-m", "disco_fl.cli", "demo",
+        sys.executable, "-m", "disco_fl.cli.main", "demo",
         "--households", "2", "--nodes", "2", "--rounds", "2", "--steps", "25",
-        "--budget", "0.2", "--dense-epochs", "3",
+        "--budget", "0.2", "--dense-epochs", "3", "--capacities", "1,3",
         "--out", str(tmp_path / "work"), "--json", str(out),
     ]  # fmt: skip
     p = _run_demo(cmd, dict(os.environ, OMP_NUM_THREADS="1"))
@@ -97,6 +99,7 @@ def test_demo_writes_json_and_disco_is_close_to_dense(tmp_path: Path) -> None:
     }  # fmt: skip
     assert keys <= s.keys()
     assert (s["nodes"], s["households"], s["rounds"], s["epsilon"]) == (2, 2, 2, None)
+    assert s["capacities"] == [1.0, 3.0] and 0.2 <= s["channel_shares"][0] <= 0.3
     assert s["bytes_per_sample_disco"] < 0.5 * s["bytes_per_sample_dense"]
     assert s["accuracy_dense"] > 0.8
     assert s["accuracy_disco"] >= s["accuracy_dense"] - ACCURACY_TOLERANCE, s
@@ -151,7 +154,7 @@ def test_killed_supernode_round_completes_and_run_resumes(tmp_path: Path) -> Non
     ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert ckpt["rounds_done"] == 2 and len(ckpt["history"]) == 2
     # the checkpoint's shards are the exported ones
-    from disco_fl.export import load_shard
+    from disco_fl.emulation.export import load_shard
 
     node0 = load_shard(run_dir / "plan" / "plan.json", 0)
     assert node0.plan.hash == summary["plan_hash"]
@@ -204,7 +207,7 @@ def test_demo_dp_ctrl_c_stops_everything_and_resume_finishes(tmp_path: Path) -> 
     and reports epsilon."""
     work, out = tmp_path / "work", tmp_path / "demo.json"
     cmd = [
-        sys.executable, "-m", "disco_fl.cli", "demo", "--dp",
+        sys.executable, "-m", "disco_fl.cli.main", "demo", "--dp",
         "--households", "2", "--nodes", "2", "--rounds", "2", "--steps", "8",
         "--batch-size", "16", "--budget", "0.3", "--dense-epochs", "2",
         "--out", str(work), "--json", str(out),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from disco_fl.federated import ModelSpec, pack_state, shard_arrays, unpack_state
+from disco_fl.fl.federated import ModelSpec, pack_state, shard_arrays, unpack_state
 
 
 def _state() -> dict[str, torch.Tensor]:

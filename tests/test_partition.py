@@ -9,7 +9,7 @@ from torch import nn
 
 import disco_fl
 from disco_fl import PartitionError
-from disco_fl.layout import split_sizes
+from disco_fl.core.layout import split_sizes
 from tests.zoo import ZOO, UserNet
 
 

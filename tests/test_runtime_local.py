@@ -19,15 +19,15 @@ import pytest
 import torch
 
 import disco_fl
-from disco_fl.codecs import get_codec
-from disco_fl.comm import program_traffic
-from disco_fl.export import ShardNode, load_shard, run_shards
+from disco_fl.core.codecs import get_codec
+from disco_fl.core.wire import WireError, decode_tensor, encode_tensor, payload_bytes
+from disco_fl.emulation.comm import program_traffic
+from disco_fl.emulation.export import ExportedShard, load_shard, run_shards
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
-from disco_fl.runtime import PeerError, run_node, run_node_async
-from disco_fl.transport import InProcessHub, Transport, TransportError
-from disco_fl.transport.base import Mailbox, PeerDownError, framed_size
-from disco_fl.transport.grpc_transport import GrpcTransport, HandshakeError, LinkShape
-from disco_fl.wire import WireError, decode_tensor, encode_tensor, payload_bytes
+from disco_fl.runtime.inference import PeerError, run_node, run_node_async
+from disco_fl.runtime.transport import InProcessHub, Transport, TransportError
+from disco_fl.runtime.transport.base import Mailbox, PeerDownError, framed_size
+from disco_fl.runtime.transport.grpc_transport import GrpcTransport, HandshakeError, LinkShape
 from tests.test_shards import _random_masks
 from tests.zoo import ZOO
 
@@ -37,7 +37,7 @@ JOIN_S = 60.0  # bound on any node thread
 
 @dataclass
 class Household:
-    nodes: list[ShardNode]
+    nodes: list[ExportedShard]
     x: torch.Tensor
     ref: torch.Tensor
 
@@ -180,7 +180,7 @@ def test_failing_node_fails_its_peers_fast(household: Callable[..., Household]) 
     class Broken:
         """Node 1, whose math fails at its first mixing layer."""
 
-        def __init__(self, inner: ShardNode) -> None:
+        def __init__(self, inner: ExportedShard) -> None:
             self._inner = inner
 
         def __getattr__(self, name: str) -> Any:

@@ -24,7 +24,10 @@ import grpc
 import pytest
 import torch
 
+from disco_fl.core.wire import decode_tensor, encode_tensor
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
+from disco_fl.runtime.transport import TransportError
+from disco_fl.runtime.transport.grpc_transport import GrpcTransport
 from disco_fl.security import (
     SecurityError,
     TLSFiles,
@@ -33,9 +36,6 @@ from disco_fl.security import (
     read_token,
     server_credentials,
 )
-from disco_fl.transport import TransportError
-from disco_fl.transport.grpc_transport import GrpcTransport
-from disco_fl.wire import decode_tensor, encode_tensor
 
 FWD = peer_pb2.Frame.FORWARD
 CONNECT_S = 1.0  # connect timeout where the connection must be refused

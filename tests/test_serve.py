@@ -27,14 +27,14 @@ import pytest
 import torch
 
 import disco_fl
-from disco_fl.comm import program_traffic
-from disco_fl.demo import free_ports
-from disco_fl.export import load_shard, run_shards
-from disco_fl.plan import Plan
+from disco_fl.cli.demo import free_ports
+from disco_fl.emulation.comm import program_traffic
+from disco_fl.emulation.export import load_shard, run_shards
+from disco_fl.partition.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
+from disco_fl.runtime.serving import InferenceError, InferenceSession
+from disco_fl.runtime.transport.grpc_transport import GrpcTransport, HandshakeError
 from disco_fl.security import TLSFiles, channel_credentials, make_household_certs
-from disco_fl.serving import InferenceError, InferenceSession
-from disco_fl.transport.grpc_transport import GrpcTransport, HandshakeError
 from tests.test_shards import _random_masks
 from tests.zoo import ZOO
 
@@ -70,7 +70,7 @@ class Household:
         cmd = [
             sys.executable,
             "-m",
-            "disco_fl.cli",
+            "disco_fl.cli.main",
             "serve",
             str(self.plan_dir),
             "--node",
@@ -121,7 +121,9 @@ class Household:
                     p.wait(5)
 
 
-def _export(tmp: Path, name: str, n: int, codec: str = "fp32") -> tuple[Path, Any, torch.Tensor]:
+def _export(
+    tmp: Path, name: str, n: int, codec: str = "fp32", capacities: list[float] | None = None
+) -> tuple[Path, Any, torch.Tensor]:
     if name == "vit":
         from disco_fl.models import build_model
 
@@ -131,7 +133,7 @@ def _export(tmp: Path, name: str, n: int, codec: str = "fp32") -> tuple[Path, An
     torch.manual_seed(n)
     model = build().eval()
     x = torch.randn(*shape)
-    pm = disco_fl.partition(model, n, x).eval()
+    pm = disco_fl.partition(model, n, x, capacities=capacities).eval()
     _random_masks(pm, 0.35, seed=n)
     meta = {"input": {"mean": [MEAN] * shape[1], "std": [STD] * shape[1]}}
     pm.export(tmp, codec=codec, meta=meta)
@@ -220,6 +222,23 @@ def test_int8_plan_over_processes(
     assert counted == _expected_payload(Plan.load(plan_dir / "plan.json"), x.shape[0])
 
 
+def test_uneven_plan_over_processes(
+    tmp_path: Path, start_household: Callable[..., Household]
+) -> None:
+    """Devices that differ: a plan sliced 1:3 (``capacities``) served by two processes."""
+    plan_dir, pm, x = _export(tmp_path / "plan", "resnet_narrow", 2, capacities=[1.0, 3.0])
+    plan = Plan.load(plan_dir / "plan.json")
+    conv1 = plan.program.infos["conv1"].layout
+    assert conv1 is not None and (conv1.count(0), conv1.count(1)) == (2, 6)
+    hh = start_household(plan_dir, 2)
+    with InferenceSession(hh.addrs[0]) as s:
+        out = s.infer(x)
+    with torch.no_grad():
+        assert (out - pm(x)).abs().max().item() <= 1e-5
+    counted = {**_payload(hh.addrs[0], 0), **_payload(hh.addrs[1], 1)}
+    assert counted == _expected_payload(plan, x.shape[0])
+
+
 @pytest.mark.parametrize("name", ["bottleneck", "user", "vit"])
 def test_other_model_families_over_processes(
     tmp_path: Path, start_household: Callable[..., Household], name: str
@@ -251,7 +270,7 @@ def test_infer_command_with_npz_and_images(
         [
             sys.executable,
             "-m",
-            "disco_fl.cli",
+            "disco_fl.cli.main",
             "infer",
             str(tmp_path / "in.npz"),
             str(tmp_path / "a.png"),

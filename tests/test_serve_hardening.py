@@ -25,14 +25,14 @@ import pytest
 import torch
 
 import disco_fl
-from disco_fl.export import ShardNode, load_shard, run_shards
-from disco_fl.plan import Plan
+from disco_fl.core.wire import encode_tensor
+from disco_fl.emulation.export import ExportedShard, load_shard, run_shards
+from disco_fl.partition.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
-from disco_fl.runtime import run_node, run_node_async
-from disco_fl.serving import InferenceError, InferenceSession
-from disco_fl.transport import InProcessHub
-from disco_fl.transport.grpc_transport import GrpcTransport
-from disco_fl.wire import encode_tensor
+from disco_fl.runtime.inference import run_node, run_node_async
+from disco_fl.runtime.serving import InferenceError, InferenceSession
+from disco_fl.runtime.transport import InProcessHub
+from disco_fl.runtime.transport.grpc_transport import GrpcTransport
 from tests.test_serve import Household, _export, _recovers
 from tests.zoo import ZOO
 
@@ -279,7 +279,7 @@ def test_deadline_met_by_a_request_whose_compute_exceeds_it(
 
 
 @pytest.fixture(scope="module")
-def one_node(tmp_path_factory: pytest.TempPathFactory) -> ShardNode:
+def one_node(tmp_path_factory: pytest.TempPathFactory) -> ExportedShard:
     """``resnet_narrow`` as a one-node plan: a run is computation only (no peer to wait for)."""
     build, shape = ZOO["resnet_narrow"]
     torch.manual_seed(0)
@@ -290,7 +290,7 @@ def one_node(tmp_path_factory: pytest.TempPathFactory) -> ShardNode:
     return load_shard(out / "plan.json", 0)
 
 
-def test_runtime_checks_the_deadline_between_ops(one_node: ShardNode) -> None:
+def test_runtime_checks_the_deadline_between_ops(one_node: ExportedShard) -> None:
     x = torch.randn(2048, 1, 28, 28)  # about a second of computation here; the deadline 0.1 s
     with InProcessHub(1, num_layers=len(one_node.program.ops)) as hub:
         (t,) = list(hub)

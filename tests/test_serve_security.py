@@ -27,8 +27,10 @@ import pytest
 import torch
 
 import disco_fl
-from disco_fl.demo import free_ports
+from disco_fl.cli.demo import free_ports
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
+from disco_fl.runtime.serving import InferenceError, InferenceSession
+from disco_fl.runtime.transport.grpc_transport import GrpcTransport
 from disco_fl.security import (
     TLSFiles,
     channel_credentials,
@@ -36,8 +38,6 @@ from disco_fl.security import (
     make_household_certs,
     server_credentials,
 )
-from disco_fl.serving import InferenceError, InferenceSession
-from disco_fl.transport.grpc_transport import GrpcTransport
 from tests.test_serve import MEAN, STD, Household
 from tests.zoo import ZOO
 
@@ -326,7 +326,7 @@ def _serve_cmd(plan: Path, node: int, peers: str, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "disco_fl.cli",
+        "disco_fl.cli.main",
         "serve",
         str(plan),
         "--node",
@@ -340,7 +340,7 @@ def _serve_cmd(plan: Path, node: int, peers: str, *extra: str) -> list[str]:
 
 
 def test_plaintext_check_covers_listen_and_peers() -> None:
-    from disco_fl.serving.commands import _plaintext_check
+    from disco_fl.runtime.serving.commands import _plaintext_check
 
     loop = ["127.0.0.1:1", "localhost:2", "[::1]:3"]
     lan = ["192.0.2.10:1", "127.0.0.1:2", "192.0.2.12:3"]

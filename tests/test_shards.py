@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import disco_fl
-from disco_fl.export import load_shard, run_shards
-from disco_fl.plan import Plan, PlanError
+from disco_fl.emulation.export import load_shard, run_shards
+from disco_fl.partition.plan import Plan, PlanError
 from tests.zoo import ZOO
 
 
@@ -124,7 +124,7 @@ def test_export_is_atomic(exported: Path, monkeypatch: pytest.MonkeyPatch) -> No
     def boom(*a: object, **k: object) -> None:
         raise OSError("disk full")
 
-    import disco_fl.files as files  # export's writer
+    import disco_fl.core.files as files  # export's writer
 
     monkeypatch.setattr(files.os, "fsync", boom)
     with pytest.raises(OSError, match="disk full"):

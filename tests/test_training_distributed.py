@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import disco_fl
-from disco_fl.emulation import PartitionedModel
+from disco_fl.emulation.model import PartitionedModel
 from disco_fl.models import build_model
-from disco_fl.training import (
+from disco_fl.runtime.training import (
     NodeTrainer,
     StepAborted,
     StepResult,
@@ -32,8 +32,8 @@ from disco_fl.training import (
     plan_open_count,
     predict_step_bytes,
 )
-from disco_fl.transport import InProcessHub, Transport
-from disco_fl.transport.grpc_transport import GrpcTransport
+from disco_fl.runtime.transport import InProcessHub, Transport
+from disco_fl.runtime.transport.grpc_transport import GrpcTransport
 from tests.test_shards import _random_masks
 from tests.zoo import ZOO
 
@@ -411,7 +411,7 @@ def test_grpc_training_equals_emulation_and_resumes(
 
 
 def _dp_setup(n: int, sigma: float, clip: float) -> tuple[PartitionedModel, nn.Module, Any]:
-    from disco_fl.training.dp import DPConfig, fix_batchnorm
+    from disco_fl.runtime.training.dp import DPConfig, fix_batchnorm
     from tests.zoo import UserNet
 
     torch.manual_seed(0)
@@ -517,7 +517,7 @@ def test_dp_noise_scale_and_epsilon() -> None:
 def test_dp_refuses_batchnorm_and_calibrates_target_epsilon() -> None:
     from opacus.accountants.utils import get_noise_multiplier
 
-    from disco_fl.training.dp import DPConfig
+    from disco_fl.runtime.training.dp import DPConfig
 
     pm, _ = _partition("resnet_narrow", 2, 1.0)
     cfg = DPConfig(dataset_sizes={0: 1000}, target_epsilon=3.0, batch_size=10, planned_steps=50)

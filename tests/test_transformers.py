@@ -21,7 +21,8 @@ from torch import nn
 
 import disco_fl
 from disco_fl import PartitionError
-from disco_fl.export import load_shard, run_shards
+from disco_fl.emulation.budget import BudgetConfig, fit_budget
+from disco_fl.emulation.export import load_shard, run_shards
 from disco_fl.models import (
     CheckpointError,
     ViT,
@@ -31,9 +32,8 @@ from disco_fl.models import (
     vit_tiny_mnist,
 )
 from disco_fl.models.vit import Attention, Block
-from disco_fl.plan import Plan, PlanError
-from disco_fl.train import BudgetConfig, fit_budget
-from disco_fl.transport import InProcessHub
+from disco_fl.partition.plan import Plan, PlanError
+from disco_fl.runtime.transport import InProcessHub
 from tests.test_runtime_local import Household, _check_run
 from tests.test_shards import _random_masks
 

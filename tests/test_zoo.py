@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from disco_fl.emulation import PartitionedModel
-from disco_fl.export import load_shard, run_shards
+from disco_fl.emulation.export import load_shard, run_shards
+from disco_fl.emulation.model import PartitionedModel
 from tests import tv_zoo
 
 TOL = 1e-4  # relative to the output's scale (max |y|)

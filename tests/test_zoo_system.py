@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import disco_fl
-from disco_fl.export import load_shard, run_shards
+from disco_fl.emulation.export import load_shard, run_shards
 from disco_fl.partition import PartitionError
 from disco_fl.partition.outputs import restore_output
-from disco_fl.runtime import run_node
-from disco_fl.transport.grpc_transport import GrpcTransport
+from disco_fl.runtime.inference import run_node
+from disco_fl.runtime.transport.grpc_transport import GrpcTransport
 from tests.conftest import import_torchvision, run_nodes
 from tests.test_runtime_local import Household, _counted_payload, _expected_payload
 from tests.test_serve import Household as ServeHousehold
@@ -148,8 +148,8 @@ def test_serve_processes_equal_emulation_segmentation(
     """The same LR-ASPP plan served by two real ``disco-fl serve`` processes (each loads only
     its shard; no torchvision there), queried with ``InferenceSession``: == the emulation,
     payload bytes counted by each process == the plan's."""
-    from disco_fl.plan import Plan
-    from disco_fl.serving import InferenceSession
+    from disco_fl.partition.plan import Plan
+    from disco_fl.runtime.serving import InferenceSession
 
     tv = import_torchvision()
     torch.manual_seed(0)
@@ -280,7 +280,7 @@ def test_convnext_joint_training_equals_emulation(
     """Every node trains its shard over the peer channel (gRPC servers on loopback, or the
     in-process transport); after k steps every shard tensor (weights, layer scales, gate
     logits) equals the emulation trained in one process."""
-    from disco_fl.transport import InProcessHub
+    from disco_fl.runtime.transport import InProcessHub
 
     pm = disco_fl.partition(_tiny_convnext(), n, torch.randn(*CN_SHAPE), capture="export")
     pm.train()
@@ -313,7 +313,7 @@ def test_convnext_dp_noise_zero_equals_opacus(n: int) -> None:
     from opacus import PrivacyEngine
     from opacus.validators import ModuleValidator
 
-    from disco_fl.training.dp import DPConfig
+    from disco_fl.runtime.training.dp import DPConfig
 
     model = _tiny_convnext()
     assert ModuleValidator.validate(model, strict=False) == []
@@ -395,7 +395,7 @@ def test_segmentation_joint_training_equals_emulation(n: int) -> None:
     pixel (un)shuffle, transposed conv, padding, bilinear resizing, ``{"out": y}``) trained
     for k steps with per-pixel labels: every node over the in-process peer channel == the
     emulation (whose output is the model's dict)."""
-    from disco_fl.transport import InProcessHub
+    from disco_fl.runtime.transport import InProcessHub
     from tests.test_capture_export import SegNet
 
     torch.manual_seed(0)

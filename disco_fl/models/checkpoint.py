@@ -1,7 +1,7 @@
 """Strict checkpoint loading and atomic, checksummed checkpoint saving.
 
 Files of :func:`save_checkpoint_atomic` are ordinary ``torch.save`` files whose zip comment
-holds their sha256 (:mod:`disco_fl.files`); :func:`load_checkpoint_strict` verifies it and
+holds their sha256 (:mod:`disco_fl.core.files`); :func:`load_checkpoint_strict` verifies it and
 refuses a mismatch with :class:`CheckpointChecksumError`. A ``.pth`` of another tool (no
 checksum) is still read, with ``weights_only=True``.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from disco_fl.files import ChecksumError, load_torch, save_torch
+from disco_fl.core.files import ChecksumError, load_torch, save_torch
 
 __all__ = [
     "CheckpointChecksumError",
@@ -144,7 +144,7 @@ def save_checkpoint_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
 
     The bytes (their sha256 in the zip comment) go to a temporary file in the same
     directory, which is fsynced and moved over ``path`` with ``os.replace``; the directory is
-    fsynced too (:func:`disco_fl.files.atomic_write_bytes`). If anything fails, the temporary
+    fsynced too (:func:`disco_fl.core.files.atomic_write_bytes`). If anything fails, the temporary
     file is removed, any previous file at ``path`` is left untouched and the exception
     propagates.
 
@@ -152,7 +152,7 @@ def save_checkpoint_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     ----------
     obj : Any
         What to save (typically ``model.state_dict()``): tensors and plain data only
-        (:func:`disco_fl.files.plain_data`; anything else raises ``TypeError``).
+        (:func:`disco_fl.core.files.plain_data`; anything else raises ``TypeError``).
     path : str or os.PathLike
         Destination. Missing parent directories are created. The file gets mode 0o644.
     """

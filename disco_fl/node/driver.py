@@ -9,9 +9,9 @@ It never touches a socket, a clock other than the optional deadline, or a codec:
 it moves the messages:
 
 - the emulation runs N drivers in lock step in one process (:mod:`disco_fl.node.lockstep`);
-- the network runtime moves them as frames over a transport (:mod:`disco_fl.runtime`);
+- the network runtime moves them as frames over a transport (:mod:`disco_fl.runtime.inference`);
 - the training step does too, with an executor that keeps what the backward pass needs
-  (:mod:`disco_fl.training.passes`).
+  (:mod:`disco_fl.runtime.training.passes`).
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class MessageError(RuntimeError):
 class Executor:
     """How a node gets an op's inputs and computes it: inference, as the op's spec says.
 
-    Training subclasses it (:class:`disco_fl.training.passes.TrainExecutor`) to make autograd
-    leaves of the inputs and to record what the backward pass needs.
+    Training subclasses it (:class:`disco_fl.runtime.training.passes.TrainExecutor`) to make
+    autograd leaves of the inputs and to record what the backward pass needs.
     """
 
     strict = False  # message check: also dtype, finite values, exact input shape

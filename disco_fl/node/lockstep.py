@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from disco_fl.codecs import Codec, get_codec
+from disco_fl.core.codecs import Codec, get_codec
 from disco_fl.node.driver import Executor, Recv, Send, drive
 from disco_fl.node.schedule import schedule
 from disco_fl.partition import Program, full_open_count

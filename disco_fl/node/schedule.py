@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from disco_fl.core.wire import codec_enum
 from disco_fl.partition import Op, Program, Traffic, get_spec, op_traffic
 from disco_fl.partition.registry import OpenCount, OpSpec
 from disco_fl.proto_gen.disco.v1 import peer_pb2
-from disco_fl.wire import codec_enum
 
 Frame = peer_pb2.Frame
 

@@ -1,8 +1,8 @@
 """What one node holds: :class:`NodeShard`, the one per-node state type.
 
-The emulation holds one per node (sliced from the original model), the trainer holds its
-own (rebuilt from its tensors alone, :meth:`NodeShard.from_state_dict`), and an exported
-shard (:class:`disco_fl.export.ShardNode`) wraps one holding the plan's compact tensors.
+The emulation holds one per node (sliced from the original model), the trainer holds its own
+(rebuilt from its tensors alone, :meth:`NodeShard.from_state_dict`), and an exported shard
+(:class:`disco_fl.emulation.export.ExportedShard`) wraps one holding the plan's compact tensors.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from disco_fl.gates import PairGates
+from disco_fl.core.gates import PairGates
 from disco_fl.partition import PartitionError, Program, get_spec
 
 
@@ -88,7 +88,7 @@ class NodeShard(nn.Module):
         ``tensors`` is :meth:`own_tensors` of a shard of the same program (``op name ->
         (parameters, buffers)``); ``gates`` optionally a ``self.gates.state_dict()`` (gate
         logits and hard masks; default: gates open). A node process can thus load only its
-        shard, e.g. for :class:`~disco_fl.training.NodeTrainer`.
+        shard, e.g. for :class:`~disco_fl.runtime.training.NodeTrainer`.
         """
         shard = cls(program, k, tensors=tensors)
         if gates is not None:

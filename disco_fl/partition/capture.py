@@ -26,7 +26,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from disco_fl.layout import Layout
+from disco_fl.core.layout import Layout
 from disco_fl.partition.builder import ProgramBuilder, _ConstHolder
 from disco_fl.partition.program import Program, TensorInfo
 from disco_fl.partition.registry import PartitionError

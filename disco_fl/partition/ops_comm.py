@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disco_fl.layout import Layout, split_sizes
+from disco_fl.core.layout import Layout, split_sizes
 from disco_fl.partition.program import Op, Program, TensorInfo
 from disco_fl.partition.registry import (
     InferContext,

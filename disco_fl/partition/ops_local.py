@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disco_fl.layout import Layout
+from disco_fl.core.layout import Layout
 from disco_fl.partition.program import Op, Program, TensorInfo
 from disco_fl.partition.registry import (
     InferContext,

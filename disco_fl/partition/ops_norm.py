@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from disco_fl.layout import Layout
+from disco_fl.core.layout import Layout
 from disco_fl.partition.ops_local import _one_tensor, _same, _slice_param
 from disco_fl.partition.program import Op, Program, TensorInfo
 from disco_fl.partition.registry import (

@@ -2,7 +2,7 @@
 
 Ownership moves through a reshape the way DTensor moves a ``Shard(dim)`` placement through
 ``view`` (``torch/distributed/tensor/_ops/_view_ops.py``), with one difference: our channel
-ownership is an arbitrary map ``channel -> node`` (a :class:`~disco_fl.layout.Layout`), not
+ownership is an arbitrary map ``channel -> node`` (a :class:`~disco_fl.core.layout.Layout`), not
 an even block split, so instead of DTensor's symbolic rules (flatten / split / singleton) the
 rule is computed on the example shapes:
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from disco_fl.layout import Layout
+from disco_fl.core.layout import Layout
 from disco_fl.partition.ops_local import _one_tensor
 from disco_fl.partition.program import Op, TensorInfo
 from disco_fl.partition.registry import (

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disco_fl.layout import Layout
+from disco_fl.core.layout import Layout
 from disco_fl.partition.ops_comm import Conv2dSpec, _MixingSpec, gathered_columns
 from disco_fl.partition.ops_local import DepthwiseConvSpec, _one_tensor, _same
 from disco_fl.partition.program import Op, TensorInfo

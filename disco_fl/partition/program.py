@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from disco_fl.layout import Layout
+from disco_fl.core.layout import Layout
 
 ValueKind = Literal["replicated", "sharded", "gathered"]
 

@@ -24,7 +24,7 @@ from torch import nn
 from disco_fl.partition.program import Op, Program, TensorInfo
 
 if TYPE_CHECKING:
-    from disco_fl.layout import Layout
+    from disco_fl.core.layout import Layout
 
 
 class PartitionError(ValueError):

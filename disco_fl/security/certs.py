@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from disco_fl.files import atomic_write_bytes
+from disco_fl.core.files import atomic_write_bytes
 from disco_fl.security.tls import (
     CA_CERT,
     CA_KEY,
@@ -279,5 +279,5 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` atomically with ``mode`` (the temporary file is ``0600``
-    until it gets ``mode``): :func:`disco_fl.files.atomic_write_bytes`."""
+    until it gets ``mode``): :func:`disco_fl.core.files.atomic_write_bytes`."""
     atomic_write_bytes(path, data, mode)

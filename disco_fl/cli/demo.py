@@ -1,0 +1,302 @@
+"""``disco-fl demo``: a real local Flower deployment of DISCO on loopback.
+
+Steps: pretrain a dense model on the public part of the built-in data (or load ``--checkpoint``);
+start ``flower-superlink`` and one ``flower-supernode`` per node (each with its household, shard,
+peer address, private data partition and, with ``--capacities``, its ``capacity`` in
+``--node-config``: the strategy then slices every layer in proportion); ``flwr run`` the DISCO app
+(``disco_fl.fl.server.server_app:app`` / ``disco_fl.fl.client_app:app``) from a small app folder
+whose components point into the installed package; wait for the exported plan and shards; start
+``disco-fl serve`` on every node of one household; run collaborative inference on the held-out split
+through :class:`~disco_fl.runtime.serving.InferenceSession`; print a summary and write the JSON.
+
+The processes (ports, ``FLWR_HOME``, logs, stopping) are managed by
+:mod:`disco_fl.cli.deployment`; all of them are stopped on success, failure, Ctrl-C and SIGTERM.
+Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from disco_fl.cli.deployment import (
+    START_S,
+    Deployment,
+    free_ports,
+    progress,
+    wait_for_run,
+    write_app,
+)
+from disco_fl.core.files import save_torch
+from disco_fl.fl.federated import ModelSpec, builtin_tensors
+from disco_fl.partition.plan import Plan
+
+
+def _save_dense(model: torch.nn.Module, path: Path) -> None:
+    save_torch(model.state_dict(), path)  # checksummed; read by load_checkpoint_strict
+
+
+def serve_and_infer(
+    dep: Deployment, plan_dir: Path, x: torch.Tensor, y: torch.Tensor, timeout: float = START_S
+) -> tuple[float, int]:
+    """``disco-fl serve`` on the nodes of household 0, inference on ``x``: accuracy and the
+    payload bytes the nodes counted per sample."""
+    from disco_fl.runtime.serving import InferenceSession
+
+    n = dep.nodes
+    ports = free_ports(n)
+    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+    ready = [dep.workdir / f"serve_ready_{k}.json" for k in range(n)]
+    for f in ready:
+        f.unlink(missing_ok=True)
+    names = []
+    for k in range(n):
+        name = f"serve_n{k}"
+        names.append(name)
+        dep.procs.start(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "disco_fl.cli.main",
+                "serve",
+                str(plan_dir),
+                "--node",
+                str(k),
+                "--peers",
+                peers,
+                "--threads",
+                "1",
+                "--ready-file",
+                str(ready[k]),
+            ],
+        )
+    end = time.monotonic() + timeout
+    while not all(f.exists() for f in ready):
+        dep.procs.check(names)
+        if time.monotonic() > end:
+            raise TimeoutError(f"serve processes not ready within {timeout:g} s")
+        time.sleep(0.2)
+    with InferenceSession(f"127.0.0.1:{ports[0]}", timeout=60.0) as sess:
+        before = sess.status()
+        logits = sess.infer_many(x, batch_size=100)
+        after = sess.status()
+    acc = float((logits.argmax(1) == y).float().mean())
+    sent = _payload(after) - _payload(before)
+    for name in names:
+        dep.procs.kill(name)
+    return acc, sent
+
+
+def _payload(status: dict[str, Any]) -> int:
+    v = status.get("payload_bytes_sent", 0)
+    if isinstance(v, dict):
+        return int(sum(v.values()))
+    return int(v) if isinstance(v, (int, float)) else 0
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole demo; returns the summary (also written to ``--json``)."""
+    from disco_fl.emulation.budget import evaluate, train_model
+    from disco_fl.emulation.capacity import channel_shares, parse_capacities
+    from disco_fl.emulation.model import partition
+    from disco_fl.models import load_checkpoint_strict
+
+    t0 = time.time()
+    if not 0.0 < args.budget <= 1.0:
+        raise ValueError(f"--budget must be in (0, 1], got {args.budget}")
+    for name in ("households", "nodes", "rounds", "steps", "batch_size", "dense_epochs"):
+        if getattr(args, name) < 1 and not (name == "dense_epochs" and args.checkpoint):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    caps = parse_capacities(args.capacities, args.nodes)
+    torch.manual_seed(args.seed)
+    workdir = Path(args.out).resolve()
+    if workdir.exists() and not args.resume:
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_dir = workdir / "run"
+    spec = ModelSpec(name=args.model, num_nodes=args.nodes, norm="group" if args.dp else "batch")
+    x_pub, y_pub = builtin_tensors("public")
+    x_test, y_test = builtin_tensors("test")
+    dense = spec.build_dense(args.seed)
+    dense_path = workdir / "dense.pth"
+    if args.checkpoint:
+        load_checkpoint_strict(dense, args.checkpoint)
+        progress(f"loaded dense checkpoint {args.checkpoint}")
+    elif args.resume and dense_path.exists():
+        load_checkpoint_strict(dense, dense_path)
+        progress(f"resuming: dense model of the previous run ({dense_path})")
+    else:
+        progress(
+            f"pretraining dense {args.model}{' (GroupNorm, for DP)' if args.dp else ''} for "
+            f"{args.dense_epochs} epochs on the public part ({len(y_pub)} images)"
+        )
+        train_model(
+            dense,
+            x_pub,
+            y_pub,
+            epochs=args.dense_epochs,
+            lr=0.01,
+            batch_size=32,
+            augment_shift=1,
+            seed=args.seed,
+            log=progress,
+        )
+    _save_dense(dense, dense_path)
+    acc_dense = evaluate(dense, x_test, y_test)
+    dense_bytes = int(
+        partition(dense, args.nodes, x_test[:2], capacities=caps)
+        .comm_report(args.codec)
+        .bytes_per_sample
+    )
+    progress(f"dense accuracy {acc_dense:.4f} on {len(y_test)} held-out images")
+
+    config = {
+        **spec.to_config(),
+        "households": args.households,
+        "num-rounds": args.rounds,
+        "steps": args.steps,
+        "batch-size": args.batch_size,
+        "lr": args.lr,
+        "budget": args.budget,
+        "finetune-rounds": min(args.finetune_rounds, args.rounds),
+        "codec": args.codec,
+        "seed": args.seed,
+        "dp": bool(args.dp),
+        "dp-noise": args.dp_noise,
+        "dp-clip": args.dp_clip,
+        "evaluate": True,
+        "step-timeout": args.step_timeout,
+        "round-timeout": args.round_timeout,
+        "initial-checkpoint": str(dense_path),
+        "run-dir": str(run_dir),
+    }
+    app = write_app(workdir / "app", config)
+    dep = Deployment(workdir, args.households, args.nodes)
+    stop_signal = {"sig": 0}
+
+    def on_signal(sig: int, frame: Any) -> None:
+        stop_signal["sig"] = sig
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        progress(
+            f"starting flower-superlink on 127.0.0.1:{dep.link_port} (FLWR_HOME {dep.flwr_home})"
+        )
+        dep.start_superlink()
+        for h in range(args.households):
+            for k in range(args.nodes):
+                data = f"builtin:{h}/{args.households}" if k == 0 else ""
+                dep.start_supernode(h, k, data, {"capacity": caps[k]} if caps else None)
+        progress(
+            f"started {args.households * args.nodes} flower-supernodes: {args.households} "
+            f"households x {args.nodes} nodes (node 0 of each holds its private partition"
+            f"{f'; capacities {list(caps)}' if caps else ''})"
+        )
+        (run_dir / "summary.json").unlink(missing_ok=True)  # a resumed run writes a new one
+        dep.flwr_run(app, {})
+        progress(
+            f"flwr run: {args.rounds} rounds x {args.steps} steps, budget {args.budget}"
+            f"{', DP' if args.dp else ''} (logs: {dep.procs.logdir})"
+        )
+        fl = wait_for_run(dep, run_dir, args.timeout)
+        progress(f"federated fine-tuning done in {fl['seconds']:.0f}s; serving the exported shards")
+        acc_disco, sent = serve_and_infer(dep, run_dir / "plan", x_test, y_test)
+        shares = channel_shares(Plan.load(run_dir / "plan" / "plan.json").program)
+    finally:
+        dep.stop()
+        signal.signal(signal.SIGTERM, old)
+    eps = fl.get("epsilon")
+    summary = {
+        "accuracy_dense": acc_dense,
+        "accuracy_disco": acc_disco,
+        "bytes_per_sample_dense": dense_bytes,
+        "bytes_per_sample_disco": int(fl["bytes_per_sample"]),
+        "bytes_per_sample_requester_sent": sent / max(len(y_test), 1),
+        "epsilon": max(eps.values()) if isinstance(eps, dict) and eps else None,
+        "epsilon_per_household": eps if isinstance(eps, dict) else None,
+        "nodes": args.nodes,
+        "capacities": list(caps) if caps else None,
+        "channel_shares": shares,
+        "households": args.households,
+        "rounds": args.rounds,
+        "budget": args.budget,
+        "exchange_fraction": fl["exchange_fraction"],
+        "federated_history": fl["history"],
+        "wall_s": time.time() - t0,
+    }
+    rows = [
+        ("accuracy (held-out)", f"{acc_dense:.4f}", f"{acc_disco:.4f}"),
+        ("bytes / sample", f"{dense_bytes:,}", f"{summary['bytes_per_sample_disco']:,}"),
+    ]
+    print(
+        f"\nDISCO on Flower: {args.households} households x {args.nodes} nodes, "
+        f"{args.rounds} rounds"
+        + (f", channel shares {'/'.join(f'{x:.2f}' for x in shares)}" if caps else "")
+    )
+    print(f"  {'':<22} {'dense TP':>12} {'DISCO':>12}")
+    for name, a, b in rows:
+        print(f"  {name:<22} {a:>12} {b:>12}")
+    print(
+        f"  serving: node 0 sent {summary['bytes_per_sample_requester_sent']:,.0f} B/sample "
+        f"(payload it counted); "
+        f"epsilon: {summary['epsilon'] if summary['epsilon'] is not None else 'n/a (no --dp)'}"
+        f"\n  wall time {summary['wall_s']:.0f}s; work folder {workdir}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+        progress(f"wrote {args.json}")
+    return summary
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default="resnet_narrow", help="registered model (default resnet_narrow)"
+    )
+    p.add_argument(
+        "--checkpoint", default=None, help="dense state dict to start from (skips pretraining)"
+    )
+    p.add_argument("--households", type=int, default=2, help="households (default 2)")
+    p.add_argument("--nodes", type=int, default=2, help="nodes per household (default 2)")
+    p.add_argument(
+        "--capacities",
+        default=None,
+        help="relative capacity per node, e.g. 1,3 (`disco-fl probe`), given to every "
+        "household's SuperNodes as capacity=...: slices proportional to it (default equal)",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
+    p.add_argument("--steps", type=int, default=80, help="joint steps per round (default 80)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.1,
+        help="final fraction of dense exchange bytes (default 0.1)",
+    )
+    p.add_argument(
+        "--finetune-rounds", type=int, default=1, help="last rounds with masks fixed (default 1)"
+    )
+    p.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "int8"])
+    p.add_argument(
+        "--dp", action="store_true", help="differential privacy inside households (GroupNorm model)"
+    )
+    p.add_argument("--dp-noise", type=float, default=1.0, help="DP noise multiplier (default 1.0)")
+    p.add_argument("--dp-clip", type=float, default=1.0, help="DP clipping bound (default 1.0)")
+    p.add_argument("--dense-epochs", type=int, default=4)
+    p.add_argument("--step-timeout", type=float, default=30.0)
+    p.add_argument("--round-timeout", type=float, default=300.0)
+    p.add_argument("--timeout", type=float, default=900.0, help="bound on the federated run, s")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="disco_demo", help="work folder (default disco_demo)")
+    p.add_argument("--resume", action="store_true", help="keep the work folder (resume the run)")
+    p.add_argument("--json", default=None, help="write the summary JSON here")

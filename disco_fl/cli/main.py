@@ -1,0 +1,293 @@
+"""``disco-fl`` command line: ``demo``, ``train``, ``report``, ``probe``, ``serve``, ``infer``,
+``certs``."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from disco_fl.cli.demo import add_demo_args, run_demo
+from disco_fl.data import (
+    MNIST_MEAN,
+    MNIST_STD,
+    load_builtin,
+    load_npz,
+    stratified_split,
+    to_tensor,
+)
+from disco_fl.emulation.budget import BudgetConfig, evaluate, fit_budget, train_model
+from disco_fl.emulation.capacity import channel_shares, parse_capacities
+from disco_fl.emulation.comm import CommReport, program_traffic
+from disco_fl.emulation.export import load_shard, run_shards
+from disco_fl.emulation.model import partition
+from disco_fl.models import MODELS, build_model, load_checkpoint_strict
+from disco_fl.partition import plan_open_count
+from disco_fl.partition.plan import Plan, PlanError
+from disco_fl.runtime.serving import commands as serving_commands
+from disco_fl.runtime.serving.client import InferenceError
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _data(path: str | None, seed: int) -> tuple[torch.Tensor, ...]:
+    images, labels = load_npz(path) if path else load_builtin()
+    n = len(labels)
+    n_test = max(n // 5, 1)
+    tr, te = stratified_split(labels, [n - n_test, n_test], seed=seed)
+    x = to_tensor(images)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    return x[tr], y[tr], x[te], y[te]
+
+
+def _print_report(rep: CommReport, title: str) -> None:
+    print(f"\n{title} (codec {rep.codec}, per sample)")
+    print(f"  {'layer readers':<44} {'bytes':>10} {'dense':>10}")
+    for layer in rep.layers:
+        name = (
+            ", ".join(layer.readers) if layer.kind == "exchange" else f"[{layer.kind}] {layer.op}"
+        )
+        print(f"  {name[:44]:<44} {layer.bytes:>10,} {layer.dense_bytes:>10,}")
+    print(
+        f"  total {rep.bytes_per_sample:,} B vs dense tensor parallelism "
+        f"{rep.dense_bytes_per_sample:,} B ({rep.reduction:.1f}x less), "
+        f"sync points {rep.sync_points} (dense {rep.dense_sync_points})"
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    xtr, ytr, xte, yte = _data(args.data, args.seed)
+    _log(f"data: {len(xtr)} train / {len(xte)} test images ({args.data or 'built-in mnist_5k'})")
+    in_ch = int(xtr.shape[1])
+    model = build_model(args.model, in_channels=in_ch, num_classes=int(ytr.max()) + 1)
+    if args.checkpoint:
+        load_checkpoint_strict(model, args.checkpoint)
+        _log(f"loaded dense checkpoint {args.checkpoint}")
+    else:
+        _log(f"pretraining dense {args.model} for {args.dense_epochs} epochs")
+        train_model(model, xtr, ytr, epochs=args.dense_epochs, lr=0.01, seed=args.seed, log=_log)
+    dense_acc = evaluate(model, xte, yte)
+    _log(f"dense accuracy {dense_acc:.4f}")
+    caps = parse_capacities(args.capacities, args.nodes)
+    pm = partition(model, args.nodes, xtr[:2], capacities=caps)
+    shares = channel_shares(pm.program)
+    if caps:
+        _log(f"uneven slices: capacities {list(caps)}, channel shares {_fmt_shares(shares)}")
+    dense_rep = pm.comm_report(args.codec)
+    cfg = BudgetConfig(
+        budget=args.budget,
+        gate_epochs=args.gate_epochs,
+        finetune_epochs=args.finetune_epochs,
+        augment_shift=2,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    _log(f"fine-tuning gates to budget {args.budget} on {args.nodes} nodes (emulation)")
+    res = fit_budget(
+        pm,
+        xtr,
+        ytr,
+        cfg,
+        teacher=copy.deepcopy(model),
+        checkpoint_dir=out / "checkpoints",
+        log=_log,
+    )
+    pm.codec = args.codec
+    disco_acc = evaluate(pm, xte, yte)
+    rep = pm.comm_report(args.codec)
+    meta = {
+        "model": args.model,
+        "input": {"mean": [MNIST_MEAN] * in_ch, "std": [MNIST_STD] * in_ch},
+        "classes": list(range(int(ytr.max()) + 1)),
+    }
+    exported = pm.export(out / "plan", codec=args.codec, meta=meta)
+    _log(f"exported plan {exported.plan.hash[:12]} and {args.nodes} shards to {out / 'plan'}")
+    nodes = [load_shard(out / "plan" / "plan.json", k) for k in range(args.nodes)]
+    with torch.no_grad():
+        pm.eval()
+        diff = float((run_shards(nodes, xte[:64]) - pm(xte[:64])).abs().max())
+    _print_report(rep, f"DISCO plan, {args.nodes} nodes, budget {args.budget}")
+    summary = {
+        "model": args.model,
+        "nodes": args.nodes,
+        "capacities": list(caps) if caps else None,
+        "channel_shares": shares,
+        "budget": args.budget,
+        "codec": args.codec,
+        "accuracy_dense": dense_acc,
+        "accuracy_disco": disco_acc,
+        "bytes_per_sample_dense": dense_rep.bytes_per_sample,
+        "bytes_per_sample_disco": rep.bytes_per_sample,
+        "sync_points": rep.sync_points,
+        "exchange_fraction": res.achieved_fraction,
+        "param_bytes_per_node": exported.param_bytes_per_node,
+        "param_bytes_whole_model": exported.whole_model_param_bytes,
+        "shard_vs_emulation_max_abs_diff": diff,
+        "plan_hash": exported.plan.hash,
+        "wall_s": time.time() - t0,
+    }
+    print(
+        f"\n  accuracy dense {dense_acc:.4f} | DISCO {disco_acc:.4f}\n"
+        f"  bytes/sample dense TP {dense_rep.bytes_per_sample:,} | DISCO {rep.bytes_per_sample:,}\n"
+        f"  parameter bytes per node {exported.param_bytes_per_node} (whole model "
+        f"{exported.whole_model_param_bytes:,})\n"
+        f"  shard-only execution vs emulation: max |diff| {diff:.2e}\n"
+        f"  wall time {summary['wall_s']:.0f}s"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+        _log(f"wrote {args.json}")
+    return summary
+
+
+def _fmt_shares(shares: list[float]) -> str:
+    return "/".join(f"{s:.2f}" for s in shares)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    path = Path(args.plan)
+    plan = Plan.load(path / "plan.json" if path.is_dir() else path)
+    rep = program_traffic(plan.program, plan_open_count(plan), args.codec or plan.codec)
+    _print_report(rep, f"plan {plan.hash[:12]}, {plan.num_nodes} nodes")
+    for k, s in enumerate(plan.shards):
+        print(f"  node {k}: {s.file} {s.param_bytes:,} parameter bytes")
+    print(f"  channel shares per node {_fmt_shares(channel_shares(plan.program))}")
+
+
+def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
+    """``disco-fl probe``: this device's capacity and available memory
+    (:mod:`disco_fl.runtime.probe`).
+
+    The compute part only, for now; a link measurement (``--peers``) will add its own entry
+    to the same JSON."""
+    from disco_fl.runtime.probe import probe
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    res = probe(args.seconds)
+    c, m = res.compute, res.memory
+    print(
+        f"capacity {res.capacity:.1f} GFLOP/s (matmul {c.matmul_gflops:.1f}, conv "
+        f"{c.conv_gflops:.1f}; {c.threads} threads, {c.seconds:.1f} s)\n"
+        f"memory {res.memory_bytes:,} bytes available ({m.source})\n"
+        f"node config: capacity={res.capacity:g} memory-bytes={res.memory_bytes}"
+    )
+    out = res.to_json()
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        _log(f"wrote {args.json}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="disco-fl",
+        description="DISCO on Flower: split every layer across household devices and learn which "
+        "activations they exchange.",
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def train_args(p: argparse.ArgumentParser, out: str) -> None:
+        p.add_argument("--model", default="resnet_narrow", choices=sorted(MODELS))
+        p.add_argument(
+            "--data", default=None, help=".npz with images/labels (default: built-in MNIST 5k)"
+        )
+        p.add_argument(
+            "--checkpoint", default=None, help="dense torchvision-style checkpoint to start from"
+        )
+        p.add_argument("--nodes", type=int, default=4, help="nodes per household (default 4)")
+        p.add_argument(
+            "--capacities",
+            default=None,
+            help="relative capacity per node, e.g. 1,3 (`disco-fl probe`): slices proportional "
+            "to it (default equal slices)",
+        )
+        p.add_argument(
+            "--budget",
+            type=float,
+            default=0.05,
+            help="fraction of dense exchange bytes (default 0.05)",
+        )
+        p.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "int8"])
+        p.add_argument("--dense-epochs", type=int, default=15)
+        p.add_argument("--gate-epochs", type=int, default=6)
+        p.add_argument("--finetune-epochs", type=int, default=12)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", default=out, help=f"output folder (default {out})")
+        p.add_argument("--json", default=None, help="write the summary JSON here")
+
+    p = sub.add_parser(
+        "demo",
+        help="local Flower deployment: SuperLink + SuperNodes on loopback, federated DISCO "
+        "fine-tuning, then collaborative inference with `disco-fl serve` processes",
+    )
+    add_demo_args(p)
+    p = sub.add_parser("train", help="fine-tune a model's gates to a budget and export the plan")
+    train_args(p, "disco_run")
+    p = sub.add_parser("report", help="communication report of an exported plan")
+    p.add_argument("plan", help="plan.json or its folder")
+    p.add_argument("--codec", default=None, choices=["fp32", "fp16", "int8"])
+    p = sub.add_parser(
+        "probe",
+        help="measure this device: capacity (matmul + conv GFLOP/s) and available memory, "
+        "for the node config (capacity=..., memory-bytes=...)",
+    )
+    p.add_argument(
+        "--seconds", type=float, default=1.0, help="compute timing, both kernels (default 1)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: the current setting)"
+    )
+    p.add_argument("--json", default=None, help="write the result JSON here")
+    serving_commands.add_parsers(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            run_demo(args)
+        elif args.command == "train":
+            cmd_train(args)
+        elif args.command == "report":
+            cmd_report(args)
+        elif args.command == "probe":
+            cmd_probe(args)
+        elif args.command == "serve":
+            return serving_commands.cmd_serve(args)
+        elif args.command == "infer":
+            serving_commands.cmd_infer(args)
+        elif args.command == "certs":
+            return serving_commands.cmd_certs(args)
+    except KeyboardInterrupt:
+        _log("interrupted")
+        return 130
+    except (
+        ValueError,
+        FileNotFoundError,
+        PlanError,
+        InferenceError,
+        TimeoutError,
+        RuntimeError,
+    ) as e:
+        print(f"disco-fl: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

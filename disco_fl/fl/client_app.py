@@ -1,0 +1,373 @@
+"""The edge ``ClientApp``: one node of a household (one shard of every layer).
+
+Node settings (``flower-supernode --node-config``):
+
+- ``household`` (str, required): the household this node belongs to.
+- ``shard`` (int, required): the shard index k in ``0..N-1``.
+- ``peer-address`` (str, required): ``host:port`` of this node's peer endpoint (activations
+  and gradients travel there, not through Flower); the household's peers must reach it.
+- ``peer-listen`` (str, optional): the address to bind (default ``peer-address``).
+- ``data`` (str, optional): local training data: a ``.npz`` (``images``, ``labels``) or
+  ``builtin:i/n`` (partition i of n of the built-in set's private part); empty: none.
+- ``eval-data`` (str, optional): a ``.npz`` of held-out data (default: 20 % of ``data``).
+- ``capacity`` (number or ``"probe"``, optional): this device's relative throughput (e.g.
+  ``disco-fl probe``'s GFLOP/s); ``"probe"`` measures it when the roster asks (about 1 s).
+  When the nodes report capacities, every layer is sliced in proportion to them.
+- ``memory-bytes`` (int, optional): memory this node can give to the model; default the
+  memory available when the roster asks (``disco-fl probe``: ``MemAvailable`` or the cgroup's
+  headroom, the smaller). The strategy refuses, before training, a node whose shard needs more
+  (``disco_fl.emulation.capacity.training_memory``).
+- ``tls-dir`` (str, optional): a folder from ``disco-fl certs`` (``ca.pem``,
+  ``node<k>.pem``/``.key``): the peer endpoint then uses mutual TLS, and a peer must present
+  its own node's certificate; default plaintext (the per-round household token is checked
+  either way).
+
+Handlers:
+
+- ``query``: answers the roster query (household, shard, peer address, example counts,
+  capacity and memory).
+Every ``train`` / ``evaluate`` message carries this node's shard (packed ``ArrayRecord``) and a
+typed config (:class:`~disco_fl.fl.round_config.TrainConfig` / ``EvalConfig``, read once by
+``from_config``: a missing or ill-typed key is a clear error). The node rebuilds only its own
+shard from the plan's program and that record (:func:`~disco_fl.fl.federated.shard_from_record`):
+it never builds or partitions the whole model, holds no other node's tensor, and unpickles
+nothing.
+
+- ``train``: brings up the peer endpoint, trains ``steps`` joint steps with the household
+  (:class:`~disco_fl.runtime.training.NodeTrainer`; batch owners take turns), replies with the shard
+  and metrics. Any failure (a peer that died, a deadline) is raised, so Flower returns an
+  error reply and the strategy keeps the household's previous shards.
+- ``evaluate``: the household runs collaborative inference on the requester's held-out data
+  (:func:`~disco_fl.runtime.inference.run_node` over the same peer channel), the requester reports
+  accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import types
+from logging import INFO
+from typing import Any, TypeVar
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore import log
+
+from disco_fl.fl.federated import NodeData, derive_seed, node_data, shard_arrays, shard_from_record
+from disco_fl.fl.round_config import EvalConfig, RoundConfig, TrainConfig
+from disco_fl.node.shard import NodeShard
+from disco_fl.partition.plan import Plan
+
+app = ClientApp()
+
+PROGRESS_EVERY = 10  # a progress line (SuperNode's log) every this many joint steps
+
+
+def _process_start_time() -> float:
+    """Wall-clock start of this process (Linux ``/proc``; else now), to report how much of a
+    round the ClientApp process start-up (interpreter, imports) took."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+_PROCESS_START = _process_start_time()
+_DATA_CACHE: dict[tuple[str, str], NodeData] = {}
+
+
+def _node_setting(context: Context, key: str, default: Any = None) -> Any:
+    v = context.node_config.get(key, default)
+    if v is None:
+        raise ValueError(f"node config lacks {key!r} (flower-supernode --node-config '{key}=...')")
+    return v
+
+
+def _data(context: Context) -> NodeData:
+    spec = str(context.node_config.get("data", ""))
+    ev = str(context.node_config.get("eval-data", ""))
+    key = (spec, ev)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = node_data(spec, ev)
+    return _DATA_CACHE[key]
+
+
+def _identity(context: Context) -> tuple[str, int, str, str]:
+    hh = str(_node_setting(context, "household"))
+    k = int(_node_setting(context, "shard"))
+    addr = str(_node_setting(context, "peer-address"))
+    listen = str(context.node_config.get("peer-listen", addr))
+    return hh, k, addr, listen
+
+
+def _device(context: Context) -> dict[str, Any]:
+    """``capacity`` (node config: a number or ``"probe"``; absent: not reported) and
+    ``memory-bytes`` (node config, else measured) for the roster."""
+    from disco_fl.runtime.probe import available_memory, measure_compute
+
+    out: dict[str, Any] = {}
+    cap = context.node_config.get("capacity")
+    if isinstance(cap, str) and cap.strip().lower() == "probe":
+        cap = measure_compute(1.0).gflops
+    if cap is not None:
+        try:
+            out["capacity"] = float(cap)
+        except ValueError as e:
+            raise ValueError(f"node config capacity={cap!r}: a number or 'probe'") from e
+    mem = context.node_config.get("memory-bytes")
+    if mem is None:
+        mem = available_memory().bytes or None  # 0: unknown, not reported
+    if mem is not None:
+        if isinstance(mem, bool) or not isinstance(mem, (int, float)):
+            raise ValueError(f"node config memory-bytes={mem!r}: a number of bytes")
+        out["memory-bytes"] = int(mem)
+    return out
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Who this node is: household, shard, peer address, local example counts, capacity and
+    memory (:func:`_device`)."""
+    hh, k, addr, _ = _identity(context)
+    d = _data(context)
+    rec = ConfigRecord(
+        {
+            "household": hh,
+            "shard": k,
+            "peer-address": addr,
+            "num-examples": len(d.y_train),
+            "num-eval": len(d.y_eval),
+            **_device(context),
+        }
+    )
+    return Message(RecordDict({"node": rec}), reply_to=msg)
+
+
+C = TypeVar("C", bound=RoundConfig)
+
+
+def _setup(
+    msg: Message,
+    context: Context,
+    kind: type[C] = TrainConfig,  # type: ignore[assignment]
+) -> tuple[C, NodeShard, Plan, str, int]:
+    """Check the message against this node; rebuild the round's plan and this node's shard
+    from the plan's program and the message's record alone (no model is built or partitioned
+    here, no other node's tensor is held, nothing is unpickled)."""
+    cfg = kind.from_config(msg.content.config_records["config"])
+    hh, k, _, listen = _identity(context)
+    if cfg.household != hh or cfg.shard != k:
+        raise ValueError(
+            f"message for household {cfg.household!r} shard {cfg.shard} reached "
+            f"household {hh!r} shard {k}"
+        )
+    torch.set_num_threads(max(1, int(context.node_config.get("threads", 1))))
+    plan = Plan.from_json(json.loads(cfg.plan))
+    if len(cfg.peers) != plan.num_nodes:
+        raise ValueError(f"{len(cfg.peers)} peers for a {plan.num_nodes}-node plan")
+    shard = shard_from_record(plan.program, k, msg.content.array_records["arrays"])
+    del msg.content.array_records["arrays"]  # the packed copy: the shard holds the tensors now
+    return cfg, shard, plan, listen, k
+
+
+def _transport(
+    cfg: RoundConfig, plan: Plan, k: int, listen: str, num_nodes: int, tls_dir: str = ""
+) -> Any:
+    from disco_fl.runtime.transport.grpc_transport import GrpcTransport
+    from disco_fl.security import peer_credentials
+
+    server_creds, channel_creds = peer_credentials(tls_dir, k)
+    t = GrpcTransport(
+        k,
+        num_nodes,
+        plan_hash=plan.hash,
+        training_round=cfg.server_round,  # peers of another round are refused
+        listen=listen,
+        peers=list(cfg.peers),
+        household_token=cfg.token,
+        num_layers=len(plan.program.ops),
+        connect_timeout=cfg.rendezvous_timeout,
+        server_credentials=server_creds,
+        channel_credentials=channel_creds,
+    )
+    try:
+        t.connect()  # rendezvous: every peer's endpoint is up (bounded by connect_timeout)
+    except BaseException:
+        t.close(1.0)
+        raise
+    log(
+        INFO,
+        "[disco] household %s shard %d: peer endpoint %s (%s), %d peers connected",
+        cfg.household, k, listen, "mutual TLS" if tls_dir else "plaintext", num_nodes - 1,
+    )  # fmt: skip
+    return t
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Joint training steps with the household; reply with the shard and metrics."""
+    from disco_fl.emulation.budget import random_shift
+    from disco_fl.runtime.training import NodeTrainer, default_param_groups
+    from disco_fl.runtime.training.dp import DPConfig
+
+    t0, w0 = time.monotonic(), time.time()
+    cfg, shard, plan, listen, k = _setup(msg, context, TrainConfig)
+    n = plan.num_nodes
+    owners, sizes = list(cfg.owners), list(cfg.owner_examples)
+    steps, batch, r, hh = cfg.steps, cfg.batch_size, cfg.server_round, cfg.household
+    data = _data(context)
+    if k in owners and len(data.y_train) == 0:
+        raise ValueError(f"shard {k} is a batch owner but holds no training data")
+    mode = cfg.gate_mode
+    dp = None
+    if cfg.dp:
+        assert cfg.dp_clip is not None and cfg.dp_noise is not None and cfg.dp_delta is not None
+        b = min([batch, *sizes])
+        # no seed: DP noise and Poisson sampling come from each node's OS CSPRNG, never from
+        # the run config (the server holds it; DPConfig.insecure_seed is for tests only)
+        dp = DPConfig(
+            dataset_sizes=dict(zip(owners, sizes, strict=True)),
+            max_grad_norm=cfg.dp_clip,
+            noise_multiplier=cfg.dp_noise,
+            target_delta=cfg.dp_delta,
+            batch_size=b,
+        )
+        if k in owners and dp.dataset_sizes[k] != len(data.y_train):
+            raise ValueError(
+                f"shard {k} holds {len(data.y_train)} training examples, the round's config "
+                f"says {dp.dataset_sizes[k]}: the DP sample rate and epsilon would be wrong"
+            )
+    opt = torch.optim.Adam(default_param_groups(shard, cfg.lr, cfg.gate_lr))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, hh, r, "batches"))
+    perm = torch.randperm(len(data.y_train), generator=gen) if len(data.y_train) else None
+    pos = 0
+    transport = _transport(cfg, plan, k, listen, n, str(_node_setting(context, "tls-dir", "")))
+    t_steps = time.monotonic()
+    try:
+        trainer = NodeTrainer(
+            shard,
+            plan,
+            transport,
+            opt,
+            gate_mode="hard" if mode == "hard" else "stochastic",
+            gate_seed=derive_seed(cfg.seed, hh, r, "gates"),
+            gate_penalty=cfg.gate_penalty,
+            owners=owners,
+            timeout=cfg.step_timeout,
+            dp=dp,
+            # fixed masks: hold and train only the open weight columns (less memory)
+            compact=mode == "hard",
+        )
+        shard.train()
+        losses: list[float] = []
+        for t in range(steps):
+            x = y = None
+            if trainer.owner_of(t) == k and trainer.dp_state is not None:
+                # DP: Poisson sampling (what the accountant assumes), secure randomness; an
+                # empty batch is a noise-only step
+                idx = trainer.dp_state.sample_batch(t)
+                x, y = data.x_train[idx], data.y_train[idx]
+            elif trainer.owner_of(t) == k:
+                assert perm is not None
+                b = min(batch, len(perm))
+                if pos + b > len(perm):
+                    perm = torch.randperm(len(perm), generator=gen)
+                    pos = 0
+                idx = perm[pos : pos + b]
+                pos += b
+                x = random_shift(data.x_train[idx], 1, gen)
+                y = data.y_train[idx]
+            res = trainer.step(t, x, y, run_id=f"{hh}/r{r}")
+            if res.loss is not None:
+                losses.append(res.loss)
+            if (t + 1) % PROGRESS_EVERY == 0 or t + 1 == steps:
+                log(
+                    INFO,
+                    "[disco] household %s shard %d round %d: step %d/%d (%.1f s)",
+                    hh, k, r, t + 1, steps, time.monotonic() - t_steps,
+                )  # fmt: skip
+        sent = sum(res.total_bytes for res in trainer.history)
+        if mode == "hard":
+            trainer.expand()  # the full-width shard goes back (closed columns unchanged)
+    finally:
+        transport.close(2.0)
+    metrics: dict[str, Any] = {
+        "num-examples": len(data.y_train),
+        "loss": sum(losses) / len(losses) if losses else 0.0,
+        "owner-steps": len(losses),
+        "bytes-sent": float(sent),
+        "seconds": time.monotonic() - t0,
+        # where a round's time goes on this node (wall clock): process start, handler start,
+        # peers connected, steps done (the strategy reports them relative to its push)
+        "t-process": _PROCESS_START,
+        "t-handler": w0,
+        "t-connected": w0 + (t_steps - t0),
+        "t-done": w0 + (time.monotonic() - t0),
+    }
+    if dp is not None and trainer.dp_state is not None:
+        own = [res for res in trainer.history if res.owner == k]
+        metrics["dp-steps"] = len(own)
+        metrics["dp-noise"] = float(trainer.dp_state.sigma)
+        metrics["dp-rate"] = dp.sample_rate(k) if k in owners else 0.0
+        # not for the server under DP: the training loss is computed on the private batches
+        # without noise, and the count of steps with a loss tells which batches were empty
+        del metrics["loss"], metrics["owner-steps"]
+    content = RecordDict({"arrays": shard_arrays(shard), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Collaborative inference of the household on the requester's held-out data."""
+    from disco_fl.emulation.export import ExportedShard, _compact_state
+    from disco_fl.runtime.inference import run_node
+
+    cfg, shard, plan, listen, k = _setup(msg, context, EvalConfig)
+    requester, r, hh = cfg.requester, cfg.server_round, cfg.household
+    eplan = dataclasses.replace(
+        plan, program=dataclasses.replace(plan.program, requester=requester)
+    )
+    holder = types.SimpleNamespace(program=eplan.program, shards={k: shard})
+    node = ExportedShard(eplan, k, _compact_state(holder, eplan, k))
+    del holder, shard  # inference runs on the compact tensors only
+    data = _data(context)
+    batches, bs = cfg.eval_batches, cfg.eval_batch_size
+    if k == requester and math.ceil(len(data.y_eval) / bs) != batches:
+        raise ValueError(f"{len(data.y_eval)} held-out examples do not make {batches} batches")
+    correct = 0
+    tls_dir = str(_node_setting(context, "tls-dir", ""))
+    transport = _transport(cfg, plan, k, listen, plan.num_nodes, tls_dir)
+    try:
+        with torch.no_grad():
+            for i in range(batches):
+                x = data.x_eval[i * bs : (i + 1) * bs] if k == requester else None
+                out = run_node(
+                    node,
+                    transport,
+                    x,
+                    session_id=f"{hh}/eval/r{r}/b{i}",
+                    timeout=cfg.step_timeout,
+                )
+                if out is not None:
+                    correct += int((out.argmax(1) == data.y_eval[i * bs : (i + 1) * bs]).sum())
+    finally:
+        transport.close(2.0)
+    n_eval = len(data.y_eval) if k == requester else 0
+    metrics: dict[str, Any] = {
+        "num-examples": n_eval,
+        "correct": correct,
+        "accuracy": correct / n_eval if n_eval else 0.0,
+    }
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+__all__ = ["app"]

@@ -1,0 +1,387 @@
+"""What the Flower apps (``disco_fl/fl/server/``, ``clients/``) and the demo share.
+
+- :class:`ModelSpec`: how every party rebuilds the same partitioned model (the server and each
+  node partition the same registered model with the same example shape, so the program is
+  identical everywhere; the plan sent by the server is checked against it).
+- shard <-> ``ArrayRecord`` conversion (:func:`shard_arrays`, :func:`shard_from_record`; packed
+  into two arrays, :func:`pack_state`) and the
+  server's global record of all shards (keys ``"<k>/<shard key>"``).
+- the budget schedule (:func:`round_budget`) and the round's gate mode (:func:`round_mode`).
+- local data of a node (:func:`node_data`): a ``.npz`` file or a partition of the private part
+  of the built-in set (:func:`builtin_split`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from disco_fl.data import load_builtin, load_npz, split_households, stratified_split, to_tensor
+from disco_fl.emulation.model import NodeShard, PartitionedModel, partition
+from disco_fl.models import build_model
+from disco_fl.partition import Program
+
+# the built-in set (5,000 MNIST images) is cut once, with a fixed seed, into a public part
+# (the server pretrains the dense model on it), a private part (split among households) and
+# a held-out test part (split among households for federated evaluation; the demo's final
+# collaborative inference runs on all of it)
+BUILTIN_FRACTIONS = (0.3, 0.5, 0.2)
+BUILTIN_SEED = 1234
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model every party partitions.
+
+    Attributes
+    ----------
+    name : str
+        A key of :data:`disco_fl.models.MODELS`; default ``"resnet_narrow"``.
+    num_nodes : int
+        Nodes per household N; default 2.
+    num_classes : int
+        Default 10.
+    in_channels : int
+        Default 1.
+    image_size : int
+        Height = width of the input; default 28.
+    norm : str
+        ``"batch"`` (default) or ``"group"`` (required with differential privacy).
+    """
+
+    name: str = "resnet_narrow"
+    num_nodes: int = 2
+    num_classes: int = 10
+    in_channels: int = 1
+    image_size: int = 28
+    norm: str = "batch"
+
+    @staticmethod
+    def from_config(cfg: Mapping[str, Any]) -> ModelSpec:
+        """From a run config / ConfigRecord (keys ``model``, ``nodes``, ``num-classes``,
+        ``in-channels``, ``image-size``, ``norm``); missing keys take the defaults."""
+        d = ModelSpec()
+        return ModelSpec(
+            name=str(cfg.get("model", d.name)),
+            num_nodes=int(cfg.get("nodes", d.num_nodes)),
+            num_classes=int(cfg.get("num-classes", d.num_classes)),
+            in_channels=int(cfg.get("in-channels", d.in_channels)),
+            image_size=int(cfg.get("image-size", d.image_size)),
+            norm=str(cfg.get("norm", d.norm)),
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "nodes": self.num_nodes,
+            "num-classes": self.num_classes,
+            "in-channels": self.in_channels,
+            "image-size": self.image_size,
+            "norm": self.norm,
+        }
+
+    def build_dense(self, seed: int = 0) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        kw: dict[str, Any] = {"num_classes": self.num_classes, "in_channels": self.in_channels}
+        if self.name != "vit_tiny_mnist":
+            kw["norm"] = self.norm
+        return build_model(self.name, **kw)
+
+    def example(self) -> torch.Tensor:
+        return torch.zeros(2, self.in_channels, self.image_size, self.image_size)
+
+    def partition(
+        self, dense: torch.nn.Module | None = None, capacities: Sequence[float] | None = None
+    ) -> PartitionedModel:
+        """The partitioned model (of ``dense``, default a freshly built one; slices
+        proportional to ``capacities``, default equal): the server's (and the demo's) view. A
+        node never calls this: the ClientApp rebuilds only its own shard from the round's plan
+        and its record (:func:`shard_from_record`)."""
+        model = dense if dense is not None else self.build_dense()
+        return partition(model, self.num_nodes, self.example(), capacities=capacities)
+
+
+# ---- shards as records -------------------------------------------------------------------
+
+
+# tensors of a shard travel packed into two arrays (a JSON index and one byte buffer): Flower
+# stores and moves every array of an ArrayRecord as its own object (one HTTP request and one
+# database row per hop), which made ~100 small tensors per node cost seconds per round
+PACK_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in PACK_DTYPES.items()}
+
+
+def pack_state(state: Mapping[str, torch.Tensor]) -> Any:
+    """``state`` as an ``ArrayRecord`` of two arrays: ``index`` (UTF-8 JSON: key, dtype,
+    shape, byte offset of each tensor) and ``data`` (the tensors' bytes, concatenated)."""
+    from flwr.app import Array, ArrayRecord
+
+    index: list[list[Any]] = []
+    chunks: list[bytes] = []
+    offset = 0
+    for key, v in state.items():
+        t = v.detach().cpu().contiguous()
+        if t.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"{key}: dtype {t.dtype} cannot be packed")
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        index.append([key, _DTYPE_NAMES[t.dtype], list(t.shape), offset])
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(index, separators=(",", ":")).encode()
+    return ArrayRecord(
+        {
+            "index": Array(np.frombuffer(head, dtype=np.uint8).copy()),
+            "data": Array(np.frombuffer(b"".join(chunks), dtype=np.uint8).copy()),
+        }
+    )
+
+
+def _bytes_view(array: Any) -> np.ndarray:
+    """The bytes of a 1-D uint8 Flower ``Array`` as a read-only view of its serialized data
+    (``Array.numpy()`` copies them: a shard's size more at the peak); other arrays go
+    through ``numpy()``."""
+    data = getattr(array, "data", None)
+    if getattr(array, "stype", None) == "numpy.ndarray" and isinstance(data, bytes):
+        f = io.BytesIO(data)
+        try:
+            fmt = np.lib.format
+            major, _ = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+        except ValueError:
+            return array.numpy()
+        if dtype == np.uint8 and len(shape) == 1 and not fortran:
+            return np.frombuffer(data, dtype=np.uint8, count=shape[0], offset=f.tell())
+    return array.numpy()
+
+
+def unpack_state(record: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a record made by :func:`pack_state`; every field is checked (known
+    dtype, non-negative shape, offsets contiguous and within the buffer)."""
+    try:
+        head = bytes(record["index"].numpy().tobytes())
+        data = _bytes_view(record["data"])
+        index = json.loads(head.decode())
+    except (KeyError, ValueError, UnicodeDecodeError, TypeError, AttributeError) as e:
+        raise ValueError(f"not a packed shard record: {e}") from e
+    if set(record.keys()) != {"index", "data"} or not isinstance(index, list):
+        raise ValueError(f"not a packed shard record (arrays {sorted(record.keys())})")
+    with warnings.catch_warnings():  # a read-only view: only read here, every tensor cloned
+        warnings.simplefilter("ignore", UserWarning)
+        buf = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1))
+    out: dict[str, torch.Tensor] = {}
+    pos = 0
+    for entry in index:
+        if not (isinstance(entry, list) and len(entry) == 4):
+            raise ValueError(f"packed record: bad index entry {entry!r}")
+        key, dname, shape, offset = entry
+        if not isinstance(key, str) or key in out or dname not in PACK_DTYPES:
+            raise ValueError(f"packed record: bad key or dtype in {entry!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)) or (
+            offset != pos
+        ):
+            raise ValueError(f"packed record: bad shape or offset in {entry!r}")
+        dtype = PACK_DTYPES[dname]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if pos + nbytes > buf.numel():
+            raise ValueError(f"packed record: {key} runs past the end of the data")
+        out[key] = buf[pos : pos + nbytes].clone().view(dtype).reshape(shape)
+        pos += nbytes
+    if pos != buf.numel():
+        raise ValueError(f"packed record: {buf.numel() - pos} trailing bytes")
+    return out
+
+
+def shard_arrays(shard: NodeShard) -> Any:
+    """Node ``k``'s shard (weights, buffers, gate logits, hard masks) as an ``ArrayRecord``
+    (packed, :func:`pack_state`)."""
+    return pack_state(shard.state_dict())
+
+
+def shard_from_record(program: Program, k: int, record: Any) -> NodeShard:
+    """Node ``k``'s shard rebuilt from the program (of the round's plan) and the
+    ``ArrayRecord`` made by :func:`shard_arrays`: no model is built or partitioned, no other
+    node's tensor is held, nothing is unpickled. ``ValueError`` when the record does not fit."""
+    return NodeShard.from_state_dict(program, k, unpack_state(record))
+
+
+def global_state(pm: PartitionedModel) -> dict[str, torch.Tensor]:
+    """Every shard's state, keys ``"<k>/<shard key>"``."""
+    return {
+        f"{k}/{key}": v.detach().clone()
+        for k in range(pm.num_nodes)
+        for key, v in pm.shard(k).state_dict().items()
+    }
+
+
+def split_global_state(state: Mapping[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    for key, v in state.items():
+        k, _, rest = key.partition("/")
+        out[int(k)][rest] = v
+    return out
+
+
+# ---- schedule ----------------------------------------------------------------------------
+
+
+def round_budget(server_round: int, num_rounds: int, budget: float, finetune_rounds: int) -> float:
+    """Target fraction of dense exchange bytes for round ``server_round`` (1-based).
+
+    Geometric from 1 to ``budget`` over the gate rounds: round ``r`` of ``G = num_rounds -
+    finetune_rounds`` gate rounds gets ``budget ** (r / G)``; the fine-tuning rounds (the last
+    ``finetune_rounds``) and every round when ``G <= 0`` get ``budget``.
+    """
+    gate_rounds = num_rounds - finetune_rounds
+    if gate_rounds <= 0 or server_round > gate_rounds:
+        return float(budget)
+    return float(budget ** (server_round / gate_rounds))
+
+
+def round_mode(server_round: int, num_rounds: int, finetune_rounds: int, dp: bool) -> str:
+    """``"stochastic"`` (gates train) in the gate rounds, ``"hard"`` (masks fixed) in the last
+    ``finetune_rounds`` and always under differential privacy (DP trains weights only)."""
+    if dp or server_round > num_rounds - finetune_rounds:
+        return "hard"
+    return "stochastic"
+
+
+def derive_seed(*parts: object) -> int:
+    key = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(key[:8], "little") >> 1
+
+
+# ---- data ------------------------------------------------------------------------------
+
+
+def builtin_split() -> dict[str, np.ndarray]:
+    """Indices of the built-in set's ``public``, ``private`` and ``test`` parts (fixed seed)."""
+    _, labels = load_builtin()
+    pub, priv, test = stratified_split(labels, list(BUILTIN_FRACTIONS), seed=BUILTIN_SEED)
+    return {"public": pub, "private": priv, "test": test}
+
+
+def builtin_tensors(part: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized images and labels of one part of the built-in set."""
+    images, labels = load_builtin()
+    idx = builtin_split()[part]
+    return to_tensor(images[idx]), torch.as_tensor(labels[idx], dtype=torch.long)
+
+
+def parse_builtin(spec: str) -> tuple[int, int]:
+    """``"builtin:i/n"`` -> ``(i, n)``."""
+    try:
+        i_s, n_s = spec.split(":", 1)[1].split("/")
+        i, n = int(i_s), int(n_s)
+    except (IndexError, ValueError) as e:
+        raise ValueError(f"data {spec!r}: expected 'builtin:<partition>/<partitions>'") from e
+    if not 0 <= i < n:
+        raise ValueError(f"data {spec!r}: partition {i} is not in [0, {n})")
+    return i, n
+
+
+@dataclass
+class NodeData:
+    """A node's local training and held-out data (empty tensors: the node holds none)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_eval: torch.Tensor
+    y_eval: torch.Tensor
+
+
+def _empty() -> NodeData:
+    z = torch.zeros(0)
+    zl = torch.zeros(0, dtype=torch.long)
+    return NodeData(z, zl, z, zl)
+
+
+def node_data(spec: str, eval_spec: str = "") -> NodeData:
+    """Local data from a node's ``data`` setting.
+
+    ``""``: none. ``"builtin:i/n"``: household partition ``i`` of ``n`` of the built-in
+    private part (IID, seeded) for training, and partition ``i`` of ``n`` of its test part
+    for evaluation. A path: a ``.npz`` with ``images`` and ``labels``; evaluation uses
+    ``eval_spec`` (another ``.npz``) or, if empty, a stratified 20 % held out of the file.
+    """
+    spec = spec.strip()
+    if not spec:
+        return _empty()
+    if spec.startswith("builtin:"):
+        i, n = parse_builtin(spec)
+        images, labels = load_builtin()
+        parts = builtin_split()
+        out = []
+        for part in ("private", "test"):
+            idx = parts[part]
+            hh = split_households(labels[idx], n, "iid", seed=BUILTIN_SEED)[i]
+            sel = idx[hh]
+            out.append((to_tensor(images[sel]), torch.as_tensor(labels[sel], dtype=torch.long)))
+        return NodeData(out[0][0], out[0][1], out[1][0], out[1][1])
+    images, labels = load_npz(Path(spec))
+    x = to_tensor(images)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if eval_spec.strip():
+        ei, el = load_npz(Path(eval_spec.strip()))
+        return NodeData(x, y, to_tensor(ei), torch.as_tensor(np.asarray(el), dtype=torch.long))
+    n = len(y)
+    n_eval = max(1, n // 5) if n > 1 else 0
+    tr, te = stratified_split(np.asarray(labels), [n - n_eval, n_eval], seed=BUILTIN_SEED)
+    return NodeData(x[tr], y[tr], x[te], y[te])
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    """epsilon of an Opacus RDP accountant with ``history`` ((sigma, q, steps) entries)."""
+    if not history or all(h[2] == 0 for h in history):
+        return 0.0
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [h for h in history if h[2] > 0]
+    eps = float(acc.get_epsilon(delta=delta))
+    return eps if math.isfinite(eps) else float("inf")
+
+
+# ---- typed access to Flower records ------------------------------------------------------
+
+
+def rec_int(rec: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    """``rec[key]`` as an int (a clear error when absent or not a number)."""
+    return int(_number(rec, key, default))
+
+
+def rec_float(rec: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    return float(_number(rec, key, default))
+
+
+def _number(rec: Mapping[str, Any], key: str, default: float | None) -> float:
+    v = rec.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"record entry {key!r} must be a number, got {v!r}")
+    return v
+
+
+def rec_list(rec: Mapping[str, Any], key: str) -> list[Any]:
+    v = rec.get(key)
+    if not isinstance(v, list):
+        raise ValueError(f"record entry {key!r} must be a list, got {v!r}")
+    return list(v)

@@ -1,0 +1,130 @@
+"""The typed config of one Flower round, as the strategy writes it and the ClientApp reads it.
+
+:class:`TrainConfig` (``train`` messages) and :class:`EvalConfig` (``evaluate`` messages) share
+:class:`RoundConfig`'s fields. Each field names its record key (``metadata["key"]``);
+:meth:`RoundConfig.to_config` gives the ``ConfigRecord`` content and
+:meth:`RoundConfig.from_config` checks every key against the field's type (a missing or
+ill-typed key raises ``ValueError`` naming it; keys of no field are ignored, so a newer server
+may add some). Nothing is parsed twice: the ClientApp reads attributes.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal, TypeVar
+
+
+def _key(name: str, default: Any = MISSING) -> Any:
+    return field(default=default, metadata={"key": name})
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundConfig:
+    """What every message of a round tells node ``shard`` of ``household``."""
+
+    server_round: int = _key("server-round")  # the run's round, 1-based (resume included)
+    household: str = _key("household")
+    shard: int = _key("shard")  # the node's shard index k
+    peers: tuple[str, ...] = _key("peers")  # peer endpoint of each shard, by shard
+    token: str = _key("token")  # per-household secret of this round's peer channel
+    plan: str = _key("plan")  # Plan JSON: program, hard masks, codec
+    seed: int = _key("seed", 0)  # run seed (batch order, gate noise; never DP noise)
+    step_timeout: float = _key("step-timeout", 30.0)  # deadline of one step / eval batch
+    rendezvous_timeout: float = _key("rendezvous-timeout", 60.0)  # wait for the peers
+
+    def to_config(self) -> dict[str, Any]:
+        """The ``ConfigRecord`` content (lists for tuples; ``None`` fields left out)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None:
+                out[f.metadata["key"]] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_config(cls: type[C], cfg: Mapping[str, Any]) -> C:
+        """From a ``ConfigRecord``; ``ValueError`` naming a missing or ill-typed key."""
+        hints = typing.get_type_hints(cls)
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.metadata["key"]
+            if key not in cfg:
+                if f.default is MISSING:
+                    raise ValueError(f"round config lacks {key!r}")
+                continue
+            kw[f.name] = _typed(key, cfg[key], hints[f.name])
+        return cls(**kw)
+
+
+C = TypeVar("C", bound=RoundConfig)
+
+
+def _typed(key: str, v: Any, hint: Any) -> Any:
+    """``v`` checked against ``hint`` (int, float, str, bool, Literal, tuple[X, ...], X | None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if v is None:
+            return None
+        return _typed(key, v, next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"round config {key!r} must be a list, got {v!r}")
+        return tuple(_typed(f"{key}[{i}]", x, args[0]) for i, x in enumerate(v))
+    if origin is Literal:
+        if v not in args:
+            raise ValueError(f"round config {key!r} must be one of {list(args)}, got {v!r}")
+        return v
+    ok = {
+        bool: isinstance(v, bool),
+        int: isinstance(v, int) and not isinstance(v, bool),
+        float: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: isinstance(v, str),
+    }[hint]
+    if not ok:
+        raise ValueError(f"round config {key!r} must be {hint.__name__}, got {v!r}")
+    return float(v) if hint is float else v
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(RoundConfig):
+    """A training round: joint steps of the household (see ``disco_fl.fl.client_app.train``)."""
+
+    owners: tuple[int, ...] = _key("owners")  # shards holding training data, ascending
+    owner_examples: tuple[int, ...] = _key("owner-examples")  # their example counts
+    steps: int = _key("steps")  # joint steps; batch owners take turns
+    batch_size: int = _key("batch-size")
+    lr: float = _key("lr")  # Adam learning rate of the weights
+    gate_lr: float = _key("gate-lr")  # Adam learning rate of the gate logits
+    gate_mode: Literal["hard", "stochastic"] = _key("gate-mode")
+    gate_penalty: float = _key("gate-penalty")  # lam / target of the budget constraint
+    budget: float = _key("budget")  # the round's target fraction of dense exchange bytes
+    dp: bool = _key("dp", False)  # differential privacy inside the household
+    dp_noise: float | None = _key("dp-noise", None)  # sigma (with dp)
+    dp_clip: float | None = _key("dp-clip", None)  # whole-model clipping bound (with dp)
+    dp_delta: float | None = _key("dp-delta", None)  # delta of the reported epsilon (with dp)
+
+    def __post_init__(self) -> None:
+        if len(self.owners) != len(self.owner_examples):
+            raise ValueError(
+                f"round config: {len(self.owners)} owners but "
+                f"{len(self.owner_examples)} owner-examples"
+            )
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("round config: steps and batch-size must be >= 1")
+        if self.dp and None in (self.dp_noise, self.dp_clip, self.dp_delta):
+            raise ValueError("round config: dp needs dp-noise, dp-clip and dp-delta")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(RoundConfig):
+    """An evaluation round: collaborative inference on the requester's held-out data."""
+
+    requester: int = _key("requester")  # the shard holding the held-out data
+    eval_batches: int = _key("eval-batches")
+    eval_batch_size: int = _key("eval-batch-size")
+
+
+__all__ = ["EvalConfig", "RoundConfig", "TrainConfig"]

@@ -1,0 +1,90 @@
+"""The run's checkpoint: written after every round, read by :meth:`DiscoStrategy.resume`.
+
+One file, ``<checkpoint_dir>/checkpoint.pt``: tensors and plain data only (loaded with
+``weights_only=True``), a sha256 checksum in the zip comment, written atomically by
+:func:`disco_fl.core.files.save_torch` (temporary file, fsync, rename, fsync of the folder), so a
+killed write leaves the previous checkpoint. Content (:class:`RunState`): the rounds done, the
+total rounds, the settings it must agree with to be resumed, the global arrays (every shard,
+keys ``"<k>/<key>"``), the budget multiplier ``lam``, the per-round history, each
+household's DP history and the capacities the shards were sliced by (a resumed run keeps them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from disco_fl.core.files import ChecksumError, load_torch, remove_stale_temps, save_torch
+from disco_fl.fl.federated import rec_float, rec_int
+
+CHECKPOINT_FORMAT = "disco_fl.fl_run/1"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds (see the module docstring)."""
+
+    rounds_done: int
+    num_rounds: int
+    settings: dict[str, Any]
+    arrays: dict[str, torch.Tensor]
+    lam: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # household -> [(sigma, sample rate, committed DP steps)] of its data owners
+    dp_history: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
+    capacities: tuple[float, ...] | None = None  # of the partition; None: equal slices
+
+
+def save_run(path: Path, state: RunState) -> None:
+    """Write ``state`` to ``path`` atomically, with its checksum."""
+    save_torch(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "rounds_done": state.rounds_done,
+            "num_rounds": state.num_rounds,
+            "settings": state.settings,
+            "arrays": {k: v.clone() for k, v in state.arrays.items()},
+            "lam": state.lam,
+            "history": state.history,
+            "dp_history": state.dp_history,
+            "capacities": list(state.capacities) if state.capacities else None,
+        },
+        path,
+    )
+
+
+def load_run(path: Path, settings: dict[str, Any]) -> RunState | None:
+    """The checkpoint at ``path``, or None when there is none; removes the temporary files of
+    killed writes first. Refuses a corrupted one (:class:`~disco_fl.core.files.ChecksumError`
+    naming the file), one of another format, and one written with other ``settings``
+    (``ValueError``)."""
+    remove_stale_temps(path.parent)  # what a write killed in an earlier start left
+    if not path.exists():
+        return None
+    try:
+        state = load_torch(path)
+    except ChecksumError as e:
+        raise ChecksumError(f"cannot read run checkpoint {path}: {e}") from e
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read run checkpoint {path}: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a DISCO run checkpoint")
+    if state["settings"] != settings:
+        raise ValueError(f"checkpoint {path} was written with other settings: {state['settings']}")
+    return RunState(
+        rounds_done=rec_int(state, "rounds_done"),
+        num_rounds=rec_int(state, "num_rounds"),
+        settings=state["settings"],
+        arrays=dict(state["arrays"]),
+        lam=rec_float(state, "lam"),
+        history=list(state["history"]),
+        dp_history={h: [tuple(x) for x in v] for h, v in state["dp_history"].items()},
+        capacities=tuple(float(c) for c in caps) if (caps := state.get("capacities")) else None,
+    )
+
+
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "RunState", "load_run", "save_run"]

@@ -1,0 +1,154 @@
+"""The ``ServerApp`` of DISCO fine-tuning (``disco_fl.fl.server.server_app:app``).
+
+Run config keys (defaults in ``pyproject.toml`` ``[tool.flwr.app.config]``; override with
+``flwr run . <connection> --run-config 'key=value ...'``):
+
+``model``, ``nodes``, ``num-classes``, ``in-channels``, ``image-size``, ``norm`` (the model,
+see :class:`~disco_fl.fl.federated.ModelSpec`), ``households`` (expected households, 0: any),
+``num-rounds``, ``steps``, ``batch-size``, ``lr``, ``gate-lr``, ``budget``,
+``finetune-rounds``, ``init-penalty``, ``dual-lr``, ``codec``, ``seed``, ``dp`` (bool),
+``dp-noise``, ``dp-clip``, ``dp-delta``, ``evaluate`` (bool), ``eval-batch-size``,
+``eval-every`` (0: last round only), ``query-timeout``, ``step-timeout``,
+``rendezvous-timeout``, ``round-timeout``,
+``initial-checkpoint`` (dense state dict to start from; empty: the model's initialization),
+``run-dir`` (checkpoint, exported plan and ``summary.json`` go there; a run resumes from its
+checkpoint).
+
+Devices that differ are described by the nodes, not the run config: each SuperNode's
+``capacity`` and ``memory-bytes`` (see ``disco_fl.fl.client_app``) decide the slices and the
+memory check (:mod:`disco_fl.fl.server.devices`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from disco_fl.core.files import atomic_write_bytes
+from disco_fl.data import MNIST_MEAN, MNIST_STD
+from disco_fl.fl.federated import ModelSpec
+from disco_fl.fl.server.strategy import DiscoStrategy, DPSettings
+from disco_fl.models import load_checkpoint_strict
+
+app = ServerApp()
+
+
+def strategy_from_config(cfg: Any) -> DiscoStrategy:
+    """A :class:`DiscoStrategy` from a run config (missing keys: the strategy's defaults)."""
+    spec = ModelSpec.from_config(cfg)
+    dp = None
+    if bool(cfg.get("dp", False)):
+        dp = DPSettings(
+            noise_multiplier=float(cfg.get("dp-noise", 1.0)),
+            max_grad_norm=float(cfg.get("dp-clip", 1.0)),
+            delta=float(cfg.get("dp-delta", 1e-5)),
+        )
+    households = int(cfg.get("households", 0))
+    run_dir = str(cfg.get("run-dir", ""))
+    return DiscoStrategy(
+        spec,
+        budget=float(cfg.get("budget", 0.1)),
+        steps=int(cfg.get("steps", 80)),
+        batch_size=int(cfg.get("batch-size", 32)),
+        lr=float(cfg.get("lr", 2e-3)),
+        gate_lr=float(cfg.get("gate-lr", 0.5)),
+        finetune_rounds=int(cfg.get("finetune-rounds", 1)),
+        init_penalty=float(cfg.get("init-penalty", 1.0)),
+        dual_lr=float(cfg.get("dual-lr", 1.0)),
+        codec=str(cfg.get("codec", "fp32")),
+        dp=dp,
+        seed=int(cfg.get("seed", 0)),
+        num_households=households or None,
+        query_timeout=float(cfg.get("query-timeout", 120.0)),
+        step_timeout=float(cfg.get("step-timeout", 30.0)),
+        rendezvous_timeout=float(cfg.get("rendezvous-timeout", 60.0)),
+        evaluate=bool(cfg.get("evaluate", True)),
+        eval_every=int(cfg.get("eval-every", 0)),
+        eval_batch_size=int(cfg.get("eval-batch-size", 100)),
+        checkpoint_dir=Path(run_dir) if run_dir else None,
+    )
+
+
+FAILED_NAME = "failed.json"  # in run-dir: why the ServerApp stopped (the demo waits on it)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Roster, DISCO rounds (resuming a checkpoint), export of the plan and shards; a
+    failure is also written to ``<run-dir>/failed.json`` before it is raised."""
+    run_dir = str(context.run_config.get("run-dir", ""))
+    if run_dir:
+        (Path(run_dir) / FAILED_NAME).unlink(missing_ok=True)
+    try:
+        _main(grid, context)
+    except Exception as e:
+        if run_dir:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            why = {"error": f"{type(e).__name__}: {e}"}
+            atomic_write_bytes(Path(run_dir) / FAILED_NAME, json.dumps(why).encode())
+        raise
+
+
+def _main(grid: Grid, context: Context) -> None:
+    t0 = time.time()
+    cfg = context.run_config
+    strategy = strategy_from_config(cfg)
+    num_rounds = int(cfg.get("num-rounds", 3))
+    arrays = strategy.resume()
+    if arrays is None:
+        dense = strategy.spec.build_dense(int(cfg.get("seed", 0)))
+        init = str(cfg.get("initial-checkpoint", ""))
+        if init:
+            load_checkpoint_strict(dense, init)
+            log(INFO, "dense model loaded from %s", init)
+        else:
+            log(WARNING, "no initial-checkpoint: fine-tuning starts from a random model")
+        arrays = strategy.initial_arrays(dense)
+    remaining = num_rounds - strategy.round_offset
+    strategy.num_rounds = num_rounds
+    if remaining > 0:
+        result = strategy.start(
+            grid, arrays, remaining, timeout=float(cfg.get("round-timeout", 600.0))
+        )
+        arrays = result.arrays
+    else:
+        log(INFO, "all %d rounds done already (checkpoint)", num_rounds)
+    strategy._load(arrays)
+    achieved = strategy._set_masks(strategy.budget)
+    run_dir = str(cfg.get("run-dir", ""))
+    if not run_dir:
+        return
+    out = Path(run_dir)
+    meta = {
+        "model": strategy.spec.name,
+        "input": {
+            "mean": [MNIST_MEAN] * strategy.spec.in_channels,
+            "std": [MNIST_STD] * strategy.spec.in_channels,
+        },
+        "classes": list(range(strategy.spec.num_classes)),
+    }
+    exported = strategy.pm.export(out / "plan", codec=strategy.codec, meta=meta)
+    rep = strategy.pm.comm_report(strategy.codec)
+    summary = {
+        "rounds": num_rounds,
+        "households": sorted(strategy.roster or {}),
+        "nodes": strategy.spec.num_nodes,
+        "capacities": list(strategy.capacities) if strategy.capacities else None,
+        "budget": strategy.budget,
+        "exchange_fraction": achieved,
+        "bytes_per_sample": rep.bytes_per_sample,
+        "bytes_per_sample_dense": rep.dense_bytes_per_sample,
+        "epsilon": strategy.epsilons() if strategy.dp else None,
+        "history": strategy.history,
+        "plan_hash": exported.plan.hash,
+        "seconds": time.time() - t0,
+    }
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1, default=str).encode())
+    log(INFO, "exported plan %s and shards to %s", exported.plan.hash[:12], out / "plan")

@@ -1,0 +1,291 @@
+"""``disco-fl serve``, ``disco-fl infer`` and ``disco-fl certs``."""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from disco_fl.runtime.serving.client import InferenceSession
+from disco_fl.runtime.serving.inputs import load_inputs
+from disco_fl.runtime.serving.node_server import NodeServer, ServeConfig, serve_forever
+from disco_fl.runtime.transport.grpc_transport import LinkShape
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _token(args: argparse.Namespace) -> str:
+    from disco_fl.security import read_token
+
+    return read_token(args.token_file)
+
+
+def _tls_node(
+    args: argparse.Namespace, node: int
+) -> tuple[grpc.ServerCredentials | None, grpc.ChannelCredentials | None]:
+    from disco_fl.security import peer_credentials
+
+    return peer_credentials(args.tls_dir, node)
+
+
+def _tls_client(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    from disco_fl.security import peer_credentials
+
+    return peer_credentials(args.tls_dir, str(args.client_name))[1]
+
+
+def _plaintext_check(args: argparse.Namespace, listen: str, peers: list[str]) -> list[str]:
+    """Refuse plaintext beyond loopback unless ``--insecure``; returns the exposed addresses.
+
+    Flower's convention, TLS unless ``--insecure`` is given, with one exception kept for tests
+    and the local demo: a household whose addresses are all loopback may run plaintext.
+    """
+    from disco_fl.security import is_loopback_address
+
+    if args.insecure and args.tls_dir:
+        raise ValueError("--insecure and --tls-dir exclude each other: give one of them")
+    if args.tls_dir:
+        return []
+    exposed = [a for a in dict.fromkeys([listen, *peers]) if not is_loopback_address(a)]
+    if exposed and not args.insecure:
+        raise ValueError(
+            f"refusing to serve in plaintext on non-loopback address(es) {', '.join(exposed)}: "
+            "the household token and the activations would cross the network unencrypted. "
+            "Create certificates with `disco-fl certs --nodes N --hosts IP1,IP2,... --out "
+            "certs` and give --tls-dir certs (mutual TLS), or give --insecure to accept "
+            "plaintext (a trusted test network only)"
+        )
+    return exposed
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps the stacks
+    peers = [a.strip() for a in args.peers.split(",")]
+    if not 0 <= args.node < len(peers):
+        raise ValueError(f"--node {args.node} is not an index into --peers ({len(peers)} given)")
+    listen = args.listen or peers[args.node]
+    exposed = _plaintext_check(args, listen, peers)
+    if exposed:
+        _log(
+            f"WARNING: --insecure: plaintext on {', '.join(exposed)}; anyone on the network "
+            "can read the household token and the activations"
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    server_creds, channel_creds = _tls_node(args, args.node)
+    shape = LinkShape(args.link_mbps * 1e6, args.link_rtt_ms / 1e3) if args.link_mbps else None
+    cfg = ServeConfig(
+        plan=Path(args.plan),
+        node=args.node,
+        listen=listen,
+        peers=peers,
+        token=_token(args),
+        server_credentials=server_creds,
+        channel_credentials=channel_creds,
+        deadline_s=args.deadline,
+        max_inflight=args.max_inflight,
+        max_queued=args.max_queued,
+        max_batch=args.max_batch,
+        chunk_batch=args.chunk_batch,
+        max_frame_bytes=int(args.max_frame_mb * (1 << 20)),
+        link_shape=shape,
+        max_connections=args.max_connections,
+    )
+    server = NodeServer(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        _log(
+            f"node {cfg.node}/{server.num_nodes}: serving plan {server.plan.hash[:12]} "
+            f"({server.node.param_bytes:,} shard bytes, TLS {'on' if server_creds else 'off'}) "
+            f"on {server.address}"
+        )
+        server.wait_for_peers(args.startup_timeout, progress=_log)
+        _log(f"node {cfg.node}: household ready")
+        if args.ready_file:
+            Path(args.ready_file).write_text(json.dumps({"address": server.address}))
+        serve_forever(server, stop)
+    finally:
+        server.stop()
+        _log(f"node {cfg.node}: stopped")
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    with InferenceSession(
+        args.address,
+        token=_token(args),
+        channel_credentials=_tls_client(args),
+        timeout=args.timeout,
+    ) as session:
+        status = session.wait_ready(args.timeout)
+        inputs = load_inputs(args.inputs, status["input_shape"], status.get("meta", {}))
+        n = int(inputs.x.shape[0])
+        _log(f"{n} inputs -> {args.address} (plan {status['plan_hash'][:12]})")
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            if time.perf_counter() - last[0] > 1.0 or done == total:
+                last[0] = time.perf_counter()
+                _log(f"  {done}/{total}")
+
+        t1 = time.perf_counter()
+        logits = session.infer_many(
+            inputs.x,
+            batch_size=args.batch_size,
+            max_inflight=args.max_inflight,
+            deadline_s=args.deadline,
+            progress=progress,
+        )
+        dt = time.perf_counter() - t1
+    probs = logits.softmax(-1)
+    conf, pred = probs.max(-1)
+    classes = status.get("meta", {}).get("classes")
+    rows = []
+    for i in range(n):
+        label = classes[int(pred[i])] if classes else int(pred[i])
+        rows.append({"input": inputs.names[i], "prediction": label, "p": float(conf[i])})
+    for r in rows[: args.show]:
+        print(f"{r['input']}: {r['prediction']} (p={r['p']:.3f})")
+    if n > args.show:
+        print(f"... ({n - args.show} more)")
+    result: dict[str, Any] = {
+        "n": n,
+        "predictions": rows,
+        "accuracy": None,
+        "infer_s": dt,
+        "images_per_s": n / dt if dt > 0 else None,
+        "wall_s": time.perf_counter() - t0,
+    }
+    if inputs.labels is not None:
+        acc = float((pred.numpy() == inputs.labels).mean())
+        result["accuracy"] = acc
+        print(f"accuracy {100 * acc:.2f}% on {n} labelled inputs")
+    print(f"{n} inputs in {dt:.2f} s ({n / dt:.1f}/s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from disco_fl.security import make_household_certs
+
+    hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip())
+    made = make_household_certs(args.out, args.nodes, hosts=hosts, overwrite=args.overwrite)
+    print(f"household CA: {made['ca_cert']} (keep {made['ca_key']} offline)")
+    for k, tls in enumerate(made["nodes"]):
+        print(f"  node {k}: {tls.cert}, {tls.key}")
+    for name, tls in made["clients"].items():
+        print(f"  client {name!r}: {tls.cert}, {tls.key}")
+    print(f"valid for {', '.join(hosts)}; copy ca.pem and node<k>.* to node k only")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    def auth(p: argparse.ArgumentParser, serve: bool = False) -> None:
+        p.add_argument(
+            "--token-file",
+            default=None,
+            help="file holding the household token (default: $DISCO_TOKEN, else none)",
+        )
+        tls_help = (
+            "folder from `disco-fl certs` (ca.pem, node<k>.pem/.key, client.pem/.key): mutual TLS"
+        )
+        if serve:
+            tls_help += "; without it, plaintext is refused beyond loopback unless --insecure"
+        p.add_argument("--tls-dir", default=None, help=tls_help)
+        if serve:
+            p.add_argument(
+                "--insecure",
+                action="store_true",
+                help="allow plaintext on non-loopback addresses (a trusted test network only; "
+                "loopback-only households run plaintext without it)",
+            )
+
+    p = sub.add_parser("serve", help="serve this node's shard of an exported plan")
+    p.add_argument("plan", help="plan.json or its folder (only node_<k>.pt is read)")
+    p.add_argument("--node", type=int, required=True, help="this node's index")
+    p.add_argument(
+        "--peers", required=True, help="every node's host:port, comma-separated, by index"
+    )
+    p.add_argument("--listen", default=None, help="address to bind (default: own --peers entry)")
+    auth(p, serve=True)
+    p.add_argument("--deadline", type=float, default=5.0, help="request deadline, s (default 5)")
+    p.add_argument("--max-inflight", type=int, default=8, help="requests at once (default 8)")
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        default=None,
+        help="sessions waiting for a slot on a non-requester node; more are refused "
+        "(default: --max-inflight)",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=4096, help="largest batch accepted (default 4096)"
+    )
+    p.add_argument(
+        "--chunk-batch",
+        type=int,
+        default=0,
+        help="larger requests run as sessions of at most this many inputs (default 0: about "
+        "1 MiB of input per chunk)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--max-frame-mb", type=float, default=64.0, help="largest message, MiB (default 64)"
+    )
+    p.add_argument(
+        "--startup-timeout", type=float, default=120.0, help="wait this long for peers at start"
+    )
+    p.add_argument(
+        "--link-mbps",
+        type=float,
+        default=0.0,
+        help="emulate the links into this node: rate (Mbit/s)",
+    )
+    p.add_argument(
+        "--link-rtt-ms", type=float, default=0.0, help="emulated round trip (ms), half per frame"
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=128,
+        help="connections held at once, handshakes included; more are closed (default 128)",
+    )
+    p.add_argument("--ready-file", default=None, help="write {'address': ...} here when ready")
+
+    p = sub.add_parser("infer", help="classify images / .npz through a serving household")
+    p.add_argument("inputs", nargs="+", help="image files and/or .npz (images[, labels])")
+    p.add_argument("--address", required=True, help="the requester node (node 0), host:port")
+    auth(p)
+    p.add_argument("--client-name", default="client", help="client cert name in --tls-dir")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-inflight", type=int, default=4, help="batches in flight (default 4)")
+    p.add_argument("--deadline", type=float, default=None, help="per-batch deadline, s")
+    p.add_argument("--timeout", type=float, default=60.0, help="client-side bound per call, s")
+    p.add_argument("--show", type=int, default=10, help="predictions to print (default 10)")
+    p.add_argument("--json", default=None, help="write predictions and figures here")
+
+    p = sub.add_parser("certs", help="create a household CA and node/client certificates")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument(
+        "--hosts",
+        default="127.0.0.1,localhost",
+        help="addresses the nodes are reached at (certificate SANs), comma-separated",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")

@@ -1,0 +1,140 @@
+"""How one node serves its shard: :class:`ServeConfig`, and the rules it sets.
+
+The configuration of ``disco-fl serve`` (deadline, in-flight and queued sessions, batch and
+chunk sizes, connection limits), the error of a node with no room for a request
+(:class:`BusyError`), the deadline of a session on a node that is not the requester
+(:func:`peer_session_timeout`), and giving freed memory back to the system
+(:func:`release_free_memory`), which an idle node does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from disco_fl.runtime.transport.grpc_transport import DEFAULT_MAX_FRAME_BYTES, LinkShape
+
+CHUNK_INPUT_BYTES = 1 << 20  # automatic chunk_batch: about this many input bytes per chunk
+IDLE_TRIM_S = 0.5  # a node idle this long gives the C heap's free pages back to the system
+_TRIM: list[Callable[[int], int] | None] = []  # glibc's malloc_trim, looked up once
+
+
+def release_free_memory() -> bool:
+    """Give the free pages of the C heap back to the operating system (glibc's
+    ``malloc_trim``); ``False`` where there is no such call.
+
+    Freed tensors of up to 32 MiB come from glibc's heap, which keeps its free pages (the
+    process's RSS stays at its peak) until something trims it."""
+    if not _TRIM:
+        fn: Callable[[int], int] | None = None
+        with contextlib.suppress(Exception):
+            trim = ctypes.CDLL(None).malloc_trim
+            trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+            fn = trim
+        _TRIM.append(fn)
+    fn = _TRIM[0]
+    if fn is None:
+        return False
+    fn(0)
+    return True
+
+
+def peer_session_timeout(deadline_s: float) -> float:
+    """The deadline of a session on a node that is not the requester: ``deadline_s`` less a
+    margin (a fifth of it, at least 0.25 s, at most 1 s; never below half of it).
+
+    A node that gives up waiting for a stalled peer tells the requester which node stalled
+    (``stalled_node`` on its error frames); giving up this much earlier lets that report
+    arrive before the requester's own deadline, so the caller hears which node stalled rather
+    than which healthy node was waiting for it.
+    """
+    margin = min(1.0, max(0.25, deadline_s / 5))
+    return max(deadline_s / 2, deadline_s - margin)
+
+
+class BusyError(RuntimeError):
+    """Too many requests in flight on this node."""
+
+
+@dataclass
+class ServeConfig:
+    """How one node serves its shard.
+
+    Parameters
+    ----------
+    plan : Path
+        ``plan.json`` of an exported plan, or the directory holding it (with ``node_<k>.pt``).
+    node : int
+        This node's index; only ``node_<node>.pt`` is read.
+    listen : str, default "127.0.0.1:0"
+        Address to serve on (port 0 picks a free port).
+    peers : sequence of str or None
+        Every node's address, indexed by node (this node's own entry is ignored).
+    token : str, default ""
+        The household token (empty: none). Peers and inference callers must present it.
+    server_credentials, channel_credentials : grpc credentials or None
+        TLS (see :mod:`disco_fl.security`); ``None``: plaintext.
+    deadline_s : float, default 5.0
+        Deadline of one request on every node; a caller may ask for less, never more.
+    max_inflight : int, default 8
+        Requests served at once; more are refused with ``RESOURCE_EXHAUSTED``.
+    max_batch : int, default 4096
+        Largest batch accepted in one request (larger ones are refused with
+        ``INVALID_ARGUMENT``); on the other nodes, the largest batch of a session.
+    chunk_batch : int, default 0
+        A request of more inputs than this runs as consecutive sessions of at most this many
+        (0: automatic, about ``CHUNK_INPUT_BYTES`` of fp32 input per chunk: 334 inputs of
+        1x28x28), so that one op of one chunk bounds how far computing can overrun a
+        deadline and how long other requests wait for the event loop.
+    max_queued : int or None, default None
+        Sessions (on the nodes that are not the requester) waiting for a slot beyond the
+        ``max_inflight`` running; more are refused at once (``None``: ``max_inflight``).
+    max_frame_bytes : int, default 64 MiB
+        Largest message accepted or sent (peer frames and inference requests).
+    connect_timeout_s : float, default 3.0
+        Bound on one handshake with a peer.
+    link_shape : LinkShape or None
+        Emulated link for outgoing peer traffic (benchmarks).
+    max_connections : int, default 128
+        Connections the node's server holds at once (peers, callers, and connections still
+        in their TLS/HTTP/2 handshake); more are closed as they are accepted.
+    """
+
+    plan: Path
+    node: int
+    listen: str = "127.0.0.1:0"
+    peers: Sequence[str] | None = None
+    token: str = ""
+    server_credentials: grpc.ServerCredentials | None = None
+    channel_credentials: grpc.ChannelCredentials | None = None
+    deadline_s: float = 5.0
+    max_inflight: int = 8
+    max_batch: int = 4096
+    chunk_batch: int = 0
+    max_queued: int | None = None
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    connect_timeout_s: float = 3.0
+    link_shape: LinkShape | None = None
+    max_connections: int = 128
+
+    def __post_init__(self) -> None:
+        self.plan = Path(self.plan)
+        if self.plan.is_dir():
+            self.plan = self.plan / "plan.json"
+        if not (self.deadline_s > 0 and self.deadline_s < 86400):
+            raise ValueError(f"deadline_s must be in (0, 86400), got {self.deadline_s}")
+        if self.max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.chunk_batch < 0:
+            raise ValueError(f"chunk_batch must be >= 0, got {self.chunk_batch}")
+        if self.max_queued is None:
+            self.max_queued = self.max_inflight
+        if self.max_queued < 0:
+            raise ValueError(f"max_queued must be >= 0, got {self.max_queued}")

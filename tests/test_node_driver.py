@@ -1,0 +1,146 @@
+"""The one node driver (disco_fl.node): sans-IO events, its message check, its deadline, and
+the lock-step execution that the emulation and shard-only execution run on it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import disco_fl
+from disco_fl.emulation.export import ExportedShard, load_shard, run_shards
+from disco_fl.node import TURN, Executor, MessageError, Recv, Send, drive, run_lockstep, schedule
+from disco_fl.partition import plan_open_count
+from tests.zoo import ZOO
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[ExportedShard], torch.Tensor]:
+    torch.manual_seed(0)
+    model = ZOO["resnet_narrow"][0]().eval()
+    x = torch.randn(3, 1, 28, 28)
+    pm = disco_fl.partition(model, 2, x).eval()
+    g = torch.Generator().manual_seed(1)
+    for _, _, d, gates in pm.gate_items():
+        gates.set_mask(d, (torch.rand(gates.num_channels, generator=g) < 0.4).float())
+    out = tmp_path_factory.mktemp("driver")
+    pm.export(out)
+    return [load_shard(out / "plan.json", k) for k in range(2)], x
+
+
+def _drivers(nodes: list[ExportedShard], x: torch.Tensor, **kw: object) -> list:
+    plan = nodes[0].plan
+    return [
+        drive(
+            schedule(plan.program, k, plan_open_count(plan), plan.codec),
+            Executor(plan.program, nodes[k]),
+            x,
+            **kw,  # type: ignore[arg-type]
+        )
+        for k in range(len(nodes))
+    ]
+
+
+def test_events_follow_the_schedule_and_give_the_emulation_result(shards) -> None:
+    nodes, x = shards
+    plan = nodes[0].plan
+    steps = [schedule(plan.program, k, plan_open_count(plan), plan.codec) for k in range(2)]
+    runs = _drivers(nodes, x)
+    mail: dict[tuple[int, int, int], torch.Tensor] = {}
+    sent: list[tuple[int, int, int]] = []
+    results: list[object] = [None, None]
+    pending: list[object] = [next(r) for r in runs]
+    done = [False, False]
+    for _ in range(10_000):  # bounded: two nodes of a small program
+        if all(done):
+            break
+        for k in range(2):
+            ev = pending[k]
+            try:
+                while not done[k]:
+                    if isinstance(ev, Send):
+                        assert ev.dest in ev.step.out_to and ev.step.node == k
+                        sent.append((ev.step.layer, k, ev.dest))
+                        mail[(ev.step.layer, k, ev.dest)] = ev.tensor
+                        ev = next(runs[k])
+                    elif isinstance(ev, Recv):
+                        key = (ev.step.layer, ev.src, k)
+                        if key not in mail:
+                            break
+                        ev = runs[k].send(mail.pop(key))
+                    else:
+                        ev = next(runs[k])
+            except StopIteration as stop:
+                results[k], done[k] = stop.value, True
+            pending[k] = ev
+    assert all(done) and not mail
+    # every message the schedules announce was sent once, and nothing else
+    announced = sorted((s.layer, s.node, d) for st in steps for s in st for d in s.out_to)
+    assert sorted(sent) == announced
+    out = results[plan.program.requester]
+    assert isinstance(out, torch.Tensor)
+    assert torch.equal(out, run_shards(nodes, x))
+
+
+def test_a_message_of_the_wrong_shape_is_refused_naming_layer_and_sender(shards) -> None:
+    nodes, x = shards
+    k = 1 - nodes[0].plan.program.requester  # the node that receives the input first
+    run = _drivers(nodes, x)[k]
+    ev = next(run)
+    while not isinstance(ev, Recv):
+        ev = next(run)
+    wrong = torch.zeros(3, 28, 28)  # the input without its channel dim
+    with pytest.raises(MessageError, match=rf"layer {ev.step.layer} .* from node {ev.src}"):
+        run.send(wrong)
+
+
+def test_the_deadline_is_checked_before_every_op(shards) -> None:
+    nodes, x = shards
+    requester = nodes[0].plan.program.requester
+    run = _drivers(nodes, x, deadline=time.monotonic() + 3600)[requester]
+    assert isinstance(next(run), Send)  # the input goes out first
+    late = _drivers(nodes, x, deadline=time.monotonic() - 1)[requester]
+    with pytest.raises(TimeoutError, match="passed while computing, before layer 0"):
+        next(late)
+
+
+class _Mute(ExportedShard):
+    """A node whose exchanges send nothing, whatever the plan says."""
+
+    def send_selection(self, op, dest):  # type: ignore[no-untyped-def]
+        return None
+
+
+def test_sends_that_differ_from_the_schedule_are_refused(shards) -> None:
+    nodes, x = shards
+    plan = nodes[0].plan
+    nodes[0].__class__ = _Mute  # node 0 drops every exchange message
+    try:
+        with pytest.raises(RuntimeError, match="the plan's traffic says"):
+            run_lockstep(plan.program, nodes, x, plan.codec, open_count=plan_open_count(plan))
+    finally:
+        nodes[0].__class__ = ExportedShard
+
+
+def test_one_node_yields_only_turns(tmp_path: Path) -> None:
+    x = torch.randn(2, 1, 28, 28)
+    model = ZOO["resnet_narrow"][0]().eval()
+    disco_fl.partition(model, 1, x).eval().export(tmp_path)
+    node = load_shard(tmp_path / "plan.json", 0)
+    run = drive(
+        schedule(node.program, 0, plan_open_count(node.plan), "fp32"),
+        Executor(node.program, node),
+        x,
+    )
+    events = []
+    with torch.no_grad():
+        try:
+            while True:
+                events.append(next(run))
+        except StopIteration as stop:
+            out = stop.value
+    assert events == [TURN] * len(node.program.ops)
+    with torch.no_grad():
+        assert torch.allclose(out, model(x), atol=1e-5)
