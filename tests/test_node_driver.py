@@ -11,6 +11,7 @@ import torch
 
 import disco_fl
 from disco_fl.emulation.export import ExportedShard, load_shard, run_shards
+from disco_fl.models import vit_tiny_mnist
 from disco_fl.node import TURN, Executor, MessageError, Recv, Send, drive, run_lockstep, schedule
 from disco_fl.partition import plan_open_count
 from tests.zoo import ZOO
@@ -81,7 +82,7 @@ def test_events_follow_the_schedule_and_give_the_emulation_result(shards) -> Non
     assert sorted(sent) == announced
     out = results[plan.program.requester]
     assert isinstance(out, torch.Tensor)
-    assert torch.equal(out, run_shards(nodes, x))
+    assert torch.equal(out, run_shards(nodes, x, overlap=False))
 
 
 def test_a_message_of_the_wrong_shape_is_refused_naming_layer_and_sender(shards) -> None:
@@ -144,3 +145,81 @@ def test_one_node_yields_only_turns(tmp_path: Path) -> None:
     assert events == [TURN] * len(node.program.ops)
     with torch.no_grad():
         assert torch.allclose(out, model(x), atol=1e-5)
+
+
+MODELS = {**ZOO, "vit": (vit_tiny_mnist, (2, 1, 28, 28))}
+
+
+@pytest.mark.parametrize("name", ["resnet_narrow", "user", "vit"])
+@pytest.mark.parametrize("nodes", [2, 3])
+def test_overlap_on_equals_off_equals_emulation(name: str, nodes: int, tmp_path: Path) -> None:
+    build, shape = MODELS[name]
+    torch.manual_seed(nodes)
+    model = build().eval()
+    x = torch.randn(*shape)
+    pm = disco_fl.partition(model, nodes, x).eval()
+    g = torch.Generator().manual_seed(nodes)
+    for _, _, d, gates in pm.gate_items():
+        gates.set_mask(d, (torch.rand(gates.num_channels, generator=g) < 0.5).float())
+    with torch.no_grad():
+        ref = pm(x)
+    pm.export(tmp_path)
+    shard_nodes = [load_shard(tmp_path / "plan.json", k) for k in range(nodes)]
+    on = run_shards(shard_nodes, x, overlap=True)
+    off = run_shards(shard_nodes, x, overlap=False)
+    assert torch.allclose(on, off, atol=1e-5, rtol=0), (on - off).abs().max()
+    assert torch.allclose(on, ref, atol=1e-5, rtol=0), (on - ref).abs().max()
+    assert torch.allclose(off, ref, atol=1e-5, rtol=0), (off - ref).abs().max()
+
+
+def _recv_after_its_op(nodes: list[ExportedShard], x: torch.Tensor, overlap: bool) -> int:
+    """Messages node 0 receives after the op they belong to has ended (i.e. during a reader's
+    turn): what overlap defers."""
+    plan = nodes[0].plan
+    n = len(nodes)
+    runs = [
+        drive(
+            schedule(plan.program, k, plan_open_count(plan), plan.codec),
+            Executor(plan.program, nodes[k], overlap=overlap),
+            x,
+        )
+        for k in range(n)
+    ]
+    mail: dict[tuple[int, int, int], torch.Tensor] = {}
+    turns = [0] * n
+    late = 0
+    pending: list[object] = [next(r) for r in runs]
+    done = [False] * n
+    with torch.no_grad():
+        for _ in range(100_000):
+            if all(done):
+                break
+            for k in range(n):
+                ev = pending[k]
+                try:
+                    while not done[k]:
+                        if isinstance(ev, Send):
+                            mail[(ev.step.layer, k, ev.dest)] = ev.tensor
+                            ev = next(runs[k])
+                        elif isinstance(ev, Recv):
+                            key = (ev.step.layer, ev.src, k)
+                            if key not in mail:
+                                break
+                            if k == 0 and ev.step.layer < turns[k]:
+                                late += 1
+                            ev = runs[k].send(mail.pop(key))
+                        else:
+                            if ev == TURN:
+                                turns[k] += 1
+                            ev = next(runs[k])
+                except StopIteration:
+                    done[k] = True
+                pending[k] = ev
+    assert all(done)
+    return late
+
+
+def test_overlap_receives_exchanged_channels_after_the_own_part(shards) -> None:
+    nodes, x = shards
+    assert _recv_after_its_op(nodes, x, overlap=False) == 0
+    assert _recv_after_its_op(nodes, x, overlap=True) > 0

@@ -75,7 +75,11 @@ def household(
 
 
 def _run_all(
-    nodes: Sequence[Any], transports: Sequence[Transport], x: torch.Tensor, session: str
+    nodes: Sequence[Any],
+    transports: Sequence[Transport],
+    x: torch.Tensor,
+    session: str,
+    overlap: bool = True,
 ) -> list[Any]:
     """Run every node in its own thread; return outputs (or raise the first error)."""
     results: list[Any] = [None] * len(nodes)
@@ -84,7 +88,12 @@ def _run_all(
     def go(k: int) -> None:
         try:
             results[k] = run_node(
-                nodes[k], transports[k], x if k == 0 else None, session_id=session, timeout=10.0
+                nodes[k],
+                transports[k],
+                x if k == 0 else None,
+                session_id=session,
+                timeout=10.0,
+                overlap=overlap,
             )
         except BaseException as e:
             errors[k] = e
@@ -241,6 +250,22 @@ def test_grpc_runtime_equals_shards(
     _check_run(hh, ts, "s-grpc")
     health = ts[0].health(n - 1, timeout=5.0)
     assert health.status == peer_pb2.HealthReply.SERVING and health.node == n - 1
+
+
+def test_grpc_runtime_without_overlap_equals_shards_without_overlap(
+    household: Callable[..., Household],
+    grpc_household: Callable[..., list[GrpcTransport]],
+) -> None:
+    """Overlap changes only the order of fp32 sums: off, the runtime equals the shards run
+    without overlap bit for bit; on and off agree within 1e-5."""
+    hh = household("resnet_narrow", 2)
+    plan = hh.nodes[0].plan
+    ts = grpc_household(2, plan.hash, hh.num_layers)
+    off = _run_all(hh.nodes, ts, hh.x, "s-no-overlap", overlap=False)[0]
+    assert torch.equal(off, run_shards(hh.nodes, hh.x, overlap=False))
+    on = _run_all(hh.nodes, ts, hh.x, "s-overlap", overlap=True)[0]
+    assert torch.equal(on, hh.ref)
+    assert torch.allclose(on, off, atol=1e-5, rtol=0)
 
 
 def test_grpc_int8_bytes(

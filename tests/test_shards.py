@@ -53,7 +53,9 @@ def test_shard_only_equals_emulation_with_lossy_codecs(codec: str, tmp_path: Pat
         exact = pm(x)
     assert not torch.equal(ref, exact)
     pm.export(tmp_path, codec=codec)
-    out = run_shards([load_shard(tmp_path / "plan.json", k) for k in range(3)], x)
+    # without overlap the shards add the same fp32 terms in the same order as the emulation
+    # (with overlap a different order can move a value across a rounding step of the codec)
+    out = run_shards([load_shard(tmp_path / "plan.json", k) for k in range(3)], x, overlap=False)
     assert torch.allclose(out, ref, atol=1e-5, rtol=0)
 
 

@@ -196,10 +196,16 @@ def load_shard(
 
 
 def run_shards(
-    nodes: Sequence[ExportedShard], x: torch.Tensor, codec: Codec | str | None = None
+    nodes: Sequence[ExportedShard],
+    x: torch.Tensor,
+    codec: Codec | str | None = None,
+    *,
+    overlap: bool = True,
 ) -> Any:
-    """Shard-only execution of all nodes in this process (in-process exchange); returns what
-    the model returns (a tensor, or a dict / tuple / list of tensors)."""
+    """Shard-only execution of all nodes in this process (in-process exchange), with the
+    arithmetic of the network runtime (``overlap`` as :func:`~disco_fl.runtime.inference.run_node`:
+    equal to it bit for bit); returns what the model returns (a tensor, or a dict / tuple /
+    list of tensors)."""
     if not nodes:
         raise ValueError("no nodes")
     plan = nodes[0].plan
@@ -207,6 +213,11 @@ def run_shards(
         raise PlanError("nodes were loaded from different plans")
     with torch.no_grad():
         y = run_lockstep(
-            plan.program, nodes, x, codec or plan.codec, open_count=plan_open_count(plan)
+            plan.program,
+            nodes,
+            x,
+            codec or plan.codec,
+            open_count=plan_open_count(plan),
+            overlap=overlap,
         )
     return restore_output(plan.program, y)

@@ -69,9 +69,10 @@ class Executor:
     strict = False  # message check: also dtype, finite values, exact input shape
     free_values = True  # drop values no later op reads
 
-    def __init__(self, program: Program, ctx: NodeContext) -> None:
+    def __init__(self, program: Program, ctx: NodeContext, *, overlap: bool = False) -> None:
         self.program = program
         self.ctx = ctx
+        self.overlap = overlap  # readers of an exchange compute while its messages travel
 
     def inputs(self, step: Step, env: dict[str, Any], x: Any) -> list[Any]:
         if step.is_input:
@@ -97,6 +98,16 @@ class Executor:
         return False
 
 
+@dataclass
+class Deferred:
+    """An exchange's value with overlap on: the node's own channels, and its peers' messages
+    once the first reader has received them (:func:`drive`)."""
+
+    step: Step
+    own: torch.Tensor
+    received: dict[int, torch.Tensor] | None = None
+
+
 def drive(
     steps: Sequence[Step],
     executor: Executor,
@@ -108,6 +119,12 @@ def drive(
     """Run one node's program; returns the value of the ``output`` op (``None`` on a node
     that computes none, or when the executor ends the program early).
 
+    With ``executor.overlap``, an exchange whose readers all sum over input channels
+    (``step.deferrable``) sends its messages and lets its first reader compute the part of its
+    own channels (``spec.compute_own``) before receiving the peers' messages, adding each
+    message's part as it arrives (``spec.add_received``): computation overlaps the transfer.
+    The result equals the computation without overlap up to the order of fp32 sums.
+
     Raises :class:`MessageError` for a message that does not fit the plan, ``TimeoutError``
     before an op when ``time.monotonic()`` is past ``deadline`` (computation counts against
     it), ``RuntimeError`` when an op's sends differ from the schedule. ``what`` names the
@@ -116,8 +133,30 @@ def drive(
     program = executor.program
     ctx = executor.ctx
     env: dict[str, Any] = {}
-    batch: int | None = None
+    state = {"batch": None}  # the step's batch size, once the input op has set it
     result: Any = None
+
+    def receive(st: Step, src: int, traffic: Traffic, own: Any) -> Generator[Event, Any, Any]:
+        t = yield Recv(st, src)
+        assert isinstance(t, torch.Tensor), "a Recv must be answered with a tensor"
+        channels = executor.channels(st, src, traffic)
+        problem = message_problem(
+            program,
+            st.op,
+            t,
+            state["batch"],
+            channels=channels,
+            expected=expected_shape(program, st.op, src, own, channels),
+            strict=executor.strict,
+        )
+        if problem:
+            raise MessageError(
+                f"layer {st.layer} ({st.op.name}, {st.op.kind}) from node {src}: {problem}",
+                src=src,
+                layer=st.layer,
+            )
+        return t
+
     for st in steps:
         op = st.op
         if deadline is not None and time.monotonic() > deadline:
@@ -137,31 +176,30 @@ def drive(
         if st.out_to:
             yield FLUSH
         received: dict[int, torch.Tensor] = {}
-        for src, traffic in st.in_from:
-            t = yield Recv(st, src)
-            assert isinstance(t, torch.Tensor), "a Recv must be answered with a tensor"
-            own = xs[0] if xs else None
-            channels = executor.channels(st, src, traffic)
-            problem = message_problem(
-                program,
-                op,
-                t,
-                batch,
-                channels=channels,
-                expected=expected_shape(program, op, src, own, channels),
-                strict=executor.strict,
-            )
-            if problem:
-                raise MessageError(
-                    f"layer {st.layer} ({op.name}, {op.kind}) from node {src}: {problem}",
-                    src=src,
-                    layer=st.layer,
-                )
-            received[src] = t
-        value = executor.compute(st, xs, received)
+        if executor.overlap and st.deferrable and st.in_from:
+            value: Any = Deferred(st, xs[0])  # its readers receive the messages
+        elif len(xs) == 1 and isinstance(xs[0], Deferred):
+            d = xs[0]
+            cdim = program.infos[d.step.op.name].cdim
+            assert cdim is not None
+            value = st.spec.compute_own(op, ctx, d.own)  # while the peers' are in flight
+            offset = d.own.shape[cdim]
+            first = d.received is None
+            got = d.received if d.received is not None else {}
+            d.received = got
+            froms = dict(d.step.in_from)
+            for src in ctx.sources(d.step.op):
+                if first:
+                    got[src] = yield from receive(d.step, src, froms[src], d.own)
+                value = st.spec.add_received(op, ctx, value, got[src], offset)
+                offset += got[src].shape[cdim]
+        else:
+            for src, traffic in st.in_from:
+                received[src] = yield from receive(st, src, traffic, xs[0] if xs else None)
+            value = executor.compute(st, xs, received)
         env[op.name] = value
         if (b := input_batch(op, value)) is not None:
-            batch = b
+            state["batch"] = b
         if st.is_output:
             result = value
         if executor.done(st, xs, msgs, received, value):

@@ -25,12 +25,15 @@ def run_lockstep(
     x: torch.Tensor,
     codec: Codec | str = "fp32",
     open_count: OpenCount | None = None,
+    *,
+    overlap: bool = False,
 ) -> torch.Tensor:
     """Run every node of ``program`` in this process; return the requester's output.
 
     ``open_count`` says how many channels each exchange sends per pair (default: every
     channel of the slice, as the emulation's masked messages; shards of a plan send the
-    plan's open channels only).
+    plan's open channels only). ``overlap``: readers of an exchange compute their own
+    channels' part before they take the peers' messages (:func:`~disco_fl.node.drive`).
     """
     codec = get_codec(codec) if isinstance(codec, str) else codec
     n = program.num_nodes
@@ -38,7 +41,11 @@ def run_lockstep(
         raise ValueError(f"expected {n} nodes, got {len(nodes)}")
     count = open_count or full_open_count(program)
     drivers = [
-        drive(schedule(program, k, count, codec.name), Executor(program, nodes[k]), x)
+        drive(
+            schedule(program, k, count, codec.name),
+            Executor(program, nodes[k], overlap=overlap),
+            x,
+        )
         for k in range(n)
     ]
     mail: dict[tuple[int, int, int], torch.Tensor] = {}  # (layer, src, dst) -> message

@@ -48,6 +48,9 @@ class Step:
     wire_enum: int
     direction: int
     free: tuple[str, ...]  # values no later op reads (dropped after this op: peak memory)
+    # an exchange whose every reader sums over its input channels (``spec.overlaps``): with
+    # overlap on, its messages are received by the readers, after their own channels' part
+    deferrable: bool = False
 
 
 def schedule(program: Program, k: int, open_count: OpenCount, codec: str) -> list[Step]:
@@ -58,6 +61,10 @@ def schedule(program: Program, k: int, open_count: OpenCount, codec: str) -> lis
     slice: :func:`~disco_fl.partition.full_open_count`); ``codec`` the activations' codec.
     """
     last_use = {name: i for i, op in enumerate(program.ops) for name in op.inputs}
+    readers: dict[str, list[Op]] = {}
+    for op in program.ops:
+        for name in op.inputs:
+            readers.setdefault(name, []).append(op)
     steps = []
     for layer, op in enumerate(program.ops):
         spec = get_spec(op.kind)
@@ -79,6 +86,12 @@ def schedule(program: Program, k: int, open_count: OpenCount, codec: str) -> lis
                 wire_enum=codec_enum(wire_codec),
                 direction=direction_of(op, coded),
                 free=tuple(dict.fromkeys(n for n in op.inputs if last_use[n] == layer)),
+                deferrable=op.kind == "exchange"
+                and bool(readers.get(op.name))
+                and all(
+                    get_spec(r.kind).overlaps and list(r.inputs) == [op.name]
+                    for r in readers[op.name]
+                ),
             )
         )
     return steps

@@ -190,6 +190,8 @@ class Conv2dSpec(_MixingSpec):
             raise PartitionError("conv2d input must have channels at dim 1")
         return 1
 
+    overlaps = True  # a sum over input channels
+
     def compute(
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
     ) -> Any:
@@ -198,6 +200,18 @@ class Conv2dSpec(_MixingSpec):
         return F.conv2d(
             xs[0], st["weight"], st.get("bias"), a["stride"], a["padding"], a["dilation"]
         )  # (B, C_out_k, H', W')
+
+    def compute_own(self, op: Op, node: NodeContext, own: torch.Tensor) -> torch.Tensor:
+        st, a = node.state(op), op.attrs
+        w = st["weight"][:, : own.shape[1]]
+        return F.conv2d(own, w, st.get("bias"), a["stride"], a["padding"], a["dilation"])
+
+    def add_received(
+        self, op: Op, node: NodeContext, partial: torch.Tensor, part: torch.Tensor, offset: int
+    ) -> torch.Tensor:
+        a = op.attrs
+        w = node.state(op)["weight"][:, offset : offset + part.shape[1]]
+        return partial + F.conv2d(part, w, None, a["stride"], a["padding"], a["dilation"])
 
 
 @register_spec
@@ -210,11 +224,23 @@ class LinearSpec(_MixingSpec):
             raise PartitionError("linear input must have its features in the last dimension")
         return last
 
+    overlaps = True  # a sum over input features
+
     def compute(
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
     ) -> Any:
         st = node.state(op)
         return F.linear(xs[0], st["weight"], st.get("bias"))  # (..., F_out_k)
+
+    def compute_own(self, op: Op, node: NodeContext, own: torch.Tensor) -> torch.Tensor:
+        st = node.state(op)
+        return F.linear(own, st["weight"][:, : own.shape[-1]], st.get("bias"))
+
+    def add_received(
+        self, op: Op, node: NodeContext, partial: torch.Tensor, part: torch.Tensor, offset: int
+    ) -> torch.Tensor:
+        w = node.state(op)["weight"][:, offset : offset + part.shape[-1]]
+        return partial + F.linear(part, w)
 
 
 @register_spec

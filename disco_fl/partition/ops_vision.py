@@ -85,6 +85,7 @@ class GroupedMixingConvSpec(Conv2dSpec):
     connection in the original) get no gradient and stay zero."""
 
     kind = "gconv2d_mixing"
+    overlaps = False  # trained with a block mask: computed whole (no per-part sums)
 
     def _block_mask(
         self, op: Op, node: NodeContext, w: torch.Tensor, k: int | None

@@ -79,6 +79,9 @@ class OpSpec(ABC):
     kind: ClassVar[str]
     mixing: ClassVar[bool] = False  # reads a ``gathered`` input
     coded_messages: ClassVar[bool] = True  # messages carry activations (the plan's codec)
+    # a sum over input channels: computes its own channels' part while peers' are in flight
+    # (:meth:`compute_own`, :meth:`add_received`; see :mod:`disco_fl.node.driver`)
+    overlaps: ClassVar[bool] = False
 
     @abstractmethod
     def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
@@ -108,6 +111,18 @@ class OpSpec(ABC):
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
     ) -> Any:
         """This node's output, given its inputs and the messages it received for this op."""
+
+    def compute_own(self, op: Op, node: NodeContext, own: torch.Tensor) -> torch.Tensor:
+        """Ops that :attr:`overlaps`: the part of the output that the node's own channels of
+        the gathered input give (bias included)."""
+        raise NotImplementedError(f"{self.kind} does not overlap")
+
+    def add_received(
+        self, op: Op, node: NodeContext, partial: torch.Tensor, part: torch.Tensor, offset: int
+    ) -> torch.Tensor:
+        """Ops that :attr:`overlaps`: ``partial`` plus the part that a received message gives;
+        ``offset`` is the message's first column in the node's assembled input."""
+        raise NotImplementedError(f"{self.kind} does not overlap")
 
     def compute_global(self, op: Op, node: NodeContext, xs: Sequence[Any]) -> Any:
         """The op on whole tensors with whole (assembled) parameters: the fused emulation.

@@ -100,6 +100,7 @@ def _node_steps(
     step: int,
     max_message_bytes: int,
     deadline: float,
+    overlap: bool,
     /,
 ) -> Generator[_Want | None, Frame, torch.Tensor | None]:
     """The node's program (:func:`~disco_fl.node.drive`) with its messages as frames: yields
@@ -123,7 +124,11 @@ def _node_steps(
     send = transport.send
     what = f" (session {session_id!r}, deadline {timeout:.3g} s from its start)"
     program_steps = drive(
-        node_schedule(node), Executor(program, node), x, deadline=deadline, what=what
+        node_schedule(node),
+        Executor(program, node, overlap=overlap),
+        x,
+        deadline=deadline,
+        what=what,
     )
     try:
         with torch.inference_mode():
@@ -222,6 +227,7 @@ def run_node(
     timeout: float = 10.0,
     step: int = 0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    overlap: bool = True,
 ) -> torch.Tensor | None:
     """Run ``node`` (a :class:`~disco_fl.emulation.export.ExportedShard`) for one input over
     ``transport``.
@@ -236,7 +242,9 @@ def run_node(
     Waits block the calling thread (see :func:`run_node_async` for an event loop).
     """
     deadline = time.monotonic() + timeout
-    steps = _node_steps(node, transport, x, session_id, timeout, step, max_message_bytes, deadline)
+    steps = _node_steps(
+        node, transport, x, session_id, timeout, step, max_message_bytes, deadline, overlap
+    )
     try:
         want = next(steps)
         while True:
@@ -270,6 +278,7 @@ async def run_node_async(
     timeout: float = 10.0,
     step: int = 0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    overlap: bool = True,
 ) -> torch.Tensor | None:
     """:func:`run_node` as a coroutine on the transport's event loop (same arguments, same
     result and errors): the node computes on the loop's thread and waits for frames without
@@ -279,7 +288,9 @@ async def run_node_async(
     computation without such a turn, too, so that a large request cannot hold the loop (and
     the other sessions' frames and deadlines) for longer than one op."""
     deadline = time.monotonic() + timeout
-    steps = _node_steps(node, transport, x, session_id, timeout, step, max_message_bytes, deadline)
+    steps = _node_steps(
+        node, transport, x, session_id, timeout, step, max_message_bytes, deadline, overlap
+    )
     clock = time.perf_counter
     turned = clock()  # when this session last let the loop run
     try:

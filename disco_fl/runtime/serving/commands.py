@@ -103,6 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_frame_bytes=int(args.max_frame_mb * (1 << 20)),
         link_shape=shape,
         max_connections=args.max_connections,
+        overlap=not args.no_overlap,
     )
     server = NodeServer(cfg)
     stop = threading.Event()
@@ -265,6 +266,12 @@ def add_parsers(sub: Any) -> None:
         type=int,
         default=128,
         help="connections held at once, handshakes included; more are closed (default 128)",
+    )
+    p.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="receive every exchanged tensor before computing the layer that reads it (by "
+        "default a mixing layer computes its own channels' part while the peers' travel)",
     )
     p.add_argument("--ready-file", default=None, help="write {'address': ...} here when ready")
 

@@ -244,7 +244,12 @@ class NodeServer:
                     self._starts += 1
                 try:
                     out = await run_node_async(
-                        self.node, self.transport, part, session_id=part_sid, timeout=left
+                        self.node,
+                        self.transport,
+                        part,
+                        session_id=part_sid,
+                        timeout=left,
+                        overlap=self.config.overlap,
                     )
                 finally:
                     self._leave(part_sid)
@@ -320,6 +325,7 @@ class NodeServer:
                     session_id=session_id,
                     timeout=max(0.0, deadline - time.monotonic()),
                     step=step,
+                    overlap=self.config.overlap,
                 )
             finally:
                 self._slots.release()

@@ -103,6 +103,9 @@ class ServeConfig:
     max_connections : int, default 128
         Connections the node's server holds at once (peers, callers, and connections still
         in their TLS/HTTP/2 handshake); more are closed as they are accepted.
+    overlap : bool, default True
+        Mixing layers compute the part of the node's own channels while the peers' channels
+        travel (:func:`disco_fl.node.drive`); ``False`` for comparisons.
     """
 
     plan: Path
@@ -121,6 +124,7 @@ class ServeConfig:
     connect_timeout_s: float = 3.0
     link_shape: LinkShape | None = None
     max_connections: int = 128
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         self.plan = Path(self.plan)
