@@ -31,3 +31,32 @@ def test_comm_accuracy_skips_a_cell_that_cannot_partition() -> None:
         {"dense_accuracy": {}, "rows": [], "skipped": [cell["skipped"]]}
     )
     assert "vit_tiny_mnist, 8 nodes" in summary
+
+
+def test_readme_zoo_block_is_generated_from_docs_zoo() -> None:
+    """README.md's per-family table is what ``bench/zoo_table.py --no-run --readme README.md``
+    makes of the committed docs/zoo.md (regenerate it after the zoo table changes), and every
+    end-to-end test it names exists."""
+    bench = _load("zoo_table")
+    zoo_md = (ROOT / "docs" / "zoo.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    block = bench.readme_block(zoo_md)
+    assert bench.rewrite_readme(readme, block) == readme, "run bench/zoo_table.py --no-run ..."
+    assert readme.count(bench.README_START) == 1 and readme.count(bench.README_END) == 1
+    # the summary counts what the table says, family by family
+    rows = bench.parse_table(zoo_md)
+    ok = [m for m, cells in rows if all(c == "ok" for c in cells)]
+    assert f"{len(ok)} of {len(rows)} models partition" in block
+    assert "| resnet | resnet101, resnet18, resnet34, resnet50 | 4 of 4 |" in block
+    assert bench.family_of("deeplabv3_resnet50") == "deeplabv3"
+    assert bench.family_of("swin_v2_t") == "swin" and bench.family_of("mnasnet0_5") == "mnasnet"
+    from tests import test_zoo_system
+
+    for fam, (_, tests) in bench.SYSTEM_TESTS.items():
+        assert f"| {fam} |" in block
+        assert all(callable(getattr(test_zoo_system, t, None)) for t in tests), tests
+    # a stale block is noticed
+    stale = bench.rewrite_readme(
+        readme, bench.readme_block(zoo_md.replace("| ok |", "| refused |", 1))
+    )
+    assert stale != readme

@@ -163,11 +163,11 @@ def test_gates_open_equals_original(name: str, nodes: int) -> None:
         ref = _output(model(x))
         for execution in ("fused", "lockstep"):
             pm.execution = execution  # type: ignore[assignment]
-            out = pm(x)
+            out = _output(pm(x))
             assert out.shape == ref.shape
             assert torch.allclose(out, ref, atol=1e-5, rtol=0), (execution, (out - ref).abs().max())
         x1 = x[:1]  # the batch size stays free at run time
-        assert torch.allclose(pm(x1), _output(model(x1)), atol=1e-5, rtol=0)
+        assert torch.allclose(_output(pm(x1)), _output(model(x1)), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -179,10 +179,10 @@ def test_shard_only_equals_emulation(name: str, nodes: int, tmp_path: Path) -> N
     for _, _, d, gates in pm.gate_items():
         gates.set_mask(d, (torch.rand(gates.num_channels, generator=g) < 0.35).float())
     with torch.no_grad():
-        ref = pm(x)
+        ref = _output(pm(x))
         assert not torch.allclose(ref, _output(model(x)), atol=1e-4)
     pm.export(tmp_path)
-    out = run_shards([load_shard(tmp_path / "plan.json", k) for k in range(nodes)], x)
+    out = _output(run_shards([load_shard(tmp_path / "plan.json", k) for k in range(nodes)], x))
     assert torch.allclose(out, ref, atol=1e-5, rtol=0), (out - ref).abs().max()
 
 
@@ -224,6 +224,18 @@ def test_auto_falls_back_to_export_and_fx_stays_default() -> None:
     pm = disco_fl.partition(model, 2, x, capture="auto").eval()
     with torch.no_grad():
         assert torch.allclose(pm(x), model(x), atol=1e-5)
+
+
+def test_auto_falls_back_where_the_fx_trace_cannot_run() -> None:
+    """SegNet's optional argument traces as a Proxy that fx's shape propagation cannot run: a
+    PartitionError (not a RuntimeError), so "auto" falls back to export (and keeps the dict)."""
+    model, x = _build("segnet")
+    with pytest.raises(PartitionError, match="fx trace does not run on the example input"):
+        disco_fl.partition(model, 2, x)
+    pm = disco_fl.partition(model, 2, x, capture="auto").eval()
+    with torch.no_grad():
+        out = pm(x)
+        assert list(out) == ["out"] and torch.allclose(out["out"], model(x)["out"], atol=1e-5)
 
 
 def test_refusal_names_op_layer_and_reason() -> None:
@@ -300,3 +312,86 @@ def test_reshape_ownership_rules() -> None:
         reshape_info(TensorInfo("sharded", (2, 4, 3), 1, Layout((0, 0, 0, 1), 2)), (2, 2, 6), 2)
     with pytest.raises(PartitionError, match="batch dim"):
         reshape_info(x, (8, 3), 2)
+
+
+class MultiOut(nn.Module):
+    """A tuple output: logits, and a dict of a channels-first feature map and a list of its
+    channels-last view and a channel slice (every leaf split over the nodes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        f = torch.relu(self.conv(x))
+        pair = [f.permute(0, 2, 3, 1), f[:, 1:5]]
+        return self.fc(f.mean((2, 3))), {"feat": f, "pair": pair}
+
+
+def _assert_same_output(got: Any, want: Any, atol: float = 1e-5) -> None:
+    """Same structure (container types, keys and their order) and leaves within ``atol``."""
+    from torch.utils._pytree import tree_flatten
+
+    got_leaves, got_spec = tree_flatten(got)
+    want_leaves, want_spec = tree_flatten(want)
+    assert got_spec == want_spec, (got_spec, want_spec)
+    for a, b in zip(got_leaves, want_leaves, strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=atol, rtol=0), (a - b).abs().max()
+
+
+def _segmentation() -> tuple[nn.Module, torch.Tensor]:
+    """torchvision's LR-ASPP (returns ``OrderedDict(out=...)``) at 32 px."""
+    from tests.conftest import import_torchvision
+
+    tv = import_torchvision()
+    torch.manual_seed(0)
+    model = tv.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)
+    return model.eval(), torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("case", ["multi_out", "segnet", "lraspp"])
+@pytest.mark.parametrize("nodes", [2, 3])
+def test_dict_and_tuple_outputs_keep_their_structure(case: str, nodes: int, tmp_path: Path) -> None:
+    """The partitioned model returns what the original returns (a tuple of a tensor and a dict
+    of a tensor and a list; a dict; torchvision's ``OrderedDict``), gates open and through the
+    exported shards with random sparse masks."""
+    if case == "multi_out":
+        torch.manual_seed(0)
+        model: nn.Module = MultiOut().eval()
+        x = torch.randn(2, 3, 5, 5)
+    elif case == "segnet":
+        model, x = _build("segnet")
+    else:
+        model, x = _segmentation()
+    pm = disco_fl.partition(model, nodes, x, capture="export").eval()
+    with torch.no_grad():
+        ref = model(x)
+        _assert_same_output(pm(x), ref)
+        pm.execution = "lockstep"  # type: ignore[assignment]
+        _assert_same_output(pm(x), ref)
+    if case == "multi_out":
+        assert [op.kind for op in pm.program.ops][-2:] == ["cat", "output"]  # packed leaves
+    g = torch.Generator().manual_seed(nodes)
+    for _, _, d, gates in pm.gate_items():
+        gates.set_mask(d, (torch.rand(gates.num_channels, generator=g) < 0.35).float())
+    with torch.no_grad():
+        masked = pm(x)
+    with pytest.raises(AssertionError):
+        _assert_same_output(masked, ref, atol=1e-4)  # the masks change the function
+    pm.export(tmp_path)
+    got = run_shards([load_shard(tmp_path / "plan.json", k) for k in range(nodes)], x)
+    _assert_same_output(got, masked)
+
+
+def test_outputs_split_and_replicated_are_refused() -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.conv(x), x * 2.0  # x * 2 is held by every node
+
+    with pytest.raises(PartitionError, match="split over the nodes and tensors every node"):
+        disco_fl.partition(Mixed(), 2, torch.randn(2, 3, 4, 4), capture="export")

@@ -73,7 +73,7 @@ class Entry:
     export_s: float
 
 
-def _tensor(out: Any) -> torch.Tensor:
+def output_tensor(out: Any) -> torch.Tensor:
     """The model's output tensor (segmentation models return ``{"out": tensor}``)."""
     return out["out"] if isinstance(out, dict) else out
 
@@ -96,7 +96,7 @@ def entry(name: str) -> Entry:
     side = MIN_SIDE.get(name, SIDE)
     x = torch.randn(BATCH, 3, side, side, generator=g)
     with torch.no_grad():
-        ref = _tensor(model(x))
+        ref = output_tensor(model(x))
     t = time.perf_counter()
     try:
         ep: Any = export_model(model, x)

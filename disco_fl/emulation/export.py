@@ -25,6 +25,7 @@ from disco_fl.node import run_lockstep
 from disco_fl.node.shard import NodeShard
 from disco_fl.partition import Op, Program, get_spec, plan_open_count
 from disco_fl.partition.ops_comm import gathered_columns
+from disco_fl.partition.outputs import restore_output
 from disco_fl.partition.plan import Plan, PlanError, ShardManifest, plan_of
 
 
@@ -201,11 +202,12 @@ def run_shards(
     *,
     overlap: bool = True,
     missing: Collection[int] = (),
-) -> torch.Tensor:
+) -> Any:
     """Shard-only execution of all nodes in this process (in-process exchange), with the
     arithmetic of the network runtime (``overlap`` as :func:`~disco_fl.runtime.inference.run_node`:
-    equal to it bit for bit). ``missing``: nodes that do not run (their channels closed, as
-    the runtime's degraded mode); ``nodes`` may hold anything at their places."""
+    equal to it bit for bit); returns what the model returns (a tensor, or a dict / tuple /
+    list of tensors). ``missing``: nodes that do not run (their channels closed, as the
+    runtime's degraded mode); ``nodes`` may hold anything at their places."""
     if not nodes:
         raise ValueError("no nodes")
     present = [n for k, n in enumerate(nodes) if k not in set(missing)]
@@ -213,7 +215,7 @@ def run_shards(
     if any(n.plan.hash != plan.hash for n in present):
         raise PlanError("nodes were loaded from different plans")
     with torch.no_grad():
-        return run_lockstep(
+        y = run_lockstep(
             plan.program,
             nodes,
             x,
@@ -222,3 +224,4 @@ def run_shards(
             overlap=overlap,
             missing=missing,
         )
+    return restore_output(plan.program, y)

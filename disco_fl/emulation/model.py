@@ -14,6 +14,7 @@ Gate modes (``pm.gate_mode``):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ from disco_fl.partition import Op, PartitionError, Program, capture_export, get_
 from disco_fl.partition import capture as fx_capture
 from disco_fl.partition.head import head_on
 from disco_fl.partition.ops_comm import gathered_columns
+from disco_fl.partition.outputs import restore_output
 
 GateMode = Literal["hard", "stochastic"]
 Execution = Literal["auto", "fused", "lockstep"]
@@ -150,11 +152,13 @@ class PartitionedModel(nn.Module):
             raise TypeError("shards must hold NodeShard modules")
         return s
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Any:
+        """The model's output: a tensor, or the dict / tuple / list of tensors the original
+        model returns (:func:`~disco_fl.partition.outputs.restore_output`)."""
         if self.execution == "fused" or (self.execution == "auto" and self.codec == "fp32"):
-            return self._fused_forward(x)
+            return restore_output(self.program, self._fused_forward(x))
         nodes = [_EmuNode(self, k) for k in range(self.num_nodes)]
-        return run_lockstep(self.program, nodes, x, self.codec)
+        return restore_output(self.program, run_lockstep(self.program, nodes, x, self.codec))
 
     # -- fused emulation ----------------------------------------------------------------
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -326,6 +330,27 @@ class PartitionedModel(nn.Module):
         return export(self, path, codec=codec, meta=meta)
 
 
+def _warn_dropped_stochastic_depth(model: nn.Module) -> None:
+    """The export capture runs the model in eval mode, where stochastic depth (torchvision's
+    ``StochasticDepth``, timm's ``DropPath``) is the identity and leaves no op in the graph:
+    the partitioned model never drops a path, in training either. Say so, naming the layers.
+    """
+    layers = [
+        name
+        for name, m in model.named_modules()
+        if type(m).__name__ in ("StochasticDepth", "DropPath")
+        and float(getattr(m, "p", getattr(m, "drop_prob", 0.0)) or 0.0) > 0.0
+    ]
+    if layers:
+        shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+        warnings.warn(
+            f"stochastic depth in {shown} is not captured by torch.export (eval mode): the "
+            "partitioned model computes its identity, also when training",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def partition(
     model: nn.Module,
     num_nodes: int,
@@ -369,7 +394,8 @@ def partition(
         raise PartitionError(f"num_nodes must be a positive integer, got {num_nodes!r}")
     if capture not in ("fx", "export", "auto"):
         raise PartitionError(f"capture must be 'fx', 'export' or 'auto', got {capture!r}")
-    if capture == "export":
+    exported = capture == "export"
+    if exported:
         program, modules = capture_export(model, num_nodes, example_input, capacities)
     else:
         try:
@@ -381,6 +407,9 @@ def partition(
                 program, modules = capture_export(model, num_nodes, example_input, capacities)
             except PartitionError as e:
                 raise PartitionError(f"{e} (the fx capture refused it too: {fx_error})") from e
+            exported = True
+    if exported:
+        _warn_dropped_stochastic_depth(model)
     if head == "requester":
         program = head_on(program, program.requester)
     elif head != "split":

@@ -377,6 +377,8 @@ def capture(
     try:
         with torch.no_grad():
             _ExampleRecorder(gm).propagate(example_input)
+    except Exception as e:  # e.g. an optional argument traced as a Proxy; "auto" falls back
+        raise PartitionError(f"the fx trace does not run on the example input: {e}") from e
     finally:
         gm.train(was_training)
     cap = Capturer(gm, num_nodes, capacities)

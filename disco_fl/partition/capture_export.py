@@ -31,6 +31,7 @@ Errors name the ATen op, the layer (the module path from the exported graph's
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ import torch
 from torch import fx, nn
 
 from disco_fl.partition.builder import ProgramBuilder, _ConstHolder
+from disco_fl.partition.outputs import structure_of
 from disco_fl.partition.program import Program, TensorInfo
 from disco_fl.partition.registry import PartitionError
 
@@ -305,16 +307,47 @@ class ExportCapturer:
             elif node.op == "call_function":
                 self._call(node)
             elif node.op == "output":
-                outs = [a for a in node.args[0] if isinstance(a, fx.Node)]
-                if len(outs) != 1:
-                    raise PartitionError(
-                        f"the model returns {len(outs)} tensors; exactly one is supported"
-                    )
-                v = self.value(outs[0])
-                out_name = self.add("output", [v], shape=self.info(v).shape, name="output")
+                out_name = self._output(node)
         if out_name is None:
             raise PartitionError("the exported graph has no output")
         return self.builder.program()
+
+    def _output(self, node: fx.Node) -> str:
+        """The ``output`` op; several output tensors (a dict, tuple or list of them) are
+        flattened to ``(B, -1)`` and concatenated, their structure recorded in its attrs
+        (:mod:`.outputs`)."""
+        leaves = list(node.args[0])  # type: ignore[arg-type]
+        if not leaves or not all(isinstance(a, fx.Node) for a in leaves):
+            raise PartitionError("the model's output must be tensors (a dict, tuple or list)")
+        tree = structure_of(self.ep.call_spec.out_spec)
+        values = [self.value(a) for a in leaves]
+        v = values[0]
+        attrs: dict[str, Any] = {}
+        if tree is not None:
+            shapes = [self.info(u).shape for u in values]
+            attrs = {"structure": tree, "leaves": [list(s[1:]) for s in shapes]}
+        if len(values) > 1:
+            kinds = {self.info(u).kind for u in values}
+            if len(kinds) > 1:
+                raise PartitionError(
+                    f"the model returns tensors split over the nodes and tensors every node "
+                    f"holds ({', '.join(str(a) for a in leaves)}); supported: all of one kind"
+                )
+            flat = [
+                u
+                if len(s) == 2
+                else self.add(
+                    "reshape",
+                    [u],
+                    {"shape": [math.prod(s[1:])]},
+                    shape=(s[0], math.prod(s[1:])),
+                    name=f"{u}_flat",
+                )
+                for u, s in zip(values, shapes, strict=True)
+            ]
+            width = sum(self.info(u).shape[1] for u in flat)
+            v = self.add("cat", flat, {"dim": 1}, shape=(shapes[0][0], width), name="outputs")
+        return self.add("output", [v], attrs, shape=self.info(v).shape, name="output")
 
     def _lifted_tensor(self, name: str, fqn: str) -> torch.Tensor:
         kind, _ = self._lifted[name]

@@ -333,7 +333,8 @@ class NodeTrainer:
     ) -> StepResult:
         """Run training step ``step`` with the peers; apply it only if it commits everywhere.
 
-        ``x`` and ``y`` (input batch and integer labels) are needed on the step's owner
+        ``x`` and ``y`` (input batch and integer labels: one per sample, or one per position
+        for dense outputs, e.g. ``(B, H, W)`` for segmentation) are needed on the step's owner
         (:meth:`owner_of`) and ignored elsewhere. Raises :class:`StepAborted` (nothing
         applied) when the step fails on any node.
         """
@@ -342,7 +343,7 @@ class NodeTrainer:
         if self.index == owner:
             if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
                 raise ValueError(f"node {self.index} owns step {step}: it needs x and y")
-            if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            if y.dim() == 0 or y.shape[0] != x.shape[0]:  # per sample, or per pixel (B, H, W)
                 raise ValueError(f"labels of shape {tuple(y.shape)} for a batch of {x.shape[0]}")
             if x.dim() and x.shape[0] == 0 and self.dp_state is None:
                 raise ValueError("an empty batch is a step only with DP (a noise-only step)")
