@@ -1,4 +1,4 @@
-"""``python -m disco_fl.cli.main``: the ``disco-fl`` command."""
+"""``python -m disco_fl.cli``: the ``disco-fl`` command."""
 
 from disco_fl.cli.main import main
 
