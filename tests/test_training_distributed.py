@@ -367,6 +367,25 @@ def test_dead_peer_aborts_the_step(tmp_path: Path) -> None:
     assert _same_snapshot(before, _snapshot(pm))
 
 
+def test_bad_batch_on_the_owner_aborts_the_peers_at_once() -> None:
+    """The owner refuses its own arguments (labels that do not fit the batch): it says so
+    with a ValueError, and its peers, who wait for its input, abort at once naming it
+    instead of waiting for the step's deadline."""
+    pm, batches = _partition("resnet_narrow", 2, 0.6)
+    x, y = batches[0]
+    with InProcessHub(2, num_layers=len(pm.program.ops)) as hub:
+        trainers = _trainers(pm, list(hub), "sgd", "hard", 0.0, timeout=30.0)
+        owner = trainers[0].owner_of(0)
+        bad = [(x, y[:-1])]
+        t0 = time.monotonic()
+        _, errors = _run(trainers, bad, range(1))
+        took = time.monotonic() - t0
+    assert isinstance(errors[owner], ValueError) and "labels of shape" in str(errors[owner])
+    peer = errors[1 - owner]
+    assert isinstance(peer, StepAborted) and peer.failed_node == owner, peer
+    assert took < 10.0, took  # not the 30 s deadline
+
+
 def test_checkpoint_of_another_node_is_refused(tmp_path: Path) -> None:
     pm, _ = _partition("resnet_narrow", 2, 0.6)
     with InProcessHub(2) as hub:

@@ -322,6 +322,16 @@ class NodeTrainer:
         return self.owners[step % len(self.owners)]
 
     # ---- the step -----------------------------------------------------------------------
+    def _batch_problem(self, step: int, x: Any, y: Any) -> str | None:
+        """Why the owner's ``x`` / ``y`` cannot make step ``step``, or ``None``."""
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            return f"node {self.index} owns step {step}: it needs x and y"
+        if y.dim() == 0 or y.shape[0] != x.shape[0]:  # per sample, or per pixel (B, H, W)
+            return f"labels of shape {tuple(y.shape)} for a batch of {x.shape[0]}"
+        if x.dim() and x.shape[0] == 0 and self.dp_state is None:
+            return "an empty batch is a step only with DP (a noise-only step)"
+        return None
+
     def step(
         self,
         step: int,
@@ -340,17 +350,16 @@ class NodeTrainer:
         """
         owner = self.owner_of(step)
         program = dataclasses.replace(self.plan.program, requester=owner)
-        if self.index == owner:
-            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-                raise ValueError(f"node {self.index} owns step {step}: it needs x and y")
-            if y.dim() == 0 or y.shape[0] != x.shape[0]:  # per sample, or per pixel (B, H, W)
-                raise ValueError(f"labels of shape {tuple(y.shape)} for a batch of {x.shape[0]}")
-            if x.dim() and x.shape[0] == 0 and self.dp_state is None:
-                raise ValueError("an empty batch is a step only with DP (a noise-only step)")
+        problem = self._batch_problem(step, x, y) if self.index == owner else None
         sid = f"{run_id}/g{self.generation}/s{step}"
         ctx = TrainContext(self, program, step)
         deadline = time.monotonic() + self.timeout
         io_ = StepIO(self.transport, sid, step, deadline, self.timeout)
+        if problem:  # the peers wait for this node's input: tell them now, not at the deadline
+            self.generation += 1
+            io_.broadcast_abort(self.index, f"ValueError: {problem}")
+            io_.end()
+            raise ValueError(problem)
         t0 = time.monotonic()
         c0 = self._sent()
         loss_value: float | None = None
