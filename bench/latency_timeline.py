@@ -117,7 +117,7 @@ def _serve_wrapped(out: str, argv: list[str]) -> None:
 
     # when the emulated link is due to deliver the frame that just arrived (its link clock)
     due: list[float] = []
-    orig_arrival = gt._LinkClock.arrival
+    orig_arrival = gt.LinkClock.arrival
 
     def arrival(self: Any, message_bytes: int, now: float) -> float:
         at = orig_arrival(self, message_bytes, now)
@@ -135,7 +135,7 @@ def _serve_wrapped(out: str, argv: list[str]) -> None:
             ev.append(("due", layer, due[-1], sid))
         return r
 
-    setattr(gt._LinkClock, "arrival", arrival)  # noqa: B010 - a patch; mypy: no method-assign
+    setattr(gt.LinkClock, "arrival", arrival)  # noqa: B010 - a patch; mypy: no method-assign
     setattr(gt.GrpcTransport, "_arrived", arrived)  # noqa: B010
     wrap(base.Transport, "send", "send", "send_ret", _frame_tag)
     wrap(base.Transport, "_accept", "accept", None, _frame_tag)

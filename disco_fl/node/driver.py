@@ -161,7 +161,7 @@ def drive(
     program = executor.program
     ctx = executor.ctx
     env: dict[str, Any] = {}
-    state = {"batch": None}  # the step's batch size, once the input op has set it
+    state: dict[str, int | None] = {"batch": None}  # the batch size, once the input op set it
     result: Any = None
 
     def receive(st: Step, src: int, traffic: Traffic, own: Any) -> Generator[Event, Any, Any]:
