@@ -143,3 +143,51 @@ def test_head_on_the_requester_keeps_the_whole_output(tmp_path) -> None:  # noqa
     assert bool((whole[:, mine] != 0).all())
     with pytest.raises(disco_fl.PartitionError, match="head"):
         disco_fl.partition(model, 3, x, head="everywhere")
+
+
+@pytest.mark.parametrize("head", ["split", "requester"])
+def test_node_dropout_in_the_emulation_equals_a_missing_node(tmp_path, head: str) -> None:  # noqa: ANN001
+    """``pm.dropped_nodes`` (node dropout while training) computes what a household computes
+    without those nodes: fused == lock step == shards with the node missing (BatchNorm
+    model: channel-local normalization)."""
+    import disco_fl
+    from disco_fl.emulation.export import load_shard
+    from tests.test_shards import _random_masks
+    from tests.zoo import ZOO
+
+    build, shape = ZOO["resnet_narrow"]
+    torch.manual_seed(1)
+    model = build().eval()
+    x = torch.randn(*shape)
+    pm = disco_fl.partition(model, 3, x, head=head).eval()
+    _random_masks(pm, 0.5, seed=3)
+    pm.export(tmp_path)
+    nodes = [load_shard(tmp_path / "plan.json", k) for k in range(3)]
+    expected = run_shards(nodes, x, missing={1}, overlap=False)
+    pm.dropped_nodes = frozenset({1})
+    with torch.no_grad():
+        pm.execution = "fused"
+        fused = pm(x)
+        pm.execution = "lockstep"
+        lock = pm(x)
+    pm.dropped_nodes = frozenset()
+    assert (fused - expected).abs().max().item() <= 1e-5
+    assert (lock - expected).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        assert (pm(x) - run_shards(nodes, x)).abs().max().item() <= 1e-5  # reset: all up
+
+
+def test_fit_budget_with_node_dropout_runs_and_resets() -> None:
+    import disco_fl
+    from disco_fl.emulation.budget import BudgetConfig, fit_budget
+    from tests.zoo import ZOO
+
+    build, _ = ZOO["resnet_narrow"]
+    torch.manual_seed(0)
+    pm = disco_fl.partition(build(), 3, torch.randn(2, 1, 28, 28), head="requester")
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    cfg = BudgetConfig(budget=0.2, gate_epochs=1, finetune_epochs=1, node_dropout=0.5)
+    fit_budget(pm, x, y, cfg)
+    assert pm.dropped_nodes == frozenset()
+    with pytest.raises(ValueError, match="node_dropout"):
+        BudgetConfig(budget=0.1, node_dropout=1.0)

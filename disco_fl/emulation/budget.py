@@ -146,6 +146,10 @@ class BudgetConfig:
     # at most this many layers exchange anything (each is a round trip); None = no limit
     max_sync_points: int | None = None
     seed: int = 0
+    # node dropout: each node but the requester is missing from a training step with this
+    # probability (its whole contribution zeroed, as in degraded mode), so that the plan
+    # still answers well with a device gone; 0: off
+    node_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.budget <= 1.0 or math.isnan(self.budget):
@@ -157,6 +161,8 @@ class BudgetConfig:
             raise ValueError("max_steps_per_epoch must be >= 1")
         if self.batch_size < 1 or self.lr <= 0:
             raise ValueError("batch_size and lr must be positive")
+        if not 0.0 <= self.node_dropout < 1.0:
+            raise ValueError(f"node_dropout must be in [0, 1), got {self.node_dropout}")
         if self.gate_lr <= 0 or self.dual_lr <= 0:
             raise ValueError("gate_lr and dual_lr must be positive")
         if not 0.0 < self.anneal <= 1.0:
@@ -334,7 +340,17 @@ def fit_budget(
                 frac = done / max(1, config.finetune_epochs * steps_per_epoch)
                 for group in w_opt.param_groups:
                     group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-            loss = distill_loss(pm(xb), y[idx], t_logits, config.distill, config.temperature)
+            if config.node_dropout > 0:
+                drop = torch.rand(pm.num_nodes, generator=gen) < config.node_dropout
+                requester = pm.program.requester
+                pm.dropped_nodes = frozenset(
+                    k for k in range(pm.num_nodes) if bool(drop[k]) and k != requester
+                )
+            try:
+                out = pm(xb)
+            finally:
+                pm.dropped_nodes = frozenset()
+            loss = distill_loss(out, y[idx], t_logits, config.distill, config.temperature)
             if gate_phase:
                 step = ep * steps_per_epoch + i
                 target = config.budget ** min(1.0, step / anneal_steps)

@@ -139,6 +139,9 @@ class PartitionedModel(nn.Module):
         # seeded gate noise (see :meth:`gate_sample`); None: the global RNG (the default)
         self.gate_seed: int | None = None
         self.gate_step = 0
+        # node dropout (training): nodes whose whole contribution counts as missing in the
+        # next forward passes, as in a household's degraded mode
+        self.dropped_nodes: frozenset[int] = frozenset()
         self._layer_of = {op.name: i for i, op in enumerate(program.ops)}
         self._perm_cache: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -158,7 +161,8 @@ class PartitionedModel(nn.Module):
         if self.execution == "fused" or (self.execution == "auto" and self.codec == "fp32"):
             return restore_output(self.program, self._fused_forward(x))
         nodes = [_EmuNode(self, k) for k in range(self.num_nodes)]
-        return restore_output(self.program, run_lockstep(self.program, nodes, x, self.codec))
+        y = run_lockstep(self.program, nodes, x, self.codec, missing=self.dropped_nodes)
+        return restore_output(self.program, y)
 
     # -- fused emulation ----------------------------------------------------------------
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +180,17 @@ class PartitionedModel(nn.Module):
                 self._write_back(op, ctx.current, ("running_mean", "running_var"))
         out = env[self.program.ops[-1].name]
         assert isinstance(out, torch.Tensor)
-        return out
+        return self._drop_output(out) if self.dropped_nodes else out
+
+    def _drop_output(self, out: torch.Tensor) -> torch.Tensor:
+        """The output with the dropped nodes' slices zero (they never arrive)."""
+        info = self.program.infos[self.program.ops[-1].inputs[0]]
+        if info.kind != "sharded" or info.layout is None or info.cdim is None:
+            return out
+        keep = torch.tensor([o not in self.dropped_nodes for o in info.layout.owners])
+        shape = [1] * out.dim()
+        shape[info.cdim] = -1
+        return out * keep.to(out.dtype).view(shape)
 
     def _column_gates(self, exchange: str) -> list[torch.Tensor]:
         """For each reader ``k``: ``(C,)`` multiplier of every global channel of the tensor."""
@@ -188,6 +202,9 @@ class PartitionedModel(nn.Module):
             for j in range(self.num_nodes):
                 if j == k:
                     pieces.append(torch.ones(layout.count(j)))
+                    continue
+                if j in self.dropped_nodes:  # node dropout: nothing arrives from j
+                    pieces.append(torch.zeros(layout.count(j)))
                     continue
                 g: PairGates = self.shards[j].gates[exchange]  # type: ignore[index, assignment]
                 if self.gate_mode == "stochastic":
