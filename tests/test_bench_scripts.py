@@ -31,3 +31,25 @@ def test_comm_accuracy_skips_a_cell_that_cannot_partition() -> None:
         {"dense_accuracy": {}, "rows": [], "skipped": [cell["skipped"]]}
     )
     assert "vit_tiny_mnist, 8 nodes" in summary
+
+
+def test_comm_accuracy_dense_task_rows_and_plot(tmp_path: Path) -> None:
+    bench = _load("comm_accuracy")
+    state = build_model("espcn").state_dict()
+    setting = bench.SETTINGS["quick"]["espcn"]
+    # budget 1.0 of a dense-prediction task: dense tensor parallelism, evaluated as trained
+    cell = bench._job(("espcn", 2, 1.0, setting, state, None, 0, "super_resolution"))
+    rows = cell["rows"]
+    assert [r["codec"] for r in rows] == ["fp32", "int8"]
+    assert all(r["metric"] == "psnr_db" for r in rows)
+    assert rows[0]["bytes_per_sample"] == rows[0]["dense_bytes_per_sample"]
+    data = {
+        "dense_accuracy": {"espcn": rows[0]["accuracy"]},
+        "rows": rows,
+        "meta": {"task": "super_resolution", "metric": "psnr_db"},
+    }
+    summarize = _load("summarize")
+    assert "| 2 | dense |" in summarize.summarize(data)
+    png = tmp_path / "plot.png"
+    summarize.plot([data], str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
