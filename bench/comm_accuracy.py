@@ -96,17 +96,19 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
 # The dense-prediction models (no shift augmentation: it would move the input only).
 SETTINGS["full"].update(
     {
+        # sized for ~30 min per task on 2 shared cores (a partitioned seg_small epoch is
+        # ~1.5 min there); longer training is the first thing to try for a smaller gap
         "seg_small": {
-            "dense_epochs": 15,
+            "dense_epochs": 10,
             "dense_lr": 0.01,
-            "gate_epochs": 6,
-            "finetune_epochs": 8,
+            "gate_epochs": 3,
+            "finetune_epochs": 4,
         },
         "espcn": {
             "dense_epochs": 40,
             "dense_lr": 0.005,
-            "gate_epochs": 10,
-            "finetune_epochs": 15,
+            "gate_epochs": 6,
+            "finetune_epochs": 12,
         },
     }
 )
@@ -120,7 +122,7 @@ SETTINGS["quick"].update(
             "max_steps": 15,
         },
         "espcn": {
-            "dense_epochs": 10,
+            "dense_epochs": 20,
             "dense_lr": 0.005,
             "gate_epochs": 3,
             "finetune_epochs": 3,

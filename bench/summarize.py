@@ -73,6 +73,46 @@ def summarize(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# issue 16's bars at N = 2: within this much of dense, with >= 8x fewer fp32 bytes
+BARS: dict[str, float] = {"miou": 0.01, "psnr_db": 0.3}
+
+
+def bars(data: dict[str, Any], nodes: int = 2, min_reduction: float = 8.0) -> str:
+    """The issue 16 check of a dense-prediction task at ``nodes``: the best fp32 row with at
+    least ``min_reduction`` x fewer bytes than dense TP, against dense and no exchange."""
+    metric = _metric(data)
+    if metric not in BARS:
+        return ""
+    lines = []
+    for model in sorted({r["model"] for r in data["rows"]}):
+        rows = [
+            r
+            for r in data["rows"]
+            if r["model"] == model and r["codec"] == "fp32" and r["nodes"] == nodes
+        ]
+        dense = data["dense_accuracy"][model]
+        ok = [
+            r for r in rows if r["dense_bytes_per_sample"] >= min_reduction * r["bytes_per_sample"]
+        ]
+        none = next((r for r in rows if r["budget"] == 0.0), None)
+        if not ok:
+            lines.append(f"- {model}, N = {nodes}: no row with {min_reduction:g}x fewer bytes")
+            continue
+        best = max(ok, key=lambda r: r["accuracy"])
+        gap = dense - best["accuracy"]
+        red = best["dense_bytes_per_sample"] / best["bytes_per_sample"]
+        met = gap <= BARS[metric] + 1e-12 and (none is None or best["accuracy"] > none["accuracy"])
+        text = (
+            f"- {model}, N = {nodes}: best row with >= {min_reduction:g}x fewer bytes: budget "
+            f"{best['budget']:g} ({red:.1f}x), {_fmt(metric, best['accuracy'])} vs dense "
+            f"{_fmt(metric, dense)} (gap {_fmt(metric, gap)}, bar {_fmt(metric, BARS[metric])})"
+        )
+        if none is not None:
+            text += f", no exchange {_fmt(metric, none['accuracy'])}"
+        lines.append(text + (": **met**" if met else ": **not met**"))
+    return "\n".join(lines)
+
+
 def plot(datas: list[dict[str, Any]], path: str) -> None:
     """Write a PNG: for every (task, model) a panel of the metric (fp32 codec) against fp32
     bytes per sample (log scale), one line per node count, the dense model dashed."""
@@ -133,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             datas.append(json.load(f))
     for data in datas:
         print(summarize(data))
+        check = bars(data)
+        if check:
+            print("\nBars (issue 16):\n" + check)
     if args.plot:
         plot(datas, args.plot)
         print(f"\nwrote {args.plot}")

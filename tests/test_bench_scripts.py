@@ -50,6 +50,10 @@ def test_comm_accuracy_dense_task_rows_and_plot(tmp_path: Path) -> None:
     }
     summarize = _load("summarize")
     assert "| 2 | dense |" in summarize.summarize(data)
+    assert "no row with 8x fewer bytes" in summarize.bars(data)
+    cheap = dict(rows[0], budget=0.05, bytes_per_sample=rows[0]["bytes_per_sample"] / 10)
+    cheap["accuracy"] -= 0.2  # 0.2 dB below dense, 10x fewer bytes: within the 0.3 dB bar
+    assert summarize.bars(dict(data, rows=[*rows, cheap])).endswith("**met**")
     png = tmp_path / "plot.png"
     summarize.plot([data], str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
