@@ -272,6 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", default=None)
     ap.add_argument("--budgets", default=None)
     ap.add_argument("--workers", type=int, default=2, help="parallel processes (1 thread each)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training setting of every model (gate_epochs, finetune_epochs, "
+        "dense_epochs, max_steps, lr, distill, gate_lr, ...); repeatable",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -292,6 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     for m in models:
         if m not in SETTINGS[mode]:
             ap.error(f"unknown model {m!r}; choose from {list(SETTINGS[mode])}")
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set wants KEY=VALUE, got {item!r}")
+        for m in models:
+            SETTINGS[mode][m] = {
+                **SETTINGS[mode][m],
+                key: float(value) if "." in value else int(value),
+            }
     t0 = time.time()
     _, _, xte, yte, source = load_data(args.data, task)
     print(
