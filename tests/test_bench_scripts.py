@@ -60,3 +60,29 @@ def test_readme_zoo_block_is_generated_from_docs_zoo() -> None:
         readme, bench.readme_block(zoo_md.replace("| ok |", "| refused |", 1))
     )
     assert stale != readme
+
+
+def test_comm_accuracy_dense_task_rows_and_plot(tmp_path: Path) -> None:
+    bench = _load("comm_accuracy")
+    state = build_model("espcn").state_dict()
+    setting = bench.SETTINGS["quick"]["espcn"]
+    # budget 1.0 of a dense-prediction task: dense tensor parallelism, evaluated as trained
+    cell = bench._job(("espcn", 2, 1.0, setting, state, None, 0, "super_resolution"))
+    rows = cell["rows"]
+    assert [r["codec"] for r in rows] == ["fp32", "int8"]
+    assert all(r["metric"] == "psnr_db" for r in rows)
+    assert rows[0]["bytes_per_sample"] == rows[0]["dense_bytes_per_sample"]
+    data = {
+        "dense_accuracy": {"espcn": rows[0]["accuracy"]},
+        "rows": rows,
+        "meta": {"task": "super_resolution", "metric": "psnr_db"},
+    }
+    summarize = _load("summarize")
+    assert "| 2 | dense |" in summarize.summarize(data)
+    assert "no row with 8x fewer bytes" in summarize.bars(data)
+    cheap = dict(rows[0], budget=0.05, bytes_per_sample=rows[0]["bytes_per_sample"] / 10)
+    cheap["accuracy"] -= 0.2  # 0.2 dB below dense, 10x fewer bytes: within the 0.3 dB bar
+    assert summarize.bars(dict(data, rows=[*rows, cheap])).endswith("**met**")
+    png = tmp_path / "plot.png"
+    summarize.plot([data], str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,6 +14,7 @@ LAYERS = {
     "proto_gen": -1,  # generated from protos/
     "models": 1,
     "data": 1,
+    "tasks": 1,  # disco_fl/tasks.py: loss, metric, distillation per task
     "security": 1,
     "partition": 1,
     "node": 2,

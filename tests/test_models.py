@@ -294,9 +294,17 @@ def test_config_validation() -> None:
 
 
 def test_registry() -> None:
-    assert set(MODELS) == {"resnet", "resnet_narrow", "resnet18", "resnet50", "vit_tiny_mnist"}
+    assert set(MODELS) == {
+        "resnet",
+        "resnet_narrow",
+        "resnet18",
+        "resnet50",
+        "vit_tiny_mnist",
+        "seg_small",  # issue 16: segmentation and super-resolution
+        "espcn",
+    }
     assert build_model("resnet18", num_classes=5).fc.out_features == 5  # type: ignore[union-attr]
-    with pytest.raises(ValueError, match="known models: resnet, resnet18, resnet50"):
+    with pytest.raises(ValueError, match="known models: espcn, resnet, resnet18, resnet50"):
         build_model("vgg16")
 
 

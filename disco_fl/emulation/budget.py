@@ -35,6 +35,7 @@ from torch import nn
 from disco_fl.core.files import load_torch
 from disco_fl.core.gates import prob_open
 from disco_fl.emulation.model import PartitionedModel
+from disco_fl.tasks import Task, get_task
 
 Log = Callable[[str], None]
 
@@ -43,16 +44,26 @@ def _quiet(msg: str) -> None:
     return None
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy in eval mode."""
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 500,
+    task: str | Task = "classification",
+) -> float:
+    """The task's metric in eval mode (:mod:`disco_fl.tasks`): top-1 accuracy by default,
+    mean IoU (a fraction) for segmentation, PSNR in dB for super-resolution."""
+    t = get_task(task)
     was = model.training
     model.eval()
-    correct = 0
+    preds = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+            preds.append(t.predict(model(x[i : i + batch_size])))
     model.train(was)
-    return correct / max(len(x), 1)
+    if not preds:
+        return 0.0
+    return t.score(torch.cat(preds), y)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -73,17 +84,16 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
 def distill_loss(
     logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None, weight: float, t: float
 ) -> torch.Tensor:
-    """``(1 - weight) * CE + weight * t^2 * KL(teacher || student)`` at temperature ``t``."""
-    ce = F.cross_entropy(logits, y)
-    if teacher is None or weight <= 0:
-        return ce
-    kl = F.kl_div(
-        F.log_softmax(logits / t, 1),
-        F.log_softmax(teacher / t, 1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    return (1.0 - weight) * ce + weight * t * t * kl
+    """``(1 - weight) * CE + weight * t^2 * KL(teacher || student)`` at temperature ``t``
+    (classification; other tasks: ``get_task(name).distill_loss``)."""
+    return get_task("classification").distill_loss(logits, y, teacher, weight, t)
+
+
+def _check_shift(task: Task, shift: int) -> None:
+    if shift > 0 and task.name != "classification":
+        raise ValueError(
+            f"augment_shift moves the input only; it is for classification, not {task.name}"
+        )
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -103,8 +113,12 @@ def train_model(
     augment_shift: int = 0,
     seed: int = 0,
     log: Log = _quiet,
+    task: str | Task = "classification",
 ) -> nn.Module:
-    """Plain supervised training (AdamW, cosine schedule); used for the dense model."""
+    """Plain supervised training (AdamW, one-cycle schedule) with the task's loss; used for
+    the dense model."""
+    t = get_task(task)
+    _check_shift(t, augment_shift)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -115,7 +129,7 @@ def train_model(
         t0, tot = time.time(), 0.0
         batches = _batches(len(x), batch_size, gen)
         for idx in batches:
-            loss = F.cross_entropy(model(random_shift(x[idx], augment_shift, gen)), y[idx])
+            loss = t.loss(model(random_shift(x[idx], augment_shift, gen)), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -283,9 +297,17 @@ def fit_budget(
     teacher: nn.Module | None = None,
     checkpoint_dir: str | Path | None = None,
     log: Log = _quiet,
+    task: str | Task = "classification",
 ) -> BudgetResult:
-    """Fine-tune gates and weights of ``pm`` so that its exchanges fit ``config.budget``."""
+    """Fine-tune gates and weights of ``pm`` so that its exchanges fit ``config.budget``.
+
+    ``y`` holds the task's targets (:mod:`disco_fl.tasks`): class labels, class maps
+    (segmentation) or images (super-resolution); the loss is the task's, with distillation
+    from ``teacher``'s outputs when given (``config.distill`` is its weight).
+    """
     t_start = time.time()
+    the_task = get_task(task)
+    _check_shift(the_task, config.augment_shift)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     ckpt = Path(checkpoint_dir) / "budget.pt" if checkpoint_dir else None
@@ -350,7 +372,7 @@ def fit_budget(
                 out = pm(xb)
             finally:
                 pm.dropped_nodes = frozenset()
-            loss = distill_loss(out, y[idx], t_logits, config.distill, config.temperature)
+            loss = the_task.distill_loss(out, y[idx], t_logits, config.distill, config.temperature)
             if gate_phase:
                 step = ep * steps_per_epoch + i
                 target = config.budget ** min(1.0, step / anneal_steps)

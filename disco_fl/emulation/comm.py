@@ -101,6 +101,8 @@ def program_traffic(
         if not t_dense:
             continue
         kind = op.kind if op.kind in ("input", "output", "exchange") else "stats"
+        if op.kind == "gather_pixel_shuffle":  # the output, gathered before its last op
+            kind = "output"
         b, pairs, chans = _bytes(t_live, codec)
         db, _, _ = _bytes(t_dense, codec)
         tot[kind] += b

@@ -1,4 +1,5 @@
-"""Models: torchvision-compatible ResNets, a timm-compatible ViT, strict checkpoint handling."""
+"""Models: torchvision-compatible ResNets, a timm-compatible ViT, a small segmentation net
+(``seg_small``), ESPCN super-resolution (``espcn``), strict checkpoint handling."""
 
 from disco_fl.models.checkpoint import (
     CheckpointChecksumError,
@@ -15,22 +16,28 @@ from disco_fl.models.resnet import (
     resnet_narrow,
     resnet_small,
 )
+from disco_fl.models.segmentation import SegSmall, seg_small
+from disco_fl.models.super_resolution import ESPCN, espcn
 from disco_fl.models.vit import ViT, ViTConfig, vit_tiny_mnist
 
 __all__ = [
+    "ESPCN",
     "MODELS",
     "CheckpointChecksumError",
     "CheckpointError",
     "ResNet",
     "ResNetConfig",
+    "SegSmall",
     "ViT",
     "ViTConfig",
     "build_model",
+    "espcn",
     "load_checkpoint_strict",
     "resnet18",
     "resnet50",
     "resnet_narrow",
     "resnet_small",
     "save_checkpoint_atomic",
+    "seg_small",
     "vit_tiny_mnist",
 ]

@@ -22,7 +22,7 @@ from disco_fl.partition.capture_export import (
 )
 from disco_fl.partition.ops_local import ACTIVATIONS
 from disco_fl.partition.ops_view import reshape_info
-from disco_fl.partition.ops_vision import group_owners
+from disco_fl.partition.ops_vision import group_owners, shuffle_spans_nodes
 from disco_fl.partition.registry import PartitionError
 
 aten = torch.ops.aten
@@ -486,6 +486,10 @@ def _pixel_shuffle(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str
     x = cap.value(_x(a))
     inverse = node.target.overloadpacket is aten.pixel_unshuffle  # type: ignore[union-attr]
     factor = int(a["downscale_factor"] if inverse else a["upscale_factor"])
+    if not inverse and shuffle_spans_nodes(cap.info(x), factor):  # ESPCN's last layer
+        if any(u.op != "output" for u in node.users):
+            raise cap.fail("a pixel shuffle of channels of several nodes must be the output")
+        return cap.add("gather_pixel_shuffle", [x], {"factor": factor})
     return cap.add("pixel_shuffle", [x], {"factor": factor, "inverse": inverse})
 
 

@@ -12,11 +12,13 @@ resizing (nearest / bilinear), padding, pixel (un)shuffle and softmax.
 - ``resize``, ``pad``, ``softmax`` act on non-channel dims only: channel-local.
 - ``pixel_shuffle``: local when each block of ``r * r`` input channels has one owner;
   ``pixel_unshuffle`` always (each channel becomes ``r * r`` channels of the same node).
+  A pixel shuffle whose blocks span nodes is allowed as the model's output only
+  (``gather_pixel_shuffle``: gathered at the requester, then shuffled).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,12 +28,13 @@ from torch import nn
 from disco_fl.core.layout import Layout
 from disco_fl.partition.ops_comm import Conv2dSpec, _MixingSpec, gathered_columns
 from disco_fl.partition.ops_local import DepthwiseConvSpec, _one_tensor, _same
-from disco_fl.partition.program import Op, TensorInfo
+from disco_fl.partition.program import Op, Program, TensorInfo
 from disco_fl.partition.registry import (
     InferContext,
     NodeContext,
     OpSpec,
     PartitionError,
+    Traffic,
     layout_of,
     register_spec,
 )
@@ -243,6 +246,63 @@ class PixelShuffleSpec(OpSpec):
     ) -> Any:
         r = int(op.attrs["factor"])
         return F.pixel_unshuffle(xs[0], r) if op.attrs.get("inverse") else F.pixel_shuffle(xs[0], r)
+
+
+def shuffle_spans_nodes(x: TensorInfo, factor: int) -> bool:
+    """Whether a pixel shuffle by ``factor`` of ``x`` merges channels of several nodes."""
+    if x.kind != "sharded" or x.cdim != 1 or x.layout is None:
+        return False
+    owners, r2 = x.layout.owners, factor * factor
+    return any(len(set(owners[c : c + r2])) > 1 for c in range(0, len(owners), r2))
+
+
+@register_spec
+class GatherPixelShuffleSpec(OpSpec):
+    """The model's output is ``pixel_shuffle`` of a tensor whose blocks of ``r * r`` channels
+    span nodes (ESPCN's last layer, sub-pixel phases held by different nodes): every other
+    node sends its channels to the requester (as the ``output`` op would), which shuffles the
+    whole tensor. Its value exists on the requester only, so the capture allows it only as
+    the model's output (``comm_report`` counts it as output bytes)."""
+
+    kind = "gather_pixel_shuffle"
+
+    def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
+        x = _one_tensor(op, ins)
+        if x.kind != "sharded" or x.cdim != 1:
+            raise PartitionError(f"{op.name}: gathers a tensor sharded along dim 1 only")
+        return TensorInfo("replicated", ctx.out_shape)
+
+    def send(self, op: Op, node: NodeContext, xs: Sequence[Any]) -> dict[int, torch.Tensor] | None:
+        r = node.program.requester
+        return None if node.index == r else {r: xs[0]}
+
+    def compute(
+        self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
+    ) -> Any:
+        r = node.program.requester
+        if node.index != r:
+            return None
+        layout = layout_of(node.program.infos[op.inputs[0]], op.name)
+        full = torch.cat([xs[0] if j == r else received[j] for j in range(node.num_nodes)], 1)
+        if not layout.is_contiguous():
+            order = torch.cat([layout.index_tensor(j) for j in range(node.num_nodes)])
+            full = full.index_select(1, torch.argsort(order))
+        return F.pixel_shuffle(full, int(op.attrs["factor"]))
+
+    def compute_global(self, op: Op, node: NodeContext, xs: Sequence[Any]) -> Any:
+        return F.pixel_shuffle(xs[0], int(op.attrs["factor"]))
+
+    def traffic(
+        self, op: Op, program: Program, open_count: Callable[[int, int], int]
+    ) -> list[Traffic]:
+        info = program.infos[op.inputs[0]]
+        layout, r = layout_of(info, op.name), program.requester
+        per = info.elements_per_channel
+        return [
+            Traffic(j, r, layout.count(j) * per, True, channels=layout.count(j))
+            for j in range(program.num_nodes)
+            if j != r
+        ]
 
 
 @register_spec

@@ -1,0 +1,80 @@
+"""``seg_small``: a small LR-ASPP-style semantic segmentation network for 28x28 inputs.
+
+Layout (Howard et al., "Searching for MobileNetV3", 2019, the LR-ASPP head, scaled down)::
+
+    stem   conv3x3(in -> w0) BN ReLU              28x28
+           conv3x3(w0 -> w0) BN ReLU              28x28
+    low    conv3x3(w0 -> w1, s2) BN ReLU          14x14
+           conv3x3(w1 -> w1) BN ReLU              14x14   <- low-level features
+    high   conv3x3(w1 -> w2, s2) BN ReLU           7x7
+           conv3x3(w2 -> w2, dilation 2) BN ReLU   7x7
+    head   relu(bn(conv1x1(high))) * sigmoid(conv1x1(avgpool(high)))   (LR-ASPP)
+    out    upsample(cls_high(head), 14x14) + cls_low(low), upsample to the input size
+
+The class maps are computed at low resolution and upsampled (bilinear) at the end:
+a 1x1 convolution commutes with bilinear resizing, so this equals classifying the
+upsampled features, with less work. ``F.interpolate`` is captured by ``torch.export``:
+partition with ``disco_fl.partition(model, n, x, capture="auto")`` (or ``"export"``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SegSmall", "seg_small"]
+
+
+def _cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SegSmall(nn.Module):
+    """LR-ASPP-style segmentation net; output ``(B, num_classes, H, W)`` logits."""
+
+    def __init__(
+        self,
+        num_classes: int = 11,
+        in_channels: int = 1,
+        widths: tuple[int, int, int] = (32, 48, 64),
+        head_channels: int = 64,
+    ) -> None:
+        super().__init__()
+        w0, w1, w2 = widths
+        self.stem = nn.Sequential(_cbr(in_channels, w0), _cbr(w0, w0))
+        self.low = nn.Sequential(_cbr(w0, w1, stride=2), _cbr(w1, w1))
+        self.high = nn.Sequential(_cbr(w1, w2, stride=2), _cbr(w2, w2, dilation=2))
+        self.head_conv = nn.Conv2d(w2, head_channels, 1, bias=False)
+        self.head_bn = nn.BatchNorm2d(head_channels)
+        self.head_pool = nn.AdaptiveAvgPool2d(1)
+        self.head_gate = nn.Conv2d(w2, head_channels, 1)
+        self.cls_high = nn.Conv2d(head_channels, num_classes, 1)
+        self.cls_low = nn.Conv2d(w1, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        low = self.low(self.stem(x))
+        high = self.high(low)
+        feat = F.relu(self.head_bn(self.head_conv(high)))
+        feat = feat * torch.sigmoid(self.head_gate(self.head_pool(high)))
+        out = F.interpolate(
+            self.cls_high(feat), size=low.shape[-2:], mode="bilinear", align_corners=False
+        )
+        out = out + self.cls_low(low)
+        return F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+
+
+def seg_small(
+    num_classes: int = 11,
+    in_channels: int = 1,
+    widths: tuple[int, int, int] = (32, 48, 64),
+    head_channels: int = 64,
+) -> SegSmall:
+    """The built-in segmentation model (11 classes: background + 10 digits, see
+    :func:`disco_fl.data.segmentation_data`)."""
+    return SegSmall(num_classes, in_channels, widths, head_channels)
