@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -160,9 +160,10 @@ def _task_of(args: tuple[Any, ...], n: int) -> str:
 
 
 def _job(
-    args: tuple[str, int, float, dict[str, Any], dict[str, torch.Tensor], str | None, int],
+    args: tuple[Any, ...],
 ) -> dict[str, Any]:
-    """One (model, nodes, budget) cell: ``{"rows": [...]}``, or ``{"rows": [], "skipped":
+    """One (model, nodes, budget) cell; ``args`` = (model, nodes, budget, setting, dense
+    state, data path, seed[, task]). Returns ``{"rows": [...]}``, or ``{"rows": [], "skipped":
     {...}}`` with the reason when the model cannot be partitioned that way (for example the
     ViT's 4 heads over 8 nodes), so one impossible cell never costs the finished ones."""
     model_name, nodes, budget, setting, dense_state, data_path, seed = args[:7]
@@ -173,7 +174,7 @@ def _job(
     dense.load_state_dict(dense_state)
     dense.eval()
     try:
-        capture = "fx" if task == "classification" else "auto"  # interpolate, pixel shuffle
+        capture: Literal["fx", "auto"] = "fx" if task == "classification" else "auto"
         pm = disco_fl.partition(dense, nodes, xtr[:2], capture=capture)
     except disco_fl.PartitionError as e:
         reason = f"cannot partition: {e}"
@@ -235,7 +236,7 @@ def _job(
 
 
 def _dense(
-    args: tuple[str, dict[str, Any], str | None, int],
+    args: tuple[Any, ...],
 ) -> tuple[str, dict[str, torch.Tensor], float]:
     model_name, setting, data_path, seed = args[:4]
     task = _task_of(args, 4)
