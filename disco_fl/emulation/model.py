@@ -147,7 +147,9 @@ class PartitionedModel(nn.Module):
         self.gate_seed: int | None = None
         self.gate_step = 0
         self._layer_of = {op.name: i for i, op in enumerate(program.ops)}
-        self._random_ops = any(op.kind == "drop_path" for op in program.ops)
+        self._random_ops = any(
+            op.kind == "drop_path" and float(op.attrs.get("p", 0.0)) > 0 for op in program.ops
+        )
         self._forward_seed = 0  # gate_seed None: drawn from the global RNG per forward
         self._perm_cache: dict[tuple[str, int], torch.Tensor] = {}
 
