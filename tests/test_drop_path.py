@@ -214,7 +214,7 @@ def test_dp_noise_zero_uses_the_steps_masks() -> None:
     clipped = 0
     for b in range(batch):
         gb = torch.autograd.grad(losses[b], params, retain_graph=True)
-        norm = float(torch.sqrt(sum((t * t).sum() for t in gb)))
+        norm = float(torch.stack([(t * t).sum() for t in gb]).sum().sqrt())
         factor = min(1.0, clip / (norm + 1e-6))
         clipped += factor < 1.0
         for acc, t in zip(total, gb, strict=True):

@@ -45,11 +45,12 @@ def drop_path_attrs(m: nn.Module) -> dict[str, Any] | None:
     ``StochasticDepth``, timm's ``DropPath``), recognised by class name and attributes (neither
     library is imported); ``None`` for any other module."""
     name = type(m).__name__
-    if name == "StochasticDepth" and hasattr(m, "p") and hasattr(m, "mode"):
-        return {"p": float(m.p), "mode": str(m.mode), "scale": True}
-    if name == "DropPath" and hasattr(m, "drop_prob"):
-        scale = bool(getattr(m, "scale_by_keep", True))
-        return {"p": float(m.drop_prob or 0.0), "mode": "row", "scale": scale}
+    a: dict[str, Any] = vars(m)
+    if name == "StochasticDepth" and "p" in a and "mode" in a:
+        return {"p": float(a["p"]), "mode": str(a["mode"]), "scale": True}
+    if name == "DropPath" and "drop_prob" in a:
+        scale = bool(a.get("scale_by_keep", True))
+        return {"p": float(a["drop_prob"] or 0.0), "mode": "row", "scale": scale}
     return None
 
 
