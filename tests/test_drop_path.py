@@ -228,3 +228,19 @@ def test_dp_noise_zero_uses_the_steps_masks() -> None:
         err = float((grads[k][name] - want / batch).abs().max())
         assert err <= 1e-5, f"node {k} {name}: {err:.3g}"
     assert results[0].dp is not None
+
+
+def test_exported_plan_keeps_drop_path_and_shards_compute_its_identity(tmp_path: Any) -> None:
+    """The plan stores the op (its attributes survive the file); the shards (inference: never
+    training) compute the original model."""
+    from disco_fl.emulation.export import load_shard, run_shards
+
+    model = _model("timm", head=True).eval()
+    x = torch.randn(3, 3, 8, 8)
+    pm = disco_fl.partition(model, 2, x, capture="export")
+    pm.export(tmp_path)
+    shards = [load_shard(tmp_path / "plan.json", k) for k in range(2)]
+    ops = [op for op in shards[0].program.ops if op.kind == "drop_path"]
+    assert [op.attrs for op in ops] == [{"p": 0.5, "mode": "row", "scale": True}] * 2
+    with torch.no_grad():
+        assert float((run_shards(shards, x) - model(x)).abs().max()) <= 1e-5
