@@ -246,9 +246,9 @@ STEPS = 3
 CN_SHAPE = (2, 3, 16, 16)
 
 
-def _tiny_convnext(seed: int = 0) -> nn.Module:
+def _tiny_convnext(seed: int = 0, drop_path: float = 0.0) -> nn.Module:
     torch.manual_seed(seed)
-    model = TinyConvNeXt()
+    model = TinyConvNeXt(drop_path=drop_path)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # non-trivial LayerNorm affines
         for m in model.modules():
@@ -267,24 +267,40 @@ def _cn_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @pytest.mark.parametrize(
-    ("n", "opt_kind", "mode", "wire"),
+    ("n", "opt_kind", "mode", "wire", "drop"),
     [
-        (2, "sgd", "hard", "grpc"),
-        (2, "adam", "hard", "inprocess"),
-        (3, "sgd", "stochastic", "inprocess"),
+        (2, "sgd", "hard", "grpc", 0.0),
+        (2, "adam", "hard", "inprocess", 0.0),
+        (3, "sgd", "stochastic", "inprocess", 0.0),
+        (2, "sgd", "hard", "inprocess", 0.5),
+        (3, "sgd", "stochastic", "inprocess", 0.5),
     ],
 )
 def test_convnext_joint_training_equals_emulation(
-    n: int, opt_kind: str, mode: str, wire: str, grpc_nodes: Any
+    n: int, opt_kind: str, mode: str, wire: str, drop: float, grpc_nodes: Any
 ) -> None:
     """Every node trains its shard over the peer channel (gRPC servers on loopback, or the
     in-process transport); after k steps every shard tensor (weights, layer scales, gate
-    logits) equals the emulation trained in one process."""
+    logits) equals the emulation trained in one process. With stochastic depth (``drop``)
+    every node drops the same samples as the emulation (seeded by gate_seed and the step)."""
+    from disco_fl.core.gates import gate_generator
+    from disco_fl.partition.ops_drop import drop_path_mask
     from disco_fl.runtime.transport import InProcessHub
 
-    pm = disco_fl.partition(_tiny_convnext(), n, torch.randn(*CN_SHAPE), capture="export")
+    model = _tiny_convnext(drop_path=drop)
+    pm = disco_fl.partition(model, n, torch.randn(*CN_SHAPE), capture="export")
     pm.train()
     assert {"param", "layer_norm", "permute"} <= {op.kind for op in pm.program.ops}
+    drops = [i for i, op in enumerate(pm.program.ops) if op.kind == "drop_path"]
+    assert [pm.program.ops[i].attrs["p"] for i in drops] == [drop, drop]
+    if drop:  # the steps drop some samples' residual and keep others (seed 7 as _emulate)
+        x4 = torch.zeros(4, 1)
+        masks = [
+            drop_path_mask(x4, drop, "row", True, gate_generator(7, t, i, -1, -1))
+            for t in range(STEPS)
+            for i in drops
+        ]
+        assert set(torch.cat(masks).flatten().tolist()) == {0.0, 2.0}
     _random_masks(pm, 0.6, seed=n)
     batches = _cn_batches(STEPS)
     ref = copy.deepcopy(pm)
@@ -369,24 +385,33 @@ def test_convnext_dp_noise_zero_equals_opacus(n: int) -> None:
     assert checked > 10  # the comparison is not between zeros
 
 
-def test_stochastic_depth_dropped_by_the_export_capture_is_reported() -> None:
-    """torchvision's ``StochasticDepth`` is its identity in eval mode and leaves no op in the
-    exported graph, so the partitioned model (and its joint training) never drops a path: the
-    capture says so, naming the layers; without stochastic depth it says nothing."""
+def test_stochastic_depth_is_captured_by_the_export_capture() -> None:
+    """torchvision's ``StochasticDepth`` is its identity in eval mode, where the export runs;
+    the capture keeps it as a ``drop_path`` op (the identity at eval, per-sample drops in
+    training) and leaves the user's modules as they were."""
     import warnings
 
     x = torch.randn(*CN_SHAPE)
-    torch.manual_seed(0)
-    model = TinyConvNeXt(drop_path=0.1).train()
-    with pytest.warns(UserWarning, match=r"stage1\.stochastic_depth, stage2\.stochastic_depth"):
-        pm = disco_fl.partition(model, 2, x, capture="export")
-    assert "stochastic_depth" not in {op.kind for op in pm.program.ops}
-    pm.train()
-    with torch.no_grad():  # in training mode the original drops paths; the partition does not
-        assert torch.equal(pm(x), pm(x))
+    model = _tiny_convnext(drop_path=0.1).train()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        disco_fl.partition(_tiny_convnext(), 2, x, capture="export")
+        pm = disco_fl.partition(model, 2, x, capture="export")
+    assert model.training
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    drops = [op for op in pm.program.ops if op.kind == "drop_path"]
+    assert [op.attrs for op in drops] == [{"p": 0.1, "mode": "row", "scale": True}] * 2
+    model.eval()
+    with torch.no_grad():
+        assert float((pm.eval()(x) - model(x)).abs().max()) <= 1e-5
+        pm.train()
+        pm.gate_seed = 0
+        assert torch.equal(pm(x), pm(x))  # same seed and step: the same samples dropped
+        outs = []
+        for step in range(8):
+            pm.gate_step = step
+            outs.append(pm(x))
+        assert not all(torch.equal(o, outs[0]) for o in outs)  # the draws differ by step
+        assert not torch.equal(outs[0], pm.eval()(x))  # training scales kept paths by 1/0.9
 
 
 @pytest.mark.parametrize("n", [2, 3])

@@ -48,7 +48,8 @@ def gate_generator(seed: int, step: int, layer: int, src: int, dst: int) -> torc
 
     Seeded from ``(seed, step, layer, src, dst)`` (``layer`` = the exchange's op index in the
     program), so the emulation and the distributed training step draw the same samples
-    whatever order they visit the gates in.
+    whatever order they visit the gates in. ``src = dst = -1`` is the draw of a random op that
+    every node shares (stochastic depth: :mod:`disco_fl.partition.ops_drop`).
     """
     key = hashlib.sha256(f"disco-gate/{seed}/{step}/{layer}/{src}/{dst}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)

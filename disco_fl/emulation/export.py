@@ -151,6 +151,9 @@ class ExportedShard:
     def sources(self, op: Op) -> list[int]:
         return self._sources[op.name]
 
+    def shared_generator(self, op: Op) -> None:
+        return None  # inference only (training False): stochastic depth is the identity
+
     @property
     def param_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self._state.values() for t in s.values())

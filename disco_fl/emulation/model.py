@@ -14,7 +14,6 @@ Gate modes (``pm.gate_mode``):
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -65,6 +64,9 @@ class _EmuNode:
     def sources(self, op: Op) -> list[int]:
         return [j for j in self._peers if self._count(op, j)]
 
+    def shared_generator(self, op: Op) -> torch.Generator | None:
+        return self.pm.shared_generator(op)
+
     def _count(self, op: Op, k: int) -> int:
         layout = self.program.infos[op.name].layout
         return layout.count(k) if layout is not None else 0
@@ -76,6 +78,7 @@ class _GlobalNode:
     index = -1
 
     def __init__(self, pm: PartitionedModel) -> None:
+        self.pm = pm
         self.program = pm.program
         self.num_nodes = pm.program.num_nodes
         self.training = pm.training
@@ -89,6 +92,9 @@ class _GlobalNode:
 
     def sources(self, op: Op) -> list[int]:
         return []
+
+    def shared_generator(self, op: Op) -> torch.Generator | None:
+        return self.pm.shared_generator(op)
 
 
 def _assemble(pieces: list[torch.Tensor], layout: Layout | None) -> torch.Tensor:
@@ -125,6 +131,7 @@ class PartitionedModel(nn.Module):
         Default ``None`` (stochastic gates draw from the global RNG). Set, with ``gate_step``
         (default 0), the noise is reproducible per ``(step, exchange, src, dst)``: the
         distributed training step (:mod:`disco_fl.runtime.training`) draws the same samples.
+        The same holds for the masks of stochastic depth (:meth:`shared_generator`).
     """
 
     def __init__(self, program: Program, modules: Mapping[str, nn.Module]) -> None:
@@ -143,6 +150,10 @@ class PartitionedModel(nn.Module):
         # next forward passes, as in a household's degraded mode
         self.dropped_nodes: frozenset[int] = frozenset()
         self._layer_of = {op.name: i for i, op in enumerate(program.ops)}
+        self._random_ops = any(
+            op.kind == "drop_path" and float(op.attrs.get("p", 0.0)) > 0 for op in program.ops
+        )
+        self._forward_seed = 0  # gate_seed None: drawn from the global RNG per forward
         self._perm_cache: dict[tuple[str, int], torch.Tensor] = {}
 
     @property
@@ -158,6 +169,8 @@ class PartitionedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         """The model's output: a tensor, or the dict / tuple / list of tensors the original
         model returns (:func:`~disco_fl.partition.outputs.restore_output`)."""
+        if self.training and self._random_ops and self.gate_seed is None:
+            self._forward_seed = int(torch.randint(0, 2**62, (1,)).item())
         if self.execution == "fused" or (self.execution == "auto" and self.codec == "fp32"):
             return restore_output(self.program, self._fused_forward(x))
         nodes = [_EmuNode(self, k) for k in range(self.num_nodes)]
@@ -284,6 +297,17 @@ class PartitionedModel(nn.Module):
             gen = gate_generator(self.gate_seed, self.gate_step, self._layer_of[exchange], src, dst)
         return sample_hard_concrete(g.log_alpha[str(dst)], gen)
 
+    def shared_generator(self, op: Op) -> torch.Generator:
+        """The generator of a random op that every node shares (stochastic depth: every node
+        drops the same samples): :func:`~disco_fl.core.gates.gate_generator`
+        ``(gate_seed, gate_step, layer, -1, -1)``, exactly as the distributed training step
+        derives it. With ``gate_seed`` None (the default) the seed is drawn from the global RNG
+        once per forward pass, so the nodes of the emulation (fused or lock-step) still share
+        the draw; equality with the distributed training step needs ``gate_seed`` set (and
+        ``gate_step`` = the step)."""
+        seed = self.gate_seed if self.gate_seed is not None else self._forward_seed
+        return gate_generator(seed, self.gate_step, self._layer_of[op.name], -1, -1)
+
     def gate_items(self) -> list[tuple[str, int, int, PairGates]]:
         """``(exchange, sender, dest, gates)`` for every exchanged tensor and ordered pair."""
         out = []
@@ -347,27 +371,6 @@ class PartitionedModel(nn.Module):
         return export(self, path, codec=codec, meta=meta)
 
 
-def _warn_dropped_stochastic_depth(model: nn.Module) -> None:
-    """The export capture runs the model in eval mode, where stochastic depth (torchvision's
-    ``StochasticDepth``, timm's ``DropPath``) is the identity and leaves no op in the graph:
-    the partitioned model never drops a path, in training either. Say so, naming the layers.
-    """
-    layers = [
-        name
-        for name, m in model.named_modules()
-        if type(m).__name__ in ("StochasticDepth", "DropPath")
-        and float(getattr(m, "p", getattr(m, "drop_prob", 0.0)) or 0.0) > 0.0
-    ]
-    if layers:
-        shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
-        warnings.warn(
-            f"stochastic depth in {shown} is not captured by torch.export (eval mode): the "
-            "partitioned model computes its identity, also when training",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
 def partition(
     model: nn.Module,
     num_nodes: int,
@@ -395,8 +398,10 @@ def partition(
         behaviour. ``"export"``: ``torch.export`` in eval mode
         (:func:`~disco_fl.partition.capture_export`): Python control flow, functional calls
         and the ops of today's vision zoos (grouped convolutions, views of the channel dim,
-        channel shuffles, resizing, ...); stochastic depth is captured as its eval-mode
-        identity. ``"auto"``: fx, and export where fx refuses the model.
+        channel shuffles, resizing, ...). Stochastic depth (torchvision's ``StochasticDepth``,
+        timm's ``DropPath``) becomes a ``drop_path`` op with either capture: the identity in
+        eval mode, per-sample drops in training (:mod:`disco_fl.partition.ops_drop`).
+        ``"auto"``: fx, and export where fx refuses the model.
     head : {"split", "requester"}
         ``"split"`` (default): the last mixing layer is split like every other. ``"requester"``:
         the requester computes all of it (:func:`~disco_fl.partition.head.head_on`), so that
@@ -425,8 +430,6 @@ def partition(
             except PartitionError as e:
                 raise PartitionError(f"{e} (the fx capture refused it too: {fx_error})") from e
             exported = True
-    if exported:
-        _warn_dropped_stochastic_depth(model)
     if head == "requester":
         program = head_on(program, program.requester)
     elif head != "split":

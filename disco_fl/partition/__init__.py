@@ -7,6 +7,7 @@ from disco_fl.partition import (  # noqa: F401  (register specs and capture rule
     capture_tensor,
     ops_attention,
     ops_comm,
+    ops_drop,
     ops_local,
     ops_norm,
     ops_shape,

@@ -20,6 +20,7 @@ from disco_fl.partition.capture_export import (
     _ViewChain,
     capture_aten,
 )
+from disco_fl.partition.ops_drop import DROP_PATH_OP
 from disco_fl.partition.ops_local import ACTIVATIONS
 from disco_fl.partition.ops_view import reshape_info
 from disco_fl.partition.ops_vision import group_owners, shuffle_spans_nodes
@@ -190,6 +191,13 @@ def _dropout(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str:
     if node.target.overloadpacket in (aten.feature_dropout, aten.feature_dropout_):  # type: ignore[union-attr]
         attrs["feature"] = True
     return cap.add("dropout", [x], attrs)
+
+
+@capture_aten(DROP_PATH_OP)
+def _drop_path(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str:
+    """Stochastic depth, kept as one node by :func:`~.ops_drop.keep_drop_path`."""
+    attrs = {"p": float(a["p"]), "mode": str(a["mode"]), "scale": bool(a["scale"])}
+    return cap.add("drop_path", [cap.value(a["x"])], attrs)
 
 
 @capture_aten(aten.contiguous, aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy)

@@ -41,6 +41,7 @@ import torch
 from torch import fx, nn
 
 from disco_fl.partition.builder import ProgramBuilder, _ConstHolder
+from disco_fl.partition.ops_drop import keep_drop_path
 from disco_fl.partition.outputs import structure_of
 from disco_fl.partition.program import Program, TensorInfo
 from disco_fl.partition.registry import PartitionError
@@ -442,12 +443,15 @@ def capture_export(
 
 
 def export_model(model: nn.Module, example_input: torch.Tensor) -> torch.export.ExportedProgram:
-    """``torch.export.export`` of ``model`` in eval mode (stochastic depth and dropout are then
-    identities, BatchNorm uses its running statistics); errors become :class:`PartitionError`."""
+    """``torch.export.export`` of ``model`` in eval mode (dropout is then the identity,
+    BatchNorm uses its running statistics; stochastic depth is kept as one node,
+    :func:`~disco_fl.partition.ops_drop.keep_drop_path`); errors become
+    :class:`PartitionError`."""
     was_training = model.training
     model.eval()
     try:
-        return torch.export.export(model, (example_input,), strict=False)
+        with keep_drop_path(model):
+            return torch.export.export(model, (example_input,), strict=False)
     except Exception as e:  # export raises many types; report them uniformly
         raise PartitionError(f"torch.export could not trace the model: {e}") from e
     finally:

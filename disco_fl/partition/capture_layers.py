@@ -1,6 +1,6 @@
 """fx capture rules for layers: convolution, linear, batch / group / layer norm, activations,
-dropout and pooling, as modules, functions (``F.relu``, ``F.max_pool2d``) or tensor methods
-(``x.relu()``). Registered at import (through :mod:`disco_fl.partition`)."""
+dropout, stochastic depth and pooling, as modules, functions (``F.relu``, ``F.max_pool2d``) or
+tensor methods (``x.relu()``). Registered at import (through :mod:`disco_fl.partition`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from torch import fx, nn
 from disco_fl.partition.capture import (
     Capturer,
     capture_function,
+    capture_leaf,
     capture_method,
     capture_module,
 )
+from disco_fl.partition.ops_drop import drop_path_attrs
 from disco_fl.partition.registry import PartitionError
 
 
@@ -144,6 +146,14 @@ def _dropout_function(cap: Capturer, node: fx.Node, target: Any) -> str:
     if not cap.const(training):
         return cap.add(node, "identity", [cap.value(node.args[0], node)])
     return cap.add(node, "dropout", [cap.value(node.args[0], node)], {"p": cap.const(p)})
+
+
+@capture_leaf(lambda m: drop_path_attrs(m) is not None)
+def _drop_path_module(cap: Capturer, node: fx.Node, m: nn.Module) -> str:
+    """Stochastic depth (torchvision's ``StochasticDepth``, timm's ``DropPath``), a leaf."""
+    attrs = drop_path_attrs(m)
+    assert attrs is not None
+    return cap.add(node, "drop_path", [cap.value(node.args[0], node)], attrs)
 
 
 @capture_method("contiguous", "clone", "detach")

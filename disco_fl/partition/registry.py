@@ -72,6 +72,13 @@ class NodeContext(Protocol):
         """For an exchange: peers whose messages this node assembles, ascending."""
         ...
 
+    def shared_generator(self, op: Op) -> torch.Generator | None:
+        """For a random op whose draw every node must share (``drop_path``: the same samples
+        dropped on every node): a generator that every node of the step, and the emulation,
+        derive identically (from the run's seed, the step and the op's index in the program);
+        ``None``: the global RNG (contexts that never train)."""
+        ...
+
 
 class OpSpec(ABC):
     """Behaviour of one op kind. Subclasses override what differs from channel-local ops."""

@@ -31,7 +31,10 @@ Method (one step, after the ordinary distributed backward pass):
    ``nn.MultiheadAttention`` models must be batch first (sequence-first attention is refused:
    dim 0 is taken as the samples), and dropout on the attention weights must be 0 (the
    per-sample re-run could not redraw the step's mask; dropout ops elsewhere are fine: they
-   are not re-run, their kept inputs and gradients carry the step's mask).
+   are not re-run, their kept inputs and gradients carry the step's mask). Stochastic depth
+   (``drop_path``) likewise: it has no parameters and is not re-run, and the ops around it
+   are re-run with the kept inputs and gradients, which carry the step's per-sample mask
+   (drawn from ``gate_generator(gate_seed, step, op, -1, -1)``, the same on every node).
 2. **Whole-model norms**: each node sends the per-sample squared norms of its own
    coordinates (fp32, ``(B,)``) to every peer (sub-channel NORMS, ``NORMS`` frames); each
    node sums them into the norm of the whole model's per-sample gradient.

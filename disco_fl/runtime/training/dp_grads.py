@@ -137,6 +137,9 @@ class _Override:
     def sources(self, op: Op) -> list[int]:
         return self.base.sources(op)
 
+    def shared_generator(self, op: Op) -> torch.Generator | None:
+        return self.base.shared_generator(op)
+
 
 def shared_values(program: Any) -> tuple[set[str], set[str]]:
     """``(shared, grad_shared)``: values computed from model tensors alone (``param`` and
@@ -156,7 +159,7 @@ def shared_values(program: Any) -> tuple[set[str], set[str]]:
         reads = [v for v in op.inputs if v in grad]
         if reads:
             spec = get_spec(op.kind)
-            random = op.kind == "dropout" and float(op.attrs.get("p", 0.0)) > 0
+            random = op.kind in ("dropout", "drop_path") and float(op.attrs.get("p", 0.0)) > 0
             if (
                 spec.mixing
                 or op.kind in ("exchange", "output")

@@ -121,6 +121,12 @@ class TrainContext:
         self.selections[(op.name, dest)] = idx
         return idx, None
 
+    def shared_generator(self, op: Op) -> torch.Generator:
+        """Stochastic depth: every node (and the emulation, with ``pm.gate_seed`` = the
+        trainer's ``gate_seed`` and ``pm.gate_step`` = the step) derives the same generator,
+        so every node drops the same samples."""
+        return gate_generator(self.t.gate_seed, self.step, self.t.layer_of[op.name], -1, -1)
+
     def sources(self, op: Op) -> list[int]:
         if self.t.compact:  # assemble [own, open channels of each peer] (the compact columns)
             return self.t.open_sources(op.name)
