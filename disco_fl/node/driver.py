@@ -136,6 +136,13 @@ class Deferred:
     received: dict[int, torch.Tensor] | None = None
 
 
+def _has_channels(program: Program, st: Step, xs: list[Any]) -> bool:
+    """The node holds channels of the exchanged tensor (else there is no own part to compute
+    first)."""
+    cdim = program.infos[st.op.name].cdim
+    return isinstance(xs[0], torch.Tensor) and cdim is not None and xs[0].shape[cdim] > 0
+
+
 def drive(
     steps: Sequence[Step],
     executor: Executor,
@@ -206,7 +213,7 @@ def drive(
         if st.out_to:
             yield FLUSH
         received: dict[int, torch.Tensor] = {}
-        if executor.overlap and st.deferrable and st.in_from:
+        if executor.overlap and st.deferrable and st.in_from and _has_channels(program, st, xs):
             value: Any = Deferred(st, xs[0])  # its readers receive the messages
         elif len(xs) == 1 and isinstance(xs[0], Deferred):
             d = xs[0]
