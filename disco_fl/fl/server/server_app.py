@@ -12,7 +12,15 @@ see :class:`~disco_fl.fl.federated.ModelSpec`), ``households`` (expected househo
 ``rendezvous-timeout``, ``round-timeout``,
 ``initial-checkpoint`` (dense state dict to start from; empty: the model's initialization),
 ``run-dir`` (checkpoint, exported plan and ``summary.json`` go there; a run resumes from its
-checkpoint).
+checkpoint), ``deliver`` (bool, default true: at the end every node gets the plan and its
+shard into its data folder, :mod:`disco_fl.fl.server.delivery`), ``input-shape`` (one
+sample's shape, e.g. ``"3,32,32"``; default ``in-channels`` x ``image-size`` x
+``image-size``).
+
+``model`` is a built-in name or a user's model, ``"package.module:function"``
+(:mod:`disco_fl.models.user`): this process imports it, so the package must be installed
+where the ServerApp runs (or be part of the Flower app, whose folder Flower puts on the
+path); the nodes receive the partitioned program and never import it.
 
 Devices that differ are described by the nodes, not the run config: each SuperNode's
 ``capacity`` and ``memory-bytes`` (see ``disco_fl.fl.client_app``) decide the slices and the
@@ -22,6 +30,7 @@ memory check (:mod:`disco_fl.fl.server.devices`).
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -34,6 +43,7 @@ from flwr.supercore import log
 from disco_fl.core.files import atomic_write_bytes
 from disco_fl.data import MNIST_MEAN, MNIST_STD
 from disco_fl.fl.federated import ModelSpec
+from disco_fl.fl.server.delivery import deliver_shards
 from disco_fl.fl.server.strategy import DiscoStrategy, DPSettings
 from disco_fl.models import load_checkpoint_strict
 
@@ -123,18 +133,16 @@ def _main(grid: Grid, context: Context) -> None:
     strategy._load(arrays)
     achieved = strategy._set_masks(strategy.budget)
     run_dir = str(cfg.get("run-dir", ""))
+    deliver = bool(cfg.get("deliver", True))
     if not run_dir:
+        if deliver:
+            with tempfile.TemporaryDirectory() as tmp:
+                _export(strategy, Path(tmp))
+                _deliver(strategy, grid, Path(tmp), cfg)
         return
     out = Path(run_dir)
-    meta = {
-        "model": strategy.spec.name,
-        "input": {
-            "mean": [MNIST_MEAN] * strategy.spec.in_channels,
-            "std": [MNIST_STD] * strategy.spec.in_channels,
-        },
-        "classes": list(range(strategy.spec.num_classes)),
-    }
-    exported = strategy.pm.export(out / "plan", codec=strategy.codec, meta=meta)
+    exported = _export(strategy, out / "plan")
+    delivered = _deliver(strategy, grid, out / "plan", cfg) if deliver else None
     rep = strategy.pm.comm_report(strategy.codec)
     summary = {
         "rounds": num_rounds,
@@ -148,7 +156,28 @@ def _main(grid: Grid, context: Context) -> None:
         "epsilon": strategy.epsilons() if strategy.dp else None,
         "history": strategy.history,
         "plan_hash": exported.plan.hash,
+        "delivered": delivered,
         "seconds": time.time() - t0,
     }
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1, default=str).encode())
     log(INFO, "exported plan %s and shards to %s", exported.plan.hash[:12], out / "plan")
+
+
+def _export(strategy: DiscoStrategy, folder: Path) -> Any:
+    """The final plan and compact shards (the interface for callers in the plan's meta)."""
+    spec = strategy.spec
+    channels = spec.sample_shape[0] if len(spec.sample_shape) == 3 else spec.in_channels
+    meta = {
+        "model": spec.name,
+        "input": {"mean": [MNIST_MEAN] * channels, "std": [MNIST_STD] * channels},
+        "classes": list(range(spec.num_classes)),
+    }
+    return strategy.pm.export(folder, codec=strategy.codec, meta=meta)
+
+
+def _deliver(strategy: DiscoStrategy, grid: Grid, folder: Path, cfg: Any) -> dict[str, str]:
+    """Every node's shard and the plan into its data folder (:mod:`.delivery`)."""
+    if strategy.roster is None:  # every round came from the checkpoint: ask who is there
+        strategy.query_roster(grid)
+    assert strategy.roster is not None
+    return deliver_shards(grid, strategy.roster, folder, float(cfg.get("query-timeout", 120.0)))
