@@ -68,7 +68,7 @@ def deliver(msg: Message, context: Context) -> Message:
     cfg = msg.content.config_records["config"]
     if str(cfg.get("household")) != hh or cfg.get("shard") != k:
         raise ValueError(
-            f"delivery for household {cfg.get('household')!r} shard {cfg.get('shard')} "
+            f"delivery for household {cfg.get('household')!r} shard {cfg.get('shard')!r} "
             f"reached household {hh!r} shard {k}"
         )
     try:
@@ -84,7 +84,8 @@ def deliver(msg: Message, context: Context) -> Message:
     data = msg.content.array_records["shard"]["file"].numpy().tobytes()
     if hashlib.sha256(data).hexdigest() != plan.shards[k].sha256:
         raise PlanError(f"delivery: shard {k} does not match the plan (sha256 differs)")
-    peers = [str(p) for p in cfg.get("peers", [])]
+    raw_peers = cfg.get("peers", [])
+    peers = [str(p) for p in raw_peers] if isinstance(raw_peers, list) else []
     if len(peers) != plan.num_nodes:
         raise ValueError(f"delivery: {len(peers)} peers for a {plan.num_nodes}-node plan")
     folder = data_dir(context, hh, k)

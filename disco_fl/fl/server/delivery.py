@@ -16,6 +16,7 @@ import json
 from collections.abc import Mapping
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -37,7 +38,7 @@ def delivery_messages(plan_dir: Path, roster: Mapping[str, Household]) -> list[M
     for hh in roster.values():
         for k, node in sorted(hh.nodes.items()):
             data = (plan_dir / plan.shards[k].file).read_bytes()
-            cfg = {
+            cfg: dict[str, Any] = {
                 "household": hh.name,
                 "shard": k,
                 "peers": hh.peers(),
@@ -71,7 +72,8 @@ def deliver_shards(
         if m.has_error():
             out[key] = f"failed: {m.error.reason}"
             continue
-        got = m.content.config_records.get("delivered", {}).get("plan-hash")
+        rec = m.content.config_records.get("delivered")
+        got = rec.get("plan-hash") if rec is not None else None
         out[key] = "ok" if got == plan_hash else f"stored plan {got!r}, not {plan_hash[:12]}"
     bad = {k: v for k, v in out.items() if v != "ok"}
     for key, why in sorted(bad.items()):
