@@ -384,3 +384,16 @@ def test_default_data_dir_is_per_node(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert default_data_dir("kitchen", 1) == tmp_path / "disco_fl" / "kitchen" / "node1"
     assert default_data_dir("../x y", 0) == tmp_path / "disco_fl" / "_x_y" / "node0"
     assert data_dir(_context(0), "a", 0) == tmp_path / "disco_fl" / "a" / "node0"
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_cli_names_a_model_path_that_does_not_import(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from disco_fl.cli.main import main
+
+    argv = [command, "--model", "no_such_pkg_xyz.nets:build", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "disco-fl: error: model 'no_such_pkg_xyz.nets:build': cannot import module" in err
+    assert not (tmp_path / "o" / "run").exists()  # no deployment was started
