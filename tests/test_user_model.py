@@ -303,6 +303,7 @@ def test_user_metric_values_are_checked() -> None:
 
     x, y = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
     assert user_metrics(lambda o, t: 0.5, x, y) == {"metric": 0.5}
+    assert user_metrics(lambda o, t: {"accuracy": torch.tensor(0.25)}, x, y) == {"accuracy": 0.25}
     with pytest.raises(ValueError, match="reserved"):
         user_metrics(lambda o, t: {"num-examples": 1.0}, x, y)
     with pytest.raises(ValueError, match="must be a number"):

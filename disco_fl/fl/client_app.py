@@ -22,10 +22,17 @@ Node settings (``flower-supernode --node-config``):
   its own node's certificate; default plaintext (the per-round household token is checked
   either way).
 
-Handlers:
+- ``data-dir`` (str, optional): where the run's final plan and this node's shard are
+  delivered (default ``$XDG_DATA_HOME/disco_fl/<household>/node<k>``, see
+  :mod:`disco_fl.fl.delivery`); ``disco-fl serve <data-dir>`` starts from it.
+
+Handlers (:func:`make_client_app`; ``app`` is ``make_client_app()``, a user's app passes its
+own ``loss_fn`` / ``metric_fn``):
 
 - ``query``: answers the roster query (household, shard, peer address, example counts,
   capacity and memory).
+- ``query.deliver``: stores the final plan and this node's shard in its data folder, checked
+  against the plan hash (:func:`disco_fl.fl.delivery.deliver`).
 Every ``train`` / ``evaluate`` message carries this node's shard (packed ``ArrayRecord``) and a
 typed config (:class:`~disco_fl.fl.round_config.TrainConfig` / ``EvalConfig``, read once by
 ``from_config``: a missing or ill-typed key is a clear error). The node rebuilds only its own
@@ -84,7 +91,7 @@ def _process_start_time() -> float:
 _PROCESS_START = _process_start_time()
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], Any]
-RESERVED_METRICS = ("num-examples", "correct", "accuracy")
+RESERVED_METRICS = ("num-examples", "correct")  # the ClientApp's own
 _DATA_CACHE: dict[tuple[str, str], NodeData] = {}
 
 
@@ -382,7 +389,8 @@ def user_metrics(
     metric_fn: MetricFn, outputs: torch.Tensor, targets: torch.Tensor
 ) -> dict[str, float]:
     """``metric_fn(outputs, targets)`` as metrics: a number is ``{"metric": value}``, a
-    mapping gives its entries (numbers; the name ``num-examples`` is the ClientApp's own).
+    mapping gives its entries (numbers; ``num-examples`` and ``correct`` are the ClientApp's
+    own names).
     The server reports each per household and its example-weighted mean."""
     got = metric_fn(outputs, targets)
     items = got.items() if isinstance(got, Mapping) else [("metric", got)]
