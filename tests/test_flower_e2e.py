@@ -249,3 +249,106 @@ def test_demo_dp_ctrl_c_stops_everything_and_resume_finishes(tmp_path: Path) -> 
     eps1 = first["train"]["epsilon"]
     assert isinstance(s["epsilon"], float) and s["epsilon"] > eps1 > 0
     assert s["accuracy_dense"] > 0.5
+
+
+USER_NET = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A user's small residual CNN, defined outside disco_fl."""
+
+    def __init__(self, num_classes=10, in_channels=1):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.relu(x + self.bn1(self.conv(x)))
+        x = torch.relu(self.down(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def build(num_classes=10, in_channels=1):
+    return Net(num_classes, in_channels)
+'''
+
+
+def test_demo_with_a_users_model_delivers_shards_and_serves_from_node_folders(
+    tmp_path: Path,
+) -> None:
+    """``disco-fl demo --model user_net:build`` with the model in a file outside the package
+    (on the processes' PYTHONPATH): SuperLink, SuperNodes, the ServerApp importing the model,
+    every node receiving the final plan and its shard into its data folder (checked against
+    the plan hash), ``disco-fl serve <data folder>`` (node index from its ``node.json``)
+    answering == shard-only execution of the server's export."""
+    from disco_fl.cli.deployment import Processes, free_ports
+    from disco_fl.emulation.export import load_shard, run_shards
+    from disco_fl.fl.federated import builtin_tensors
+    from disco_fl.runtime.serving import InferenceSession
+
+    mods = tmp_path / "user_code"
+    mods.mkdir()
+    (mods / "user_net.py").write_text(USER_NET)
+    work, out = tmp_path / "work", tmp_path / "demo.json"
+    cmd = [
+        sys.executable, "-m", "disco_fl.cli.main", "demo", "--model", "user_net:build",
+        "--households", "1", "--nodes", "2", "--rounds", "2", "--steps", "10",
+        "--batch-size", "16", "--budget", "0.3", "--dense-epochs", "1",
+        "--out", str(work), "--json", str(out),
+    ]  # fmt: skip
+    path = os.pathsep.join(p for p in [str(mods), os.environ.get("PYTHONPATH", "")] if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    p = _run_demo(cmd, env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    s = json.loads(out.read_text())
+    # one short epoch of pretraining on 2 busy cores: better than chance (0.1), no more
+    assert s["accuracy_dense"] > 0.15 and s["bytes_per_sample_disco"] < s["bytes_per_sample_dense"]
+    summary = json.loads((work / "run" / "summary.json").read_text())
+    assert summary["delivered"] == {"h0/0": "ok", "h0/1": "ok"}
+    ref = [load_shard(work / "run" / "plan" / "plan.json", k) for k in range(2)]
+    assert ref[0].plan.hash == summary["plan_hash"]
+    assert ref[0].plan.meta["model"] == "user_net:build"
+    folders = [work / "nodes" / f"h0_n{k}" for k in range(2)]
+    for k, folder in enumerate(folders):
+        assert sorted(f.name for f in folder.iterdir()) == [
+            "node.json",
+            f"node_{k}.pt",
+            "plan.json",
+        ]
+        node = json.loads((folder / "node.json").read_text())
+        assert node["node"] == k and node["plan_hash"] == summary["plan_hash"]
+        assert load_shard(folder / "plan.json", k).plan.hash == summary["plan_hash"]
+    # a household serving from the delivered folders (the demo stopped its processes)
+    ports = free_ports(2)
+    peers = ",".join(f"127.0.0.1:{q}" for q in ports)
+    procs = Processes(tmp_path / "serve_logs", dict(env))
+    ready = [tmp_path / f"ready{k}.json" for k in range(2)]
+    try:
+        for k, folder in enumerate(folders):
+            procs.start(f"serve{k}", [
+                sys.executable, "-m", "disco_fl.cli.main", "serve", str(folder),
+                "--peers", peers, "--threads", "1", "--ready-file", str(ready[k]),
+            ])  # fmt: skip
+        end = time.monotonic() + 120
+        while not all(f.exists() for f in ready):
+            procs.check()
+            assert time.monotonic() < end, procs.log("serve0")
+            time.sleep(0.2)
+        x = builtin_tensors("test")[0][:40]
+        with InferenceSession(f"127.0.0.1:{ports[0]}", timeout=60.0) as sess:
+            served = sess.infer_many(x, batch_size=20)
+    finally:
+        procs.stop_all()
+    want = run_shards(ref, x)
+    assert served.shape == want.shape and torch.allclose(served, want, atol=1e-5)
+    # the demo's own serving (from the same folders) is the export's accuracy
+    x_test, y_test = builtin_tensors("test")
+    acc = float((run_shards(ref, x_test).argmax(1) == y_test).float().mean())
+    assert abs(s["accuracy_disco"] - acc) <= 0.002 and acc > 0.15  # an arg-max tie at most

@@ -44,11 +44,26 @@ def _save_dense(model: torch.nn.Module, path: Path) -> None:
     save_torch(model.state_dict(), path)  # checksummed; read by load_checkpoint_strict
 
 
+def delivered_dirs(dep: Deployment, summary: dict[str, Any], h: int = 0) -> list[Path]:
+    """The data folders of household ``h``'s nodes, where the run delivered the final plan
+    and each node's shard (``summary["delivered"]``: ``"ok"`` per node, else why not)."""
+    delivered = summary.get("delivered") or {}
+    bad = {n: why for n, why in delivered.items() if n.startswith(f"h{h}/") and why != "ok"}
+    if bad or not delivered:
+        raise RuntimeError(f"the run did not deliver household h{h}'s shards: {bad or 'none'}")
+    return [dep.data_dir(h, k) for k in range(dep.nodes)]
+
+
 def serve_and_infer(
-    dep: Deployment, plan_dir: Path, x: torch.Tensor, y: torch.Tensor, timeout: float = START_S
+    dep: Deployment,
+    plan_dirs: list[Path],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    timeout: float = START_S,
 ) -> tuple[float, int]:
-    """``disco-fl serve`` on the nodes of household 0, inference on ``x``: accuracy and the
-    payload bytes the nodes counted per sample."""
+    """``disco-fl serve`` on the nodes of household 0, node ``k`` from ``plan_dirs[k]`` (its
+    data folder), inference on ``x``: accuracy and the payload bytes the nodes counted per
+    sample."""
     from disco_fl.runtime.serving import InferenceSession
 
     n = dep.nodes
@@ -68,7 +83,7 @@ def serve_and_infer(
                 "-m",
                 "disco_fl.cli.main",
                 "serve",
-                str(plan_dir),
+                str(plan_dirs[k]),
                 "--node",
                 str(k),
                 "--peers",
@@ -153,7 +168,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     _save_dense(dense, dense_path)
     acc_dense = evaluate(dense, x_test, y_test)
     dense_bytes = int(
-        partition(dense, args.nodes, x_test[:2], capacities=caps)
+        partition(dense, args.nodes, x_test[:2], capacities=caps, capture=spec.capture)
         .comm_report(args.codec)
         .bytes_per_sample
     )
@@ -209,8 +224,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             f"{', DP' if args.dp else ''} (logs: {dep.procs.logdir})"
         )
         fl = wait_for_run(dep, run_dir, args.timeout)
-        progress(f"federated fine-tuning done in {fl['seconds']:.0f}s; serving the exported shards")
-        acc_disco, sent = serve_and_infer(dep, run_dir / "plan", x_test, y_test)
+        progress(
+            f"federated fine-tuning done in {fl['seconds']:.0f}s; serving the shards delivered "
+            "to household h0's nodes"
+        )
+        acc_disco, sent = serve_and_infer(dep, delivered_dirs(dep, fl), x_test, y_test)
         shares = channel_shares(Plan.load(run_dir / "plan" / "plan.json").program)
     finally:
         dep.stop()
@@ -260,7 +278,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default="resnet_narrow", help="registered model (default resnet_narrow)"
+        "--model",
+        default="resnet_narrow",
+        help="a built-in model (default resnet_narrow) or your own, 'package.module:function' "
+        "(a callable returning an nn.Module for 1x28x28 inputs and 10 classes, called with "
+        "those of num_classes, in_channels, norm it names); it must be importable here (e.g. "
+        "on PYTHONPATH): the demo and its ServerApp build it, the nodes never do",
     )
     p.add_argument(
         "--checkpoint", default=None, help="dense state dict to start from (skips pretraining)"

@@ -242,6 +242,11 @@ class Deployment:
         )
         _wait_port(self.link_port, self.procs, "superlink")
 
+    def data_dir(self, h: int, k: int) -> Path:
+        """Node ``(h, k)``'s data folder (node setting ``data-dir``): the run's final plan and
+        its shard are delivered there (:mod:`disco_fl.fl.delivery`)."""
+        return self.workdir / "nodes" / f"h{h}_n{k}"
+
     def supernode_name(self, h: int, k: int) -> str:
         return f"supernode_h{h}_n{k}"
 
@@ -253,6 +258,7 @@ class Deployment:
             "shard": k,
             "peer-address": self.peer_address(h, k),
             "data": data,
+            "data-dir": str(self.data_dir(h, k)),
             **(extra or {}),
         }
         self.procs.start(

@@ -28,7 +28,8 @@ from disco_fl.emulation.capacity import channel_shares, parse_capacities
 from disco_fl.emulation.comm import CommReport, program_traffic
 from disco_fl.emulation.export import load_shard, run_shards
 from disco_fl.emulation.model import partition
-from disco_fl.models import MODELS, build_model, load_checkpoint_strict
+from disco_fl.models import MODELS, load_checkpoint_strict
+from disco_fl.models.user import is_import_path, load_model
 from disco_fl.partition import plan_open_count
 from disco_fl.partition.plan import Plan, PlanError
 from disco_fl.runtime.serving import commands as serving_commands
@@ -70,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     xtr, ytr, xte, yte = _data(args.data, args.seed)
     _log(f"data: {len(xtr)} train / {len(xte)} test images ({args.data or 'built-in mnist_5k'})")
     in_ch = int(xtr.shape[1])
-    model = build_model(args.model, in_channels=in_ch, num_classes=int(ytr.max()) + 1)
+    model = load_model(args.model, in_channels=in_ch, num_classes=int(ytr.max()) + 1)
     if args.checkpoint:
         load_checkpoint_strict(model, args.checkpoint)
         _log(f"loaded dense checkpoint {args.checkpoint}")
@@ -80,7 +81,14 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     dense_acc = evaluate(model, xte, yte)
     _log(f"dense accuracy {dense_acc:.4f}")
     caps = parse_capacities(args.capacities, args.nodes)
-    pm = partition(model, args.nodes, xtr[:2], capacities=caps)
+    # a user's model: fx, or torch.export where fx refuses it
+    pm = partition(
+        model,
+        args.nodes,
+        xtr[:2],
+        capacities=caps,
+        capture="auto" if is_import_path(args.model) else "fx",
+    )
     shares = channel_shares(pm.program)
     if caps:
         _log(f"uneven slices: capacities {list(caps)}, channel shares {_fmt_shares(shares)}")
@@ -201,7 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     def train_args(p: argparse.ArgumentParser, out: str) -> None:
-        p.add_argument("--model", default="resnet_narrow", choices=sorted(MODELS))
+        p.add_argument(
+            "--model",
+            default="resnet_narrow",
+            help=f"a built-in model ({', '.join(sorted(MODELS))}; default resnet_narrow) or "
+            "your own, 'package.module:function' (a callable returning an nn.Module, called "
+            "with those of num_classes, in_channels it names; importable here)",
+        )
         p.add_argument(
             "--data", default=None, help=".npz with images/labels (default: built-in MNIST 5k)"
         )

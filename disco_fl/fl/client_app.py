@@ -22,10 +22,17 @@ Node settings (``flower-supernode --node-config``):
   its own node's certificate; default plaintext (the per-round household token is checked
   either way).
 
-Handlers:
+- ``data-dir`` (str, optional): where the run's final plan and this node's shard are
+  delivered (default ``$XDG_DATA_HOME/disco_fl/<household>/node<k>``, see
+  :mod:`disco_fl.fl.delivery`); ``disco-fl serve <data-dir>`` starts from it.
+
+Handlers (:func:`make_client_app`; ``app`` is ``make_client_app()``, a user's app passes its
+own ``loss_fn`` / ``metric_fn``):
 
 - ``query``: answers the roster query (household, shard, peer address, example counts,
   capacity and memory).
+- ``query.deliver``: stores the final plan and this node's shard in its data folder, checked
+  against the plan hash (:func:`disco_fl.fl.delivery.deliver`).
 Every ``train`` / ``evaluate`` message carries this node's shard (packed ``ArrayRecord``) and a
 typed config (:class:`~disco_fl.fl.round_config.TrainConfig` / ``EvalConfig``, read once by
 ``from_config``: a missing or ill-typed key is a clear error). The node rebuilds only its own
@@ -50,6 +57,7 @@ import math
 import os
 import time
 import types
+from collections.abc import Callable, Mapping
 from logging import INFO
 from typing import Any, TypeVar
 
@@ -58,12 +66,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
+from disco_fl.fl.delivery import DELIVER_ACTION, deliver
 from disco_fl.fl.federated import NodeData, derive_seed, node_data, shard_arrays, shard_from_record
 from disco_fl.fl.round_config import EvalConfig, RoundConfig, TrainConfig
 from disco_fl.node.shard import NodeShard
 from disco_fl.partition.plan import Plan
-
-app = ClientApp()
 
 PROGRESS_EVERY = 10  # a progress line (SuperNode's log) every this many joint steps
 
@@ -82,6 +89,9 @@ def _process_start_time() -> float:
 
 
 _PROCESS_START = _process_start_time()
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+MetricFn = Callable[[torch.Tensor, torch.Tensor], Any]
+RESERVED_METRICS = ("num-examples", "correct")  # the ClientApp's own
 _DATA_CACHE: dict[tuple[str, str], NodeData] = {}
 
 
@@ -133,7 +143,6 @@ def _device(context: Context) -> dict[str, Any]:
     return out
 
 
-@app.query()
 def query(msg: Message, context: Context) -> Message:
     """Who this node is: household, shard, peer address, local example counts, capacity and
     memory (:func:`_device`)."""
@@ -212,9 +221,9 @@ def _transport(
     return t
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Joint training steps with the household; reply with the shard and metrics."""
+def train(msg: Message, context: Context, loss_fn: LossFn | None = None) -> Message:
+    """Joint training steps with the household; reply with the shard and metrics.
+    ``loss_fn(outputs, targets)``: the batch owner's loss (default: cross-entropy)."""
     from disco_fl.emulation.budget import random_shift
     from disco_fl.runtime.training import NodeTrainer, default_param_groups
     from disco_fl.runtime.training.dp import DPConfig
@@ -264,6 +273,7 @@ def train(msg: Message, context: Context) -> Message:
             owners=owners,
             timeout=cfg.step_timeout,
             dp=dp,
+            loss_fn=loss_fn,
             # fixed masks: hold and train only the open weight columns (less memory)
             compact=mode == "hard",
         )
@@ -284,8 +294,9 @@ def train(msg: Message, context: Context) -> Message:
                     pos = 0
                 idx = perm[pos : pos + b]
                 pos += b
-                x = random_shift(data.x_train[idx], 1, gen)
-                y = data.y_train[idx]
+                x, y = data.x_train[idx], data.y_train[idx]
+                if x.dim() == 4 and y.dim() == 1:  # a label per image: shifts keep it
+                    x = random_shift(x, 1, gen)
             res = trainer.step(t, x, y, run_id=f"{hh}/r{r}")
             if res.loss is not None:
                 losses.append(res.loss)
@@ -325,9 +336,10 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Collaborative inference of the household on the requester's held-out data."""
+def evaluate(msg: Message, context: Context, metric_fn: MetricFn | None = None) -> Message:
+    """Collaborative inference of the household on the requester's held-out data; the
+    requester reports ``correct`` and ``accuracy`` or, with ``metric_fn(outputs, targets)``
+    (all held-out outputs at once), its metrics (:func:`user_metrics`)."""
     from disco_fl.emulation.export import ExportedShard, _compact_state
     from disco_fl.runtime.inference import run_node
 
@@ -344,6 +356,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if k == requester and math.ceil(len(data.y_eval) / bs) != batches:
         raise ValueError(f"{len(data.y_eval)} held-out examples do not make {batches} batches")
     correct = 0
+    outputs: list[torch.Tensor] = []
     tls_dir = str(_node_setting(context, "tls-dir", ""))
     transport = _transport(cfg, plan, k, listen, plan.num_nodes, tls_dir)
     try:
@@ -357,17 +370,81 @@ def evaluate(msg: Message, context: Context) -> Message:
                     session_id=f"{hh}/eval/r{r}/b{i}",
                     timeout=cfg.step_timeout,
                 )
-                if out is not None:
+                if out is not None and metric_fn is not None:
+                    outputs.append(out)
+                elif out is not None:
                     correct += int((out.argmax(1) == data.y_eval[i * bs : (i + 1) * bs]).sum())
     finally:
         transport.close(2.0)
     n_eval = len(data.y_eval) if k == requester else 0
-    metrics: dict[str, Any] = {
-        "num-examples": n_eval,
-        "correct": correct,
-        "accuracy": correct / n_eval if n_eval else 0.0,
-    }
+    metrics: dict[str, Any] = {"num-examples": n_eval}
+    if metric_fn is None:
+        metrics.update({"correct": correct, "accuracy": correct / n_eval if n_eval else 0.0})
+    elif k == requester and outputs:
+        metrics.update(user_metrics(metric_fn, torch.cat(outputs), data.y_eval))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-__all__ = ["app"]
+def user_metrics(
+    metric_fn: MetricFn, outputs: torch.Tensor, targets: torch.Tensor
+) -> dict[str, float]:
+    """``metric_fn(outputs, targets)`` as metrics: a number is ``{"metric": value}``, a
+    mapping gives its entries (numbers; ``num-examples`` and ``correct`` are the ClientApp's
+    own names).
+    The server reports each per household and its example-weighted mean."""
+    got = metric_fn(outputs, targets)
+    items = got.items() if isinstance(got, Mapping) else [("metric", got)]
+    out: dict[str, float] = {}
+    for name, v in items:
+        if not isinstance(name, str) or name in RESERVED_METRICS or "/" in name:
+            raise ValueError(f"metric_fn: metric name {name!r} is reserved or not a plain name")
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"metric_fn: metric {name!r} must be a number, got {v!r}")
+        out[name] = float(v)
+    return out
+
+
+def make_client_app(loss_fn: LossFn | None = None, metric_fn: MetricFn | None = None) -> ClientApp:
+    """A DISCO ``ClientApp`` (handlers ``query``, ``train``, ``evaluate`` and
+    ``query.deliver``), optionally with a user's loss and metric.
+
+    Parameters
+    ----------
+    loss_fn : callable ``(outputs, targets) -> scalar tensor``, optional
+        The batch owner's training loss on the model's outputs (the logits, for a classifier)
+        and the batch's targets (the node's labels); its gradient flows back through every
+        node of the household. Default: cross-entropy.
+    metric_fn : callable ``(outputs, targets) -> number or {name: number}``, optional
+        The held-out metrics, computed by the household's requester on all its held-out
+        outputs at once; the server reports each per household (``<name>/<household>``) and
+        their example-weighted mean (``<name>``). Default: ``correct`` and ``accuracy``.
+
+    ``disco_fl.fl.client_app:app`` is ``make_client_app()``. A user's own app (a Flower
+    app's ``client_app.py``) is ``app = make_client_app(loss_fn=..., metric_fn=...)``.
+    """
+    client = ClientApp()
+
+    @client.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return query(msg, context)
+
+    @client.query(DELIVER_ACTION)
+    def _deliver(msg: Message, context: Context) -> Message:
+        return deliver(msg, context)
+
+    @client.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, loss_fn)
+
+    @client.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate(msg, context, metric_fn)
+
+    return client
+
+
+app = make_client_app()
+
+__all__ = ["LossFn", "MetricFn", "app", "deliver", "make_client_app", "user_metrics"]

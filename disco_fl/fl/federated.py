@@ -19,9 +19,9 @@ import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ import torch
 from disco_fl.data import load_builtin, load_npz, split_households, stratified_split, to_tensor
 from disco_fl.emulation.model import NodeShard, PartitionedModel, partition
 from disco_fl.models import build_model
+from disco_fl.models import load_checkpoint_strict as load_model_checkpoint
+from disco_fl.models.user import is_import_path, load_model
 from disco_fl.partition import Program
 
 # the built-in set (5,000 MNIST images) is cut once, with a fixed seed, into a public part
@@ -46,7 +48,12 @@ class ModelSpec:
     Attributes
     ----------
     name : str
-        A key of :data:`disco_fl.models.MODELS`; default ``"resnet_narrow"``.
+        A key of :data:`disco_fl.models.MODELS` (default ``"resnet_narrow"``) or a user's
+        model as an import path ``"package.module:function"`` (a callable returning an
+        ``nn.Module``, called with those of ``num_classes``, ``in_channels``, ``norm`` its
+        signature names; see :mod:`disco_fl.models.user`). Only the process that builds the
+        model imports it (the ServerApp's, the demo's): a node receives the partitioned
+        program in the plan and never builds the model.
     num_nodes : int
         Nodes per household N; default 2.
     num_classes : int
@@ -57,6 +64,10 @@ class ModelSpec:
         Height = width of the input; default 28.
     norm : str
         ``"batch"`` (default) or ``"group"`` (required with differential privacy).
+    input_shape : tuple of int or None
+        The shape of one sample, e.g. ``(3, 32, 32)`` or ``(16,)``; default None:
+        ``(in_channels, image_size, image_size)``. It fixes the example input the model is
+        captured with (and the per-sample traffic), so it must be what the nodes' data holds.
     """
 
     name: str = "resnet_narrow"
@@ -65,11 +76,20 @@ class ModelSpec:
     in_channels: int = 1
     image_size: int = 28
     norm: str = "batch"
+    input_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.input_shape is not None:
+            shape = tuple(int(d) for d in self.input_shape)
+            if not shape or any(d < 1 for d in shape):
+                raise ValueError(f"input_shape must be positive sizes, got {self.input_shape}")
+            object.__setattr__(self, "input_shape", shape)
 
     @staticmethod
     def from_config(cfg: Mapping[str, Any]) -> ModelSpec:
         """From a run config / ConfigRecord (keys ``model``, ``nodes``, ``num-classes``,
-        ``in-channels``, ``image-size``, ``norm``); missing keys take the defaults."""
+        ``in-channels``, ``image-size``, ``norm``, ``input-shape`` (``"3,32,32"``; empty:
+        none)); missing keys take the defaults."""
         d = ModelSpec()
         return ModelSpec(
             name=str(cfg.get("model", d.name)),
@@ -78,10 +98,11 @@ class ModelSpec:
             in_channels=int(cfg.get("in-channels", d.in_channels)),
             image_size=int(cfg.get("image-size", d.image_size)),
             norm=str(cfg.get("norm", d.norm)),
+            input_shape=parse_input_shape(cfg.get("input-shape", "")),
         )
 
     def to_config(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "model": self.name,
             "nodes": self.num_nodes,
             "num-classes": self.num_classes,
@@ -89,16 +110,55 @@ class ModelSpec:
             "image-size": self.image_size,
             "norm": self.norm,
         }
+        if self.input_shape is not None:
+            out["input-shape"] = ",".join(str(d) for d in self.input_shape)
+        return out
 
-    def build_dense(self, seed: int = 0) -> torch.nn.Module:
+    def settings(self) -> dict[str, Any]:
+        """What a run checkpoint records of the spec (``input_shape`` only when set, so that
+        checkpoints of earlier versions still resume)."""
+        out = asdict(self)
+        if self.input_shape is None:
+            del out["input_shape"]
+        else:
+            out["input_shape"] = list(self.input_shape)
+        return out
+
+    @property
+    def is_user_model(self) -> bool:
+        """Whether :attr:`name` is an import path (a user's model), not a built-in."""
+        return is_import_path(self.name)
+
+    @property
+    def capture(self) -> Literal["fx", "auto"]:
+        """How the model is captured: ``"fx"`` for the built-ins (as always), ``"auto"`` (fx,
+        falling back to ``torch.export``) for a user's model."""
+        return "auto" if self.is_user_model else "fx"
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one input sample."""
+        if self.input_shape is not None:
+            return self.input_shape
+        return (self.in_channels, self.image_size, self.image_size)
+
+    def build_dense(self, seed: int = 0, checkpoint: str | Path | None = None) -> torch.nn.Module:
+        """The dense model (seeded initialization; ``checkpoint``: a state dict loaded
+        strictly, ``weights_only=True``). A user's model is imported here
+        (:func:`disco_fl.models.user.load_model`)."""
         torch.manual_seed(seed)
         kw: dict[str, Any] = {"num_classes": self.num_classes, "in_channels": self.in_channels}
         if self.name != "vit_tiny_mnist":
             kw["norm"] = self.norm
-        return build_model(self.name, **kw)
+        if self.is_user_model:
+            return load_model(self.name, checkpoint=checkpoint, **kw)
+        model = build_model(self.name, **kw)
+        if checkpoint:
+            load_model_checkpoint(model, checkpoint)
+        return model
 
     def example(self) -> torch.Tensor:
-        return torch.zeros(2, self.in_channels, self.image_size, self.image_size)
+        return torch.zeros(2, *self.sample_shape)
 
     def partition(
         self, dense: torch.nn.Module | None = None, capacities: Sequence[float] | None = None
@@ -108,7 +168,25 @@ class ModelSpec:
         node never calls this: the ClientApp rebuilds only its own shard from the round's plan
         and its record (:func:`shard_from_record`)."""
         model = dense if dense is not None else self.build_dense()
-        return partition(model, self.num_nodes, self.example(), capacities=capacities)
+        return partition(
+            model, self.num_nodes, self.example(), capacities=capacities, capture=self.capture
+        )
+
+
+def parse_input_shape(value: Any) -> tuple[int, ...] | None:
+    """``"3,32,32"`` (or a list of ints) -> ``(3, 32, 32)``; ``""`` / None -> None."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        if isinstance(value, str):
+            shape = tuple(int(d) for d in value.replace("x", ",").split(",") if d.strip())
+        else:
+            shape = tuple(int(d) for d in value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"input-shape {value!r}: expected sizes like '3,32,32'") from e
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError(f"input-shape {value!r}: expected positive sizes like '3,32,32'")
+    return shape
 
 
 # ---- shards as records -------------------------------------------------------------------

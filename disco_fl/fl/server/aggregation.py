@@ -151,22 +151,40 @@ def train_metrics(
 def evaluate_metrics(
     good: Good, failed: Failed, roster: Mapping[str, Household], comm: Any
 ) -> MetricRecord:
-    """Accuracy per household (from its requester), their example-weighted mean, and the
-    bytes per sample of the plan evaluated (``comm``: a comm report)."""
+    """Accuracy per household (from its requester's ``correct``), their example-weighted
+    mean, and the bytes per sample of the plan evaluated (``comm``: a comm report). A
+    requester of a user's ``metric_fn`` (no ``correct``) reports its own metrics instead:
+    each per household (``<name>/<household>``) and their example-weighted mean."""
     metrics: dict[str, Any] = {}
-    correct = total = 0
+    correct = total = counted = 0
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
     for h, hh in roster.items():
         owner = hh.eval_owner
         if owner is None or h in failed or owner not in good[h]:
             continue
         m = good[h][owner].content.metric_records["metrics"]
-        c, n = rec_int(m, "correct"), rec_int(m, "num-examples")
-        metrics[f"accuracy/{h}"] = c / max(n, 1)
-        correct += c
+        n = rec_int(m, "num-examples")
+        if "correct" in m:
+            c = rec_int(m, "correct")
+            metrics[f"accuracy/{h}"] = c / max(n, 1)
+            correct += c
+            counted += n
+        for key in m:
+            if key not in ("num-examples", "correct") and not (
+                "correct" in m and key == "accuracy"
+            ):
+                v = rec_float(m, key)
+                metrics[f"{key}/{h}"] = v
+                sums[key] = sums.get(key, 0.0) + n * v
+                weights[key] = weights.get(key, 0.0) + n
         total += n
     if total:
-        metrics["accuracy"] = correct / total
+        if counted:
+            metrics["accuracy"] = correct / counted
         metrics["num-examples"] = total
+    for key, s in sums.items():
+        metrics[key] = s / weights[key] if weights[key] else 0.0
     metrics["bytes-per-sample"] = int(comm.bytes_per_sample)
     metrics["households-failed"] = len(failed)
     return MetricRecord(metrics)

@@ -12,7 +12,15 @@ see :class:`~disco_fl.fl.federated.ModelSpec`), ``households`` (expected househo
 ``rendezvous-timeout``, ``round-timeout``,
 ``initial-checkpoint`` (dense state dict to start from; empty: the model's initialization),
 ``run-dir`` (checkpoint, exported plan and ``summary.json`` go there; a run resumes from its
-checkpoint).
+checkpoint), ``deliver`` (bool, default true: at the end every node gets the plan and its
+shard into its data folder, :mod:`disco_fl.fl.server.delivery`), ``input-shape`` (one
+sample's shape, e.g. ``"3,32,32"``; default ``in-channels`` x ``image-size`` x
+``image-size``).
+
+``model`` is a built-in name or a user's model, ``"package.module:function"``
+(:mod:`disco_fl.models.user`): this process imports it, so the package must be installed
+where the ServerApp runs (or be part of the Flower app, whose folder Flower puts on the
+path); the nodes receive the partitioned program and never import it.
 
 Devices that differ are described by the nodes, not the run config: each SuperNode's
 ``capacity`` and ``memory-bytes`` (see ``disco_fl.fl.client_app``) decide the slices and the
@@ -22,6 +30,7 @@ memory check (:mod:`disco_fl.fl.server.devices`).
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -34,7 +43,8 @@ from flwr.supercore import log
 from disco_fl.core.files import atomic_write_bytes
 from disco_fl.data import MNIST_MEAN, MNIST_STD
 from disco_fl.fl.federated import ModelSpec
-from disco_fl.fl.server.strategy import DiscoStrategy, DPSettings
+from disco_fl.fl.server.delivery import deliver_shards
+from disco_fl.fl.server.strategy import DiscoStrategy, DPSettings, EvaluateFn
 from disco_fl.models import load_checkpoint_strict
 
 app = ServerApp()
@@ -97,17 +107,43 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _main(grid: Grid, context: Context) -> None:
-    t0 = time.time()
     cfg = context.run_config
-    strategy = strategy_from_config(cfg)
-    num_rounds = int(cfg.get("num-rounds", 3))
+    run_disco(
+        grid,
+        strategy_from_config(cfg),
+        int(cfg.get("num-rounds", 3)),
+        initial_checkpoint=str(cfg.get("initial-checkpoint", "")),
+        seed=int(cfg.get("seed", 0)),
+        round_timeout=float(cfg.get("round-timeout", 600.0)),
+        deliver=bool(cfg.get("deliver", True)),
+    )
+
+
+def run_disco(
+    grid: Grid,
+    strategy: DiscoStrategy,
+    num_rounds: int,
+    *,
+    initial_checkpoint: str | Path = "",
+    seed: int = 0,
+    round_timeout: float = 600.0,
+    deliver: bool = True,
+    evaluate_fn: EvaluateFn | None = None,
+) -> dict[str, Any]:
+    """A whole DISCO run, the body of a ``ServerApp``'s main: resume from the strategy's
+    checkpoint (``checkpoint_dir``) or start from the dense model (seeded, with
+    ``initial_checkpoint`` loaded strictly), ``num_rounds`` rounds (in all, a resume
+    included), the final plan and shards exported to ``<checkpoint_dir>/plan`` (a temporary
+    folder without one) and, with ``deliver``, sent to every node's data folder
+    (:mod:`disco_fl.fl.server.delivery`). Returns the summary (also ``summary.json`` in the
+    checkpoint folder)."""
+    t0 = time.time()
     arrays = strategy.resume()
     if arrays is None:
-        dense = strategy.spec.build_dense(int(cfg.get("seed", 0)))
-        init = str(cfg.get("initial-checkpoint", ""))
-        if init:
-            load_checkpoint_strict(dense, init)
-            log(INFO, "dense model loaded from %s", init)
+        dense = strategy.spec.build_dense(seed)
+        if initial_checkpoint:
+            load_checkpoint_strict(dense, initial_checkpoint)
+            log(INFO, "dense model loaded from %s", initial_checkpoint)
         else:
             log(WARNING, "no initial-checkpoint: fine-tuning starts from a random model")
         arrays = strategy.initial_arrays(dense)
@@ -115,26 +151,18 @@ def _main(grid: Grid, context: Context) -> None:
     strategy.num_rounds = num_rounds
     if remaining > 0:
         result = strategy.start(
-            grid, arrays, remaining, timeout=float(cfg.get("round-timeout", 600.0))
+            grid, arrays, remaining, timeout=round_timeout, evaluate_fn=evaluate_fn
         )
         arrays = result.arrays
     else:
         log(INFO, "all %d rounds done already (checkpoint)", num_rounds)
     strategy._load(arrays)
     achieved = strategy._set_masks(strategy.budget)
-    run_dir = str(cfg.get("run-dir", ""))
-    if not run_dir:
-        return
-    out = Path(run_dir)
-    meta = {
-        "model": strategy.spec.name,
-        "input": {
-            "mean": [MNIST_MEAN] * strategy.spec.in_channels,
-            "std": [MNIST_STD] * strategy.spec.in_channels,
-        },
-        "classes": list(range(strategy.spec.num_classes)),
-    }
-    exported = strategy.pm.export(out / "plan", codec=strategy.codec, meta=meta)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = strategy.checkpoint_dir
+        folder = Path(run_dir) / "plan" if run_dir else Path(tmp)
+        exported = _export(strategy, folder)
+        delivered = _deliver(strategy, grid, folder) if deliver else None
     rep = strategy.pm.comm_report(strategy.codec)
     summary = {
         "rounds": num_rounds,
@@ -148,7 +176,34 @@ def _main(grid: Grid, context: Context) -> None:
         "epsilon": strategy.epsilons() if strategy.dp else None,
         "history": strategy.history,
         "plan_hash": exported.plan.hash,
+        "delivered": delivered,
         "seconds": time.time() - t0,
     }
-    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1, default=str).encode())
-    log(INFO, "exported plan %s and shards to %s", exported.plan.hash[:12], out / "plan")
+    if run_dir:
+        text = json.dumps(summary, indent=1, default=str).encode()
+        atomic_write_bytes(Path(run_dir) / "summary.json", text)
+        log(INFO, "exported plan %s and shards to %s", exported.plan.hash[:12], folder)
+    return summary
+
+
+def _export(strategy: DiscoStrategy, folder: Path) -> Any:
+    """The final plan and compact shards (the interface for callers in the plan's meta)."""
+    spec = strategy.spec
+    channels = spec.sample_shape[0] if len(spec.sample_shape) == 3 else spec.in_channels
+    meta = {
+        "model": spec.name,
+        "input": {"mean": [MNIST_MEAN] * channels, "std": [MNIST_STD] * channels},
+        "classes": list(range(spec.num_classes)),
+    }
+    return strategy.pm.export(folder, codec=strategy.codec, meta=meta)
+
+
+def _deliver(strategy: DiscoStrategy, grid: Grid, folder: Path) -> dict[str, str]:
+    """Every node's shard and the plan into its data folder (:mod:`.delivery`)."""
+    if strategy.roster is None:  # every round came from the checkpoint: ask who is there
+        strategy.query_roster(grid)
+    assert strategy.roster is not None
+    return deliver_shards(grid, strategy.roster, folder, strategy.query_timeout)
+
+
+__all__ = ["app", "run_disco", "strategy_from_config"]

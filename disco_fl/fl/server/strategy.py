@@ -209,7 +209,7 @@ class DiscoStrategy(Strategy):
     def settings(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed."""
         return {
-            "spec": asdict(self.spec), "budget": self.budget, "steps": self.steps,
+            "spec": self.spec.settings(), "budget": self.budget, "steps": self.steps,
             "batch_size": self.batch_size, "finetune_rounds": self.finetune_rounds,
             "codec": self.codec, "dp": asdict(self.dp) if self.dp else None, "seed": self.seed,
         }  # fmt: skip

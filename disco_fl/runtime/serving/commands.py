@@ -70,12 +70,39 @@ def _plaintext_check(args: argparse.Namespace, listen: str, peers: list[str]) ->
     return exposed
 
 
+NODE_FILE = "node.json"  # written by a Flower run's delivery (disco_fl.fl.delivery)
+
+
+def node_defaults(plan: str | Path, node: int | None, peers: str | None) -> tuple[int, list[str]]:
+    """``--node`` and ``--peers``, the missing ones from ``node.json`` next to the plan (a
+    node's data folder after a Flower run delivered its shard: its index and the household's
+    peer addresses)."""
+    if node is None or peers is None:
+        folder = Path(plan) if Path(plan).is_dir() else Path(plan).parent
+        path = folder / NODE_FILE
+        try:
+            saved = json.loads(path.read_text())
+            saved_node, saved_peers = int(saved["node"]), [str(p) for p in saved["peers"]]
+        except FileNotFoundError:
+            raise ValueError(
+                f"give --node and --peers: {folder} holds no {NODE_FILE} (a node's data folder "
+                "gets one when a Flower run delivers its shard)"
+            ) from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from e
+        node = saved_node if node is None else node
+        peer_list = saved_peers if peers is None else [a.strip() for a in peers.split(",")]
+    else:
+        peer_list = [a.strip() for a in peers.split(",")]
+    if not 0 <= node < len(peer_list):
+        raise ValueError(f"--node {node} is not an index into --peers ({len(peer_list)} given)")
+    return node, peer_list
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps the stacks
-    peers = [a.strip() for a in args.peers.split(",")]
-    if not 0 <= args.node < len(peers):
-        raise ValueError(f"--node {args.node} is not an index into --peers ({len(peers)} given)")
+    args.node, peers = node_defaults(args.plan, args.node, args.peers)
     listen = args.listen or peers[args.node]
     exposed = _plaintext_check(args, listen, peers)
     if exposed:
@@ -225,10 +252,19 @@ def add_parsers(sub: Any) -> None:
             )
 
     p = sub.add_parser("serve", help="serve this node's shard of an exported plan")
-    p.add_argument("plan", help="plan.json or its folder (only node_<k>.pt is read)")
-    p.add_argument("--node", type=int, required=True, help="this node's index")
     p.add_argument(
-        "--peers", required=True, help="every node's host:port, comma-separated, by index"
+        "plan",
+        help="plan.json or its folder (only node_<k>.pt is read), e.g. the node's data folder "
+        "where a Flower run delivered its shard",
+    )
+    p.add_argument(
+        "--node", type=int, default=None, help="this node's index (default: the folder's node.json)"
+    )
+    p.add_argument(
+        "--peers",
+        default=None,
+        help="every node's host:port, comma-separated, by index (default: the folder's "
+        "node.json, the household's peer addresses of the run)",
     )
     p.add_argument("--listen", default=None, help="address to bind (default: own --peers entry)")
     auth(p, serve=True)

@@ -82,7 +82,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -195,6 +195,9 @@ class NodeTrainer:
         committed step equals the full-width one up to float rounding (the dropped columns only
         added zeros), except with weight decay, which would shrink the closed columns of the
         full-width shard (they do not affect the model: export drops them).
+    loss_fn : callable ``(outputs, targets) -> scalar tensor``, optional
+        The batch owner's loss (targets of any shape with the batch first); default
+        cross-entropy with integer labels (distillation when teacher logits are given).
     """
 
     def __init__(
@@ -214,6 +217,7 @@ class NodeTrainer:
         dp: DPConfig | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         compact: bool = False,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         program = plan.program
         k = shard.index
@@ -246,6 +250,7 @@ class NodeTrainer:
         self.distill = float(distill)
         self.temperature = float(temperature)
         self.max_message_bytes = max_message_bytes
+        self.loss_fn = loss_fn
         self.layer_of = {op.name: i for i, op in enumerate(program.ops)}
         self._open: dict[tuple[str, int, int], torch.Tensor] = {}
         self._sources: dict[str, list[int]] = {}
@@ -378,12 +383,16 @@ class NodeTrainer:
                     raise RuntimeError("program produced no output tensor")
                 logits = out.detach().requires_grad_(True)
                 assert y is not None
-                loss = distill_loss(
-                    logits,
-                    y,
-                    teacher_logits,
-                    self.distill if teacher_logits is not None else 0,
-                    self.temperature,
+                loss = (
+                    self.loss_fn(logits, y)
+                    if self.loss_fn is not None
+                    else distill_loss(
+                        logits,
+                        y,
+                        teacher_logits,
+                        self.distill if teacher_logits is not None else 0,
+                        self.temperature,
+                    )
                 )
                 loss.backward()
                 g_out = logits.grad
