@@ -80,6 +80,16 @@ class _ViewChain:
     positions: torch.Tensor
 
 
+@dataclass
+class _Permuted:
+    """A permutation that moves dim 0 (the batch) away, as attention's
+    ``qkv.reshape(B, T, 3, heads, hd).permute(2, 0, 3, 1, 4)`` does: pending until the moved
+    dim is indexed (``qkv[0]``), which brings the batch back to dim 0."""
+
+    source: str
+    dims: list[int]
+
+
 class _Holder(nn.Module):
     """The tensors an op slices when they are not a module's own ``weight`` / ``bias``."""
 
@@ -107,7 +117,8 @@ class ExportCapturer:
         self.builder = ProgramBuilder(num_nodes, capacities)
         self.num_nodes = num_nodes
         self.modules: dict[str, nn.Module] = {}
-        self.values: dict[fx.Node, Any] = {}  # program value name, _Tensor, _ViewChain, list
+        # program value name, _Tensor, _ViewChain, _Permuted, or a list of them
+        self.values: dict[fx.Node, Any] = {}
         self._placed: dict[tuple[Any, ...], str] = {}
         self._resolved: dict[int, str] = {}
         sig = ep.graph_signature
@@ -180,6 +191,11 @@ class ExportCapturer:
             return self._place(arg, v, partner)
         if isinstance(v, _ViewChain):
             return self._resolve(arg, v)
+        if isinstance(v, _Permuted):
+            raise self.fail(
+                f"a permutation {v.dims} that moves the batch dim 0, used other than by indexing "
+                "the dim it moved to the front"
+            )
         raise self.fail(f"argument {arg!r} is not a tensor of the model")
 
     def _place(self, node: fx.Node, t: _Tensor, partner: TensorInfo | None) -> str:

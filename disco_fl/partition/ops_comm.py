@@ -151,6 +151,11 @@ class _MixingSpec(OpSpec):
         if x.kind == "sharded":
             raise PartitionError(f"{op.name}: mixing layer input must go through an exchange")
         cdim = self._out_cdim(x)
+        if "layout" in op.attrs:  # chosen by the capture (e.g. whole attention heads per node)
+            layout = Layout.from_json(op.attrs["layout"], ctx.num_nodes)
+            if layout.num_channels != ctx.out_shape[cdim]:
+                raise PartitionError(f"{op.name}: layout of {layout.num_channels} channels")
+            return TensorInfo("sharded", ctx.out_shape, cdim, layout)
         sizes = split_sizes(
             ctx.out_shape[cdim], ctx.num_nodes, ctx.capacities, what=f"layer {op.module!r}"
         )

@@ -13,6 +13,7 @@ module type, function, or method name (see :mod:`disco_fl.partition.capture`). N
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,9 @@ class OpSpec(ABC):
     kind: ClassVar[str]
     mixing: ClassVar[bool] = False  # reads a ``gathered`` input
     coded_messages: ClassVar[bool] = True  # messages carry activations (the plan's codec)
+    # ``infer`` sets the output's ``batch_mult`` itself (a reshape that merges or splits dim 0);
+    # otherwise the builder copies it from an input with as many rows (see ProgramBuilder.emit)
+    sets_batch_mult: ClassVar[bool] = False
 
     @abstractmethod
     def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
@@ -122,6 +126,18 @@ class OpSpec(ABC):
     ) -> list[Traffic]:
         """Messages per sample; ``open_count(src, dst)`` gives open channels of an exchange."""
         return []
+
+
+def infer_info(spec: OpSpec, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
+    """``spec.infer`` plus the rows per sample of dim 0 (``batch_mult``): unless the spec sets
+    it (a reshape that merges or splits dim 0), copied from the input with as many rows (the
+    windows of a window partition stay merged into dim 0 through elementwise ops, linear
+    layers, matmul, softmax, ...). The builder and the plan's validation both use this."""
+    info = spec.infer(op, ins, ctx)
+    if spec.sets_batch_mult:
+        return info
+    mult = max((i.batch_mult for i in ins if i.shape[:1] == info.shape[:1]), default=1)
+    return info if mult == info.batch_mult else dataclasses.replace(info, batch_mult=mult)
 
 
 SPECS: dict[str, OpSpec] = {}
