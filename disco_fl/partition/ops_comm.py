@@ -133,7 +133,7 @@ class ExchangeSpec(OpSpec):
         for j in range(program.num_nodes):
             for k in range(program.num_nodes):
                 if j != k and (n := open_count(j, k)) > 0:
-                    out.append(Traffic(j, k, n * per, True, channels=n))
+                    out.append(Traffic(j, k, n * per, True, channels=n, rows=info.batch_mult))
         return out
 
 
@@ -269,7 +269,7 @@ class OutputSpec(OpSpec):
         r = program.requester
         per = info.elements_per_channel
         return [
-            Traffic(j, r, layout.count(j) * per, True, channels=layout.count(j))
+            Traffic(j, r, layout.count(j) * per, True, layout.count(j), info.batch_mult)
             for j in range(program.num_nodes)
             if j != r
         ]

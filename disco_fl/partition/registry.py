@@ -48,6 +48,7 @@ class Traffic:
     elements: int
     coded: bool  # True: activations, sent with the plan's codec; False: fp32 statistics
     channels: int = 0
+    rows: int = 1  # rows of dim 0 per sample (windows merged into it): int8 scales per sample
 
 
 class NodeContext(Protocol):
