@@ -19,7 +19,7 @@ Channel ownership is propagated op by op, as DTensor propagates ``Shard(dim)``:
 - a reshape may also merge each sample's windows into dim 0 or split them out again (Swin's
   window partition ``(B, H, W, C) -> (B * nW, ws * ws, C)`` and its reverse), as DTensor keeps
   ``Shard(C)`` through a view that carries ``C`` unchanged: the value then holds
-  ``batch_mult`` rows per sample, sample-major (:func:`~disco_fl.partition.ops_view.rows_per_sample`);
+  ``batch_mult`` rows per sample, sample-major (:func:`.ops_view.rows_per_sample`);
   merging the channel dim into dim 0, or rows that straddle samples, is refused;
 - permute / transpose move the channel dim (``permute``); one that moves dim 0 away
   (attention's ``qkv.permute(2, 0, 3, 1, 4)``) stays pending until the dim it moved to the
