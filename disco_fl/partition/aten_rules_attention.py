@@ -98,7 +98,7 @@ def head_layout(cap: ExportCapturer, node: fx.Node) -> Layout | None:
 def _linear(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str:
     x = cap.value(_x(a))
     attrs: dict[str, Any] = {}
-    if cap.info(x).kind != "replicated" and (layout := head_layout(cap, node)) is not None:
+    if (layout := head_layout(cap, node)) is not None:
         attrs["layout"] = layout.to_json()
     return cap.add("linear", [x], attrs, cap.module_of({"weight": a["weight"], "bias": a["bias"]}))
 
