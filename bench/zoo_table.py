@@ -9,6 +9,10 @@ reason of every refusal, as Markdown.
 Usage::
 
     python bench/zoo_table.py --out docs/zoo.md [--json zoo.json] [--only resnet18 ...]
+        [--resume earlier_stdout.log]
+
+The whole zoo takes tens of minutes on 2 busy cores; every row is printed as one JSON line as
+it is done, and ``--resume`` reuses the rows of such an earlier (interrupted) run's output.
 """
 
 from __future__ import annotations
@@ -84,11 +88,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/zoo.md"))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--resume", type=Path, help="stdout of an earlier run: reuse its rows")
     args = ap.parse_args()
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    if args.resume is not None:
+        for line in args.resume.read_text().splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                done[(r["model"], r["nodes"])] = r
     rows = []
     for name in args.only or tv_zoo.zoo_names():
         for nodes in NODES:
-            row = check(name, nodes)
+            row = done.get((name, nodes)) or check(name, nodes)
             print(json.dumps(row), flush=True)
             rows.append(row)
     command = "python bench/zoo_table.py --out " + str(args.out)
