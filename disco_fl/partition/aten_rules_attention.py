@@ -182,15 +182,24 @@ def _roll(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str:
     return cap.add("roll", [x], {"shifts": shifts, "dims": dims})
 
 
-@capture_aten(aten.new_zeros, aten.new_ones, aten.new_full, aten.zeros_like, aten.ones_like)
+@capture_aten(aten.new_zeros, aten.new_ones, aten.new_full)
 def _new_tensor(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> _Tensor:
-    """A tensor made from a model value's shape or dtype only (Swin's attention mask starts as
-    ``x.new_zeros((H, W))``): a constant of the model, filled in place by what follows."""
+    """A tensor of a given size made from a model value's dtype only (Swin's attention mask
+    starts as ``x.new_zeros((H, W))``): a constant of the model, filled in place by what
+    follows. A size that looks like the value's own, batch included, is refused: the batch
+    size would be baked into the constant."""
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         raise cap.fail("does not produce a single tensor")
+    src = cap.values.get(_x(a))
+    if (
+        isinstance(src, str)
+        and tuple(val.shape)[:1] == cap.info(src).shape[:1]
+        and (val.dim() == len(cap.info(src).shape))
+    ):
+        raise cap.fail("a new tensor of the batch's size would be a constant of that size")
     packet = node.target.overloadpacket  # type: ignore[union-attr]
-    if packet in (aten.new_ones, aten.ones_like):
+    if packet is aten.new_ones:
         fill = 1.0
     elif packet is aten.new_full:
         fill = float(a["fill_value"])
