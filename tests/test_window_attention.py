@@ -1,6 +1,7 @@
 """Windowed attention through the ``torch.export`` capture (issue 15): torchvision's own Swin
 (V1: shifted windows with an attention mask and a relative position bias; V2: cosine
-attention, continuous position bias) blocks and a MaxViT-style einsum attention, small.
+attention, continuous position bias) blocks, a MaxViT-style einsum attention and a
+timm-style ``scaled_dot_product_attention``, small.
 
 The window partition merges the windows of each sample into dim 0 (``batch_mult``): gates
 open, the emulation equals the original at N = 2, 3, 4 and any batch size; the runtime
@@ -16,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import disco_fl
@@ -67,12 +69,32 @@ class EinsumAttention(nn.Module):
         return self.proj(out.permute(0, 1, 3, 2, 4).reshape(x.shape[0], 4, 4, 8))
 
 
+class SdpaAttention(nn.Module):
+    """timm's attention: ``qkv.reshape(B, T, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)`` and
+    ``F.scaled_dot_product_attention`` with an additive bias per head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 12, 4, stride=4)
+        self.qkv = nn.Linear(12, 36)
+        self.proj = nn.Linear(12, 12)
+        self.bias = nn.Parameter(torch.randn(1, 3, 16, 16) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2)  # (B, 16, 12)
+        b, n, c = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, 3, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)  # (B, 3, 16, 4)
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
 def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model: nn.Module = {
         "swin": lambda: TinySwin(),
         "swin_v2": lambda: TinySwin(v2=True),
         "einsum": lambda: EinsumAttention(),
+        "sdpa": lambda: SdpaAttention(),
     }[name]()
     return model.eval(), torch.randn(2, 3, 16, 16)
 
@@ -83,7 +105,7 @@ def _masks(pm: disco_fl.PartitionedModel, seed: int) -> None:
         gates.set_mask(d, (torch.rand(gates.num_channels, generator=g) < 0.4).float())
 
 
-@pytest.mark.parametrize("name", ["swin", "swin_v2", "einsum"])
+@pytest.mark.parametrize("name", ["swin", "swin_v2", "einsum", "sdpa"])
 @pytest.mark.parametrize("nodes", [2, 3, 4])
 def test_gates_open_equals_original(name: str, nodes: int) -> None:
     model, x = _model(name)
@@ -116,10 +138,14 @@ def test_windows_are_rows_of_dim0_and_heads_stay_whole() -> None:
     assert not [o for o in prog.ops if o.kind == "reindex"]  # nothing re-sliced
 
 
-@pytest.mark.parametrize("codec", ["fp32", "int8"])
+@pytest.mark.parametrize(
+    "name,codec", [("swin", "fp32"), ("swin", "int8"), ("einsum", "fp32"), ("sdpa", "fp32")]
+)
 @pytest.mark.parametrize("nodes", [2, 4])  # 4: node 3 holds none of the 3 heads
-def test_runtime_equals_shards_and_plan_bytes(nodes: int, codec: str, tmp_path: Path) -> None:
-    model, x = _model("swin")
+def test_runtime_equals_shards_and_plan_bytes(
+    name: str, nodes: int, codec: str, tmp_path: Path
+) -> None:
+    model, x = _model(name)
     pm = disco_fl.partition(model, nodes, x, capture="export").eval()
     _masks(pm, nodes)
     pm.export(tmp_path, codec=codec)

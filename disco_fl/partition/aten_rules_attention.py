@@ -21,6 +21,7 @@ front end (:mod:`.capture_export`; the other rules are in :mod:`.aten_rules`).
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -60,9 +61,14 @@ def _heads_of(cap: ExportCapturer, node: fx.Node, lead: int) -> tuple[int, int, 
     if user.target not in _VIEWS:
         return None
     shape, out = cap.shape(node), cap.shape(user)
-    if tuple(out[:lead]) != tuple(shape[:lead]):
+    # the dims after which the output's product is the features (leading dims may merge)
+    cut = next(
+        (k for k in range(len(out)) if math.prod(out[k:]) == shape[-1]),
+        None,
+    )
+    if cut is None or math.prod(out[:cut]) != math.prod(shape[:lead]):
         return None
-    tail = out[lead:]
+    tail = out[cut:]
     if len(tail) == 3 and tail[0] == 3:
         return 3, tail[1], tail[2]
     if len(tail) == 2:
@@ -80,7 +86,7 @@ def head_layout(cap: ExportCapturer, node: fx.Node) -> Layout | None:
         return None
     parts, heads, hd = found
     features = shape[-1]
-    if heads < 2 or parts * heads * hd != features:
+    if heads < (1 if parts == 3 else 2) or parts * heads * hd != features:
         return None
     n = cap.num_nodes
     if heads >= n:
@@ -145,20 +151,26 @@ def _index_int(cap: ExportCapturer, x: str, d: int, i: int, name: str | None = N
     return cap.add("index", [x], {"index": entries}, shape=shape, name=name)
 
 
+def _pick(cap: ExportCapturer, v: _Permuted, i: int, name: str) -> str:
+    """``x.permute(dims)[i]`` (e.g. ``qkv.permute(2, 0, 3, 1, 4)[0]``): index the source's dim
+    ``dims[0]``, then permute the rest, which must bring the batch dim back to the front."""
+    src = v.dims[0]
+    i = _norm(i, cap.info(v.source).shape[src])
+    rest = [d - (d > src) for d in v.dims[1:]]
+    if rest[0] != 0:
+        raise cap.fail(f"a permutation {v.dims} that keeps the batch dim 0 away after indexing")
+    picked = _index_int(cap, v.source, src, i, name=f"{name}_pick")
+    if rest == sorted(rest):
+        return picked
+    out = tuple(cap.info(picked).shape[d] for d in rest)
+    return cap.add("permute", [picked], {"dims": rest}, shape=out, name=name)
+
+
 @capture_aten(aten.select)
 def _select_int(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str:
     v = cap.values.get(_x(a))
     if isinstance(v, _Permuted) and _norm(int(a["dim"]), len(v.dims)) == 0:
-        # qkv.permute(2, 0, 3, 1, 4)[i]: index the source's dim dims[0], then permute the rest
-        src = v.dims[0]
-        i = _norm(int(a["index"]), cap.info(v.source).shape[src])
-        rest = [d - (d > src) for d in v.dims[1:]]
-        if rest[0] != 0:
-            raise cap.fail(f"a permutation {v.dims} that keeps the batch dim 0 away after indexing")
-        picked = _index_int(cap, v.source, src, i, name=f"{node.name}_pick")
-        if rest == sorted(rest):
-            return picked
-        return cap.add("permute", [picked], {"dims": rest})
+        return _pick(cap, v, int(a["index"]), node.name)
     x = cap.value(_x(a))
     info = cap.info(x)
     d = _norm(int(a["dim"]), len(info.shape))
@@ -167,6 +179,10 @@ def _select_int(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str:
 
 @capture_aten(aten.unbind)
 def _unbind(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> list[str]:
+    v = cap.values.get(_x(a))
+    if isinstance(v, _Permuted) and _norm(int(a["dim"]), len(v.dims)) == 0:  # q, k, v = ...
+        size = cap.info(v.source).shape[v.dims[0]]
+        return [_pick(cap, v, i, f"{node.name}_{i}") for i in range(size)]
     x = cap.value(_x(a))
     info = cap.info(x)
     d = _norm(int(a["dim"]), len(info.shape))
@@ -273,6 +289,24 @@ def _einsum(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str:
             cap.add("permute", [x], {"dims": order}, shape=shape, name=f"{node.name}_{letters}")
         )
     return cap.add("matmul", _matmul_names(cap, names[0], names[1]))
+
+
+@capture_aten(aten.scaled_dot_product_attention)
+def _sdpa(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, scale=...)`` (eval: no dropout),
+    the heads split across nodes: the ``sdpa`` op (:mod:`.ops_window`)."""
+    if a.get("enable_gqa"):
+        raise cap.fail("grouped-query attention (enable_gqa) is not supported")
+    q = cap.value(a["query"])
+    names = [q, cap.value(a["key"], cap.info(q)), cap.value(a["value"], cap.info(q))]
+    if a.get("attn_mask") is not None:
+        names.append(cap.value(a["attn_mask"], cap.info(q)))
+    if float(a.get("dropout_p") or 0.0) > 0:
+        raise cap.fail("dropout inside scaled_dot_product_attention is not supported")
+    scale = a.get("scale")
+    attrs = {"is_causal": bool(a.get("is_causal"))}
+    attrs["scale"] = None if scale is None else float(scale)
+    return cap.add("sdpa", names, attrs)
 
 
 @capture_aten(aten.linalg_vector_norm)
