@@ -9,6 +9,8 @@ front end (:mod:`.capture_export`; the other rules are in :mod:`.aten_rules`).
 - a permutation that moves the batch dim away (``qkv.permute(2, 0, 3, 1, 4)``) stays pending
   (:class:`~.capture_export._Permuted`) until the dim moved to the front is indexed
   (``qkv[0]``), which gives an ``index`` of the source and a batch-first ``permute``.
+- ``scaled_dot_product_attention`` of per-head q, k, v: the ``sdpa`` op, local to the node
+  owning the heads (a mask with a heads dim is split like them);
 - ``matmul`` / ``einsum`` of per-head tensors (``q @ k^T``, ``attn @ v``): the ``matmul`` op
   (:mod:`.ops_window`), local to the node owning the heads; einsum only for equations that
   are a batched matmul after permutes (each operand and the output keep the same leading

@@ -1,5 +1,6 @@
-"""Ops of windowed attention (Swin, MaxViT): batched ``matmul`` of per-head tensors and
-``roll`` (the shift of shifted windows). Both are channel-local: the heads (or channels) of
+"""Ops of windowed attention (Swin, MaxViT, timm): batched ``matmul`` of per-head tensors,
+``sdpa`` (``F.scaled_dot_product_attention`` of per-head q, k, v) and ``roll`` (the shift of
+shifted windows). Both are channel-local: the heads (or channels) of
 a node stay on it and nothing is sent.
 
 - ``matmul``: ``a @ b`` of two tensors split along the same leading dim (the heads, e.g.
