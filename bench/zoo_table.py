@@ -15,7 +15,11 @@ plus the system-level tests of ``tests/test_zoo_system.py`` per family (:data:`S
 Usage::
 
     python bench/zoo_table.py --out docs/zoo.md [--json zoo.json] [--only resnet18 ...]
+        [--resume earlier_stdout.log]
     python bench/zoo_table.py --no-run --readme README.md   # README block from docs/zoo.md
+
+The whole zoo takes tens of minutes on 2 busy cores; every row is printed as one JSON line as
+it is done, and ``--resume`` reuses the rows of such an earlier (interrupted) run's output.
 """
 
 from __future__ import annotations
@@ -175,6 +179,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--readme", type=Path, help="also rewrite this README's zoo block")
     ap.add_argument("--no-run", action="store_true", help="use the table in --out as it is")
+    ap.add_argument("--resume", type=Path, help="stdout of an earlier run: reuse its rows")
     args = ap.parse_args()
     if not args.no_run:
         run(args)
@@ -184,10 +189,16 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    if args.resume is not None:
+        for line in args.resume.read_text().splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                done[(r["model"], r["nodes"])] = r
     rows = []
     for name in args.only or tv_zoo.zoo_names():
         for nodes in NODES:
-            row = check(name, nodes)
+            row = done.get((name, nodes)) or check(name, nodes)
             print(json.dumps(row), flush=True)
             rows.append(row)
     command = "python bench/zoo_table.py --out " + str(args.out)

@@ -239,15 +239,22 @@ def test_auto_falls_back_where_the_fx_trace_cannot_run() -> None:
 
 
 def test_refusal_names_op_layer_and_reason() -> None:
-    class Windows(nn.Module):
+    class ChannelsIntoBatch(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, c, h, w = x.shape
-            y = self.conv(x).view(b, 4, h // 2, 2, w // 2, 2).permute(0, 2, 4, 3, 5, 1)
-            return y.reshape(-1, 4, 4)  # windows into the batch dim
+            return self.conv(x).reshape(-1, h, w)  # the split channels into the batch dim
+
+    class AcrossSamples(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).permute(0, 2, 3, 1).reshape(1, -1)  # rows straddle samples
 
     class ChannelSoftmax(nn.Module):
         def __init__(self) -> None:
@@ -258,8 +265,10 @@ def test_refusal_names_op_layer_and_reason() -> None:
             return self.conv(x).softmax(dim=1)
 
     x = torch.randn(2, 3, 4, 4)
-    with pytest.raises(PartitionError, match=r"reshape.*merge or split the batch dim"):
-        disco_fl.partition(Windows(), 2, x, capture="export")
+    with pytest.raises(PartitionError, match=r"reshape.*channel dim 1 into dim 0"):
+        disco_fl.partition(ChannelsIntoBatch(), 2, x, capture="export")
+    with pytest.raises(PartitionError, match=r"reshape.*batch dim 0 across samples"):
+        disco_fl.partition(AcrossSamples(), 2, x, capture="export")
     with pytest.raises(PartitionError, match=r"softmax.*channel dim"):
         disco_fl.partition(ChannelSoftmax(), 2, x, capture="export")
     with pytest.raises(PartitionError, match="capture must be"):

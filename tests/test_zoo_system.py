@@ -26,7 +26,6 @@ from torch import nn
 
 import disco_fl
 from disco_fl.emulation.export import load_shard, run_shards
-from disco_fl.partition import PartitionError
 from disco_fl.partition.outputs import restore_output
 from disco_fl.runtime.inference import run_node
 from disco_fl.runtime.transport.grpc_transport import GrpcTransport
@@ -189,8 +188,6 @@ def _small_swin() -> nn.Module:
     return swin.eval()
 
 
-# enabled after merge of h15win
-@pytest.mark.xfail(raises=PartitionError, strict=True)
 def test_grpc_runtime_equals_emulation_swin(tmp_path: Path, grpc_nodes: Any) -> None:
     _runtime_equals_emulation(_small_swin(), torch.randn(1, 3, 32, 32), 2, tmp_path, grpc_nodes)
 

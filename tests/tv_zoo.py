@@ -28,15 +28,10 @@ BATCH = 2
 # heavy (marked slow, run with DISCO_FL_ZOO=all): all but the smallest model of each family,
 # and the largest (seconds of export and of shard-only execution each on 2 cores)
 HEAVY_PARAMS = 30_000_000
-# what the capture still refuses (issue 15: windowed attention), with the words its
-# PartitionError must contain; tests/test_zoo.py fails when one of them starts to partition
-KNOWN_REFUSALS = {
-    "maxvit_t": "unsupported op aten.einsum.default",
-    "swin_t": "would merge or split the batch dim 0",
-    "swin_s": "would merge or split the batch dim 0",
-    "swin_v2_t": "a permutation that moves the batch dim 0",
-    "swin_v2_s": "a permutation that moves the batch dim 0",
-}
+# what the capture still refuses, with the words its PartitionError must contain;
+# tests/test_zoo.py fails when one of them starts to partition (none since issue 15's
+# windowed attention: Swin, Swin V2 and MaxViT partition)
+KNOWN_REFUSALS: dict[str, str] = {}
 
 
 @functools.cache

@@ -22,11 +22,12 @@ class Codec:
     bytes_per_element: int
     scale_bytes_per_sample: int  # per message
 
-    def message_bytes(self, elements_per_sample: int) -> int:
-        """Payload bytes of one message for one sample (0 elements: no message, 0 bytes)."""
+    def message_bytes(self, elements_per_sample: int, rows: int = 1) -> int:
+        """Payload bytes of one message for one sample (0 elements: no message, 0 bytes);
+        ``rows``: rows of dim 0 per sample, each with its own int8 scale."""
         if elements_per_sample <= 0:
             return 0
-        return elements_per_sample * self.bytes_per_element + self.scale_bytes_per_sample
+        return elements_per_sample * self.bytes_per_element + self.scale_bytes_per_sample * rows
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """``decode(encode(x))`` in floating point, batch dimension first."""

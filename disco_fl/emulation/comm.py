@@ -74,7 +74,7 @@ def _bytes(traffic: list[Traffic], codec_name: str) -> tuple[int, dict[str, int]
     pairs: dict[str, int] = {}
     chans: dict[str, int] = {}
     for t in traffic:
-        b = codec.message_bytes(t.elements) if t.coded else 4 * t.elements
+        b = codec.message_bytes(t.elements, t.rows) if t.coded else 4 * t.elements
         key = f"{t.src}->{t.dst}"
         pairs[key] = pairs.get(key, 0) + b
         chans[key] = chans.get(key, 0) + t.channels

@@ -260,7 +260,7 @@ class PartitionedModel(nn.Module):
                     )  # global column order
                     shape = [1, -1] + [1] * (w.dim() - 2)
                     pieces.append(w * columns[exch][k].view(shape))
-                out[name] = torch.cat(pieces, 0)
+                out[name] = _assemble(pieces, layout)  # rows in global order
             elif layout is None:
                 out[name] = states[0][name]
             else:

@@ -170,8 +170,11 @@ def message_problem(
         if t.dim() != len(info.shape) or (strict and shape[1:] != tuple(info.shape[1:])):
             return f"input of shape {shape}, the plan expects {info.shape}"
         return None
-    if (batch is not None or strict) and (t.dim() == 0 or t.shape[0] != batch):
-        return f"message of shape {shape} for batch size {batch}"
+    rows = None if batch is None else batch * info.batch_mult  # windows merged into dim 0
+    if (batch is not None or strict) and (t.dim() == 0 or t.shape[0] != rows):
+        return f"message of shape {shape} for batch size {batch}" + (
+            f" ({info.batch_mult} rows per sample)" if info.batch_mult != 1 else ""
+        )
     cdim = info.cdim
     if channels and cdim is not None and (t.dim() != len(info.shape) or t.shape[cdim] != channels):
         return f"message of shape {shape}, expected {channels} channels at dim {cdim}"

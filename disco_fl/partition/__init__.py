@@ -2,6 +2,7 @@
 
 from disco_fl.partition import (  # noqa: F401  (register specs and capture rules)
     aten_rules,
+    aten_rules_attention,
     capture_attention,
     capture_layers,
     capture_tensor,
@@ -13,6 +14,7 @@ from disco_fl.partition import (  # noqa: F401  (register specs and capture rule
     ops_shape,
     ops_view,
     ops_vision,
+    ops_window,
 )
 from disco_fl.partition.capture import (
     capture,

@@ -3,7 +3,8 @@
 One function per family of ATen ops, registered with :func:`~.capture_export.capture_aten`:
 it receives the op's arguments by schema name and emits ops of the registry (see
 :mod:`.ops_local`, :mod:`.ops_shape`, :mod:`.ops_comm`, :mod:`.ops_norm`, :mod:`.ops_view`,
-:mod:`.ops_vision`).
+:mod:`.ops_vision`); linear layers, permutes, indexing and the ops of attention are in
+:mod:`.aten_rules_attention`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import fx, nn
 
 from disco_fl.partition.capture_export import (
     ExportCapturer,
+    _Permuted,
     _Tensor,
     _ViewChain,
     capture_aten,
@@ -87,12 +89,6 @@ def _conv(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str:
         ]
     attrs["groups"] = groups
     return cap.add("gconv2d_mixing", [x], attrs, cap.module_of(tensors, dense=dense))
-
-
-@capture_aten(aten.linear)
-def _linear(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str:
-    x = cap.value(_x(a))
-    return cap.add("linear", [x], {}, cap.module_of({"weight": a["weight"], "bias": a["bias"]}))
 
 
 @capture_aten(aten.batch_norm, aten._native_batch_norm_legit_no_training)
@@ -204,7 +200,7 @@ def _drop_path(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str:
 def _identity(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> Any:
     src = _x(a)
     v = cap.values.get(src)
-    if isinstance(v, (_ViewChain, _Tensor)):
+    if isinstance(v, (_ViewChain, _Tensor, _Permuted)):
         return v  # stays pending
     return cap.add("identity", [cap.value(src)])
 
@@ -342,15 +338,12 @@ def _reshape_to(cap: ExportCapturer, src: Any, out: tuple[int, ...]) -> Any:
         return _ViewChain(v.source, v.positions.reshape(1, *out[1:]))
     x = cap.value(src)
     info = cap.info(x)
-    if out[0] != info.shape[0] or math.prod(out[1:]) != math.prod(info.shape[1:]):
-        raise cap.fail(
-            f"a reshape of {info.shape} to {out} would merge or split the batch dim 0 (e.g. a "
-            "window partition); every partitioned value keeps dim 0 as its batch"
-        )
     try:
         reshape_info(info, out, cap.num_nodes)
     except PartitionError:
-        if info.kind != "sharded":
+        if info.kind != "sharded" or info.batch_mult != 1 or out[0] != info.shape[0]:
+            raise
+        if math.prod(out[1:]) != math.prod(info.shape[1:]):
             raise
         n = math.prod(info.shape[1:])
         return _ViewChain(x, torch.arange(n).view(1, *info.shape[1:]).reshape(1, *out[1:]))
@@ -368,32 +361,6 @@ def _reshape_to(cap: ExportCapturer, src: Any, out: tuple[int, ...]) -> Any:
 )
 def _reshape(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> Any:
     return _reshape_to(cap, _x(a), cap.shape(node))
-
-
-def _permute_to(cap: ExportCapturer, src: Any, dims: list[int]) -> Any:
-    v = cap.values.get(src)
-    if isinstance(v, _ViewChain):
-        if dims[0] != 0:
-            raise cap.fail("a permutation that moves the batch dim 0")
-        return _ViewChain(v.source, v.positions.permute(*dims))
-    x = cap.value(src)
-    return cap.add("permute", [x], {"dims": dims})
-
-
-@capture_aten(aten.permute)
-def _permute(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> Any:
-    nd = len(cap.shape(node))
-    return _permute_to(cap, _x(a), [_norm(int(d), nd) for d in a["dims"]])
-
-
-@capture_aten(aten.transpose, aten.swapaxes, aten.swapdims)
-def _transpose(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> Any:
-    nd = len(cap.shape(node))
-    d0 = _norm(int(a.get("dim0", a.get("axis0", 0))), nd)
-    d1 = _norm(int(a.get("dim1", a.get("axis1", 0))), nd)
-    dims = list(range(nd))
-    dims[d0], dims[d1] = dims[d1], dims[d0]
-    return _permute_to(cap, _x(a), dims)
 
 
 def _select(cap: ExportCapturer, x: str, dim: int, idx: list[int], out: tuple[int, ...]) -> str:
@@ -426,21 +393,6 @@ def _slice(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str:
     else:
         rng = range(shape[d])[slice(a["start"], a["end"], a["step"])]
     return _select(cap, x, d, list(rng), cap.shape(node))
-
-
-@capture_aten(aten.select)
-def _select_int(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str:
-    x = cap.value(_x(a))
-    info = cap.info(x)
-    d = _norm(int(a["dim"]), len(info.shape))
-    i = _norm(int(a["index"]), info.shape[d])
-    if d == 0:
-        raise cap.fail("indexing the batch dim 0")
-    if info.kind == "sharded" and info.cdim == d:
-        raise cap.fail("selecting one channel of the split channel dim")
-    entries: list[list[Any]] = [["all"]] * len(info.shape)
-    entries[d] = ["int", i]
-    return cap.add("index", [x], {"index": entries})
 
 
 @capture_aten(aten.chunk, aten.split, aten.split_with_sizes, aten.unsafe_split)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from disco_fl.partition.program import Op, Program, TensorInfo
-from disco_fl.partition.registry import InferContext, PartitionError, get_spec
+from disco_fl.partition.registry import InferContext, PartitionError, get_spec, infer_info
 
 
 class _ConstHolder(nn.Module):
@@ -56,7 +56,7 @@ class ProgramBuilder:
             ]
         ctx = InferContext(self.num_nodes, out_shape, self.capacities)
         try:
-            info = spec.infer(op, [self.infos[v] for v in op.inputs], ctx)
+            info = infer_info(spec, op, [self.infos[v] for v in op.inputs], ctx)
         except ValueError as e:  # PartitionError included
             raise PartitionError(f"{where()}: {e}") from None
         self.ops.append(op)

@@ -16,7 +16,14 @@ Channel ownership is propagated op by op, as DTensor propagates ``Shard(dim)``:
   follows); chains of views and permutes after which no single dim carries the owner (a
   channel shuffle on 4 nodes) are composed on element positions and emitted as one
   ``reindex`` when they end in the input's shape;
-- permute / transpose move the channel dim (``permute``);
+- a reshape may also merge each sample's windows into dim 0 or split them out again (Swin's
+  window partition ``(B, H, W, C) -> (B * nW, ws * ws, C)`` and its reverse), as DTensor keeps
+  ``Shard(C)`` through a view that carries ``C`` unchanged: the value then holds
+  ``batch_mult`` rows per sample, sample-major (:func:`.ops_view.rows_per_sample`);
+  merging the channel dim into dim 0, or rows that straddle samples, is refused;
+- permute / transpose move the channel dim (``permute``); one that moves dim 0 away
+  (attention's ``qkv.permute(2, 0, 3, 1, 4)``) stays pending until the dim it moved to the
+  front is indexed (``qkv[0]``), see :mod:`.aten_rules_attention`;
 - slicing, ``chunk``, ``split`` of the channel dim select channels (``reindex``), of other
   dims index them (``index``); ``cat`` concatenates layouts.
 
@@ -83,6 +90,16 @@ class _ViewChain:
     positions: torch.Tensor
 
 
+@dataclass
+class _Permuted:
+    """A permutation that moves dim 0 (the batch) away, as attention's
+    ``qkv.reshape(B, T, 3, heads, hd).permute(2, 0, 3, 1, 4)`` does: pending until the moved
+    dim is indexed (``qkv[0]``), which brings the batch back to dim 0."""
+
+    source: str
+    dims: list[int]
+
+
 class _Holder(nn.Module):
     """The tensors an op slices when they are not a module's own ``weight`` / ``bias``."""
 
@@ -110,7 +127,8 @@ class ExportCapturer:
         self.builder = ProgramBuilder(num_nodes, capacities)
         self.num_nodes = num_nodes
         self.modules: dict[str, nn.Module] = {}
-        self.values: dict[fx.Node, Any] = {}  # program value name, _Tensor, _ViewChain, list
+        # program value name, _Tensor, _ViewChain, _Permuted, or a list of them
+        self.values: dict[fx.Node, Any] = {}
         self._placed: dict[tuple[Any, ...], str] = {}
         self._resolved: dict[int, str] = {}
         sig = ep.graph_signature
@@ -183,6 +201,11 @@ class ExportCapturer:
             return self._place(arg, v, partner)
         if isinstance(v, _ViewChain):
             return self._resolve(arg, v)
+        if isinstance(v, _Permuted):
+            raise self.fail(
+                f"a permutation {v.dims} that moves the batch dim 0, used other than by indexing "
+                "the dim it moved to the front"
+            )
         raise self.fail(f"argument {arg!r} is not a tensor of the model")
 
     def _place(self, node: fx.Node, t: _Tensor, partner: TensorInfo | None) -> str:

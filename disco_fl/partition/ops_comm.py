@@ -133,7 +133,7 @@ class ExchangeSpec(OpSpec):
         for j in range(program.num_nodes):
             for k in range(program.num_nodes):
                 if j != k and (n := open_count(j, k)) > 0:
-                    out.append(Traffic(j, k, n * per, True, channels=n))
+                    out.append(Traffic(j, k, n * per, True, channels=n, rows=info.batch_mult))
         return out
 
 
@@ -151,6 +151,11 @@ class _MixingSpec(OpSpec):
         if x.kind == "sharded":
             raise PartitionError(f"{op.name}: mixing layer input must go through an exchange")
         cdim = self._out_cdim(x)
+        if "layout" in op.attrs:  # chosen by the capture (e.g. whole attention heads per node)
+            layout = Layout.from_json(op.attrs["layout"], ctx.num_nodes)
+            if layout.num_channels != ctx.out_shape[cdim]:
+                raise PartitionError(f"{op.name}: layout of {layout.num_channels} channels")
+            return TensorInfo("sharded", ctx.out_shape, cdim, layout)
         sizes = split_sizes(
             ctx.out_shape[cdim], ctx.num_nodes, ctx.capacities, what=f"layer {op.module!r}"
         )
@@ -290,7 +295,7 @@ class OutputSpec(OpSpec):
         r = program.requester
         per = info.elements_per_channel
         return [
-            Traffic(j, r, layout.count(j) * per, True, channels=layout.count(j))
+            Traffic(j, r, layout.count(j) * per, True, layout.count(j), info.batch_mult)
             for j in range(program.num_nodes)
             if j != r
         ]

@@ -39,6 +39,8 @@ ACTIVATIONS: dict[str, Any] = {
     "elu": lambda x, a: F.elu(x, a.get("alpha", 1.0)),
     "hardtanh": lambda x, a: F.hardtanh(x, a.get("min_val", -1.0), a.get("max_val", 1.0)),
     "identity": lambda x, a: x,
+    "clamp": lambda x, a: torch.clamp(x, a.get("min"), a.get("max")),
+    "exp": lambda x, a: torch.exp(x),
 }
 
 

@@ -86,7 +86,7 @@ class FlattenSpec(OpSpec):
 
 @register_spec
 class ReduceSpec(OpSpec):
-    """``mean`` / ``sum`` / ``amax`` over non-channel dims."""
+    """``mean`` / ``sum`` / ``amax`` / ``l2`` (vector norm) over non-channel dims."""
 
     kind = "reduce"
 
@@ -112,6 +112,8 @@ class ReduceSpec(OpSpec):
             return torch.mean(x, dim=dims, keepdim=keep)
         if a["fn"] == "sum":
             return torch.sum(x, dim=dims, keepdim=keep)
+        if a["fn"] == "l2":  # F.normalize's norm
+            return torch.linalg.vector_norm(x, 2, dim=dims, keepdim=keep)
         return torch.amax(x, dim=dims, keepdim=keep)
 
 

@@ -48,12 +48,36 @@ from disco_fl.partition.registry import (
 
 
 def owner_labels(info: TensorInfo) -> torch.Tensor:
-    """``(1, *shape[1:])`` tensor: the owner node of every element of one sample."""
+    """``(batch_mult, *shape[1:])`` tensor: the owner node of every element of one sample."""
     assert info.cdim is not None
     owners = torch.tensor(layout_of(info, "value").owners, dtype=torch.long)
     view = [1] * len(info.shape)
     view[info.cdim] = -1
-    return owners.view(view).expand(1, *info.shape[1:]).contiguous()
+    return owners.view(view).expand(info.batch_mult, *info.shape[1:]).contiguous()
+
+
+def rows_per_sample(x: TensorInfo, out: Sequence[int]) -> int:
+    """``batch_mult`` of ``x.reshape(out)``: the rows of dim 0 per sample after the reshape.
+
+    A reshape keeps the row-major order of elements, so as long as every output row lies
+    within one sample, the rows stay sample-major: a window partition ``(B, nH, nW, ws, ws, C)
+    -> (B * nH * nW, ws * ws, C)`` gives ``nH * nW`` rows per sample, the reverse gives 1.
+    A reshape whose rows would straddle samples is a :class:`PartitionError`."""
+    rem = x.shape[0] % x.batch_mult
+    per_sample = x.batch_mult * math.prod(x.shape[1:])
+    row = math.prod(out[1:])
+    if (
+        rem
+        or row == 0
+        or per_sample % row
+        or out[0] * x.batch_mult != x.shape[0] * (per_sample // row)
+    ):
+        raise PartitionError(
+            f"a reshape of {tuple(x.shape)} to {tuple(out)} would merge or split the batch dim "
+            f"0 across samples (dim 0 holds {x.batch_mult} row(s) per sample; a reshape may "
+            "only merge whole samples' spatial dims into it, e.g. a window partition)"
+        )
+    return per_sample // row
 
 
 def resolve_dim_owner(labels: torch.Tensor) -> tuple[int, list[int]] | None:
@@ -74,16 +98,19 @@ def resolve_dim_owner(labels: torch.Tensor) -> tuple[int, list[int]] | None:
 
 
 def reshape_info(x: TensorInfo, out_shape: Sequence[int], num_nodes: int) -> TensorInfo:
-    """Ownership of ``x.reshape(out_shape)`` (see the module docstring)."""
+    """Ownership of ``x.reshape(out_shape)`` (see the module docstring); dim 0 may merge or
+    split rows within a sample (:func:`rows_per_sample`), never the channel dim."""
     out = tuple(int(s) for s in out_shape)
-    if out[0] != x.shape[0] or math.prod(out[1:]) != math.prod(x.shape[1:]):
-        raise PartitionError(
-            f"a reshape of {tuple(x.shape)} to {out} would merge or split the batch dim 0 "
-            "(e.g. a window partition); every partitioned value keeps dim 0 as its batch"
-        )
+    mult = rows_per_sample(x, out)
     if x.kind == "replicated":
-        return TensorInfo("replicated", out)
-    labels = owner_labels(x).reshape(1, *out[1:])
+        return TensorInfo("replicated", out, batch_mult=mult)
+    labels = owner_labels(x).reshape(mult, *out[1:])
+    if mult > 1 and not bool((labels == labels[:1]).all()):
+        raise PartitionError(
+            f"a reshape of {tuple(x.shape)} to {out} would move the split channel dim "
+            f"{x.cdim} into dim 0, the batch dim (only whole windows of every channel may be "
+            "merged into it)"
+        )
     found = resolve_dim_owner(labels)
     if found is None:
         raise PartitionError(
@@ -91,15 +118,17 @@ def reshape_info(x: TensorInfo, out_shape: Sequence[int], num_nodes: int) -> Ten
             "several dims (no single channel dim)"
         )
     d, owners = found
-    return TensorInfo("sharded", out, d, Layout(tuple(owners), num_nodes))
+    return TensorInfo("sharded", out, d, Layout(tuple(owners), num_nodes), mult)
 
 
 @register_spec
 class ReshapeSpec(OpSpec):
-    """``x.reshape(B, *attrs["shape"])`` with the batch read at run time (view, flatten,
-    unsqueeze, squeeze); the channel dim and layout follow :func:`reshape_info`."""
+    """``x.reshape(B * batch_mult, *attrs["shape"])`` with the batch ``B`` read at run time
+    (view, flatten, unsqueeze, squeeze, window partition and its reverse); the channel dim,
+    the layout and the rows per sample follow :func:`reshape_info`."""
 
     kind = "reshape"
+    sets_batch_mult = True
 
     def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
         x = _one_tensor(op, ins)
@@ -111,11 +140,14 @@ class ReshapeSpec(OpSpec):
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
     ) -> Any:
         x = xs[0]
-        sizes = [x.shape[0]] + [int(s) for s in op.attrs["shape"]]
         info = node.program.infos[op.name]
+        src = node.program.infos[op.inputs[0]]
+        rows = x.shape[0] // src.batch_mult * info.batch_mult  # the batch is read at run time
+        sizes = [rows] + [int(s) for s in op.attrs["shape"]]
         if info.kind == "sharded":
             assert info.cdim is not None
-            sizes[info.cdim] = -1  # this node's channel count
+            # this node's channel count (0 for a node without heads: fewer heads than nodes)
+            sizes[info.cdim] = -1 if x.numel() else 0
         return x.reshape(sizes)
 
 

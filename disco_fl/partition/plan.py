@@ -17,7 +17,7 @@ from typing import Any
 from disco_fl.core.codecs import get_codec
 from disco_fl.partition import InferContext, PartitionError, Program, get_spec
 from disco_fl.partition.head import head_op
-from disco_fl.partition.registry import HasOpenChannels
+from disco_fl.partition.registry import HasOpenChannels, infer_info
 
 PLAN_FORMAT = "disco_fl.plan/1"
 
@@ -150,10 +150,11 @@ def validate_program(program: Program) -> None:
         try:
             spec = get_spec(op.kind)
             ins = [program.infos[i] for i in op.inputs]
-            got = spec.infer(op, ins, InferContext(program.num_nodes, rec.shape))
+            got = infer_info(spec, op, ins, InferContext(program.num_nodes, rec.shape))
         except (PartitionError, KeyError, TypeError, ValueError, IndexError) as e:
             raise PlanError(f"invalid op {op.name!r} ({op.kind}): {e}") from None
-        if spec.mixing:  # slice sizes may be uneven (capacities): check the structure only
+        if spec.mixing and "layout" not in op.attrs:
+            # slice sizes may be uneven (capacities): check the structure only
             lay = rec.layout
             ok = (
                 rec.kind == got.kind
@@ -166,6 +167,7 @@ def validate_program(program: Program) -> None:
                     all(lay.count(k) > 0 for k in range(program.num_nodes))
                     or (set(lay.owners) == {program.requester} and _is_head(program, op.name))
                 )
+                and rec.batch_mult == got.batch_mult
             )
             if ok:
                 try:

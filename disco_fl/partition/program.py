@@ -27,17 +27,24 @@ class TensorInfo:
     shape
         Global shape measured on the example input (batch and token counts are free at run
         time; channel counts are fixed).
+    batch_mult
+        Rows of dim 0 per sample: dim 0 holds ``batch * batch_mult`` rows, sample-major (row
+        ``r`` belongs to sample ``r // batch_mult``). 1 for every value whose dim 0 is the
+        batch; a window partition (Swin: ``(B, H, W, C) -> (B * nW, ws * ws, C)``) merges the
+        windows of each sample into dim 0 and sets it to ``nW``.
     """
 
     kind: ValueKind
     shape: tuple[int, ...]
     cdim: int | None = None  # channel dimension (non-negative) for sharded / gathered
     layout: Layout | None = None
+    batch_mult: int = 1
 
     @property
     def elements_per_channel(self) -> int:
-        """Elements of one channel of one sample (product of dims other than batch and cdim)."""
-        n = 1
+        """Elements of one channel of one sample (product of dims other than batch and cdim,
+        times the rows per sample)."""
+        n = self.batch_mult
         for d, s in enumerate(self.shape):
             if d not in (0, self.cdim):
                 n *= s
@@ -47,6 +54,8 @@ class TensorInfo:
         out: dict[str, Any] = {"kind": self.kind, "shape": list(self.shape), "cdim": self.cdim}
         if self.layout is not None:
             out["layout"] = self.layout.to_json()
+        if self.batch_mult != 1:
+            out["batch_mult"] = self.batch_mult
         return out
 
     @staticmethod
@@ -56,8 +65,15 @@ class TensorInfo:
             raise ValueError(f"invalid value kind {kind!r}")
         layout = Layout.from_json(d["layout"], num_nodes) if "layout" in d else None
         cdim = d.get("cdim")
+        mult = int(d.get("batch_mult", 1))
+        if mult < 1:
+            raise ValueError(f"invalid batch_mult {mult}")
         return TensorInfo(
-            kind, tuple(int(s) for s in d["shape"]), None if cdim is None else int(cdim), layout
+            kind,
+            tuple(int(s) for s in d["shape"]),
+            None if cdim is None else int(cdim),
+            layout,
+            mult,
         )
 
 

@@ -13,6 +13,7 @@ module type, function, or method name (see :mod:`disco_fl.partition.capture`). N
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class Traffic:
     elements: int
     coded: bool  # True: activations, sent with the plan's codec; False: fp32 statistics
     channels: int = 0
+    rows: int = 1  # rows of dim 0 per sample (windows merged into it): int8 scales per sample
 
 
 class NodeContext(Protocol):
@@ -89,6 +91,9 @@ class OpSpec(ABC):
     # a sum over input channels: computes its own channels' part while peers' are in flight
     # (:meth:`compute_own`, :meth:`add_received`; see :mod:`disco_fl.node.driver`)
     overlaps: ClassVar[bool] = False
+    # ``infer`` sets the output's ``batch_mult`` itself (a reshape that merges or splits dim 0);
+    # otherwise the builder copies it from an input with as many rows (see ProgramBuilder.emit)
+    sets_batch_mult: ClassVar[bool] = False
 
     @abstractmethod
     def infer(self, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
@@ -144,6 +149,18 @@ class OpSpec(ABC):
     ) -> list[Traffic]:
         """Messages per sample; ``open_count(src, dst)`` gives open channels of an exchange."""
         return []
+
+
+def infer_info(spec: OpSpec, op: Op, ins: Sequence[TensorInfo], ctx: InferContext) -> TensorInfo:
+    """``spec.infer`` plus the rows per sample of dim 0 (``batch_mult``): unless the spec sets
+    it (a reshape that merges or splits dim 0), copied from the input with as many rows (the
+    windows of a window partition stay merged into dim 0 through elementwise ops, linear
+    layers, matmul, softmax, ...). The builder and the plan's validation both use this."""
+    info = spec.infer(op, ins, ctx)
+    if spec.sets_batch_mult:
+        return info
+    mult = max((i.batch_mult for i in ins if i.shape[:1] == info.shape[:1]), default=1)
+    return info if mult == info.batch_mult else dataclasses.replace(info, batch_mult=mult)
 
 
 SPECS: dict[str, OpSpec] = {}

@@ -64,7 +64,7 @@ def predict_step_bytes(
     for op in program.ops:
         coded = get_spec(op.kind).coded_messages
         for t in op_traffic(program, op, open_count):
-            f = (c.message_bytes(t.elements) if coded else 4 * t.elements) * batch
+            f = (c.message_bytes(t.elements, t.rows) if coded else 4 * t.elements) * batch
             b = 0 if op.kind == "input" else 4 * t.elements * batch
             if selection_frames and op.kind == "exchange":
                 layout = program.infos[op.name].layout

@@ -259,6 +259,14 @@ class DPState:
                 f"{', '.join(seq)} is sequence first (nn.MultiheadAttention / "
                 f"nn.TransformerEncoderLayer with batch_first=False); use batch_first=True"
             )
+        windows = [op.name for op in program.ops if program.infos[op.name].batch_mult > 1]
+        if windows:
+            raise ValueError(
+                f"differential privacy takes each row of dim 0 as one sample, but "
+                f"{', '.join(windows[:3])}{' ...' if len(windows) > 3 else ''} hold several rows "
+                f"per sample (windows merged into the batch dim, as Swin's window attention "
+                f"does); per-sample gradients of such models are not supported yet"
+            )
         drop = [
             op.name
             for op in program.ops
