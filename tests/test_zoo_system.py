@@ -100,7 +100,11 @@ def _runtime_equals_emulation(
     scale = float(_leaf(want).abs().max())
     err = float((_leaf(got) - _leaf(want)).abs().max())
     assert _leaf(got).shape == _leaf(want).shape and err <= 1e-5 * scale, err / scale
-    assert torch.equal(_leaf(got), _leaf(run_shards(nodes, x)))  # == shard-only, bit for bit
+    # == shard-only execution; not bit for bit: the nodes here compute at the same time in one
+    # process, and two threads sharing the OpenMP pool may split a large convolution's sums
+    # differently (seen once under heavy load), so within 1e-6 of the output's scale
+    shards = _leaf(run_shards(nodes, x))
+    assert float((_leaf(got) - shards).abs().max()) <= 1e-6 * scale
     assert _counted_payload(ts) == _expected_payload(Household(nodes, x, _leaf(want)))
     for t in ts:
         assert not t.errors, list(t.errors)
