@@ -104,11 +104,17 @@ SYSTEM_TESTS: dict[str, tuple[str, tuple[str, ...]]] = {
         ),
     ),
     "convnext": (
-        "joint training == emulation, DP (noise 0) == Opacus; on a small net of its `CNBlock`",
+        "joint training == emulation (also with stochastic depth), DP (noise 0) == Opacus; on a "
+        "small net of its `CNBlock`",
         (
             "test_convnext_joint_training_equals_emulation",
             "test_convnext_dp_noise_zero_equals_opacus",
         ),
+    ),
+    "swin": (
+        "runtime over gRPC == emulation (N = 2, sparse masks; a small torchvision "
+        "`SwinTransformer`)",
+        ("test_grpc_runtime_equals_emulation_swin",),
     ),
 }
 
