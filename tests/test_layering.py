@@ -77,3 +77,20 @@ def test_no_relative_imports_and_no_top_level_app_packages() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert node.level == 0, f"{path}: relative import"
+
+
+def test_the_emulation_does_not_load_the_wire() -> None:
+    """``import disco_fl`` (partition, emulation) loads neither protobuf nor gRPC: a model that
+    never leaves the process does not pay for the network stack's modules (issue 14's memory
+    comparison caught it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, disco_fl; "
+        "print(sorted(m for m in sys.modules if m.startswith(('google.protobuf', 'grpc'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "[]", out.stdout

@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 
-from disco_fl.core.wire import codec_enum
 from disco_fl.partition import Op, Program, Traffic, get_spec, op_traffic
 from disco_fl.partition.registry import OpenCount, OpSpec
-from disco_fl.proto_gen.disco.v1 import peer_pb2
-
-Frame = peer_pb2.Frame
 
 
 def direction_of(op: Op, coded: bool) -> int:
     """Frame direction of the forward messages of ``op``."""
+    # the wire's enums, imported on first use: ``import disco_fl`` (the emulation) does not
+    # load protobuf
+    from disco_fl.proto_gen.disco.v1.peer_pb2 import Frame
+
     if op.kind == "input":
         return Frame.INPUT
     if op.kind == "output":
@@ -60,6 +60,8 @@ def schedule(program: Program, k: int, open_count: OpenCount, codec: str) -> lis
     (a plan's hard masks: :func:`~disco_fl.partition.plan_open_count`; every channel of the
     slice: :func:`~disco_fl.partition.full_open_count`); ``codec`` the activations' codec.
     """
+    from disco_fl.core.wire import codec_enum  # on first use (see direction_of)
+
     last_use = {name: i for i, op in enumerate(program.ops) for name in op.inputs}
     readers: dict[str, list[Op]] = {}
     for op in program.ops:
