@@ -394,7 +394,15 @@ def _worker_infer(spec: dict[str, Any]) -> dict[str, Any]:
             x = data[t % len(data)][0] if data is not None else None
             before = sum(tr.payload_bytes_sent().values())
             t0 = time.perf_counter()
-            run_node(node, tr, x, session_id=f"infer/{t}", step=t, timeout=600.0)
+            run_node(
+                node,
+                tr,
+                x,
+                session_id=f"infer/{t}",
+                step=t,
+                timeout=600.0,
+                overlap=spec.get("overlap", True),
+            )
             dt = time.perf_counter() - t0
             if t >= spec["warmup"]:
                 times.append(dt)
@@ -450,6 +458,7 @@ def _run_config(
             "steps": s["train_steps"] if phase == "train" else s["infer_reps"],
             "out": str(out),
             "compact": s["compact"],
+            "overlap": s["overlap"],
         }
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
         running.append(subprocess.Popen(cmd, env=env))
@@ -472,6 +481,7 @@ def _run_config(
         "peak_rss_mb_per_node": max(r["peak_mb"] for r in res),
         "model_mb_per_node": max(model_mb),
         "model_mb_each_node": [round(m, 1) for m in model_mb],
+        **({"overlap": s["overlap"]} if mode == "distributed" and phase == "infer" else {}),
         "baseline_rss_mb_each_node": [round(r["base_mb"], 1) for r in res],
     }
 
@@ -504,13 +514,28 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="distributed training without compact weights (every weight column trained)",
     )
+    ap.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="distributed inference without compute / transfer overlap (issue 17)",
+    )
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="run only these MODE/PHASE pairs, comma-separated (e.g. distributed/infer)",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
         worker(json.loads(args.worker))
         return 0
     torch.set_num_threads(1)
-    s = {**SETTINGS["quick" if args.quick else "full"], "compact": not args.full_width}
+    s = {
+        **SETTINGS["quick" if args.quick else "full"],
+        "compact": not args.full_width,
+        "overlap": not args.no_overlap,
+    }
+    only = set(args.only.split(",")) if args.only else None
     t_start = time.monotonic()
     rows: list[dict[str, Any]] = []
     plans: dict[str, Any] = {}
@@ -526,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                 modes += ["emulation", "distributed"]
                 modes += ["clientapp"] if phase == "train" and i == 0 else []
                 for mode in modes:
+                    if only is not None and f"{mode}/{phase}" not in only:
+                        continue
                     n = 1 if mode == "whole_model" else NODES
                     row = _run_config(root, plan_name, mode, phase, n, s)
                     if phase == "train" and mode != "whole_model":
@@ -546,16 +573,15 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda r: (r["phase"] != "train", r["plan"], r["mode"] != "whole_model"))
     table = _table(rows)
     print(table)
-    whole_train = next(r for r in rows if r["mode"] == "whole_model" and r["phase"] == "train")
+    whole_rows = [r for r in rows if r["mode"] == "whole_model" and r["phase"] == "train"]
+    whole_train = whole_rows[0]["model_mb_per_node"] if whole_rows else float("nan")  # --only
     bar = {
-        r["plan"]: r["model_mb_per_node"] / whole_train["model_mb_per_node"]
+        r["plan"]: r["model_mb_per_node"] / whole_train
         for r in rows
         if r["mode"] == "distributed" and r["phase"] == "train"
     }
     clientapp = {
-        r["plan"]: r["model_mb_per_node"] / whole_train["model_mb_per_node"]
-        for r in rows
-        if r["mode"] == "clientapp"
+        r["plan"]: r["model_mb_per_node"] / whole_train for r in rows if r["mode"] == "clientapp"
     }
     print(f"train model MB per node / whole model: {bar} (bar: <= 0.6); wall {wall:.0f} s")
     print(f"ClientApp train call, model MB per node / whole model: {clientapp}")

@@ -223,3 +223,24 @@ def test_overlap_receives_exchanged_channels_after_the_own_part(shards) -> None:
     nodes, x = shards
     assert _recv_after_its_op(nodes, x, overlap=False) == 0
     assert _recv_after_its_op(nodes, x, overlap=True) > 0
+
+
+def test_overlap_accumulates_in_place_without_gradients() -> None:
+    """An overlapped mixing layer adds a peer's part into its partial sum in place (batch slice
+    by batch slice) when no gradient flows, and out of place when one does; same values."""
+    from disco_fl.partition.ops_comm import _accumulate
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, generator=g)
+    part = torch.randn(19, 3, generator=g)  # 19: the slices do not divide the batch
+    partial = torch.randn(19, 5, generator=g)
+    want = partial + part @ w.T
+    with torch.no_grad():
+        got = _accumulate(partial.clone(), part, lambda p: p @ w.T)
+        buf = partial.clone()
+        assert _accumulate(buf, part, lambda p: p @ w.T) is buf  # in place
+    torch.testing.assert_close(got, want)
+    leaf = partial.clone().requires_grad_()
+    out = _accumulate(leaf, part, lambda p: p @ w.T)
+    assert out is not leaf and out.grad_fn is not None  # autograd keeps its graph
+    torch.testing.assert_close(out.detach(), want)

@@ -25,8 +25,8 @@ SEGMENTATION = ("fcn_", "deeplabv3_", "lraspp_")
 MIN_SIDE = {"inception_v3": 96, "maxvit_t": 224}
 SIDE = 32
 BATCH = 2
-# heavy (marked slow, run with DISCO_FL_ZOO=all): all but the smallest model of each family,
-# and the largest (seconds of export and of shard-only execution each on 2 cores)
+# heavy (left out by DISCO_FL_ZOO=smallest): all but the smallest model of each family, and the
+# largest (seconds of export and of shard-only execution each on 2 cores)
 HEAVY_PARAMS = 30_000_000
 # what the capture still refuses, with the words its PartitionError must contain;
 # tests/test_zoo.py fails when one of them starts to partition (none since issue 15's

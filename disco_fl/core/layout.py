@@ -76,6 +76,9 @@ class Layout:
     _cache: dict[int, torch.Tensor] = field(
         default_factory=dict, compare=False, hash=False, repr=False
     )
+    _runs: list[tuple[int, int]] = field(  # to_json's, computed once (plans hash often)
+        default_factory=list, compare=False, hash=False, repr=False
+    )
 
     @staticmethod
     def contiguous(sizes: Sequence[int]) -> Layout:
@@ -119,13 +122,15 @@ class Layout:
 
     def to_json(self) -> list[list[int]]:
         """Run-length encoding ``[[owner, count], ...]``."""
-        runs: list[list[int]] = []
-        for k in self.owners:
-            if runs and runs[-1][0] == k:
-                runs[-1][1] += 1
-            else:
-                runs.append([k, 1])
-        return runs
+        if not self._runs and self.owners:
+            runs: list[list[int]] = []
+            for k in self.owners:
+                if runs and runs[-1][0] == k:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([k, 1])
+            self._runs.extend((k, n) for k, n in runs)
+        return [[k, n] for k, n in self._runs]
 
     @staticmethod
     def from_json(runs: Sequence[Sequence[int]], num_nodes: int) -> Layout:

@@ -160,11 +160,18 @@ class ExportedShard:
 
 
 def load_shard(
-    plan_path: str | Path, k: int, shard_path: str | Path | None = None
+    plan_path: str | Path,
+    k: int,
+    shard_path: str | Path | None = None,
+    *,
+    plan: Plan | None = None,
 ) -> ExportedShard:
-    """Rebuild node ``k`` from ``plan.json`` and its own file, checking everything strictly."""
+    """Rebuild node ``k`` from ``plan.json`` and its own file, checking everything strictly.
+
+    ``plan``: the plan already loaded from ``plan_path`` (:meth:`Plan.load`), to load several
+    shards of one plan in one process without parsing and validating it again."""
     plan_path = Path(plan_path)
-    plan = Plan.load(plan_path)
+    plan = Plan.load(plan_path) if plan is None else plan
     if not 0 <= k < plan.num_nodes:
         raise PlanError(f"node index {k} out of range for a {plan.num_nodes}-node plan")
     if len(plan.shards) != plan.num_nodes:

@@ -328,6 +328,14 @@ def round_budget(server_round: int, num_rounds: int, budget: float, finetune_rou
     Geometric from 1 to ``budget`` over the gate rounds: round ``r`` of ``G = num_rounds -
     finetune_rounds`` gate rounds gets ``budget ** (r / G)``; the fine-tuning rounds (the last
     ``finetune_rounds``) and every round when ``G <= 0`` get ``budget``.
+
+    :class:`~disco_fl.fl.server.strategy.DiscoStrategy` uses it so: the gate penalty is
+    ``lam / target``, with ``lam`` (start ``init_penalty``) following dual ascent once per
+    round, ``lam += dual_lr * (E / target - 1)`` (``E``: expected exchange fraction of the
+    aggregated gates). Before every round and every evaluation the hard masks are set to the
+    highest gate logits that fit the round's target
+    (:func:`~disco_fl.emulation.budget.calibrate_masks`); the last ``finetune_rounds`` (and
+    every round under DP) train the weights with the masks fixed.
     """
     gate_rounds = num_rounds - finetune_rounds
     if gate_rounds <= 0 or server_round > gate_rounds:

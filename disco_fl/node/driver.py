@@ -194,6 +194,25 @@ def drive(
             )
         return t
 
+    def read_deferred(st: Step, d: Deferred) -> Generator[Event, Any, Any]:
+        """``st``'s value from the exchange ``d``: its own channels' part first, then each
+        peer's part as it arrives (received by the first reader, kept for the others). A
+        function of its own, so that nothing of ``d`` outlives the read in this frame."""
+        cdim = program.infos[d.step.op.name].cdim
+        assert cdim is not None
+        value = st.spec.compute_own(st.op, ctx, d.own)  # while the peers' are in flight
+        offset = d.own.shape[cdim]
+        first = d.received is None
+        got = d.received if d.received is not None else {}
+        d.received = got
+        froms = dict(d.step.in_from)
+        for src in ctx.sources(d.step.op):
+            if first:
+                got[src] = yield from receive(d.step, src, froms[src], d.own)
+            value = st.spec.add_received(st.op, ctx, value, got[src], offset)
+            offset += got[src].shape[cdim]
+        return value
+
     for st in steps:
         op = st.op
         if deadline is not None and time.monotonic() > deadline:
@@ -216,20 +235,7 @@ def drive(
         if executor.overlap and st.deferrable and st.in_from and _has_channels(program, st, xs):
             value: Any = Deferred(st, xs[0])  # its readers receive the messages
         elif len(xs) == 1 and isinstance(xs[0], Deferred):
-            d = xs[0]
-            cdim = program.infos[d.step.op.name].cdim
-            assert cdim is not None
-            value = st.spec.compute_own(op, ctx, d.own)  # while the peers' are in flight
-            offset = d.own.shape[cdim]
-            first = d.received is None
-            got = d.received if d.received is not None else {}
-            d.received = got
-            froms = dict(d.step.in_from)
-            for src in ctx.sources(d.step.op):
-                if first:
-                    got[src] = yield from receive(d.step, src, froms[src], d.own)
-                value = st.spec.add_received(op, ctx, value, got[src], offset)
-                offset += got[src].shape[cdim]
+            value = yield from read_deferred(st, xs[0])
         else:
             for src, traffic in st.in_from:
                 t = yield from receive(st, src, traffic, xs[0] if xs else None)

@@ -306,7 +306,7 @@ def _sdpa(cap: ExportCapturer, node: fx.Node, a: dict[str, Any]) -> str:
     if float(a.get("dropout_p") or 0.0) > 0:
         raise cap.fail("dropout inside scaled_dot_product_attention is not supported")
     scale = a.get("scale")
-    attrs = {"is_causal": bool(a.get("is_causal"))}
+    attrs: dict[str, Any] = {"is_causal": bool(a.get("is_causal"))}
     attrs["scale"] = None if scale is None else float(scale)
     return cap.add("sdpa", names, attrs)
 

@@ -137,6 +137,27 @@ class ExchangeSpec(OpSpec):
         return out
 
 
+ACCUMULATE_SLICES = 8  # batch slices of an in-place accumulation (inference)
+
+
+def _accumulate(
+    partial: torch.Tensor, part: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``partial + fn(part)``, where ``fn`` maps samples to samples (a mixing layer's product
+    with a block of its weight columns). Without gradients (inference) it is added in place,
+    a slice of the batch at a time, so that an overlapped mixing layer holds one output-sized
+    tensor, not three (the partial sum, the part's product, their sum): the same peak memory
+    as without overlap (``bench/train.py``, distributed inference)."""
+    if part.dim() < 2 or (
+        torch.is_grad_enabled() and (partial.requires_grad or part.requires_grad)
+    ):
+        return partial + fn(part)
+    step = -(-part.shape[0] // ACCUMULATE_SLICES)
+    for i in range(0, part.shape[0], max(step, 1)):
+        partial[i : i + step].add_(fn(part[i : i + step]))
+    return partial
+
+
 class _MixingSpec(OpSpec):
     """Common part of conv2d / linear: node ``k`` owns a contiguous slice of output channels."""
 
@@ -216,7 +237,9 @@ class Conv2dSpec(_MixingSpec):
     ) -> torch.Tensor:
         a = op.attrs
         w = node.state(op)["weight"][:, offset : offset + part.shape[1]]
-        return partial + F.conv2d(part, w, None, a["stride"], a["padding"], a["dilation"])
+        return _accumulate(
+            partial, part, lambda p: F.conv2d(p, w, None, a["stride"], a["padding"], a["dilation"])
+        )
 
 
 @register_spec
@@ -245,7 +268,7 @@ class LinearSpec(_MixingSpec):
         self, op: Op, node: NodeContext, partial: torch.Tensor, part: torch.Tensor, offset: int
     ) -> torch.Tensor:
         w = node.state(op)["weight"][:, offset : offset + part.shape[-1]]
-        return partial + F.linear(part, w)
+        return _accumulate(partial, part, lambda p: F.linear(p, w))
 
 
 @register_spec

@@ -38,6 +38,21 @@ class RunState:
     dp_history: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
     capacities: tuple[float, ...] | None = None  # of the partition; None: equal slices
 
+    @classmethod
+    def of(cls, strategy: Any, rounds_done: int, arrays: dict[str, torch.Tensor]) -> RunState:
+        """The state of a :class:`~disco_fl.fl.server.strategy.DiscoStrategy` after
+        ``rounds_done`` rounds, with the global ``arrays``."""
+        return cls(
+            rounds_done=rounds_done,
+            num_rounds=strategy.num_rounds,
+            settings=strategy.settings(),
+            arrays=arrays,
+            lam=strategy.lam,
+            history=strategy.history,
+            dp_history=strategy.dp_history,
+            capacities=strategy.capacities,
+        )
+
 
 def save_run(path: Path, state: RunState) -> None:
     """Write ``state`` to ``path`` atomically, with its checksum."""

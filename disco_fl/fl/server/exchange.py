@@ -21,6 +21,7 @@ from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 POLL_S = 0.5  # seconds between two pulls of replies
@@ -122,4 +123,16 @@ class HouseholdGrid(Grid):
         return all(h in bad or seen[h] >= shards for h, shards in want.items())
 
 
-__all__ = ["POLL_S", "HouseholdGrid"]
+def shift_rounds(result: Result, offset: int) -> Result:
+    """``result`` of Flower's loop with its rounds counted from the start of the run (after a
+    resume, Flower counts the rounds of this start)."""
+    for name in (
+        "train_metrics_clientapp",
+        "evaluate_metrics_clientapp",
+        "evaluate_metrics_serverapp",
+    ):
+        setattr(result, name, {r + offset: m for r, m in getattr(result, name).items()})
+    return result
+
+
+__all__ = ["POLL_S", "HouseholdGrid", "shift_rounds"]

@@ -20,13 +20,8 @@ a joint round without the failed one). ``start`` hands Flower a
 stops there. Rounds in logs, history, checkpoints and ``Result`` count from the start of the
 run (after a resume, Flower's own ``[ROUND i/n]`` lines count this start's rounds).
 
-**Budget schedule** (:func:`~disco_fl.fl.federated.round_budget`): the gate rounds' target falls
-geometrically to ``budget``; the gate penalty is ``lam / target``, with ``lam`` (start
-``init_penalty``) following dual ascent once per round, ``lam += dual_lr * (E / target - 1)``
-(``E``: expected exchange fraction of the aggregated gates). Before every round and every
-evaluation the hard masks are set to the highest gate logits that fit the round's target
-(:func:`~disco_fl.emulation.budget.calibrate_masks`); the last ``finetune_rounds`` (and every round
-under DP) train the weights with the masks fixed.
+**Budget schedule**: :func:`~disco_fl.fl.federated.round_budget` (targets, the penalty and its
+dual ascent, the hard masks of each round).
 """
 
 from __future__ import annotations
@@ -66,7 +61,7 @@ from disco_fl.fl.server.aggregation import (
 )
 from disco_fl.fl.server.checkpoint import CHECKPOINT_NAME, RunState, load_run, save_run
 from disco_fl.fl.server.devices import fit_to_roster, fitted_arrays, set_capacities
-from disco_fl.fl.server.exchange import HouseholdGrid
+from disco_fl.fl.server.exchange import HouseholdGrid, shift_rounds
 from disco_fl.fl.server.messages import (
     CLIPPING_NORM_KEY,
     WRAPPED_BY_FLOWER_DP,
@@ -185,9 +180,7 @@ class DiscoStrategy(Strategy):
         self.eval_every = int(eval_every)
         self.eval_batch_size = int(eval_batch_size)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.capacities: tuple[float, ...] | None = (
-            None  # of the nodes (disco_fl.fl.server.devices)
-        )
+        self.capacities: tuple[float, ...] | None = None  # see disco_fl.fl.server.devices
         self.dense = spec.build_dense()  # partitioned again when the roster has capacities
         self.pm = spec.partition(self.dense)
         self.made_arrays: ArrayRecord | None = None  # the last initial_arrays()
@@ -436,19 +429,7 @@ class DiscoStrategy(Strategy):
         path = self.checkpoint_path()
         if path is None:
             return
-        save_run(
-            path,
-            RunState(
-                rounds_done=done_rounds,
-                num_rounds=self.num_rounds,
-                settings=self.settings(),
-                arrays=arrays.to_torch_state_dict(),
-                lam=self.lam,
-                history=self.history,
-                dp_history=self.dp_history,
-                capacities=self.capacities,
-            ),
-        )
+        save_run(path, RunState.of(self, done_rounds, arrays.to_torch_state_dict()))
 
     def resume(self) -> ArrayRecord | None:
         """Load the last checkpoint, if any: returns the global arrays (and sets the rounds
@@ -513,14 +494,7 @@ class DiscoStrategy(Strategy):
             self._evaluate_fn = None
         if not result.arrays and self._arrays is not None:
             result.arrays = self._arrays  # no round completed a household: the start's model
-        off = self.round_offset
-        for name in (
-            "train_metrics_clientapp",
-            "evaluate_metrics_clientapp",
-            "evaluate_metrics_serverapp",
-        ):
-            setattr(result, name, {r + off: m for r, m in getattr(result, name).items()})
-        return result
+        return shift_rounds(result, self.round_offset)
 
 
 __all__ = ["DPSettings", "DiscoStrategy"]

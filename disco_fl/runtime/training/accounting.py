@@ -6,7 +6,11 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+from torch import nn
+
 from disco_fl.core.codecs import get_codec
+from disco_fl.core.gates import PairGates, prob_open
 from disco_fl.partition import Program, get_spec, op_traffic
 
 
@@ -77,6 +81,26 @@ def predict_step_bytes(
             out.forward += f
             out.backward += b
     return out
+
+
+def gate_penalty(program: Program, gates: nn.ModuleDict, weight: float) -> torch.Tensor | None:
+    """``weight`` times this node's part of the household's expected exchange fraction (the
+    stochastic gates' budget term): the expected open channels of its ``gates`` (one
+    :class:`PairGates` per exchange, towards each destination), weighted by elements per
+    channel, over the dense exchange elements of the whole household. Differentiable in the
+    gate logits; ``None`` for a program without exchanges."""
+    den = 0.0
+    num = torch.zeros(())
+    for e in program.exchanges:
+        layout = program.infos[e.name].layout
+        assert layout is not None
+        per = program.infos[e.name].elements_per_channel
+        den += sum(layout.count(j) * (program.num_nodes - 1) * per for j in range(layout.num_nodes))
+        g = gates[e.name]
+        assert isinstance(g, PairGates)
+        for d in g.dests:
+            num = num + prob_open(g.log_alpha[str(d)]).sum() * per
+    return weight * num / den if den else None
 
 
 def selection_bytes(channels: int, width: int) -> int:

@@ -89,12 +89,12 @@ from typing import Any, Literal
 
 import torch
 
-from disco_fl.core.gates import PairGates, prob_open
+from disco_fl.core.gates import PairGates
 from disco_fl.core.wire import DEFAULT_MAX_MESSAGE_BYTES
 from disco_fl.emulation.budget import distill_loss
 from disco_fl.node.shard import NodeShard
-from disco_fl.partition import Program
 from disco_fl.partition.plan import Plan
+from disco_fl.runtime.training.accounting import gate_penalty
 from disco_fl.runtime.training.checkpoint import (
     check_checkpoint,
     checkpoint_state,
@@ -398,7 +398,10 @@ class NodeTrainer:
                 g_out = logits.grad
                 loss_value = float(loss.detach())
             if not empty:
-                self._gate_penalty(program)
+                if self.gate_mode == "stochastic" and self.gate_penalty != 0.0:
+                    term = gate_penalty(program, self.shard.gates, self.gate_penalty)
+                    if term is not None:
+                        term.backward()
                 backward(self, ctx, io_, records, g_out)
             c2 = self._sent()
             if self.dp_state is not None:
@@ -446,26 +449,6 @@ class NodeTrainer:
     def _zero_grads(self) -> None:
         for p in self.shard.parameters():
             p.grad = None
-
-    def _gate_penalty(self, program: Program) -> None:
-        """Add ``gate_penalty * (this node's part of the expected exchange fraction)``."""
-        if self.gate_mode != "stochastic" or self.gate_penalty == 0.0:
-            return
-        den = 0.0
-        num = torch.zeros(())
-        for e in program.exchanges:
-            layout = program.infos[e.name].layout
-            assert layout is not None
-            per = program.infos[e.name].elements_per_channel
-            den += sum(
-                layout.count(j) * (program.num_nodes - 1) * per for j in range(layout.num_nodes)
-            )
-            g = self.shard.gates[e.name]
-            assert isinstance(g, PairGates)
-            for d in g.dests:
-                num = num + prob_open(g.log_alpha[str(d)]).sum() * per
-        if den:
-            (self.gate_penalty * num / den).backward()
 
     # ---- checkpoints (see :mod:`disco_fl.runtime.training.checkpoint`) ---------------------------
     def state_dict(self) -> dict[str, Any]:
