@@ -7,7 +7,7 @@ models the capture still refuses are listed in ``tv_zoo.KNOWN_REFUSALS`` with th
 them the test asserts a :class:`PartitionError` that names the layer, and it fails when such a
 model starts to partition (update the list) or when any other model is refused.
 ``bench/zoo_table.py`` writes the table (``docs/zoo.md``). The default suite runs every model
-(about 6 minutes on 2 cores: exports are cached per model for its two node counts);
+(about 4 minutes on 2 cores: each export serves both node counts);
 ``DISCO_FL_ZOO=smallest python -m pytest tests/test_zoo.py`` runs the smallest model of each
 family (a quick loop while developing an op).
 """
