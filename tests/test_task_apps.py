@@ -272,10 +272,9 @@ def test_infer_writes_the_masks_of_a_segmentation_plan(
 # ---- disco-fl demo --task ------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_demo_super_resolution_reports_psnr(tmp_path: Path) -> None:
     """The real local deployment (SuperLink, SuperNodes, serve) with the super-resolution
-    task, kept small: one household, one round of a few steps (about 1 min on 2 cores)."""
+    task, kept small: one household, one round of 6 steps (60 s on 2 shared cores)."""
     import os
 
     from tests.test_flower_e2e import _run_demo

@@ -44,6 +44,7 @@ from disco_fl.cli.deployment import (
 )
 from disco_fl.core.files import save_torch
 from disco_fl.fl.federated import TASK_DEFAULTS, ModelSpec, builtin_tensors
+from disco_fl.models import MODEL_TASKS
 from disco_fl.partition.plan import Plan
 from disco_fl.tasks import TASKS, get_task
 
@@ -157,8 +158,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             setattr(args, name, v)
     if getattr(args, "model", None) is None:
         args.model = TASK_DEFAULTS[task]["name"]
-    if args.dp and task != "classification":
-        raise ValueError(f"--dp needs a GroupNorm model; the {task} demo's has BatchNorm")
+    if args.dp and args.model in MODEL_TASKS:
+        raise ValueError(f"--dp needs a GroupNorm model; {args.model} has BatchNorm")
     dense_task = task != "classification"
     metric = get_task(task).metric_name
     if not 0.0 < args.budget <= 1.0:
