@@ -27,6 +27,7 @@ from disco_fl.models.segmentation import SegSmall
 from disco_fl.runtime.serving.outputs import png_bytes, voc_palette
 from disco_fl.tasks import mean_iou, psnr_db
 from tests.conftest import run_nodes
+from tests.test_flower_contract import _train_config
 from tests.test_serve import Household, start_household  # noqa: F401 (a fixture)
 from tests.test_shards import _random_masks
 
@@ -37,16 +38,6 @@ def _ids(flower_run_identity: None) -> None:
 
 
 # ---- the round config and the model spec ---------------------------------------------------
-
-
-def _train_config(**over: Any) -> TrainConfig:
-    kw: dict[str, Any] = dict(
-        server_round=1, household="a", shard=0, peers=("h:1", "h:2"), token="t", plan="{}",
-        owners=(0,), owner_examples=(40,), steps=5, batch_size=8, lr=1e-3, gate_lr=0.5,
-        gate_mode="stochastic", gate_penalty=2.0, budget=0.3,
-    )  # fmt: skip
-    kw.update(over)
-    return TrainConfig(**kw)
 
 
 def test_round_config_carries_the_task() -> None:

@@ -227,11 +227,7 @@ def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
         "n": n,
         "predictions": rows,
         "accuracy": None,
-        "infer_s": dt,
-        "images_per_s": n / dt if dt > 0 else None,
-        "wall_s": time.perf_counter() - t0,
-        "degraded": bool(missing),
-        "missing_nodes": missing,
+        **_timing(n, dt, t0, missing),
     }
     if inputs.labels is not None:
         acc = float((pred.numpy() == inputs.labels).mean())
@@ -241,6 +237,17 @@ def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result
+
+
+def _timing(n: int, dt: float, t0: float, missing: list[int]) -> dict[str, Any]:
+    """The figures of an ``infer`` run's JSON beside its outputs."""
+    return {
+        "infer_s": dt,
+        "images_per_s": n / dt if dt > 0 else None,
+        "wall_s": time.perf_counter() - t0,
+        "degraded": bool(missing),
+        "missing_nodes": missing,
+    }
 
 
 def _dense_result(
@@ -274,11 +281,7 @@ def _dense_result(
         "n": n,
         "task": task,
         **wrote,
-        "infer_s": dt,
-        "images_per_s": n / dt if dt > 0 else None,
-        "wall_s": time.perf_counter() - t0,
-        "degraded": bool(missing),
-        "missing_nodes": missing,
+        **_timing(n, dt, t0, missing),
     }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
