@@ -90,6 +90,34 @@ def test_strategy_sends_the_task_in_every_message() -> None:
         assert m.content.config_records["config"]["task"] == "super_resolution"
 
 
+def test_node_data_of_a_dense_task_from_a_users_npz(tmp_path: Path) -> None:
+    """A ``.npz`` of images + digit labels: targets derived as the built-in ones; of images +
+    ``targets``: the user's own, split 80 / 20; bad targets refused by name."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    labels = np.arange(10) % 10
+    np.savez(tmp_path / "digits.npz", images=images, labels=labels)
+    d = node_data(str(tmp_path / "digits.npz"), task="segmentation")
+    assert d.y_train.shape == (8, 28, 28) and len(d.y_eval) == 2
+    assert set(d.y_train.unique().tolist()) <= set(range(SEGMENTATION_CLASSES))
+    masks = rng.integers(0, 4, (10, 28, 28)).astype(np.int32)
+    np.savez(tmp_path / "own.npz", images=images, targets=masks)
+    d = node_data(str(tmp_path / "own.npz"), task="segmentation")
+    got = torch.cat([d.y_train, d.y_eval])
+    assert got.dtype == torch.long and len(d.y_eval) == 2
+    assert sorted(m.numpy().tobytes() for m in got) == sorted(
+        m.astype(np.int64).tobytes() for m in masks
+    )
+    small = images[:, ::2, ::2].copy()
+    np.savez(tmp_path / "sr.npz", images=small, targets=images)
+    d = node_data(str(tmp_path / "sr.npz"), task="super_resolution")
+    assert d.x_train.shape == (8, 1, 14, 14) and d.y_eval.shape == (2, 1, 28, 28)
+    assert float(d.x_train.max()) <= 1.0 and float(d.y_train.min()) >= 0.0
+    np.savez(tmp_path / "bad.npz", images=images, targets=masks[:, :5])
+    with pytest.raises(ValueError, match="segmentation 'targets' must be integer"):
+        node_data(str(tmp_path / "bad.npz"), task="segmentation")
+
+
 # ---- the ClientApp with a dense task, on the built-in data ---------------------------------
 
 DATA = "builtin:0/20"  # 125 training, 50 held-out images of the built-in set

@@ -10,7 +10,8 @@ Node settings (``flower-supernode --node-config``):
 - ``data`` (str, optional): local training data: a ``.npz`` (``images``, ``labels``) or
   ``builtin:i/n`` (partition i of n of the built-in set's private part); empty: none. For a
   segmentation or super-resolution round (the round config's ``task``) the targets are
-  derived from the images as the built-in ones are (:func:`disco_fl.data.task_data`).
+  derived from the images as the built-in ones are (:func:`disco_fl.data.task_data`), or a
+  ``.npz`` gives ``images`` and its own ``targets`` (:func:`disco_fl.fl.local_data.node_data`).
 - ``eval-data`` (str, optional): a ``.npz`` of held-out data (default: 20 % of ``data``).
 - ``capacity`` (number or ``"probe"``, optional): this device's relative throughput (e.g.
   ``disco-fl probe``'s GFLOP/s); ``"probe"`` measures it when the roster asks (about 1 s).

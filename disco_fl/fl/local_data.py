@@ -93,7 +93,8 @@ def node_data(spec: str, eval_spec: str = "", task: str = "classification") -> N
     for evaluation. A path: a ``.npz`` with ``images`` and ``labels``; evaluation uses
     ``eval_spec`` (another ``.npz``) or, if empty, a stratified 20 % held out of the file.
     For segmentation and super-resolution the targets are derived from the images and their
-    digit labels as the built-in ones are (:func:`disco_fl.data.task_data`).
+    digit labels as the built-in ones are (:func:`disco_fl.data.task_data`), or given: a
+    ``.npz`` with ``images`` and ``targets`` (:func:`_npz`).
     """
     spec = spec.strip()
     if task not in ("classification", *PIXEL_TASKS):
@@ -111,15 +112,50 @@ def node_data(spec: str, eval_spec: str = "", task: str = "classification") -> N
             sel = idx[hh]
             out.append(_tensors(images[sel], labels[sel], task))
         return NodeData(out[0][0], out[0][1], out[1][0], out[1][1])
-    images, labels = load_npz(Path(spec))
-    x, y = _tensors(images, labels, task)
+    x, y, labels = _npz(Path(spec), task)
     if eval_spec.strip():
-        ei, el = load_npz(Path(eval_spec.strip()))
-        return NodeData(x, y, *_tensors(ei, el, task))
+        return NodeData(x, y, *_npz(Path(eval_spec.strip()), task)[:2])
     n = len(y)
     n_eval = max(1, n // 5) if n > 1 else 0
-    tr, te = stratified_split(np.asarray(labels), [n - n_eval, n_eval], seed=BUILTIN_SEED)
+    tr, te = stratified_split(labels, [n - n_eval, n_eval], seed=BUILTIN_SEED)
     return NodeData(x[tr], y[tr], x[te], y[te])
+
+
+def _npz(path: Path, task: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``(x, y, labels to stratify by)`` of a node's ``.npz``: ``images`` + ``labels``
+    (targets derived for a dense task), or for a dense task ``images`` + ``targets`` (your
+    own: segmentation class maps ``(N, H, W)``; super-resolution uint8 images at the output
+    size, scaled to [0, 1] as the inputs are; no stratification)."""
+    if task != "classification" and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                own = "targets" in z.files and "images" in z.files
+                images, targets = (z["images"], z["targets"]) if own else (None, None)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"could not read npz file {str(path)!r}: {e}") from e
+        if images is not None and targets is not None:
+            return (*_own_targets(images, targets, task, path), np.zeros(len(images), np.int64))
+    images, labels = load_npz(path)
+    return (*_tensors(images, labels, task), np.asarray(labels))
+
+
+def _own_targets(
+    images: np.ndarray, targets: np.ndarray, task: str, path: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(targets) != len(images):
+        raise ValueError(
+            f"{path}: 'images' must be uint8 (N, H, W[, C]) with one target each, got "
+            f"{images.dtype} {images.shape} and {len(targets)} targets"
+        )
+    if task == "segmentation":
+        if targets.shape != images.shape[:3] or targets.dtype.kind not in "iu":
+            raise ValueError(f"{path}: segmentation 'targets' must be integer (N, H, W) maps")
+        if targets.size and targets.min() < 0:
+            raise ValueError(f"{path}: segmentation 'targets' must be class indices >= 0")
+        return to_tensor(images), torch.as_tensor(targets.astype(np.int64))
+    if targets.dtype != np.uint8 or targets.ndim != images.ndim:
+        raise ValueError(f"{path}: super-resolution 'targets' must be uint8 images like 'images'")
+    return to_tensor(images, 0.0, 1.0), to_tensor(targets, 0.0, 1.0)
 
 
 __all__ = [
