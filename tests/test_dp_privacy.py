@@ -256,7 +256,7 @@ def _client_round(
     monkeypatch.setattr(DPState, "sample_batch", spy_sample, raising=False)
     monkeypatch.setattr(ca, "_transport", lambda cfg, plan, k, *a: hub[k])
     monkeypatch.setattr(
-        ca, "_data", lambda ctx: owner_data if int(ctx.node_config["shard"]) == 0 else none
+        ca, "_data", lambda ctx, *_: owner_data if int(ctx.node_config["shard"]) == 0 else none
     )
 
     def go(k: int) -> Any:

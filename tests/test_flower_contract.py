@@ -371,7 +371,9 @@ def test_client_train_round_never_partitions_the_model(
     for k in range(2):
         hub[k].close = lambda *a, **kw: None  # type: ignore[method-assign]
     monkeypatch.setattr(ca, "_transport", lambda cfg, plan, k, *a: hub[k])
-    monkeypatch.setattr(ca, "_data", lambda ctx: owner if ctx.node_config["shard"] == 0 else none)
+    monkeypatch.setattr(
+        ca, "_data", lambda ctx, *_: owner if ctx.node_config["shard"] == 0 else none
+    )
     try:
         replies = run_nodes(lambda k: ca.train(msgs[k], _context(k)), 2)
     finally:

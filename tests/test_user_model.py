@@ -205,7 +205,9 @@ def _household(monkeypatch: pytest.MonkeyPatch, data: NodeData) -> Any:
     for k in range(2):
         hub[k].close = lambda *a, **kw: None  # type: ignore[method-assign]
     monkeypatch.setattr(ca, "_transport", lambda cfg, plan, k, *a: hub[k])
-    monkeypatch.setattr(ca, "_data", lambda ctx: data if ctx.node_config["shard"] == 0 else none)
+    monkeypatch.setattr(
+        ca, "_data", lambda ctx, *_: data if ctx.node_config["shard"] == 0 else none
+    )
     return ca, hub
 
 

@@ -14,9 +14,11 @@ from disco_fl.data.datasets import (
 )
 from disco_fl.data.pixel_tasks import (
     INK_THRESHOLD,
+    PIXEL_TASKS,
     SEGMENTATION_CLASSES,
     segmentation_data,
     super_resolution_data,
+    task_data,
 )
 from disco_fl.data.splits import largest_remainder, split_households, stratified_split
 
@@ -26,6 +28,7 @@ __all__ = [
     "INK_THRESHOLD",
     "MNIST_MEAN",
     "MNIST_STD",
+    "PIXEL_TASKS",
     "SEGMENTATION_CLASSES",
     "ArrayDataset",
     "largest_remainder",
@@ -36,5 +39,6 @@ __all__ = [
     "split_households",
     "stratified_split",
     "super_resolution_data",
+    "task_data",
     "to_tensor",
 ]

@@ -9,6 +9,8 @@ Deterministic and offline (no download, no randomness):
 - :func:`super_resolution_data`: target = the image in [0, 1], ``(1, H, W)``; input = its
   ``scale x scale`` area average (the mean of each block; 28x28 -> 14x14 for ``scale = 2``),
   also in [0, 1] (not normalized: the network predicts pixel values directly).
+- :func:`task_data`: ``(x, y)`` of digits and their labels for a task by name (classification:
+  the normalized images and the labels as they are).
 """
 
 from __future__ import annotations
@@ -21,15 +23,19 @@ from disco_fl.data.datasets import MNIST_MEAN, MNIST_STD, to_tensor
 
 __all__ = [
     "INK_THRESHOLD",
+    "PIXEL_TASKS",
     "SEGMENTATION_CLASSES",
     "segmentation_data",
     "super_resolution_data",
+    "task_data",
 ]
 
 #: Number of segmentation classes: background + the 10 digits.
 SEGMENTATION_CLASSES: int = 11
 #: A pixel is ink (of its digit's class) when its uint8 value is above this.
 INK_THRESHOLD: int = 127
+#: The tasks whose data is derived here (by :func:`task_data`), beside "classification".
+PIXEL_TASKS: tuple[str, ...] = ("segmentation", "super_resolution")
 
 
 def segmentation_data(
@@ -77,3 +83,20 @@ def super_resolution_data(images: np.ndarray, scale: int = 2) -> tuple[torch.Ten
     y = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).to(torch.float32) / 255.0
     x = F.avg_pool2d(y, scale) if scale > 1 else y.clone()
     return x.contiguous(), y.contiguous()
+
+
+def task_data(
+    images: np.ndarray, labels: np.ndarray, task: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of uint8 digits and their labels for ``task``: ``"classification"``
+    (normalized images, int64 labels), ``"segmentation"`` (:func:`segmentation_data`) or
+    ``"super_resolution"`` (:func:`super_resolution_data`; the labels are not used).
+    ``ValueError`` naming the known tasks for any other name."""
+    if task == "classification":
+        return to_tensor(images), torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if task == "segmentation":
+        return segmentation_data(images, labels)
+    if task == "super_resolution":
+        return super_resolution_data(images)
+    known = ", ".join(("classification", *PIXEL_TASKS))
+    raise ValueError(f"unknown task {task!r}; known tasks: {known}")

@@ -8,7 +8,10 @@ Node settings (``flower-supernode --node-config``):
   and gradients travel there, not through Flower); the household's peers must reach it.
 - ``peer-listen`` (str, optional): the address to bind (default ``peer-address``).
 - ``data`` (str, optional): local training data: a ``.npz`` (``images``, ``labels``) or
-  ``builtin:i/n`` (partition i of n of the built-in set's private part); empty: none.
+  ``builtin:i/n`` (partition i of n of the built-in set's private part); empty: none. For a
+  segmentation or super-resolution round (the round config's ``task``) the targets are
+  derived from the images as the built-in ones are (:func:`disco_fl.data.task_data`), or a
+  ``.npz`` gives ``images`` and its own ``targets`` (:func:`disco_fl.fl.local_data.node_data`).
 - ``eval-data`` (str, optional): a ``.npz`` of held-out data (default: 20 % of ``data``).
 - ``capacity`` (number or ``"probe"``, optional): this device's relative throughput (e.g.
   ``disco-fl probe``'s GFLOP/s); ``"probe"`` measures it when the roster asks (about 1 s).
@@ -41,12 +44,15 @@ it never builds or partitions the whole model, holds no other node's tensor, and
 nothing.
 
 - ``train``: brings up the peer endpoint, trains ``steps`` joint steps with the household
-  (:class:`~disco_fl.runtime.training.NodeTrainer`; batch owners take turns), replies with the shard
-  and metrics. Any failure (a peer that died, a deadline) is raised, so Flower returns an
+  (:class:`~disco_fl.runtime.training.NodeTrainer`; batch owners take turns) with the loss of
+  the round's task (:mod:`disco_fl.tasks`; a user's ``loss_fn`` replaces it), replies with the
+  shard and metrics. Any failure (a peer that died, a deadline) is raised, so Flower returns an
   error reply and the strategy keeps the household's previous shards.
 - ``evaluate``: the household runs collaborative inference on the requester's held-out data
   (:func:`~disco_fl.runtime.inference.run_node` over the same peer channel), the requester reports
-  accuracy.
+  ``correct`` and ``accuracy`` (classification), the task's metric under its name (``miou``
+  for segmentation, ``psnr_db`` for super-resolution, over all its held-out outputs at once;
+  :mod:`disco_fl.tasks`), or a user's ``metric_fn``'s metrics.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ from disco_fl.fl.federated import NodeData, derive_seed, node_data, shard_arrays
 from disco_fl.fl.round_config import EvalConfig, RoundConfig, TrainConfig
 from disco_fl.node.shard import NodeShard
 from disco_fl.partition.plan import Plan
+from disco_fl.tasks import get_task
 
 PROGRESS_EVERY = 10  # a progress line (SuperNode's log) every this many joint steps
 
@@ -92,7 +99,7 @@ _PROCESS_START = _process_start_time()
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], Any]
 RESERVED_METRICS = ("num-examples", "correct")  # the ClientApp's own
-_DATA_CACHE: dict[tuple[str, str], NodeData] = {}
+_DATA_CACHE: dict[tuple[str, str, str], NodeData] = {}
 
 
 def _node_setting(context: Context, key: str, default: Any = None) -> Any:
@@ -102,12 +109,13 @@ def _node_setting(context: Context, key: str, default: Any = None) -> Any:
     return v
 
 
-def _data(context: Context) -> NodeData:
+def _data(context: Context, task: str = "classification") -> NodeData:
+    """The node's data for ``task`` (its example counts are the same for every task)."""
     spec = str(context.node_config.get("data", ""))
     ev = str(context.node_config.get("eval-data", ""))
-    key = (spec, ev)
+    key = (spec, ev, task)
     if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = node_data(spec, ev)
+        _DATA_CACHE[key] = node_data(spec, ev, task)
     return _DATA_CACHE[key]
 
 
@@ -223,7 +231,8 @@ def _transport(
 
 def train(msg: Message, context: Context, loss_fn: LossFn | None = None) -> Message:
     """Joint training steps with the household; reply with the shard and metrics.
-    ``loss_fn(outputs, targets)``: the batch owner's loss (default: cross-entropy)."""
+    ``loss_fn(outputs, targets)``: the batch owner's loss (default: the round's task's,
+    cross-entropy for classification)."""
     from disco_fl.emulation.budget import random_shift
     from disco_fl.runtime.training import NodeTrainer, default_param_groups
     from disco_fl.runtime.training.dp import DPConfig
@@ -233,7 +242,9 @@ def train(msg: Message, context: Context, loss_fn: LossFn | None = None) -> Mess
     n = plan.num_nodes
     owners, sizes = list(cfg.owners), list(cfg.owner_examples)
     steps, batch, r, hh = cfg.steps, cfg.batch_size, cfg.server_round, cfg.household
-    data = _data(context)
+    data = _data(context, cfg.task)
+    if loss_fn is None and cfg.task != "classification":  # classification: the trainer's own
+        loss_fn = get_task(cfg.task).loss
     if k in owners and len(data.y_train) == 0:
         raise ValueError(f"shard {k} is a batch owner but holds no training data")
     mode = cfg.gate_mode
@@ -338,8 +349,9 @@ def train(msg: Message, context: Context, loss_fn: LossFn | None = None) -> Mess
 
 def evaluate(msg: Message, context: Context, metric_fn: MetricFn | None = None) -> Message:
     """Collaborative inference of the household on the requester's held-out data; the
-    requester reports ``correct`` and ``accuracy`` or, with ``metric_fn(outputs, targets)``
-    (all held-out outputs at once), its metrics (:func:`user_metrics`)."""
+    requester reports ``correct`` and ``accuracy`` (classification), the task's metric under
+    its name (dense tasks) or, with ``metric_fn(outputs, targets)`` (all held-out outputs at
+    once), its metrics (:func:`user_metrics`)."""
     from disco_fl.emulation.export import ExportedShard, _compact_state
     from disco_fl.runtime.inference import run_node
 
@@ -351,7 +363,9 @@ def evaluate(msg: Message, context: Context, metric_fn: MetricFn | None = None) 
     holder = types.SimpleNamespace(program=eplan.program, shards={k: shard})
     node = ExportedShard(eplan, k, _compact_state(holder, eplan, k))
     del holder, shard  # inference runs on the compact tensors only
-    data = _data(context)
+    data = _data(context, cfg.task)
+    task = get_task(cfg.task)
+    keep = metric_fn is not None or task.name != "classification"  # all outputs, then the metric
     batches, bs = cfg.eval_batches, cfg.eval_batch_size
     if k == requester and math.ceil(len(data.y_eval) / bs) != batches:
         raise ValueError(f"{len(data.y_eval)} held-out examples do not make {batches} batches")
@@ -370,7 +384,7 @@ def evaluate(msg: Message, context: Context, metric_fn: MetricFn | None = None) 
                     session_id=f"{hh}/eval/r{r}/b{i}",
                     timeout=cfg.step_timeout,
                 )
-                if out is not None and metric_fn is not None:
+                if out is not None and keep:
                     outputs.append(out)
                 elif out is not None:
                     correct += int((out.argmax(1) == data.y_eval[i * bs : (i + 1) * bs]).sum())
@@ -378,10 +392,12 @@ def evaluate(msg: Message, context: Context, metric_fn: MetricFn | None = None) 
         transport.close(2.0)
     n_eval = len(data.y_eval) if k == requester else 0
     metrics: dict[str, Any] = {"num-examples": n_eval}
-    if metric_fn is None:
+    if not keep:
         metrics.update({"correct": correct, "accuracy": correct / n_eval if n_eval else 0.0})
-    elif k == requester and outputs:
+    elif k == requester and outputs and metric_fn is not None:
         metrics.update(user_metrics(metric_fn, torch.cat(outputs), data.y_eval))
+    elif k == requester and outputs:
+        metrics[task.metric_name] = float(task.metric(torch.cat(outputs), data.y_eval))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -415,11 +431,13 @@ def make_client_app(loss_fn: LossFn | None = None, metric_fn: MetricFn | None = 
     loss_fn : callable ``(outputs, targets) -> scalar tensor``, optional
         The batch owner's training loss on the model's outputs (the logits, for a classifier)
         and the batch's targets (the node's labels); its gradient flows back through every
-        node of the household. Default: cross-entropy.
+        node of the household. Default: the round's task's loss (cross-entropy for
+        classification and segmentation, MSE for super-resolution).
     metric_fn : callable ``(outputs, targets) -> number or {name: number}``, optional
         The held-out metrics, computed by the household's requester on all its held-out
         outputs at once; the server reports each per household (``<name>/<household>``) and
-        their example-weighted mean (``<name>``). Default: ``correct`` and ``accuracy``.
+        their example-weighted mean (``<name>``). Default: ``correct`` and ``accuracy``
+        (classification), the task's metric (``miou``, ``psnr_db``) for the dense tasks.
 
     ``disco_fl.fl.client_app:app`` is ``make_client_app()``. A user's own app (a Flower
     app's ``client_app.py``) is ``app = make_client_app(loss_fn=..., metric_fn=...)``.

@@ -7,8 +7,8 @@
   into two arrays, :func:`pack_state`) and the
   server's global record of all shards (keys ``"<k>/<shard key>"``).
 - the budget schedule (:func:`round_budget`) and the round's gate mode (:func:`round_mode`).
-- local data of a node (:func:`node_data`): a ``.npz`` file or a partition of the private part
-  of the built-in set (:func:`builtin_split`).
+- local data of a node (:func:`node_data`, from :mod:`disco_fl.fl.local_data`): a ``.npz``
+  file or a partition of the private part of the built-in set (:func:`builtin_split`).
 """
 
 from __future__ import annotations
@@ -26,19 +26,31 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from disco_fl.data import load_builtin, load_npz, split_households, stratified_split, to_tensor
+from disco_fl.data import SEGMENTATION_CLASSES
 from disco_fl.emulation.model import NodeShard, PartitionedModel, partition
-from disco_fl.models import build_model
+from disco_fl.fl.local_data import (  # noqa: F401 (re-exported: their home before tasks)
+    BUILTIN_FRACTIONS,
+    BUILTIN_SEED,
+    NodeData,
+    builtin_split,
+    builtin_tensors,
+    node_data,
+    parse_builtin,
+)
+from disco_fl.models import MODEL_TASKS, MODELS, build_model
 from disco_fl.models import load_checkpoint_strict as load_model_checkpoint
-from disco_fl.models.user import is_import_path, load_model
+from disco_fl.models.user import call_with_standard_args, is_import_path, load_model
 from disco_fl.partition import Program
+from disco_fl.tasks import get_task
 
-# the built-in set (5,000 MNIST images) is cut once, with a fixed seed, into a public part
-# (the server pretrains the dense model on it), a private part (split among households) and
-# a held-out test part (split among households for federated evaluation; the demo's final
-# collaborative inference runs on all of it)
-BUILTIN_FRACTIONS = (0.3, 0.5, 0.2)
-BUILTIN_SEED = 1234
+#: The built-in model of each task, and the task's sample size and classes where they differ
+#: from classification's (``ModelSpec.for_task``): segmentation has 11 classes (background +
+#: 10 digits), super-resolution x2 takes the 14x14 image.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classification": {"name": "resnet_narrow"},
+    "segmentation": {"name": "seg_small", "num_classes": SEGMENTATION_CLASSES},
+    "super_resolution": {"name": "espcn", "image_size": 14},
+}
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,11 @@ class ModelSpec:
         The shape of one sample, e.g. ``(3, 32, 32)`` or ``(16,)``; default None:
         ``(in_channels, image_size, image_size)``. It fixes the example input the model is
         captured with (and the per-sample traffic), so it must be what the nodes' data holds.
+    task : str
+        ``"classification"`` (default), ``"segmentation"`` or ``"super_resolution"``
+        (:mod:`disco_fl.tasks`): the nodes' loss, metric and built-in data. A built-in model
+        must be one built for the task (:data:`disco_fl.models.MODEL_TASKS`);
+        :meth:`for_task` gives the task's built-in model and sizes.
     """
 
     name: str = "resnet_narrow"
@@ -77,8 +94,18 @@ class ModelSpec:
     image_size: int = 28
     norm: str = "batch"
     input_shape: tuple[int, ...] | None = None
+    task: str = "classification"
 
     def __post_init__(self) -> None:
+        get_task(self.task)  # a known task, or a ValueError naming them
+        if not self.is_user_model and self.name in MODELS:
+            built_for = MODEL_TASKS.get(self.name, "classification")
+            if built_for != self.task:
+                raise ValueError(
+                    f"model {self.name!r} is built for {built_for}, not {self.task}; the "
+                    f"built-in model of {self.task} is {TASK_DEFAULTS[self.task]['name']!r} "
+                    "(or give your own, 'package.module:function')"
+                )
         if self.input_shape is not None:
             shape = tuple(int(d) for d in self.input_shape)
             if not shape or any(d < 1 for d in shape):
@@ -86,19 +113,29 @@ class ModelSpec:
             object.__setattr__(self, "input_shape", shape)
 
     @staticmethod
+    def for_task(task: str = "classification", **kw: Any) -> ModelSpec:
+        """The spec of ``task``'s built-in model and sizes (:data:`TASK_DEFAULTS`), ``kw``
+        overriding them."""
+        get_task(task)
+        return ModelSpec(**{**TASK_DEFAULTS[task], "task": task, **kw})
+
+    @staticmethod
     def from_config(cfg: Mapping[str, Any]) -> ModelSpec:
         """From a run config / ConfigRecord (keys ``model``, ``nodes``, ``num-classes``,
         ``in-channels``, ``image-size``, ``norm``, ``input-shape`` (``"3,32,32"``; empty:
-        none)); missing keys take the defaults."""
-        d = ModelSpec()
+        none), ``task``); missing keys take the defaults."""
+        task = str(cfg.get("task", "classification"))
+        get_task(task)
+        d = ModelSpec(**TASK_DEFAULTS[task], task=task)
         return ModelSpec(
-            name=str(cfg.get("model", d.name)),
+            name=str(cfg.get("model") or d.name),  # empty: the task's built-in
             num_nodes=int(cfg.get("nodes", d.num_nodes)),
             num_classes=int(cfg.get("num-classes", d.num_classes)),
             in_channels=int(cfg.get("in-channels", d.in_channels)),
             image_size=int(cfg.get("image-size", d.image_size)),
             norm=str(cfg.get("norm", d.norm)),
             input_shape=parse_input_shape(cfg.get("input-shape", "")),
+            task=task,
         )
 
     def to_config(self) -> dict[str, Any]:
@@ -112,6 +149,8 @@ class ModelSpec:
         }
         if self.input_shape is not None:
             out["input-shape"] = ",".join(str(d) for d in self.input_shape)
+        if self.task != "classification":
+            out["task"] = self.task
         return out
 
     def settings(self) -> dict[str, Any]:
@@ -122,6 +161,8 @@ class ModelSpec:
             del out["input_shape"]
         else:
             out["input_shape"] = list(self.input_shape)
+        if self.task == "classification":
+            del out["task"]
         return out
 
     @property
@@ -131,9 +172,10 @@ class ModelSpec:
 
     @property
     def capture(self) -> Literal["fx", "auto"]:
-        """How the model is captured: ``"fx"`` for the built-ins (as always), ``"auto"`` (fx,
-        falling back to ``torch.export``) for a user's model."""
-        return "auto" if self.is_user_model else "fx"
+        """How the model is captured: ``"fx"`` for the built-in classifiers (as always),
+        ``"auto"`` (fx, falling back to ``torch.export``) for a user's model and the built-in
+        dense-prediction models (their upsampling and pixel shuffle need ``torch.export``)."""
+        return "auto" if self.is_user_model or self.name in MODEL_TASKS else "fx"
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -152,6 +194,8 @@ class ModelSpec:
             kw["norm"] = self.norm
         if self.is_user_model:
             return load_model(self.name, checkpoint=checkpoint, **kw)
+        if self.name in MODEL_TASKS:  # seg_small takes no norm, espcn no num_classes either
+            kw = call_with_standard_args(MODELS[self.name], kw)
         model = build_model(self.name, **kw)
         if checkpoint:
             load_model_checkpoint(model, checkpoint)
@@ -356,83 +400,7 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(key[:8], "little") >> 1
 
 
-# ---- data ------------------------------------------------------------------------------
-
-
-def builtin_split() -> dict[str, np.ndarray]:
-    """Indices of the built-in set's ``public``, ``private`` and ``test`` parts (fixed seed)."""
-    _, labels = load_builtin()
-    pub, priv, test = stratified_split(labels, list(BUILTIN_FRACTIONS), seed=BUILTIN_SEED)
-    return {"public": pub, "private": priv, "test": test}
-
-
-def builtin_tensors(part: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized images and labels of one part of the built-in set."""
-    images, labels = load_builtin()
-    idx = builtin_split()[part]
-    return to_tensor(images[idx]), torch.as_tensor(labels[idx], dtype=torch.long)
-
-
-def parse_builtin(spec: str) -> tuple[int, int]:
-    """``"builtin:i/n"`` -> ``(i, n)``."""
-    try:
-        i_s, n_s = spec.split(":", 1)[1].split("/")
-        i, n = int(i_s), int(n_s)
-    except (IndexError, ValueError) as e:
-        raise ValueError(f"data {spec!r}: expected 'builtin:<partition>/<partitions>'") from e
-    if not 0 <= i < n:
-        raise ValueError(f"data {spec!r}: partition {i} is not in [0, {n})")
-    return i, n
-
-
-@dataclass
-class NodeData:
-    """A node's local training and held-out data (empty tensors: the node holds none)."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_eval: torch.Tensor
-    y_eval: torch.Tensor
-
-
-def _empty() -> NodeData:
-    z = torch.zeros(0)
-    zl = torch.zeros(0, dtype=torch.long)
-    return NodeData(z, zl, z, zl)
-
-
-def node_data(spec: str, eval_spec: str = "") -> NodeData:
-    """Local data from a node's ``data`` setting.
-
-    ``""``: none. ``"builtin:i/n"``: household partition ``i`` of ``n`` of the built-in
-    private part (IID, seeded) for training, and partition ``i`` of ``n`` of its test part
-    for evaluation. A path: a ``.npz`` with ``images`` and ``labels``; evaluation uses
-    ``eval_spec`` (another ``.npz``) or, if empty, a stratified 20 % held out of the file.
-    """
-    spec = spec.strip()
-    if not spec:
-        return _empty()
-    if spec.startswith("builtin:"):
-        i, n = parse_builtin(spec)
-        images, labels = load_builtin()
-        parts = builtin_split()
-        out = []
-        for part in ("private", "test"):
-            idx = parts[part]
-            hh = split_households(labels[idx], n, "iid", seed=BUILTIN_SEED)[i]
-            sel = idx[hh]
-            out.append((to_tensor(images[sel]), torch.as_tensor(labels[sel], dtype=torch.long)))
-        return NodeData(out[0][0], out[0][1], out[1][0], out[1][1])
-    images, labels = load_npz(Path(spec))
-    x = to_tensor(images)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    if eval_spec.strip():
-        ei, el = load_npz(Path(eval_spec.strip()))
-        return NodeData(x, y, to_tensor(ei), torch.as_tensor(np.asarray(el), dtype=torch.long))
-    n = len(y)
-    n_eval = max(1, n // 5) if n > 1 else 0
-    tr, te = stratified_split(np.asarray(labels), [n - n_eval, n_eval], seed=BUILTIN_SEED)
-    return NodeData(x[tr], y[tr], x[te], y[te])
+# ---- privacy ---------------------------------------------------------------------------
 
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:

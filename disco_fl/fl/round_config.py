@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, TypeVar
 
+TaskName = Literal["classification", "segmentation", "super_resolution"]
+
 
 def _key(name: str, default: Any = MISSING) -> Any:
     return field(default=default, metadata={"key": name})
@@ -34,6 +36,13 @@ class RoundConfig:
     seed: int = _key("seed", 0)  # run seed (batch order, gate noise; never DP noise)
     step_timeout: float = _key("step-timeout", 30.0)  # deadline of one step / eval batch
     rendezvous_timeout: float = _key("rendezvous-timeout", 60.0)  # wait for the peers
+    # the task (disco_fl.tasks): the loss of training, the metric of evaluation, built-in data
+    task: TaskName = _key("task", "classification")
+
+    def __post_init__(self) -> None:
+        if self.task not in typing.get_args(TaskName):
+            known = ", ".join(typing.get_args(TaskName))
+            raise ValueError(f"round config: unknown task {self.task!r}; known tasks: {known}")
 
     def to_config(self) -> dict[str, Any]:
         """The ``ConfigRecord`` content (lists for tuples; ``None`` fields left out)."""
@@ -107,6 +116,7 @@ class TrainConfig(RoundConfig):
     dp_delta: float | None = _key("dp-delta", None)  # delta of the reported epsilon (with dp)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if len(self.owners) != len(self.owner_examples):
             raise ValueError(
                 f"round config: {len(self.owners)} owners but "
@@ -127,4 +137,4 @@ class EvalConfig(RoundConfig):
     eval_batch_size: int = _key("eval-batch-size")
 
 
-__all__ = ["EvalConfig", "RoundConfig", "TrainConfig"]
+__all__ = ["EvalConfig", "RoundConfig", "TaskName", "TrainConfig"]

@@ -7,7 +7,7 @@ from disco_fl.models.checkpoint import (
     load_checkpoint_strict,
     save_checkpoint_atomic,
 )
-from disco_fl.models.registry import MODELS, build_model
+from disco_fl.models.registry import MODEL_TASKS, MODELS, build_model
 from disco_fl.models.resnet import (
     ResNet,
     ResNetConfig,
@@ -23,6 +23,7 @@ from disco_fl.models.vit import ViT, ViTConfig, vit_tiny_mnist
 __all__ = [
     "ESPCN",
     "MODELS",
+    "MODEL_TASKS",
     "CheckpointChecksumError",
     "CheckpointError",
     "ResNet",

@@ -148,66 +148,71 @@ def _node_steps(
         deadline=deadline,
         what=what,
     )
-    try:
+
+    def advance(value: Any) -> Any:
+        # inference mode only while the driver computes, never across a yield: sessions of
+        # run_node_async interleave on one thread, and one session's exit from the mode
+        # must not leave another computing on inference tensors outside it
         with torch.inference_mode():
-            event = next(program_steps)
-            while True:
-                if isinstance(event, Send):
-                    st = event.step
-                    if st.layer != layer:
-                        layer, sent = st.layer, set()
-                    frame = Frame(
-                        session_id=session_id,
-                        step=step,
-                        layer=st.layer,
-                        direction=st.direction,  # type: ignore[arg-type]
-                        src=k,
-                        dst=event.dest,
-                    )
-                    if event.dest not in missing:
-                        encode_tensor(event.tensor, st.wire_codec, out=frame.tensor)
-                        try:
-                            send(frame)
-                        except Exception:
-                            if degraded_wait is None:
-                                raise
-                            missing.add(event.dest)  # gone: its channels count as closed
-                    sent.add(event.dest)
-                    event = next(program_steps)
-                elif isinstance(event, Recv):
-                    st, src = event.step, event.src
-                    if st.layer != layer:
-                        layer, sent = st.layer, set()
-                    f = None
-                    if src not in missing:
-                        until = deadline
-                        if degraded_wait is not None:
-                            until = min(deadline, time.monotonic() + degraded_wait)
-                        f = yield from _receive(
-                            st, src, program.num_nodes, session_id, timeout, until,
-                            degraded_wait is not None,
-                        )  # fmt: skip
-                    if f is None:  # a missing node (degraded mode)
-                        missing.add(src)
-                        try:
-                            event = program_steps.send(MISSING)
-                        except MessageError as e:
-                            raise PeerError(str(e)) from None
-                        continue
-                    problem = frame_kind_problem(f, st.direction, st.wire_enum)
-                    if problem:
-                        raise PeerError(
-                            f"layer {st.layer} ({st.op.name}) from node {src}: {problem}"
-                        )
-                    t = decode_tensor(f.tensor, max_bytes=max_message_bytes)
+            return program_steps.send(value)
+
+    try:
+        event = advance(None)
+        while True:
+            if isinstance(event, Send):
+                st = event.step
+                if st.layer != layer:
+                    layer, sent = st.layer, set()
+                frame = Frame(
+                    session_id=session_id,
+                    step=step,
+                    layer=st.layer,
+                    direction=st.direction,  # type: ignore[arg-type]
+                    src=k,
+                    dst=event.dest,
+                )
+                if event.dest not in missing:
+                    encode_tensor(event.tensor, st.wire_codec, out=frame.tensor)
                     try:
-                        event = program_steps.send(t)
+                        send(frame)
+                    except Exception:
+                        if degraded_wait is None:
+                            raise
+                        missing.add(event.dest)  # gone: its channels count as closed
+                sent.add(event.dest)
+                event = advance(None)
+            elif isinstance(event, Recv):
+                st, src = event.step, event.src
+                if st.layer != layer:
+                    layer, sent = st.layer, set()
+                f = None
+                if src not in missing:
+                    until = deadline
+                    if degraded_wait is not None:
+                        until = min(deadline, time.monotonic() + degraded_wait)
+                    f = yield from _receive(
+                        st, src, program.num_nodes, session_id, timeout, until,
+                        degraded_wait is not None,
+                    )  # fmt: skip
+                if f is None:  # a missing node (degraded mode)
+                    missing.add(src)
+                    try:
+                        event = advance(MISSING)
                     except MessageError as e:
                         raise PeerError(str(e)) from None
-                    del t, f
-                else:
-                    yield _FLUSH if event == FLUSH else _TURN
-                    event = next(program_steps)
+                    continue
+                problem = frame_kind_problem(f, st.direction, st.wire_enum)
+                if problem:
+                    raise PeerError(f"layer {st.layer} ({st.op.name}) from node {src}: {problem}")
+                t = decode_tensor(f.tensor, max_bytes=max_message_bytes)
+                try:
+                    event = advance(t)
+                except MessageError as e:
+                    raise PeerError(str(e)) from None
+                del t, f
+            else:
+                yield _FLUSH if event == FLUSH else _TURN
+                event = advance(None)
     except StopIteration as done:
         result = done.value
     except BaseException as e:

@@ -68,6 +68,7 @@ class RoundCommon:
     seed: int
     step_timeout: float
     rendezvous_timeout: float
+    task: str = "classification"  # the nodes' loss, metric and built-in data
 
     def for_node(self, hh: Household, k: int) -> dict[str, Any]:
         """:class:`RoundConfig` fields of node ``k`` of ``hh``."""
@@ -81,6 +82,7 @@ class RoundCommon:
             "seed": self.seed,
             "step_timeout": self.step_timeout,
             "rendezvous_timeout": self.rendezvous_timeout,
+            "task": self.task,
         }
 
 

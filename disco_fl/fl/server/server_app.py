@@ -3,8 +3,13 @@
 Run config keys (defaults in ``pyproject.toml`` ``[tool.flwr.app.config]``; override with
 ``flwr run . <connection> --run-config 'key=value ...'``):
 
+``task`` (``"classification"``, default; ``"segmentation"`` or ``"super_resolution"``: the
+nodes' loss, metric and built-in data, :mod:`disco_fl.tasks`; the evaluations report the
+task's metric, ``miou`` / ``psnr_db``, and ``summary.json`` names it in ``"metric"``),
 ``model``, ``nodes``, ``num-classes``, ``in-channels``, ``image-size``, ``norm`` (the model,
-see :class:`~disco_fl.fl.federated.ModelSpec`), ``households`` (expected households, 0: any),
+see :class:`~disco_fl.fl.federated.ModelSpec`; a built-in model must be the task's:
+``seg_small`` with ``num-classes = 11``, ``espcn`` with ``image-size = 14``, and an empty
+``model`` is the task's built-in), ``households`` (expected households, 0: any),
 ``num-rounds``, ``steps``, ``batch-size``, ``lr``, ``gate-lr``, ``budget``,
 ``finetune-rounds``, ``init-penalty``, ``dual-lr``, ``codec``, ``seed``, ``dp`` (bool),
 ``dp-noise``, ``dp-clip``, ``dp-delta``, ``evaluate`` (bool), ``eval-batch-size``,
@@ -46,6 +51,7 @@ from disco_fl.fl.federated import ModelSpec
 from disco_fl.fl.server.delivery import deliver_shards
 from disco_fl.fl.server.strategy import DiscoStrategy, DPSettings, EvaluateFn
 from disco_fl.models import load_checkpoint_strict
+from disco_fl.tasks import get_task
 
 app = ServerApp()
 
@@ -170,6 +176,8 @@ def run_disco(
         "nodes": strategy.spec.num_nodes,
         "capacities": list(strategy.capacities) if strategy.capacities else None,
         "budget": strategy.budget,
+        "task": strategy.spec.task,
+        "metric": get_task(strategy.spec.task).metric_name,  # its key in the evaluations
         "exchange_fraction": achieved,
         "bytes_per_sample": rep.bytes_per_sample,
         "bytes_per_sample_dense": rep.dense_bytes_per_sample,
@@ -187,14 +195,19 @@ def run_disco(
 
 
 def _export(strategy: DiscoStrategy, folder: Path) -> Any:
-    """The final plan and compact shards (the interface for callers in the plan's meta)."""
+    """The final plan and compact shards (the interface for callers in the plan's meta; a
+    dense task's name in ``meta["task"]``, which ``disco-fl infer`` reads)."""
     spec = strategy.spec
     channels = spec.sample_shape[0] if len(spec.sample_shape) == 3 else spec.in_channels
-    meta = {
+    mean, std = (0.0, 1.0) if spec.task == "super_resolution" else (MNIST_MEAN, MNIST_STD)
+    meta: dict[str, Any] = {
         "model": spec.name,
-        "input": {"mean": [MNIST_MEAN] * channels, "std": [MNIST_STD] * channels},
-        "classes": list(range(spec.num_classes)),
+        "input": {"mean": [mean] * channels, "std": [std] * channels},
     }
+    if spec.task != "super_resolution":
+        meta["classes"] = list(range(spec.num_classes))
+    if spec.task != "classification":
+        meta["task"] = spec.task
     return strategy.pm.export(folder, codec=strategy.codec, meta=meta)
 
 

@@ -269,8 +269,8 @@ class DiscoStrategy(Strategy):
     # ---- train -------------------------------------------------------------------------
     def _common(self, r: int) -> RoundCommon:
         """What every message of round ``r`` shares; the plan of the current hard masks."""
-        plan_json = json.dumps(plan_of(self.pm, self.codec).to_json(), separators=(",", ":"))
-        return RoundCommon(r, plan_json, self.seed, self.step_timeout, self.rendezvous_timeout)
+        s, plan = self, json.dumps(plan_of(self.pm, self.codec).to_json(), separators=(",", ":"))
+        return RoundCommon(r, plan, s.seed, s.step_timeout, s.rendezvous_timeout, s.spec.task)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -154,8 +154,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+TASK_CHOICES = ("classification", "segmentation", "super_resolution")
+
+
+def infer_task(args: argparse.Namespace, meta: Any) -> str:
+    """``--task``, else the plan's ``meta["task"]`` (a Flower run of a dense task writes it),
+    else classification."""
+    task = args.task or (meta.get("task") if isinstance(meta, dict) else None) or "classification"
+    if task not in TASK_CHOICES:
+        raise ValueError(f"unknown task {task!r} (plan meta or --task); known: {TASK_CHOICES}")
+    return str(task)
+
+
 def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
+    """Classify (one line per input), or for a dense task write masks / images
+    (:mod:`disco_fl.runtime.serving.outputs`)."""
+    from disco_fl.runtime.serving.outputs import write_outputs
+
     t0 = time.perf_counter()
+    if args.png_dir and args.task == "classification":
+        raise ValueError("--png-dir is for dense outputs (segmentation, super_resolution)")
     with InferenceSession(
         args.address,
         token=_token(args),
@@ -163,6 +181,11 @@ def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
         timeout=args.timeout,
     ) as session:
         status = session.wait_ready(args.timeout)
+        task = infer_task(args, status.get("meta", {}))
+        if task == "classification" and args.png_dir:
+            raise ValueError("--png-dir is for dense outputs: this plan's task is classification")
+        if task != "classification" and not (args.out or args.png_dir):
+            raise ValueError(f"a {task} plan: give --out FILE.npz and/or --png-dir DIR")
         inputs = load_inputs(args.inputs, status["input_shape"], status.get("meta", {}))
         n = int(inputs.x.shape[0])
         _log(f"{n} inputs -> {args.address} (plan {status['plan_hash'][:12]})")
@@ -185,6 +208,10 @@ def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
         missing = list(session.last_missing)
     if missing:
         _log(f"degraded: the household answered without nodes {missing}")
+    if task != "classification":
+        return _dense_result(args, task, logits, inputs.names, dt, t0, missing)
+    if args.out:
+        write_outputs(task, logits, inputs.names, args.out)
     probs = logits.softmax(-1)
     conf, pred = probs.max(-1)
     classes = status.get("meta", {}).get("classes")
@@ -200,17 +227,62 @@ def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
         "n": n,
         "predictions": rows,
         "accuracy": None,
-        "infer_s": dt,
-        "images_per_s": n / dt if dt > 0 else None,
-        "wall_s": time.perf_counter() - t0,
-        "degraded": bool(missing),
-        "missing_nodes": missing,
+        **_timing(n, dt, t0, missing),
     }
     if inputs.labels is not None:
         acc = float((pred.numpy() == inputs.labels).mean())
         result["accuracy"] = acc
         print(f"accuracy {100 * acc:.2f}% on {n} labelled inputs")
     print(f"{n} inputs in {dt:.2f} s ({n / dt:.1f}/s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _timing(n: int, dt: float, t0: float, missing: list[int]) -> dict[str, Any]:
+    """The figures of an ``infer`` run's JSON beside its outputs."""
+    return {
+        "infer_s": dt,
+        "images_per_s": n / dt if dt > 0 else None,
+        "wall_s": time.perf_counter() - t0,
+        "degraded": bool(missing),
+        "missing_nodes": missing,
+    }
+
+
+def _dense_result(
+    args: argparse.Namespace,
+    task: str,
+    outputs: torch.Tensor,
+    names: list[str],
+    dt: float,
+    t0: float,
+    missing: list[int],
+) -> dict[str, Any]:
+    """Masks / images written (``--out``, ``--png-dir``); a line per input shown."""
+    from disco_fl.runtime.serving.outputs import write_outputs
+
+    n = len(names)
+    wrote = write_outputs(task, outputs, names, args.out, args.png_dir)
+    masks = wrote.pop("masks", None)
+    for i in range(min(n, args.show)):
+        if masks is not None:
+            classes = sorted(int(c) for c in masks[i].unique())
+            print(f"{names[i]}: mask {tuple(masks[i].shape)}, classes {classes}")
+        else:
+            print(f"{names[i]}: image {tuple(outputs[i].shape)}")
+    if n > args.show:
+        print(f"... ({n - args.show} more)")
+    for what, where in (("outputs", wrote["out"]), (f"{wrote['pngs']} PNGs", wrote["png_dir"])):
+        if where:
+            print(f"wrote {what} to {where}")
+    print(f"{n} inputs in {dt:.2f} s ({n / dt:.1f}/s)")
+    result: dict[str, Any] = {
+        "n": n,
+        "task": task,
+        **wrote,
+        **_timing(n, dt, t0, missing),
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result
@@ -325,7 +397,11 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("--ready-file", default=None, help="write {'address': ...} here when ready")
 
-    p = sub.add_parser("infer", help="classify images / .npz through a serving household")
+    p = sub.add_parser(
+        "infer",
+        help="classify images / .npz through a serving household, or write its masks "
+        "(segmentation) / images (super-resolution)",
+    )
     p.add_argument("inputs", nargs="+", help="image files and/or .npz (images[, labels])")
     p.add_argument("--address", required=True, help="the requester node (node 0), host:port")
     auth(p)
@@ -336,6 +412,27 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="client-side bound per call, s")
     p.add_argument("--show", type=int, default=10, help="predictions to print (default 10)")
     p.add_argument("--json", default=None, help="write predictions and figures here")
+    p.add_argument(
+        "--task",
+        default=None,
+        choices=TASK_CHOICES,
+        help="what the outputs mean (default: the plan's meta 'task', else classification)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE.npz",
+        help="write the outputs here: arrays 'outputs', 'names' and 'masks' (segmentation: "
+        "class index per pixel) or 'predictions' (classification); needed, or --png-dir, "
+        "for a dense task",
+    )
+    p.add_argument(
+        "--png-dir",
+        default=None,
+        metavar="DIR",
+        help="dense tasks: one PNG per input here (segmentation: palette PNG of class "
+        "indices; super-resolution: the image)",
+    )
 
     p = sub.add_parser("certs", help="create a household CA and node/client certificates")
     p.add_argument("--nodes", type=int, required=True)
