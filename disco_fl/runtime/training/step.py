@@ -89,7 +89,7 @@ from typing import Any, Literal
 
 import torch
 
-from disco_fl.core.gates import PairGates
+from disco_fl.core.gates import PairGates, check_node_dropout, dropped_nodes
 from disco_fl.core.wire import DEFAULT_MAX_MESSAGE_BYTES
 from disco_fl.emulation.budget import distill_loss
 from disco_fl.node.shard import NodeShard
@@ -104,6 +104,7 @@ from disco_fl.runtime.training.checkpoint import (
 from disco_fl.runtime.training.commit import StepIO, commit
 from disco_fl.runtime.training.compact import Columns, CompactWeights
 from disco_fl.runtime.training.dp import DPConfig, DPState, DPStepInfo
+from disco_fl.runtime.training.dropout import dropout_problem
 from disco_fl.runtime.training.errors import PeerFailure, StepAborted
 from disco_fl.runtime.training.passes import TrainContext, backward, batch_size, forward, trace_of
 from disco_fl.runtime.transport.base import Transport
@@ -116,6 +117,7 @@ class StepResult:
     """What one node reports for one committed step.
 
     ``loss`` is set on the batch owner only. Bytes are payload bytes this node sent.
+    ``dropped``: the nodes that sat the step out (node dropout).
     """
 
     step: int
@@ -126,6 +128,7 @@ class StepResult:
     control_bytes: int
     seconds: float
     dp: DPStepInfo | None = None
+    dropped: frozenset[int] = frozenset()
 
     @property
     def total_bytes(self) -> int:
@@ -198,6 +201,10 @@ class NodeTrainer:
     loss_fn : callable ``(outputs, targets) -> scalar tensor``, optional
         The batch owner's loss (targets of any shape with the batch first); default
         cross-entropy with integer labels (distillation when teacher logits are given).
+    node_dropout : float
+        In ``[0, 1)``; default 0 (off). Each node but the step's owner sits a step out with this
+        probability, the draw shared by every node and the emulation (:meth:`dropped`; see
+        :mod:`disco_fl.runtime.training.dropout`). Not with ``dp``.
     """
 
     def __init__(
@@ -218,6 +225,7 @@ class NodeTrainer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         compact: bool = False,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        node_dropout: float = 0.0,
     ) -> None:
         program = plan.program
         k = shard.index
@@ -235,6 +243,9 @@ class NodeTrainer:
                 "compact=True needs gate_mode='hard' (stochastic gates may reopen a channel: "
                 "every column is trained)"
             )
+        self.node_dropout = check_node_dropout(node_dropout)
+        if self.node_dropout and (problem := "DP-SGD" if dp else dropout_problem(program)):
+            raise ValueError(f"node_dropout > 0 is not supported here: {problem}")
         self.owners = sorted(set(owners)) if owners else [program.requester]
         if any(not 0 <= o < n for o in self.owners):
             raise ValueError(f"owners {list(owners or [])} out of range for {n} nodes")
@@ -326,6 +337,13 @@ class NodeTrainer:
         """The batch owner of ``step``: ``owners[step % len(owners)]``."""
         return self.owners[step % len(self.owners)]
 
+    def dropped(self, step: int) -> frozenset[int]:
+        """The nodes that sit ``step`` out (node dropout), the same on every node:
+        :func:`~disco_fl.core.gates.dropped_nodes` ``(gate_seed, step, N, node_dropout,
+        keep=owner_of(step))``."""
+        n = self.plan.program.num_nodes
+        return dropped_nodes(self.gate_seed, step, n, self.node_dropout, self.owner_of(step))
+
     # ---- the step -----------------------------------------------------------------------
     def _batch_problem(self, step: int, x: Any, y: Any) -> str | None:
         """Why the owner's ``x`` / ``y`` cannot make step ``step``, or ``None``."""
@@ -357,7 +375,7 @@ class NodeTrainer:
         program = dataclasses.replace(self.plan.program, requester=owner)
         problem = self._batch_problem(step, x, y) if self.index == owner else None
         sid = f"{run_id}/g{self.generation}/s{step}"
-        ctx = TrainContext(self, program, step)
+        ctx = TrainContext(self, program, step, self.dropped(step))
         deadline = time.monotonic() + self.timeout
         io_ = StepIO(self.transport, sid, step, deadline, self.timeout)
         if problem:  # the peers wait for this node's input: tell them now, not at the deadline
@@ -372,7 +390,7 @@ class NodeTrainer:
         try:
             self.optimizer.zero_grad(set_to_none=True)
             self._zero_grads()
-            records = forward(self, ctx, io_, x)
+            records = [] if self.index in ctx.dropped else forward(self, ctx, io_, x)
             c1 = self._sent()
             # DP, empty Poisson batch: a noise-only step (the forward stopped at the input)
             empty = self.dp_state is not None and batch_size(records) == 0
@@ -439,6 +457,7 @@ class NodeTrainer:
             c3 - c2,
             time.monotonic() - t0,
             dp_info,
+            ctx.dropped,
         )
         self.history.append(res)
         return res
