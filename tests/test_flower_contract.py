@@ -248,7 +248,8 @@ def _train_config(**over: Any) -> TrainConfig:
 
 
 def test_round_config_round_trips_through_a_config_record() -> None:
-    for cfg in (_train_config(), _train_config(dp=True, dp_noise=1.0, dp_clip=2.0, dp_delta=1e-5)):
+    dp = _train_config(dp=True, dp_noise=1.0, dp_clip=2.0, dp_delta=1e-5)
+    for cfg in (_train_config(), dp, _train_config(node_dropout=0.3)):
         rec = ConfigRecord(cfg.to_config())
         assert TrainConfig.from_config(rec) == cfg
     ev = EvalConfig(
@@ -273,6 +274,12 @@ def test_round_config_round_trips_through_a_config_record() -> None:
         ({"dp": True}, r"dp needs dp-noise, dp-clip and dp-delta"),
         ({"owner-examples": [1, 2]}, r"1 owners but 2 owner-examples"),
         ({"household": 3}, r"'household' must be str"),
+        ({"node-dropout": "0.1"}, r"'node-dropout' must be float"),
+        ({"node-dropout": 1.0}, r"node_dropout must be a number in \[0, 1\)"),
+        (
+            {"node-dropout": 0.1, "dp": True, "dp-noise": 1.0, "dp-clip": 1.0, "dp-delta": 1e-5},
+            r"node-dropout cannot go with dp",
+        ),
     ],
 )
 def test_round_config_refuses_missing_and_ill_typed_keys(

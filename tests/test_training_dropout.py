@@ -79,6 +79,7 @@ def _dropout_equals_emulation(
     opt_kind: str,
     mode: str,
     make: Callable[[int, int], list[Transport]] | None = None,
+    **kw: Any,
 ) -> None:
     pm, batches = _partition(name, n, 0.6)
     batches = [*batches, *batches]
@@ -89,17 +90,19 @@ def _dropout_equals_emulation(
     assert any(draws) and not all(draws), draws  # nodes do drop, and not in every step
     if make is None:
         with InProcessHub(n, num_layers=len(pm.program.ops)) as hub:
-            trainers = _trainers(pm, list(hub), opt_kind, mode, penalty, node_dropout=RATE)
+            trainers = _trainers(pm, list(hub), opt_kind, mode, penalty, node_dropout=RATE, **kw)
             results, errors = _run(trainers, batches, range(STEPS))
     else:
         transports = make(n, len(pm.program.ops))
-        trainers = _trainers(pm, transports, opt_kind, mode, penalty, node_dropout=RATE)
+        trainers = _trainers(pm, transports, opt_kind, mode, penalty, node_dropout=RATE, **kw)
         results, errors = _run(trainers, batches, range(STEPS))
     assert errors == [None] * n
     # every node drew the emulation's set, and reports it
     for k in range(n):
         assert [r.dropped for r in results[k]] == draws
         assert [trainers[k].dropped(t) for t in range(STEPS)] == draws
+    for tr in trainers:
+        tr.expand()  # compact trainers: full-width shards back in pm
     assert not _same_snapshot(before, _snapshot(pm))  # it trained
     _assert_shards_equal(pm, ref)
     if mode == "hard":  # payload bytes: nothing to or from a dropped node, as predicted
@@ -129,6 +132,11 @@ def test_node_dropout_training_equals_emulation(
     name: str, n: int, opt_kind: str, mode: str
 ) -> None:
     _dropout_equals_emulation(name, n, opt_kind, mode)
+
+
+def test_node_dropout_compact_training_equals_emulation() -> None:
+    """Compact weights (the ClientApp's hard rounds): a dropped peer's open columns read zeros."""
+    _dropout_equals_emulation("resnet_narrow", 3, "adam", "hard", compact=True)
 
 
 def test_node_dropout_training_over_grpc_equals_emulation(
@@ -243,9 +251,8 @@ def test_invalid_rates_are_refused(rate: Any) -> None:
 
     pm, _ = _partition("resnet_narrow", 2, 0.6)
     match = r"node_dropout must be a number in \[0, 1\)"
-    with InProcessHub(2) as hub:
-        with pytest.raises(ValueError, match=match):
-            _trainers(pm, list(hub), "sgd", "hard", 0.0, node_dropout=rate)
+    with InProcessHub(2) as hub, pytest.raises(ValueError, match=match):
+        _trainers(pm, list(hub), "sgd", "hard", 0.0, node_dropout=rate)
     with pytest.raises(ValueError, match=match):
         dropped_nodes(0, 0, 2, rate, 0)
     with pytest.raises(ValueError, match=match):
@@ -260,9 +267,8 @@ def test_what_cannot_drop_nodes_is_refused() -> None:
 
     pm, _ = _partition("resnet_narrow", 2, 0.6)
     dp = DPConfig(dataset_sizes={0: 100}, max_grad_norm=1.0, noise_multiplier=1.0)
-    with InProcessHub(2) as hub:
-        with pytest.raises(ValueError, match="DP-SGD"):
-            _trainers(pm, list(hub), "sgd", "hard", 0.0, node_dropout=0.2, dp=dp)
+    with InProcessHub(2) as hub, pytest.raises(ValueError, match="DP-SGD"):
+        _trainers(pm, list(hub), "sgd", "hard", 0.0, node_dropout=0.2, dp=dp)
     torch.manual_seed(0)
     sr = disco_fl.partition(
         build_model("espcn"), 2, torch.randn(2, 1, 14, 14), capture="auto"
