@@ -33,6 +33,7 @@ DP-SGD (its per-sample norms and noise assume every node in every step) are refu
 
 from __future__ import annotations
 
+from disco_fl.core.gates import check_node_dropout
 from disco_fl.partition import Program, full_open_count, get_spec, op_traffic
 
 # ops whose messages a missing sender's substitute stands for (zeros: closed channels)
@@ -50,3 +51,12 @@ def dropout_problem(program: Program) -> str | None:
         if op_traffic(program, op, count):
             return f"op {op.name} ({op.kind}) cannot go on without a dropped node's message"
     return None
+
+
+def dropout_rate(rate: object, program: Program, *, dp: bool) -> float:
+    """``rate`` checked (:func:`~disco_fl.core.gates.check_node_dropout`) for a trainer of
+    ``program`` (``dp``: with DP-SGD); ``ValueError`` for what cannot drop nodes."""
+    p = check_node_dropout(rate)
+    if p and (problem := "DP-SGD" if dp else dropout_problem(program)):
+        raise ValueError(f"node_dropout > 0 is not supported here: {problem}")
+    return p

@@ -80,11 +80,9 @@ _NONE = torch.zeros(0, dtype=torch.long)  # no channel selected
 class TrainContext:
     """:class:`~disco_fl.partition.registry.NodeContext` of one node during one step."""
 
-    def __init__(
-        self, trainer: NodeTrainer, program: Program, step: int, dropped: frozenset[int]
-    ) -> None:
+    def __init__(self, trainer: NodeTrainer, program: Program, step: int) -> None:
         self.t = trainer
-        self.dropped = dropped  # node dropout: the nodes sitting this step out
+        self.dropped: frozenset[int] = frozenset()  # node dropout: nodes sitting the step out
         self.index = trainer.index
         self.num_nodes = program.num_nodes
         self.program = program
@@ -278,8 +276,7 @@ class TrainExecutor(Executor):
             for d, m in msgs.items()
             if d not in gone
         }
-        # received leaves (need a gradient)
-        kept = {} if step.is_input else {s: t for s, t in received.items() if s not in gone}
+        kept = {s: t for s, t in received.items() if s not in gone and not step.is_input}
         rec = OpRecord(step.layer, op, self.leaves, sent, kept, None if gathered else value)
         rec.gathered = gathered
         rec.gather_leaves = self.gathers
