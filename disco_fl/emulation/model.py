@@ -134,7 +134,12 @@ class PartitionedModel(nn.Module):
         ``fused`` computes the same function faster: a closed gate of channel ``c`` for node
         ``k`` is a zeroed column ``c`` of ``k``'s weights, so each mixing layer becomes one
         convolution over the whole tensor with gated weights. ``auto`` (default) is fused for
-        the fp32 codec, lock-step otherwise (other codecs round only the received channels).
+        the fp32 codec, lock-step otherwise (other codecs round only the received channels),
+        and while ``dropped_nodes`` is set in a program whose nodes share normalization
+        statistics (the fused path would not leave the dropped nodes' out).
+    dropped_nodes : frozenset of int
+        Node dropout (training): the nodes that do not run in the next forward passes, as in
+        degraded mode; default none. See :mod:`disco_fl.runtime.training.dropout`.
     gate_seed : int or None
         Default ``None`` (stochastic gates draw from the global RNG). Set, with ``gate_step``
         (default 0), the noise is reproducible per ``(step, exchange, src, dst)``: the

@@ -12,16 +12,20 @@ device gone (degraded mode), as the emulation's budget training does with
   one node takes part in every step).
 - **A dropped node sits the step out**, as a missing device would: it runs no forward and no
   backward, sends nothing and receives nothing. It still votes in the commit (the step stays
-  all-or-nothing on every node) and then steps its optimizer with a *zero* gradient for each of
-  its weights, as the emulation gives it (its contribution is multiplied by zero there), so
-  momentum and Adam's moments advance alike; its gate logits get only the budget penalty's
-  gradient (stochastic gates); its BatchNorm running statistics stay as they were.
+  all-or-nothing on every node). Its weights get no gradient, so the optimizer leaves them and
+  their state (momentum, Adam's moments and step count) as they were; with stochastic gates its
+  gate logits get the budget penalty's gradient only (the penalty covers every gate, as in the
+  emulation); its BatchNorm running statistics stay as they were.
 - **The others send it nothing and receive nothing from it.** Its messages are replaced as in
   degraded inference (:meth:`~disco_fl.node.driver.Executor.substitute`): zeros for its channels
   of an exchanged tensor and of the output, its normalization statistics left out (combined over
-  the nodes present). No gradient goes to it or comes from it. With stochastic gates, a node's
-  gate logits towards a dropped node get a zero gradient (the emulation samples them and
-  multiplies what the dropped reader makes of them by zero).
+  the nodes present). No gradient goes to it or comes from it (their gate logits towards it get
+  none from the loss).
+- **The emulation computes the same** (``pm.dropped_nodes``, :mod:`disco_fl.emulation.model`):
+  the fused path zeroes what a dropped node sends and what it reads, detaches its weights and
+  writes back no BatchNorm statistics of it; where nodes share normalization statistics
+  (GroupNorm / LayerNorm across nodes), ``execution="auto"`` runs the lock step, which leaves a
+  dropped node's statistics out as this step does.
 - **Bytes are what is sent**: the payload counters count no message to or from a dropped node,
   and :func:`~disco_fl.runtime.training.predict_step_bytes` ``(..., dropped=...)`` leaves the same
   messages out, so both agree step by step (``StepResult.dropped`` says which nodes sat out).
