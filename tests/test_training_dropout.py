@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import disco_fl
 from disco_fl.core.gates import dropped_nodes
-from disco_fl.emulation.model import PartitionedModel
 from disco_fl.runtime.training import NodeTrainer, plan_of, plan_open_count, predict_step_bytes
 from disco_fl.runtime.transport import InProcessHub, Transport
 from tests.test_training_distributed import (
     BATCH,
     _assert_shards_equal,
+    _emulate,
     _optimizer,
     _partition,
     _run,
@@ -34,43 +33,8 @@ from tests.test_training_distributed import (
 )
 
 RATE = 0.5
-SEED = 7  # _trainers' gate_seed: the seed of the shared draws
+SEED = 7  # _trainers' gate_seed and _emulate's: the seed of the shared draws
 STEPS = 4  # with RATE and SEED at N = 3 (owner 0): {1, 2}, {1}, {}, {1}
-
-
-def _emulate_dropout(
-    pm: PartitionedModel,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    opt_kind: str,
-    mode: str,
-    steps: range,
-    penalty: float,
-    rate: float,
-) -> list[frozenset[int]]:
-    """Train the emulation with node dropout (the reference); return each step's draw."""
-    pm.gate_mode = mode  # type: ignore[assignment]
-    pm.gate_seed = SEED
-    # as in test_training_distributed: Adam against the lock step (same summation order);
-    # "auto" is the fused emulation, or the lock step while nodes share statistics
-    pm.execution = "lockstep" if opt_kind == "adam" else "auto"
-    opt = _optimizer(opt_kind, list(pm.shards))
-    draws = []
-    for t in steps:
-        pm.gate_step = t
-        x, y = batches[t]
-        pm.dropped_nodes = dropped_nodes(SEED, t, pm.num_nodes, rate, pm.program.requester)
-        draws.append(pm.dropped_nodes)
-        try:
-            out = pm(x)
-        finally:
-            pm.dropped_nodes = frozenset()
-        loss = F.cross_entropy(out, y)
-        if mode == "stochastic":
-            loss = loss + penalty * pm.expected_exchange_fraction()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return draws
 
 
 def _dropout_equals_emulation(
@@ -86,7 +50,7 @@ def _dropout_equals_emulation(
     ref = copy.deepcopy(pm)
     before = _snapshot(pm)
     penalty = 0.5 if mode == "stochastic" else 0.0
-    draws = _emulate_dropout(ref, batches, opt_kind, mode, range(STEPS), penalty, RATE)
+    draws = _emulate(ref, batches, opt_kind, mode, range(STEPS), penalty, rate=RATE)
     assert any(draws) and not all(draws), draws  # nodes do drop, and not in every step
     if make is None:
         with InProcessHub(n, num_layers=len(pm.program.ops)) as hub:
@@ -150,8 +114,8 @@ def test_the_comparison_sees_the_dropout() -> None:
     equality above tests the dropout), nor with another draw."""
     pm, batches = _partition("resnet_narrow", 3, 0.6)
     all_up, other = copy.deepcopy(pm), copy.deepcopy(pm)
-    _emulate_dropout(all_up, batches, "sgd", "hard", range(2), 0.0, 0.0)
-    draws = _emulate_dropout(other, batches, "sgd", "hard", range(2), 0.0, 0.2)
+    _emulate(all_up, batches, "sgd", "hard", range(2), 0.0)
+    draws = _emulate(other, batches, "sgd", "hard", range(2), 0.0, rate=0.2)
     assert draws != [dropped_nodes(SEED, t, 3, RATE, 0) for t in range(2)]
     with InProcessHub(3, num_layers=len(pm.program.ops)) as hub:
         trainers = _trainers(pm, list(hub), "sgd", "hard", 0.0, node_dropout=RATE)
