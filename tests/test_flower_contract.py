@@ -355,17 +355,24 @@ def test_client_setup_builds_only_its_shard(monkeypatch: pytest.MonkeyPatch) -> 
         assert "arrays" not in m.content.array_records  # the packed copy is released
 
 
+@pytest.mark.parametrize("node_dropout", [0.0, 0.99])
 def test_client_train_round_never_partitions_the_model(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, node_dropout: float
 ) -> None:
     """Both nodes of a household through ``train`` (threads, in-process peer channel) with
-    every whole-model path raising: the replies are their trained shards."""
+    every whole-model path raising: the replies are their trained shards. With the round's
+    node dropout, node 1 sits out both steps: its weights come back as they were sent."""
     import disco_fl.fl.client_app as ca
-    from disco_fl.fl.federated import NodeData
+    from disco_fl.core.gates import dropped_nodes
+    from disco_fl.fl.federated import NodeData, derive_seed
     from disco_fl.runtime.transport import InProcessHub
 
-    s = DiscoStrategy(SPEC, steps=2, batch_size=4)
+    s = DiscoStrategy(SPEC, steps=2, batch_size=4, node_dropout=node_dropout)
     msgs = _messages(s)
+    seed = derive_seed(s.seed, "a", 1, "gates")  # the ClientApp's gate_seed of round 1
+    sits_out = [1 in dropped_nodes(seed, t, 2, node_dropout, 0) for t in range(2)]
+    assert sits_out == [node_dropout > 0] * 2
+    sent = {k: s.pm.shard(k).state_dict() for k in range(2)}
     _no_partition(monkeypatch)
     g = torch.Generator().manual_seed(0)
     owner = NodeData(
@@ -387,3 +394,6 @@ def test_client_train_round_never_partitions_the_model(
         got = unpack_state(replies[k].content.array_records["arrays"])
         assert got.keys() == s.pm.shard(k).state_dict().keys()
         assert replies[k].content["metrics"]["owner-steps"] == (2 if k == 0 else 0)
+        weights = [key for key in got if key.startswith("ops.") and key.endswith("weight")]
+        kept = all(torch.equal(got[key], sent[k][key]) for key in weights)
+        assert kept == (k == 1 and node_dropout > 0), k
