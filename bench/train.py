@@ -430,6 +430,7 @@ def worker(spec: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     _warm_up_torch()
     import disco_fl.models  # noqa: F401  (imported before every mode's baseline: code, not model)
+
     out = _worker_train(spec) if spec["phase"] == "train" else _worker_infer(spec)
     Path(spec["out"]).write_text(json.dumps(out))
 

@@ -227,6 +227,28 @@ def test_dp_needs_group_norm() -> None:
         DiscoStrategy(SPEC, dp=DPSettings())
 
 
+def test_node_dropout_reaches_every_node_and_bad_rates_are_refused() -> None:
+    from disco_fl.fl.round_config import TrainConfig
+    from disco_fl.fl.server import DPSettings
+
+    s = _strategy()
+    assert all(
+        TrainConfig.from_config(m.content.config_records["config"]).node_dropout == 0.0
+        for m in s.configure_train(1, s.initial_arrays(), ConfigRecord(), grid=None)  # type: ignore[arg-type]
+    )
+    s.node_dropout = 0.25
+    msgs = list(s.configure_train(1, s.initial_arrays(), ConfigRecord(), grid=None))  # type: ignore[arg-type]
+    assert len(msgs) == 4
+    for m in msgs:
+        assert TrainConfig.from_config(m.content.config_records["config"]).node_dropout == 0.25
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"node_dropout must be a number in \[0, 1\)"):
+            DiscoStrategy(SPEC, node_dropout=bad)
+    group = ModelSpec(num_nodes=2, norm="group")
+    with pytest.raises(ValueError, match="node_dropout cannot go with dp"):
+        DiscoStrategy(group, dp=DPSettings(), node_dropout=0.2)
+
+
 def test_client_peer_channel_uses_mutual_tls_from_node_config(tmp_path: Any) -> None:
     import torch
 

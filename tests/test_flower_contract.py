@@ -248,7 +248,8 @@ def _train_config(**over: Any) -> TrainConfig:
 
 
 def test_round_config_round_trips_through_a_config_record() -> None:
-    for cfg in (_train_config(), _train_config(dp=True, dp_noise=1.0, dp_clip=2.0, dp_delta=1e-5)):
+    dp = _train_config(dp=True, dp_noise=1.0, dp_clip=2.0, dp_delta=1e-5)
+    for cfg in (_train_config(), dp, _train_config(node_dropout=0.3)):
         rec = ConfigRecord(cfg.to_config())
         assert TrainConfig.from_config(rec) == cfg
     ev = EvalConfig(
@@ -273,6 +274,12 @@ def test_round_config_round_trips_through_a_config_record() -> None:
         ({"dp": True}, r"dp needs dp-noise, dp-clip and dp-delta"),
         ({"owner-examples": [1, 2]}, r"1 owners but 2 owner-examples"),
         ({"household": 3}, r"'household' must be str"),
+        ({"node-dropout": "0.1"}, r"'node-dropout' must be float"),
+        ({"node-dropout": 1.0}, r"node_dropout must be a number in \[0, 1\)"),
+        (
+            {"node-dropout": 0.1, "dp": True, "dp-noise": 1.0, "dp-clip": 1.0, "dp-delta": 1e-5},
+            r"node-dropout cannot go with dp",
+        ),
     ],
 )
 def test_round_config_refuses_missing_and_ill_typed_keys(
@@ -348,17 +355,24 @@ def test_client_setup_builds_only_its_shard(monkeypatch: pytest.MonkeyPatch) -> 
         assert "arrays" not in m.content.array_records  # the packed copy is released
 
 
+@pytest.mark.parametrize("node_dropout", [0.0, 0.99])
 def test_client_train_round_never_partitions_the_model(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, node_dropout: float
 ) -> None:
     """Both nodes of a household through ``train`` (threads, in-process peer channel) with
-    every whole-model path raising: the replies are their trained shards."""
+    every whole-model path raising: the replies are their trained shards. With the round's
+    node dropout, node 1 sits out both steps: its weights come back as they were sent."""
     import disco_fl.fl.client_app as ca
-    from disco_fl.fl.federated import NodeData
+    from disco_fl.core.gates import dropped_nodes
+    from disco_fl.fl.federated import NodeData, derive_seed
     from disco_fl.runtime.transport import InProcessHub
 
-    s = DiscoStrategy(SPEC, steps=2, batch_size=4)
+    s = DiscoStrategy(SPEC, steps=2, batch_size=4, node_dropout=node_dropout)
     msgs = _messages(s)
+    seed = derive_seed(s.seed, "a", 1, "gates")  # the ClientApp's gate_seed of round 1
+    sits_out = [1 in dropped_nodes(seed, t, 2, node_dropout, 0) for t in range(2)]
+    assert sits_out == [node_dropout > 0] * 2
+    sent = {k: s.pm.shard(k).state_dict() for k in range(2)}
     _no_partition(monkeypatch)
     g = torch.Generator().manual_seed(0)
     owner = NodeData(
@@ -382,3 +396,6 @@ def test_client_train_round_never_partitions_the_model(
         got = unpack_state(replies[k].content.array_records["arrays"])
         assert got.keys() == s.pm.shard(k).state_dict().keys()
         assert replies[k].content["metrics"]["owner-steps"] == (2 if k == 0 else 0)
+        weights = [key for key in got if key.startswith("ops.") and key.endswith("weight")]
+        kept = all(torch.equal(got[key], sent[k][key]) for key in weights)
+        assert kept == (k == 1 and node_dropout > 0), k

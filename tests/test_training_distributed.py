@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import disco_fl
+from disco_fl.core.gates import dropped_nodes
 from disco_fl.emulation.model import PartitionedModel
 from disco_fl.models import build_model
 from disco_fl.runtime.training import (
@@ -100,23 +101,34 @@ def _emulate(
     steps: range,
     penalty: float,
     owners: Sequence[int] = (0,),
-) -> None:
-    """Train the emulation in one process (the reference)."""
+    rate: float = 0.0,
+) -> list[frozenset[int]]:
+    """Train the emulation in one process (the reference); ``rate``: node dropout with the
+    trainers' draw (``gate_seed`` 7). Returns the nodes dropped at each step."""
     pm.gate_mode = mode  # type: ignore[assignment]
     pm.gate_seed = 7
     # Adam: compare with the lock-step emulation (each node's math, same summation order);
-    # the fused one sums differently, and Adam divides by tiny gradients' magnitudes
-    pm.execution = "lockstep" if opt_kind == "adam" else "fused"
+    # the fused one sums differently, and Adam divides by tiny gradients' magnitudes. "auto"
+    # is the fused one, or the lock step while dropped nodes share normalization statistics
+    pm.execution = "lockstep" if opt_kind == "adam" else "auto"
     opt = _optimizer(opt_kind, list(pm.shards))
+    draws = []
     for t in steps:
         pm.gate_step = t
         x, y = batches[t]
-        loss = F.cross_entropy(pm(x), y)
+        pm.dropped_nodes = dropped_nodes(7, t, pm.num_nodes, rate, pm.program.requester)
+        draws.append(pm.dropped_nodes)
+        try:
+            out = pm(x)
+        finally:
+            pm.dropped_nodes = frozenset()
+        loss = F.cross_entropy(out, y)
         if mode == "stochastic":
             loss = loss + penalty * pm.expected_exchange_fraction()
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return draws
 
 
 def _trainers(

@@ -55,6 +55,33 @@ def gate_generator(seed: int, step: int, layer: int, src: int, dst: int) -> torc
     return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
 
 
+def check_node_dropout(rate: object) -> float:
+    """``rate`` as a float if it is a node dropout rate, a number in ``[0, 1)``; else a
+    ``ValueError`` that says so (1 would drop every node but the batch owner at every step)."""
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"node_dropout must be a number in [0, 1), got {rate!r}")
+    return float(rate)
+
+
+def dropped_nodes(seed: int, step: int, num_nodes: int, rate: float, keep: int) -> frozenset[int]:
+    """The nodes missing from training step ``step`` under node dropout at ``rate``.
+
+    The one draw of node dropout, for the emulation's budget training
+    (:func:`~disco_fl.emulation.budget.fit_budget`, ``seed`` = its ``config.seed``) and the
+    distributed training step (:class:`~disco_fl.runtime.training.NodeTrainer`, ``seed`` = its
+    ``gate_seed``): ``u = torch.rand(num_nodes)`` from :func:`gate_generator` ``(seed, step,
+    -2, -2, -2)`` (a key no gate and no stochastic-depth draw uses), and node ``k`` is dropped
+    when ``u[k] < rate``, each node independently, except ``keep`` (the batch owner: it holds
+    the data and the loss), which is never dropped, so at least one node takes part. A
+    function of its arguments only: every node of a household derives the same set without a
+    message. ``rate`` 0 draws nothing and drops nobody.
+    """
+    if check_node_dropout(rate) == 0.0:
+        return frozenset()
+    u = torch.rand(num_nodes, generator=gate_generator(seed, step, -2, -2, -2))
+    return frozenset(k for k in range(num_nodes) if k != keep and float(u[k]) < rate)
+
+
 def prob_open(log_alpha: torch.Tensor) -> torch.Tensor:
     """``P(z != 0)``, differentiable in ``log_alpha``."""
     return torch.sigmoid(log_alpha - BETA * _LOG_RATIO)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from disco_fl.core.files import load_torch
-from disco_fl.core.gates import prob_open
+from disco_fl.core.gates import check_node_dropout, dropped_nodes, prob_open
 from disco_fl.emulation.model import PartitionedModel
 from disco_fl.tasks import Task, get_task
 
@@ -162,7 +162,9 @@ class BudgetConfig:
     seed: int = 0
     # node dropout: each node but the requester is missing from a training step with this
     # probability (its whole contribution zeroed, as in degraded mode), so that the plan
-    # still answers well with a device gone; 0: off
+    # still answers well with a device gone; 0: off. The draw of step t (counted over all
+    # epochs): disco_fl.core.gates.dropped_nodes(seed, t, ...), as the distributed training
+    # step (NodeTrainer(node_dropout=..., gate_seed=seed)) draws it
     node_dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -175,8 +177,7 @@ class BudgetConfig:
             raise ValueError("max_steps_per_epoch must be >= 1")
         if self.batch_size < 1 or self.lr <= 0:
             raise ValueError("batch_size and lr must be positive")
-        if not 0.0 <= self.node_dropout < 1.0:
-            raise ValueError(f"node_dropout must be in [0, 1), got {self.node_dropout}")
+        check_node_dropout(self.node_dropout)
         if self.gate_lr <= 0 or self.dual_lr <= 0:
             raise ValueError("gate_lr and dual_lr must be positive")
         if not 0.0 < self.anneal <= 1.0:
@@ -362,11 +363,13 @@ def fit_budget(
                 frac = done / max(1, config.finetune_epochs * steps_per_epoch)
                 for group in w_opt.param_groups:
                     group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-            if config.node_dropout > 0:
-                drop = torch.rand(pm.num_nodes, generator=gen) < config.node_dropout
-                requester = pm.program.requester
-                pm.dropped_nodes = frozenset(
-                    k for k in range(pm.num_nodes) if bool(drop[k]) and k != requester
+            if config.node_dropout > 0:  # the draw the distributed training step makes too
+                pm.dropped_nodes = dropped_nodes(
+                    config.seed,
+                    ep * steps_per_epoch + i,
+                    pm.num_nodes,
+                    config.node_dropout,
+                    keep=pm.program.requester,
                 )
             try:
                 out = pm(xb)

@@ -24,7 +24,15 @@ from disco_fl.core.gates import PairGates, gate_generator, prob_open, sample_har
 from disco_fl.core.layout import Layout
 from disco_fl.node import run_lockstep
 from disco_fl.node.shard import NodeShard
-from disco_fl.partition import Op, PartitionError, Program, capture_export, get_spec
+from disco_fl.partition import (
+    Op,
+    PartitionError,
+    Program,
+    capture_export,
+    full_open_count,
+    get_spec,
+    op_traffic,
+)
 from disco_fl.partition import capture as fx_capture
 from disco_fl.partition.head import head_on
 from disco_fl.partition.ops_comm import gathered_columns
@@ -126,7 +134,12 @@ class PartitionedModel(nn.Module):
         ``fused`` computes the same function faster: a closed gate of channel ``c`` for node
         ``k`` is a zeroed column ``c`` of ``k``'s weights, so each mixing layer becomes one
         convolution over the whole tensor with gated weights. ``auto`` (default) is fused for
-        the fp32 codec, lock-step otherwise (other codecs round only the received channels).
+        the fp32 codec, lock-step otherwise (other codecs round only the received channels),
+        and while ``dropped_nodes`` is set in a program whose nodes share normalization
+        statistics (the fused path would not leave the dropped nodes' out).
+    dropped_nodes : frozenset of int
+        Node dropout (training): the nodes that do not run in the next forward passes, as in
+        degraded mode; default none. See :mod:`disco_fl.runtime.training.dropout`.
     gate_seed : int or None
         Default ``None`` (stochastic gates draw from the global RNG). Set, with ``gate_step``
         (default 0), the noise is reproducible per ``(step, exchange, src, dst)``: the
@@ -146,8 +159,10 @@ class PartitionedModel(nn.Module):
         # seeded gate noise (see :meth:`gate_sample`); None: the global RNG (the default)
         self.gate_seed: int | None = None
         self.gate_step = 0
-        # node dropout (training): nodes whose whole contribution counts as missing in the
-        # next forward passes, as in a household's degraded mode
+        # node dropout (training): nodes that do not run in the next forward passes, as in a
+        # household's degraded mode: nothing of theirs arrives, no gradient reaches their
+        # weights, their BatchNorm running statistics stay (disco_fl.core.gates.dropped_nodes
+        # draws the set per step)
         self.dropped_nodes: frozenset[int] = frozenset()
         self._layer_of = {op.name: i for i, op in enumerate(program.ops)}
         self._random_ops = any(
@@ -155,6 +170,7 @@ class PartitionedModel(nn.Module):
         )
         self._forward_seed = 0  # gate_seed None: drawn from the global RNG per forward
         self._perm_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._stats: bool | None = None  # see _shared_statistics
 
     @property
     def num_nodes(self) -> int:
@@ -171,11 +187,25 @@ class PartitionedModel(nn.Module):
         model returns (:func:`~disco_fl.partition.outputs.restore_output`)."""
         if self.training and self._random_ops and self.gate_seed is None:
             self._forward_seed = int(torch.randint(0, 2**62, (1,)).item())
-        if self.execution == "fused" or (self.execution == "auto" and self.codec == "fp32"):
+        fused = self.execution == "auto" and self.codec == "fp32"
+        if self.dropped_nodes and self._shared_statistics():  # left out of them: lock step
+            fused = False
+        if self.execution == "fused" or fused:
             return restore_output(self.program, self._fused_forward(x))
         nodes = [_EmuNode(self, k) for k in range(self.num_nodes)]
         y = run_lockstep(self.program, nodes, x, self.codec, missing=self.dropped_nodes)
         return restore_output(self.program, y)
+
+    def _shared_statistics(self) -> bool:
+        """Some op exchanges normalization statistics: with nodes dropped, only the lock-step
+        emulation leaves theirs out (the fused one normalizes over every channel)."""
+        if self._stats is None:
+            count = full_open_count(self.program)
+            self._stats = any(
+                not get_spec(op.kind).coded_messages and op_traffic(self.program, op, count)
+                for op in self.program.ops
+            )
+        return self._stats
 
     # -- fused emulation ----------------------------------------------------------------
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +246,8 @@ class PartitionedModel(nn.Module):
                 if j == k:
                     pieces.append(torch.ones(layout.count(j)))
                     continue
-                if j in self.dropped_nodes:  # node dropout: nothing arrives from j
+                if j in self.dropped_nodes or k in self.dropped_nodes:  # node dropout:
+                    # nothing arrives from j; a dropped reader k's channels never leave it
                     pieces.append(torch.zeros(layout.count(j)))
                     continue
                 g: PairGates = self.shards[j].gates[exchange]  # type: ignore[index, assignment]
@@ -240,6 +271,8 @@ class PartitionedModel(nn.Module):
         self, op: Op, columns: Mapping[str, list[torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
         states = [self.shard(k).op_tensors(op.name) for k in range(self.num_nodes)]
+        for k in self.dropped_nodes:  # a dropped node does not run: no gradient reaches it
+            states[k] = {n: t.detach() for n, t in states[k].items()}
         if not states[0]:
             return {}
         layout = self.program.infos[op.name].layout
@@ -273,6 +306,8 @@ class PartitionedModel(nn.Module):
         layout = self.program.infos[op.name].layout
         with torch.no_grad():
             for k in range(self.num_nodes):
+                if k in self.dropped_nodes:  # it did not run: its statistics stay
+                    continue
                 own = self.shard(k).op_tensors(op.name)
                 for n in names:
                     src = (

@@ -287,6 +287,7 @@ def train(msg: Message, context: Context, loss_fn: LossFn | None = None) -> Mess
             loss_fn=loss_fn,
             # fixed masks: hold and train only the open weight columns (less memory)
             compact=mode == "hard",
+            node_dropout=cfg.node_dropout,
         )
         shard.train()
         losses: list[float] = []

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, TypeVar
 
+from disco_fl.core.gates import check_node_dropout
+
 TaskName = Literal["classification", "segmentation", "super_resolution"]
 
 
@@ -114,6 +116,8 @@ class TrainConfig(RoundConfig):
     dp_noise: float | None = _key("dp-noise", None)  # sigma (with dp)
     dp_clip: float | None = _key("dp-clip", None)  # whole-model clipping bound (with dp)
     dp_delta: float | None = _key("dp-delta", None)  # delta of the reported epsilon (with dp)
+    # each node but the step's owner sits a step out with this probability (NodeTrainer)
+    node_dropout: float = _key("node-dropout", 0.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,6 +130,9 @@ class TrainConfig(RoundConfig):
             raise ValueError("round config: steps and batch-size must be >= 1")
         if self.dp and None in (self.dp_noise, self.dp_clip, self.dp_delta):
             raise ValueError("round config: dp needs dp-noise, dp-clip and dp-delta")
+        check_node_dropout(self.node_dropout)
+        if self.dp and self.node_dropout:
+            raise ValueError("round config: node-dropout cannot go with dp")
 
 
 @dataclass(frozen=True, kw_only=True)

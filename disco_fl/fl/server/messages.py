@@ -14,6 +14,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+from disco_fl.core.gates import check_node_dropout
 from disco_fl.emulation.model import PartitionedModel
 from disco_fl.fl.federated import shard_arrays
 from disco_fl.fl.round_config import EvalConfig, RoundConfig, TrainConfig
@@ -57,6 +58,34 @@ WRAPPED_BY_FLOWER_DP = (
     "buffers that noise would corrupt. Use DiscoStrategy(dp=DPSettings(...)) "
     "(per-sample clipping across the household's shards, Opacus accounting)."
 )
+
+
+def check_strategy_args(
+    *,
+    budget: float,
+    steps: int,
+    batch_size: int,
+    eval_batch_size: int,
+    finetune_rounds: int,
+    dp: DPSettings | None,
+    norm: str,
+    node_dropout: float,
+) -> None:
+    """``ValueError`` for arguments :class:`~disco_fl.fl.server.strategy.DiscoStrategy` cannot
+    run with (``norm``: the model spec's normalization)."""
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    if steps < 1 or batch_size < 1 or eval_batch_size < 1:
+        raise ValueError("steps, batch_size and eval_batch_size must be >= 1")
+    if finetune_rounds < 0:
+        raise ValueError("finetune_rounds must be >= 0")
+    if dp is not None and norm != "group":
+        raise ValueError(
+            "differential privacy needs per-sample gradients: build the model with "
+            "norm='group' (BatchNorm mixes the samples of a batch)"
+        )
+    if check_node_dropout(node_dropout) and dp is not None:
+        raise ValueError("node_dropout cannot go with dp (DP-SGD needs every node in a step)")
 
 
 @dataclass(frozen=True)
@@ -141,6 +170,7 @@ __all__ = [
     "CLIPPING_NORM_KEY",
     "WRAPPED_BY_FLOWER_DP",
     "DPSettings",
+    "check_strategy_args",
     "RoundCommon",
     "evaluate_messages",
     "shard_message",

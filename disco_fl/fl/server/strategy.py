@@ -67,6 +67,7 @@ from disco_fl.fl.server.messages import (
     WRAPPED_BY_FLOWER_DP,
     DPSettings,
     RoundCommon,
+    check_strategy_args,
     evaluate_messages,
     train_messages,
 )
@@ -123,6 +124,9 @@ class DiscoStrategy(Strategy):
         Batch of federated evaluation.
     checkpoint_dir : str or Path or None (default: None)
         Where the per-round checkpoint goes (``checkpoint.pt``); None: no checkpoints.
+    node_dropout : float (default: 0.0)
+        In [0, 1): each node but the step's owner sits a training step out with this
+        probability (``NodeTrainer(node_dropout=...)``); not with ``dp``.
     """
 
     def __init__(
@@ -148,18 +152,12 @@ class DiscoStrategy(Strategy):
         eval_every: int = 0,
         eval_batch_size: int = 100,
         checkpoint_dir: str | Path | None = None,
+        node_dropout: float = 0.0,
     ) -> None:
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"budget must be in (0, 1], got {budget}")
-        if steps < 1 or batch_size < 1 or eval_batch_size < 1:
-            raise ValueError("steps, batch_size and eval_batch_size must be >= 1")
-        if finetune_rounds < 0:
-            raise ValueError("finetune_rounds must be >= 0")
-        if dp is not None and spec.norm != "group":
-            raise ValueError(
-                "differential privacy needs per-sample gradients: build the model with "
-                "norm='group' (BatchNorm mixes the samples of a batch)"
-            )
+        check_strategy_args(
+            budget=budget, steps=steps, batch_size=batch_size, eval_batch_size=eval_batch_size,
+            finetune_rounds=finetune_rounds, dp=dp, norm=spec.norm, node_dropout=node_dropout,
+        )  # fmt: skip
         self.spec = spec
         self.budget = float(budget)
         self.steps = int(steps)
@@ -171,6 +169,7 @@ class DiscoStrategy(Strategy):
         self.dual_lr = float(dual_lr)
         self.codec = codec
         self.dp = dp
+        self.node_dropout = float(node_dropout)
         self.seed = int(seed)
         self.num_households = num_households
         self.query_timeout = float(query_timeout)
@@ -300,7 +299,8 @@ class DiscoStrategy(Strategy):
         train: dict[str, Any] = {
             "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
             "gate_lr": self.gate_lr, "gate_mode": mode, "gate_penalty": penalty,
-            "budget": target, **(dp.train_fields() if dp else {}),
+            "budget": target, "node_dropout": self.node_dropout,
+            **(dp.train_fields() if dp else {}),
         }  # fmt: skip
         msgs = train_messages(self.pm, self.roster, self._common(r), train)
         self._t_push = time.time()

@@ -4,6 +4,7 @@ Modules, each read whole: :mod:`~disco_fl.runtime.training.step` (the trainer an
 one step), :mod:`~disco_fl.runtime.training.passes` (the forward and backward passes),
 :mod:`~disco_fl.runtime.training.autograd` (lean-memory autograd),
 :mod:`~disco_fl.runtime.training.compact` (compact weights),
+:mod:`~disco_fl.runtime.training.dropout` (node dropout),
 :mod:`~disco_fl.runtime.training.commit` (control frames: aborts and the commit vote),
 :mod:`~disco_fl.runtime.training.checkpoint`, :mod:`~disco_fl.runtime.training.accounting`
 (predicted bytes), :mod:`~disco_fl.runtime.training.errors`, :mod:`~disco_fl.runtime.training.trace`

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +32,7 @@ def predict_step_bytes(
     codec: str = "fp32",
     owner: int | None = None,
     selection_frames: bool = False,
+    dropped: Collection[int] = (),
 ) -> StepBytes:
     """Payload bytes of one training step, from the program and the open channels.
 
@@ -54,6 +55,9 @@ def predict_step_bytes(
         each at the size of the sender's largest index: exact when every index of the slice
         encodes to the same size, e.g. slices of at most 128 channels, an upper bound
         otherwise). Default False.
+    dropped : collection of int
+        Nodes that sit the step out (node dropout, :mod:`disco_fl.runtime.training.dropout`):
+        no message goes to or comes from them, forward or backward. Default none.
 
     Returns
     -------
@@ -68,6 +72,8 @@ def predict_step_bytes(
     for op in program.ops:
         coded = get_spec(op.kind).coded_messages
         for t in op_traffic(program, op, open_count):
+            if t.src in dropped or t.dst in dropped:
+                continue
             f = (c.message_bytes(t.elements, t.rows) if coded else 4 * t.elements) * batch
             b = 0 if op.kind == "input" else 4 * t.elements * batch
             if selection_frames and op.kind == "exchange":

@@ -5,6 +5,22 @@ and the compact messages received, :class:`GatherFn` assembles them for each con
 splits the gradient back), and the saved-tensor hooks (:func:`gather_pack`, :func:`unpack`)
 store an assembled input that a backward needs as references to those parts, rebuilt when the
 backward runs. :class:`Sent` keeps of a sent message only what its returning gradient needs.
+
+The training step's memory (without DP): a node keeps only what its backward needs. An exchanged
+tensor is not stored assembled: its consumers rebuild ``[own channels, received channels]`` on the
+fly (:class:`~disco_fl.runtime.training.autograd.GatherFn`) and a saved-tensor hook stores it as
+references to the node's own activation and the compact received messages (no zero-padded copies, no
+second copy of the own channels); runs of local ops whose value has a single consumer that exchanges
+nothing share one autograd graph, so intermediate outputs that no backward reads (e.g. a BatchNorm
+output followed by a ReLU) are freed; values are dropped after their last reader; a sent message is
+kept only as the autograd edge its gradient flows into (not its values). The math and the order of
+every sum are those of the per-op graphs (bit-identical shards after Adam steps in our checks:
+ResNet, hard and stochastic gates, and the zoo's mixed "user" net). With hard masks,
+``NodeTrainer(..., compact=True)`` also drops the weight columns of closed channels from what is
+trained (weights, gradients, optimizer state) and from the assembled inputs (``[own channels, open
+channels received]``, no zero padding); the closed columns are kept aside, unchanged, for the
+full-width shard (:meth:`~disco_fl.runtime.training.NodeTrainer.full_state_dict`; see
+:mod:`disco_fl.runtime.training.compact`).
 """
 
 from __future__ import annotations

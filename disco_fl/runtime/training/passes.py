@@ -20,6 +20,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from disco_fl.core.gates import PairGates, gate_generator, sample_hard_concrete
 from disco_fl.core.wire import WireError, decode_tensor
 from disco_fl.node import (
+    MISSING,
     Executor,
     MessageError,
     Recv,
@@ -73,6 +74,7 @@ class NodeTrainer(Protocol):
 
 
 Frame = peer_pb2.Frame
+_NONE = torch.zeros(0, dtype=torch.long)  # no channel selected
 
 
 class TrainContext:
@@ -80,6 +82,7 @@ class TrainContext:
 
     def __init__(self, trainer: NodeTrainer, program: Program, step: int) -> None:
         self.t = trainer
+        self.dropped: frozenset[int] = frozenset()  # node dropout: nodes sitting the step out
         self.index = trainer.index
         self.num_nodes = program.num_nodes
         self.program = program
@@ -267,11 +270,13 @@ class TrainExecutor(Executor):
         op, gathered = step.op, self.gathered
         if (b := input_batch(op, value)) is not None:
             self.batch = b
+        gone = self.tctx.dropped  # node dropout: no gradient goes to or comes from them
         sent = {
             d: Sent(m.shape, m.dtype, get_gradient_edge(m) if m.requires_grad else None)
             for d, m in msgs.items()
+            if d not in gone
         }
-        kept = {} if step.is_input else dict(received)  # received leaves (need a gradient)
+        kept = {s: t for s, t in received.items() if s not in gone and not step.is_input}
         rec = OpRecord(step.layer, op, self.leaves, sent, kept, None if gathered else value)
         rec.gathered = gathered
         rec.gather_leaves = self.gathers
@@ -298,12 +303,17 @@ def forward(
     try:
         event = next(run)
         while True:
-            if isinstance(event, Send):
+            if isinstance(event, Send) and event.dest not in ctx.dropped:
                 st, dest = event.step, event.dest
                 if st.op.kind == "exchange" and stochastic:
                     io_.send_selection(st.layer, dest, ctx.selections[(st.op.name, dest)])
                 io_.send(st.layer, dest, event.tensor, st.direction, codec=st.wire_codec)
                 event = next(run)
+            elif isinstance(event, Recv) and event.src in ctx.dropped:  # see .dropout
+                st, src = event.step, event.src
+                hard = tr.gate_mode == "hard" and st.op.kind == "exchange"
+                ex.recv_sel[src] = tr.open_local(st.op.name, src, tr.index) if hard else _NONE
+                event = run.send(MISSING)  # the driver substitutes (degraded mode's zeros)
             elif isinstance(event, Recv):
                 st, src = event.step, event.src
                 if st.op.kind == "exchange":
@@ -319,7 +329,7 @@ def forward(
                     event = run.send(t)
                 except MessageError as e:
                     raise PeerFailure(e.src, str(e)) from None
-            else:
+            else:  # FLUSH, TURN, a Send to a dropped node (nothing goes to it)
                 event = next(run)
     except StopIteration:
         pass

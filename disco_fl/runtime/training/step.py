@@ -55,21 +55,15 @@ the loss; everything else is symmetric.
 :func:`~disco_fl.core.gates.gate_generator` ``(gate_seed, step, layer, src, dst)``, exactly as the
 emulation does with ``pm.gate_seed`` / ``pm.gate_step`` set.
 
-**Memory** (without DP): a node keeps only what its backward needs. An exchanged tensor is not
-stored assembled: its consumers rebuild ``[own channels, received channels]`` on the fly
-(:class:`~disco_fl.runtime.training.autograd.GatherFn`) and a saved-tensor hook stores it as
-references to the node's own activation and the compact received messages (no zero-padded copies, no
-second copy of the own channels); runs of local ops whose value has a single consumer that exchanges
-nothing share one autograd graph, so intermediate outputs that no backward reads (e.g. a BatchNorm
-output followed by a ReLU) are freed; values are dropped after their last reader; a sent message is
-kept only as the autograd edge its gradient flows into (not its values). The math and the order of
-every sum are those of the per-op graphs (bit-identical shards after Adam steps in our checks:
-ResNet, hard and stochastic gates, and the zoo's mixed "user" net). With hard masks,
-``NodeTrainer(..., compact=True)`` also drops the weight columns of closed channels from what is
-trained (weights, gradients, optimizer state) and from the assembled inputs (``[own channels, open
-channels received]``, no zero padding); the closed columns are kept aside, unchanged, for the
-full-width shard (:meth:`NodeTrainer.full_state_dict`; see
-:mod:`disco_fl.runtime.training.compact`). Checkpoints: :mod:`disco_fl.runtime.training.checkpoint`.
+**Memory** (without DP): a node keeps only what its backward needs (lean autograd, with the math and
+the order of every sum of the per-op graphs: :mod:`disco_fl.runtime.training.autograd`); with hard
+masks, ``compact=True`` trains open columns only (:mod:`disco_fl.runtime.training.compact`).
+Checkpoints: :mod:`disco_fl.runtime.training.checkpoint`.
+
+**Node dropout** (``node_dropout``): each node but the step's owner sits a step out at random, the
+set drawn on every node from ``gate_seed`` and the step (:meth:`NodeTrainer.dropped`); it sends and
+receives nothing and its peers put zeros for its channels, as in degraded inference (the decisions:
+:mod:`disco_fl.runtime.training.dropout`).
 
 **Communication** is counted from the transport's payload counters (``data`` + ``scales`` of every
 tensor sent, the serialized ``Control`` body of every control frame: a vote is 4 bytes) and reported
@@ -89,7 +83,7 @@ from typing import Any, Literal
 
 import torch
 
-from disco_fl.core.gates import PairGates
+from disco_fl.core.gates import PairGates, dropped_nodes
 from disco_fl.core.wire import DEFAULT_MAX_MESSAGE_BYTES
 from disco_fl.emulation.budget import distill_loss
 from disco_fl.node.shard import NodeShard
@@ -104,6 +98,7 @@ from disco_fl.runtime.training.checkpoint import (
 from disco_fl.runtime.training.commit import StepIO, commit
 from disco_fl.runtime.training.compact import Columns, CompactWeights
 from disco_fl.runtime.training.dp import DPConfig, DPState, DPStepInfo
+from disco_fl.runtime.training.dropout import dropout_rate
 from disco_fl.runtime.training.errors import PeerFailure, StepAborted
 from disco_fl.runtime.training.passes import TrainContext, backward, batch_size, forward, trace_of
 from disco_fl.runtime.transport.base import Transport
@@ -116,6 +111,7 @@ class StepResult:
     """What one node reports for one committed step.
 
     ``loss`` is set on the batch owner only. Bytes are payload bytes this node sent.
+    ``dropped``: the nodes that sat the step out (node dropout).
     """
 
     step: int
@@ -126,6 +122,7 @@ class StepResult:
     control_bytes: int
     seconds: float
     dp: DPStepInfo | None = None
+    dropped: frozenset[int] = frozenset()
 
     @property
     def total_bytes(self) -> int:
@@ -198,6 +195,9 @@ class NodeTrainer:
     loss_fn : callable ``(outputs, targets) -> scalar tensor``, optional
         The batch owner's loss (targets of any shape with the batch first); default
         cross-entropy with integer labels (distillation when teacher logits are given).
+    node_dropout : float
+        In ``[0, 1)``; default 0 (off). Each node but the step's owner sits a step out with this
+        probability (:meth:`dropped`; :mod:`disco_fl.runtime.training.dropout`). Not with ``dp``.
     """
 
     def __init__(
@@ -218,6 +218,7 @@ class NodeTrainer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         compact: bool = False,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        node_dropout: float = 0.0,
     ) -> None:
         program = plan.program
         k = shard.index
@@ -235,6 +236,7 @@ class NodeTrainer:
                 "compact=True needs gate_mode='hard' (stochastic gates may reopen a channel: "
                 "every column is trained)"
             )
+        self.node_dropout = dropout_rate(node_dropout, program, dp=dp is not None)
         self.owners = sorted(set(owners)) if owners else [program.requester]
         if any(not 0 <= o < n for o in self.owners):
             raise ValueError(f"owners {list(owners or [])} out of range for {n} nodes")
@@ -326,6 +328,12 @@ class NodeTrainer:
         """The batch owner of ``step``: ``owners[step % len(owners)]``."""
         return self.owners[step % len(self.owners)]
 
+    def dropped(self, step: int) -> frozenset[int]:
+        """The nodes that sit ``step`` out (node dropout), the same on every node (see
+        :func:`~disco_fl.core.gates.dropped_nodes`; ``gate_seed`` is the seed)."""
+        n, owner = self.plan.program.num_nodes, self.owner_of(step)
+        return dropped_nodes(self.gate_seed, step, n, self.node_dropout, keep=owner)
+
     # ---- the step -----------------------------------------------------------------------
     def _batch_problem(self, step: int, x: Any, y: Any) -> str | None:
         """Why the owner's ``x`` / ``y`` cannot make step ``step``, or ``None``."""
@@ -358,6 +366,7 @@ class NodeTrainer:
         problem = self._batch_problem(step, x, y) if self.index == owner else None
         sid = f"{run_id}/g{self.generation}/s{step}"
         ctx = TrainContext(self, program, step)
+        ctx.dropped = self.dropped(step)
         deadline = time.monotonic() + self.timeout
         io_ = StepIO(self.transport, sid, step, deadline, self.timeout)
         if problem:  # the peers wait for this node's input: tell them now, not at the deadline
@@ -372,7 +381,7 @@ class NodeTrainer:
         try:
             self.optimizer.zero_grad(set_to_none=True)
             self._zero_grads()
-            records = forward(self, ctx, io_, x)
+            records = [] if self.index in ctx.dropped else forward(self, ctx, io_, x)
             c1 = self._sent()
             # DP, empty Poisson batch: a noise-only step (the forward stopped at the input)
             empty = self.dp_state is not None and batch_size(records) == 0
@@ -439,6 +448,7 @@ class NodeTrainer:
             c3 - c2,
             time.monotonic() - t0,
             dp_info,
+            ctx.dropped,
         )
         self.history.append(res)
         return res
