@@ -112,9 +112,9 @@ SYSTEM_TESTS: dict[str, tuple[str, tuple[str, ...]]] = {
         ),
     ),
     "swin": (
-        "runtime over gRPC == emulation (N = 2, sparse masks; a small torchvision "
-        "`SwinTransformer`)",
-        ("test_grpc_runtime_equals_emulation_swin",),
+        "runtime over gRPC and over `disco-fl serve` processes == emulation (N = 2, sparse "
+        "masks; a small torchvision `SwinTransformer`)",
+        ("test_grpc_runtime_equals_emulation_swin", "test_serve_processes_equal_emulation_swin"),
     ),
 }
 

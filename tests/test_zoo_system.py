@@ -3,8 +3,9 @@
 - Runtime over real gRPC servers on loopback (one per node, as ``tests/test_runtime_local.py``)
   and over real ``disco-fl serve`` processes (as ``tests/test_serve.py``) == the emulation for
   torchvision's LR-ASPP segmentation model (random sparse hard masks, N = 2), its
-  ``OrderedDict`` output rebuilt from the runtime's output tensor; the same over gRPC for a
-  small Swin transformer (windowed attention), enabled once the capture places it.
+  ``OrderedDict`` output rebuilt from the runtime's output tensor; the same (gRPC servers and
+  ``disco-fl serve`` processes) for a small Swin transformer (shifted windows, relative
+  position bias).
 - Joint training over the peer channel == the emulation after k steps, and DP with noise 0
   == Opacus, for a small ConvNeXt-style network built from torchvision's own ``CNBlock``
   (depthwise 7x7 conv, channels-last LayerNorm, permutes, layer scale, stochastic depth);
@@ -145,20 +146,19 @@ def serve_household(tmp_path: Path) -> Iterator[Callable[[Path, int], ServeHouse
         hh.stop()
 
 
-def test_serve_processes_equal_emulation_segmentation(
-    tmp_path: Path, serve_household: Callable[[Path, int], ServeHousehold]
+def _serve_equals_emulation(
+    model: nn.Module,
+    x: torch.Tensor,
+    tmp_path: Path,
+    serve_household: Callable[[Path, int], ServeHousehold],
 ) -> None:
-    """The same LR-ASPP plan served by two real ``disco-fl serve`` processes (each loads only
-    its shard; no torchvision there), queried with ``InferenceSession``: == the emulation,
-    payload bytes counted by each process == the plan's."""
+    """``model``'s plan (N = 2, random sparse masks) served by two real ``disco-fl serve``
+    processes (each loads only its shard; no torchvision there), queried with
+    ``InferenceSession``: == the emulation, payload bytes counted by each process == the
+    plan's."""
     from disco_fl.partition.plan import Plan
     from disco_fl.runtime.serving import InferenceSession
 
-    tv = import_torchvision()
-    torch.manual_seed(0)
-    model = tv.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)
-    _randomize_bn(model.eval())
-    x = torch.randn(1, 3, 32, 32)
     pm = disco_fl.partition(model, 2, x, capture="export").eval()
     _random_masks(pm, 0.35, seed=2)
     pm.export(tmp_path / "plan")
@@ -168,11 +168,23 @@ def test_serve_processes_equal_emulation_segmentation(
     hh = serve_household(tmp_path / "plan", 2)
     with InferenceSession(hh.addrs[0]) as s:
         got = restore_output(plan.program, s.infer(x))
-    assert list(got) == ["out"] and got["out"].shape == want["out"].shape
-    scale = float(want["out"].abs().max())
-    assert float((got["out"] - want["out"]).abs().max()) <= 1e-5 * scale
+    assert type(got) is type(want) and _keys(got) == _keys(want)
+    assert _leaf(got).shape == _leaf(want).shape
+    scale = float(_leaf(want).abs().max())
+    assert float((_leaf(got) - _leaf(want)).abs().max()) <= 1e-5 * scale
     counted = {**_serve_payload(hh.addrs[0], 0), **_serve_payload(hh.addrs[1], 1)}
     assert counted == _serve_expected(plan, x.shape[0])
+
+
+def test_serve_processes_equal_emulation_segmentation(
+    tmp_path: Path, serve_household: Callable[[Path, int], ServeHousehold]
+) -> None:
+    """LR-ASPP (dict output ``{"out": ...}``) over two ``disco-fl serve`` processes."""
+    tv = import_torchvision()
+    torch.manual_seed(0)
+    model = tv.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)
+    _randomize_bn(model.eval())
+    _serve_equals_emulation(model, torch.randn(1, 3, 32, 32), tmp_path, serve_household)
 
 
 def _small_swin() -> nn.Module:
@@ -194,6 +206,14 @@ def _small_swin() -> nn.Module:
 
 def test_grpc_runtime_equals_emulation_swin(tmp_path: Path, grpc_nodes: Any) -> None:
     _runtime_equals_emulation(_small_swin(), torch.randn(1, 3, 32, 32), 2, tmp_path, grpc_nodes)
+
+
+def test_serve_processes_equal_emulation_swin(
+    tmp_path: Path, serve_household: Callable[[Path, int], ServeHousehold]
+) -> None:
+    """A windowed transformer (shifted windows, relative position bias) over two real
+    ``disco-fl serve`` processes."""
+    _serve_equals_emulation(_small_swin(), torch.randn(1, 3, 32, 32), tmp_path, serve_household)
 
 
 def _randomize_bn(model: nn.Module, seed: int = 1) -> None:
