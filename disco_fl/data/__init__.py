@@ -1,5 +1,6 @@
-"""Data: the packaged MNIST subset, file loaders, datasets, seeded splits, and the
-segmentation / super-resolution data derived from the digits."""
+"""Data: the packaged MNIST subset, file loaders, datasets, seeded splits, the
+segmentation / super-resolution data derived from the digits, and (optional extra) a Hugging
+Face dataset on disk partitioned by Flower Datasets (:mod:`disco_fl.data.flower_datasets`)."""
 
 from disco_fl.data.datasets import (
     BUILTIN_DATASETS,
@@ -11,6 +12,14 @@ from disco_fl.data.datasets import (
     load_image_folder,
     load_npz,
     to_tensor,
+)
+from disco_fl.data.flower_datasets import (
+    HF_PARTITIONERS,
+    HF_PREFIX,
+    HFSpec,
+    hf_partition_indices,
+    load_hf_partition,
+    parse_hf_spec,
 )
 from disco_fl.data.pixel_tasks import (
     INK_THRESHOLD,
@@ -24,6 +33,8 @@ from disco_fl.data.splits import largest_remainder, split_households, stratified
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "HF_PARTITIONERS",
+    "HF_PREFIX",
     "IMAGE_EXTENSIONS",
     "INK_THRESHOLD",
     "MNIST_MEAN",
@@ -31,10 +42,14 @@ __all__ = [
     "PIXEL_TASKS",
     "SEGMENTATION_CLASSES",
     "ArrayDataset",
+    "HFSpec",
+    "hf_partition_indices",
     "largest_remainder",
     "load_builtin",
+    "load_hf_partition",
     "load_image_folder",
     "load_npz",
+    "parse_hf_spec",
     "segmentation_data",
     "split_households",
     "stratified_split",

@@ -7,12 +7,16 @@ Node settings (``flower-supernode --node-config``):
 - ``peer-address`` (str, required): ``host:port`` of this node's peer endpoint (activations
   and gradients travel there, not through Flower); the household's peers must reach it.
 - ``peer-listen`` (str, optional): the address to bind (default ``peer-address``).
-- ``data`` (str, optional): local training data: a ``.npz`` (``images``, ``labels``) or
-  ``builtin:i/n`` (partition i of n of the built-in set's private part); empty: none. For a
-  segmentation or super-resolution round (the round config's ``task``) the targets are
-  derived from the images as the built-in ones are (:func:`disco_fl.data.task_data`), or a
-  ``.npz`` gives ``images`` and its own ``targets`` (:func:`disco_fl.fl.local_data.node_data`).
-- ``eval-data`` (str, optional): a ``.npz`` of held-out data (default: 20 % of ``data``).
+- ``data`` (str, optional): local training data: a ``.npz`` (``images``, ``labels``),
+  ``builtin:i/n`` (partition i of n of the built-in set's private part) or
+  ``hf:<path>:<iid|dirichlet>:i/n[:key=value...]`` (a Hugging Face dataset on disk,
+  partitioned by Flower Datasets: :mod:`disco_fl.data.flower_datasets`, the ``datasets``
+  extra); empty: none. For a segmentation or super-resolution round (the round config's
+  ``task``) the targets are derived from the images as the built-in ones are
+  (:func:`disco_fl.data.task_data`), or a ``.npz`` gives ``images`` and its own ``targets``
+  (:func:`disco_fl.fl.local_data.node_data`).
+- ``eval-data`` (str, optional): a ``.npz`` or ``hf:`` setting of held-out data (default:
+  20 % of ``data``).
 - ``capacity`` (number or ``"probe"``, optional): this device's relative throughput (e.g.
   ``disco-fl probe``'s GFLOP/s); ``"probe"`` measures it when the roster asks (about 1 s).
   When the nodes report capacities, every layer is sliced in proportion to them.

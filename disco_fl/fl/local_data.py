@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from disco_fl.data import (
+    HF_PREFIX,
     PIXEL_TASKS,
     load_builtin,
+    load_hf_partition,
     load_npz,
     split_households,
     stratified_split,
@@ -92,6 +94,10 @@ def node_data(spec: str, eval_spec: str = "", task: str = "classification") -> N
     private part (IID, seeded) for training, and partition ``i`` of ``n`` of its test part
     for evaluation. A path: a ``.npz`` with ``images`` and ``labels``; evaluation uses
     ``eval_spec`` (another ``.npz``) or, if empty, a stratified 20 % held out of the file.
+    ``"hf:<path>:<partitioner>:i/n[:key=value...]"``: partition ``i`` of ``n`` of a Hugging
+    Face dataset on disk, cut by Flower Datasets' ``IidPartitioner`` or
+    ``DirichletPartitioner`` (:mod:`disco_fl.data.flower_datasets`; the ``datasets`` extra),
+    read as a ``.npz`` is (``eval_spec`` may be an ``hf:`` setting too).
     For segmentation and super-resolution the targets are derived from the images and their
     digit labels as the built-in ones are (:func:`disco_fl.data.task_data`), or given: a
     ``.npz`` with ``images`` and ``targets`` (:func:`_npz`).
@@ -112,13 +118,21 @@ def node_data(spec: str, eval_spec: str = "", task: str = "classification") -> N
             sel = idx[hh]
             out.append(_tensors(images[sel], labels[sel], task))
         return NodeData(out[0][0], out[0][1], out[1][0], out[1][1])
-    x, y, labels = _npz(Path(spec), task)
+    x, y, labels = _local(spec, task)
     if eval_spec.strip():
-        return NodeData(x, y, *_npz(Path(eval_spec.strip()), task)[:2])
+        return NodeData(x, y, *_local(eval_spec.strip(), task)[:2])
     n = len(y)
     n_eval = max(1, n // 5) if n > 1 else 0
     tr, te = stratified_split(labels, [n - n_eval, n_eval], seed=BUILTIN_SEED)
     return NodeData(x[tr], y[tr], x[te], y[te])
+
+
+def _local(spec: str, task: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``(x, y, labels to stratify by)`` of an ``hf:`` setting or a ``.npz`` path."""
+    if spec.startswith(HF_PREFIX):
+        images, labels = load_hf_partition(spec)
+        return (*_tensors(images, labels, task), labels)
+    return _npz(Path(spec), task)
 
 
 def _npz(path: Path, task: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
