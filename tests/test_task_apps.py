@@ -288,6 +288,40 @@ def test_infer_writes_the_masks_of_a_segmentation_plan(
     assert r.returncode == 2 and "give --out FILE.npz and/or --png-dir" in r.stderr
 
 
+def test_infer_writes_the_images_of_a_super_resolution_plan(
+    tmp_path: Path,
+    start_household: Callable[..., Household],  # noqa: F811
+) -> None:
+    """ESPCN (its sub-pixel phase maps gathered before the pixel shuffle), partitioned with
+    some gates closed, served by two ``disco-fl serve`` processes: ``disco-fl infer --out``
+    writes the emulation's x2 images (runtime over processes == emulation)."""
+    from disco_fl.models.super_resolution import ESPCN
+
+    torch.manual_seed(0)
+    model = ESPCN(2, 1, widths=(8, 6)).eval()
+    pm = disco_fl.partition(model, 2, torch.randn(2, 1, 14, 14), capture="auto").eval()
+    _random_masks(pm, 0.4, seed=3)
+    meta = {"task": "super_resolution", "input": {"mean": [0.0], "std": [1.0]}}
+    pm.export(tmp_path / "plan", meta=meta)
+    hh = start_household(tmp_path / "plan", 2)
+    images = np.random.default_rng(1).integers(0, 256, size=(5, 14, 14), dtype=np.uint8)
+    np.savez(tmp_path / "in.npz", images=images)
+    out = tmp_path / "out.npz"
+    cmd = [sys.executable, "-m", "disco_fl.cli.main", "infer", str(tmp_path / "in.npz")]
+    cmd += ["--address", hh.addrs[0], "--batch-size", "2", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    x = torch.from_numpy(images).float().unsqueeze(1) / 255
+    with torch.no_grad():
+        want = pm(x)
+    with np.load(out, allow_pickle=False) as z:
+        outputs = z["outputs"]
+    assert outputs.shape == (5, 1, 28, 28)  # images: the output clamped to [0, 1]
+    assert np.allclose(outputs, want.clamp(0, 1).numpy(), atol=1e-5)
+    with torch.no_grad():  # the closed gates matter: not the open-gate model's images
+        assert not np.allclose(outputs, model(x).clamp(0, 1).numpy(), atol=1e-3)
+
+
 # ---- disco-fl demo --task ------------------------------------------------------------------
 
 
