@@ -50,6 +50,38 @@ def test_train_small_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "sync points" in capsys.readouterr().out
 
 
+def test_train_a_dense_task(tmp_path: Path) -> None:
+    """`disco-fl train --task super_resolution`: the task's built-in model (ESPCN), data (x2,
+    14x14 -> 28x28), loss and metric (PSNR); the plan says its task (for `disco-fl infer`)."""
+    out_json = tmp_path / "sr.json"
+    rc = main(
+        [
+            "train", "--task", "super_resolution",
+            "--nodes", "2",
+            "--budget", "0.2",
+            "--dense-epochs", "2",
+            "--gate-epochs", "1",
+            "--finetune-epochs", "1",
+            "--out", str(tmp_path / "run"),
+            "--json", str(out_json),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    s = json.loads(out_json.read_text())
+    assert s["model"] == "espcn" and s["task"] == "super_resolution"
+    assert s["metric"] == "psnr_db" and "accuracy_dense" not in s
+    # a trained ESPCN on digits: far above a blank image (~7 dB), below a perfect copy
+    assert 15.0 < s["metric_dense"] < 60.0 and 10.0 < s["metric_disco"] < 60.0
+    assert s["bytes_per_sample_disco"] < s["bytes_per_sample_dense"]
+    assert s["shard_vs_emulation_max_abs_diff"] < 1e-4
+    plan = json.loads((tmp_path / "run" / "plan" / "plan.json").read_text())
+    assert plan["meta"]["task"] == "super_resolution"
+    assert plan["meta"]["input"] == {"mean": [0.0], "std": [1.0]}
+    # a built-in model of another task is refused with a clear error, not trained
+    refused = ["train", "--task", "segmentation", "--model", "espcn", "--out", str(tmp_path)]
+    assert main(refused) == 2
+
+
 def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "error" in capsys.readouterr().err

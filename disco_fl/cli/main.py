@@ -18,18 +18,21 @@ from disco_fl.cli.demo import add_demo_args, run_demo
 from disco_fl.data import (
     MNIST_MEAN,
     MNIST_STD,
+    SEGMENTATION_CLASSES,
     load_builtin,
     load_npz,
     stratified_split,
-    to_tensor,
+    task_data,
 )
 from disco_fl.emulation.budget import BudgetConfig, evaluate, fit_budget, train_model
 from disco_fl.emulation.capacity import channel_shares, parse_capacities
 from disco_fl.emulation.comm import CommReport, program_traffic
 from disco_fl.emulation.export import load_shard, run_shards
 from disco_fl.emulation.model import partition
+from disco_fl.fl.federated import TASK_DEFAULTS, ModelSpec
 from disco_fl.models import MODELS, load_checkpoint_strict
-from disco_fl.models.user import is_import_path, load_model
+from disco_fl.models.registry import MODEL_TASKS
+from disco_fl.models.user import call_with_standard_args, load_model
 from disco_fl.partition import plan_open_count
 from disco_fl.partition.plan import Plan, PlanError
 from disco_fl.runtime.serving import commands as serving_commands
@@ -40,13 +43,14 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _data(path: str | None, seed: int) -> tuple[torch.Tensor, ...]:
+def _data(path: str | None, seed: int, task: str = "classification") -> tuple[torch.Tensor, ...]:
+    """Train and test ``(x, y)`` for ``task`` (:func:`disco_fl.data.task_data`: the labels, a
+    per-pixel class map or the image at twice the input's size), a stratified 80 / 20 split."""
     images, labels = load_npz(path) if path else load_builtin()
     n = len(labels)
     n_test = max(n // 5, 1)
     tr, te = stratified_split(labels, [n - n_test, n_test], seed=seed)
-    x = to_tensor(images)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    x, y = task_data(images, np.asarray(labels), task)
     return x[tr], y[tr], x[te], y[te]
 
 
@@ -68,27 +72,34 @@ def _print_report(rep: CommReport, title: str) -> None:
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     torch.manual_seed(args.seed)
-    xtr, ytr, xte, yte = _data(args.data, args.seed)
-    _log(f"data: {len(xtr)} train / {len(xte)} test images ({args.data or 'built-in mnist_5k'})")
+    task = args.task
+    model_name = args.model or TASK_DEFAULTS[task]["name"]
+    xtr, ytr, xte, yte = _data(args.data, args.seed, task)
+    _log(
+        f"data: {len(xtr)} train / {len(xte)} test images ({args.data or 'built-in mnist_5k'}), "
+        f"task {task}"
+    )
     in_ch = int(xtr.shape[1])
-    model = load_model(args.model, in_channels=in_ch, num_classes=int(ytr.max()) + 1)
+    ModelSpec(name=model_name, task=task)  # a built-in model of another task: a clear error
+    classes = {"classification": int(ytr.max()) + 1, "segmentation": SEGMENTATION_CLASSES}
+    kw: dict[str, Any] = {"in_channels": in_ch, "num_classes": classes.get(task, 1)}
+    if model_name in MODEL_TASKS:  # seg_small, espcn: the standard arguments they take
+        kw = call_with_standard_args(MODELS[model_name], kw)
+    model = load_model(model_name, **kw)
     if args.checkpoint:
         load_checkpoint_strict(model, args.checkpoint)
         _log(f"loaded dense checkpoint {args.checkpoint}")
     else:
-        _log(f"pretraining dense {args.model} for {args.dense_epochs} epochs")
-        train_model(model, xtr, ytr, epochs=args.dense_epochs, lr=0.01, seed=args.seed, log=_log)
-    dense_acc = evaluate(model, xte, yte)
-    _log(f"dense accuracy {dense_acc:.4f}")
+        _log(f"pretraining dense {model_name} for {args.dense_epochs} epochs")
+        train_model(
+            model, xtr, ytr, epochs=args.dense_epochs, lr=0.01, seed=args.seed, log=_log, task=task
+        )
+    metric = {"classification": "accuracy", "segmentation": "miou"}.get(task, "psnr_db")
+    dense_acc = evaluate(model, xte, yte, task=task)
+    _log(f"dense {metric} {dense_acc:.4f}")
     caps = parse_capacities(args.capacities, args.nodes)
-    # a user's model: fx, or torch.export where fx refuses it
-    pm = partition(
-        model,
-        args.nodes,
-        xtr[:2],
-        capacities=caps,
-        capture="auto" if is_import_path(args.model) else "fx",
-    )
+    # fx, or torch.export where fx refuses the model (a user's; ESPCN's pixel shuffle)
+    pm = partition(model, args.nodes, xtr[:2], capacities=caps, capture="auto")
     shares = channel_shares(pm.program)
     if caps:
         _log(f"uneven slices: capacities {list(caps)}, channel shares {_fmt_shares(shares)}")
@@ -97,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         budget=args.budget,
         gate_epochs=args.gate_epochs,
         finetune_epochs=args.finetune_epochs,
-        augment_shift=2,
+        augment_shift=2 if task == "classification" else 0,  # shifts move the input only
         seed=args.seed,
     )
     out = Path(args.out)
@@ -110,15 +121,20 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         teacher=copy.deepcopy(model),
         checkpoint_dir=out / "checkpoints",
         log=_log,
+        task=task,
     )
     pm.codec = args.codec
-    disco_acc = evaluate(pm, xte, yte)
+    disco_acc = evaluate(pm, xte, yte, task=task)
     rep = pm.comm_report(args.codec)
-    meta = {
-        "model": args.model,
-        "input": {"mean": [MNIST_MEAN] * in_ch, "std": [MNIST_STD] * in_ch},
-        "classes": list(range(int(ytr.max()) + 1)),
+    # the input's normalization (super-resolution: pixels in [0, 1], as task_data makes them)
+    mean, std = (0.0, 1.0) if task == "super_resolution" else (MNIST_MEAN, MNIST_STD)
+    meta: dict[str, Any] = {
+        "model": model_name,
+        "task": task,
+        "input": {"mean": [mean] * in_ch, "std": [std] * in_ch},
     }
+    if task == "classification":
+        meta["classes"] = list(range(int(ytr.max()) + 1))
     exported = pm.export(out / "plan", codec=args.codec, meta=meta)
     _log(f"exported plan {exported.plan.hash[:12]} and {args.nodes} shards to {out / 'plan'}")
     nodes = [load_shard(out / "plan" / "plan.json", k) for k in range(args.nodes)]
@@ -126,15 +142,20 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         pm.eval()
         diff = float((run_shards(nodes, xte[:64]) - pm(xte[:64])).abs().max())
     _print_report(rep, f"DISCO plan, {args.nodes} nodes, budget {args.budget}")
+    figures = (
+        {"accuracy_dense": dense_acc, "accuracy_disco": disco_acc}
+        if task == "classification"
+        else {"metric": metric, "metric_dense": dense_acc, "metric_disco": disco_acc}
+    )
     summary = {
-        "model": args.model,
+        "model": model_name,
+        "task": task,
         "nodes": args.nodes,
         "capacities": list(caps) if caps else None,
         "channel_shares": shares,
         "budget": args.budget,
         "codec": args.codec,
-        "accuracy_dense": dense_acc,
-        "accuracy_disco": disco_acc,
+        **figures,
         "bytes_per_sample_dense": dense_rep.bytes_per_sample,
         "bytes_per_sample_disco": rep.bytes_per_sample,
         "sync_points": rep.sync_points,
@@ -146,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": time.time() - t0,
     }
     print(
-        f"\n  accuracy dense {dense_acc:.4f} | DISCO {disco_acc:.4f}\n"
+        f"\n  {metric} dense {dense_acc:.4f} | DISCO {disco_acc:.4f}\n"
         f"  bytes/sample dense TP {dense_rep.bytes_per_sample:,} | DISCO {rep.bytes_per_sample:,}\n"
         f"  parameter bytes per node {exported.param_bytes_per_node} (whole model "
         f"{exported.whole_model_param_bytes:,})\n"
@@ -210,9 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     def train_args(p: argparse.ArgumentParser, out: str) -> None:
         p.add_argument(
+            "--task",
+            default="classification",
+            choices=sorted(TASK_DEFAULTS),
+            help="what the model's output means: its loss, metric and built-in data "
+            "(segmentation: a per-pixel class map of the digits; super_resolution: x2, 14x14 "
+            "-> 28x28; default classification)",
+        )
+        p.add_argument(
             "--model",
-            default="resnet_narrow",
-            help=f"a built-in model ({', '.join(sorted(MODELS))}; default resnet_narrow) or "
+            default=None,
+            help=f"a built-in model ({', '.join(sorted(MODELS))}; default the task's: "
+            "resnet_narrow, seg_small, espcn) or "
             "your own, 'package.module:function' (a callable returning an nn.Module, called "
             "with those of num_classes, in_channels it names; importable here)",
         )
