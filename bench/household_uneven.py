@@ -24,6 +24,11 @@ throttled node of both households shares the one cgroup (only one household comp
 time). Latency: the requester node's own time per request (input there -> output there, as
 ``bench/latency.py``'s ``latency_ms_median``); the caller's round trip is kept too.
 
+``--balanced`` (a diagnostic, not the issue's comparison) adds a third plan and household:
+slices found by bisection so that each node's measured shard compute (unthrottled, this
+process) divided by its measured capacity is equal on both nodes (:func:`balanced_shares`);
+its row's ``capacities`` are those shares. The requests then go ABCABC...
+
 Diagnostics: each plan's per-node compute (ms, unthrottled, in this process, 1 thread: the
 shard programs' ``send`` / ``compute`` calls without communication), the cgroup's
 ``cpu.stat`` (throttled periods) over the measurement, ``os.getloadavg()`` at start and end,
@@ -32,7 +37,7 @@ its plan in this process.
 
 Usage::
 
-    python bench/household_uneven.py --json bench/results_household_uneven.json
+    python bench/household_uneven.py --balanced --json bench/results_household_uneven.json
     python bench/household_uneven.py --model resnet --px 16 --batch 1 --reps 2 --json t.json
 """
 
@@ -231,6 +236,34 @@ def node_compute_ms(plan_dir: Path, x: torch.Tensor, reps: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def balanced_shares(
+    model: torch.nn.Module, x: torch.Tensor, caps: list[float], args: Any, work: Path
+) -> tuple[list[float], list[dict[str, Any]]]:
+    """Diagnostic: the split whose predicted node times ``compute_k / capacity_k`` are equal,
+    by bisection on node 0's share, each candidate exported and its shard compute timed
+    (unthrottled, :func:`node_compute_ms`). Channel-proportional slices need not balance a
+    sparse plan: a node's convolution reads mostly its own channels, so its cost grows
+    faster than its share."""
+    trials: list[dict[str, Any]] = []
+
+    def gap(s0: float) -> float:
+        p = export_plan(model, x, [s0, 1 - s0], args.budget, args.seed + 2, work / "search")
+        t = node_compute_ms(p["dir"], x, args.compute_reps)
+        pred = [t[k] / caps[k] for k in range(2)]
+        trials.append({"share0": s0, "node_compute_ms": t, "predicted": pred})
+        return pred[0] - pred[1]
+
+    lo, hi = 0.05, 0.95
+    for _ in range(args.balanced_steps):
+        mid = (lo + hi) / 2
+        if gap(mid) < 0:
+            lo = mid
+        else:
+            hi = mid
+    s0 = (lo + hi) / 2
+    return [s0, 1 - s0], trials
+
+
 class Household:
     """2 ``disco-fl serve`` processes on loopback; node ``throttled`` inside ``throttle``."""
 
@@ -332,6 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-reps", type=int, default=3, help="probes per node (median)")
     ap.add_argument("--compute-reps", type=int, default=3, help="diagnostic compute timings")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--balanced",
+        action="store_true",
+        help="diagnostic third plan: slices whose measured shard compute / capacity is equal "
+        "on both nodes (see balanced_shares)",
+    )
+    ap.add_argument("--balanced-steps", type=int, default=6, help="bisection steps")
     args = ap.parse_args(argv)
     if not 0.0 < args.quota <= 1.0:
         ap.error("--quota must be in (0, 1]")
@@ -391,12 +431,21 @@ def main(argv: list[str] | None = None) -> int:
             }
             for name, p in plans.items():
                 p["node_compute_ms"] = node_compute_ms(p["dir"], x, args.compute_reps)
+                p["capacities"] = [1.0, 1.0] if name == "even" else caps
                 log(
                     f"{name}: shares {p['channel_shares']}, {p['fraction']:.3f} of dense bytes, "
                     f"node compute (unthrottled) {p['node_compute_ms']}"
                 )
-            # 3. both households up at once, requests alternating
-            ports = free_ports(4)  # one call: no port handed out twice
+            if args.balanced:
+                shares, trials = balanced_shares(model, x, caps, args, work)
+                p = export_plan(model, x, shares, args.budget, args.seed + 2, work / "balanced")
+                p["node_compute_ms"] = node_compute_ms(p["dir"], x, args.compute_reps)
+                p["capacities"] = shares
+                plans["balanced"] = p
+                result["balanced_search"] = trials
+                log(f"balanced: shares {p['channel_shares']}, compute {p['node_compute_ms']}")
+            # 3. the households up at once, requests alternating
+            ports = free_ports(2 * len(plans))  # one call: no port handed out twice
             for i, (name, p) in enumerate(plans.items()):
                 hh = Household(
                     p["dir"], work, name, args.batch, throttle, tk, ports[2 * i : 2 * i + 2]
@@ -439,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             {
                 "slices": name,
-                "capacities": [1.0, 1.0] if name == "even" else caps,
+                "capacities": p["capacities"],
                 "channel_shares": p["channel_shares"],
                 "latency_ms_median": statistics.median(times[name]),
                 "latency_ms_all": times[name],
@@ -465,6 +514,14 @@ def main(argv: list[str] | None = None) -> int:
     result.update(
         rows=rows,
         ratio_even_over_proportional=ratio,
+        **(
+            {
+                "ratio_even_over_balanced": rows[0]["latency_ms_median"]
+                / rows[2]["latency_ms_median"]
+            }
+            if len(rows) > 2
+            else {}
+        ),
         bar={"proportional_speedup_at_least": BAR, "met": ratio >= BAR},
         loadavg_end=list(os.getloadavg()),
         wall_s=time.time() - t_start,
@@ -476,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         f"; loadavg {load_start[0]:.2f} -> {result['loadavg_end'][0]:.2f}"
         + ("" if throttle else f"; NO THROTTLE: {skipped}")
     )
+    if "ratio_even_over_balanced" in result:
+        print(f"even / balanced (diagnostic) = {result['ratio_even_over_balanced']:.2f}x")
     return 0
 
 
