@@ -86,3 +86,50 @@ def test_comm_accuracy_dense_task_rows_and_plot(tmp_path: Path) -> None:
     png = tmp_path / "plot.png"
     summarize.plot([data], str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_household_uneven_runs_tiny(tmp_path: Path) -> None:
+    """bench/household_uneven.py end to end at a tiny setting: 2 households of 2 real
+    ``disco-fl serve`` processes, measured capacities, alternating requests. Where the
+    cgroup-v1 ``cpu`` hierarchy is not writable, only the throttle is skipped (the script
+    says why in ``cgroup_skipped``); everything else runs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    bench = _load("household_uneven")
+    problem = bench.cgroup_problem()
+    out = tmp_path / "uneven.json"
+    reps = 2
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "household_uneven.py"),
+        *("--model", "resnet", "--px", "16", "--batch", "2", "--reps", str(reps)),
+        *("--warmup", "1", "--probe-reps", "1", "--probe-seconds", "0.2", "--compute-reps", "1"),
+        *("--json", str(out)),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    rows = d["rows"]
+    assert [r["slices"] for r in rows] == ["even", "proportional"]
+    assert rows[0]["capacities"] == [1.0, 1.0]
+    assert rows[1]["capacities"] == d["probe"]["capacities"]  # measured, not assumed
+    for r in rows:
+        assert len(r["latency_ms_all"]) == reps and r["latency_ms_median"] > 0
+        assert abs(sum(r["channel_shares"]) - 1.0) < 1e-9
+        assert r["max_abs_diff_vs_shards"] < 1e-4  # the household computes its plan
+        assert r["throttled_node"] == 1
+    assert len(d["loadavg_start"]) == 3 and len(d["loadavg_end"]) == 3
+    assert d["ratio_even_over_proportional"] > 0 and "met" in d["bar"]
+    assert "| even |" in proc.stdout and "even / proportional" in proc.stdout
+    if problem is None:
+        assert d["cgroup_skipped"] is None
+        assert all(r["quota"] == 0.5 for r in rows)
+        assert d["cgroup"]["removed"] and not Path(d["cgroup"]["path"]).exists()
+        assert "inside the throttled cgroup" in d["probe"]["how"]
+    else:  # the throttle alone is skipped, with its reason
+        assert d["cgroup_skipped"] == problem and d["cgroup"] is None
+        assert all(r["quota"] is None for r in rows)

@@ -317,3 +317,36 @@ def test_runtime_checks_the_deadline_between_ops(one_node: ExportedShard) -> Non
         assert small is not None and small.shape[0] == 4
     finally:
         g.close()
+
+
+def test_wait_for_peers_keeps_waiting_through_the_retry_window() -> None:
+    """A peer slow to start: the first handshake times out, the next finds nothing listening
+    (``HandshakeError``: unreachable), and the one after that, inside the transport's retry
+    window, gets a plain ``TransportError``; ``wait_for_peers`` keeps waiting through all of
+    them (it used to stop at the last one) and still gives up at once on a refused handshake."""
+    from types import SimpleNamespace
+
+    from disco_fl.runtime.serving.node_server import NodeServer
+    from disco_fl.runtime.transport.grpc_transport import HandshakeError, TransportError
+
+    def server(errors: list[Exception]) -> SimpleNamespace:
+        def connect(peers: list[int]) -> None:
+            if errors:
+                raise errors.pop(0)
+
+        return SimpleNamespace(index=0, num_nodes=2, transport=SimpleNamespace(connect=connect))
+
+    slow = [
+        HandshakeError("node 0: peer 1 at 127.0.0.1:1 did not answer within 3 s"),
+        HandshakeError("node 0: peer 1 at 127.0.0.1:1 is unreachable: [Errno 111] Connect"),
+        TransportError("node 0: peer 1 at 127.0.0.1:1 is unreachable: [Errno 111] Connect"),
+    ]
+    said: list[str] = []
+    NodeServer.wait_for_peers(server(slow), timeout=10, progress=said.append)  # type: ignore[arg-type]
+    assert not slow and said[-1] == "node 0: connected to peer 1"
+    refused = [HandshakeError("node 0: peer 1 at x refused the handshake (X): wrong plan")]
+    with pytest.raises(HandshakeError, match="refused the handshake"):
+        NodeServer.wait_for_peers(server(refused), timeout=10)  # type: ignore[arg-type]
+    never = [TransportError("unreachable")] * 100
+    with pytest.raises(TimeoutError, match="not reachable within"):
+        NodeServer.wait_for_peers(server(never), timeout=0.3)  # type: ignore[arg-type]

@@ -66,7 +66,11 @@ from disco_fl.runtime.serving.serve_config import (
     peer_session_timeout,
     release_free_memory,
 )
-from disco_fl.runtime.transport.grpc_transport import GrpcTransport, HandshakeError
+from disco_fl.runtime.transport.grpc_transport import (
+    GrpcTransport,
+    HandshakeError,
+    TransportError,
+)
 
 __all__ = [
     "BusyError",
@@ -165,8 +169,11 @@ class NodeServer:
                 waiting.pop(0)
                 if progress:
                     progress(f"node {self.index}: connected to peer {d}")
-            except HandshakeError as e:
-                if "refused" in str(e) and "did not answer" not in str(e):
+            except TransportError as e:
+                # a peer found unreachable moments ago is answered from the transport's retry
+                # window with a plain TransportError: not up yet, like a failed handshake
+                refused = "refused" in str(e) and "did not answer" not in str(e)
+                if isinstance(e, HandshakeError) and refused:
                     raise  # a wrong plan, token or certificate does not get better by waiting
                 if time.monotonic() > deadline:
                     raise TimeoutError(
