@@ -29,7 +29,9 @@ def _metric(data: dict[str, Any]) -> str:
     return str(meta.get("metric") or (rows[0].get("metric") if rows else None) or "accuracy")
 
 
-def _fmt(metric: str, value: float) -> str:
+def _fmt(metric: str, value: float | None) -> str:
+    if value is None:  # not evaluated (see the row's JSON file)
+        return "n/a"
     _, scale, fmt = METRICS.get(metric, METRICS["accuracy"])
     return fmt.format(value * scale)
 
@@ -122,12 +124,24 @@ def plot(datas: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     panels: list[tuple[str, str, str, list[dict[str, Any]], float]] = []
+    seen: dict[tuple[str, str], int] = {}
+    for data in datas:
+        task = str(data.get("meta", {}).get("task", "classification"))
+        for model in {r["model"] for r in data["rows"]}:
+            seen[task, model] = seen.get((task, model), 0) + 1
     for data in datas:
         metric = _metric(data)
-        task = str(data.get("meta", {}).get("task", "classification"))
+        meta = data.get("meta", {})
+        task = str(meta.get("task", "classification"))
         for model in sorted({r["model"] for r in data["rows"]}):
             rows = [r for r in data["rows"] if r["model"] == model and r["codec"] == "fp32"]
-            panels.append((task, model, metric, rows, data["dense_accuracy"][model]))
+            label = model
+            setting = meta.get("settings", {}).get(model, {})
+            if seen[task, model] > 1 and "finetune_epochs" in setting:  # several runs of it
+                label += f", {setting.get('gate_epochs', 0)} + {setting['finetune_epochs']} epochs"
+                if setting.get("max_steps"):
+                    label += f" of {setting['max_steps']} steps"
+            panels.append((task, label, metric, rows, data["dense_accuracy"][model]))
     if not panels:
         raise ValueError("no rows to plot")
     cols = min(3, len(panels))

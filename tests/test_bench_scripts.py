@@ -133,3 +133,21 @@ def test_household_uneven_runs_tiny(tmp_path: Path) -> None:
     else:  # the throttle alone is skipped, with its reason
         assert d["cgroup_skipped"] == problem and d["cgroup"] is None
         assert all(r["quota"] is None for r in rows)
+
+
+def test_comm_accuracy_requester_head_cell() -> None:
+    """seg_small_rh is partitioned with head="requester": no output bytes; its int8 row is
+    not evaluated (the lock-step runtime refuses a conv2d head on the requester)."""
+    bench = _load("comm_accuracy")
+    state = build_model("seg_small_rh").state_dict()
+    setting = bench.SETTINGS["quick"]["seg_small_rh"]
+    rows = bench._job(("seg_small_rh", 2, 1.0, setting, state, None, 0, "segmentation"))["rows"]
+    assert [r["codec"] for r in rows] == ["fp32", "int8"]
+    assert 0.0 <= rows[0]["accuracy"] <= 1.0 and rows[1]["accuracy"] is None
+    assert rows[0]["bytes_per_sample"] == rows[0]["dense_bytes_per_sample"] == 3136 + 351488
+    data = {
+        "dense_accuracy": {"seg_small_rh": rows[0]["accuracy"]},
+        "rows": rows,
+        "meta": {"task": "segmentation", "metric": "miou"},
+    }
+    assert "| n/a |" in _load("summarize").summarize(data)

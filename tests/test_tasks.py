@@ -126,6 +126,48 @@ def test_models_partition_open_gates_equal_original(name: str, nodes: int) -> No
     assert rep.exchange_bytes == rep.dense_exchange_bytes > 0
 
 
+@pytest.mark.parametrize("nodes", [2, 4])
+def test_seg_small_rh_requester_head_equals_original(nodes: int) -> None:
+    """seg_small_rh partitioned with the head on the requester: with open gates it computes
+    the original model; its class maps never travel (no output bytes), the classifier's
+    input travels instead, as a gated exchange."""
+    torch.manual_seed(0)
+    model = build_model("seg_small_rh").eval()
+    x = torch.randn(3, 1, 28, 28)
+    split = disco_fl.partition(model, nodes, x[:2], capture="auto").eval()
+    pm = disco_fl.partition(model, nodes, x[:2], capture="auto", head="requester").eval()
+    with torch.no_grad():
+        want = model(x)
+        assert want.shape == (3, 11, 28, 28)
+        assert torch.allclose(pm(x), want, atol=1e-5)
+        assert torch.allclose(split(x), want, atol=1e-5)
+        split.execution = "lockstep"
+        assert torch.allclose(split(x), want, atol=1e-5)
+    rep, rep_split = pm.comm_report(), split.comm_report()
+    assert rep.output_bytes == 0 and rep_split.output_bytes > 0
+    assert rep.exchange_bytes == rep.dense_exchange_bytes > 0
+    assert rep.bytes_per_sample == rep_split.bytes_per_sample - rep_split.output_bytes
+    pm.set_all_masks(0.0)
+    assert pm.comm_report().exchange_bytes == 0  # the requester alone: input bytes only
+
+
+@pytest.mark.xfail(
+    raises=RuntimeError,
+    strict=True,
+    reason="node runtime: a conv2d head on the requester leaves the other nodes a weight of "
+    "0 output channels, which F.conv2d refuses (disco_fl/partition/ops_comm.py, "
+    "Conv2dSpec.compute); the emulation is fine",
+)
+def test_seg_small_rh_requester_head_lockstep() -> None:
+    torch.manual_seed(0)
+    model = build_model("seg_small_rh").eval()
+    x = torch.randn(3, 1, 28, 28)
+    pm = disco_fl.partition(model, 2, x[:2], capture="auto", head="requester").eval()
+    pm.execution = "lockstep"
+    with torch.no_grad():
+        assert torch.allclose(pm(x), model(x), atol=1e-5)
+
+
 def test_pixel_shuffle_across_nodes_must_be_the_output() -> None:
     class Inner(torch.nn.Module):
         def __init__(self) -> None:

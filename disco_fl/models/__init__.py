@@ -1,5 +1,6 @@
 """Models: torchvision-compatible ResNets, a timm-compatible ViT, a small segmentation net
-(``seg_small``), ESPCN super-resolution (``espcn``), strict checkpoint handling."""
+(``seg_small``, ``seg_small_rh``), ESPCN super-resolution (``espcn``), strict checkpoint
+handling."""
 
 from disco_fl.models.checkpoint import (
     CheckpointChecksumError,
@@ -16,7 +17,7 @@ from disco_fl.models.resnet import (
     resnet_narrow,
     resnet_small,
 )
-from disco_fl.models.segmentation import SegSmall, seg_small
+from disco_fl.models.segmentation import SegSmall, SegSmallRH, seg_small, seg_small_rh
 from disco_fl.models.super_resolution import ESPCN, espcn
 from disco_fl.models.vit import ViT, ViTConfig, vit_tiny_mnist
 
@@ -29,6 +30,7 @@ __all__ = [
     "ResNet",
     "ResNetConfig",
     "SegSmall",
+    "SegSmallRH",
     "ViT",
     "ViTConfig",
     "build_model",
@@ -40,5 +42,6 @@ __all__ = [
     "resnet_small",
     "save_checkpoint_atomic",
     "seg_small",
+    "seg_small_rh",
     "vit_tiny_mnist",
 ]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from disco_fl.models.resnet import resnet18, resnet50, resnet_narrow, resnet_small
-from disco_fl.models.segmentation import seg_small
+from disco_fl.models.segmentation import seg_small, seg_small_rh
 from disco_fl.models.super_resolution import espcn
 from disco_fl.models.vit import vit_tiny_mnist
 
@@ -20,11 +20,16 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
     "vit_tiny_mnist": vit_tiny_mnist,
     "seg_small": seg_small,  # segmentation (task "segmentation"); partition with capture="auto"
+    "seg_small_rh": seg_small_rh,  # seg_small, one 14x14 classifier: for head="requester"
     "espcn": espcn,  # x2 super-resolution (task "super_resolution"); capture="auto"
 }
 
 #: The task each registered model is built for (classification unless listed).
-MODEL_TASKS: dict[str, str] = {"seg_small": "segmentation", "espcn": "super_resolution"}
+MODEL_TASKS: dict[str, str] = {
+    "seg_small": "segmentation",
+    "seg_small_rh": "segmentation",
+    "espcn": "super_resolution",
+}
 
 
 def build_model(name: str, **kwargs: object) -> nn.Module:
@@ -34,11 +39,11 @@ def build_model(name: str, **kwargs: object) -> nn.Module:
     ----------
     name : str
         A key of :data:`MODELS` ("resnet", "resnet_narrow", "resnet18", "resnet50",
-        "vit_tiny_mnist", "seg_small", "espcn").
+        "vit_tiny_mnist", "seg_small", "seg_small_rh", "espcn").
     **kwargs
-        Passed to the builder (the classifiers and ``seg_small`` take ``num_classes`` and
-        ``in_channels``; the ResNets also ``norm``, the ViT ``pool`` and ``dropout``;
-        ``espcn`` takes ``scale``, ``in_channels`` and ``widths``).
+        Passed to the builder (the classifiers, ``seg_small`` and ``seg_small_rh`` take
+        ``num_classes`` and ``in_channels``; the ResNets also ``norm``, the ViT ``pool``
+        and ``dropout``; ``espcn`` takes ``scale``, ``in_channels`` and ``widths``).
 
     Raises
     ------

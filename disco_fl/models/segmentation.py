@@ -15,6 +15,20 @@ The class maps are computed at low resolution and upsampled (bilinear) at the en
 a 1x1 convolution commutes with bilinear resizing, so this equals classifying the
 upsampled features, with less work. ``F.interpolate`` is captured by ``torch.export``:
 partition with ``disco_fl.partition(model, n, x, capture="auto")`` (or ``"export"``).
+
+``seg_small_rh`` (:class:`SegSmallRH`, "requester head") is the same network with the two
+class maps folded into one: the LR-ASPP features are projected (1x1) to the low-level width,
+upsampled and added to the low-level features, and one 1x1 classifier reads the sum at 14x14::
+
+    out    upsample(cls(low + upsample(proj(head), 14x14)), input size)
+
+``cls(low + up(proj(f))) = cls(low) + up((cls . proj)(f))``: the LR-ASPP output with
+``cls_high`` factored through the low-level width (48 >= 11 classes, so no map is lost). The
+output is now computed by one mixing layer followed by a channel-local op only, so
+``disco_fl.partition(model, n, x, capture="auto", head="requester")`` gives the requester the
+whole classifier: the other nodes send it their (gated) channels of its 14x14 input instead
+of their slices of the 28x28 class maps, and the requester upsamples. Nothing of the output
+travels, and the budget's gates govern what does.
 """
 
 from __future__ import annotations
@@ -23,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SegSmall", "seg_small"]
+__all__ = ["SegSmall", "SegSmallRH", "seg_small", "seg_small_rh"]
 
 
 def _cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -78,3 +92,48 @@ def seg_small(
     """The built-in segmentation model (11 classes: background + 10 digits, see
     :func:`disco_fl.data.segmentation_data`)."""
     return SegSmall(num_classes, in_channels, widths, head_channels)
+
+
+class SegSmallRH(nn.Module):
+    """:class:`SegSmall` with one classifier at 14x14 (see the module docstring): partition
+    it with ``head="requester"`` so that the class maps never travel."""
+
+    def __init__(
+        self,
+        num_classes: int = 11,
+        in_channels: int = 1,
+        widths: tuple[int, int, int] = (32, 48, 64),
+        head_channels: int = 64,
+    ) -> None:
+        super().__init__()
+        w0, w1, w2 = widths
+        self.stem = nn.Sequential(_cbr(in_channels, w0), _cbr(w0, w0))
+        self.low = nn.Sequential(_cbr(w0, w1, stride=2), _cbr(w1, w1))
+        self.high = nn.Sequential(_cbr(w1, w2, stride=2), _cbr(w2, w2, dilation=2))
+        self.head_conv = nn.Conv2d(w2, head_channels, 1, bias=False)
+        self.head_bn = nn.BatchNorm2d(head_channels)
+        self.head_pool = nn.AdaptiveAvgPool2d(1)
+        self.head_gate = nn.Conv2d(w2, head_channels, 1)
+        self.proj = nn.Conv2d(head_channels, w1, 1)
+        self.cls = nn.Conv2d(w1, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        low = self.low(self.stem(x))
+        high = self.high(low)
+        feat = F.relu(self.head_bn(self.head_conv(high)))
+        feat = feat * torch.sigmoid(self.head_gate(self.head_pool(high)))
+        up = F.interpolate(
+            self.proj(feat), size=low.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return F.interpolate(self.cls(low + up), size=size, mode="bilinear", align_corners=False)
+
+
+def seg_small_rh(
+    num_classes: int = 11,
+    in_channels: int = 1,
+    widths: tuple[int, int, int] = (32, 48, 64),
+    head_channels: int = 64,
+) -> SegSmallRH:
+    """``seg_small`` with one 14x14 classifier, for ``partition(..., head="requester")``."""
+    return SegSmallRH(num_classes, in_channels, widths, head_channels)
