@@ -136,15 +136,17 @@ def test_household_uneven_runs_tiny(tmp_path: Path) -> None:
 
 
 def test_comm_accuracy_requester_head_cell() -> None:
-    """seg_small_rh is partitioned with head="requester": no output bytes; its int8 row is
-    not evaluated (the lock-step runtime refuses a conv2d head on the requester)."""
+    """seg_small_rh is partitioned with head="requester": no output bytes; its int8 row runs
+    the lock-step node runtime (the other node holds 0 channels of the head). A row without a
+    figure (earlier runs' int8 rows) prints as n/a."""
     bench = _load("comm_accuracy")
     state = build_model("seg_small_rh").state_dict()
     setting = bench.SETTINGS["quick"]["seg_small_rh"]
     rows = bench._job(("seg_small_rh", 2, 1.0, setting, state, None, 0, "segmentation"))["rows"]
     assert [r["codec"] for r in rows] == ["fp32", "int8"]
-    assert 0.0 <= rows[0]["accuracy"] <= 1.0 and rows[1]["accuracy"] is None
+    assert 0.0 <= rows[0]["accuracy"] <= 1.0 and 0.0 <= rows[1]["accuracy"] <= 1.0
     assert rows[0]["bytes_per_sample"] == rows[0]["dense_bytes_per_sample"] == 3136 + 351488
+    rows[1]["accuracy"] = None
     data = {
         "dense_accuracy": {"seg_small_rh": rows[0]["accuracy"]},
         "rows": rows,

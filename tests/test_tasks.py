@@ -4,6 +4,7 @@ segmentation and super-resolution models partitioned, and budget training per ta
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from disco_fl.data import (
     super_resolution_data,
 )
 from disco_fl.emulation.budget import BudgetConfig, distill_loss, evaluate, fit_budget, train_model
+from disco_fl.emulation.export import load_shard, run_shards
 from disco_fl.models import build_model
 from disco_fl.tasks import get_task, mean_iou, psnr_db
 
@@ -151,14 +153,10 @@ def test_seg_small_rh_requester_head_equals_original(nodes: int) -> None:
     assert pm.comm_report().exchange_bytes == 0  # the requester alone: input bytes only
 
 
-@pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=True,
-    reason="node runtime: a conv2d head on the requester leaves the other nodes a weight of "
-    "0 output channels, which F.conv2d refuses (disco_fl/partition/ops_comm.py, "
-    "Conv2dSpec.compute); the emulation is fine",
-)
-def test_seg_small_rh_requester_head_lockstep() -> None:
+def test_seg_small_rh_requester_head_lockstep(tmp_path: Path) -> None:
+    """A conv2d head owned by the requester leaves the other node a weight of 0 output channels
+    (``F.conv2d`` refuses those; ``ops_comm._conv2d`` answers an empty output): the lock step
+    and shard-only execution == the original."""
     torch.manual_seed(0)
     model = build_model("seg_small_rh").eval()
     x = torch.randn(3, 1, 28, 28)
@@ -166,6 +164,9 @@ def test_seg_small_rh_requester_head_lockstep() -> None:
     pm.execution = "lockstep"
     with torch.no_grad():
         assert torch.allclose(pm(x), model(x), atol=1e-5)
+    pm.export(tmp_path)
+    nodes = [load_shard(tmp_path / "plan.json", k) for k in range(2)]
+    assert torch.allclose(run_shards(nodes, x), model(x), atol=1e-5)
 
 
 def test_pixel_shuffle_across_nodes_must_be_the_output() -> None:

@@ -137,6 +137,18 @@ class ExchangeSpec(OpSpec):
         return out
 
 
+def _conv2d(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: Mapping[str, Any]
+) -> torch.Tensor:
+    """``F.conv2d`` with the op's stride / padding / dilation, also for a node that holds no
+    output channel (a head owned by the requester: ``w`` of shape ``(0, C_in, kh, kw)``,
+    which ``F.conv2d`` refuses): an empty ``(B, 0, H', W')``, still on ``x``'s graph."""
+    if w.shape[0] == 0:
+        one = x.new_zeros((1, *w.shape[1:]))
+        return F.conv2d(x, one, None, a["stride"], a["padding"], a["dilation"])[:, :0]
+    return F.conv2d(x, w, bias, a["stride"], a["padding"], a["dilation"])
+
+
 ACCUMULATE_SLICES = 8  # batch slices of an in-place accumulation (inference)
 
 
@@ -222,24 +234,17 @@ class Conv2dSpec(_MixingSpec):
         self, op: Op, node: NodeContext, xs: Sequence[Any], received: Mapping[int, torch.Tensor]
     ) -> Any:
         st = node.state(op)
-        a = op.attrs
-        return F.conv2d(
-            xs[0], st["weight"], st.get("bias"), a["stride"], a["padding"], a["dilation"]
-        )  # (B, C_out_k, H', W')
+        return _conv2d(xs[0], st["weight"], st.get("bias"), op.attrs)  # (B, C_out_k, H', W')
 
     def compute_own(self, op: Op, node: NodeContext, own: torch.Tensor) -> torch.Tensor:
-        st, a = node.state(op), op.attrs
-        w = st["weight"][:, : own.shape[1]]
-        return F.conv2d(own, w, st.get("bias"), a["stride"], a["padding"], a["dilation"])
+        st = node.state(op)
+        return _conv2d(own, st["weight"][:, : own.shape[1]], st.get("bias"), op.attrs)
 
     def add_received(
         self, op: Op, node: NodeContext, partial: torch.Tensor, part: torch.Tensor, offset: int
     ) -> torch.Tensor:
-        a = op.attrs
         w = node.state(op)["weight"][:, offset : offset + part.shape[1]]
-        return _accumulate(
-            partial, part, lambda p: F.conv2d(p, w, None, a["stride"], a["padding"], a["dilation"])
-        )
+        return _accumulate(partial, part, lambda p: _conv2d(p, w, None, op.attrs))
 
 
 @register_spec

@@ -188,8 +188,13 @@ class ResizeSpec(OpSpec):
         if a["mode"] != "nearest":
             kwargs["align_corners"] = bool(a.get("align_corners", False))
         if a.get("size") is not None:
-            return F.interpolate(xs[0], size=tuple(a["size"]), **kwargs)
-        return F.interpolate(xs[0], scale_factor=tuple(a["scale_factor"]), **kwargs)
+            kwargs["size"] = tuple(a["size"])
+        else:
+            kwargs["scale_factor"] = tuple(a["scale_factor"])
+        x = xs[0]
+        if x.dim() > 2 and x.shape[1] == 0:  # a node without channels here (head="requester"):
+            return F.interpolate(x.new_zeros((x.shape[0], 1, *x.shape[2:])), **kwargs)[:, :0]
+        return F.interpolate(x, **kwargs)
 
 
 @register_spec
