@@ -224,7 +224,16 @@ def test_demo_dp_ctrl_c_stops_everything_and_resume_finishes(tmp_path: Path) -> 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     err = tmp_path / "stderr.txt"
     with open(err, "wb") as f:
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=env)
+        # Ctrl-C reaches a foreground program with SIGINT at its default; a test run started in
+        # the background by a non-interactive shell (`bash .ci/run &`) ignores SIGINT, and a
+        # child would inherit that (and rightly keep ignoring it), so the demo starts with it
+        p = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
+        )
     try:
         end = time.monotonic() + DEMO_TIMEOUT_S
         while "round 1/2 done" not in err.read_text(errors="replace"):
