@@ -33,6 +33,8 @@ travels, and the budget's gates govern what does.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +50,29 @@ def _cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequenti
     )
 
 
+def _trunk(
+    m: nn.Module, in_channels: int, widths: tuple[int, int, int], head_channels: int
+) -> None:
+    """The layers both segmentation nets share: stem, the 14x14 (``low``) and 7x7 (``high``)
+    stages and the LR-ASPP head (a 1x1 conv gated by a pooled sigmoid branch)."""
+    w0, w1, w2 = widths
+    m.stem = nn.Sequential(_cbr(in_channels, w0), _cbr(w0, w0))
+    m.low = nn.Sequential(_cbr(w0, w1, stride=2), _cbr(w1, w1))
+    m.high = nn.Sequential(_cbr(w1, w2, stride=2), _cbr(w2, w2, dilation=2))
+    m.head_conv = nn.Conv2d(w2, head_channels, 1, bias=False)
+    m.head_bn = nn.BatchNorm2d(head_channels)
+    m.head_pool = nn.AdaptiveAvgPool2d(1)
+    m.head_gate = nn.Conv2d(w2, head_channels, 1)
+
+
+def _features(m: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, feat)``: the 14x14 features and the head's gated 7x7 features of :func:`_trunk`."""
+    low = m.low(m.stem(x))
+    high = m.high(low)
+    feat = F.relu(m.head_bn(m.head_conv(high)))
+    return low, feat * torch.sigmoid(m.head_gate(m.head_pool(high)))
+
+
 class SegSmall(nn.Module):
     """LR-ASPP-style segmentation net; output ``(B, num_classes, H, W)`` logits."""
 
@@ -59,23 +84,13 @@ class SegSmall(nn.Module):
         head_channels: int = 64,
     ) -> None:
         super().__init__()
-        w0, w1, w2 = widths
-        self.stem = nn.Sequential(_cbr(in_channels, w0), _cbr(w0, w0))
-        self.low = nn.Sequential(_cbr(w0, w1, stride=2), _cbr(w1, w1))
-        self.high = nn.Sequential(_cbr(w1, w2, stride=2), _cbr(w2, w2, dilation=2))
-        self.head_conv = nn.Conv2d(w2, head_channels, 1, bias=False)
-        self.head_bn = nn.BatchNorm2d(head_channels)
-        self.head_pool = nn.AdaptiveAvgPool2d(1)
-        self.head_gate = nn.Conv2d(w2, head_channels, 1)
+        _trunk(self, in_channels, widths, head_channels)
         self.cls_high = nn.Conv2d(head_channels, num_classes, 1)
-        self.cls_low = nn.Conv2d(w1, num_classes, 1)
+        self.cls_low = nn.Conv2d(widths[1], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        low = self.low(self.stem(x))
-        high = self.high(low)
-        feat = F.relu(self.head_bn(self.head_conv(high)))
-        feat = feat * torch.sigmoid(self.head_gate(self.head_pool(high)))
+        low, feat = _features(self, x)
         out = F.interpolate(
             self.cls_high(feat), size=low.shape[-2:], mode="bilinear", align_corners=False
         )
@@ -106,23 +121,13 @@ class SegSmallRH(nn.Module):
         head_channels: int = 64,
     ) -> None:
         super().__init__()
-        w0, w1, w2 = widths
-        self.stem = nn.Sequential(_cbr(in_channels, w0), _cbr(w0, w0))
-        self.low = nn.Sequential(_cbr(w0, w1, stride=2), _cbr(w1, w1))
-        self.high = nn.Sequential(_cbr(w1, w2, stride=2), _cbr(w2, w2, dilation=2))
-        self.head_conv = nn.Conv2d(w2, head_channels, 1, bias=False)
-        self.head_bn = nn.BatchNorm2d(head_channels)
-        self.head_pool = nn.AdaptiveAvgPool2d(1)
-        self.head_gate = nn.Conv2d(w2, head_channels, 1)
-        self.proj = nn.Conv2d(head_channels, w1, 1)
-        self.cls = nn.Conv2d(w1, num_classes, 1)
+        _trunk(self, in_channels, widths, head_channels)
+        self.proj = nn.Conv2d(head_channels, widths[1], 1)
+        self.cls = nn.Conv2d(widths[1], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        low = self.low(self.stem(x))
-        high = self.high(low)
-        feat = F.relu(self.head_bn(self.head_conv(high)))
-        feat = feat * torch.sigmoid(self.head_gate(self.head_pool(high)))
+        low, feat = _features(self, x)
         up = F.interpolate(
             self.proj(feat), size=low.shape[-2:], mode="bilinear", align_corners=False
         )
