@@ -8,11 +8,15 @@ and evaluated by shard-only execution with every node up and with each node but 
 requester missing (``run_shards(..., missing={k})``: exactly what a household in degraded
 mode computes, ``disco-fl serve --degraded-wait``).
 
-Plans: head split, no node dropout (the baseline); head on the requester, no dropout; head on
-the requester, trained with node dropout (``BudgetConfig.node_dropout``, ``--dropout``,
-default 0.3: each node but the requester is missing from a training step with that
-probability). Rows: ``{"model", "nodes", "budget", "head", "dropout", "missing": null | k,
-"accuracy"}`` (``dropout``: the rate, 0.0 = none).
+Plans: head split, no node dropout (the baseline); head on the requester, no dropout, without
+and with BatchNorm statistics per missing node (:func:`~disco_fl.emulation.statistics.
+calibrate_degraded`); head on the requester, trained with node dropout
+(``BudgetConfig.node_dropout``, ``--dropout``, default 0.3: each node but the requester is
+missing from a training step with that probability; ``fit_budget`` then calibrates the
+statistics per missing node). Rows: ``{"model", "nodes", "budget", "head", "dropout",
+"degraded_statistics", "missing": null | k, "accuracy"}`` (``dropout``: the rate, 0.0 = none;
+a node missing uses the plan's statistics for it when ``degraded_statistics``, as a serving
+household does once its sessions start without that node).
 
 Usage::
 
@@ -37,6 +41,7 @@ import disco_fl
 from disco_fl.data import load_builtin, stratified_split, to_tensor
 from disco_fl.emulation.budget import BudgetConfig, evaluate, fit_budget, train_model
 from disco_fl.emulation.export import load_shard, run_shards
+from disco_fl.emulation.statistics import calibrate_degraded
 from disco_fl.models import build_model
 
 SETTINGS = {
@@ -83,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dense accuracy {dense_acc:.4f} ({time.time() - t0:.0f} s)", flush=True)
     rows: list[dict[str, Any]] = []
     for n in [int(v) for v in args.nodes.split(",")]:
-        for head, dropout in (("split", 0.0), ("requester", 0.0), ("requester", args.dropout)):
+        plans = [("split", 0.0, False), ("requester", 0.0, False), ("requester", 0.0, True)]
+        plans.append(("requester", args.dropout, True))
+        for head, dropout, stats in plans:
             pm = disco_fl.partition(copy.deepcopy(dense), n, xtr[:2], head=head)
             cfg = BudgetConfig(
                 budget=args.budget,
@@ -95,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                 node_dropout=dropout,
             )
             fit_budget(pm, xtr, ytr, cfg, teacher=copy.deepcopy(dense))
+            if stats and not pm.degraded_statistics:  # fit_budget does it with node dropout
+                calibrate_degraded(pm, xtr, batch_size=256)
+            elif not stats:
+                pm.degraded_statistics = {}
             with tempfile.TemporaryDirectory() as d:
                 pm.export(d)
                 nodes = [load_shard(Path(d) / "plan.json", k) for k in range(n)]
@@ -107,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                         "budget": args.budget,
                         "head": head,
                         "dropout": dropout,
+                        "degraded_statistics": stats,
                         "missing": missing,
                         "accuracy": acc,
                     }

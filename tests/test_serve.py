@@ -30,6 +30,7 @@ import disco_fl
 from disco_fl.cli.demo import free_ports
 from disco_fl.emulation.comm import program_traffic
 from disco_fl.emulation.export import load_shard, run_shards
+from disco_fl.emulation.statistics import calibrate_degraded
 from disco_fl.partition.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
 from disco_fl.runtime.serving import InferenceError, InferenceSession
@@ -122,7 +123,12 @@ class Household:
 
 
 def _export(
-    tmp: Path, name: str, n: int, codec: str = "fp32", capacities: list[float] | None = None
+    tmp: Path,
+    name: str,
+    n: int,
+    codec: str = "fp32",
+    capacities: list[float] | None = None,
+    degraded: bool = False,
 ) -> tuple[Path, Any, torch.Tensor]:
     if name == "vit":
         from disco_fl.models import build_model
@@ -135,6 +141,10 @@ def _export(
     x = torch.randn(*shape)
     pm = disco_fl.partition(model, n, x, capacities=capacities).eval()
     _random_masks(pm, 0.35, seed=n)
+    if degraded:  # BatchNorm statistics for each single missing node
+        calibrate_degraded(
+            pm, torch.randn(64, *shape[1:], generator=torch.Generator().manual_seed(n))
+        )
     meta = {"input": {"mean": [MEAN] * shape[1], "std": [STD] * shape[1]}}
     pm.export(tmp, codec=codec, meta=meta)
     return tmp, pm, x
@@ -518,12 +528,20 @@ def test_degraded_household_answers_without_a_killed_node_then_recovers(
     tmp_path: Path, start_household: Callable[..., Household]
 ) -> None:
     """Degraded mode over processes: node 2 killed, nodes 0 and 1 still answer, with node 2's
-    channels closed (== the shards run without it) and the reply naming it; node 2 back,
-    full answers again."""
-    plan_dir, pm, x = _export(tmp_path / "plan", "user", 3)
-    hh = start_household(plan_dir, 3, "--degraded-wait", "1.0", "--deadline", "10")
+    channels closed (== the shards run without it) and the reply naming it. The first such
+    request finds node 2 missing mid-session (all-up statistics: == a plan without degraded
+    statistics run without node 2); the next ones start without it and normalize with the
+    plan's statistics for {2} (== run_shards with missing={2}). Node 2 back: full answers
+    again once the requester retries it (--degraded-retry)."""
+    plan_dir, pm, x = _export(tmp_path / "plan", "user", 3, degraded=True)
+    plain_dir, _, _ = _export(tmp_path / "plain", "user", 3)  # the same plan, no statistics
+    hh = start_household(
+        plan_dir, 3, "--degraded-wait", "2.0", "--deadline", "10", "--degraded-retry", "3"
+    )
     hh.wait_ready(range(3))
     nodes = [load_shard(plan_dir / "plan.json", k) for k in range(3)]
+    plain = [load_shard(plain_dir / "plan.json", k) for k in range(3)]
+    assert nodes[1].degraded_sets == [frozenset({2})] and not plain[1].degraded_sets
     with InferenceSession(hh.addrs[0], timeout=30) as s:
         out = s.infer(x)
         assert s.last_missing == ()
@@ -531,8 +549,14 @@ def test_degraded_household_answers_without_a_killed_node_then_recovers(
         hh.kill(2)
         out = s.infer(x)
         assert s.last_missing == (2,)
-        assert (out - run_shards(nodes, x, missing={2})).abs().max().item() <= 1e-5
+        assert (out - run_shards(plain, x, missing={2})).abs().max().item() <= 1e-5
         assert not torch.allclose(out, run_shards(nodes, x), atol=1e-3)
+        t0 = time.monotonic()
+        out = s.infer(x)  # starts without node 2: no wait for it, its statistics
+        assert time.monotonic() - t0 < 1.5  # no --degraded-wait for node 2
+        assert s.last_missing == (2,)
+        assert (out - run_shards(nodes, x, missing={2})).abs().max().item() <= 1e-5
+        assert not torch.allclose(out, run_shards(plain, x, missing={2}), atol=1e-4)
         hh.start(2)
         hh.wait_ready([2])
         deadline = time.monotonic() + 30

@@ -13,7 +13,9 @@ Budget training (:func:`fit_budget`) has three phases:
    The achieved fraction is at most the budget and within one channel of it.
 3. **finetune** (``finetune_epochs``): masks fixed, weights adapt to them. Finally the
    BatchNorm running statistics are re-estimated with the final masks
-   (:func:`recalibrate_batchnorm`), since closing gates shifts every later activation.
+   (:func:`~disco_fl.emulation.statistics.recalibrate_batchnorm`), since closing gates
+   shifts every later activation. A plan trained with node dropout also gets statistics for
+   each single missing node (:func:`~disco_fl.emulation.statistics.calibrate_degraded`).
 
 Everything is seeded; a checkpoint is written (atomically) after every epoch and the run
 resumes from it when ``checkpoint_dir`` already holds one.
@@ -35,6 +37,7 @@ from torch import nn
 from disco_fl.core.files import load_torch
 from disco_fl.core.gates import check_node_dropout, dropped_nodes, prob_open
 from disco_fl.emulation.model import PartitionedModel
+from disco_fl.emulation.statistics import calibrate_degraded, recalibrate_batchnorm
 from disco_fl.tasks import Task, get_task
 
 Log = Callable[[str], None]
@@ -247,33 +250,6 @@ def calibrate_masks(
     return _fill_masks(pm, budget, keep)
 
 
-def recalibrate_batchnorm(
-    model: nn.Module, x: torch.Tensor, batch_size: int = 256, max_batches: int = 16
-) -> None:
-    """Re-estimate BatchNorm running statistics of a partitioned model (cumulative average
-    over up to ``max_batches`` batches of ``x``, hard masks, no gradients)."""
-    if not isinstance(model, PartitionedModel):
-        return
-    bn_ops = [op for op in model.program.ops if op.kind == "batch_norm"]
-    if not bn_ops or len(x) == 0:
-        return
-    saved = {op.name: op.attrs["momentum"] for op in bn_ops}
-    mode, was_training = model.gate_mode, model.training
-    model.gate_mode = "hard"
-    model.train()
-    try:
-        with torch.no_grad():
-            for i, start in enumerate(range(0, min(len(x), max_batches * batch_size), batch_size)):
-                for op in bn_ops:
-                    op.attrs["momentum"] = 1.0 / (i + 1)
-                model(x[start : start + batch_size])
-    finally:
-        for op in bn_ops:
-            op.attrs["momentum"] = saved[op.name]
-        model.gate_mode = mode
-        model.train(was_training)
-
-
 @dataclass
 class BudgetResult:
     budget: float
@@ -430,6 +406,8 @@ def fit_budget(
         calibrate_masks(pm, config.budget, config.max_sync_points)
     pm.gate_mode = "hard"
     recalibrate_batchnorm(pm, x, batch_size=max(config.batch_size, 256))
+    if config.node_dropout > 0:  # a plan meant to run with a node missing
+        calibrate_degraded(pm, x, batch_size=max(config.batch_size, 256))
     pm.eval()
     return BudgetResult(
         config.budget,

@@ -10,6 +10,7 @@ so a crash never leaves a half-written plan or shard.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 from collections.abc import Collection, Mapping, Sequence
@@ -49,7 +50,32 @@ def _compact_state(pm: Any, plan: Plan, k: int) -> dict[str, torch.Tensor]:
             ):
                 t = t.index_select(1, torch.tensor(compact_columns(plan, op, k), dtype=torch.long))
             out[f"{op.name}.{pname}"] = t.contiguous().clone()
+    for missing, nodes in getattr(pm, "degraded_statistics", {}).items():
+        for op_name, stats in nodes.get(k, {}).items():
+            for sname, t in stats.items():
+                out[f"{degraded_key(missing)}{op_name}.{sname}"] = t.detach().contiguous().clone()
     return out
+
+
+DEGRADED = "@missing="  # shard tensor keys "@missing=1+3/<op>.<statistic>"
+
+
+def degraded_key(missing: Collection[int]) -> str:
+    """The prefix of a shard's BatchNorm statistics for the nodes ``missing``
+    (:func:`~disco_fl.emulation.statistics.calibrate_degraded`)."""
+    return DEGRADED + "+".join(str(k) for k in sorted(missing)) + "/"
+
+
+def _parse_degraded(key: str, num_nodes: int) -> tuple[frozenset[int], str]:
+    """``(missing nodes, "<op>.<statistic>")`` of a degraded-statistics key."""
+    label, sep, rest = key[len(DEGRADED) :].partition("/")
+    try:
+        missing = frozenset(int(v) for v in label.split("+"))
+    except ValueError:
+        missing = frozenset()
+    if not sep or not missing or not all(0 <= k < num_nodes for k in missing):
+        raise PlanError(f"malformed degraded-statistics key {key!r}")
+    return missing, rest
 
 
 def compact_columns(plan: Plan, op: Op, k: int) -> list[int]:
@@ -120,7 +146,15 @@ class ExportedShard:
         self.training = False
         ops = {op.name: op for op in self.program.ops}
         tensors: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+        degraded: dict[frozenset[int], dict[str, dict[str, torch.Tensor]]] = {}
         for key, t in state.items():
+            if key.startswith(DEGRADED):
+                missing, rest = _parse_degraded(key, self.num_nodes)
+                name, _, tname = rest.rpartition(".")
+                if name not in ops or ops[name].kind != "batch_norm" or k in missing:
+                    raise PlanError(f"shard {k}: {key!r} is no statistic of a BatchNorm op")
+                degraded.setdefault(missing, {}).setdefault(name, {})[tname] = t
+                continue
             name, _, tname = key.rpartition(".")
             if name not in ops:
                 raise PlanError(f"shard {k}: {key!r} is no tensor of an op of the plan")
@@ -129,6 +163,16 @@ class ExportedShard:
             (buffers if is_buffer else params)[tname] = t
         self.shard = NodeShard(self.program, k, tensors=tensors).requires_grad_(False)
         self._state = {name: self.shard.op_tensors(name) for name in self.shard.ops}
+        for missing, by_op in degraded.items():
+            for name, stats in by_op.items():
+                own = self._state.get(name, {})
+                if {n: list(t.shape) for n, t in stats.items()} != {
+                    n: list(own[n].shape) for n in stats if n in own
+                }:
+                    raise PlanError(f"shard {k}: statistics of {name} for missing "
+                                    f"{sorted(missing)} do not match its own")  # fmt: skip
+        self._degraded = degraded
+        self._contexts: dict[frozenset[int], ExportedShard] = {}
         self._send: dict[str, dict[int, torch.Tensor]] = {}
         self._sources: dict[str, list[int]] = {}
         for e in self.program.exchanges:
@@ -141,6 +185,27 @@ class ExportedShard:
 
     def state(self, op: Op) -> Mapping[str, torch.Tensor]:
         return self._state.get(op.name, {})
+
+    @property
+    def degraded_sets(self) -> list[frozenset[int]]:
+        """The sets of missing nodes this shard holds BatchNorm statistics for."""
+        return sorted(self._degraded, key=lambda s: (len(s), sorted(s)))
+
+    def context(self, missing: Collection[int]) -> ExportedShard:
+        """This node as it computes a session that starts without the nodes ``missing``:
+        itself, or, when the shard holds statistics for exactly that set
+        (:func:`~disco_fl.emulation.statistics.calibrate_degraded`), a view of it whose
+        BatchNorm ops normalize with them."""
+        key = frozenset(missing)
+        stats = self._degraded.get(key)
+        if not stats:
+            return self
+        view = self._contexts.get(key)
+        if view is None:
+            view = copy.copy(self)
+            view._state = {n: {**st, **stats.get(n, {})} for n, st in self._state.items()}
+            self._contexts[key] = view
+        return view
 
     def send_selection(
         self, op: Op, dest: int
@@ -217,17 +282,21 @@ def run_shards(
     arithmetic of the network runtime (``overlap`` as :func:`~disco_fl.runtime.inference.run_node`:
     equal to it bit for bit); returns what the model returns (a tensor, or a dict / tuple /
     list of tensors). ``missing``: nodes that do not run (their channels closed, as the
-    runtime's degraded mode); ``nodes`` may hold anything at their places."""
+    runtime's degraded mode, each node normalizing with its statistics for that set when its
+    shard has them: :meth:`ExportedShard.context`); ``nodes`` may hold anything at their
+    places."""
     if not nodes:
         raise ValueError("no nodes")
     present = [n for k, n in enumerate(nodes) if k not in set(missing)]
     plan = present[0].plan
     if any(n.plan.hash != plan.hash for n in present):
         raise PlanError("nodes were loaded from different plans")
+    gone = set(missing)
+    contexts = [n.context(gone) if gone and k not in gone else n for k, n in enumerate(nodes)]
     with torch.no_grad():
         y = run_lockstep(
             plan.program,
-            nodes,
+            contexts,
             x,
             codec or plan.codec,
             open_count=plan_open_count(plan),

@@ -164,6 +164,9 @@ class PartitionedModel(nn.Module):
         # weights, their BatchNorm running statistics stay (disco_fl.core.gates.dropped_nodes
         # draws the set per step)
         self.dropped_nodes: frozenset[int] = frozenset()
+        # BatchNorm statistics per set of missing nodes, for degraded mode
+        # (disco_fl.emulation.statistics.calibrate_degraded; written by export)
+        self.degraded_statistics: dict[frozenset[int], Any] = {}
         self._layer_of = {op.name: i for i, op in enumerate(program.ops)}
         self._random_ops = any(
             op.kind == "drop_path" and float(op.attrs.get("p", 0.0)) > 0 for op in program.ops

@@ -126,7 +126,11 @@ def _node_steps(
     Degraded mode (``degraded_wait`` seconds, not ``None``): a peer that sends nothing within
     that long, is unreachable or reports a failure joins ``missing``; its messages are
     replaced as the executor says (zeros for its channels, its statistics left out) and
-    nothing more is sent to or awaited from it in this session."""
+    nothing more is sent to or awaited from it in this session. The nodes already in
+    ``missing`` when the session starts are missing from its first layer: the requester
+    names them in its INPUT frames, and the node normalizes with its BatchNorm statistics for
+    that set when its shard has them (:meth:`~disco_fl.emulation.export.ExportedShard.context`),
+    as :func:`~disco_fl.emulation.export.run_shards` does with ``missing``."""
     plan: Plan = node.plan
     program = plan.program
     k = node.index
@@ -141,9 +145,10 @@ def _node_steps(
     sent: set[int] = set()  # peers already sent this layer's message
     send = transport.send
     what = f" (session {session_id!r}, deadline {timeout:.3g} s from its start)"
+    start_missing = sorted(missing)  # known at the start: named in the INPUT frames
     program_steps = drive(
         node_schedule(node),
-        Executor(program, node, overlap=overlap),
+        Executor(program, node.context(start_missing) if start_missing else node, overlap=overlap),
         x,
         deadline=deadline,
         what=what,
@@ -172,6 +177,8 @@ def _node_steps(
                     dst=event.dest,
                 )
                 if event.dest not in missing:
+                    if st.is_input and start_missing:
+                        frame.missing_nodes.extend(start_missing)
                     encode_tensor(event.tensor, st.wire_codec, out=frame.tensor)
                     try:
                         send(frame)

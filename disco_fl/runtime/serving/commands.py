@@ -132,6 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         overlap=not args.no_overlap,
         degraded_wait_s=args.degraded_wait,
+        degraded_retry_s=args.degraded_retry,
     )
     server = NodeServer(cfg)
     stop = threading.Event()
@@ -388,6 +389,14 @@ def add_parsers(sub: Any) -> None:
         metavar="S",
         help="degraded mode: leave out a peer that sends nothing for S seconds, is unreachable "
         "or fails, and answer without it (its channels closed); default: such a request fails",
+    )
+    p.add_argument(
+        "--degraded-retry",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="degraded mode, requester: start the next sessions without a node found missing "
+        "for S seconds (no wait, statistics for that set), then try it again (default 10)",
     )
     p.add_argument(
         "--no-overlap",

@@ -110,6 +110,8 @@ class NodeServer:
         self._slots = asyncio.Semaphore(config.max_inflight)  # sessions (other nodes)
         # sessions of the other nodes, running or queued: id -> (arrival, task)
         self._sessions: dict[str, tuple[float, asyncio.Task[None]]] = {}
+        # requester, degraded mode: node -> when a session first found it missing
+        self._missing_since: dict[int, float] = {}
         self.stats: dict[str, int] = {
             "requests_ok": 0,
             "requests_failed": 0,
@@ -237,7 +239,7 @@ class NodeServer:
         t0 = time.perf_counter()
         parts = x.split(self.chunk_batch) if n > self.chunk_batch else (x,)
         outs: list[torch.Tensor] = []
-        missing: set[int] = set()
+        missing = await self._known_missing()
         try:
             for i, part in enumerate(parts):
                 part_sid = sid if i == 0 else f"{sid}.{i}"
@@ -274,6 +276,7 @@ class NodeServer:
         finally:
             outs.clear()
             self._inflight.release()
+        self._remember_missing(missing)
         with self._lock:
             self.stats["requests_ok"] += 1
             if missing:
@@ -283,7 +286,44 @@ class NodeServer:
                         sorted(missing))  # fmt: skip
         return result, sid, (time.perf_counter() - t0) * 1e3, sorted(missing)
 
-    def _start_session(self, session_id: str, step: int, batch: int = 0) -> None:
+    async def _known_missing(self) -> set[int]:
+        """Requester, degraded mode: the nodes the next session starts without: those found
+        missing less than ``degraded_retry_s`` ago, and older ones whose link does not come
+        back when tried again now (their period starts anew)."""
+        if self.config.degraded_wait_s is None:
+            return set()
+        now = time.monotonic()
+        with self._lock:
+            known = dict(self._missing_since)
+        out = {k for k, t in known.items() if now - t < self.config.degraded_retry_s}
+        for k in sorted(set(known) - out):
+            if await self.transport.reconnect(k, self.config.connect_timeout_s):
+                with self._lock:
+                    self._missing_since.pop(k, None)
+                log.info("node %d: node %d is reachable again", self.index, k)
+            else:
+                with self._lock:
+                    self._missing_since[k] = time.monotonic()
+                out.add(k)
+        return out
+
+    def _remember_missing(self, missing: set[int]) -> None:
+        """After a request: remember when each node still missing was first found so (a
+        retried node found missing again starts a new period); forget the others."""
+        if self.config.degraded_wait_s is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            known = self._missing_since
+            self._missing_since = {
+                k: known[k] if k in known and now - known[k] < self.config.degraded_retry_s
+                else now
+                for k in missing
+            }  # fmt: skip
+
+    def _start_session(
+        self, session_id: str, step: int, batch: int = 0, missing: tuple[int, ...] = ()
+    ) -> None:
         """The requester's INPUT frame opened a session here (called on the transport's
         loop): start it (it waits for a slot if ``max_inflight`` run), or refuse it when
         ``max_inflight + max_queued`` sessions are already here or its batch is too large."""
@@ -308,7 +348,7 @@ class NodeServer:
                 self._active.add(session_id)
                 self._starts += 1
                 task = self.transport.loop.create_task(
-                    self._serve_session(session_id, step, arrival)
+                    self._serve_session(session_id, step, arrival, set(missing))
                 )
                 self._sessions[session_id] = (arrival, task)
         if why is not None:
@@ -316,7 +356,9 @@ class NodeServer:
             self.transport.end_session(session_id)  # drops its INPUT frame
             refuse_session(self.node, self.transport, session_id, step, why)
 
-    async def _serve_session(self, session_id: str, step: int, arrival: float) -> None:
+    async def _serve_session(
+        self, session_id: str, step: int, arrival: float, missing: set[int]
+    ) -> None:
         budget = peer_session_timeout(self.config.deadline_s)
         deadline = arrival + budget
         started = False
@@ -343,6 +385,7 @@ class NodeServer:
                     step=step,
                     overlap=self.config.overlap,
                     degraded_wait=self.config.degraded_wait_s,
+                    missing=missing,
                 )
             finally:
                 self._slots.release()

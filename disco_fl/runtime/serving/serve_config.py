@@ -110,6 +110,10 @@ class ServeConfig:
         Degraded mode: a peer that sends nothing for this long, is unreachable or fails is
         left out of the session (its channels count as closed) and the household still
         answers, saying which nodes were missing. ``None``: such a request fails.
+    degraded_retry_s : float, default 10.0
+        Degraded mode, on the requester: for this long after a session found a node missing,
+        the following sessions start without it (named in their INPUT frames: no wait for it,
+        and the statistics for that missing set); then one session tries it again.
     """
 
     plan: Path
@@ -130,6 +134,7 @@ class ServeConfig:
     max_connections: int = 128
     overlap: bool = True
     degraded_wait_s: float | None = None
+    degraded_retry_s: float = 10.0
 
     def __post_init__(self) -> None:
         self.plan = Path(self.plan)
@@ -142,6 +147,8 @@ class ServeConfig:
                 f"degraded_wait_s must be in (0, deadline_s={self.deadline_s}), got "
                 f"{self.degraded_wait_s}"
             )
+        if not 0 <= self.degraded_retry_s < 86400:
+            raise ValueError(f"degraded_retry_s must be in [0, 86400), got {self.degraded_retry_s}")
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
         if self.max_batch < 1:

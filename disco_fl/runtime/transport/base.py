@@ -97,9 +97,9 @@ class Transport(ABC):
         # (requester, input layer): the only source and layer of INPUT frames; when set,
         # other INPUT frames are refused and the requester's may open sessions (on_session)
         self.session_origin: tuple[int, int] | None = None
-        # called with (session_id, step, batch) when the requester's INPUT frame starts a new
-        # session here (only with session_origin set)
-        self.on_session: Callable[[str, int, int], None] | None = None
+        # called with (session_id, step, batch, missing nodes) when the requester's INPUT
+        # frame starts a new session here (only with session_origin set)
+        self.on_session: Callable[[str, int, int, tuple[int, ...]], None] | None = None
 
     # ---- sending -------------------------------------------------------------------------
     def send(self, frame: peer_pb2.Frame) -> None:
@@ -163,7 +163,8 @@ class Transport(ABC):
         on_session = self.on_session
         if new_session and on_session is not None:
             shape = frame.tensor.shape
-            on_session(frame.session_id, int(frame.step), int(shape[0]) if shape else 0)
+            batch = int(shape[0]) if shape else 0
+            on_session(frame.session_id, int(frame.step), batch, tuple(frame.missing_nodes))
         return None
 
     def recv(

@@ -76,7 +76,8 @@ def check_incoming(
 
     Checks addressing (``dst`` is this node, ``src`` a peer, and the stream's authenticated
     peer when given), the layer range, the direction and sub-channel, the sizes of the text
-    fields, and the body: exactly one of an error, a tensor (enums, dimensions, and shape x
+    fields, ``missing_nodes`` (INPUT frames only; distinct peers other than the sender), and
+    the body: exactly one of an error, a tensor (enums, dimensions, and shape x
     codec == the byte length of data and scales) or, with direction CONTROL, a control message
     (:func:`~disco_fl.core.wire.check_control`: a known body, its required fields, node indices in
     range, no duplicate channels).
@@ -99,6 +100,14 @@ def check_incoming(
         return f"session id longer than {MAX_SESSION_ID} characters"
     if len(frame.error) > MAX_ERROR_TEXT:
         return f"error text longer than {MAX_ERROR_TEXT} characters"
+    if frame.missing_nodes:
+        gone = list(frame.missing_nodes)
+        if frame.direction != Frame.INPUT:
+            return "missing_nodes outside an INPUT frame"
+        if len(set(gone)) != len(gone) or any(
+            not 0 <= k < num_nodes or k in (index, frame.src) for k in gone
+        ):
+            return f"missing_nodes {gone}: not distinct nodes other than {frame.src} and {index}"
     control = frame.HasField("control")
     if control and (frame.error or frame.HasField("tensor")):
         return "control frame also carries a tensor or an error"

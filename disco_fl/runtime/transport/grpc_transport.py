@@ -242,6 +242,16 @@ class GrpcTransport(AsyncTransport):
         await asyncio.shield(link.ready)
         return link
 
+    async def reconnect(self, dst: int, timeout: float) -> bool:
+        """On the loop: whether the link to ``dst`` is up, or comes up within ``timeout``
+        seconds (a new handshake when it broke); ``False`` while the peer is unreachable.
+        Degraded mode's retry of a node found missing."""
+        try:
+            await asyncio.wait_for(self._ready_link(dst, wait=False), timeout)
+        except (TransportError, asyncio.TimeoutError):
+            return False
+        return True
+
     def _peer_connected(self, src: int) -> None:
         """A peer opened a stream to us (again): its frames can come."""
         self.mailbox.mark_up(src)
