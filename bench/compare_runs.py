@@ -26,7 +26,7 @@ KINDS: dict[str, tuple[list[str], list[str]]] = {
         ["accuracy", "bytes_per_sample", "train_seconds"],
     ),
     "latency": (
-        ["mode", "nodes", "budget", "max_sync_points", "link"],
+        ["mode", "nodes", "budget", "max_sync_points", "codec", "overlap", "link"],
         ["latency_ms_median", "throughput_per_s", "wire_bytes_per_sample", "accuracy"],
     ),
     "train": (
@@ -41,10 +41,10 @@ def kind_of(data: dict[str, Any]) -> str:
     rows = data.get("rows")
     if not rows:
         return "demo"
+    if "link" in rows[0]:  # latency rows may carry a codec too
+        return "latency"
     if "codec" in rows[0]:
         return "comm_accuracy"
-    if "link" in rows[0]:
-        return "latency"
     return "train"
 
 
@@ -72,6 +72,9 @@ def table_rows(data: dict[str, Any], kind: str) -> dict[tuple[Any, ...], dict[st
         return {(k,): {"value": v} for k, v in flat.items()}
     rows = {}
     for r in data["rows"]:
+        if kind == "latency":  # runs from before rows had a codec and overlap: fp32, on
+            default_codec = None if r.get("mode") == "single" else "fp32"
+            r = {"codec": default_codec, "overlap": True, **r}
         rows[tuple(r.get(k) for k in keys)] = r
     if kind == "comm_accuracy":  # the dense models' accuracy, as extra rows
         for m, acc in data.get("dense_accuracy", {}).items():

@@ -31,10 +31,25 @@ the runtime makes, run in this process with no communication and no encoding), a
 ``floor_node_ms`` = the slowest node's compute + the same transfer and latency terms: what
 the floor would be if a node's compute were what it measures rather than ``compute / N``.
 
+``--model resnet50`` (issue 17's compute-bound benchmark, see ``bench/latency_models.py``):
+torchvision's ResNet-50, random init, at ``--image-size`` px (default 224) on random images;
+DISCO plans with hard masks from **calibrated random gate logits** (no trained plan exists:
+``"masks": "random-calibrated"``, accuracy ``null``) at budgets 0.1 / 0.05, sync-point limits
+none / 8, codecs fp32 / int8, each run with overlap on and off (``disco-fl serve
+--no-overlap``); a third, Wi-Fi-like link (50 Mbit/s, 4 ms RTT); 15 timed requests per
+configuration, no throughput pass (a batch of 32 at 224 px over dense TP would take minutes);
+``--nodes 2`` by default. Every row carries ``speedup_vs_single`` (``single``'s median /
+the row's median, same run) and ``overlap``. ``--nodes 4`` runs N = 4, but 4 one-thread
+processes on a 2-core machine share 2 cores: that run cannot show a speedup there.
+The ``resnet`` / ``vit_tiny_mnist`` runs keep their two links (the issue's floor bar is read
+on them, and a third link would add half again to the ``--quick`` wall time).
+
 Usage::
 
     python bench/latency.py --json latency.json            # N = 2 and 4
     python bench/latency.py --quick --json latency.json    # N = 2, < 10 min on 2 cores
+    python bench/latency.py --model resnet50 --json r50.json   # N = 2, ~10 min on 2 cores
+    python bench/latency_plot.py r50.json --out r50.png        # latency vs link
 """
 
 from __future__ import annotations
@@ -67,6 +82,12 @@ from disco_fl.partition.plan import Plan
 from disco_fl.runtime.serving import InferenceSession
 
 LINKS = {"100Mbit_2ms": (100.0, 2.0), "1Gbit_0.5ms": (1000.0, 0.5)}
+# --model resnet50: the two links above and a Wi-Fi-like one
+LINKS_RESNET50 = {
+    "1Gbit_0.5ms": (1000.0, 0.5),
+    "100Mbit_2ms": (100.0, 2.0),
+    "50Mbit_4ms": (50.0, 4.0),
+}
 # (budget, exchanges allowed): the plain budget plans, and the 0.05 budget with at most 3 and
 # at most 1 exchanging layer besides the normalization layers that always exchange statistics
 # (each sync point costs a one-way latency on a slow link)
@@ -87,6 +108,12 @@ SETTINGS = {
         "gate_steps": 30,  # batches per epoch of gate training and of fine-tuning
     },
 }
+# --model resnet50: no training, no throughput pass (throughput_images 0); plans of
+# bench/latency_models.py (PLANS, QUICK_PLANS with --quick)
+SETTINGS_RESNET50 = {
+    "full": {"nodes": [2], "requests": 15, "throughput_images": 0},
+    "quick": {"nodes": [2], "requests": 8, "throughput_images": 0},
+}
 
 
 def log(msg: str) -> None:
@@ -105,7 +132,14 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 class Household:
     """N ``disco-fl serve`` processes on loopback with an emulated link."""
 
-    def __init__(self, plan_dir: Path, n: int, link: tuple[float, float], work: Path) -> None:
+    def __init__(
+        self,
+        plan_dir: Path,
+        n: int,
+        link: tuple[float, float],
+        work: Path,
+        overlap: bool = True,
+    ) -> None:
         self.addrs = [f"127.0.0.1:{p}" for p in free_ports(n)]
         self.procs: list[subprocess.Popen[bytes]] = []
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -132,7 +166,7 @@ class Household:
                 str(link[1]),
                 "--ready-file",
                 str(ready),
-            ]
+            ] + ([] if overlap else ["--no-overlap"])
             with open(work / f"node{k}.log", "ab") as out:
                 self.procs.append(
                     subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -183,10 +217,12 @@ def measure_single(model: torch.nn.Module, x: torch.Tensor, cfg: dict[str, Any])
             model(x[i : i + 1])
             times.append((time.perf_counter() - t0) * 1e3)
         n = cfg["throughput_images"]
-        t0 = time.perf_counter()
-        for b in range(0, n, 32):
-            model(x[b : b + 32])
-        thr = n / (time.perf_counter() - t0)
+        thr = None  # throughput_images 0: no throughput pass
+        if n:
+            t0 = time.perf_counter()
+            for b in range(0, n, 32):
+                model(x[b : b + 32])
+            thr = n / (time.perf_counter() - t0)
     return {"latency_ms_median": statistics.median(times), "throughput_per_s": thr}
 
 
@@ -237,10 +273,15 @@ def measure_node_compute(
 
 
 def measure_household(
-    plan_dir: Path, n: int, link: tuple[float, float], x: torch.Tensor, cfg: dict[str, Any]
+    plan_dir: Path,
+    n: int,
+    link: tuple[float, float],
+    x: torch.Tensor,
+    cfg: dict[str, Any],
+    overlap: bool = True,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
-        hh = Household(plan_dir, n, link, Path(work))
+        hh = Household(plan_dir, n, link, Path(work), overlap=overlap)
         try:
             with InferenceSession(hh.addrs[0], timeout=120) as s:
                 for i in range(5):  # warm-up: connections, allocator, first-call overheads
@@ -256,9 +297,11 @@ def measure_household(
                 after = counters(hh.addrs)
                 m = cfg["requests"]
                 nimg = cfg["throughput_images"]
-                t0 = time.perf_counter()
-                s.infer_many(x[:nimg], batch_size=32, max_inflight=2)
-                thr = nimg / (time.perf_counter() - t0)
+                thr = None  # throughput_images 0: no throughput pass
+                if nimg:
+                    t0 = time.perf_counter()
+                    s.infer_many(x[:nimg], batch_size=32, max_inflight=2)
+                    thr = nimg / (time.perf_counter() - t0)
                 batched = counters(hh.addrs)
         finally:
             hh.stop()
@@ -273,7 +316,9 @@ def measure_household(
         "busiest_link_payload_bytes": max(links.values()) if links else 0.0,
         "framing_overhead_batch32": (batched["wire"] - after["wire"])
         / max(batched["payload"] - after["payload"], 1)
-        - 1,
+        - 1
+        if thr is not None
+        else None,
     }
 
 
@@ -348,6 +393,11 @@ def _rpc(r: dict[str, Any]) -> str:
     return "- | -" if v is None else f"{v:.2f} | {v / r['floor_ms']:.2f}"
 
 
+def _thr(r: dict[str, Any]) -> str:
+    v = r.get("throughput_per_s")
+    return "-" if v is None else f"{v:.0f}"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows as the table in BENCHMARKS.md."""
     head = (
@@ -365,15 +415,118 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {r.get('max_sync_points') or '-'} | {r['link']} | {r['sync_points']} "
             f"| {'-' if acc is None else f'{100 * acc:.1f}%'} | {r['latency_ms_median']:.2f} "
             f"| {r['floor_ms']:.2f} | {r['latency_ms_median'] / r['floor_ms']:.2f} "
-            f"| {_rpc(r)} | {_speedup(r)} | {r['throughput_per_s']:.0f} "
+            f"| {_rpc(r)} | {_speedup(r)} | {_thr(r)} "
             f"| {r['payload_bytes_per_sample']:,.0f} "
             f"| {100 * r.get('framing_overhead', 0.0):.2f}% "
-            f"| {100 * r.get('framing_overhead_batch32', 0.0):.2f}% "
+            f"| {100 * (r.get('framing_overhead_batch32') or 0.0):.2f}% "
             f"| {' / '.join(f'{v:.2f}' for v in r.get('node_compute_ms', []))} "
             f"| {r.get('floor_node_ms', r['floor_ms']):.2f} "
             f"| {r['latency_ms_median'] / r.get('floor_node_ms', r['floor_ms']):.2f} |"
         )
     return head + "\n".join(lines)
+
+
+def single_rows(
+    single: dict[str, Any], links: dict[str, tuple[float, float]], accuracy: float | None
+) -> list[dict[str, Any]]:
+    """One ``single`` row per link (the same measurement)."""
+    return [
+        {
+            "mode": "single",
+            "nodes": 1,
+            "budget": None,
+            "link": link,
+            **single,
+            "wire_bytes_per_sample": 0,
+            "payload_bytes_per_sample": 0,
+            "sync_points": 0,
+            "floor_ms": single["latency_ms_median"],
+            "node_compute_ms": [single["latency_ms_median"]],
+            "floor_node_ms": single["latency_ms_median"],
+            "accuracy": accuracy,
+            "overlap": True,
+            "codec": None,
+            "masks": None,
+        }
+        for link in links
+    ]
+
+
+def measure_plans(
+    plans: list[dict[str, Any]],
+    n: int,
+    links: dict[str, tuple[float, float]],
+    x: torch.Tensor,
+    cfg: dict[str, Any],
+    single_ms: float,
+) -> list[dict[str, Any]]:
+    """The rows of ``plans`` (:func:`make_plans`' dicts; ``overlaps``, default ``[True]``:
+    run with overlap on and / or off) on every link of ``links`` at N = ``n``."""
+    rows = []
+    for info in plans:
+        plan_dir, budget = info["dir"], info["budget"]
+        plan = Plan.load(plan_dir / "plan.json")
+        rep = program_traffic(plan.program, plan_open_count(plan), plan.codec)
+        node_ms = measure_node_compute(plan_dir, n, x, cfg)
+        for overlap in info.get("overlaps", [True]):
+            name = f"{info['mode']}_{budget}_{info['max_sync_points']}_{plan.codec}"
+            name += "" if overlap else "_nooverlap"
+            for link, (mbps, rtt_ms) in links.items():
+                m = measure_household(plan_dir, n, (mbps, rtt_ms), x, cfg, overlap=overlap)
+                wire_per_link = m["busiest_link_payload_bytes"] * (
+                    m["wire_bytes_per_sample"] / max(m["payload_bytes_per_sample"], 1)
+                )
+                comm = wire_per_link * 8 / (mbps * 1e6) * 1e3 + (rep.sync_points + 2) * rtt_ms / 2
+                floor = single_ms / n + comm
+                row = {
+                    "mode": info["mode"],
+                    "nodes": n,
+                    "budget": budget,
+                    "max_sync_points": info["max_sync_points"],
+                    "codec": plan.codec,
+                    "overlap": overlap,
+                    "masks": info.get("masks", "trained" if info["mode"] == "disco" else None),
+                    "accuracy": info["accuracy"],
+                    "link": link,
+                    **m,
+                    "sync_points": rep.sync_points,
+                    "plan_bytes_per_sample": rep.bytes_per_sample,
+                    "floor_ms": floor,
+                    "latency_over_floor": m["latency_ms_median"] / floor,
+                    # diagnostics: measured shard compute per node, and the floor with the
+                    # slowest node's measured compute in place of compute / N
+                    "node_compute_ms": node_ms,
+                    "floor_node_ms": max(node_ms) + comm,
+                    "latency_over_floor_node": m["latency_ms_median"] / (max(node_ms) + comm),
+                    "framing_overhead": m["wire_bytes_per_sample"]
+                    / max(m["payload_bytes_per_sample"], 1)
+                    - 1,
+                    "speedup_vs_single": single_ms / m["latency_ms_median"],
+                }
+                rows.append(row)
+                thr = m["throughput_per_s"]
+                log(
+                    f"N={n} {name:<24} {link:<12} {m['latency_ms_median']:8.2f} ms "
+                    f"(x{row['speedup_vs_single']:.2f} vs single; floor {floor:.2f}, "
+                    f"x{row['latency_over_floor']:.2f}; caller "
+                    f"{m['latency_rpc_ms_median']:.2f} ms; node compute "
+                    f"{'/'.join(f'{v:.2f}' for v in node_ms)}, floor_node "
+                    f"{max(node_ms) + comm:.2f}) "
+                    f"{'-' if thr is None else f'{thr:.1f}'}/s payload "
+                    f"{m['payload_bytes_per_sample']:,.0f} B wire +"
+                    f"{100 * row['framing_overhead']:.2f}%"
+                )
+    return rows
+
+
+def _latency_models() -> Any:
+    """bench/latency_models.py (bench/ is a folder of scripts, not a package)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import latency_models
+
+    return latency_models
 
 
 def main() -> None:
@@ -389,101 +542,78 @@ def main() -> None:
     ap.add_argument(
         "--model",
         default="resnet",
-        choices=["resnet", "vit_tiny_mnist"],
-        help="model (default resnet: the core benchmark's 32/64/128 ResNet)",
+        choices=["resnet", "vit_tiny_mnist", "resnet50"],
+        help="model (default resnet: the core benchmark's 32/64/128 ResNet; resnet50: "
+        "torchvision's, random init, plans from calibrated random gate logits)",
     )
+    ap.add_argument(
+        "--image-size", type=int, default=224, help="resnet50's input side, px (default 224)"
+    )
+    ap.add_argument(
+        "--nodes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="N values (default: 2 for resnet50; the settings' for the others)",
+    )
+    ap.add_argument("--requests", type=int, default=None, help="timed requests per configuration")
     args = ap.parse_args()
-    cfg: dict[str, Any] = SETTINGS["quick" if args.quick else "full"]
+    mode = "quick" if args.quick else "full"
+    r50 = args.model == "resnet50"
+    cfg: dict[str, Any] = dict((SETTINGS_RESNET50 if r50 else SETTINGS)[mode])
+    if args.nodes:
+        cfg["nodes"] = args.nodes
+    if args.requests:
+        cfg["requests"] = args.requests
     t_start = time.time()
     torch.manual_seed(0)
-    xtr, ytr, xte, yte = load_data()
-    model = build_model(args.model)
-    torch.set_num_threads(2)
-    epochs = cfg["dense_epochs"] * (5 if args.model.startswith("vit") else 1)
-    log(f"training the dense {args.model} ({epochs} epochs; short: see the docstring)")
-    lr = 0.003 if args.model.startswith("vit") else 2e-3
-    train_model(model, xtr, ytr, epochs=epochs, lr=lr, seed=0)
-    model.eval()
-    dense_acc = evaluate(model, xte, yte)
-    log(f"dense accuracy {100 * dense_acc:.1f}%")
-    single = measure_single(model, xte, cfg)
-    log(f"single: {single['latency_ms_median']:.2f} ms/image, {single['throughput_per_s']:.0f}/s")
-    rows: list[dict[str, Any]] = []
-    for link in LINKS:
-        rows.append(
-            {
-                "mode": "single",
-                "nodes": 1,
-                "budget": None,
-                "link": link,
-                **single,
-                "wire_bytes_per_sample": 0,
-                "payload_bytes_per_sample": 0,
-                "sync_points": 0,
-                "floor_ms": single["latency_ms_median"],
-                "node_compute_ms": [single["latency_ms_median"]],
-                "floor_node_ms": single["latency_ms_median"],
-                "accuracy": dense_acc,
-            }
+    links = LINKS_RESNET50 if r50 else LINKS
+    if r50:
+        lm = _latency_models()
+        cfg["image_size"] = args.image_size
+        cfg["plans"] = lm.QUICK_PLANS if args.quick else lm.PLANS
+        model, xte = lm.load_resnet50(args.image_size, max(cfg["requests"], 5), seed=0)
+        dense_acc = None
+        log(
+            f"resnet50 at {args.image_size} px, random init; DISCO plans with masks "
+            f"{lm.MASKS} (calibrated random gate logits: no trained plan exists, no accuracy)"
         )
+    else:
+        xtr, ytr, xte, yte = load_data()
+        model = build_model(args.model)
+        torch.set_num_threads(2)
+        epochs = cfg["dense_epochs"] * (5 if args.model.startswith("vit") else 1)
+        log(f"training the dense {args.model} ({epochs} epochs; short: see the docstring)")
+        lr = 0.003 if args.model.startswith("vit") else 2e-3
+        train_model(model, xtr, ytr, epochs=epochs, lr=lr, seed=0)
+        model.eval()
+        dense_acc = evaluate(model, xte, yte)
+        log(f"dense accuracy {100 * dense_acc:.1f}%")
+    single = measure_single(model, xte, cfg)
+    thr = single["throughput_per_s"]
+    log(
+        f"single: {single['latency_ms_median']:.2f} ms/image, "
+        f"{'-' if thr is None else f'{thr:.0f}'}/s"
+    )
+    rows: list[dict[str, Any]] = single_rows(single, links, dense_acc)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = args.keep_plans or tmp_dir
         Path(tmp).mkdir(parents=True, exist_ok=True)
         for n in cfg["nodes"]:
             torch.set_num_threads(2)
-            plans = make_plans(model, n, (xtr, ytr, xte, yte), cfg, Path(tmp))
-            for info in plans:
-                plan_dir, budget = info["dir"], info["budget"]
-                name = f"{info['mode']}_{budget}_{info['max_sync_points']}"
-                plan = Plan.load(plan_dir / "plan.json")
-                rep = program_traffic(plan.program, plan_open_count(plan), plan.codec)
-                node_ms = measure_node_compute(plan_dir, n, xte, cfg)
-                for link, (mbps, rtt_ms) in LINKS.items():
-                    m = measure_household(plan_dir, n, (mbps, rtt_ms), xte, cfg)
-                    wire_per_link = m["busiest_link_payload_bytes"] * (
-                        m["wire_bytes_per_sample"] / max(m["payload_bytes_per_sample"], 1)
-                    )
-                    comm = (
-                        wire_per_link * 8 / (mbps * 1e6) * 1e3 + (rep.sync_points + 2) * rtt_ms / 2
-                    )
-                    floor = single["latency_ms_median"] / n + comm
-                    row = {
-                        "mode": info["mode"],
-                        "nodes": n,
-                        "budget": budget,
-                        "max_sync_points": info["max_sync_points"],
-                        "accuracy": info["accuracy"],
-                        "link": link,
-                        **m,
-                        "sync_points": rep.sync_points,
-                        "plan_bytes_per_sample": rep.bytes_per_sample,
-                        "floor_ms": floor,
-                        "latency_over_floor": m["latency_ms_median"] / floor,
-                        # diagnostics: measured shard compute per node, and the floor with the
-                        # slowest node's measured compute in place of compute / N
-                        "node_compute_ms": node_ms,
-                        "floor_node_ms": max(node_ms) + comm,
-                        "latency_over_floor_node": m["latency_ms_median"] / (max(node_ms) + comm),
-                        "framing_overhead": m["wire_bytes_per_sample"]
-                        / max(m["payload_bytes_per_sample"], 1)
-                        - 1,
-                    }
-                    rows.append(row)
-                    log(
-                        f"N={n} {name:<18} {link:<12} {m['latency_ms_median']:8.2f} ms "
-                        f"(floor {floor:.2f}, x{row['latency_over_floor']:.2f}; caller "
-                        f"{m['latency_rpc_ms_median']:.2f} ms; node compute "
-                        f"{'/'.join(f'{v:.2f}' for v in node_ms)}, floor_node "
-                        f"{max(node_ms) + comm:.2f}) "
-                        f"{m['throughput_per_s']:7.1f}/s payload "
-                        f"{m['payload_bytes_per_sample']:,.0f} B wire +"
-                        f"{100 * row['framing_overhead']:.2f}%"
-                    )
+            if r50:
+                plans = lm.random_calibrated_plans(model, n, xte, Path(tmp), cfg["plans"], log=log)
+            else:
+                plans = make_plans(model, n, (xtr, ytr, xte, yte), cfg, Path(tmp))
+            rows += measure_plans(plans, n, links, xte, cfg, single["latency_ms_median"])
     for r in rows:
         r["model"] = args.model
+        r.setdefault("speedup_vs_single", 1.0)
     result = {
         "rows": rows,
-        "settings": {"mode": "quick" if args.quick else "full", **cfg},
+        "model": args.model,
+        "masks": lm.MASKS if r50 else "trained",
+        "settings": {"mode": mode, **cfg},
         "wall_s": time.time() - t_start,
         "command": " ".join(["python", "bench/latency.py", *sys.argv[1:]]),
     }
@@ -495,7 +625,7 @@ def main() -> None:
         ]
         if r["mode"] == "disco" and dense:
             r["speedup_vs_dense_tp"] = dense[0]["latency_ms_median"] / r["latency_ms_median"]
-    print(markdown_table(rows))
+    print(lm.speed_table(rows) if r50 else markdown_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     log(f"done in {time.time() - t_start:.0f} s")

@@ -153,3 +153,70 @@ def test_comm_accuracy_requester_head_cell() -> None:
         "meta": {"task": "segmentation", "metric": "miou"},
     }
     assert "| n/a |" in _load("summarize").summarize(data)
+
+
+def test_latency_resnet50_random_calibrated_plans(tmp_path: Path) -> None:
+    """bench/latency.py --model resnet50's plans at 64 px, N = 2: the dense-TP plan computes
+    the model; every DISCO plan (masks from calibrated random gate logits) is exported with
+    its codec, within its byte budget and sync-point limit, and its shards run (overlap on and
+    off); the speed table and the latency-vs-link plot take the rows."""
+    import torch
+
+    from disco_fl.emulation.comm import program_traffic
+    from disco_fl.emulation.export import load_shard, run_shards
+    from disco_fl.partition import plan_open_count
+    from disco_fl.partition.plan import Plan
+
+    lm = _load("latency_models")
+    model, x = lm.load_resnet50(64, 2, seed=0)
+    recipe = [(0.05, 8, "int8"), (0.1, None, "fp32")]
+    plans = lm.random_calibrated_plans(model, 2, x, tmp_path, recipe, log=lambda _: None)
+    assert [p["mode"] for p in plans] == ["dense_tp", "disco", "disco"]
+    shards = [load_shard(plans[0]["dir"] / "plan.json", k) for k in range(2)]
+    with torch.no_grad():
+        ref = model(x[:1])
+    assert torch.allclose(run_shards(shards, x[:1]), ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
+    for info, (budget, max_sync, codec) in zip(plans[1:], recipe, strict=True):
+        assert (info["budget"], info["max_sync_points"], info["codec"]) == (budget, max_sync, codec)
+        assert info["masks"] == "random-calibrated" and info["accuracy"] is None
+        assert info["overlaps"] == [True, False]
+        plan = Plan.load(info["dir"] / "plan.json")
+        assert plan.codec == codec
+        rep = program_traffic(plan.program, plan_open_count(plan), "fp32")
+        assert 0.5 * budget < rep.exchange_fraction <= budget + 1e-9
+        assert rep.sync_points <= (max_sync or rep.dense_sync_points)
+        shards = [load_shard(info["dir"] / "plan.json", k) for k in range(2)]
+        for overlap in (True, False):
+            y = run_shards(shards, x[:1], overlap=overlap)
+            assert y.shape == (1, 1000) and torch.isfinite(y).all()
+    assert rep.sync_points > 8  # the last plan has no limit: more sync points
+    # the table and the plot of a run's rows
+    row = {
+        "nodes": 2,
+        "link": "1Gbit_0.5ms",
+        "sync_points": 8,
+        "payload_bytes_per_sample": 1e5,
+        "floor_ms": 10.0,
+        "node_compute_ms": [9.0, 8.0],
+    }
+    rows = [
+        dict(row, mode="single", nodes=1, budget=None, latency_ms_median=20.0),
+        dict(row, mode="dense_tp", budget=None, codec="fp32", latency_ms_median=40.0),
+        *(
+            dict(row, mode="disco", budget=0.05, max_sync_points=8, codec="int8", link=link)
+            | {"overlap": overlap, "latency_ms_median": ms, "speedup_vs_single": 20.0 / ms}
+            for link in ("1Gbit_0.5ms", "50Mbit_4ms")
+            for overlap, ms in ((True, 12.0), (False, 15.0))
+        ),
+    ]
+    table = lm.speed_table(rows)
+    assert "| disco | 2 | 0.05 | 8 | int8 | off | 50Mbit_4ms |" in table and "| 1.67x |" in table
+    plot = _load("latency_plot")
+    data = {"rows": rows, "model": "resnet50", "masks": "random-calibrated"}
+    links, series = plot.series(data, 2)
+    assert links == ["1Gbit_0.5ms", "50Mbit_4ms"]
+    disco = [s for s in series if s["mode"] == "disco"]
+    assert [s["overlap"] for s in disco] == [True, False] and disco[0]["ms"] == [12.0, 12.0]
+    png = tmp_path / "latency.png"
+    plot.plot(data, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
