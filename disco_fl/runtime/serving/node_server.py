@@ -58,6 +58,7 @@ from disco_fl.emulation.export import ExportedShard, load_shard
 from disco_fl.proto_gen.disco.v1 import peer_pb2_grpc
 from disco_fl.runtime.inference import BUSY_TAG, refuse_session, run_node_async
 from disco_fl.runtime.serving.inference_service import InferenceServicer
+from disco_fl.runtime.serving.missing import MissingNodes
 from disco_fl.runtime.serving.serve_config import (
     CHUNK_INPUT_BYTES,
     IDLE_TRIM_S,
@@ -110,8 +111,6 @@ class NodeServer:
         self._slots = asyncio.Semaphore(config.max_inflight)  # sessions (other nodes)
         # sessions of the other nodes, running or queued: id -> (arrival, task)
         self._sessions: dict[str, tuple[float, asyncio.Task[None]]] = {}
-        # requester, degraded mode: node -> when a session first found it missing
-        self._missing_since: dict[int, float] = {}
         self.stats: dict[str, int] = {
             "requests_ok": 0,
             "requests_failed": 0,
@@ -138,6 +137,15 @@ class NodeServer:
             max_extra_rpcs=config.max_inflight + 4,
             link_shape=config.link_shape,
             max_connections=config.max_connections,
+        )
+        # requester, degraded mode: the nodes its sessions start without (--degraded-retry)
+        self._missing = (
+            MissingNodes(
+                config.degraded_retry_s,
+                lambda k: self.transport.reconnect(k, config.connect_timeout_s),
+            )
+            if config.degraded_wait_s is not None and self.is_requester
+            else None
         )
         # only the requester's INPUT frames, at the input layer, exist (and open sessions)
         self.transport.session_origin = (self.plan.program.requester, input_layer)
@@ -239,7 +247,7 @@ class NodeServer:
         t0 = time.perf_counter()
         parts = x.split(self.chunk_batch) if n > self.chunk_batch else (x,)
         outs: list[torch.Tensor] = []
-        missing = await self._known_missing()
+        missing = await self._missing.start() if self._missing else set()
         try:
             for i, part in enumerate(parts):
                 part_sid = sid if i == 0 else f"{sid}.{i}"
@@ -276,7 +284,8 @@ class NodeServer:
         finally:
             outs.clear()
             self._inflight.release()
-        self._remember_missing(missing)
+        if self._missing:
+            self._missing.found(missing)
         with self._lock:
             self.stats["requests_ok"] += 1
             if missing:
@@ -285,41 +294,6 @@ class NodeServer:
             log.warning("node %d: request %s answered without nodes %s", self.index, sid,
                         sorted(missing))  # fmt: skip
         return result, sid, (time.perf_counter() - t0) * 1e3, sorted(missing)
-
-    async def _known_missing(self) -> set[int]:
-        """Requester, degraded mode: the nodes the next session starts without: those found
-        missing less than ``degraded_retry_s`` ago, and older ones whose link does not come
-        back when tried again now (their period starts anew)."""
-        if self.config.degraded_wait_s is None:
-            return set()
-        now = time.monotonic()
-        with self._lock:
-            known = dict(self._missing_since)
-        out = {k for k, t in known.items() if now - t < self.config.degraded_retry_s}
-        for k in sorted(set(known) - out):
-            if await self.transport.reconnect(k, self.config.connect_timeout_s):
-                with self._lock:
-                    self._missing_since.pop(k, None)
-                log.info("node %d: node %d is reachable again", self.index, k)
-            else:
-                with self._lock:
-                    self._missing_since[k] = time.monotonic()
-                out.add(k)
-        return out
-
-    def _remember_missing(self, missing: set[int]) -> None:
-        """After a request: remember when each node still missing was first found so (a
-        retried node found missing again starts a new period); forget the others."""
-        if self.config.degraded_wait_s is None:
-            return
-        now = time.monotonic()
-        with self._lock:
-            known = self._missing_since
-            self._missing_since = {
-                k: known[k] if k in known and now - known[k] < self.config.degraded_retry_s
-                else now
-                for k in missing
-            }  # fmt: skip
 
     def _start_session(
         self, session_id: str, step: int, batch: int = 0, missing: tuple[int, ...] = ()
