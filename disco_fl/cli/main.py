@@ -27,7 +27,7 @@ from disco_fl.data import (
 from disco_fl.emulation.budget import BudgetConfig, evaluate, fit_budget, train_model
 from disco_fl.emulation.capacity import channel_shares, parse_capacities
 from disco_fl.emulation.comm import CommReport, program_traffic
-from disco_fl.emulation.export import load_shard, run_shards
+from disco_fl.emulation.export import load_shard, model_digest, run_shards
 from disco_fl.emulation.model import partition
 from disco_fl.fl.federated import TASK_DEFAULTS, ModelSpec
 from disco_fl.models import MODELS, load_checkpoint_strict
@@ -97,6 +97,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     metric = {"classification": "accuracy", "segmentation": "miou"}.get(task, "psnr_db")
     dense_acc = evaluate(model, xte, yte, task=task)
     _log(f"dense {metric} {dense_acc:.4f}")
+    source_sha256 = model_digest(model)  # before fine-tuning (it may share the tensors)
     caps = parse_capacities(args.capacities, args.nodes)
     # fx, or torch.export where fx refuses the model (a user's; ESPCN's pixel shuffle)
     pm = partition(model, args.nodes, xtr[:2], capacities=caps, capture="auto")
@@ -132,6 +133,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         "model": model_name,
         "task": task,
         "input": {"mean": [mean] * in_ch, "std": [std] * in_ch},
+        # plans of one model (a ladder, link_plans) are recognized by this, and ranked by
+        # their accuracy (the task's metric on the held-out split)
+        "model_sha256": source_sha256,
+        "accuracy": float(disco_acc),
     }
     if task == "classification":
         meta["classes"] = list(range(int(ytr.max()) + 1))
