@@ -36,6 +36,7 @@ from disco_fl.models.user import call_with_standard_args, load_model
 from disco_fl.partition import plan_open_count
 from disco_fl.partition.plan import Plan, PlanError
 from disco_fl.runtime.serving import commands as serving_commands
+from disco_fl.runtime.serving import link_commands
 from disco_fl.runtime.serving.client import InferenceError
 
 
@@ -203,16 +204,22 @@ def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
     """``disco-fl probe``: this device's capacity and available memory
     (:mod:`disco_fl.runtime.probe`).
 
-    The compute part only, for now; a link measurement (``--peers``) will add its own entry
-    to the same JSON."""
+    With ``--peers``, also round trip and bandwidth to every peer over the peer channel
+    (``links`` in the JSON)."""
     from disco_fl.runtime.probe import probe
 
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    res = probe(args.seconds)
+    links = link_commands.link_probes(args) if args.peers else None
+    res = probe(args.seconds, links)
     c, m = res.compute, res.memory
+    for lp in links or []:
+        if lp.error:
+            print(f"link to node {lp.peer}: failed: {lp.error}")
+        else:
+            print(f"link to node {lp.peer}: rtt {lp.rtt_ms:.2f} ms, {lp.bandwidth_mbps:.1f} Mbit/s")
     print(
         f"capacity {res.capacity:.1f} GFLOP/s (matmul {c.matmul_gflops:.1f}, conv "
         f"{c.conv_gflops:.1f}; {c.threads} threads, {c.seconds:.1f} s)\n"
@@ -301,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch threads (default: the current setting)"
     )
     p.add_argument("--json", default=None, help="write the result JSON here")
+    link_commands.add_link_probe_args(p)
     serving_commands.add_parsers(sub)
     return ap
 

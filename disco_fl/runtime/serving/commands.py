@@ -113,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     server_creds, channel_creds = _tls_node(args, args.node)
-    shape = LinkShape(args.link_mbps * 1e6, args.link_rtt_ms / 1e3) if args.link_mbps else None
+    shape = _link_shape(args)
     cfg = ServeConfig(
         plan=Path(args.plan),
         node=args.node,
@@ -302,26 +302,33 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: Any) -> None:
-    def auth(p: argparse.ArgumentParser, serve: bool = False) -> None:
+def _auth_args(p: argparse.ArgumentParser, serve: bool = False) -> None:
+    p.add_argument(
+        "--token-file",
+        default=None,
+        help="file holding the household token (default: $DISCO_TOKEN, else none)",
+    )
+    tls_help = (
+        "folder from `disco-fl certs` (ca.pem, node<k>.pem/.key, client.pem/.key): mutual TLS"
+    )
+    if serve:
+        tls_help += "; without it, plaintext is refused beyond loopback unless --insecure"
+    p.add_argument("--tls-dir", default=None, help=tls_help)
+    if serve:
         p.add_argument(
-            "--token-file",
-            default=None,
-            help="file holding the household token (default: $DISCO_TOKEN, else none)",
+            "--insecure",
+            action="store_true",
+            help="allow plaintext on non-loopback addresses (a trusted test network only; "
+            "loopback-only households run plaintext without it)",
         )
-        tls_help = (
-            "folder from `disco-fl certs` (ca.pem, node<k>.pem/.key, client.pem/.key): mutual TLS"
-        )
-        if serve:
-            tls_help += "; without it, plaintext is refused beyond loopback unless --insecure"
-        p.add_argument("--tls-dir", default=None, help=tls_help)
-        if serve:
-            p.add_argument(
-                "--insecure",
-                action="store_true",
-                help="allow plaintext on non-loopback addresses (a trusted test network only; "
-                "loopback-only households run plaintext without it)",
-            )
+
+
+def _link_shape(args: argparse.Namespace) -> LinkShape | None:
+    return LinkShape(args.link_mbps * 1e6, args.link_rtt_ms / 1e3) if args.link_mbps else None
+
+
+def add_parsers(sub: Any) -> None:
+    auth = _auth_args
 
     p = sub.add_parser("serve", help="serve this node's shard of an exported plan")
     p.add_argument(

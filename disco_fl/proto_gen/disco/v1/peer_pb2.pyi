@@ -52,6 +52,8 @@ class Frame(_message.Message):
         OUTPUT: _ClassVar[Frame.Direction]
         NORMS: _ClassVar[Frame.Direction]
         CONTROL: _ClassVar[Frame.Direction]
+        PROBE: _ClassVar[Frame.Direction]
+        PROBE_ACK: _ClassVar[Frame.Direction]
     DIRECTION_UNSPECIFIED: Frame.Direction
     FORWARD: Frame.Direction
     BACKWARD: Frame.Direction
@@ -59,6 +61,8 @@ class Frame(_message.Message):
     OUTPUT: Frame.Direction
     NORMS: Frame.Direction
     CONTROL: Frame.Direction
+    PROBE: Frame.Direction
+    PROBE_ACK: Frame.Direction
     class SubChannel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         SUB_CHANNEL_DATA: _ClassVar[Frame.SubChannel]
