@@ -310,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the result JSON here")
     link_commands.add_link_probe_args(p)
     serving_commands.add_parsers(sub)
+    link_commands.add_ladder_args(sub.choices["serve"])
     return ap
 
 
@@ -325,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "probe":
             cmd_probe(args)
         elif args.command == "serve":
+            if args.ladder:
+                return link_commands.cmd_serve_ladder(args)
             return serving_commands.cmd_serve(args)
         elif args.command == "infer":
             serving_commands.cmd_infer(args)

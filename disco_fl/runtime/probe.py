@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from disco_fl.partition.plan import Plan
-from disco_fl.runtime.transport.grpc_transport import GrpcTransport, LinkShape
+from disco_fl.runtime.transport.grpc_transport import GrpcTransport, LinkSchedule, LinkShape
 from disco_fl.runtime.transport.link_probe import LinkProbe, probe_links
 
 MATMUL_N = 256  # (n x n) @ (n x n): 2 n^3 FLOPs
@@ -203,7 +203,7 @@ def measure_links(
     token: str = "",
     server_credentials: grpc.ServerCredentials | None = None,
     channel_credentials: grpc.ChannelCredentials | None = None,
-    link_shape: LinkShape | None = None,
+    link_shape: LinkShape | LinkSchedule | None = None,
     connect_timeout: float = 3.0,
     **probe_kwargs: Any,
 ) -> list[LinkProbe]:

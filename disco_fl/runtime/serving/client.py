@@ -87,6 +87,7 @@ class InferenceSession:
         # degraded mode: the nodes the household answered the last ``infer`` / ``infer_many``
         # without (their channels counted as closed); empty when every node took part
         self.last_missing: tuple[int, ...] = ()
+        self.last_plan_hash = ""  # the plan that computed the last reply
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The node's status: plan hash, input shape, ``meta``, counters."""
@@ -126,6 +127,7 @@ class InferenceSession:
             raise _error(e) from None
         self.last_server_ms = float(reply.server_ms)
         self.last_missing = tuple(sorted(reply.missing_nodes))
+        self.last_plan_hash = str(reply.plan_hash)
         return self._decode(reply)
 
     def infer_many(

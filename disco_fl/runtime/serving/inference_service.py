@@ -57,6 +57,10 @@ class InferenceHost(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    def plan_of(self, session_id: str) -> str:
+        """The hash of the plan that ran session ``session_id``."""
+        ...
+
 
 class InferenceServicer(peer_pb2_grpc.InferenceServicer):
     """``disco.v1.Inference`` of one node: checks the caller, validates, runs the request."""
@@ -149,7 +153,11 @@ class InferenceServicer(peer_pb2_grpc.InferenceServicer):
             return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}", None
         del x
         reply = peer_pb2.InferReply(
-            session_id=sid, server_ms=ms, degraded=bool(missing), missing_nodes=missing
+            session_id=sid,
+            server_ms=ms,
+            degraded=bool(missing),
+            missing_nodes=missing,
+            plan_hash=s.plan_of(sid),
         )
         encode_tensor(out, "fp32", out=reply.output)
         return None, "", reply

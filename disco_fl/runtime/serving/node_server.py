@@ -57,7 +57,7 @@ import torch
 from disco_fl.emulation.export import ExportedShard, load_shard
 from disco_fl.proto_gen.disco.v1 import peer_pb2_grpc
 from disco_fl.runtime.inference import BUSY_TAG, refuse_session, run_node_async
-from disco_fl.runtime.serving.inference_service import InferenceServicer
+from disco_fl.runtime.serving.inference_service import InferenceHost, InferenceServicer
 from disco_fl.runtime.serving.serve_config import (
     CHUNK_INPUT_BYTES,
     IDLE_TRIM_S,
@@ -88,7 +88,7 @@ log = logging.getLogger(__name__)
 class NodeServer:
     """Node ``config.node`` of a household: its shard, its endpoint, its sessions."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, inference_host: InferenceHost | None = None) -> None:
         self.config = config
         self.node: ExportedShard = load_shard(config.plan, config.node)
         self.plan = self.node.plan
@@ -119,7 +119,8 @@ class NodeServer:
             "sessions_expired": 0,
         }
         self.last_errors: list[str] = []
-        servicer = InferenceServicer(self)
+        # a plan ladder's requester answers Infer for all its plans (ladder_server)
+        servicer = InferenceServicer(inference_host or self)
         self.transport = GrpcTransport(
             self.index,
             self.num_nodes,
@@ -433,6 +434,14 @@ class NodeServer:
             "transport_errors": list(t.errors)[-20:],
             "last_errors": errors,
         }
+
+    def plan_of(self, session_id: str) -> str:
+        return self.plan.hash
+
+    @property
+    def session_prefix(self) -> str:
+        """What this server's session ids start with (``<prefix>-<n>``)."""
+        return self._prefix
 
     def reset_counters(self) -> None:
         self.transport.reset_counters()

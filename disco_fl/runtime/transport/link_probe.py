@@ -8,7 +8,7 @@ with a 4-byte PROBE_ACK on its own stream back (through ours). So the probe sees
 activations see: the link both ways, gRPC, and the software of one hop at each end.
 
 - **round trip**: the median time of ``echoes`` probes carrying 4 bytes;
-- **bandwidth**: ``repeats`` probes carrying ``payload_bytes`` (default 256 KiB, at most
+- **bandwidth**: ``repeats`` (3) probes carrying ``payload_bytes`` (default 256 KiB, at most
   :data:`~disco_fl.runtime.transport.frames.MAX_PROBE_BYTES`); the fastest one's time less the
   round trip is the time the extra bytes took on the link from this node to the peer
   (framed as the shaper counts them, :func:`~disco_fl.runtime.transport.frames.framed_size`).
@@ -34,7 +34,7 @@ from disco_fl.runtime.transport.grpc_transport import GrpcTransport
 
 DEFAULT_PAYLOAD_BYTES = 256 << 10
 DEFAULT_ECHOES = 5
-DEFAULT_REPEATS = 2
+DEFAULT_REPEATS = 3
 DEFAULT_TIMEOUT_S = 5.0
 MIN_TRANSFER_S = 1e-6  # floor of the measured transfer time (a link faster than we can time)
 

@@ -192,18 +192,20 @@ class InferRequest(_message.Message):
     def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., deadline_s: _Optional[float] = ...) -> None: ...
 
 class InferReply(_message.Message):
-    __slots__ = ("output", "session_id", "server_ms", "degraded", "missing_nodes")
+    __slots__ = ("output", "session_id", "server_ms", "degraded", "missing_nodes", "plan_hash")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_MS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     MISSING_NODES_FIELD_NUMBER: _ClassVar[int]
+    PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     session_id: str
     server_ms: float
     degraded: bool
     missing_nodes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., session_id: _Optional[str] = ..., server_ms: _Optional[float] = ..., degraded: _Optional[bool] = ..., missing_nodes: _Optional[_Iterable[int]] = ...) -> None: ...
+    plan_hash: str
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., session_id: _Optional[str] = ..., server_ms: _Optional[float] = ..., degraded: _Optional[bool] = ..., missing_nodes: _Optional[_Iterable[int]] = ..., plan_hash: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
