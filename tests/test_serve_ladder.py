@@ -4,15 +4,13 @@ back; every reply equals shard-only execution of the plan it names."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from disco_fl.cli.demo import free_ports
+from disco_fl.cli.deployment import free_port_blocks
 from disco_fl.emulation.export import load_shard, run_shards
 from disco_fl.partition.plan import Plan
 from disco_fl.runtime.serving import InferenceSession
@@ -26,27 +24,6 @@ from tests.test_serve import Household
 SCHEDULE = "0:1000/0.5,12:5/2,27:1000/0.5"
 TARGET_MS = 80.0
 WATCH_S = 60.0  # bound on watching for the switches, from ready
-
-
-def _port_blocks(n: int, k: int) -> list[int]:
-    """``n`` base ports, each with its ``k - 1`` next ports free too."""
-    out: list[int] = []
-    for _ in range(200):
-        if len(out) == n:
-            return out
-        base = free_ports(1)[0]
-        want = range(base, base + k)
-        if any(p in range(b, b + k) for b in out for p in want):
-            continue
-        with contextlib.ExitStack() as stack:
-            try:
-                for p in want:
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", p))
-            except OSError:
-                continue
-        out.append(base)
-    raise RuntimeError("no free consecutive ports")
 
 
 class LadderHousehold(Household):
@@ -75,7 +52,7 @@ def test_ladder_switches_plan_with_the_link_and_back(tmp_path: Path) -> None:
     dense = _export(tmp_path / "dense", 0, 0.95, accuracy=0.9)
     sparse = _export(tmp_path / "sparse", 0, 0.05, accuracy=0.6)
     hashes = {Plan.load(p / "plan.json").hash: name for p, name in [(dense, "D"), (sparse, "S")]}
-    addrs = [f"127.0.0.1:{p}" for p in _port_blocks(2, 2)]
+    addrs = [f"127.0.0.1:{p}" for p in free_port_blocks(2, 2)]
     work = tmp_path / "hh"
     work.mkdir()
     extra = [

@@ -53,9 +53,14 @@ class InferenceHost(Protocol):
         deadline_s: float | None = None,
         *,
         arrival: float | None = None,
+        plan_hash: str = "",
     ) -> tuple[torch.Tensor, str, float, list[int]]: ...
 
     def status(self) -> dict[str, Any]: ...
+
+    def served_plans(self) -> list[str]:
+        """The hashes of the plans a request may name (``InferRequest.plan_hash``)."""
+        ...
 
     def plan_of(self, session_id: str) -> str:
         """The hash of the plan that ran session ``session_id``."""
@@ -114,6 +119,8 @@ class InferenceServicer(peer_pb2_grpc.InferenceServicer):
             )
         if len(request.request_id) > MAX_REQUEST_ID:
             return invalid, "request_id too long", None
+        if request.plan_hash and request.plan_hash not in s.served_plans():
+            return invalid, f"plan {request.plan_hash[:64]!r} is not served here", None
         try:
             x = decode_tensor(request.input, max_bytes=s.config.max_frame_bytes)
         except WireError as e:
@@ -139,7 +146,9 @@ class InferenceServicer(peer_pb2_grpc.InferenceServicer):
         if remaining is not None:
             deadline = min(deadline or remaining, remaining)
         try:
-            out, sid, ms, missing = await s.infer_async(x.float(), deadline, arrival=arrival)
+            out, sid, ms, missing = await s.infer_async(
+                x.float(), deadline, arrival=arrival, plan_hash=request.plan_hash
+            )
         except BusyError as e:
             return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), None
         except TimeoutError as e:

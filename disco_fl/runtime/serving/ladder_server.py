@@ -11,8 +11,10 @@ ports and ``K`` shards in memory per node.
 On the **requester**, a :class:`LadderServer` answers ``Infer`` on plan 0's port for the whole
 ladder: it probes the link to every peer over plan 0's peer channel
 (:func:`~disco_fl.runtime.transport.link_probe.probe_link_async`; the household's link is the
-slowest peer's bandwidth and the longest round trip), measures each plan's compute at start
-(the median of a few requests' node time less the predicted link time; or takes them given),
+slowest peer's bandwidth and the longest round trip, each peer's shortest echo: the path
+without the time an echo waited behind computation on a node's event loop), measures each
+plan's fixed cost at start (the median node time of a few requests less the predicted link
+time: the prediction is exact on the link at start; or takes compute times given),
 chooses the plan with :func:`~disco_fl.runtime.serving.link_plans.choose` and runs each
 request on that plan's NodeServer. A thread re-probes every ``probe_interval_s`` and re-chooses
 for the best of the last two probes (highest bandwidth, shortest round trip: a probe slowed by
@@ -80,13 +82,13 @@ def ladder_configs(base: ServeConfig, plans: Sequence[Any]) -> list[ServeConfig]
 
 
 def household_link(probes: Sequence[LinkProbe], frame_s: float = 0.0) -> LinkEstimate | None:
-    """The household's link: the slowest bandwidth and longest round trip over the peers
-    (None if a probe failed)."""
-    if not probes or any(p.error or p.rtt_ms is None or not p.bandwidth_mbps for p in probes):
+    """The household's link: the slowest bandwidth and the longest (shortest-echo) round trip
+    over the peers (None if a probe failed)."""
+    if not probes or any(p.error or p.rtt_min_ms is None or not p.bandwidth_mbps for p in probes):
         return None
     return LinkEstimate(
         min(float(p.bandwidth_mbps or 0.0) for p in probes) * 1e6,
-        max(float(p.rtt_ms or 0.0) for p in probes) / 1e3,
+        max(float(p.rtt_min_ms or 0.0) for p in probes) / 1e3,
         frame_s,
     )
 
@@ -211,14 +213,18 @@ class LadderServer(PlanServers):
         return link
 
     def _compute_ms(self, link: LinkEstimate) -> dict[str, float]:
-        """Each plan's compute: median node time of a few requests less its link time."""
+        """Each plan's fixed cost: the median node time of a few requests less its predicted
+        link time on ``link``, so that the prediction is exact there. It holds the plan's
+        compute and the software of its hops beyond what the probe's round trip holds; it
+        may be negative when a probe's echo costs more software time than a hop of the plan
+        (the probe's round trip, counted per hop, then overstates the hops' cost)."""
         x = torch.zeros([1, *self._input_shape[1:]])
         out: dict[str, float] = {}
         for r in self.ladder.plans:
             srv = self.by_hash[r.hash]
             times = [srv.infer(x)[2] for _ in range(CALIBRATION_REQUESTS + 1)][1:]
-            out[r.hash] = max(0.0, statistics.median(times) - predict_ms(r, link) + r.compute_ms)
-            log.info("plan %s: compute %.2f ms (measured)", r.name, out[r.hash])
+            out[r.hash] = statistics.median(times) - predict_ms(r, link) + r.compute_ms
+            log.info("plan %s: fixed cost %.2f ms (measured)", r.name, out[r.hash])
         return out
 
     def _reprobe(self) -> None:
@@ -246,15 +252,27 @@ class LadderServer(PlanServers):
 
     # ---- requests (InferenceHost) ----------------------------------------------------------
     async def infer_async(
-        self, x: torch.Tensor, deadline_s: float | None = None, *, arrival: float | None = None
+        self,
+        x: torch.Tensor,
+        deadline_s: float | None = None,
+        *,
+        arrival: float | None = None,
+        plan_hash: str = "",
     ) -> tuple[torch.Tensor, str, float, list[int]]:
-        """Run one request on the plan in use (called on plan 0's event loop)."""
+        """Run one request on the plan in use, or on ``plan_hash`` if given (called on plan 0's
+        event loop)."""
         cur = self.current
-        srv = self.servers[0] if cur is None else self.by_hash[cur.plan.hash]
+        if plan_hash:
+            srv = self.by_hash[plan_hash]
+        else:
+            srv = self.servers[0] if cur is None else self.by_hash[cur.plan.hash]
         coro = srv.infer_async(x, deadline_s, arrival=arrival)
         if srv is self.servers[0]:
             return await coro
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, srv.transport.loop))
+
+    def served_plans(self) -> list[str]:
+        return list(self.by_hash)
 
     def plan_of(self, session_id: str) -> str:
         prefix = session_id.split("-", 1)[0]
@@ -274,6 +292,8 @@ class LadderServer(PlanServers):
             else {"bandwidth_mbps": link.bandwidth_bps / 1e6, "rtt_ms": link.rtt_s * 1e3},
             "switches": self.switches,
             "probes_failed": self.probes_failed,
+            # a --link-schedule's epoch (time.time()), for benchmarks to find its phases
+            "link_epoch": getattr(self.config.link_shape, "epoch", None),
             "plans": [
                 {
                     "plan_hash": r.hash,

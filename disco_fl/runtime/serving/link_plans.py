@@ -16,7 +16,9 @@ measures)::
 
     predicted = compute_ms + busiest-link bytes * 8 / R + hops * T / 2 + frames * frame_s
 
-- ``compute_ms``: the plan's computation, measured on the household or given;
+- ``compute_ms``: the plan's computation, given, or measured on the household as its fixed
+  cost (the median node time less the predicted link time on the link measured then:
+  compute plus the software of its hops beyond the probe's round trip; may be below 0);
 - busiest-link bytes: the plan's traffic as the emulation accounts it
   (:func:`~disco_fl.emulation.comm.program_traffic`, the same count the wire is tested against),
   each message framed for the wire (:func:`~disco_fl.runtime.transport.frames.framed_size`),
@@ -135,7 +137,7 @@ class LadderPlan:
     path: Path  # the plan's folder
     hash: str
     accuracy: float
-    compute_ms: float
+    compute_ms: float  # given: >= 0; measured by a LadderServer: the fixed cost, any sign
     traffic: PlanTraffic
 
     @property

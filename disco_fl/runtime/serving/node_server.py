@@ -210,14 +210,18 @@ class NodeServer:
         deadline_s: float | None = None,
         *,
         arrival: float | None = None,
+        plan_hash: str = "",
     ) -> tuple[torch.Tensor, str, float, list[int]]:
-        """:meth:`infer` as a coroutine on the transport's event loop.
+        """:meth:`infer` as a coroutine on the transport's event loop (``plan_hash``: empty or
+        this node's plan).
 
         The deadline (``deadline_s``, at most the node's) counts from ``arrival``
         (``time.monotonic()`` when the request arrived; default: now). A batch larger than
         :attr:`chunk_batch` runs as consecutive sessions (ids ``<id>``, ``<id>.1``, ...)."""
         if not self.is_requester:
             raise RuntimeError(f"node {self.index} is not the requester")
+        if plan_hash not in ("", self.plan.hash):
+            raise ValueError(f"plan {plan_hash[:12]!r} is not served here")
         cfg = self.config
         budget = min(deadline_s or cfg.deadline_s, cfg.deadline_s)
         deadline = (time.monotonic() if arrival is None else arrival) + budget
@@ -437,6 +441,9 @@ class NodeServer:
 
     def plan_of(self, session_id: str) -> str:
         return self.plan.hash
+
+    def served_plans(self) -> list[str]:
+        return [self.plan.hash]
 
     @property
     def session_prefix(self) -> str:

@@ -7,10 +7,12 @@ token and, with TLS, the node's certificate); the peer answers, once the frame h
 with a 4-byte PROBE_ACK on its own stream back (through ours). So the probe sees what
 activations see: the link both ways, gRPC, and the software of one hop at each end.
 
-- **round trip**: the median time of ``echoes`` probes carrying 4 bytes;
+- **round trip**: the median time of ``echoes`` probes carrying 4 bytes (``rtt_ms``), and the
+  shortest (``rtt_min_ms``: the path without the time an echo waited behind other work on
+  either node's event loop, which only ever adds);
 - **bandwidth**: ``repeats`` (3) probes carrying ``payload_bytes`` (default 256 KiB, at most
   :data:`~disco_fl.runtime.transport.frames.MAX_PROBE_BYTES`); the fastest one's time less the
-  round trip is the time the extra bytes took on the link from this node to the peer
+  shortest round trip is the time the extra bytes took on the link from this node to the peer
   (framed as the shaper counts them, :func:`~disco_fl.runtime.transport.frames.framed_size`).
 
 Every wait is bounded by ``timeout`` (a dead or silent peer gives a :class:`LinkProbe` with
@@ -44,12 +46,13 @@ class LinkProbe:
     """What a probe of the link to ``peer`` measured (``error`` set: it failed, no figures)."""
 
     peer: int
-    rtt_ms: float | None
+    rtt_ms: float | None  # median
     bandwidth_mbps: float | None
     payload_bytes: int
     echoes: int
     seconds: float
     error: str | None = None
+    rtt_min_ms: float | None = None  # shortest echo
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,8 +113,9 @@ async def probe_link_async(
             dst, None, None, payload_bytes, echoes, time.perf_counter() - t0, f"{e}".strip()
         )
     rtt = statistics.median(s for s, _ in small)
+    rtt_min = min(s for s, _ in small)
     extra_bits = 8 * (framed_size(big[0][1]) - framed_size(small[0][1]))
-    transfer = max(min(s for s, _ in big) - rtt, MIN_TRANSFER_S)
+    transfer = max(min(s for s, _ in big) - rtt_min, MIN_TRANSFER_S)
     return LinkProbe(
         dst,
         rtt * 1e3,
@@ -119,6 +123,7 @@ async def probe_link_async(
         payload_bytes,
         echoes,
         time.perf_counter() - t0,
+        rtt_min_ms=rtt_min * 1e3,
     )
 
 

@@ -182,14 +182,16 @@ class HealthReply(_message.Message):
     def __init__(self, status: _Optional[_Union[HealthReply.Status, str]] = ..., plan_hash: _Optional[str] = ..., node: _Optional[int] = ..., num_nodes: _Optional[int] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("input", "request_id", "deadline_s")
+    __slots__ = ("input", "request_id", "deadline_s", "plan_hash")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     input: Tensor
     request_id: str
     deadline_s: float
-    def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+    plan_hash: str
+    def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., deadline_s: _Optional[float] = ..., plan_hash: _Optional[str] = ...) -> None: ...
 
 class InferReply(_message.Message):
     __slots__ = ("output", "session_id", "server_ms", "degraded", "missing_nodes", "plan_hash")
