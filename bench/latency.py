@@ -324,8 +324,8 @@ def make_plans(
         pmb = disco_fl.partition(copy.deepcopy(model), n, xtr[:2])
         bc = BudgetConfig(
             budget=budget,
-            gate_epochs=1,
-            finetune_epochs=1,
+            gate_epochs=cfg.get("gate_epochs", 1),
+            finetune_epochs=cfg.get("finetune_epochs", 1),
             max_steps_per_epoch=cfg["gate_steps"],
             max_sync_points=max_sync,
             seed=0,

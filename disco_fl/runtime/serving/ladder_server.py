@@ -13,12 +13,13 @@ ladder: it probes the link to every peer over plan 0's peer channel
 (:func:`~disco_fl.runtime.transport.link_probe.probe_link_async`; the household's link is the
 slowest peer's bandwidth and the longest round trip, each peer's shortest echo: the path
 without the time an echo waited behind computation on a node's event loop), measures each
-plan's fixed cost at start (the median node time of a few requests less the predicted link
-time: the prediction is exact on the link at start; or takes compute times given),
+plan's fixed cost (the median node time of its last 9 requests less their predicted link
+time: 9 at start, then one per plan at every probe, so that the prediction is exact on the
+measured link under the load of the moment; or takes compute times given),
 chooses the plan with :func:`~disco_fl.runtime.serving.link_plans.choose` and runs each
 request on that plan's NodeServer. A thread re-probes every ``probe_interval_s`` and re-chooses
-for the best of the last two probes (highest bandwidth, shortest round trip: a probe slowed by
-the device's own load does not switch the plan; a real change is acted on one interval later;
+for the best of the last three probes (highest bandwidth, shortest round trip: probes slowed by
+the device's own load do not switch the plan; a real drop is acted on two intervals later;
 hysteresis and the log of every switch are ``choose``'s); a failed probe keeps the plan in use.
 Each reply names its plan (``InferReply.plan_hash``); ``Status`` has a ``ladder`` entry.
 
@@ -52,8 +53,9 @@ from disco_fl.runtime.transport.link_probe import LinkProbe, probe_link_async
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_REQUESTS = 5  # single-input requests per plan to measure its compute at start
-SMOOTHING_PROBES = 2  # the link in use is the best of this many last probes
+CALIBRATION_WARMUP = 3  # single-input requests per plan before timing (connections, allocator)
+CALIBRATION_REQUESTS = 9  # timed single-input requests per plan (the median) at start
+SMOOTHING_PROBES = 3  # the link in use is the best of this many last probes
 
 
 def port_offset(address: str, i: int) -> str:
@@ -130,7 +132,8 @@ class LadderServer(PlanServers):
     target_ms : the latency target of one request
     probe_interval_s : seconds between link probes (bounded to [0.2, 3600])
     margin : the hysteresis margin of :func:`choose`
-    measure : measure each plan's compute at start (else the ladder's ``compute_ms``)
+    measure : measure each plan's fixed cost, at start and at every probe (else the ladder's
+        ``compute_ms``)
     probe_kwargs : for :func:`probe_link_async` (``payload_bytes``, ``timeout``, ...)
     """
 
@@ -183,6 +186,7 @@ class LadderServer(PlanServers):
         self._stop = threading.Event()
         self._prober: threading.Thread | None = None
         self._recent: deque[LinkEstimate] = deque(maxlen=SMOOTHING_PROBES)
+        self._fixed: dict[str, deque[float]] = {}  # plan hash -> fixed cost samples (ms)
 
     # ---- start: link, compute, first choice --------------------------------------------------
     def start(self) -> Choice:
@@ -191,7 +195,7 @@ class LadderServer(PlanServers):
         if link is None:
             raise RuntimeError("the link probe failed at start: see the log")
         if self._measure:
-            self.ladder = self.ladder.with_compute(self._compute_ms(link))
+            self._calibrate(link, CALIBRATION_WARMUP, CALIBRATION_REQUESTS)
         self.link = link
         self.current = choose(self.ladder, link, self.target_ms, None, self.margin)
         self._prober = threading.Thread(target=self._reprobe, name="disco-ladder", daemon=True)
@@ -212,20 +216,25 @@ class LadderServer(PlanServers):
             log.warning("link probe failed: %s", "; ".join(str(p.error) for p in probes))
         return link
 
-    def _compute_ms(self, link: LinkEstimate) -> dict[str, float]:
-        """Each plan's fixed cost: the median node time of a few requests less its predicted
-        link time on ``link``, so that the prediction is exact there. It holds the plan's
-        compute and the software of its hops beyond what the probe's round trip holds; it
-        may be negative when a probe's echo costs more software time than a hop of the plan
-        (the probe's round trip, counted per hop, then overstates the hops' cost)."""
+    def _calibrate(self, link: LinkEstimate, warmup: int, requests: int) -> None:
+        """Each plan's fixed cost: its node time in ``requests`` single-input requests less
+        its predicted link time on ``link``; the ladder takes the median of the last
+        ``CALIBRATION_REQUESTS`` samples per plan, so that the prediction is exact on the link
+        and under the load of the moment. It holds the plan's compute and the software of
+        its hops beyond what the probe's round trip holds; it may be negative when a probe's
+        echo costs more software time than a hop of the plan (the probe's round trip,
+        counted per hop, then overstates the hops' cost)."""
         x = torch.zeros([1, *self._input_shape[1:]])
-        out: dict[str, float] = {}
         for r in self.ladder.plans:
             srv = self.by_hash[r.hash]
-            times = [srv.infer(x)[2] for _ in range(CALIBRATION_REQUESTS + 1)][1:]
-            out[r.hash] = statistics.median(times) - predict_ms(r, link) + r.compute_ms
-            log.info("plan %s: fixed cost %.2f ms (measured)", r.name, out[r.hash])
-        return out
+            for _ in range(warmup):
+                srv.infer(x)
+            link_ms = predict_ms(r, link) - r.compute_ms
+            samples = self._fixed.setdefault(r.hash, deque(maxlen=CALIBRATION_REQUESTS))
+            samples.extend(srv.infer(x)[2] - link_ms for _ in range(requests))
+        fixed = {h: statistics.median(v) for h, v in self._fixed.items()}
+        self.ladder = self.ladder.with_compute(fixed)
+        log.debug("fixed costs (ms): %s", {h[:12]: round(v, 2) for h, v in fixed.items()})
 
     def _reprobe(self) -> None:
         while not self._stop.wait(self.interval):
@@ -245,6 +254,11 @@ class LadderServer(PlanServers):
                 self.frame_s,
             )
             self.link = link
+            if self._measure:  # one request per plan: fixed costs under today's load
+                try:
+                    self._calibrate(link, 0, 1)
+                except Exception as e:  # e.g. a peer down: keep the last fixed costs
+                    log.warning("calibration request failed: %s", e)
             before = self.current
             self.current = choose(self.ladder, link, self.target_ms, before, self.margin)
             if before is not None and self.current.plan.hash != before.plan.hash:
