@@ -13,9 +13,10 @@ ladder: it probes the link to every peer over plan 0's peer channel
 (:func:`~disco_fl.runtime.transport.link_probe.probe_link_async`; the household's link is the
 slowest peer's bandwidth and the longest round trip, each peer's shortest echo: the path
 without the time an echo waited behind computation on a node's event loop), measures each
-plan's fixed cost (the median node time of its last 9 requests less their predicted link
-time: 9 at start, then one per plan at every probe, so that the prediction is exact on the
-measured link under the load of the moment; or takes compute times given),
+plan's fixed cost (the shortest node time of its last 9 requests less their predicted link
+time: 9 at start, then one per plan at every probe, 3 and the older ones dropped when the link
+changed by more than the margin, so that the prediction is exact on the measured link under
+the load of the moment; or takes compute times given),
 chooses the plan with :func:`~disco_fl.runtime.serving.link_plans.choose` and runs each
 request on that plan's NodeServer. A thread re-probes every ``probe_interval_s`` and re-chooses
 for the best of the last three probes (highest bandwidth, shortest round trip: probes slowed by
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_WARMUP = 3  # single-input requests per plan before timing (connections, allocator)
 CALIBRATION_REQUESTS = 9  # timed single-input requests per plan (the median) at start
+CALIBRATION_FRESH = 3  # requests per plan when the link changed (its samples start again)
 SMOOTHING_PROBES = 3  # the link in use is the best of this many last probes
 
 
@@ -187,6 +188,7 @@ class LadderServer(PlanServers):
         self._prober: threading.Thread | None = None
         self._recent: deque[LinkEstimate] = deque(maxlen=SMOOTHING_PROBES)
         self._fixed: dict[str, deque[float]] = {}  # plan hash -> fixed cost samples (ms)
+        self._fixed_link: LinkEstimate | None = None  # the link they were taken on
 
     # ---- start: link, compute, first choice --------------------------------------------------
     def start(self) -> Choice:
@@ -196,6 +198,7 @@ class LadderServer(PlanServers):
             raise RuntimeError("the link probe failed at start: see the log")
         if self._measure:
             self._calibrate(link, CALIBRATION_WARMUP, CALIBRATION_REQUESTS)
+            self._fixed_link = link
         self.link = link
         self.current = choose(self.ladder, link, self.target_ms, None, self.margin)
         self._prober = threading.Thread(target=self._reprobe, name="disco-ladder", daemon=True)
@@ -218,7 +221,7 @@ class LadderServer(PlanServers):
 
     def _calibrate(self, link: LinkEstimate, warmup: int, requests: int) -> None:
         """Each plan's fixed cost: its node time in ``requests`` single-input requests less
-        its predicted link time on ``link``; the ladder takes the median of the last
+        its predicted link time on ``link``; the ladder takes the smallest of the last
         ``CALIBRATION_REQUESTS`` samples per plan, so that the prediction is exact on the link
         and under the load of the moment. It holds the plan's compute and the software of
         its hops beyond what the probe's round trip holds; it may be negative when a probe's
@@ -232,7 +235,9 @@ class LadderServer(PlanServers):
             link_ms = predict_ms(r, link) - r.compute_ms
             samples = self._fixed.setdefault(r.hash, deque(maxlen=CALIBRATION_REQUESTS))
             samples.extend(srv.infer(x)[2] - link_ms for _ in range(requests))
-        fixed = {h: statistics.median(v) for h, v in self._fixed.items()}
+        # the fastest sample: a request slowed by other requests on the same cores measures
+        # them, not the plan (as the probe's shortest echo measures the link)
+        fixed = {h: min(v) for h, v in self._fixed.items()}
         self.ladder = self.ladder.with_compute(fixed)
         log.debug("fixed costs (ms): %s", {h[:12]: round(v, 2) for h, v in fixed.items()})
 
@@ -254,9 +259,13 @@ class LadderServer(PlanServers):
                 self.frame_s,
             )
             self.link = link
-            if self._measure:  # one request per plan: fixed costs under today's load
+            if self._measure:  # fixed costs on this link, under the load of the moment
+                fresh = self._fixed_link is None or link.differs(self._fixed_link, self.margin)
+                if fresh:  # samples of another link hold that link's error of the model
+                    self._fixed.clear()
+                    self._fixed_link = link
                 try:
-                    self._calibrate(link, 0, 1)
+                    self._calibrate(link, 0, CALIBRATION_FRESH if fresh else 1)
                 except Exception as e:  # e.g. a peer down: keep the last fixed costs
                     log.warning("calibration request failed: %s", e)
             before = self.current
