@@ -130,17 +130,21 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class Household:
-    """N ``disco-fl serve`` processes on loopback with an emulated link."""
+    """N ``disco-fl serve`` processes on loopback with an emulated link (``link``: Mbit/s and
+    round trip in ms, or None with the link options in ``extra``, more ``serve`` options;
+    ``addrs``: the nodes' addresses, default free ports)."""
 
     def __init__(
         self,
         plan_dir: Path,
         n: int,
-        link: tuple[float, float],
+        link: tuple[float, float] | None,
         work: Path,
         overlap: bool = True,
+        extra: list[str] | None = None,
+        addrs: list[str] | None = None,
     ) -> None:
-        self.addrs = [f"127.0.0.1:{p}" for p in free_ports(n)]
+        self.addrs = addrs or [f"127.0.0.1:{p}" for p in free_ports(n)]
         self.procs: list[subprocess.Popen[bytes]] = []
         env = dict(os.environ, OMP_NUM_THREADS="1")
         for k in range(n):
@@ -160,13 +164,13 @@ class Household:
                 "1",
                 "--deadline",
                 "60",
-                "--link-mbps",
-                str(link[0]),
-                "--link-rtt-ms",
-                str(link[1]),
+                *([] if link is None else ["--link-mbps", str(link[0])]),
+                *([] if link is None else ["--link-rtt-ms", str(link[1])]),
                 "--ready-file",
                 str(ready),
-            ] + ([] if overlap else ["--no-overlap"])
+                *([] if overlap else ["--no-overlap"]),
+                *(extra or []),
+            ]
             with open(work / f"node{k}.log", "ab") as out:
                 self.procs.append(
                     subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -328,33 +332,40 @@ def make_plans(
     data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     cfg: dict[str, Any],
     out: Path,
+    budgets: list[tuple[float, int | None]] = PLANS,
+    meta: dict[str, Any] | None = None,
+    dense: bool = True,
 ) -> list[dict[str, Any]]:
-    """Export the dense-TP plan and one DISCO plan per entry of PLANS."""
+    """Export the dense-TP plan (``dense``) and one DISCO plan per entry of ``budgets``
+    (default PLANS); each plan's ``meta`` is ``meta`` and, for the DISCO plans, the held-out
+    ``accuracy`` (what a plan ladder ranks them by)."""
     xtr, ytr, xte, yte = data
-    pm = disco_fl.partition(model, n, xtr[:2]).eval()
-    d = out / f"n{n}_dense"
-    pm.export(d)
-    plans = [
-        {
-            "mode": "dense_tp",
-            "dir": d,
-            "budget": None,
-            "max_sync_points": None,
-            "accuracy": evaluate(pm, xte, yte),
-        }
-    ]
+    plans = []
+    if dense:
+        pm = disco_fl.partition(model, n, xtr[:2]).eval()
+        d = out / f"n{n}_dense"
+        pm.export(d, meta=meta)
+        plans.append(
+            {
+                "mode": "dense_tp",
+                "dir": d,
+                "budget": None,
+                "max_sync_points": None,
+                "accuracy": evaluate(pm, xte, yte),
+            }
+        )
     # layers that always exchange (cross-node LayerNorm / GroupNorm statistics): a sync limit
     # of k means k exchanges on top of them
     closed = disco_fl.partition(copy.deepcopy(model), n, xtr[:2])
     closed.set_all_masks(0.0)
     always = closed.comm_report().sync_points
-    for budget, extra in PLANS:
+    for budget, extra in budgets:
         max_sync = None if extra is None else always + extra
         pmb = disco_fl.partition(copy.deepcopy(model), n, xtr[:2])
         bc = BudgetConfig(
             budget=budget,
-            gate_epochs=1,
-            finetune_epochs=1,
+            gate_epochs=cfg.get("gate_epochs", 1),
+            finetune_epochs=cfg.get("finetune_epochs", 1),
             max_steps_per_epoch=cfg["gate_steps"],
             max_sync_points=max_sync,
             seed=0,
@@ -363,9 +374,9 @@ def make_plans(
         fit_budget(pmb, xtr, ytr, bc, teacher=model)
         pmb.eval()
         d = out / f"n{n}_b{budget}_s{max_sync}"
-        pmb.export(d)
-        rep = pmb.comm_report()
         acc = evaluate(pmb, xte, yte)
+        pmb.export(d, meta={**(meta or {}), "accuracy": acc})
+        rep = pmb.comm_report()
         log(
             f"N={n} budget {budget} max_sync {max_sync}: {rep.bytes_per_sample:,} B/sample "
             f"({rep.reduction:.1f}x less than dense), sync points {rep.sync_points}, accuracy "

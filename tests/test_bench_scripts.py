@@ -220,3 +220,43 @@ def test_latency_resnet50_random_calibrated_plans(tmp_path: Path) -> None:
     png = tmp_path / "latency.png"
     plot.plot(data, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_household_link_runs_tiny(tmp_path: Path) -> None:
+    """bench/household_link.py end to end at a tiny setting: a ladder of 3 plans served by 2
+    real ``disco-fl serve`` processes through a link that changes twice; one row per phase,
+    every plan measured in every phase, the plans of one model."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "link.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "household_link.py"),
+        *("--quick", "--phase-s", "8", "--probe-interval", "1"),
+        *("--dense-epochs", "1", "--gate-steps", "3", "--requests", "3", "--json", str(out)),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    plans = d["plans"]
+    assert len(plans) == 3 and [p["accuracy"] for p in plans] == sorted(
+        (p["accuracy"] for p in plans), reverse=True
+    )
+    assert d["target_ms"] > 0 and d["target_rule"] == _load("household_link").TARGET_RULE
+    assert [r["link"] for r in d["rows"]] == ["1Gbit_0.5ms", "20Mbit_4ms", "1Gbit_0.5ms"]
+    for r in d["rows"]:
+        assert r["requests"] > 0 and r["latency_ms_median"] > 0
+        assert set(r["per_plan_latency_ms_median"]) == {p["name"] for p in plans}
+        assert r["plan_in_use"] in r["per_plan_latency_ms_median"]
+        acc = {p["name"]: p["accuracy"] for p in plans}
+        best = r["most_accurate_meeting_target"]
+        assert r["bar_met"] == (
+            r["meets_target"] and best is not None and acc[r["plan_in_use"]] == acc[best]
+        )
+    assert d["ladder_status"]["switches"] == len(d["switches"])
+    assert d["bar"] == ("met" if all(r["bar_met"] for r in d["rows"]) else "not met")
+    assert "| 20Mbit_4ms |" in proc.stdout

@@ -47,6 +47,32 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def free_port_blocks(n: int, k: int, tries: int = 200) -> list[int]:
+    """``n`` base ports on 127.0.0.1, each free together with its ``k - 1`` next ports, the
+    blocks disjoint (a plan ladder of ``k`` plans serves plan ``i`` on port ``+ i``)."""
+    out: list[int] = []
+    for _ in range(tries):
+        if len(out) == n:
+            break
+        base = free_ports(1)[0]
+        want = range(base, base + k)
+        if any(p in range(b, b + k) for b in out for p in want):
+            continue
+        socks = [socket.socket() for _ in want]
+        try:
+            for s, p in zip(socks, want, strict=True):
+                s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        out.append(base)
+    if len(out) < n:
+        raise RuntimeError(f"no {n} blocks of {k} free consecutive ports found")
+    return out
+
+
 def _bin(name: str) -> str:
     """A console script next to this interpreter (the venv's), else on PATH."""
     here = Path(sys.executable).parent / name

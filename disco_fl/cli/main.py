@@ -27,7 +27,7 @@ from disco_fl.data import (
 from disco_fl.emulation.budget import BudgetConfig, evaluate, fit_budget, train_model
 from disco_fl.emulation.capacity import channel_shares, parse_capacities
 from disco_fl.emulation.comm import CommReport, program_traffic
-from disco_fl.emulation.export import load_shard, run_shards
+from disco_fl.emulation.export import load_shard, model_digest, run_shards
 from disco_fl.emulation.model import partition
 from disco_fl.fl.federated import TASK_DEFAULTS, ModelSpec
 from disco_fl.models import MODELS, load_checkpoint_strict
@@ -36,6 +36,7 @@ from disco_fl.models.user import call_with_standard_args, load_model
 from disco_fl.partition import plan_open_count
 from disco_fl.partition.plan import Plan, PlanError
 from disco_fl.runtime.serving import commands as serving_commands
+from disco_fl.runtime.serving import link_commands
 from disco_fl.runtime.serving.client import InferenceError
 
 
@@ -97,6 +98,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     metric = {"classification": "accuracy", "segmentation": "miou"}.get(task, "psnr_db")
     dense_acc = evaluate(model, xte, yte, task=task)
     _log(f"dense {metric} {dense_acc:.4f}")
+    source_sha256 = model_digest(model)  # before fine-tuning (it may share the tensors)
     caps = parse_capacities(args.capacities, args.nodes)
     # fx, or torch.export where fx refuses the model (a user's; ESPCN's pixel shuffle)
     pm = partition(model, args.nodes, xtr[:2], capacities=caps, capture="auto")
@@ -132,6 +134,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         "model": model_name,
         "task": task,
         "input": {"mean": [mean] * in_ch, "std": [std] * in_ch},
+        # plans of one model (a ladder, link_plans) are recognized by this, and ranked by
+        # their accuracy (the task's metric on the held-out split)
+        "model_sha256": source_sha256,
+        "accuracy": float(disco_acc),
     }
     if task == "classification":
         meta["classes"] = list(range(int(ytr.max()) + 1))
@@ -198,16 +204,22 @@ def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
     """``disco-fl probe``: this device's capacity and available memory
     (:mod:`disco_fl.runtime.probe`).
 
-    The compute part only, for now; a link measurement (``--peers``) will add its own entry
-    to the same JSON."""
+    With ``--peers``, also round trip and bandwidth to every peer over the peer channel
+    (``links`` in the JSON)."""
     from disco_fl.runtime.probe import probe
 
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    res = probe(args.seconds)
+    links = link_commands.link_probes(args) if args.peers else None
+    res = probe(args.seconds, links)
     c, m = res.compute, res.memory
+    for lp in links or []:
+        if lp.error:
+            print(f"link to node {lp.peer}: failed: {lp.error}")
+        else:
+            print(f"link to node {lp.peer}: rtt {lp.rtt_ms:.2f} ms, {lp.bandwidth_mbps:.1f} Mbit/s")
     print(
         f"capacity {res.capacity:.1f} GFLOP/s (matmul {c.matmul_gflops:.1f}, conv "
         f"{c.conv_gflops:.1f}; {c.threads} threads, {c.seconds:.1f} s)\n"
@@ -296,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch threads (default: the current setting)"
     )
     p.add_argument("--json", default=None, help="write the result JSON here")
+    link_commands.add_link_probe_args(p)
     serving_commands.add_parsers(sub)
+    link_commands.add_ladder_args(sub.choices["serve"])
     return ap
 
 
@@ -312,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "probe":
             cmd_probe(args)
         elif args.command == "serve":
+            if args.ladder:
+                return link_commands.cmd_serve_ladder(args)
             return serving_commands.cmd_serve(args)
         elif args.command == "infer":
             serving_commands.cmd_infer(args)

@@ -89,6 +89,22 @@ def compact_columns(plan: Plan, op: Op, k: int) -> list[int]:
     return [pos[c] for c in keep]
 
 
+def model_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's state (every tensor's name, dtype, shape and bytes, by name).
+
+    Recorded as ``meta["model_sha256"]`` of an exported plan (``disco-fl train`` does, for
+    the dense model its plan was fine-tuned from) so that plans of the same model can be
+    recognized: a plan ladder (:mod:`disco_fl.runtime.serving.link_plans`) refuses plans
+    of different models.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class ExportResult:
     plan: Plan

@@ -15,20 +15,30 @@ in its Flower ``node_config``, see ``docs/deployment.md``):
   container the cgroup limit is what the kernel enforces (the OOM killer), while
   ``/proc/meminfo`` shows the whole host.
 
-The link part (bandwidth and round-trip time to the household's peers, ``--peers``) is a
-separate measurement that will sit next to :func:`measure_compute`; :class:`ProbeResult`
-keeps its JSON flat so it can gain a ``links`` entry.
+With ``--peers`` (and the household's plan, for the peer channel's handshake), ``links``:
+round-trip time and bandwidth to every peer (:func:`measure_links`), measured over the peer
+channel itself by :mod:`~disco_fl.runtime.transport.link_probe` (the path, authentication
+and link emulation of activation frames). The peers must be serving (``disco-fl serve``) the
+same plan, and this process listens on its own node's address for their answers (run it on
+the node's device while its own ``serve`` is not running, or let a serving requester probe:
+``disco-fl serve --ladder``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 import torch.nn.functional as F
+
+from disco_fl.partition.plan import Plan
+from disco_fl.runtime.transport.grpc_transport import GrpcTransport, LinkSchedule, LinkShape
+from disco_fl.runtime.transport.link_probe import LinkProbe, probe_links
 
 MATMUL_N = 256  # (n x n) @ (n x n): 2 n^3 FLOPs
 CONV_SHAPE = (8, 32, 32, 32)  # batch, channels in = out, height, width; 3x3 kernel
@@ -64,9 +74,13 @@ class ProbeResult:
     memory_bytes: int
     compute: ComputeProbe
     memory: MemoryProbe
+    links: list[LinkProbe] | None = None  # with --peers: one per peer
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.links is None:
+            del d["links"]
+        return d
 
 
 def _time_kernel(fn: Any, flops: float, budget: float) -> tuple[float, float]:
@@ -180,11 +194,55 @@ def available_memory() -> MemoryProbe:
     return MemoryProbe(int(value), source, info, cg)
 
 
-def probe(seconds: float = 1.0) -> ProbeResult:
-    """Compute throughput and available memory of this device (``disco-fl probe``)."""
+def measure_links(
+    plan: str | Path,
+    node: int,
+    peers: Sequence[str],
+    *,
+    listen: str | None = None,
+    token: str = "",
+    server_credentials: grpc.ServerCredentials | None = None,
+    channel_credentials: grpc.ChannelCredentials | None = None,
+    link_shape: LinkShape | LinkSchedule | None = None,
+    connect_timeout: float = 3.0,
+    **probe_kwargs: Any,
+) -> list[LinkProbe]:
+    """Round trip and bandwidth from node ``node`` to every other node of ``peers``, over a
+    peer endpoint of this process on ``listen`` (default: its own ``peers`` entry) that
+    speaks the household's ``plan`` (its hash) with its token and credentials (see the
+    module; ``probe_kwargs``: :func:`~disco_fl.runtime.transport.link_probe.probe_link_async`'s)."""
+    p = Path(plan)
+    the_plan = Plan.load(p / "plan.json" if p.is_dir() else p)
+    if len(peers) != the_plan.num_nodes or not 0 <= node < len(peers):
+        raise ValueError(
+            f"the plan has {the_plan.num_nodes} nodes: give that many peer addresses and a node "
+            f"index among them (got {len(peers)} addresses, node {node})"
+        )
+    t = GrpcTransport(
+        node,
+        the_plan.num_nodes,
+        plan_hash=the_plan.hash,
+        listen=listen or peers[node],
+        peers=list(peers),
+        household_token=token,
+        num_layers=len(the_plan.program.ops),
+        server_credentials=server_credentials,
+        channel_credentials=channel_credentials,
+        link_shape=link_shape,
+        connect_timeout=connect_timeout,
+    )
+    try:
+        return list(probe_links(t, **probe_kwargs).values())
+    finally:
+        t.close(0.5)
+
+
+def probe(seconds: float = 1.0, links: list[LinkProbe] | None = None) -> ProbeResult:
+    """Compute throughput and available memory of this device (``disco-fl probe``), with the
+    ``links`` measured by :func:`measure_links` if given."""
     compute = measure_compute(seconds)
     memory = available_memory()
-    return ProbeResult(round(compute.gflops, 3), memory.bytes, compute, memory)
+    return ProbeResult(round(compute.gflops, 3), memory.bytes, compute, memory, links)
 
 
 __all__ = [
@@ -193,5 +251,6 @@ __all__ = [
     "ProbeResult",
     "available_memory",
     "measure_compute",
+    "measure_links",
     "probe",
 ]

@@ -87,6 +87,7 @@ class InferenceSession:
         # degraded mode: the nodes the household answered the last ``infer`` / ``infer_many``
         # without (their channels counted as closed); empty when every node took part
         self.last_missing: tuple[int, ...] = ()
+        self.last_plan_hash = ""  # the plan that computed the last reply
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The node's status: plan hash, input shape, ``meta``, counters."""
@@ -102,11 +103,15 @@ class InferenceSession:
         result: dict[str, Any] = json.loads(reply.json)
         return result
 
-    def _request(self, x: torch.Tensor, deadline_s: float | None) -> peer_pb2.InferRequest:
+    def _request(
+        self, x: torch.Tensor, deadline_s: float | None, plan_hash: str = ""
+    ) -> peer_pb2.InferRequest:
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] < 1:
             raise ValueError("x must be a tensor with a batch dimension of at least 1")
         self._counter += 1
-        req = peer_pb2.InferRequest(request_id=str(self._counter), deadline_s=deadline_s or 0.0)
+        req = peer_pb2.InferRequest(
+            request_id=str(self._counter), deadline_s=deadline_s or 0.0, plan_hash=plan_hash
+        )
         encode_tensor(x.detach().float().contiguous(), "fp32", out=req.input)
         return req
 
@@ -116,16 +121,20 @@ class InferenceSession:
         except WireError as e:
             raise InferenceError(None, f"malformed reply: {e}") from None
 
-    def infer(self, x: torch.Tensor, *, deadline_s: float | None = None) -> torch.Tensor:
-        """Outputs for one batch ``x`` (batch first). Raises :class:`InferenceError`."""
+    def infer(
+        self, x: torch.Tensor, *, deadline_s: float | None = None, plan_hash: str = ""
+    ) -> torch.Tensor:
+        """Outputs for one batch ``x`` (batch first); ``plan_hash``: run on that plan of the
+        node's plan ladder (default: the node's choice). Raises :class:`InferenceError`."""
         try:
             reply = self._stub.Infer(
-                self._request(x, deadline_s), metadata=self._md, timeout=self.timeout
+                self._request(x, deadline_s, plan_hash), metadata=self._md, timeout=self.timeout
             )
         except grpc.RpcError as e:
             raise _error(e) from None
         self.last_server_ms = float(reply.server_ms)
         self.last_missing = tuple(sorted(reply.missing_nodes))
+        self.last_plan_hash = str(reply.plan_hash)
         return self._decode(reply)
 
     def infer_many(

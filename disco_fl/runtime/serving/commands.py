@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from disco_fl.runtime.serving.client import InferenceSession
 from disco_fl.runtime.serving.inputs import load_inputs
 from disco_fl.runtime.serving.node_server import NodeServer, ServeConfig, serve_forever
-from disco_fl.runtime.transport.grpc_transport import LinkShape
+from disco_fl.runtime.transport.grpc_transport import LinkSchedule, LinkShape
 
 
 def _log(msg: str) -> None:
@@ -99,9 +100,8 @@ def node_defaults(plan: str | Path, node: int | None, peers: str | None) -> tupl
     return node, peer_list
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps the stacks
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The node's :class:`ServeConfig` from ``disco-fl serve``'s options (and ``--threads``)."""
     args.node, peers = node_defaults(args.plan, args.node, args.peers)
     listen = args.listen or peers[args.node]
     exposed = _plaintext_check(args, listen, peers)
@@ -113,8 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     server_creds, channel_creds = _tls_node(args, args.node)
-    shape = LinkShape(args.link_mbps * 1e6, args.link_rtt_ms / 1e3) if args.link_mbps else None
-    cfg = ServeConfig(
+    return ServeConfig(
         plan=Path(args.plan),
         node=args.node,
         listen=listen,
@@ -128,31 +127,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         chunk_batch=args.chunk_batch,
         max_frame_bytes=int(args.max_frame_mb * (1 << 20)),
-        link_shape=shape,
+        link_shape=_link_shape(args),
         max_connections=args.max_connections,
         overlap=not args.no_overlap,
         degraded_wait_s=args.degraded_wait,
         degraded_retry_s=args.degraded_retry,
     )
-    server = NodeServer(cfg)
+
+
+def run_serving(
+    server: Any,
+    args: argparse.Namespace,
+    cfg: ServeConfig,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Wait for the peers, say ``household ready`` (start a link schedule's clock there and
+    call ``on_ready``), write the ready file, serve until SIGINT / SIGTERM, stop."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        _log(
-            f"node {cfg.node}/{server.num_nodes}: serving plan {server.plan.hash[:12]} "
-            f"({server.node.param_bytes:,} shard bytes, TLS {'on' if server_creds else 'off'}) "
-            f"on {server.address}"
-        )
         server.wait_for_peers(args.startup_timeout, progress=_log)
-        _log(f"node {cfg.node}: household ready")
+        _log(f"node {args.node}: household ready")
+        if isinstance(cfg.link_shape, LinkSchedule):
+            cfg.link_shape.start(time.time())
+        if on_ready is not None:
+            on_ready()
         if args.ready_file:
             Path(args.ready_file).write_text(json.dumps({"address": server.address}))
         serve_forever(server, stop)
     finally:
         server.stop()
-        _log(f"node {cfg.node}: stopped")
+        _log(f"node {args.node}: stopped")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps the stacks
+    cfg = serve_config(args)
+    server = NodeServer(cfg)
+    _log(
+        f"node {cfg.node}/{server.num_nodes}: serving plan {server.plan.hash[:12]} "
+        f"({server.node.param_bytes:,} shard bytes, TLS "
+        f"{'on' if cfg.server_credentials else 'off'}) on {server.address}"
+    )
+    return run_serving(server, args, cfg)
 
 
 TASK_CHOICES = ("classification", "segmentation", "super_resolution")
@@ -303,26 +323,36 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: Any) -> None:
-    def auth(p: argparse.ArgumentParser, serve: bool = False) -> None:
+def _auth_args(p: argparse.ArgumentParser, serve: bool = False) -> None:
+    p.add_argument(
+        "--token-file",
+        default=None,
+        help="file holding the household token (default: $DISCO_TOKEN, else none)",
+    )
+    tls_help = (
+        "folder from `disco-fl certs` (ca.pem, node<k>.pem/.key, client.pem/.key): mutual TLS"
+    )
+    if serve:
+        tls_help += "; without it, plaintext is refused beyond loopback unless --insecure"
+    p.add_argument("--tls-dir", default=None, help=tls_help)
+    if serve:
         p.add_argument(
-            "--token-file",
-            default=None,
-            help="file holding the household token (default: $DISCO_TOKEN, else none)",
+            "--insecure",
+            action="store_true",
+            help="allow plaintext on non-loopback addresses (a trusted test network only; "
+            "loopback-only households run plaintext without it)",
         )
-        tls_help = (
-            "folder from `disco-fl certs` (ca.pem, node<k>.pem/.key, client.pem/.key): mutual TLS"
-        )
-        if serve:
-            tls_help += "; without it, plaintext is refused beyond loopback unless --insecure"
-        p.add_argument("--tls-dir", default=None, help=tls_help)
-        if serve:
-            p.add_argument(
-                "--insecure",
-                action="store_true",
-                help="allow plaintext on non-loopback addresses (a trusted test network only; "
-                "loopback-only households run plaintext without it)",
-            )
+
+
+def _link_shape(args: argparse.Namespace) -> LinkShape | LinkSchedule | None:
+    schedule = getattr(args, "link_schedule", None)
+    if schedule:
+        return LinkSchedule.parse(schedule, args.link_epoch)
+    return LinkShape(args.link_mbps * 1e6, args.link_rtt_ms / 1e3) if args.link_mbps else None
+
+
+def add_parsers(sub: Any) -> None:
+    auth = _auth_args
 
     p = sub.add_parser("serve", help="serve this node's shard of an exported plan")
     p.add_argument(
@@ -375,6 +405,20 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument(
         "--link-rtt-ms", type=float, default=0.0, help="emulated round trip (ms), half per frame"
+    )
+    p.add_argument(
+        "--link-schedule",
+        default=None,
+        metavar="T:MBPS/RTT_MS,...",
+        help="emulation only: a link that changes, e.g. 0:1000/0.5,30:20/4 (from T seconds "
+        "after --link-epoch); replaces --link-mbps / --link-rtt-ms",
+    )
+    p.add_argument(
+        "--link-epoch",
+        type=float,
+        default=None,
+        help="time.time() the schedule counts from (the same on every node; default: when "
+        "the household is ready)",
     )
     p.add_argument(
         "--max-connections",

@@ -53,9 +53,18 @@ class InferenceHost(Protocol):
         deadline_s: float | None = None,
         *,
         arrival: float | None = None,
+        plan_hash: str = "",
     ) -> tuple[torch.Tensor, str, float, list[int]]: ...
 
     def status(self) -> dict[str, Any]: ...
+
+    def served_plans(self) -> list[str]:
+        """The hashes of the plans a request may name (``InferRequest.plan_hash``)."""
+        ...
+
+    def plan_of(self, session_id: str) -> str:
+        """The hash of the plan that ran session ``session_id``."""
+        ...
 
 
 class InferenceServicer(peer_pb2_grpc.InferenceServicer):
@@ -110,6 +119,8 @@ class InferenceServicer(peer_pb2_grpc.InferenceServicer):
             )
         if len(request.request_id) > MAX_REQUEST_ID:
             return invalid, "request_id too long", None
+        if request.plan_hash and request.plan_hash not in s.served_plans():
+            return invalid, f"plan {request.plan_hash[:64]!r} is not served here", None
         try:
             x = decode_tensor(request.input, max_bytes=s.config.max_frame_bytes)
         except WireError as e:
@@ -135,7 +146,9 @@ class InferenceServicer(peer_pb2_grpc.InferenceServicer):
         if remaining is not None:
             deadline = min(deadline or remaining, remaining)
         try:
-            out, sid, ms, missing = await s.infer_async(x.float(), deadline, arrival=arrival)
+            out, sid, ms, missing = await s.infer_async(
+                x.float(), deadline, arrival=arrival, plan_hash=request.plan_hash
+            )
         except BusyError as e:
             return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), None
         except TimeoutError as e:
@@ -149,7 +162,11 @@ class InferenceServicer(peer_pb2_grpc.InferenceServicer):
             return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}", None
         del x
         reply = peer_pb2.InferReply(
-            session_id=sid, server_ms=ms, degraded=bool(missing), missing_nodes=missing
+            session_id=sid,
+            server_ms=ms,
+            degraded=bool(missing),
+            missing_nodes=missing,
+            plan_hash=s.plan_of(sid),
         )
         encode_tensor(out, "fp32", out=reply.output)
         return None, "", reply

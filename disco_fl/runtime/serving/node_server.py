@@ -57,7 +57,7 @@ import torch
 from disco_fl.emulation.export import ExportedShard, load_shard
 from disco_fl.proto_gen.disco.v1 import peer_pb2_grpc
 from disco_fl.runtime.inference import BUSY_TAG, refuse_session, run_node_async
-from disco_fl.runtime.serving.inference_service import InferenceServicer
+from disco_fl.runtime.serving.inference_service import InferenceHost, InferenceServicer
 from disco_fl.runtime.serving.missing import MissingNodes
 from disco_fl.runtime.serving.serve_config import (
     CHUNK_INPUT_BYTES,
@@ -89,7 +89,7 @@ log = logging.getLogger(__name__)
 class NodeServer:
     """Node ``config.node`` of a household: its shard, its endpoint, its sessions."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, inference_host: InferenceHost | None = None) -> None:
         self.config = config
         self.node: ExportedShard = load_shard(config.plan, config.node)
         self.plan = self.node.plan
@@ -120,7 +120,8 @@ class NodeServer:
             "sessions_expired": 0,
         }
         self.last_errors: list[str] = []
-        servicer = InferenceServicer(self)
+        # a plan ladder's requester answers Infer for all its plans (ladder_server)
+        servicer = InferenceServicer(inference_host or self)
         self.transport = GrpcTransport(
             self.index,
             self.num_nodes,
@@ -219,14 +220,18 @@ class NodeServer:
         deadline_s: float | None = None,
         *,
         arrival: float | None = None,
+        plan_hash: str = "",
     ) -> tuple[torch.Tensor, str, float, list[int]]:
-        """:meth:`infer` as a coroutine on the transport's event loop.
+        """:meth:`infer` as a coroutine on the transport's event loop (``plan_hash``: empty or
+        this node's plan).
 
         The deadline (``deadline_s``, at most the node's) counts from ``arrival``
         (``time.monotonic()`` when the request arrived; default: now). A batch larger than
         :attr:`chunk_batch` runs as consecutive sessions (ids ``<id>``, ``<id>.1``, ...)."""
         if not self.is_requester:
             raise RuntimeError(f"node {self.index} is not the requester")
+        if plan_hash not in ("", self.plan.hash):
+            raise ValueError(f"plan {plan_hash[:12]!r} is not served here")
         cfg = self.config
         budget = min(deadline_s or cfg.deadline_s, cfg.deadline_s)
         deadline = (time.monotonic() if arrival is None else arrival) + budget
@@ -450,6 +455,17 @@ class NodeServer:
             "transport_errors": list(t.errors)[-20:],
             "last_errors": errors,
         }
+
+    def plan_of(self, session_id: str) -> str:
+        return self.plan.hash
+
+    def served_plans(self) -> list[str]:
+        return [self.plan.hash]
+
+    @property
+    def session_prefix(self) -> str:
+        """What this server's session ids start with (``<prefix>-<n>``)."""
+        return self._prefix
 
     def reset_counters(self) -> None:
         self.transport.reset_counters()

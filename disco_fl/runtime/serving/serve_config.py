@@ -17,7 +17,11 @@ from pathlib import Path
 
 import grpc
 
-from disco_fl.runtime.transport.grpc_transport import DEFAULT_MAX_FRAME_BYTES, LinkShape
+from disco_fl.runtime.transport.grpc_transport import (
+    DEFAULT_MAX_FRAME_BYTES,
+    LinkSchedule,
+    LinkShape,
+)
 
 CHUNK_INPUT_BYTES = 1 << 20  # automatic chunk_batch: about this many input bytes per chunk
 IDLE_TRIM_S = 0.5  # a node idle this long gives the C heap's free pages back to the system
@@ -98,8 +102,9 @@ class ServeConfig:
         Largest message accepted or sent (peer frames and inference requests).
     connect_timeout_s : float, default 3.0
         Bound on one handshake with a peer.
-    link_shape : LinkShape or None
-        Emulated link for outgoing peer traffic (benchmarks).
+    link_shape : LinkShape, LinkSchedule or None
+        Emulated link for the peer traffic into this node (benchmarks); a schedule changes
+        it at given times.
     max_connections : int, default 128
         Connections the node's server holds at once (peers, callers, and connections still
         in their TLS/HTTP/2 handshake); more are closed as they are accepted.
@@ -130,7 +135,7 @@ class ServeConfig:
     max_queued: int | None = None
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     connect_timeout_s: float = 3.0
-    link_shape: LinkShape | None = None
+    link_shape: LinkShape | LinkSchedule | None = None
     max_connections: int = 128
     overlap: bool = True
     degraded_wait_s: float | None = None

@@ -14,6 +14,10 @@ Sessions: a node that serves requests (``on_session``) opens a session only for 
 frame from the session's requester at the program's input layer (``session_origin``); an INPUT
 frame from any other node, or at any other layer, is refused (the protocol has none).
 
+Link probes: a PROBE frame is answered at once by a PROBE_ACK of the same session id and
+layer, sent back on this node's own stream to the prober (see
+:mod:`~disco_fl.runtime.transport.link_probe`); neither is stored here nor counted as payload.
+
 Counters (for checking the plan's accounting against the wire): payload bytes sent per
 ``(dst, layer)`` (``len(data) + len(scales)`` of the tensor), serialized frame bytes sent and
 received, frames sent.
@@ -66,6 +70,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# the answer to a link probe: one fp32 zero
+PROBE_ACK_TENSOR = peer_pb2.Tensor(
+    dtype=peer_pb2.Tensor.DTYPE_FLOAT32, shape=[1], codec=peer_pb2.Tensor.CODEC_FP32, data=bytes(4)
+)
+
 
 class Transport(ABC):
     """One node's connection to its peers. Thread-safe; subclasses implement ``_transmit``."""
@@ -110,12 +119,14 @@ class Transport(ABC):
             raise ValueError(f"node {self.index} cannot send a frame with src={frame.src}")
         if not 0 <= frame.dst < self.num_nodes or frame.dst == self.index:
             raise ValueError(f"node {self.index}: bad destination {frame.dst}")
-        payload = frame_payload_bytes(frame)
+        probe = frame.direction in (Frame.PROBE, Frame.PROBE_ACK)
+        payload = 0 if probe else frame_payload_bytes(frame)  # the plan's bytes only
         wire = frame.ByteSize()
         self._transmit(frame, wire)
         with self._stats:
             key = (int(frame.dst), int(frame.layer))
-            self._payload_sent[key] = self._payload_sent.get(key, 0) + payload
+            if not probe:
+                self._payload_sent[key] = self._payload_sent.get(key, 0) + payload
             self._wire_sent += wire
             self._framed_sent += framed_size(wire)
             self._frames_sent += 1
@@ -150,6 +161,12 @@ class Transport(ABC):
             and self.on_session is not None
             and not self.mailbox.ended(frame.session_id)
         )
+        if reason is None and frame.direction == Frame.PROBE:
+            reason = None if frame.error else self._answer_probe(frame)
+            if reason is None:
+                with self._stats:
+                    self._wire_received += size
+                return None
         if reason is None:
             reason = self.mailbox.put(frame, size)
         if reason is not None:
@@ -165,6 +182,23 @@ class Transport(ABC):
             shape = frame.tensor.shape
             batch = int(shape[0]) if shape else 0
             on_session(frame.session_id, int(frame.step), batch, tuple(frame.missing_nodes))
+        return None
+
+    def _answer_probe(self, frame: peer_pb2.Frame) -> str | None:
+        """Answer a link probe that has arrived (its PROBE_ACK goes on our own stream to the
+        sender, so it crosses the same path, and link shape, as our activations do)."""
+        ack = Frame(
+            session_id=frame.session_id,
+            layer=frame.layer,
+            direction=Frame.PROBE_ACK,
+            src=self.index,
+            dst=frame.src,
+            tensor=PROBE_ACK_TENSOR,
+        )
+        try:
+            self.send(ack)
+        except (TransportError, ValueError) as e:
+            return f"cannot answer the link probe: {e}"
         return None
 
     def recv(

@@ -22,9 +22,21 @@ FrameKey = tuple[str, int, int, int, bool, int]  # session, step, layer, src, ba
 MAX_SESSION_ID = 256
 MAX_TENSOR_BYTES = 1 << 31  # transports bound whole frames more tightly (max_frame_bytes)
 MAX_ERROR_TEXT = 4096
+MAX_PROBE_BYTES = 1 << 20  # payload of a PROBE frame (link probe)
+MAX_PROBE_ACK_BYTES = 64  # payload of a PROBE_ACK frame
 _DIRECTIONS = frozenset(
-    {Frame.FORWARD, Frame.BACKWARD, Frame.INPUT, Frame.OUTPUT, Frame.NORMS, Frame.CONTROL}
+    {
+        Frame.FORWARD,
+        Frame.BACKWARD,
+        Frame.INPUT,
+        Frame.OUTPUT,
+        Frame.NORMS,
+        Frame.CONTROL,
+        Frame.PROBE,
+        Frame.PROBE_ACK,
+    }
 )
+_PROBE_LIMITS = {Frame.PROBE: MAX_PROBE_BYTES, Frame.PROBE_ACK: MAX_PROBE_ACK_BYTES}
 _SUB_CHANNELS = frozenset(Frame.SubChannel.values())
 
 
@@ -77,8 +89,9 @@ def check_incoming(
     Checks addressing (``dst`` is this node, ``src`` a peer, and the stream's authenticated
     peer when given), the layer range, the direction and sub-channel, the sizes of the text
     fields, ``missing_nodes`` (INPUT frames only; distinct peers other than the sender), and
-    the body: exactly one of an error, a tensor (enums, dimensions, and shape x
-    codec == the byte length of data and scales) or, with direction CONTROL, a control message
+    the body: exactly one of an error, a tensor (enums, dimensions, and shape x codec == the
+    byte length of data and scales; a link probe's at most ``MAX_PROBE_BYTES``, its answer's
+    ``MAX_PROBE_ACK_BYTES``) or, with direction CONTROL, a control message
     (:func:`~disco_fl.core.wire.check_control`: a known body, its required fields, node indices in
     range, no duplicate channels).
     """
@@ -124,7 +137,9 @@ def check_incoming(
         if not frame.HasField("tensor"):
             return "frame carries neither a tensor nor an error"
         try:  # shape x codec == byte length, scales, dims, enums: before it is stored
-            validate_tensor(frame.tensor, max_bytes=MAX_TENSOR_BYTES)
+            validate_tensor(
+                frame.tensor, max_bytes=_PROBE_LIMITS.get(frame.direction, MAX_TENSOR_BYTES)
+            )
         except WireError as e:
             return str(e)
     return None

@@ -63,6 +63,7 @@ from disco_fl.runtime.transport.peer_links import (
     HandshakeError,
     Link,
     LinkClock,
+    LinkSchedule,
     LinkShape,
     channel_options,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "MD_TOKEN",
     "GrpcTransport",
     "HandshakeError",
+    "LinkSchedule",
     "LinkShape",
     "PeerServicer",
 ]
@@ -133,7 +135,7 @@ class GrpcTransport(AsyncTransport):
         channel_credentials: grpc.ChannelCredentials | None = None,
         services: Sequence[Callable[[grpc.aio.Server], None]] = (),
         max_extra_rpcs: int = 16,
-        link_shape: LinkShape | None = None,
+        link_shape: LinkShape | LinkSchedule | None = None,
         training_round: int = 0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,

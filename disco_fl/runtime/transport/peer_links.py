@@ -15,7 +15,8 @@ A :class:`LinkShape` makes every incoming link behave like a link of a given rat
 delay (for benchmarks): frames from a peer are delivered in order, each when it would have
 arrived over such a link (``framed bytes * 8 / rate`` on the link after the previous one,
 plus ``rtt / 2``), counted from when it reached this node over loopback; the software time of
-the hop is thus paid on top of the emulated link, as on a real one.
+the hop is thus paid on top of the emulated link, as on a real one. A :class:`LinkSchedule`
+changes the emulated link at given times (the changing-link benchmark).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -84,17 +87,72 @@ class LinkShape:
             raise ValueError(f"rtt_s must be a finite number >= 0, got {self.rtt_s}")
 
 
-class LinkClock:
-    """FIFO state of one emulated link: when it is free again, when each frame arrives."""
+class LinkSchedule:
+    """An emulated link that changes during a run (benchmarks): ``steps[i] = (t_i, shape_i)``
+    makes the link ``shape_i`` from ``t_i`` seconds after the epoch until the next step
+    (``t_i`` strictly increasing, ``t_0 >= 0``); before ``t_0``, and before the epoch is set
+    (:meth:`start`), ``shape_0``. The epoch is a ``time.time()`` value: given (the same on
+    every node), or set when the node's household is ready (``disco-fl serve``), so that the
+    nodes of a household change their links together.
+    """
 
-    def __init__(self, shape: LinkShape) -> None:
+    def __init__(self, steps: Sequence[tuple[float, LinkShape]], epoch: float | None = None):
+        self.steps = tuple(steps)
+        times = [t for t, _ in self.steps]
+        if not times or times[0] < 0 or any(b <= a for a, b in zip(times, times[1:], strict=False)):
+            raise ValueError(f"link schedule times must be >= 0 and increasing, got {times}")
+        self.epoch: float | None = None
+        if epoch is not None:
+            self.start(epoch)
+
+    def start(self, epoch: float) -> None:
+        """Count the schedule from ``epoch`` (``time.time()``); once only."""
+        if not math.isfinite(epoch):
+            raise ValueError(f"link schedule epoch must be a time, got {epoch}")
+        if self.epoch is None:
+            self.epoch = float(epoch)
+
+    @staticmethod
+    def parse(text: str, epoch: float | None = None) -> LinkSchedule:
+        """``"T0:MBPS/RTT_MS,T1:MBPS/RTT_MS,..."`` (seconds, Mbit/s, milliseconds)."""
+        steps = []
+        for item in text.split(","):
+            try:
+                t, _, link = item.strip().partition(":")
+                mbps, _, rtt = link.partition("/")
+                steps.append((float(t), LinkShape(float(mbps) * 1e6, float(rtt or 0) / 1e3)))
+            except ValueError as e:
+                raise ValueError(
+                    f"bad link schedule step {item!r} (want T:MBPS/RTT_MS, e.g. 30:20/4): {e}"
+                ) from None
+        return LinkSchedule(steps, epoch)
+
+    def at(self, wall: float) -> LinkShape:
+        """The link at ``time.time() == wall``."""
+        shape = self.steps[0][1]
+        if self.epoch is None:
+            return shape
+        for t, s in self.steps:
+            if wall - self.epoch >= t:
+                shape = s
+        return shape
+
+
+class LinkClock:
+    """FIFO state of one emulated link: when it is free again, when each frame arrives.
+
+    With a :class:`LinkSchedule`, each frame takes the link of the moment it reaches the node.
+    """
+
+    def __init__(self, shape: LinkShape | LinkSchedule) -> None:
         self.shape = shape
         self.free = 0.0
 
     def arrival(self, message_bytes: int, now: float) -> float:
+        sh = self.shape.at(time.time()) if isinstance(self.shape, LinkSchedule) else self.shape
         start = max(now, self.free)
-        self.free = start + framed_size(message_bytes) * 8.0 / self.shape.rate_bps
-        return self.free + self.shape.rtt_s / 2.0
+        self.free = start + framed_size(message_bytes) * 8.0 / sh.rate_bps
+        return self.free + sh.rtt_s / 2.0
 
 
 class LinkOwner(Protocol):

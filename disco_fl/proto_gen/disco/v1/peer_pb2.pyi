@@ -52,6 +52,8 @@ class Frame(_message.Message):
         OUTPUT: _ClassVar[Frame.Direction]
         NORMS: _ClassVar[Frame.Direction]
         CONTROL: _ClassVar[Frame.Direction]
+        PROBE: _ClassVar[Frame.Direction]
+        PROBE_ACK: _ClassVar[Frame.Direction]
     DIRECTION_UNSPECIFIED: Frame.Direction
     FORWARD: Frame.Direction
     BACKWARD: Frame.Direction
@@ -59,6 +61,8 @@ class Frame(_message.Message):
     OUTPUT: Frame.Direction
     NORMS: Frame.Direction
     CONTROL: Frame.Direction
+    PROBE: Frame.Direction
+    PROBE_ACK: Frame.Direction
     class SubChannel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         SUB_CHANNEL_DATA: _ClassVar[Frame.SubChannel]
@@ -180,28 +184,32 @@ class HealthReply(_message.Message):
     def __init__(self, status: _Optional[_Union[HealthReply.Status, str]] = ..., plan_hash: _Optional[str] = ..., node: _Optional[int] = ..., num_nodes: _Optional[int] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("input", "request_id", "deadline_s")
+    __slots__ = ("input", "request_id", "deadline_s", "plan_hash")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     input: Tensor
     request_id: str
     deadline_s: float
-    def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+    plan_hash: str
+    def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., deadline_s: _Optional[float] = ..., plan_hash: _Optional[str] = ...) -> None: ...
 
 class InferReply(_message.Message):
-    __slots__ = ("output", "session_id", "server_ms", "degraded", "missing_nodes")
+    __slots__ = ("output", "session_id", "server_ms", "degraded", "missing_nodes", "plan_hash")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_MS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     MISSING_NODES_FIELD_NUMBER: _ClassVar[int]
+    PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     session_id: str
     server_ms: float
     degraded: bool
     missing_nodes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., session_id: _Optional[str] = ..., server_ms: _Optional[float] = ..., degraded: _Optional[bool] = ..., missing_nodes: _Optional[_Iterable[int]] = ...) -> None: ...
+    plan_hash: str
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., session_id: _Optional[str] = ..., server_ms: _Optional[float] = ..., degraded: _Optional[bool] = ..., missing_nodes: _Optional[_Iterable[int]] = ..., plan_hash: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
