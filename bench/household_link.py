@@ -168,7 +168,7 @@ def plan_latency_on(
     extra += ["--latency-target-ms", "1e9", "--probe-interval", "3600"]
     addrs = [f"127.0.0.1:{p}" for p in free_port_blocks(n, len(plans))]
     with tempfile.TemporaryDirectory() as work:
-        hh = Household(plans[0]["dir"], n, link, Path(work), extra, addrs)
+        hh = Household(plans[0]["dir"], n, link, Path(work), extra=extra, addrs=addrs)
         try:
             with InferenceSession(addrs[0], timeout=60) as s:
                 out = {}
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         work = Path(tmp) / "hh"
         work.mkdir()
-        hh = Household(plans[0]["dir"], n, None, work, extra, addrs)
+        hh = Household(plans[0]["dir"], n, None, work, extra=extra, addrs=addrs)
         records: list[tuple[float, str, float, str]] = []
         try:
             s = InferenceSession(addrs[0], timeout=60)
