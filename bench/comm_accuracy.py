@@ -11,7 +11,8 @@ distillation from the dense model), and measure test accuracy and bytes per samp
 fp32 and int8 codecs.
 
 ``--task segmentation`` (model ``seg_small``) and ``--task super_resolution`` (``espcn``)
-(or ``seg_small_rh``, its one-classifier variant partitioned with ``head="requester"``)
+(or ``seg_small_rh``, its one-classifier variant partitioned with ``head="requester"``,
+or ``seg_narrow``, that variant at half the width: ``--models seg_narrow``)
 use the data derived from the same digits (:mod:`disco_fl.data.pixel_tasks`: per-pixel
 classes, 11 with the background; x2 super-resolution 14x14 -> 28x28) and the same split;
 rows have the same schema, the metric in ``"accuracy"`` (mean IoU as a fraction, or PSNR in
