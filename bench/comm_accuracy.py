@@ -11,7 +11,8 @@ distillation from the dense model), and measure test accuracy and bytes per samp
 fp32 and int8 codecs.
 
 ``--task segmentation`` (model ``seg_small``) and ``--task super_resolution`` (``espcn``)
-(or ``seg_small_rh``, its one-classifier variant partitioned with ``head="requester"``)
+(or ``seg_small_rh``, its one-classifier variant partitioned with ``head="requester"``,
+or ``seg_narrow``, that variant at half the width: ``--models seg_narrow``)
 use the data derived from the same digits (:mod:`disco_fl.data.pixel_tasks`: per-pixel
 classes, 11 with the background; x2 super-resolution 14x14 -> 28x28) and the same split;
 rows have the same schema, the metric in ``"accuracy"`` (mean IoU as a fraction, or PSNR in
@@ -61,8 +62,8 @@ MODELS = ["resnet_narrow", "resnet", "vit_tiny_mnist"]
 TASK_MODELS = {"segmentation": ["seg_small"], "super_resolution": ["espcn"]}
 # Models partitioned with the head on the requester (``partition(..., head="requester")``):
 # seg_small_rh's one 14x14 classifier, so that its class maps never travel (``--models
-# seg_small_rh``).
-REQUESTER_HEAD = {"seg_small_rh"}
+# seg_small_rh``), and seg_narrow, the same network at half the width.
+REQUESTER_HEAD = {"seg_small_rh", "seg_narrow"}
 TASK_NODES = [2, 4]
 TASK_BUDGETS = [1.0, 0.2, 0.1, 0.05, 0.0]  # 1.0: dense tensor parallelism, not trained
 
@@ -116,6 +117,14 @@ SETTINGS["full"].update(
             "gate_epochs": 3,
             "finetune_epochs": 4,
         },
+        # half of seg_small_rh's width: fast enough for longer training (a dense epoch is
+        # ~3 s on one core), and 10 epochs leave it far from converged
+        "seg_narrow": {
+            "dense_epochs": 40,
+            "dense_lr": 0.01,
+            "gate_epochs": 3,
+            "finetune_epochs": 12,
+        },
         "espcn": {
             "dense_epochs": 40,
             "dense_lr": 0.005,
@@ -135,6 +144,13 @@ SETTINGS["quick"].update(
         },
         "seg_small": {
             "dense_epochs": 6,
+            "dense_lr": 0.01,
+            "gate_epochs": 2,
+            "finetune_epochs": 2,
+            "max_steps": 15,
+        },
+        "seg_narrow": {
+            "dense_epochs": 20,
             "dense_lr": 0.01,
             "gate_epochs": 2,
             "finetune_epochs": 2,

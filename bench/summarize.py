@@ -141,6 +141,8 @@ def plot(datas: list[dict[str, Any]], path: str) -> None:
                 label += f", {setting.get('gate_epochs', 0)} + {setting['finetune_epochs']} epochs"
                 if setting.get("max_steps"):
                     label += f" of {setting['max_steps']} steps"
+                if "lr" in setting:  # a weight learning rate other than the default
+                    label += f", lr {setting['lr']:g}"
             panels.append((task, label, metric, rows, data["dense_accuracy"][model]))
     if not panels:
         raise ValueError("no rows to plot")

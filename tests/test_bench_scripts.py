@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from disco_fl.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,20 +137,21 @@ def test_household_uneven_runs_tiny(tmp_path: Path) -> None:
         assert all(r["quota"] is None for r in rows)
 
 
-def test_comm_accuracy_requester_head_cell() -> None:
-    """seg_small_rh is partitioned with head="requester": no output bytes; its int8 row runs
-    the lock-step node runtime (the other node holds 0 channels of the head). A row without a
-    figure (earlier runs' int8 rows) prints as n/a."""
+@pytest.mark.parametrize(("name", "exchange"), [("seg_small_rh", 351488), ("seg_narrow", 175744)])
+def test_comm_accuracy_requester_head_cell(name: str, exchange: int) -> None:
+    """seg_small_rh (and seg_narrow, at half its width) is partitioned with head="requester":
+    no output bytes; its int8 row runs the lock-step node runtime (the other node holds 0
+    channels of the head). A row without a figure (earlier runs' int8 rows) prints as n/a."""
     bench = _load("comm_accuracy")
-    state = build_model("seg_small_rh").state_dict()
-    setting = bench.SETTINGS["quick"]["seg_small_rh"]
-    rows = bench._job(("seg_small_rh", 2, 1.0, setting, state, None, 0, "segmentation"))["rows"]
+    state = build_model(name).state_dict()
+    setting = bench.SETTINGS["quick"][name]
+    rows = bench._job((name, 2, 1.0, setting, state, None, 0, "segmentation"))["rows"]
     assert [r["codec"] for r in rows] == ["fp32", "int8"]
     assert 0.0 <= rows[0]["accuracy"] <= 1.0 and 0.0 <= rows[1]["accuracy"] <= 1.0
-    assert rows[0]["bytes_per_sample"] == rows[0]["dense_bytes_per_sample"] == 3136 + 351488
+    assert rows[0]["bytes_per_sample"] == rows[0]["dense_bytes_per_sample"] == 3136 + exchange
     rows[1]["accuracy"] = None
     data = {
-        "dense_accuracy": {"seg_small_rh": rows[0]["accuracy"]},
+        "dense_accuracy": {name: rows[0]["accuracy"]},
         "rows": rows,
         "meta": {"task": "segmentation", "metric": "miou"},
     }

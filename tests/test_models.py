@@ -302,6 +302,7 @@ def test_registry() -> None:
         "vit_tiny_mnist",
         "seg_small",  # issue 16: segmentation and super-resolution
         "seg_small_rh",
+        "seg_narrow",
         "espcn",
     }
     assert build_model("resnet18", num_classes=5).fc.out_features == 5  # type: ignore[union-attr]

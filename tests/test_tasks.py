@@ -20,7 +20,7 @@ from disco_fl.data import (
 )
 from disco_fl.emulation.budget import BudgetConfig, distill_loss, evaluate, fit_budget, train_model
 from disco_fl.emulation.export import load_shard, run_shards
-from disco_fl.models import build_model
+from disco_fl.models import MODEL_TASKS, build_model
 from disco_fl.tasks import get_task, mean_iou, psnr_db
 
 
@@ -128,13 +128,15 @@ def test_models_partition_open_gates_equal_original(name: str, nodes: int) -> No
     assert rep.exchange_bytes == rep.dense_exchange_bytes > 0
 
 
+@pytest.mark.parametrize("name", ["seg_small_rh", "seg_narrow"])
 @pytest.mark.parametrize("nodes", [2, 4])
-def test_seg_small_rh_requester_head_equals_original(nodes: int) -> None:
-    """seg_small_rh partitioned with the head on the requester: with open gates it computes
-    the original model; its class maps never travel (no output bytes), the classifier's
-    input travels instead, as a gated exchange."""
+def test_seg_small_rh_requester_head_equals_original(name: str, nodes: int) -> None:
+    """seg_small_rh (and seg_narrow, the same network at half the width) partitioned with the
+    head on the requester: with open gates it computes the original model; its class maps
+    never travel (no output bytes), the classifier's input travels instead, as a gated
+    exchange."""
     torch.manual_seed(0)
-    model = build_model("seg_small_rh").eval()
+    model = build_model(name).eval()
     x = torch.randn(3, 1, 28, 28)
     split = disco_fl.partition(model, nodes, x[:2], capture="auto").eval()
     pm = disco_fl.partition(model, nodes, x[:2], capture="auto", head="requester").eval()
@@ -151,6 +153,16 @@ def test_seg_small_rh_requester_head_equals_original(nodes: int) -> None:
     assert rep.bytes_per_sample == rep_split.bytes_per_sample - rep_split.output_bytes
     pm.set_all_masks(0.0)
     assert pm.comm_report().exchange_bytes == 0  # the requester alone: input bytes only
+
+
+def test_seg_narrow_is_seg_small_rh_at_half_width() -> None:
+    narrow, full = build_model("seg_narrow"), build_model("seg_small_rh")
+    assert type(narrow) is type(full)
+    for a, b in zip(narrow.modules(), full.modules(), strict=True):
+        if isinstance(a, torch.nn.Conv2d) and a.out_channels != 11:  # not the classifier
+            assert (a.out_channels, b.out_channels) in {(16, 32), (24, 48), (32, 64)}
+    assert MODEL_TASKS["seg_narrow"] == "segmentation"
+    assert narrow.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 11, 28, 28)
 
 
 def test_seg_small_rh_requester_head_lockstep(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""Models: torchvision-compatible ResNets, a timm-compatible ViT, a small segmentation net
-(``seg_small``, ``seg_small_rh``), ESPCN super-resolution (``espcn``), strict checkpoint
-handling."""
+"""Models: torchvision-compatible ResNets, a timm-compatible ViT, small segmentation nets
+(``seg_small``, ``seg_small_rh``, ``seg_narrow``), ESPCN super-resolution (``espcn``), strict
+checkpoint handling."""
 
 from disco_fl.models.checkpoint import (
     CheckpointChecksumError,
@@ -17,7 +17,7 @@ from disco_fl.models.resnet import (
     resnet_narrow,
     resnet_small,
 )
-from disco_fl.models.segmentation import SegSmall, SegSmallRH, seg_small, seg_small_rh
+from disco_fl.models.segmentation import SegSmall, SegSmallRH, seg_narrow, seg_small, seg_small_rh
 from disco_fl.models.super_resolution import ESPCN, espcn
 from disco_fl.models.vit import ViT, ViTConfig, vit_tiny_mnist
 
@@ -41,6 +41,7 @@ __all__ = [
     "resnet_narrow",
     "resnet_small",
     "save_checkpoint_atomic",
+    "seg_narrow",
     "seg_small",
     "seg_small_rh",
     "vit_tiny_mnist",

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from disco_fl.models.resnet import resnet18, resnet50, resnet_narrow, resnet_small
-from disco_fl.models.segmentation import seg_small, seg_small_rh
+from disco_fl.models.segmentation import seg_narrow, seg_small, seg_small_rh
 from disco_fl.models.super_resolution import espcn
 from disco_fl.models.vit import vit_tiny_mnist
 
@@ -21,6 +21,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vit_tiny_mnist": vit_tiny_mnist,
     "seg_small": seg_small,  # segmentation (task "segmentation"); partition with capture="auto"
     "seg_small_rh": seg_small_rh,  # seg_small, one 14x14 classifier: for head="requester"
+    "seg_narrow": seg_narrow,  # seg_small_rh at half the width: for head="requester"
     "espcn": espcn,  # x2 super-resolution (task "super_resolution"); capture="auto"
 }
 
@@ -28,6 +29,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 MODEL_TASKS: dict[str, str] = {
     "seg_small": "segmentation",
     "seg_small_rh": "segmentation",
+    "seg_narrow": "segmentation",
     "espcn": "super_resolution",
 }
 
@@ -39,11 +41,12 @@ def build_model(name: str, **kwargs: object) -> nn.Module:
     ----------
     name : str
         A key of :data:`MODELS` ("resnet", "resnet_narrow", "resnet18", "resnet50",
-        "vit_tiny_mnist", "seg_small", "seg_small_rh", "espcn").
+        "vit_tiny_mnist", "seg_small", "seg_small_rh", "seg_narrow", "espcn").
     **kwargs
-        Passed to the builder (the classifiers, ``seg_small`` and ``seg_small_rh`` take
-        ``num_classes`` and ``in_channels``; the ResNets also ``norm``, the ViT ``pool``
-        and ``dropout``; ``espcn`` takes ``scale``, ``in_channels`` and ``widths``).
+        Passed to the builder (the classifiers and the segmentation nets ``seg_small``,
+        ``seg_small_rh``, ``seg_narrow`` take ``num_classes`` and ``in_channels``; the
+        ResNets also ``norm``, the ViT ``pool`` and ``dropout``; ``espcn`` takes ``scale``,
+        ``in_channels`` and ``widths``).
 
     Raises
     ------

@@ -29,6 +29,14 @@ output is now computed by one mixing layer followed by a channel-local op only, 
 whole classifier: the other nodes send it their (gated) channels of its 14x14 input instead
 of their slices of the 28x28 class maps, and the requester upsamples. Nothing of the output
 travels, and the budget's gates govern what does.
+
+``seg_narrow`` is ``seg_small_rh`` at half the width (widths 16/24/32, LR-ASPP head 32;
+31 k parameters), for the communication benchmark: on the built-in digits a half-width
+``seg_small`` is nearly as good as the whole one, so two halves that never talk are too, and
+exchanges are worth little. At this width half the network (what the requester holds alone at
+N = 2) is clearly not enough, so the exchanges matter. Partition it with
+``head="requester"`` like ``seg_small_rh`` (with the class maps split instead, their 15.7 kB
+per sample at N = 2 would leave at most 9.3x fewer bytes than dense tensor parallelism).
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SegSmall", "SegSmallRH", "seg_small", "seg_small_rh"]
+__all__ = ["SegSmall", "SegSmallRH", "seg_narrow", "seg_small", "seg_small_rh"]
 
 
 def _cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -141,4 +149,16 @@ def seg_small_rh(
     head_channels: int = 64,
 ) -> SegSmallRH:
     """``seg_small`` with one 14x14 classifier, for ``partition(..., head="requester")``."""
+    return SegSmallRH(num_classes, in_channels, widths, head_channels)
+
+
+def seg_narrow(
+    num_classes: int = 11,
+    in_channels: int = 1,
+    widths: tuple[int, int, int] = (16, 24, 32),
+    head_channels: int = 32,
+) -> SegSmallRH:
+    """``seg_small_rh`` at half the width (see the module docstring), for
+    ``partition(..., head="requester")``: the segmentation model of the benchmark where one
+    node's half of the network is clearly not enough."""
     return SegSmallRH(num_classes, in_channels, widths, head_channels)
