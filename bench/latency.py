@@ -568,6 +568,13 @@ def main() -> None:
         help="N values (default: 2 for resnet50; the settings' for the others)",
     )
     ap.add_argument("--requests", type=int, default=None, help="timed requests per configuration")
+    ap.add_argument(
+        "--plans",
+        default=None,
+        metavar="B:S:C,...",
+        help="resnet50: the DISCO plans as budget:max-sync-points (or -):codec, e.g. "
+        "0.02:8:int8,0.05:8:int8 (default: latency_models.PLANS)",
+    )
     args = ap.parse_args()
     mode = "quick" if args.quick else "full"
     r50 = args.model == "resnet50"
@@ -583,6 +590,8 @@ def main() -> None:
         lm = _latency_models()
         cfg["image_size"] = args.image_size
         cfg["plans"] = lm.QUICK_PLANS if args.quick else lm.PLANS
+        if args.plans:
+            cfg["plans"] = lm.parse_plans(args.plans)
         model, xte = lm.load_resnet50(args.image_size, max(cfg["requests"], 5), seed=0)
         dense_acc = None
         log(

@@ -41,6 +41,17 @@ PLANS: list[tuple[float, int | None, str]] = [
 QUICK_PLANS: list[tuple[float, int | None, str]] = [(0.05, None, "fp32"), (0.05, 8, "int8")]
 
 
+def parse_plans(text: str) -> list[tuple[float, int | None, str]]:
+    """``"0.02:8:int8,0.05:-:fp32"`` -> ``[(0.02, 8, "int8"), (0.05, None, "fp32")]``."""
+    out: list[tuple[float, int | None, str]] = []
+    for item in text.split(","):
+        budget, sync, codec = item.split(":")
+        if codec not in ("fp32", "fp16", "int8"):
+            raise ValueError(f"plan {item!r}: codec must be fp32, fp16 or int8")
+        out.append((float(budget), None if sync in ("-", "") else int(sync), codec))
+    return out
+
+
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

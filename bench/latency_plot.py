@@ -8,6 +8,7 @@ same colour. matplotlib is a dev dependency (Agg backend, no display).
 Usage::
 
     python bench/latency_plot.py r50.json --out r50.png
+    python bench/latency_plot.py r50.json r50_more.json --out r50.png   # more plans, one plot
 """
 
 from __future__ import annotations
@@ -79,14 +80,17 @@ def plot(data: dict[str, Any], path: str | Path) -> None:
     for ax, n in zip(axes[0], all_nodes or [2], strict=False):
         links, ss = series(data, n)
         colours: dict[tuple[Any, ...], Any] = {}
-        cycle = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+        cmap = plt.get_cmap("tab20")  # 20 distinct colours (tab10 repeats after 10 plans)
+        cycle = iter([cmap(i % 20) for i in range(0, 40, 2)] + [cmap(i) for i in range(1, 40, 2)])
         for s in ss:
             if s["mode"] == "single":
                 colour = "black"
             elif s["mode"] == "dense_tp":
                 colour = "grey"
             else:
-                colour = colours.setdefault(s["key"], next(cycle))
+                if s["key"] not in colours:  # one colour per plan, overlap on and off alike
+                    colours[s["key"]] = next(cycle)
+                colour = colours[s["key"]]
             xs = [i for i, v in enumerate(s["ms"]) if v is not None]
             ax.plot(
                 xs,
@@ -111,12 +115,26 @@ def plot(data: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
+def merged(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run, with the DISCO rows of the later ones (runs of other plans of the same
+    model; their single and dense-TP rows, measured again, are left out)."""
+    out = dict(runs[0])
+    out["rows"] = list(runs[0]["rows"]) + [
+        r for run in runs[1:] for r in run["rows"] if r.get("mode") == "disco"
+    ]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", help="bench/latency.py --json output")
+    ap.add_argument(
+        "json",
+        nargs="+",
+        help="bench/latency.py --json output(s); later files add their DISCO rows",
+    )
     ap.add_argument("--out", required=True, help="PNG to write")
     args = ap.parse_args(argv)
-    plot(json.loads(Path(args.json).read_text()), args.out)
+    plot(merged([json.loads(Path(f).read_text()) for f in args.json]), args.out)
     print(args.out)
     return 0
 
