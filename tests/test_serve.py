@@ -559,7 +559,7 @@ def test_degraded_household_answers_without_a_killed_node_then_recovers(
         assert not torch.allclose(out, run_shards(plain, x, missing={2}), atol=1e-4)
         hh.start(2)
         hh.wait_ready([2])
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while s.last_missing and time.monotonic() < deadline:  # the peers reconnect
             out = s.infer(x)
         assert s.last_missing == ()

@@ -355,6 +355,9 @@ class NodeServer:
                 await self._slots.acquire()
             try:
                 started = True
+                if self.config.degraded_wait_s is not None:  # the requester counts on them
+                    for j in sorted(self.transport.mailbox.down() - missing):
+                        await self.transport.reconnect(j, self.config.connect_timeout_s)
                 await run_node_async(
                     self.node,
                     self.transport,

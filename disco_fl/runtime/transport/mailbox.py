@@ -105,6 +105,11 @@ class Mailbox:
             self._cond.notify_all()
             self._wake([k for k in self._watchers if k[3] == src])
 
+    def down(self) -> set[int]:
+        """The peers whose frames are marked as not coming."""
+        with self._cond:
+            return set(self._down)
+
     def mark_up(self, src: int) -> None:
         with self._cond:
             self._down.pop(src, None)
