@@ -50,13 +50,19 @@ def _pair(
             t.close(0.5)
 
 
+def _rtt_ok(got_ms: float, emulated_ms: float) -> bool:
+    """A measured round trip holds the emulated one (never less) plus the software of two
+    frames, a fraction of a millisecond on a quiet machine and up to a few under load."""
+    return 0.95 * emulated_ms <= got_ms <= emulated_ms + max(0.3 * emulated_ms, 3.0)
+
+
 @pytest.mark.parametrize(("mbps", "rtt_ms"), [(50.0, 4.0), (20.0, 10.0)])
 def test_probe_measures_a_shaped_link(mbps: float, rtt_ms: float) -> None:
     with _pair(LinkShape(mbps * 1e6, rtt_ms / 1e3)) as ts:
         got = probe_links(ts[0], echoes=7, repeats=2)[1]
         assert got.error is None, got.error
         assert got.rtt_ms is not None and got.bandwidth_mbps is not None
-        assert got.rtt_ms == pytest.approx(rtt_ms, rel=0.3)
+        assert _rtt_ok(got.rtt_ms, rtt_ms), got.rtt_ms
         assert got.bandwidth_mbps == pytest.approx(mbps, rel=0.3)
         # the probe frames are not the plan's payload, and nothing is left in the mailboxes
         assert ts[0].payload_bytes_sent() == {} and ts[1].payload_bytes_sent() == {}
@@ -111,7 +117,7 @@ def test_probe_command_measures_links_to_a_serving_node(tmp_path: Path) -> None:
         assert got["capacity"] > 0
         (lp,) = got["links"]
         assert lp["peer"] == 1 and lp["error"] is None
-        assert lp["rtt_ms"] == pytest.approx(4.0, rel=0.3)
+        assert _rtt_ok(lp["rtt_ms"], 4.0), lp["rtt_ms"]
         assert lp["bandwidth_mbps"] == pytest.approx(50.0, rel=0.3)
     finally:
         node1.terminate()
