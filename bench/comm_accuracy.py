@@ -232,7 +232,7 @@ def _job(
         augment_shift=2 if task == "classification" else 0,
         max_steps_per_epoch=setting.get("max_steps"),
         seed=seed,
-        **{k: setting[k] for k in ("lr", "distill", "gate_lr") if k in setting},
+        **{k: setting[k] for k in ("lr", "distill", "gate_lr", "max_sync_points") if k in setting},
     )
     t0 = time.time()
     if budget >= 1.0 and task != "classification":  # dense tensor parallelism, as trained
@@ -258,6 +258,7 @@ def _job(
                 "bytes_per_sample": rep.bytes_per_sample,
                 "dense_bytes_per_sample": rep.dense_bytes_per_sample,
                 "sync_points": rep.sync_points,
+                "max_sync_points": cfg.max_sync_points,
                 "reduction": rep.reduction,
                 "exchange_fraction": rep.exchange_fraction,
                 "train_seconds": seconds,
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="override a training setting of every model (gate_epochs, finetune_epochs, "
-        "dense_epochs, max_steps, lr, distill, gate_lr, ...); repeatable",
+        "dense_epochs, max_steps, lr, distill, gate_lr, max_sync_points, ...); repeatable",
     )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

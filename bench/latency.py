@@ -481,6 +481,8 @@ def measure_plans(
         node_ms = measure_node_compute(plan_dir, n, x, cfg)
         for overlap in info.get("overlaps", [True]):
             name = f"{info['mode']}_{budget}_{info['max_sync_points']}_{plan.codec}"
+            if info.get("capacities"):
+                name += "_c" + "-".join(f"{c:g}" for c in info["capacities"])
             name += "" if overlap else "_nooverlap"
             for link, (mbps, rtt_ms) in links.items():
                 m = measure_household(plan_dir, n, (mbps, rtt_ms), x, cfg, overlap=overlap)
@@ -497,6 +499,7 @@ def measure_plans(
                     "codec": plan.codec,
                     "overlap": overlap,
                     "masks": info.get("masks", "trained" if info["mode"] == "disco" else None),
+                    "capacities": info.get("capacities"),
                     "accuracy": info["accuracy"],
                     "link": link,
                     **m,
@@ -572,8 +575,9 @@ def main() -> None:
         "--plans",
         default=None,
         metavar="B:S:C,...",
-        help="resnet50: the DISCO plans as budget:max-sync-points (or -):codec, e.g. "
-        "0.02:8:int8,0.05:8:int8 (default: latency_models.PLANS)",
+        help="resnet50: the DISCO plans as budget:max-sync-points (or -):codec[:capacities], "
+        "e.g. 0.02:8:int8,0.05:8:int8,0.02:4:int8:57/43 (capacities: uneven slices, node 0 "
+        "first; default: latency_models.PLANS)",
     )
     args = ap.parse_args()
     mode = "quick" if args.quick else "full"

@@ -28,9 +28,13 @@ import disco_fl
 from disco_fl.emulation.budget import calibrate_masks
 
 MASKS = "random-calibrated"
-# (budget, max sync points or None, codec) of the DISCO plans; the issue's recipe is
-# (0.05, 8, "int8"): int8 on the wire, at most 8 sync points
-PLANS: list[tuple[float, int | None, str]] = [
+# (budget, max sync points or None, codec[, capacities]) of the DISCO plans; the issue's
+# recipe is (0.05, 8, "int8"): int8 on the wire, at most 8 sync points. Capacities (relative,
+# one per node, node 0 the requester) give uneven slices (``partition(..., capacities=)``):
+# a requester holding more than its share hides the input hop, the time the image takes to
+# reach the other nodes while it computes (see BENCHMARKS.md, "ResNet-50 at 224 px")
+Spec = tuple[Any, ...]  # (budget, max sync, codec) or (budget, max sync, codec, capacities)
+PLANS: list[Spec] = [
     (0.1, None, "fp32"),
     (0.1, 8, "int8"),
     (0.05, None, "fp32"),
@@ -38,17 +42,27 @@ PLANS: list[tuple[float, int | None, str]] = [
     (0.05, 8, "fp32"),
     (0.05, 8, "int8"),
 ]
-QUICK_PLANS: list[tuple[float, int | None, str]] = [(0.05, None, "fp32"), (0.05, 8, "int8")]
+QUICK_PLANS: list[Spec] = [(0.05, None, "fp32"), (0.05, 8, "int8")]
 
 
-def parse_plans(text: str) -> list[tuple[float, int | None, str]]:
-    """``"0.02:8:int8,0.05:-:fp32"`` -> ``[(0.02, 8, "int8"), (0.05, None, "fp32")]``."""
-    out: list[tuple[float, int | None, str]] = []
+def parse_plans(text: str) -> list[Spec]:
+    """``"0.02:8:int8,0.05:-:fp32,0.02:4:int8:57/43"`` -> ``[(0.02, 8, "int8"), (0.05, None,
+    "fp32"), (0.02, 4, "int8", (57.0, 43.0))]`` (the optional fourth field: capacities)."""
+    out: list[Spec] = []
     for item in text.split(","):
-        budget, sync, codec = item.split(":")
+        parts = item.split(":")
+        if len(parts) not in (3, 4):
+            raise ValueError(f"plan {item!r}: want budget:max-sync:codec[:capacities]")
+        budget, sync, codec = parts[:3]
         if codec not in ("fp32", "fp16", "int8"):
             raise ValueError(f"plan {item!r}: codec must be fp32, fp16 or int8")
-        out.append((float(budget), None if sync in ("-", "") else int(sync), codec))
+        spec: Spec = (float(budget), None if sync in ("-", "") else int(sync), codec)
+        if len(parts) == 4:
+            caps = tuple(float(c) for c in parts[3].split("/"))
+            if not caps or min(caps) <= 0:
+                raise ValueError(f"plan {item!r}: capacities must be positive, e.g. 57/43")
+            spec = (*spec, caps)
+        out.append(spec)
     return out
 
 
@@ -87,7 +101,7 @@ def random_calibrated_plans(
     n: int,
     x: torch.Tensor,
     out: Path,
-    plans: list[tuple[float, int | None, str]] = PLANS,
+    plans: list[Spec] = PLANS,
     seed: int = 0,
     log: Callable[[str], None] = _log,
 ) -> list[dict[str, Any]]:
@@ -116,17 +130,28 @@ def random_calibrated_plans(
             "exchange_fraction": 1.0,
         }
     ]
-    for budget, max_sync, codec in plans:
-        randomize_gates(pm, seed)  # the same logits for every plan: the budgets nest
-        pm.set_all_masks(1.0)
-        achieved = calibrate_masks(pm, budget, max_sync)
-        d = out / f"r50_n{n}_b{budget}_s{max_sync}_{codec}"
-        pm.export(d, codec=codec)
-        rep = pm.comm_report(codec)
+    by_caps: dict[tuple[float, ...] | None, Any] = {None: pm}
+    for spec in plans:
+        budget, max_sync, codec = spec[:3]
+        caps = tuple(spec[3]) if len(spec) > 3 else None
+        if caps is not None and len(caps) != n:
+            raise ValueError(f"plan {spec}: {len(caps)} capacities for {n} nodes")
+        if caps not in by_caps:
+            by_caps[caps] = disco_fl.partition(model, n, x[:2], capacities=caps).eval()
+        pmc = by_caps[caps]
+        randomize_gates(pmc, seed)  # the same logits for every plan: the budgets nest
+        pmc.set_all_masks(1.0)
+        achieved = calibrate_masks(pmc, budget, max_sync)
+        slices = "even" if caps is None else "/".join(f"{c:g}" for c in caps)
+        tag = "" if caps is None else "_c" + "-".join(f"{c:g}" for c in caps)
+        d = out / f"r50_n{n}_b{budget}_s{max_sync}_{codec}{tag}"
+        pmc.export(d, codec=codec)
+        rep = pmc.comm_report(codec)
         log(
-            f"N={n} budget {budget} max_sync {max_sync} {codec}: masks {MASKS} (no trained "
-            f"plan), {rep.bytes_per_sample:,} B/sample ({rep.reduction:.1f}x less than dense "
-            f"{codec}), exchange fraction {achieved:.4f}, sync points {rep.sync_points}"
+            f"N={n} budget {budget} max_sync {max_sync} {codec} slices {slices}: masks {MASKS} "
+            f"(no trained plan), {rep.bytes_per_sample:,} B/sample ({rep.reduction:.1f}x less "
+            f"than dense {codec}), exchange fraction {achieved:.4f}, sync points "
+            f"{rep.sync_points}"
         )
         result.append(
             {
@@ -135,6 +160,7 @@ def random_calibrated_plans(
                 "budget": budget,
                 "max_sync_points": max_sync,
                 "codec": codec,
+                "capacities": None if caps is None else list(caps),
                 "masks": MASKS,
                 "overlaps": [True, False],
                 "accuracy": None,
@@ -148,16 +174,17 @@ def speed_table(rows: list[dict[str, Any]]) -> str:
     """The ``--model resnet50`` rows as a table: no accuracy or throughput columns (random
     calibrated masks, no throughput pass), codec, overlap and the speedup over one device."""
     head = (
-        "| mode | N | budget | max sync | codec | overlap | link | sync points | payload B/img "
-        "| latency ms (median) | p90 ms | floor ms | latency / floor | vs single "
+        "| mode | N | budget | max sync | codec | slices | overlap | link | sync points "
+        "| payload B/img | latency ms (median) | p90 ms | floor ms | latency / floor | vs single "
         "| node compute ms (diag.) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['nodes']} | {'-' if r['budget'] is None else r['budget']} "
             f"| {r.get('max_sync_points') or '-'} | {r.get('codec') or '-'} "
+            f"| {'/'.join(f'{c:g}' for c in r['capacities']) if r.get('capacities') else 'even'} "
             f"| {'on' if r.get('overlap', True) else 'off'} | {r['link']} | {r['sync_points']} "
             f"| {r['payload_bytes_per_sample']:,.0f} | {r['latency_ms_median']:.1f} "
             f"| {r.get('latency_ms_p90', r['latency_ms_median']):.1f} | {r['floor_ms']:.1f} "

@@ -42,7 +42,8 @@ def series(data: dict[str, Any], nodes: int) -> tuple[list[str], list[dict[str, 
         if r["mode"] != "single" and r["nodes"] != nodes:
             continue
         codec = r.get("codec")
-        plan = (r["mode"], r.get("budget"), r.get("max_sync_points"), codec)
+        caps = tuple(r["capacities"]) if r.get("capacities") else None
+        plan = (r["mode"], r.get("budget"), r.get("max_sync_points"), codec, caps)
         key = (*plan, bool(r.get("overlap", True)))
         if r["mode"] == "single":
             label = "single device"
@@ -52,6 +53,7 @@ def series(data: dict[str, Any], nodes: int) -> tuple[list[str], list[dict[str, 
             label = f"DISCO budget {r['budget']}"
             label += f", sync<={r['max_sync_points']}" if r.get("max_sync_points") else ""
             label += f", {codec}" if codec else ""
+            label += f", slices {'/'.join(f'{c:g}' for c in caps)}" if caps else ""
         if not key[-1]:
             label += " (no overlap)"
         s = out.setdefault(

@@ -172,15 +172,26 @@ def test_latency_resnet50_random_calibrated_plans(tmp_path: Path) -> None:
 
     lm = _load("latency_models")
     model, x = lm.load_resnet50(64, 2, seed=0)
-    recipe = [(0.05, 8, "int8"), (0.1, None, "fp32")]
+    assert lm.parse_plans("0.05:8:int8,0.1:-:fp32,0.05:8:int8:3/1") == [
+        (0.05, 8, "int8"),
+        (0.1, None, "fp32"),
+        (0.05, 8, "int8", (3.0, 1.0)),
+    ]
+    with pytest.raises(ValueError, match="capacities must be positive"):
+        lm.parse_plans("0.05:8:int8:1/0")
+    # the recipe, the recipe with the requester holding 3/4 of every layer, and no sync limit
+    recipe = [(0.05, 8, "int8"), (0.05, 8, "int8", (3.0, 1.0)), (0.1, None, "fp32")]
     plans = lm.random_calibrated_plans(model, 2, x, tmp_path, recipe, log=lambda _: None)
-    assert [p["mode"] for p in plans] == ["dense_tp", "disco", "disco"]
+    assert [p["mode"] for p in plans] == ["dense_tp", "disco", "disco", "disco"]
     shards = [load_shard(plans[0]["dir"] / "plan.json", k) for k in range(2)]
     with torch.no_grad():
         ref = model(x[:1])
     assert torch.allclose(run_shards(shards, x[:1]), ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
-    for info, (budget, max_sync, codec) in zip(plans[1:], recipe, strict=True):
+    for info, spec in zip(plans[1:], recipe, strict=True):
+        budget, max_sync, codec = spec[:3]
         assert (info["budget"], info["max_sync_points"], info["codec"]) == (budget, max_sync, codec)
+        caps = info["capacities"]
+        assert caps == (list(spec[3]) if len(spec) > 3 else None)
         assert info["masks"] == "random-calibrated" and info["accuracy"] is None
         assert info["overlaps"] == [True, False]
         plan = Plan.load(info["dir"] / "plan.json")
@@ -189,6 +200,9 @@ def test_latency_resnet50_random_calibrated_plans(tmp_path: Path) -> None:
         assert 0.5 * budget < rep.exchange_fraction <= budget + 1e-9
         assert rep.sync_points <= (max_sync or rep.dense_sync_points)
         shards = [load_shard(info["dir"] / "plan.json", k) for k in range(2)]
+        b0, b1 = (sh.param_bytes for sh in shards)
+        # 3:1 slices hold ~9:1 of the weights (out x in channels, little exchanged), or even
+        assert b0 / b1 > 3.0 if caps else 0.8 < b0 / b1 < 1.25
         for overlap in (True, False):
             y = run_shards(shards, x[:1], overlap=overlap)
             assert y.shape == (1, 1000) and torch.isfinite(y).all()
@@ -213,7 +227,10 @@ def test_latency_resnet50_random_calibrated_plans(tmp_path: Path) -> None:
         ),
     ]
     table = lm.speed_table(rows)
-    assert "| disco | 2 | 0.05 | 8 | int8 | off | 50Mbit_4ms |" in table and "| 1.67x |" in table
+    assert (
+        "| disco | 2 | 0.05 | 8 | int8 | even | off | 50Mbit_4ms |" in table
+        and "| 1.67x |" in table
+    )
     plot = _load("latency_plot")
     data = {"rows": rows, "model": "resnet50", "masks": "random-calibrated"}
     links, series = plot.series(data, 2)
