@@ -182,12 +182,12 @@ def run_disco(
         arrays = result.arrays
     else:
         log(INFO, "all %d rounds done already (checkpoint)", num_rounds)
+    if calibrate and strategy.roster is None:  # every round came from the checkpoint
+        strategy.query_roster(grid)  # before loading: it may slice the model anew
     strategy._load(arrays)
     achieved = strategy._set_masks(strategy.budget)
     calibration = None
     if calibrate:  # the final shards and masks; a round's channel of its own
-        if strategy.roster is None:  # every round came from the checkpoint
-            strategy.query_roster(grid)
         assert strategy.roster is not None
         calibration = calibrate_households(
             grid, strategy.pm, strategy.roster, strategy._common(num_rounds + 1),
