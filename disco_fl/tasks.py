@@ -31,6 +31,9 @@ segmentation: KL summed over classes, averaged over pixels) or ``MSE(output, tea
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +46,7 @@ __all__ = [
     "get_task",
     "mean_iou",
     "psnr_db",
+    "user_metrics",
 ]
 
 
@@ -200,3 +204,29 @@ def get_task(task: str | Task) -> Task:
     except (KeyError, TypeError):
         known = ", ".join(TASKS)
         raise ValueError(f"unknown task {task!r}; known tasks: {known}") from None
+
+
+RESERVED_METRICS = ("num-examples", "correct")  # the ClientApp's own metrics
+
+
+def user_metrics(
+    metric_fn: Callable[[torch.Tensor, torch.Tensor], Any],
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+) -> dict[str, float]:
+    """``metric_fn(outputs, targets)`` as metrics: a number is ``{"metric": value}``, a
+    mapping gives its entries (numbers; ``num-examples`` and ``correct`` are the ClientApp's
+    own names).
+    The server reports each per household and its example-weighted mean."""
+    got = metric_fn(outputs, targets)
+    items = got.items() if isinstance(got, Mapping) else [("metric", got)]
+    out: dict[str, float] = {}
+    for name, v in items:
+        if not isinstance(name, str) or name in RESERVED_METRICS or "/" in name:
+            raise ValueError(f"metric_fn: metric name {name!r} is reserved or not a plain name")
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"metric_fn: metric {name!r} must be a number, got {v!r}")
+        out[name] = float(v)
+    return out

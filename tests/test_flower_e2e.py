@@ -309,8 +309,10 @@ def test_demo_with_a_users_model_delivers_shards_and_serves_from_node_folders(
     """``disco-fl demo --model user_net:build`` with the model in a file outside the package
     (on the processes' PYTHONPATH): SuperLink, SuperNodes, the ServerApp importing the model,
     every node receiving the final plan and its shard into its data folder (checked against
-    the plan hash), ``disco-fl serve <data folder>`` (node index from its ``node.json``)
-    answering == shard-only execution of the server's export."""
+    the plan hash; trained with node dropout, node 0's shard with BatchNorm statistics for
+    node 1 missing, estimated by the household after the last round), ``disco-fl serve
+    <data folder>`` (node index from its ``node.json``) answering == shard-only execution of
+    the server's export."""
     from disco_fl.cli.deployment import Processes, free_ports
     from disco_fl.emulation.export import load_shard, run_shards
     from disco_fl.fl.federated import builtin_tensors
@@ -323,7 +325,7 @@ def test_demo_with_a_users_model_delivers_shards_and_serves_from_node_folders(
     cmd = [
         sys.executable, "-m", "disco_fl.cli.main", "demo", "--model", "user_net:build",
         "--households", "1", "--nodes", "2", "--rounds", "2", "--steps", "10",
-        "--batch-size", "16", "--budget", "0.3", "--dense-epochs", "1",
+        "--batch-size", "16", "--budget", "0.3", "--dense-epochs", "1", "--node-dropout", "0.3",
         "--out", str(work), "--json", str(out),
     ]  # fmt: skip
     path = os.pathsep.join(p for p in [str(mods), os.environ.get("PYTHONPATH", "")] if p)
@@ -348,6 +350,18 @@ def test_demo_with_a_users_model_delivers_shards_and_serves_from_node_folders(
         node = json.loads((folder / "node.json").read_text())
         assert node["node"] == k and node["plan_hash"] == summary["plan_hash"]
         assert load_shard(folder / "plan.json", k).plan.hash == summary["plan_hash"]
+    # trained with node dropout: the household estimated BatchNorm statistics for node 1
+    # missing (the requester alone) and node 0's delivered shard carries them
+    assert summary["degraded_statistics"] == {
+        "missing_sets": [[1]], "households": ["h0"], "failed": {},
+    }  # fmt: skip
+    delivered = load_shard(folders[0] / "plan.json", 0)
+    assert delivered.degraded_sets == [frozenset({1})]
+    assert load_shard(folders[1] / "plan.json", 1).degraded_sets == []
+    bn = next(op for op in delivered.program.ops if op.kind == "batch_norm")
+    assert not torch.equal(
+        delivered.context({1}).state(bn)["running_var"], delivered.state(bn)["running_var"]
+    )
     # a household serving from the delivered folders (the demo stopped its processes)
     ports = free_ports(2)
     peers = ",".join(f"127.0.0.1:{q}" for q in ports)

@@ -24,6 +24,7 @@ LAYERS = {
     "runtime.inference": 5,
     "runtime.training": 5,
     "runtime.probe": 5,
+    "runtime.calibration": 6,  # BatchNorm statistics per missing node over the peer channel
     "runtime.serving": 6,
     "fl": 7,
     "cli": 8,

@@ -227,6 +227,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "dp": bool(args.dp),
         "dp-noise": args.dp_noise,
         "dp-clip": args.dp_clip,
+        "node-dropout": args.node_dropout,
         "evaluate": True,
         "step-timeout": args.step_timeout,
         "round-timeout": args.round_timeout,
@@ -372,6 +373,14 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dp-noise", type=float, default=1.0, help="DP noise multiplier (default 1.0)")
     p.add_argument("--dp-clip", type=float, default=1.0, help="DP clipping bound (default 1.0)")
+    p.add_argument(
+        "--node-dropout",
+        type=float,
+        default=0.0,
+        help="each node but a step's batch owner sits a training step out with this "
+        "probability (default 0); above 0, the delivered shards also carry BatchNorm "
+        "statistics per missing node (degraded mode, docs/serving.md)",
+    )
     p.add_argument(
         "--dense-epochs", type=int, default=None, help="pretraining epochs (default 4; see --task)"
     )

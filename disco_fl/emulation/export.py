@@ -66,7 +66,7 @@ def degraded_key(missing: Collection[int]) -> str:
     return DEGRADED + "+".join(str(k) for k in sorted(missing)) + "/"
 
 
-def _parse_degraded(key: str, num_nodes: int) -> tuple[frozenset[int], str]:
+def parse_degraded_key(key: str, num_nodes: int) -> tuple[frozenset[int], str]:
     """``(missing nodes, "<op>.<statistic>")`` of a degraded-statistics key."""
     label, sep, rest = key[len(DEGRADED) :].partition("/")
     try:
@@ -165,7 +165,7 @@ class ExportedShard:
         degraded: dict[frozenset[int], dict[str, dict[str, torch.Tensor]]] = {}
         for key, t in state.items():
             if key.startswith(DEGRADED):
-                missing, rest = _parse_degraded(key, self.num_nodes)
+                missing, rest = parse_degraded_key(key, self.num_nodes)
                 name, _, tname = rest.rpartition(".")
                 if name not in ops or ops[name].kind != "batch_norm" or k in missing:
                     raise PlanError(f"shard {k}: {key!r} is no statistic of a BatchNorm op")

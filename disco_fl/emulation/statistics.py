@@ -27,12 +27,14 @@ ExportedShard.context`; the runtime agrees on that set at the session's start, s
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from disco_fl.emulation.model import PartitionedModel
+from disco_fl.partition import Op
 
 # {missing nodes: {node: {batch_norm op: {"running_mean" | "running_var": tensor}}}}
 DegradedStatistics = dict[frozenset[int], dict[int, dict[str, dict[str, torch.Tensor]]]]
@@ -55,23 +57,47 @@ def recalibrate_batchnorm(
     bn_ops = [op for op in model.program.ops if op.kind == "batch_norm"]
     if not bn_ops or len(x) == 0:
         return
-    saved = {op.name: op.attrs["momentum"] for op in bn_ops}
     mode, was_training, was_dropped = model.gate_mode, model.training, model.dropped_nodes
     model.gate_mode = "hard"
     model.dropped_nodes = frozenset(dropped)
     model.train()
     try:
         with torch.no_grad():
-            for i, start in enumerate(range(0, min(len(x), max_batches * batch_size), batch_size)):
-                for op in bn_ops:
-                    op.attrs["momentum"] = 1.0 / (i + 1)
-                model(x[start : start + batch_size])
+            starts = range(0, min(len(x), max_batches * batch_size), batch_size)
+            cumulative_average(bn_ops, (x[s : s + batch_size] for s in starts), model)
     finally:
-        for op in bn_ops:
-            op.attrs["momentum"] = saved[op.name]
         model.gate_mode = mode
         model.dropped_nodes = was_dropped
         model.train(was_training)
+
+
+B = TypeVar("B")
+
+
+def cumulative_average(
+    bn_ops: Sequence[Op], batches: Iterable[B], run: Callable[[B], object]
+) -> int:
+    """``run(batch)`` for each of ``batches`` (in training mode: BatchNorm normalizing with
+    the batch's statistics and updating its running ones), the ``i``-th (from 0) with the
+    momentum of every op of ``bn_ops`` set to ``1 / (i + 1)``: the running statistics end as
+    the plain average of the batches' statistics (PyTorch's ``momentum=None``). The ops'
+    momenta are restored afterwards; returns the number of batches run.
+
+    The one cumulative average of the re-estimation: the emulation's
+    (:func:`recalibrate_batchnorm`) and the household's over its peer channel
+    (:func:`disco_fl.runtime.calibration.calibrate_node`, which runs each batch as a session of
+    the nodes)."""
+    saved = [(op, op.attrs["momentum"]) for op in bn_ops]
+    i = 0
+    try:
+        for i, batch in enumerate(batches, start=1):  # noqa: B007 (the count is returned)
+            for op in bn_ops:
+                op.attrs["momentum"] = 1.0 / i
+            run(batch)
+    finally:
+        for op, m in saved:
+            op.attrs["momentum"] = m
+    return i
 
 
 def _running_stats(pm: PartitionedModel, k: int) -> dict[str, dict[str, torch.Tensor]]:

@@ -52,6 +52,9 @@ nothing.
   the round's task (:mod:`disco_fl.tasks`; a user's ``loss_fn`` replaces it), replies with the
   shard and metrics. Any failure (a peer that died, a deadline) is raised, so Flower returns an
   error reply and the strategy keeps the household's previous shards.
+- ``query.calibrate`` (after the last round, :mod:`disco_fl.fl.calibration`): the household's
+  BatchNorm statistics for each missing node, each node feeding its own training data
+  (:func:`~disco_fl.runtime.calibration.calibrate_node`); the reply holds this node's share.
 - ``evaluate``: the household runs collaborative inference on the requester's held-out data
   (:func:`~disco_fl.runtime.inference.run_node` over the same peer channel), the requester reports
   ``correct`` and ``accuracy`` (classification), the task's metric under its name (``miou``
@@ -67,7 +70,7 @@ import math
 import os
 import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from logging import INFO
 from typing import Any, TypeVar
 
@@ -76,12 +79,18 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
+from disco_fl.fl.calibration import (
+    CALIBRATE_ACTION,
+    calibration_data,
+    calibration_rows,
+    statistics_record,
+)
 from disco_fl.fl.delivery import DELIVER_ACTION, deliver
 from disco_fl.fl.federated import NodeData, derive_seed, node_data, shard_arrays, shard_from_record
-from disco_fl.fl.round_config import EvalConfig, RoundConfig, TrainConfig
+from disco_fl.fl.round_config import CalibrationConfig, EvalConfig, RoundConfig, TrainConfig
 from disco_fl.node.shard import NodeShard
 from disco_fl.partition.plan import Plan
-from disco_fl.tasks import get_task
+from disco_fl.tasks import get_task, user_metrics
 
 PROGRESS_EVERY = 10  # a progress line (SuperNode's log) every this many joint steps
 
@@ -102,7 +111,6 @@ def _process_start_time() -> float:
 _PROCESS_START = _process_start_time()
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], Any]
-RESERVED_METRICS = ("num-examples", "correct")  # the ClientApp's own
 _DATA_CACHE: dict[tuple[str, str, str], NodeData] = {}
 
 
@@ -352,6 +360,29 @@ def train(msg: Message, context: Context, loss_fn: LossFn | None = None) -> Mess
     return Message(content, reply_to=msg)
 
 
+def calibrate(msg: Message, context: Context) -> Message:
+    """This node's BatchNorm statistics per missing node, estimated with its household on the
+    nodes' training data (:mod:`disco_fl.fl.calibration`)."""
+    from disco_fl.runtime.calibration import calibrate_node
+
+    t0 = time.monotonic()
+    cfg, shard, plan, listen, k = _setup(msg, context, CalibrationConfig)
+    x = calibration_data(cfg, _data(context, cfg.task).x_train, k)
+    tls_dir = str(_node_setting(context, "tls-dir", ""))
+    transport = _transport(cfg, plan, k, listen, plan.num_nodes, tls_dir)
+    try:
+        stats = calibrate_node(
+            shard, plan, transport, x, calibration_rows(cfg), cfg.missing,
+            batch_size=cfg.batch_size, max_batches=cfg.max_batches, timeout=cfg.step_timeout,
+            run_id=f"{cfg.household}/calibrate/r{cfg.server_round}", seed=cfg.seed,
+        )  # fmt: skip
+    finally:
+        transport.close(2.0)
+    metrics = MetricRecord({"seconds": time.monotonic() - t0, "sets": len(stats)})
+    content = RecordDict({"degraded": statistics_record(stats), "metrics": metrics})
+    return Message(content, reply_to=msg)
+
+
 def evaluate(msg: Message, context: Context, metric_fn: MetricFn | None = None) -> Message:
     """Collaborative inference of the household on the requester's held-out data; the
     requester reports ``correct`` and ``accuracy`` (classification), the task's metric under
@@ -406,30 +437,9 @@ def evaluate(msg: Message, context: Context, metric_fn: MetricFn | None = None) 
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def user_metrics(
-    metric_fn: MetricFn, outputs: torch.Tensor, targets: torch.Tensor
-) -> dict[str, float]:
-    """``metric_fn(outputs, targets)`` as metrics: a number is ``{"metric": value}``, a
-    mapping gives its entries (numbers; ``num-examples`` and ``correct`` are the ClientApp's
-    own names).
-    The server reports each per household and its example-weighted mean."""
-    got = metric_fn(outputs, targets)
-    items = got.items() if isinstance(got, Mapping) else [("metric", got)]
-    out: dict[str, float] = {}
-    for name, v in items:
-        if not isinstance(name, str) or name in RESERVED_METRICS or "/" in name:
-            raise ValueError(f"metric_fn: metric name {name!r} is reserved or not a plain name")
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            v = v.item()
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"metric_fn: metric {name!r} must be a number, got {v!r}")
-        out[name] = float(v)
-    return out
-
-
 def make_client_app(loss_fn: LossFn | None = None, metric_fn: MetricFn | None = None) -> ClientApp:
-    """A DISCO ``ClientApp`` (handlers ``query``, ``train``, ``evaluate`` and
-    ``query.deliver``), optionally with a user's loss and metric.
+    """A DISCO ``ClientApp`` (handlers ``query``, ``train``, ``evaluate``, ``query.deliver``
+    and ``query.calibrate``), optionally with a user's loss and metric.
 
     Parameters
     ----------
@@ -456,6 +466,10 @@ def make_client_app(loss_fn: LossFn | None = None, metric_fn: MetricFn | None = 
     @client.query(DELIVER_ACTION)
     def _deliver(msg: Message, context: Context) -> Message:
         return deliver(msg, context)
+
+    @client.query(CALIBRATE_ACTION)
+    def _calibrate(msg: Message, context: Context) -> Message:
+        return calibrate(msg, context)
 
     @client.train()
     def _train(msg: Message, context: Context) -> Message:

@@ -144,4 +144,23 @@ class EvalConfig(RoundConfig):
     eval_batch_size: int = _key("eval-batch-size")
 
 
-__all__ = ["EvalConfig", "RoundConfig", "TaskName", "TrainConfig"]
+@dataclass(frozen=True, kw_only=True)
+class CalibrationConfig(RoundConfig):
+    """After the last round: the household's BatchNorm statistics per missing node, on the
+    nodes' training data (see ``disco_fl.fl.client_app.calibrate``)."""
+
+    owners: tuple[int, ...] = _key("owners")  # shards holding data (they feed), ascending
+    owner_examples: tuple[int, ...] = _key("owner-examples")  # their example counts
+    missing: tuple[int, ...] = _key("missing")  # each one missing node, one set per node
+    batch_size: int = _key("batch-size")  # rows per calibration batch
+    max_batches: int = _key("max-batches")  # batches per missing node, at most
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.owners) != len(self.owner_examples):
+            raise ValueError("round config: as many owner-examples as owners")
+        if self.batch_size < 1 or self.max_batches < 1:
+            raise ValueError("round config: batch-size and max-batches must be >= 1")
+
+
+__all__ = ["CalibrationConfig", "EvalConfig", "RoundConfig", "TaskName", "TrainConfig"]

@@ -14,7 +14,14 @@ see :class:`~disco_fl.fl.federated.ModelSpec`; a built-in model must be the task
 ``finetune-rounds``, ``init-penalty``, ``dual-lr``, ``codec``, ``seed``, ``dp`` (bool),
 ``dp-noise``, ``dp-clip``, ``dp-delta``, ``evaluate`` (bool), ``eval-batch-size``,
 ``eval-every`` (0: last round only), ``query-timeout``, ``step-timeout``,
-``rendezvous-timeout``, ``round-timeout``,
+``rendezvous-timeout``, ``round-timeout``, ``node-dropout`` (in [0, 1), default 0: each node
+but a step's batch owner sits a training step out with this probability, so that the plan
+still answers with a device gone), ``degraded-statistics`` (``"auto"``, default: after the
+last round a run with ``node-dropout > 0`` of a model with BatchNorm estimates the BatchNorm
+statistics for each missing node on the households' data, and the delivered shards carry
+them; ``"on"``: for any model with BatchNorm; ``"off"``: never;
+:mod:`disco_fl.fl.server.calibration`), ``calibration-batches`` (default 16) and
+``calibration-batch-size`` (default 256): the batches per missing node of that estimate,
 ``initial-checkpoint`` (dense state dict to start from; empty: the model's initialization),
 ``run-dir`` (checkpoint, exported plan and ``summary.json`` go there; a run resumes from its
 checkpoint), ``deliver`` (bool, default true: at the end every node gets the plan and its
@@ -48,6 +55,7 @@ from flwr.supercore import log
 from disco_fl.core.files import atomic_write_bytes
 from disco_fl.data import MNIST_MEAN, MNIST_STD
 from disco_fl.fl.federated import ModelSpec
+from disco_fl.fl.server.calibration import calibrate_households, wants_calibration
 from disco_fl.fl.server.delivery import deliver_shards
 from disco_fl.fl.server.strategy import DiscoStrategy, DPSettings, EvaluateFn
 from disco_fl.models import load_checkpoint_strict
@@ -89,6 +97,7 @@ def strategy_from_config(cfg: Any) -> DiscoStrategy:
         eval_every=int(cfg.get("eval-every", 0)),
         eval_batch_size=int(cfg.get("eval-batch-size", 100)),
         checkpoint_dir=Path(run_dir) if run_dir else None,
+        node_dropout=float(cfg.get("node-dropout", 0.0)),
     )
 
 
@@ -122,6 +131,9 @@ def _main(grid: Grid, context: Context) -> None:
         seed=int(cfg.get("seed", 0)),
         round_timeout=float(cfg.get("round-timeout", 600.0)),
         deliver=bool(cfg.get("deliver", True)),
+        degraded_statistics=str(cfg.get("degraded-statistics", "auto")),
+        calibration_batches=int(cfg.get("calibration-batches", 16)),
+        calibration_batch_size=int(cfg.get("calibration-batch-size", 256)),
     )
 
 
@@ -135,15 +147,23 @@ def run_disco(
     round_timeout: float = 600.0,
     deliver: bool = True,
     evaluate_fn: EvaluateFn | None = None,
+    degraded_statistics: str = "auto",
+    calibration_batches: int = 16,
+    calibration_batch_size: int = 256,
 ) -> dict[str, Any]:
     """A whole DISCO run, the body of a ``ServerApp``'s main: resume from the strategy's
     checkpoint (``checkpoint_dir``) or start from the dense model (seeded, with
     ``initial_checkpoint`` loaded strictly), ``num_rounds`` rounds (in all, a resume
     included), the final plan and shards exported to ``<checkpoint_dir>/plan`` (a temporary
     folder without one) and, with ``deliver``, sent to every node's data folder
-    (:mod:`disco_fl.fl.server.delivery`). Returns the summary (also ``summary.json`` in the
-    checkpoint folder)."""
+    (:mod:`disco_fl.fl.server.delivery`). Before the export, with ``degraded_statistics``
+    (``"auto"``: after training with node dropout; ``"on"``; ``"off"``) and BatchNorm in the
+    model, the households estimate the BatchNorm statistics per missing node on their data,
+    ``calibration_batches`` batches of ``calibration_batch_size`` at most per missing node,
+    and the shards carry them (:mod:`disco_fl.fl.server.calibration`). Returns the summary
+    (also ``summary.json`` in the checkpoint folder)."""
     t0 = time.time()
+    calibrate = wants_calibration(degraded_statistics, strategy.node_dropout, strategy.pm)
     arrays = strategy.resume()
     if arrays is None:
         dense = strategy.spec.build_dense(seed)
@@ -162,8 +182,18 @@ def run_disco(
         arrays = result.arrays
     else:
         log(INFO, "all %d rounds done already (checkpoint)", num_rounds)
+    if calibrate and strategy.roster is None:  # every round came from the checkpoint
+        strategy.query_roster(grid)  # before loading: it may slice the model anew
     strategy._load(arrays)
     achieved = strategy._set_masks(strategy.budget)
+    calibration = None
+    if calibrate:  # the final shards and masks; a round's channel of its own
+        assert strategy.roster is not None
+        calibration = calibrate_households(
+            grid, strategy.pm, strategy.roster, strategy._common(num_rounds + 1),
+            strategy._household_of, batch_size=calibration_batch_size,
+            max_batches=calibration_batches, timeout=round_timeout,
+        )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = strategy.checkpoint_dir
         folder = Path(run_dir) / "plan" if run_dir else Path(tmp)
@@ -185,6 +215,7 @@ def run_disco(
         "history": strategy.history,
         "plan_hash": exported.plan.hash,
         "delivered": delivered,
+        "degraded_statistics": calibration,
         "seconds": time.time() - t0,
     }
     if run_dir:
