@@ -269,3 +269,21 @@ def test_latency_target_refusals_and_the_compute_estimate(tmp_path: Path) -> Non
     assert lat["compute_ms_source"] == "estimate" and 0 < lat["compute_ms"] < 1000
     assert (lat["budget"], lat["max_sync_points"], lat["codec"]) == (1.0, None, "fp32")
     assert lat["meets_target"] and lat["predicted_ms_trained"] == pytest.approx(lat["predicted_ms"])
+
+
+def test_max_sync_points_is_a_plain_train_option(tmp_path: Path) -> None:
+    out_json = tmp_path / "s.json"
+    rc = main(
+        [
+            "train", "--data", str(_small_data(tmp_path)), "--nodes", "2",
+            "--budget", "0.3", "--max-sync-points", "3",
+            "--dense-epochs", "0", "--gate-epochs", "0", "--finetune-epochs", "0",
+            "--out", str(tmp_path / "run"), "--json", str(out_json),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    s = json.loads(out_json.read_text())
+    assert s["max_sync_points"] == 3 and s["latency_target"] is None
+    assert 0 < s["sync_points"] <= 3  # without the limit: 8 layers at this budget
+    plan = Plan.load(tmp_path / "run" / "plan" / "plan.json")
+    assert "latency_target" not in plan.meta and plan_traffic(plan).hops <= 3 + 2
