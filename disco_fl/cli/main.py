@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from disco_fl.cli import latency as latency_cli
 from disco_fl.cli.demo import add_demo_args, run_demo
 from disco_fl.data import (
     MNIST_MEAN,
@@ -72,6 +73,7 @@ def _print_report(rep: CommReport, title: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
+    link = latency_cli.target_link(args)
     torch.manual_seed(args.seed)
     task = args.task
     model_name = args.model or TASK_DEFAULTS[task]["name"]
@@ -105,16 +107,21 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     shares = channel_shares(pm.program)
     if caps:
         _log(f"uneven slices: capacities {list(caps)}, channel shares {_fmt_shares(shares)}")
-    dense_rep = pm.comm_report(args.codec)
+    choice = latency_cli.choose(args, model, pm, xtr[:1], link, _log) if link else None
+    budget = choice.budget if choice else 0.05 if args.budget is None else args.budget
+    codec = choice.codec if choice else args.codec or "fp32"
+    max_sync = choice.max_sync_points if choice else args.max_sync_points
+    dense_rep = pm.comm_report(codec)
     cfg = BudgetConfig(
-        budget=args.budget,
+        budget=budget,
+        max_sync_points=max_sync,
         gate_epochs=args.gate_epochs,
         finetune_epochs=args.finetune_epochs,
         augment_shift=2 if task == "classification" else 0,  # shifts move the input only
         seed=args.seed,
     )
     out = Path(args.out)
-    _log(f"fine-tuning gates to budget {args.budget} on {args.nodes} nodes (emulation)")
+    _log(f"fine-tuning gates to budget {budget} on {args.nodes} nodes (emulation)")
     res = fit_budget(
         pm,
         xtr,
@@ -125,9 +132,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         log=_log,
         task=task,
     )
-    pm.codec = args.codec
+    pm.codec = codec
     disco_acc = evaluate(pm, xte, yte, task=task)
-    rep = pm.comm_report(args.codec)
+    rep = pm.comm_report(codec)
     # the input's normalization (super-resolution: pixels in [0, 1], as task_data makes them)
     mean, std = (0.0, 1.0) if task == "super_resolution" else (MNIST_MEAN, MNIST_STD)
     meta: dict[str, Any] = {
@@ -141,13 +148,16 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     }
     if task == "classification":
         meta["classes"] = list(range(int(ytr.max()) + 1))
-    exported = pm.export(out / "plan", codec=args.codec, meta=meta)
+    latency = latency_cli.trained(args, choice, pm, codec) if choice else None
+    if latency is not None:
+        meta["latency_target"] = latency
+    exported = pm.export(out / "plan", codec=codec, meta=meta)
     _log(f"exported plan {exported.plan.hash[:12]} and {args.nodes} shards to {out / 'plan'}")
     nodes = [load_shard(out / "plan" / "plan.json", k) for k in range(args.nodes)]
     with torch.no_grad():
         pm.eval()
         diff = float((run_shards(nodes, xte[:64]) - pm(xte[:64])).abs().max())
-    _print_report(rep, f"DISCO plan, {args.nodes} nodes, budget {args.budget}")
+    _print_report(rep, f"DISCO plan, {args.nodes} nodes, budget {budget}")
     figures = (
         {"accuracy_dense": dense_acc, "accuracy_disco": disco_acc}
         if task == "classification"
@@ -159,8 +169,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         "nodes": args.nodes,
         "capacities": list(caps) if caps else None,
         "channel_shares": shares,
-        "budget": args.budget,
-        "codec": args.codec,
+        "budget": budget,
+        "max_sync_points": max_sync,
+        "codec": codec,
+        "latency_target": latency,
         **figures,
         "bytes_per_sample_dense": dense_rep.bytes_per_sample,
         "bytes_per_sample_disco": rep.bytes_per_sample,
@@ -180,6 +192,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         f"  shard-only execution vs emulation: max |diff| {diff:.2e}\n"
         f"  wall time {summary['wall_s']:.0f}s"
     )
+    if choice is not None and latency is not None:
+        latency_cli.report(choice, latency, _log)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
         _log(f"wrote {args.json}")
@@ -274,10 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--budget",
             type=float,
-            default=0.05,
+            default=None,
             help="fraction of dense exchange bytes (default 0.05)",
         )
-        p.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "int8"])
+        p.add_argument(
+            "--codec", default=None, choices=["fp32", "fp16", "int8"], help="(default fp32)"
+        )
+        p.add_argument(
+            "--max-sync-points",
+            type=int,
+            default=None,
+            help="at most this many layers exchange anything, each a round trip (default no limit)",
+        )
+        latency_cli.add_args(p)
         p.add_argument("--dense-epochs", type=int, default=15)
         p.add_argument("--gate-epochs", type=int, default=6)
         p.add_argument("--finetune-epochs", type=int, default=12)

@@ -46,6 +46,7 @@ from disco_fl.runtime.serving.link_plans import (
     LinkEstimate,
     PlanLadder,
     choose,
+    link_ms,
     predict_ms,
 )
 from disco_fl.runtime.serving.node_server import NodeServer, ServeConfig
@@ -232,9 +233,9 @@ class LadderServer(PlanServers):
             srv = self.by_hash[r.hash]
             for _ in range(warmup):
                 srv.infer(x)
-            link_ms = predict_ms(r, link) - r.compute_ms
+            on_link = link_ms(r.traffic, link)
             samples = self._fixed.setdefault(r.hash, deque(maxlen=CALIBRATION_REQUESTS))
-            samples.extend(srv.infer(x)[2] - link_ms for _ in range(requests))
+            samples.extend(srv.infer(x)[2] - on_link for _ in range(requests))
         # the fastest sample: a request slowed by other requests on the same cores measures
         # them, not the plan (as the probe's shortest echo measures the link)
         fixed = {h: min(v) for h, v in self._fixed.items()}

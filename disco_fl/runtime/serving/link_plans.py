@@ -145,14 +145,22 @@ class LadderPlan:
         return f"{self.path.name} ({self.hash[:12]})"
 
 
-def predict_ms(plan: LadderPlan, link: LinkEstimate) -> float:
-    """Predicted latency (ms) of one request of ``plan`` on ``link`` (see the module)."""
-    t = plan.traffic
-    return plan.compute_ms + 1e3 * (
-        t.busiest_link_bytes * 8.0 / link.bandwidth_bps
-        + t.hops * link.rtt_s / 2.0
-        + t.frames * link.frame_s
+def link_ms(traffic: PlanTraffic, link: LinkEstimate) -> float:
+    """The link's part (ms) of one request with ``traffic`` on ``link``: transfer of the
+    busiest link's bytes, half a round trip per hop, ``frame_s`` per frame (see the module).
+    The one implementation of the link model (:func:`predict_ms`, and the plan chooser of
+    :mod:`disco_fl.runtime.serving.latency_target`)."""
+    return 1e3 * (
+        traffic.busiest_link_bytes * 8.0 / link.bandwidth_bps
+        + traffic.hops * link.rtt_s / 2.0
+        + traffic.frames * link.frame_s
     )
+
+
+def predict_ms(plan: LadderPlan, link: LinkEstimate) -> float:
+    """Predicted latency (ms) of one request of ``plan`` on ``link``: its compute time plus
+    :func:`link_ms` of its traffic (see the module)."""
+    return plan.compute_ms + link_ms(plan.traffic, link)
 
 
 def _model_of(plan: Plan, where: Path) -> tuple[str, str]:
@@ -322,6 +330,7 @@ __all__ = [
     "PlanLadder",
     "PlanTraffic",
     "choose",
+    "link_ms",
     "plan_traffic",
     "predict_ms",
 ]
