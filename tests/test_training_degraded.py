@@ -166,6 +166,53 @@ def test_degraded_training_over_grpc_equals_emulation(
     _degraded_equals_emulation(make)
 
 
+def test_a_node_dying_right_after_its_vote(
+    grpc_transports: Callable[[int, int], list[Transport]],  # noqa: F811
+) -> None:
+    """Over gRPC, node 2 dies right after sending its commit vote of step ``STOP``, and the
+    owner's answer to node 1 is late (1 s): node 1 finds node 2 down while it waits for that
+    answer. The owner holds every vote and commits; node 1 must commit too (a peer found down
+    after its vote does not make it abort a step the owner commits), and the survivors go on
+    without node 2 from step ``STOP + 1``, equal to the emulation."""
+    from disco_fl.runtime.training.commit import COMMIT
+
+    pm, batches = _partition("resnet_narrow", 3, 0.6)
+    ref = copy.deepcopy(pm)
+    _emulate_without(ref, batches, VICTIM, STOP + 1)
+    ts = grpc_transports(3, len(pm.program.ops))
+    trainers = _trainers(pm, ts, "sgd", "hard", 0.0, timeout=5.0)
+    for tr in trainers:
+        enable_degraded(tr)
+    victim, owner = ts[VICTIM], ts[0]
+    victim_send, owner_send = victim.send, owner.send
+
+    def vote_then_die(frame: Any) -> None:
+        victim_send(frame)
+        if frame.sub_channel == COMMIT and frame.step == STOP and frame.layer == 0:
+            victim.close(0.0)
+
+    def late_answer(frame: Any) -> None:
+        if frame.sub_channel == COMMIT and frame.step == STOP and frame.dst == 1:
+            time.sleep(1.0)  # node 1 meanwhile finds node 2 down
+        owner_send(frame)
+
+    victim.send = vote_then_die  # type: ignore[method-assign]
+    owner.send = late_answer  # type: ignore[method-assign]
+    results, errors = _run_with_victim(trainers, batches, -1, lambda: None, degraded=True)
+    assert errors[0] is None and errors[1] is None, errors
+    assert isinstance(errors[VICTIM], StepAborted)
+    for k in (0, 1):
+        assert [r.dropped for r in results[k]] == [
+            frozenset({VICTIM}) if t > STOP else frozenset() for t in range(STEPS)
+        ]
+    for k in (0, 1):  # the survivors' shards (node 2 never learnt that step STOP committed)
+        got, want = pm.shard(k).state_dict(), ref.shard(k).state_dict()
+        for key, v in want.items():
+            scale = max(float(v.abs().max()), 1e-6) if v.numel() else 1.0
+            err = float((got[key] - v).abs().max()) if v.numel() else 0.0
+            assert err <= 1e-4 * scale, f"node {k} {key}: max diff {err:.3g}"
+
+
 def test_the_comparison_sees_the_missing_node() -> None:
     """The emulation with node 2 dropped from another step on differs (so the equality above
     checks when node 2 left)."""

@@ -267,6 +267,10 @@ def commit(io_: StepIO, owner: int) -> None:
                 io_.send_control(1, j, ok, COMMIT)
     else:
         io_.send_control(0, owner, ok, COMMIT)
+        # voted: the owner alone decides now. Another peer's abort, or a peer found down,
+        # reaches the owner too, who then aborts (and says so); a peer that dies after its
+        # vote must not make this node abort a step the owner commits
+        io_._aborts = [key for key in io_._aborts if key[3] == owner]
         _vote(io_, 1, owner)
 
 
