@@ -111,19 +111,21 @@ def _run_with_victim(
 
 
 def _degraded_equals_emulation(
-    make: Callable[[int, int], tuple[list[Transport], Callable[[int], None]]],
+    make: Callable[[int, int], tuple[list[Transport], Callable[[int], None]]], **kw: Any
 ) -> None:
     pm, batches = _partition("resnet_narrow", 3, 0.6)
     ref = copy.deepcopy(pm)
     before = _snapshot(pm)
     _emulate_without(ref, batches, VICTIM, STOP)
     transports, kill = make(3, len(pm.program.ops))
-    trainers = _trainers(pm, transports, "sgd", "hard", 0.0, timeout=5.0)
+    trainers = _trainers(pm, transports, "sgd", "hard", 0.0, timeout=5.0, **kw)
     for tr in trainers:
         enable_degraded(tr)
     results, errors = _run_with_victim(
         trainers, batches, VICTIM, lambda: kill(VICTIM), degraded=True
     )
+    for tr in trainers:
+        tr.expand()  # compact trainers: full-width shards back in pm
     assert errors == [None] * 3, errors
     for k in (0, 1):  # the survivors: every step, node 2 out from STOP on, the same set
         assert [r.step for r in results[k]] == list(range(STEPS))
@@ -138,19 +140,21 @@ def _degraded_equals_emulation(
     _assert_shards_equal(pm, ref)
 
 
-@pytest.mark.parametrize("fault", ["dies", "stalls"])
+@pytest.mark.parametrize("fault", ["dies", "stalls", "dies, compact"])
 def test_degraded_training_equals_emulation_inprocess(fault: str) -> None:
     """``dies``: node 2's transport closes; ``stalls``: node 2 stays up but sends nothing more
-    (the survivors find it at the step deadline)."""
+    (the survivors find it at the step deadline); ``compact``: trainers of open columns only
+    (what the ClientApp runs with hard masks)."""
     hubs: list[InProcessHub] = []
 
     def make(n: int, layers: int) -> tuple[list[Transport], Callable[[int], None]]:
         hub = InProcessHub(n, num_layers=layers)
         hubs.append(hub)
-        return list(hub), (lambda k: hub[k].close()) if fault == "dies" else (lambda k: None)
+        dies = fault.startswith("dies")
+        return list(hub), (lambda k: hub[k].close()) if dies else (lambda k: None)
 
     try:
-        _degraded_equals_emulation(make)
+        _degraded_equals_emulation(make, compact=fault.endswith("compact"))
     finally:
         for hub in hubs:
             hub.close()
