@@ -6,7 +6,8 @@
   dense;
 - a SuperNode killed mid-round: the failure is logged, the round completes for the other
   household, the checkpoint is consistent, and a new deployment resumes the run from it;
-- a household missing a shard: a clear error before any training.
+- a household missing a shard: a clear error before any training;
+- degraded training: a household goes on without a killed non-owner SuperNode.
 
 Every wait is bounded; every process is stopped in ``finally``.
 """
@@ -172,6 +173,33 @@ def test_killed_supernode_round_completes_and_run_resumes(tmp_path: Path) -> Non
     assert [h["round"] for h in summary2["history"]] == [1, 2, 3]
     assert summary2["history"][0] == summary["history"][0]
     assert summary2["history"][2]["failed"] == {}
+
+
+def test_degraded_training_goes_on_without_a_killed_supernode(tmp_path: Path) -> None:
+    """``degraded-training = true``: a household's non-owner node dies mid-round; its survivor
+    finishes the round's steps without it and the household counts, degraded."""
+    run_dir = tmp_path / "run"
+    dep = _deploy(tmp_path, "d", {0: [0, 1]})
+    try:
+        cfg = _config(run_dir, steps=40, households=1, deliver=False)
+        cfg.update({"num-rounds": 1, "finetune-rounds": 0, "degraded-training": True})
+        dep.flwr_run(write_app(tmp_path / "app", cfg), {})
+        name = dep.supernode_name(0, 1)  # shard 1: no training data, not a batch owner
+        end = time.monotonic() + RUN_TIMEOUT_S
+        while "round 1: step 10/40" not in dep.procs.log(name, tail=20_000):
+            dep.procs.check(["superlink", "flwr_run"])
+            assert time.monotonic() < end, dep.procs.log("flwr_run")
+            time.sleep(0.1)
+        _kill_tree(dep, name)
+        summary = wait_for_run(dep, run_dir, RUN_TIMEOUT_S)
+        survivor = dep.procs.log(dep.supernode_name(0, 0), tail=200_000)
+    finally:
+        dep.stop()
+    first = summary["history"][0]
+    assert first["failed"] == {}, first
+    assert first["train"]["households-ok"] == 1 and first["train"]["households-degraded"] == 1
+    assert first["train"]["missing/h0"] == [1]
+    assert "round 1: step 40/40" in survivor
 
 
 @pytest.mark.parametrize("app_kind", ["app folder", "repository checkout"])

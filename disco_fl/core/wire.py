@@ -13,6 +13,7 @@ into a fresh, writable tensor (so nothing aliases the message's buffer).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -180,7 +181,8 @@ def check_control(msg: peer_pb2.Control, *, num_nodes: int) -> str | None:
     """Why a control message must be refused, or ``None``: exactly one known body with its
     required fields (a vote's ``ok``, an abort's ``failed_node`` naming one of ``num_nodes``
     nodes and a cause of at most :data:`MAX_CAUSE` characters, a selection of strictly
-    increasing channel indices, so no duplicates). A selection's indices are checked against
+    increasing channel indices, so no duplicates; a missing set of strictly increasing node
+    indices). A selection's indices are checked against
     the sender's slice by :func:`decode_selection`, which knows it."""
     if not isinstance(msg, peer_pb2.Control):
         return f"expected a disco.v1.Control message, got {type(msg).__name__}"
@@ -201,6 +203,13 @@ def check_control(msg: peer_pb2.Control, *, num_nodes: int) -> str | None:
             return f"abort names node {a.failed_node}, out of range for {num_nodes} nodes"
         if len(a.cause) > MAX_CAUSE:
             return f"abort cause longer than {MAX_CAUSE} characters"
+        return None
+    if body == "missing":
+        nodes = list(msg.missing.nodes)
+        if any(b <= a for a, b in zip(nodes, nodes[1:], strict=False)):
+            return f"missing set {nodes} is not strictly increasing"
+        if nodes and not nodes[-1] < num_nodes:
+            return f"missing set names node {nodes[-1]}, out of range for {num_nodes} nodes"
         return None
     chans = msg.selection.channels
     if len(chans) > MAX_SELECTION:
@@ -245,6 +254,11 @@ def selection_message(idx: torch.Tensor) -> peer_pb2.Control:
 
 def vote_message(ok: bool = True) -> peer_pb2.Control:
     return Control(vote=peer_pb2.Vote(ok=ok))
+
+
+def missing_message(nodes: Iterable[int]) -> peer_pb2.Control:
+    """Degraded training: a missing set (proposed or decided), as sorted node indices."""
+    return Control(missing=peer_pb2.MissingSet(nodes=sorted(set(nodes))))
 
 
 def abort_message(failed_node: int, cause: str) -> peer_pb2.Control:

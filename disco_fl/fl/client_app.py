@@ -247,6 +247,7 @@ def train(msg: Message, context: Context, loss_fn: LossFn | None = None) -> Mess
     cross-entropy for classification)."""
     from disco_fl.emulation.budget import random_shift
     from disco_fl.runtime.training import NodeTrainer, default_param_groups
+    from disco_fl.runtime.training.degraded import degraded_step, enable_degraded
     from disco_fl.runtime.training.dp import DPConfig
 
     t0, w0 = time.monotonic(), time.time()
@@ -301,6 +302,9 @@ def train(msg: Message, context: Context, loss_fn: LossFn | None = None) -> Mess
             compact=mode == "hard",
             node_dropout=cfg.node_dropout,
         )
+        if cfg.degraded_training:
+            enable_degraded(trainer)  # a failed peer (not an owner): go on without it
+        run_step = degraded_step if cfg.degraded_training else NodeTrainer.step
         shard.train()
         losses: list[float] = []
         for t in range(steps):
@@ -321,7 +325,7 @@ def train(msg: Message, context: Context, loss_fn: LossFn | None = None) -> Mess
                 x, y = data.x_train[idx], data.y_train[idx]
                 if x.dim() == 4 and y.dim() == 1:  # a label per image: shifts keep it
                     x = random_shift(x, 1, gen)
-            res = trainer.step(t, x, y, run_id=f"{hh}/r{r}")
+            res = run_step(trainer, t, x, y, run_id=f"{hh}/r{r}")
             if res.loss is not None:
                 losses.append(res.loss)
             if (t + 1) % PROGRESS_EVERY == 0 or t + 1 == steps:
@@ -347,6 +351,8 @@ def train(msg: Message, context: Context, loss_fn: LossFn | None = None) -> Mess
         "t-handler": w0,
         "t-connected": w0 + (t_steps - t0),
         "t-done": w0 + (time.monotonic() - t0),
+        # degraded training: the nodes this household went on without (checked by the server)
+        "missing-nodes": sorted(trainer.missing),
     }
     if dp is not None and trainer.dp_state is not None:
         own = [res for res in trainer.history if res.owner == k]

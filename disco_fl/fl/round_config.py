@@ -118,6 +118,8 @@ class TrainConfig(RoundConfig):
     dp_delta: float | None = _key("dp-delta", None)  # delta of the reported epsilon (with dp)
     # each node but the step's owner sits a step out with this probability (NodeTrainer)
     node_dropout: float = _key("node-dropout", 0.0)
+    # go on without a failed node that is not a batch owner (disco_fl.runtime.training.degraded)
+    degraded_training: bool = _key("degraded-training", False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,6 +135,8 @@ class TrainConfig(RoundConfig):
         check_node_dropout(self.node_dropout)
         if self.dp and self.node_dropout:
             raise ValueError("round config: node-dropout cannot go with dp")
+        if self.dp and self.degraded_training:
+            raise ValueError("round config: degraded-training cannot go with dp")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,8 @@
 """Replies as data: sorted by household, failures kept as reasons, shards averaged.
 
 A household counts in a round only if all its N nodes replied without error (they trained
-jointly: one node's shard is not an update without the others'). Shard ``k`` of the global
+jointly: one node's shard is not an update without the others'), or, with degraded training, all
+but the nodes it trained without (:mod:`disco_fl.fl.server.degraded`). Shard ``k`` of the global
 model is the average of shard ``k`` over the households that count, weighted by their
 training examples; hard masks and integer buffers are the same everywhere and are taken from
 the first household.
@@ -55,16 +56,22 @@ def sort_replies(
 
 
 def complete_households(
-    good: Good, failed: Failed, num_nodes: int, what: str
+    good: Good,
+    failed: Failed,
+    num_nodes: int,
+    what: str,
+    gone: Mapping[str, frozenset[int]] | None = None,
 ) -> tuple[list[str], Failed]:
-    """Households whose ``num_nodes`` nodes all replied; a household with a missing reply is
-    added to ``failed`` (returned, updated)."""
+    """Households whose ``num_nodes`` nodes all replied (but the shards ``gone[h]`` that a
+    degraded household trained without, :mod:`disco_fl.fl.server.degraded`); a household with
+    another reply missing is added to ``failed`` (returned, updated)."""
     complete = []
     for h, replies in good.items():
-        if len(replies) == num_nodes and h not in failed:
+        expected = set(range(num_nodes)) - (gone or {}).get(h, frozenset())
+        if set(replies) == expected and h not in failed:
             complete.append(h)
         elif h not in failed:
-            missing = sorted(set(range(num_nodes)) - set(replies))
+            missing = sorted(expected - set(replies))
             failed[h] = f"no reply from shard(s) {missing} before the round's timeout"
             log(WARNING, "%s: household %r: %s", what, h, failed[h])
     return complete, failed
@@ -89,13 +96,24 @@ def average_states(
 
 
 def average_shards(
-    pm: PartitionedModel, good: Good, households: Sequence[str], weights: Sequence[float]
+    pm: PartitionedModel,
+    good: Good,
+    households: Sequence[str],
+    weights: Sequence[float],
+    gone: Mapping[str, frozenset[int]] | None = None,
 ) -> None:
     """Load into ``pm`` every shard ``k`` averaged over ``households`` (their replies in
-    ``good``), weighted by ``weights``."""
+    ``good``), weighted by ``weights``, leaving out the households that trained without node
+    ``k`` (``gone[h]``, degraded training); a shard none of them trained keeps its value."""
+    gone = gone or {}
     for k in range(pm.program.num_nodes):
-        states = [unpack_state(good[h][k].content.array_records["arrays"]) for h in households]
-        pm.shard(k).load_state_dict(average_states(states, weights), strict=True)
+        have = [
+            (h, w) for h, w in zip(households, weights, strict=True) if k not in gone.get(h, ())
+        ]
+        if not have:
+            continue
+        states = [unpack_state(good[h][k].content.array_records["arrays"]) for h, _ in have]
+        pm.shard(k).load_state_dict(average_states(states, [w for _, w in have]), strict=True)
 
 
 def epsilon_metrics(epsilons: Mapping[str, float]) -> dict[str, float]:

@@ -7,7 +7,8 @@ is decided earlier: the nodes of a household train *jointly*, so once one of the
 others cannot finish the round (they fail at their next step deadline, or never answer if
 their device died with it), and the household keeps its previous shards whatever comes
 later. :meth:`HouseholdGrid.send_and_receive` therefore stops as soon as every household is
-decided (all its replies came, or one of them is an error), polling every
+decided (all its replies came, or one of them is an error; with degraded training, an error of
+a batch owner, or replies of every node its survivors did not name missing), polling every
 :data:`POLL_S`; with no household map (the roster query) it waits for all replies, as
 Flower's does. Everything else goes to the wrapped grid unchanged.
 """
@@ -15,7 +16,7 @@ Flower's does. Everything else goes to the wrapped grid unchanged.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import WARNING
 from typing import Any
 
@@ -27,6 +28,29 @@ from flwr.supercore import log
 POLL_S = 0.5  # seconds between two pulls of replies
 
 HouseholdOf = Callable[[int], tuple[str, int] | None]  # node id -> (household, shard)
+# in a train reply's metrics: the shards its household trained without (degraded training)
+MISSING_KEY = "missing-nodes"
+
+
+def missing_of(msg: Message, k: int, num_nodes: int, owners: Iterable[int]) -> frozenset[int]:
+    """The missing set shard ``k``'s train reply reports (empty when none is reported);
+    ``ValueError`` naming what is wrong with it."""
+    rec: Mapping[str, Any] = msg.content.metric_records.get("metrics", {})
+    if MISSING_KEY not in rec:
+        return frozenset()
+    v: Any = rec[MISSING_KEY]
+    if not isinstance(v, list) or any(
+        not isinstance(j, int) or isinstance(j, bool) or not 0 <= j < num_nodes for j in v
+    ):
+        raise ValueError(f"shard {k}: {MISSING_KEY} {v!r} is not a list of shard indices")
+    gone = frozenset(v)
+    if len(gone) != len(v):
+        raise ValueError(f"shard {k}: {MISSING_KEY} {v!r} repeats a shard")
+    if k in gone:
+        raise ValueError(f"shard {k}: {MISSING_KEY} {v!r} names the replying shard")
+    if lost := sorted(gone & set(owners)):
+        raise ValueError(f"shard {k}: {MISSING_KEY} {v!r} names batch owner(s) {lost}")
+    return gone
 
 
 class HouseholdGrid(Grid):
@@ -44,6 +68,9 @@ class HouseholdGrid(Grid):
     def __init__(self, grid: Grid, household_of: HouseholdOf | None = None) -> None:
         self.grid = grid
         self.household_of = household_of
+        # degraded training: a household's batch owners (its survivors may go on without a
+        # failed node, so only an owner's error decides it); None: any error decides
+        self.owners_of: Callable[[str], list[int]] | None = None
         self.sent_to: dict[str, int] = {}  # message id -> destination node (last push)
 
     # ---- delegated --------------------------------------------------------------------
@@ -112,15 +139,24 @@ class HouseholdGrid(Grid):
         if not want:  # no household known yet (the roster query): wait for every reply
             return False
         seen: dict[str, set[int]] = {h: set() for h in want}
+        gone: dict[str, set[int]] = {h: set() for h in want}  # named missing by a survivor
         bad: set[str] = set()
         for m in got:
             who = self.household_of(self.origin_of(m))
             if who is None or who[0] not in want:
                 continue
-            seen[who[0]].add(who[1])
-            if m.has_error():
-                bad.add(who[0])
-        return all(h in bad or seen[h] >= shards for h, shards in want.items())
+            h, k = who
+            seen[h].add(k)
+            if self.owners_of is None:
+                bad.update([h] if m.has_error() else [])
+            elif m.has_error():
+                bad.update([h] if k in self.owners_of(h) else [])
+            else:
+                try:
+                    gone[h] |= missing_of(m, k, len(want[h]), self.owners_of(h))
+                except ValueError:
+                    bad.add(h)  # refused when aggregated
+        return all(h in bad or seen[h] | gone[h] >= shards for h, shards in want.items())
 
 
 def shift_rounds(result: Result, offset: int) -> Result:
@@ -135,4 +171,4 @@ def shift_rounds(result: Result, offset: int) -> Result:
     return result
 
 
-__all__ = ["POLL_S", "HouseholdGrid", "shift_rounds"]
+__all__ = ["MISSING_KEY", "POLL_S", "HouseholdGrid", "missing_of", "shift_rounds"]

@@ -70,6 +70,7 @@ def check_strategy_args(
     dp: DPSettings | None,
     norm: str,
     node_dropout: float,
+    degraded_training: bool = False,
 ) -> None:
     """``ValueError`` for arguments :class:`~disco_fl.fl.server.strategy.DiscoStrategy` cannot
     run with (``norm``: the model spec's normalization)."""
@@ -86,6 +87,8 @@ def check_strategy_args(
         )
     if check_node_dropout(node_dropout) and dp is not None:
         raise ValueError("node_dropout cannot go with dp (DP-SGD needs every node in a step)")
+    if degraded_training and dp is not None:
+        raise ValueError("degraded_training cannot go with dp (DP-SGD needs every node)")
 
 
 @dataclass(frozen=True)

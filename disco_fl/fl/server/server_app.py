@@ -16,7 +16,9 @@ see :class:`~disco_fl.fl.federated.ModelSpec`; a built-in model must be the task
 ``eval-every`` (0: last round only), ``query-timeout``, ``step-timeout``,
 ``rendezvous-timeout``, ``round-timeout``, ``node-dropout`` (in [0, 1), default 0: each node
 but a step's batch owner sits a training step out with this probability, so that the plan
-still answers with a device gone), ``degraded-statistics`` (``"auto"``, default: after the
+still answers with a device gone), ``degraded-training`` (bool, default false: a household goes on
+training without a node that failed mid-round, not a batch owner, and counts with its survivors'
+shards; :mod:`disco_fl.fl.server.degraded`), ``degraded-statistics`` (``"auto"``, default: after the
 last round a run with ``node-dropout > 0`` of a model with BatchNorm estimates the BatchNorm
 statistics for each missing node on the households' data, and the delivered shards carry
 them; ``"on"``: for any model with BatchNorm; ``"off"``: never;
@@ -98,6 +100,7 @@ def strategy_from_config(cfg: Any) -> DiscoStrategy:
         eval_batch_size=int(cfg.get("eval-batch-size", 100)),
         checkpoint_dir=Path(run_dir) if run_dir else None,
         node_dropout=float(cfg.get("node-dropout", 0.0)),
+        degraded_training=bool(cfg.get("degraded-training", False)),
     )
 
 

@@ -30,7 +30,7 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ from disco_fl.fl.federated import (
 )
 from disco_fl.fl.server.aggregation import (
     average_shards,
-    complete_households,
     epsilon_metrics,
     evaluate_metrics,
     sort_replies,
@@ -60,6 +59,7 @@ from disco_fl.fl.server.aggregation import (
     train_metrics,
 )
 from disco_fl.fl.server.checkpoint import CHECKPOINT_NAME, RunState, load_run, save_run
+from disco_fl.fl.server.degraded import degraded_metrics, sort_train_replies
 from disco_fl.fl.server.devices import fit_to_roster, fitted_arrays, set_capacities
 from disco_fl.fl.server.exchange import HouseholdGrid, shift_rounds
 from disco_fl.fl.server.messages import (
@@ -127,6 +127,9 @@ class DiscoStrategy(Strategy):
     node_dropout : float (default: 0.0)
         In [0, 1): each node but the step's owner sits a training step out with this
         probability (``NodeTrainer(node_dropout=...)``); not with ``dp``.
+    degraded_training : bool (default: False)
+        A household goes on training without a node that failed mid-round (not a batch owner)
+        and counts with its survivors' shards (:mod:`disco_fl.fl.server.degraded`); not with ``dp``.
     """
 
     def __init__(
@@ -153,10 +156,12 @@ class DiscoStrategy(Strategy):
         eval_batch_size: int = 100,
         checkpoint_dir: str | Path | None = None,
         node_dropout: float = 0.0,
+        degraded_training: bool = False,
     ) -> None:
         check_strategy_args(
             budget=budget, steps=steps, batch_size=batch_size, eval_batch_size=eval_batch_size,
             finetune_rounds=finetune_rounds, dp=dp, norm=spec.norm, node_dropout=node_dropout,
+            degraded_training=degraded_training,
         )  # fmt: skip
         self.spec = spec
         self.budget = float(budget)
@@ -170,6 +175,7 @@ class DiscoStrategy(Strategy):
         self.codec = codec
         self.dp = dp
         self.node_dropout = float(node_dropout)
+        self.degraded_training = bool(degraded_training)
         self.seed = int(seed)
         self.num_households = num_households
         self.query_timeout = float(query_timeout)
@@ -210,10 +216,8 @@ class DiscoStrategy(Strategy):
         """Log summary configuration of the strategy."""
         s = self.spec
         log(INFO, "\t├──> DISCO: %s over %d nodes per household", s.name, s.num_nodes)
-        log(
-            INFO, "\t│\t├── budget %.4g (final), %d finetune round(s), codec %s",
-            self.budget, self.finetune_rounds, self.codec,
-        )  # fmt: skip
+        log(INFO, "\t│\t├── budget %.4g (final), %d finetune round(s), codec %s",
+            self.budget, self.finetune_rounds, self.codec)  # fmt: skip
         log(INFO, "\t│\t├── %d steps of %d per round, lr %g", self.steps, self.batch_size, self.lr)
         log(INFO, "\t│\t└── DP: %s", asdict(self.dp) if self.dp else "off")
 
@@ -289,17 +293,15 @@ class DiscoStrategy(Strategy):
         achieved = self._set_masks(target)
         mode = round_mode(r, self.num_rounds, self.finetune_rounds, self.dp is not None)
         penalty = self.lam / target if mode == "stochastic" else 0.0
-        log(
-            INFO,
-            "round %d/%d: target %.4f of dense bytes (masks %.4f), gates %s, penalty %.3g",
-            r, self.num_rounds, target, achieved, mode, penalty,
-        )  # fmt: skip
+        log(INFO, "round %d/%d: target %.4f of dense bytes (masks %.4f), gates %s, penalty %.3g",
+            r, self.num_rounds, target, achieved, mode, penalty)  # fmt: skip
         self._round_record = {"round": r, "target": target, "mode": mode, "penalty": penalty}
         dp = self.dp
         train: dict[str, Any] = {
             "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
             "gate_lr": self.gate_lr, "gate_mode": mode, "gate_penalty": penalty,
             "budget": target, "node_dropout": self.node_dropout,
+            "degraded_training": self.degraded_training,
             **(dp.train_fields() if dp else {}),
         }  # fmt: skip
         msgs = train_messages(self.pm, self.roster, self._common(r), train)
@@ -311,24 +313,20 @@ class DiscoStrategy(Strategy):
         server_round: int,
         replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average shard ``k`` over the households whose N nodes all replied."""
+        """Average shard ``k`` over the households whose N nodes all replied (or, degraded,
+        all but the nodes they trained without: :mod:`disco_fl.fl.server.degraded`)."""
         assert self.roster is not None
         r = server_round + self.round_offset
-        what = f"round {r} train"
-        good, failed = sort_replies(replies, self.roster, self._household_of, what)
-        n = self.spec.num_nodes
-        complete, failed = complete_households(good, failed, n, what)
-        for h in failed:
-            log(
-                WARNING,
-                "round %d: household %r failed (%s); it keeps its previous shards this round",
-                r, h, failed[h],
-            )  # fmt: skip
+        good, complete, failed, gone = sort_train_replies(
+            replies, self.roster, self._household_of, self.spec.num_nodes, f"round {r} train",
+            degraded=self.degraded_training,
+        )  # fmt: skip
         metrics: dict[str, Any] = {"households-ok": len(complete), "households-failed": len(failed)}
+        metrics.update(degraded_metrics(gone) if self.degraded_training else {})
         arrays: ArrayRecord | None = None
         if complete:
             weights = [float(max(self.roster[h].num_examples, 1)) for h in complete]
-            average_shards(self.pm, good, complete, weights)
+            average_shards(self.pm, good, complete, weights, gone)
             arrays = ArrayRecord(global_state(self.pm))
             self._arrays = arrays
             metrics.update(self._train_metrics(good, complete, weights))
@@ -476,6 +474,8 @@ class DiscoStrategy(Strategy):
         self.num_rounds = self.round_offset + num_rounds
         hgrid = grid if isinstance(grid, HouseholdGrid) else HouseholdGrid(grid)
         hgrid.household_of = self._household_of
+        if self.degraded_training:  # only an owner's error decides a household's round
+            hgrid.owners_of = lambda h: self.roster[h].owners if self.roster else []
         if self.roster is None:
             self.query_roster(hgrid)
         initial_arrays = self._arrays = fitted_arrays(self, initial_arrays)

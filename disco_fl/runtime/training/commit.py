@@ -4,8 +4,9 @@
 (``<run>/g<generation>/s<step>``); the parts of a step are typed sub-channels of it
 (``Frame.sub_channel``): DATA (activations, statistics, gradients), SELECTION (stochastic
 gates: which channels an exchange message carries, a ``ChannelSelection``), NORMS (DP's
-per-sample norms), COMMIT (``Vote`` messages) and ABORT (``Abort`` messages). Control messages
-are typed protobuf (``disco.v1.Control``), checked on arrival
+per-sample norms), COMMIT (``Vote`` messages), ABORT (``Abort`` messages) and MEMBERSHIP
+(degraded training's ``MissingSet`` messages, :mod:`disco_fl.runtime.training.degraded`).
+Control messages are typed protobuf (``disco.v1.Control``), checked on arrival
 (:func:`~disco_fl.core.wire.check_control`).
 
 **Aborts are pushed.** A node waiting for a frame waits, in one wait, for that frame and for an
@@ -46,14 +47,23 @@ SELECTION = Frame.SUB_CHANNEL_SELECTION
 NORMS = Frame.SUB_CHANNEL_NORMS
 COMMIT = Frame.SUB_CHANNEL_COMMIT
 ABORT = Frame.SUB_CHANNEL_ABORT
+MEMBERSHIP = Frame.SUB_CHANNEL_MEMBERSHIP
 
 
 class StepIO:
     """Frames of one step on one node: sending, receiving (woken by peers' aborts), aborts."""
 
     def __init__(
-        self, transport: Transport, sid: str, step: int, deadline: float, timeout: float
+        self,
+        transport: Transport,
+        sid: str,
+        step: int,
+        deadline: float,
+        timeout: float,
+        absent: frozenset[int] = frozenset(),
     ) -> None:
+        """``absent``: nodes gone for the rest of the round (degraded training): no frame,
+        vote or abort goes to them or is awaited from them."""
         self.transport = transport
         self.k = transport.index
         self.n = transport.num_nodes
@@ -62,7 +72,7 @@ class StepIO:
         self.step = step
         self.deadline = deadline
         self.abort_sent = False
-        self.peers = [j for j in range(self.n) if j != self.k]
+        self.peers = [j for j in range(self.n) if j != self.k and j not in absent]
         # every peer's abort frame: waited for together with every frame this node awaits
         self._aborts: list[FrameKey] = [(sid, step, 0, j, False, ABORT) for j in self.peers]
 
@@ -245,15 +255,22 @@ class StepIO:
 
 def commit(io_: StepIO, owner: int) -> None:
     """Every node votes to the owner (layer 0); the owner, holding every vote, answers every
-    node (layer 1). Returns once this node may apply the step."""
+    node (layer 1). Returns once this node may apply the step. Holding every vote, the owner
+    has decided: an answer it cannot deliver (the peer died after voting) does not undo it
+    (the peer, if alive, fails at its deadline; the next step finds it gone)."""
     ok = vote_message(True)
     if io_.k == owner:
         for j in io_.peers:
             _vote(io_, 0, j)
         for j in io_.peers:
-            io_.send_control(1, j, ok, COMMIT)
+            with contextlib.suppress(PeerFailure):
+                io_.send_control(1, j, ok, COMMIT)
     else:
         io_.send_control(0, owner, ok, COMMIT)
+        # voted: the owner alone decides now. Another peer's abort, or a peer found down,
+        # reaches the owner too, who then aborts (and says so); a peer that dies after its
+        # vote must not make this node abort a step the owner commits
+        io_._aborts = [key for key in io_._aborts if key[3] == owner]
         _vote(io_, 1, owner)
 
 

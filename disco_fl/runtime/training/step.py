@@ -268,6 +268,7 @@ class NodeTrainer:
         # advanced on every abort (on every node alike): sessions are "<run>/g<gen>/s<step>"
         self.generation = 0
         self.history: list[StepResult] = []
+        self.missing: frozenset[int] = frozenset()  # gone for the round (.degraded)
 
     # ---- plan ---------------------------------------------------------------------------
     def open_local(self, exchange: str, src: int, dst: int) -> torch.Tensor:
@@ -366,9 +367,9 @@ class NodeTrainer:
         problem = self._batch_problem(step, x, y) if self.index == owner else None
         sid = f"{run_id}/g{self.generation}/s{step}"
         ctx = TrainContext(self, program, step)
-        ctx.dropped = self.dropped(step)
+        ctx.dropped = self.dropped(step) | self.missing
         deadline = time.monotonic() + self.timeout
-        io_ = StepIO(self.transport, sid, step, deadline, self.timeout)
+        io_ = StepIO(self.transport, sid, step, deadline, self.timeout, self.missing)
         if problem:  # the peers wait for this node's input: tell them now, not at the deadline
             self.generation += 1
             io_.broadcast_abort(self.index, f"ValueError: {problem}")

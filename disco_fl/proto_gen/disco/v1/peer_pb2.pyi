@@ -70,11 +70,13 @@ class Frame(_message.Message):
         SUB_CHANNEL_NORMS: _ClassVar[Frame.SubChannel]
         SUB_CHANNEL_COMMIT: _ClassVar[Frame.SubChannel]
         SUB_CHANNEL_ABORT: _ClassVar[Frame.SubChannel]
+        SUB_CHANNEL_MEMBERSHIP: _ClassVar[Frame.SubChannel]
     SUB_CHANNEL_DATA: Frame.SubChannel
     SUB_CHANNEL_SELECTION: Frame.SubChannel
     SUB_CHANNEL_NORMS: Frame.SubChannel
     SUB_CHANNEL_COMMIT: Frame.SubChannel
     SUB_CHANNEL_ABORT: Frame.SubChannel
+    SUB_CHANNEL_MEMBERSHIP: Frame.SubChannel
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -102,14 +104,16 @@ class Frame(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., direction: _Optional[_Union[Frame.Direction, str]] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ..., stalled_node: _Optional[int] = ..., control: _Optional[_Union[Control, _Mapping]] = ..., sub_channel: _Optional[_Union[Frame.SubChannel, str]] = ..., missing_nodes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Control(_message.Message):
-    __slots__ = ("vote", "abort", "selection")
+    __slots__ = ("vote", "abort", "selection", "missing")
     VOTE_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
     SELECTION_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
     vote: Vote
     abort: Abort
     selection: ChannelSelection
-    def __init__(self, vote: _Optional[_Union[Vote, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., selection: _Optional[_Union[ChannelSelection, _Mapping]] = ...) -> None: ...
+    missing: MissingSet
+    def __init__(self, vote: _Optional[_Union[Vote, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., selection: _Optional[_Union[ChannelSelection, _Mapping]] = ..., missing: _Optional[_Union[MissingSet, _Mapping]] = ...) -> None: ...
 
 class Vote(_message.Message):
     __slots__ = ("ok",)
@@ -130,6 +134,12 @@ class ChannelSelection(_message.Message):
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     channels: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, channels: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MissingSet(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, nodes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("plan_hash", "node", "household_token", "expected_node", "protocol_version", "round")
