@@ -193,7 +193,9 @@ def test_a_node_dying_right_after_its_vote(
     def vote_then_die(frame: Any) -> None:
         victim_send(frame)
         if frame.sub_channel == COMMIT and frame.step == STOP and frame.layer == 0:
-            victim.close(0.0)
+            # flush the vote, then die (close(0) may drop the vote: the owner then never
+            # holds every vote, and the step is redone without node 2, another case)
+            victim.close(0.5)
 
     def late_answer(frame: Any) -> None:
         if frame.sub_channel == COMMIT and frame.step == STOP and frame.dst == 1:
