@@ -22,6 +22,7 @@ from disco_fl.runtime.serving.link_plans import (
     PlanLadder,
     PlanTraffic,
     choose,
+    link_ms,
     plan_traffic,
     predict_ms,
 )
@@ -202,3 +203,24 @@ def test_ladder_refuses_mixed_models_and_missing_figures(tmp_path: Path) -> None
         PlanLadder([a, a])
     with pytest.raises(LadderError, match="2 plans but 1"):
         PlanLadder([a, no_acc], accuracies=[0.5])
+
+
+def test_fixed_costs_restart_only_when_the_link_moves_a_prediction() -> None:
+    """The serving ladder restarts its fixed-cost samples when the link moves some plan's
+    predicted link time by more than FRESH_SHIFT of the target, not at every noisy probe of a
+    fast link (800 Mbit/s vs 1 Tbit/s: bandwidths 1000x apart, link times ~1 ms apart)."""
+    from types import SimpleNamespace
+
+    from disco_fl.runtime.serving.ladder_server import FRESH_SHIFT, LadderServer
+
+    host = SimpleNamespace(ladder=LADDER, target_ms=40.0)
+    moves = LadderServer._moves_plans
+    fast, noisy, tera = _link(1000, 0.5), _link(800, 0.55), _link(1e6, 0.5)
+    assert not moves(host, fast, noisy) and not moves(host, noisy, tera)  # type: ignore[arg-type]
+    assert moves(host, fast, _link(20, 4))  # type: ignore[arg-type]
+    assert moves(host, _link(20, 4), tera)  # type: ignore[arg-type]
+    # the threshold is a fraction of the target: a target small enough makes the same noise move
+    shift = link_ms(LADDER.plans[0].traffic, fast) - link_ms(LADDER.plans[0].traffic, noisy)
+    assert abs(shift) < FRESH_SHIFT * 40.0
+    small = SimpleNamespace(ladder=LADDER, target_ms=abs(shift) / FRESH_SHIFT / 2)
+    assert moves(small, fast, noisy)  # type: ignore[arg-type]

@@ -57,6 +57,11 @@ log = logging.getLogger(__name__)
 CALIBRATION_WARMUP = 3  # single-input requests per plan before timing (connections, allocator)
 CALIBRATION_REQUESTS = 9  # timed single-input requests per plan (the median) at start
 CALIBRATION_FRESH = 3  # requests per plan when the link changed (its samples start again)
+# the link "changed" for the fixed costs when it moves some plan's predicted link time by more
+# than this fraction of the target: a probe's bandwidth on a fast link is noisy (a 64 kB echo
+# takes half a millisecond), and restarting the samples at every noisy probe left only the
+# last few, loaded ones (bench/household_link.py: a switch back up 42 s late)
+FRESH_SHIFT = 0.05
 SMOOTHING_PROBES = 3  # the link in use is the best of this many last probes
 
 
@@ -242,6 +247,15 @@ class LadderServer(PlanServers):
         self.ladder = self.ladder.with_compute(fixed)
         log.debug("fixed costs (ms): %s", {h[:12]: round(v, 2) for h, v in fixed.items()})
 
+    def _moves_plans(self, old: LinkEstimate, new: LinkEstimate) -> bool:
+        """Whether going from ``old`` to ``new`` moves some plan's predicted link time by more
+        than ``FRESH_SHIFT`` of the target."""
+        limit = FRESH_SHIFT * self.target_ms
+        return any(
+            abs(link_ms(r.traffic, new) - link_ms(r.traffic, old)) > limit
+            for r in self.ladder.plans
+        )
+
     def _reprobe(self) -> None:
         while not self._stop.wait(self.interval):
             try:
@@ -261,7 +275,7 @@ class LadderServer(PlanServers):
             )
             self.link = link
             if self._measure:  # fixed costs on this link, under the load of the moment
-                fresh = self._fixed_link is None or link.differs(self._fixed_link, self.margin)
+                fresh = self._fixed_link is None or self._moves_plans(self._fixed_link, link)
                 if fresh:  # samples of another link hold that link's error of the model
                     self._fixed.clear()
                     self._fixed_link = link
