@@ -7,7 +7,6 @@ round without it, and their shards equal the emulation trained with node 2 dropp
 from __future__ import annotations
 
 import copy
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,6 +36,7 @@ from tests.test_training_distributed import (
     _snapshot,
     _trainers,
     grpc_transports,  # noqa: F401  (the fixture)
+    run_nodes,
 )
 
 STEPS = 4
@@ -100,13 +100,7 @@ def _run_with_victim(
         except BaseException as e:
             errors[k] = e
 
-    threads = [threading.Thread(target=go, args=(k,), daemon=True) for k in range(n)]
-    for th in threads:
-        th.start()
-    deadline = time.monotonic() + JOIN_S
-    for th in threads:
-        th.join(max(0.0, deadline - time.monotonic()))
-    assert not any(th.is_alive() for th in threads), "a node thread did not finish"
+    run_nodes(n, go, JOIN_S)
     return results, errors
 
 

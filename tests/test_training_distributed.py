@@ -155,6 +155,17 @@ def _trainers(
     ]
 
 
+def run_nodes(n: int, go: Callable[[int], None], join_s: float = JOIN_S) -> None:
+    """``go(k)`` for every node k in its own thread; all must finish within ``join_s``."""
+    threads = [threading.Thread(target=go, args=(k,), daemon=True) for k in range(n)]
+    for th in threads:
+        th.start()
+    deadline = time.monotonic() + join_s
+    for th in threads:
+        th.join(max(0.0, deadline - time.monotonic()))
+    assert not any(th.is_alive() for th in threads), "a node thread did not finish"
+
+
 def _run(
     trainers: Sequence[NodeTrainer],
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -175,13 +186,7 @@ def _run(
         except BaseException as e:
             errors[k] = e
 
-    threads = [threading.Thread(target=go, args=(k,), daemon=True) for k in range(n)]
-    for th in threads:
-        th.start()
-    deadline = time.monotonic() + JOIN_S
-    for th in threads:
-        th.join(max(0.0, deadline - time.monotonic()))
-    assert not any(th.is_alive() for th in threads), "a node thread did not finish"
+    run_nodes(n, go)
     return results, errors
 
 
