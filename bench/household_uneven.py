@@ -13,31 +13,35 @@ throttled cgroup (a shell writes its own pid to ``cgroup.procs`` and then ``exec
 so the process is throttled before it starts measuring), alternating; the median GFLOP/s per
 node are the capacities of the proportional plan (``partition(..., capacities=...)``).
 
-Two plans of the same model and weights: ``even`` slices and ``proportional`` slices (channel
-shares proportional to the measured capacities). Both: hard masks from seeded random gate
-logits calibrated to budget 0.1 of the dense exchange bytes
-(:func:`disco_fl.emulation.budget.calibrate_masks`, as ``bench/train.py``'s ``disco10``), no
-training: latency does not depend on the trained values of weights or gates, only on the
-shapes and masks. Both households (4 processes) are up at once, and the requests alternate
-even / proportional (ABAB...) so that drift in the machine's load hits both plans alike; the
-throttled node of both households shares the one cgroup (only one household computes at a
-time). Latency: the requester node's own time per request (input there -> output there, as
-``bench/latency.py``'s ``latency_ms_median``); the caller's round trip is kept too.
+Two plans of the same model and weights: ``even`` slices and ``proportional`` slices, whose
+shares make each node's shard compute proportional to its measured capacity (the *compute*
+rule, :func:`disco_fl.emulation.balance.compute_shares`, as ``disco-fl train --slices
+compute``: candidate partitions timed in this process, unthrottled, one thread, each node's time
+fitted in its share). Both: hard masks from seeded random gate logits calibrated to
+``--budget`` (default 0.1) of the dense exchange bytes and ``--max-sync-points``
+(:func:`disco_fl.emulation.balance.random_plan`), no training: latency does not depend on the
+trained values of weights or gates, only on the shapes and masks. The households are up at
+once, and the requests alternate even / proportional (ABAB...) so that drift in the machine's
+load hits both plans alike; the throttled node of every household shares the one cgroup (only
+one household computes at a time). Latency: the requester node's own time per request (input
+there -> output there, as ``bench/latency.py``'s ``latency_ms_median``); the caller's round trip
+is kept too.
 
-``--balanced`` (a diagnostic, not the issue's comparison) adds a third plan and household:
-slices found by bisection so that each node's measured shard compute (unthrottled, this
-process) divided by its measured capacity is equal on both nodes (:func:`balanced_shares`);
-its row's ``capacities`` are those shares. The requests then go ABCABC...
+``--channels`` (a diagnostic) adds a third plan and household: channel shares proportional to
+the capacities (the *channels* rule, ``partition(..., capacities=...)`` alone, the default of
+``disco-fl train --capacities``). Under a sparse plan it overloads the fast node (its compute
+grows faster than its share). The requests then go ABCABC... ``--period-us``: the CFS period of
+the quota (default 100 ms).
 
 Diagnostics: each plan's per-node compute (ms, unthrottled, in this process, 1 thread: the
-shard programs' ``send`` / ``compute`` calls without communication), the cgroup's
-``cpu.stat`` (throttled periods) over the measurement, ``os.getloadavg()`` at start and end,
-and the largest difference between each household's output and the shard-only execution of
-its plan in this process.
+shard programs without communication, :func:`disco_fl.emulation.balance.shard_compute_ms`),
+the cgroup's ``cpu.stat`` (throttled periods) over the measurement, ``os.getloadavg()`` at
+start and end, and the largest difference between each household's output and the shard-only
+execution of its plan in this process.
 
 Usage::
 
-    python bench/household_uneven.py --balanced --json bench/results_household_uneven.json
+    python bench/household_uneven.py --channels --json bench/results_household_uneven.json
     python bench/household_uneven.py --model resnet --px 16 --batch 1 --reps 2 --json t.json
 """
 
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -59,13 +64,11 @@ from typing import Any
 
 import torch
 
-import disco_fl
 from disco_fl.cli.demo import free_ports
-from disco_fl.emulation.budget import calibrate_masks
+from disco_fl.emulation.balance import compute_shares, random_plan, shard_compute_ms
 from disco_fl.emulation.capacity import channel_shares
 from disco_fl.emulation.export import load_shard, run_shards
 from disco_fl.models import build_model
-from disco_fl.partition import get_spec
 from disco_fl.runtime.serving import InferenceSession
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
@@ -86,13 +89,13 @@ def log(msg: str) -> None:
 class Throttle:
     """A child cgroup of the v1 ``cpu`` hierarchy with a CFS quota; removed by :meth:`close`."""
 
-    def __init__(self, quota: float, root: Path = CGROUP_ROOT) -> None:
+    def __init__(self, quota: float, period_us: int = PERIOD_US, root: Path = CGROUP_ROOT) -> None:
         self.path = root / f"disco_uneven_{os.getpid()}"
         self.root = root
         self.path.mkdir()
         try:
-            (self.path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-            (self.path / "cpu.cfs_quota_us").write_text(str(int(quota * PERIOD_US)))
+            (self.path / "cpu.cfs_period_us").write_text(str(period_us))
+            (self.path / "cpu.cfs_quota_us").write_text(str(int(quota * period_us)))
         except OSError:
             self.close()
             raise
@@ -175,17 +178,15 @@ def export_plan(
     model: torch.nn.Module,
     x: torch.Tensor,
     capacities: list[float] | None,
+    *,
     budget: float,
     seed: int,
     out: Path,
+    max_sync_points: int | None = None,
 ) -> dict[str, Any]:
-    """Partition (even or by capacities), random gate logits calibrated to ``budget``, export."""
-    pm = disco_fl.partition(model, 2, x[:1], capacities=capacities).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, _, d, gates in pm.gate_items():
-            gates.log_alpha[str(d)].copy_(torch.randn(gates.num_channels, generator=g))
-    fraction = calibrate_masks(pm, budget)
+    """Partition (even or by ``capacities``), random gate logits calibrated to ``budget``
+    (:func:`disco_fl.emulation.balance.random_plan`), export."""
+    pm, fraction = random_plan(model, 2, x, capacities, budget, max_sync_points, seed=seed)
     pm.export(out)
     rep = pm.comm_report()
     return {
@@ -196,74 +197,6 @@ def export_plan(
         "sync_points": rep.sync_points,
         "requester": pm.program.requester,
     }
-
-
-def node_compute_ms(
-    plan_dir: Path, x: torch.Tensor, reps: int, stat: Any = statistics.median
-) -> list[float]:
-    """Median (``stat``) compute of each node's shard program (ms, 1 thread, no communication): the
-    ``send`` and ``compute`` calls the runtime makes, messages handed over in memory."""
-    nodes = [load_shard(plan_dir / "plan.json", k) for k in range(2)]
-    program = nodes[0].plan.program
-    steps = [(op, get_spec(op.kind)) for op in program.ops]
-    r = program.requester
-
-    def run(acc: list[float]) -> None:
-        envs: list[dict[str, Any]] = [{}, {}]
-        for op, spec in steps:
-            xs = [
-                [x if k == r else None] if op.kind == "input" else [envs[k][i] for i in op.inputs]
-                for k in range(2)
-            ]
-            inbox: list[dict[int, torch.Tensor]] = [{}, {}]
-            for k in range(2):
-                t0 = time.perf_counter()
-                msgs = spec.send(op, nodes[k], xs[k])
-                acc[k] += time.perf_counter() - t0
-                for dst, t in (msgs or {}).items():
-                    inbox[dst][k] = t
-            for k in range(2):
-                t0 = time.perf_counter()
-                envs[k][op.name] = spec.compute(op, nodes[k], xs[k], inbox[k])
-                acc[k] += time.perf_counter() - t0
-
-    times: list[list[float]] = [[], []]
-    with torch.inference_mode():
-        run([0.0, 0.0])
-        for _ in range(reps):
-            acc = [0.0, 0.0]
-            run(acc)
-            for k in range(2):
-                times[k].append(acc[k] * 1e3)
-    return [float(stat(t)) for t in times]
-
-
-def balanced_shares(
-    model: torch.nn.Module, x: torch.Tensor, caps: list[float], args: Any, work: Path
-) -> tuple[list[float], list[dict[str, Any]]]:
-    """Diagnostic: the split whose predicted node times ``compute_k / capacity_k`` are equal,
-    by bisection on node 0's share, each candidate exported and its shard compute timed
-    (unthrottled, :func:`node_compute_ms`). Channel-proportional slices need not balance a
-    sparse plan: a node's convolution reads mostly its own channels, so its cost grows
-    faster than its share."""
-    trials: list[dict[str, Any]] = []
-
-    def gap(s0: float) -> float:
-        p = export_plan(model, x, [s0, 1 - s0], args.budget, args.seed + 2, work / "search")
-        t = node_compute_ms(p["dir"], x, args.compute_reps, stat=min)  # least disturbed
-        pred = [t[k] / caps[k] for k in range(2)]
-        trials.append({"share0": s0, "node_compute_ms": t, "predicted": pred})
-        return pred[0] - pred[1]
-
-    lo, hi = 0.05, 0.95
-    for _ in range(args.balanced_steps):
-        mid = (lo + hi) / 2
-        if gap(mid) < 0:
-            lo = mid
-        else:
-            hi = mid
-    s0 = (lo + hi) / 2
-    return [s0, 1 - s0], trials
 
 
 class Household:
@@ -361,19 +294,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=20, help="timed requests per plan")
     ap.add_argument("--warmup", type=int, default=3, help="untimed requests per plan")
     ap.add_argument("--budget", type=float, default=0.1)
+    ap.add_argument(
+        "--max-sync-points", type=int, default=None, help="the plans' sync-point limit (none)"
+    )
     ap.add_argument("--quota", type=float, default=0.5, help="CPU quota of the throttled node")
+    ap.add_argument(
+        "--period-us", type=int, default=PERIOD_US, help="the CFS period of the quota (us)"
+    )
     ap.add_argument("--throttled-node", type=int, default=1, choices=[0, 1])
     ap.add_argument("--probe-seconds", type=float, default=2.0)
     ap.add_argument("--probe-reps", type=int, default=3, help="probes per node (median)")
     ap.add_argument("--compute-reps", type=int, default=3, help="diagnostic compute timings")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--balanced",
+        "--channels",
         action="store_true",
-        help="diagnostic third plan: slices whose measured shard compute / capacity is equal "
-        "on both nodes (see balanced_shares)",
+        help="diagnostic third plan: channel shares proportional to the capacities (the "
+        "channels rule, partition(..., capacities=...) alone)",
     )
-    ap.add_argument("--balanced-steps", type=int, default=6, help="bisection steps")
     args = ap.parse_args(argv)
     if not 0.0 < args.quota <= 1.0:
         ap.error("--quota must be in (0, 1]")
@@ -393,11 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     households: list[Household] = []
     try:
         if skipped is None:
-            throttle = Throttle(args.quota)
+            throttle = Throttle(args.quota, args.period_us)
             result["cgroup"] = {
                 "path": str(throttle.path),
-                "cpu.cfs_period_us": PERIOD_US,
-                "cpu.cfs_quota_us": int(args.quota * PERIOD_US),
+                "cpu.cfs_period_us": args.period_us,
+                "cpu.cfs_quota_us": int(args.quota * args.period_us),
             }
             log(f"throttled node {tk}: {throttle.path}, quota {args.quota} of one CPU")
         else:
@@ -425,27 +363,42 @@ def main(argv: list[str] | None = None) -> int:
             model = build_model(args.model, **MODELS[args.model]).eval()
             gen = torch.Generator().manual_seed(args.seed + 1)
             x = torch.randn(args.batch, 3, args.px, args.px, generator=gen)
+            mk = functools.partial(
+                export_plan,
+                model,
+                x,
+                budget=args.budget,
+                seed=args.seed + 2,
+                max_sync_points=args.max_sync_points,
+            )
+            shares, trials = compute_shares(
+                model,
+                2,
+                x,
+                caps,
+                args.budget,
+                args.max_sync_points,
+                reps=args.compute_reps,
+                seed=args.seed + 2,
+                log=log,
+            )
+            result["compute_shares_samples"] = trials
             plans = {
-                "even": export_plan(model, x, None, args.budget, args.seed + 2, work / "even"),
-                "proportional": export_plan(
-                    model, x, caps, args.budget, args.seed + 2, work / "proportional"
-                ),
+                "even": mk(None, out=work / "even"),
+                "proportional": mk(list(shares), out=work / "proportional"),
             }
+            plans["even"]["capacities"] = [1.0, 1.0]
+            plans["proportional"]["capacities"] = caps
+            if args.channels:
+                plans["proportional_channels"] = mk(caps, out=work / "channels")
+                plans["proportional_channels"]["capacities"] = caps
             for name, p in plans.items():
-                p["node_compute_ms"] = node_compute_ms(p["dir"], x, args.compute_reps)
-                p["capacities"] = [1.0, 1.0] if name == "even" else caps
+                nodes = [load_shard(p["dir"] / "plan.json", k) for k in (0, 1)]
+                p["node_compute_ms"] = shard_compute_ms(nodes, x, args.compute_reps)
                 log(
                     f"{name}: shares {p['channel_shares']}, {p['fraction']:.3f} of dense bytes, "
                     f"node compute (unthrottled) {p['node_compute_ms']}"
                 )
-            if args.balanced:
-                shares, trials = balanced_shares(model, x, caps, args, work)
-                p = export_plan(model, x, shares, args.budget, args.seed + 2, work / "balanced")
-                p["node_compute_ms"] = node_compute_ms(p["dir"], x, args.compute_reps)
-                p["capacities"] = shares
-                plans["balanced"] = p
-                result["balanced_search"] = trials
-                log(f"balanced: shares {p['channel_shares']}, compute {p['node_compute_ms']}")
             # 3. the households up at once, requests alternating
             ports = free_ports(2 * len(plans))  # one call: no port handed out twice
             for i, (name, p) in enumerate(plans.items()):
@@ -518,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio_even_over_proportional=ratio,
         **(
             {
-                "ratio_even_over_balanced": rows[0]["latency_ms_median"]
+                "ratio_even_over_proportional_channels": rows[0]["latency_ms_median"]
                 / rows[2]["latency_ms_median"]
             }
             if len(rows) > 2
@@ -535,8 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         f"; loadavg {load_start[0]:.2f} -> {result['loadavg_end'][0]:.2f}"
         + ("" if throttle else f"; NO THROTTLE: {skipped}")
     )
-    if "ratio_even_over_balanced" in result:
-        print(f"even / balanced (diagnostic) = {result['ratio_even_over_balanced']:.2f}x")
+    if "ratio_even_over_proportional_channels" in result:
+        r = result["ratio_even_over_proportional_channels"]
+        print(f"even / proportional by channels (diagnostic) = {r:.2f}x")
     return 0
 
 

@@ -25,6 +25,7 @@ from disco_fl.data import (
     stratified_split,
     task_data,
 )
+from disco_fl.emulation.balance import compute_shares
 from disco_fl.emulation.budget import BudgetConfig, evaluate, fit_budget, train_model
 from disco_fl.emulation.capacity import channel_shares, parse_capacities
 from disco_fl.emulation.comm import CommReport, program_traffic
@@ -102,11 +103,26 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     _log(f"dense {metric} {dense_acc:.4f}")
     source_sha256 = model_digest(model)  # before fine-tuning (it may share the tensors)
     caps = parse_capacities(args.capacities, args.nodes)
+    slice_by = caps
+    if caps and args.slices == "compute":  # shares whose shard compute follows the capacities
+        slice_by, _ = compute_shares(
+            model,
+            args.nodes,
+            xtr[:1],
+            caps,
+            0.05 if args.budget is None else args.budget,
+            args.max_sync_points,
+            seed=args.seed,
+            log=_log,
+        )
     # fx, or torch.export where fx refuses the model (a user's; ESPCN's pixel shuffle)
-    pm = partition(model, args.nodes, xtr[:2], capacities=caps, capture="auto")
+    pm = partition(model, args.nodes, xtr[:2], capacities=slice_by, capture="auto")
     shares = channel_shares(pm.program)
     if caps:
-        _log(f"uneven slices: capacities {list(caps)}, channel shares {_fmt_shares(shares)}")
+        _log(
+            f"uneven slices by {args.slices}: capacities {list(caps)}, channel shares "
+            f"{_fmt_shares(shares)}"
+        )
     choice = latency_cli.choose(args, model, pm, xtr[:1], link, _log) if link else None
     budget = choice.budget if choice else 0.05 if args.budget is None else args.budget
     codec = choice.codec if choice else args.codec or "fp32"
@@ -168,6 +184,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         "task": task,
         "nodes": args.nodes,
         "capacities": list(caps) if caps else None,
+        "slices": args.slices if caps else None,
         "channel_shares": shares,
         "budget": budget,
         "max_sync_points": max_sync,
@@ -284,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="relative capacity per node, e.g. 1,3 (`disco-fl probe`): slices proportional "
             "to it (default equal slices)",
+        )
+        p.add_argument(
+            "--slices",
+            default="channels",
+            choices=["channels", "compute"],
+            help="with --capacities: channel shares proportional to the capacities (channels, "
+            "default), or shares whose measured shard compute is (compute: better for sparse "
+            "plans; docs/deployment.md)",
         )
         p.add_argument(
             "--budget",

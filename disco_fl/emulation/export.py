@@ -10,10 +10,11 @@ so a crash never leaves a half-written plan or shard.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,7 @@ def run_shards(
     *,
     overlap: bool = True,
     missing: Collection[int] = (),
+    meter: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> Any:
     """Shard-only execution of all nodes in this process (in-process exchange), with the
     arithmetic of the network runtime (``overlap`` as :func:`~disco_fl.runtime.inference.run_node`:
@@ -300,7 +302,7 @@ def run_shards(
     list of tensors). ``missing``: nodes that do not run (their channels closed, as the
     runtime's degraded mode, each node normalizing with its statistics for that set when its
     shard has them: :meth:`ExportedShard.context`); ``nodes`` may hold anything at their
-    places."""
+    places. ``meter``: as :func:`~disco_fl.node.lockstep.run_lockstep` (per-node timing)."""
     if not nodes:
         raise ValueError("no nodes")
     present = [n for k, n in enumerate(nodes) if k not in set(missing)]
@@ -318,5 +320,6 @@ def run_shards(
             open_count=plan_open_count(plan),
             overlap=overlap,
             missing=missing,
+            meter=meter,
         )
     return restore_output(plan.program, y)

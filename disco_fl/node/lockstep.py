@@ -7,7 +7,8 @@ normalization statistics stay fp32.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import contextlib
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ def run_lockstep(
     *,
     overlap: bool = False,
     missing: Collection[int] = (),
+    meter: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> torch.Tensor:
     """Run every node of ``program`` in this process; return the requester's output.
 
@@ -37,7 +39,8 @@ def run_lockstep(
     channels' part before they take the peers' messages (:func:`~disco_fl.node.drive`).
     ``missing``: nodes that do not run (a household with devices gone, degraded mode); the
     others get :data:`~disco_fl.node.MISSING` for their messages, as the runtime's degraded
-    mode gives them.
+    mode gives them. ``meter(k)``: a context entered around every stretch node ``k`` runs
+    (its compute and the messages it hands over), e.g. to time or count each node's work.
     """
     codec = get_codec(codec) if isinstance(codec, str) else codec
     n = program.num_nodes
@@ -73,14 +76,15 @@ def run_lockstep(
                 else:
                     reply = mail.pop(key)
             try:
-                event = drivers[k].send(reply) if w is not None else next(drivers[k])
-                while not isinstance(event, Recv):
-                    if isinstance(event, Send):
-                        t = event.tensor
-                        mail[(event.step.layer, k, event.dest)] = (
-                            codec.roundtrip(t) if event.step.spec.coded_messages else t
-                        )
-                    event = next(drivers[k])
+                with meter(k) if meter else contextlib.nullcontext():
+                    event = drivers[k].send(reply) if w is not None else next(drivers[k])
+                    while not isinstance(event, Recv):
+                        if isinstance(event, Send):
+                            t = event.tensor
+                            mail[(event.step.layer, k, event.dest)] = (
+                                codec.roundtrip(t) if event.step.spec.coded_messages else t
+                            )
+                        event = next(drivers[k])
                 want[k] = event
             except StopIteration as done:
                 results[k] = done.value

@@ -1,0 +1,214 @@
+"""Slices by compute: channel shares under which each node's shard compute is proportional to
+its device's capacity (devices that differ).
+
+``partition(..., capacities=c)`` gives node ``k`` a share of every layer's channels
+proportional to ``c[k]`` (the *channels* rule). Under dense exchange a node's compute grows like
+its share, so that balances the devices. Under a sparse plan it does not: a node's mixing layer
+reads its own input channels and only the few open channels of its peers, so its compute grows
+with about the square of its share, while per-op costs do not shrink with it; the fast device,
+given its channel share, becomes the bottleneck (``bench/household_uneven.py``). The *compute*
+rule (:func:`compute_shares`) measures instead of assuming:
+
+1. it partitions the model at a few candidate shares (equal, channel-proportional and halfway
+   between), each with hard masks from seeded random gate logits calibrated to the plan's
+   budget and sync-point limit (the trained masks are not known before training; random masks
+   at the budget have the same exchange sizes),
+2. times every node's shard program on this machine (:func:`shard_compute_ms`: one thread,
+   shard-only execution, the median of ``reps`` runs),
+3. fits each node's time as a quadratic in its own share (linear when the quadratic is not
+   increasing over the candidates), and solves for the shares at which ``time_k / capacity_k``
+   is the same on every node (bisection on that common value; shares clipped to
+   ``[MIN_SHARE, 1]``).
+
+The result is a tuple of shares summing to 1, to pass to ``partition(..., capacities=...)``;
+``disco-fl train --slices compute`` and ``bench/household_uneven.py`` use it. It depends on this
+machine's timing (not bit-reproducible); the plan records the shares it was partitioned with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from disco_fl.emulation.budget import calibrate_masks
+from disco_fl.emulation.capacity import channel_shares
+from disco_fl.emulation.export import ExportedShard, load_shard, run_shards
+from disco_fl.emulation.model import PartitionedModel, partition
+
+MIN_SHARE = 0.02
+Log = Callable[[str], None]
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def shard_compute_ms(
+    nodes: Sequence[ExportedShard], x: torch.Tensor, reps: int = 3, stat: Any = statistics.median
+) -> list[float]:
+    """Each node's compute (ms) for input ``x``: shard-only execution of the plan in this
+    process, one thread, every node's stretches timed (its compute and the messages it hands
+    over); ``stat`` (median) of ``reps`` runs after one untimed run."""
+    acc = [0.0] * len(nodes)
+
+    @contextlib.contextmanager
+    def meter(k: int) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            acc[k] += time.perf_counter() - t0
+
+    times: list[list[float]] = [[] for _ in nodes]
+    with _one_thread(), torch.inference_mode():
+        run_shards(nodes, x)
+        for _ in range(max(1, reps)):
+            acc[:] = [0.0] * len(nodes)
+            run_shards(nodes, x, meter=meter)
+            for k, t in enumerate(acc):
+                times[k].append(t * 1e3)
+    return [float(stat(t)) for t in times]
+
+
+def random_plan(
+    model: torch.nn.Module,
+    num_nodes: int,
+    example: torch.Tensor,
+    shares: Sequence[float] | None,
+    budget: float,
+    max_sync_points: int | None = None,
+    *,
+    seed: int = 0,
+    capture: Literal["fx", "export", "auto"] = "auto",
+) -> tuple[PartitionedModel, float]:
+    """``model`` partitioned by ``shares`` (None: equal) with hard masks from seeded random gate
+    logits calibrated to ``budget`` (and ``max_sync_points``): what a plan of that budget
+    computes and sends, before any training. Returns it and the achieved fraction of dense
+    exchange bytes."""
+    pm = partition(model, num_nodes, example[:1], capacities=shares, capture=capture).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, d, gates in pm.gate_items():
+            gates.log_alpha[str(d)].copy_(torch.randn(gates.num_channels, generator=g))
+    return pm, calibrate_masks(pm, budget, max_sync_points) if budget < 1.0 else 1.0
+
+
+def _exported(pm: PartitionedModel) -> list[ExportedShard]:
+    with tempfile.TemporaryDirectory(prefix="disco_balance_") as tmp:
+        pm.export(tmp)
+        return [load_shard(Path(tmp) / "plan.json", k) for k in range(pm.program.num_nodes)]
+
+
+def _fit(xs: Sequence[float], ys: Sequence[float]) -> Callable[[float], float]:
+    """A quadratic through the points (least squares), or the line when the quadratic is not
+    increasing over ``[min(xs), max(xs)]`` (a node's time grows with its share)."""
+    lo, hi = min(xs), max(xs)
+    if len(set(xs)) >= 3:
+        a, b, c = (float(v) for v in torch.tensor(_polyfit(xs, ys, 2)))
+        if 2 * a * lo + b > 0 and 2 * a * hi + b > 0:
+            return lambda s: a * s * s + b * s + c
+    b, c = _polyfit(xs, ys, 1)
+    return lambda s: b * s + c
+
+
+def _polyfit(xs: Sequence[float], ys: Sequence[float], deg: int) -> list[float]:
+    a = torch.tensor([[float(x) ** p for p in range(deg, -1, -1)] for x in xs], dtype=torch.float64)
+    y = torch.tensor([[float(v)] for v in ys], dtype=torch.float64)
+    sol = torch.linalg.lstsq(a, y).solution
+    return [float(v) for v in sol.flatten()]
+
+
+def solve_shares(
+    samples: Sequence[tuple[Sequence[float], Sequence[float]]], capacities: Sequence[float]
+) -> tuple[float, ...]:
+    """Shares at which ``time_k(share_k) / capacity_k`` is equal on every node, from measured
+    ``samples`` (``(shares, times)`` per candidate partition; each node's time fitted in its own
+    share by :func:`_fit`). Bisection on the common value ``lam``: each node's share is where
+    its fitted time reaches ``lam * capacity_k`` (bisection too), and ``lam`` is found where
+    the shares sum to 1."""
+    n = len(capacities)
+    fits = [_fit([s[k] for s, _ in samples], [t[k] for _, t in samples]) for k in range(n)]
+
+    def share_at(k: int, target: float) -> float:
+        lo, hi = MIN_SHARE, 1.0
+        if fits[k](lo) >= target:
+            return lo
+        if fits[k](hi) <= target:
+            return hi
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fits[k](mid) < target else (lo, mid)
+        return (lo + hi) / 2
+
+    lam_lo, lam_hi = 0.0, max(fits[k](1.0) / capacities[k] for k in range(n)) * 2 + 1e-9
+    for _ in range(60):
+        lam = (lam_lo + lam_hi) / 2
+        if sum(share_at(k, lam * capacities[k]) for k in range(n)) < 1.0:
+            lam_lo = lam
+        else:
+            lam_hi = lam
+    shares = [share_at(k, (lam_lo + lam_hi) / 2 * capacities[k]) for k in range(n)]
+    total = sum(shares)
+    return tuple(s / total for s in shares)
+
+
+def compute_shares(
+    model: torch.nn.Module,
+    num_nodes: int,
+    example: torch.Tensor,
+    capacities: Sequence[float],
+    budget: float,
+    max_sync_points: int | None = None,
+    *,
+    reps: int = 3,
+    seed: int = 0,
+    capture: Literal["fx", "export", "auto"] = "auto",
+    log: Log | None = None,
+) -> tuple[tuple[float, ...], list[dict[str, Any]]]:
+    """The *compute* rule of the module docstring: (shares summing to 1, the measured samples
+    ``[{"shares", "node_compute_ms"}]``). ``example``: one input batch of the size the plan
+    will serve (its compute is what is balanced)."""
+    n = num_nodes
+    total = float(sum(capacities))
+    prop = [c / total for c in capacities]
+    even = [1.0 / n] * n
+    if max(prop) - min(prop) < 1e-9:
+        return tuple(even), []
+    candidates = [even, [(a + b) / 2 for a, b in zip(even, prop, strict=True)], prop]
+    samples: list[tuple[Sequence[float], Sequence[float]]] = []
+    trials: list[dict[str, Any]] = []
+    model.eval()
+    for i, shares in enumerate(candidates):
+        pm, _ = random_plan(
+            model, n, example, shares, budget, max_sync_points, seed=seed, capture=capture
+        )
+        nodes = _exported(pm)
+        t = shard_compute_ms(nodes, example, reps)
+        shares = channel_shares(nodes[0].plan.program)  # as partitioned (whole channels)
+        samples.append((shares, t))
+        trials.append({"shares": shares, "node_compute_ms": t})
+        if log:
+            log(
+                f"slices by compute: candidate {i + 1}/{len(candidates)} shares "
+                f"{[round(s, 3) for s in shares]}: node compute ms {[round(v, 1) for v in t]}"
+            )
+    out = solve_shares(samples, [c / total for c in capacities])
+    if log:
+        log(f"slices by compute: shares {[round(s, 3) for s in out]} for capacities {capacities}")
+    return out, trials
+
+
+__all__ = ["MIN_SHARE", "compute_shares", "random_plan", "shard_compute_ms", "solve_shares"]

@@ -1,0 +1,149 @@
+"""Slices by compute (disco_fl.emulation.balance): the solver on known cost curves, the per-node
+timing of shard programs, and the rule end to end with a deterministic cost in place of the
+clock; ``disco-fl train --slices compute`` partitions by the rule's shares."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from disco_fl.emulation import balance
+from disco_fl.emulation.balance import compute_shares, random_plan, shard_compute_ms, solve_shares
+from disco_fl.emulation.capacity import channel_shares
+from disco_fl.emulation.export import load_shard, run_shards
+from disco_fl.models import build_model
+
+
+def _samples(cost, shares_list):  # type: ignore[no-untyped-def]
+    return [(s, [cost(k, v) for k, v in enumerate(s)]) for s in shares_list]
+
+
+def test_solve_shares_linear_cost_gives_proportional_shares() -> None:
+    """Compute that grows like the share (dense exchange): the channels rule is right."""
+    got = solve_shares(_samples(lambda k, s: 100 * s, [[0.5, 0.5], [0.6, 0.4], [0.7, 0.3]]), [2, 1])
+    assert got == pytest.approx((2 / 3, 1 / 3), abs=1e-6)
+
+
+def test_solve_shares_quadratic_cost_balances_time_over_capacity() -> None:
+    """Compute that grows like the share squared (sparse exchange) plus a fixed cost: the
+    shares make time / capacity equal, far from the channels rule."""
+
+    def cost(k: int, s: float) -> float:
+        return 5 + 100 * s * s
+
+    cands = [[0.5, 0.5], [0.583, 0.417], [0.667, 0.333]]
+    got = solve_shares(_samples(cost, cands), [2, 1])
+    assert sum(got) == pytest.approx(1.0)
+    assert cost(0, got[0]) / 2 == pytest.approx(cost(1, got[1]) / 1, rel=1e-6)
+    assert 0.55 < got[0] < 0.62  # sqrt(2)/(1+sqrt(2)) = 0.586 without the fixed cost
+    # three nodes, different curves per node
+    curves = [lambda s: 10 + 50 * s, lambda s: 2 + 80 * s * s, lambda s: 30 * s + 40 * s * s]
+    cands3 = [[1 / 3] * 3, [0.4, 0.35, 0.25], [0.5, 0.3, 0.2]]
+    got3 = solve_shares(_samples(lambda k, s: curves[k](s), cands3), [3, 2, 1])
+    ratios = [curves[k](got3[k]) / c for k, c in enumerate([3, 2, 1])]
+    assert sum(got3) == pytest.approx(1.0)
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-6)
+
+
+def _small_resnet() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return build_model("resnet", in_channels=3).eval(), torch.randn(2, 3, 16, 16)
+
+
+def _nodes(pm, tmp_path: Path):  # type: ignore[no-untyped-def]
+    pm.export(tmp_path)
+    return [load_shard(tmp_path / "plan.json", k) for k in range(pm.program.num_nodes)]
+
+
+def test_shard_compute_ms_times_each_node(tmp_path: Path) -> None:
+    """The node holding 80% of the channels computes longer than the one holding 20%, and the
+    meter changes nothing in the result."""
+    model, x = _small_resnet()
+    pm, fraction = random_plan(model, 2, x, [0.8, 0.2], 0.1, seed=3)
+    assert 0 < fraction <= 0.1
+    nodes = _nodes(pm, tmp_path)
+    t = shard_compute_ms(nodes, x, reps=3)
+    assert len(t) == 2 and t[0] > t[1] > 0
+    seen: list[int] = []
+
+    class Meter:
+        def __init__(self, k: int) -> None:
+            seen.append(k)
+
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    with torch.no_grad():
+        assert torch.equal(run_shards(nodes, x, meter=Meter), run_shards(nodes, x))
+    assert set(seen) == {0, 1}
+
+
+def test_compute_shares_end_to_end_with_a_deterministic_cost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rule on real partitions of the small ResNet: candidates equal, halfway and
+    channel-proportional, each timed (here: a cost of 1 + 100 x share^2 from the partition's
+    real channel shares, in place of the clock), the solve on the shares as partitioned."""
+    model, x = _small_resnet()
+
+    def fake_time(nodes: Sequence[object], x: torch.Tensor, reps: int = 3) -> list[float]:
+        shares = channel_shares(nodes[0].plan.program)  # type: ignore[attr-defined]
+        return [1 + 100 * s * s for s in shares]
+
+    monkeypatch.setattr(balance, "shard_compute_ms", fake_time)
+    shares, trials = compute_shares(model, 2, x[:1], [2.0, 1.0], 0.1)
+    assert [t["shares"][0] for t in trials] == pytest.approx([0.5, 0.583, 0.667], abs=0.02)
+    assert sum(shares) == pytest.approx(1.0)
+    assert (1 + 100 * shares[0] ** 2) / 2 == pytest.approx(1 + 100 * shares[1] ** 2, rel=1e-3)
+    assert shares[0] < 0.62 < 2 / 3  # the channels rule would give node 0 two thirds
+    # equal capacities: equal shares, nothing measured
+    assert compute_shares(model, 2, x[:1], [1.5, 1.5], 0.1) == ((0.5, 0.5), [])
+
+
+def test_train_slices_compute_partitions_by_the_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`disco-fl train --capacities 2,1 --slices compute`: the plan is partitioned by the
+    compute rule's shares (the rule's timing replaced by fixed shares: unit isolation), with
+    the budget of the run, and the summary says so."""
+    import numpy as np
+
+    from disco_fl.cli import main as cli
+    from disco_fl.data import load_builtin
+    from disco_fl.partition.plan import Plan
+
+    calls: list[tuple[object, ...]] = []
+
+    def rule(model, n, example, caps, budget, max_sync, **kw):  # type: ignore[no-untyped-def]
+        calls.append((n, tuple(caps), budget, max_sync, tuple(example.shape)))
+        return (0.6, 0.4), []
+
+    monkeypatch.setattr(cli, "compute_shares", rule)
+    images, labels = load_builtin()
+    data = tmp_path / "small.npz"
+    pick = np.random.default_rng(0).choice(len(labels), 200, replace=False)
+    np.savez(data, images=images[pick], labels=labels[pick])
+    out = tmp_path / "s.json"
+    rc = cli.main(
+        [
+            "train", "--data", str(data), "--nodes", "2", "--capacities", "2,1",
+            "--slices", "compute", "--budget", "0.3", "--max-sync-points", "3",
+            "--dense-epochs", "1", "--gate-epochs", "1", "--finetune-epochs", "1",
+            "--out", str(tmp_path / "run"), "--json", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    assert calls == [(2, (2.0, 1.0), 0.3, 3, (1, 1, 28, 28))]
+    summary = json.loads(out.read_text())
+    assert summary["slices"] == "compute" and summary["capacities"] == [2.0, 1.0]
+    shares = channel_shares(Plan.load(tmp_path / "run" / "plan" / "plan.json").program)
+    assert shares == pytest.approx(summary["channel_shares"])
+    assert math.isclose(shares[0], 0.6, abs_tol=0.05)  # 0.6 : 0.4, not the channels rule's 2/3
