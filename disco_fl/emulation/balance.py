@@ -15,10 +15,10 @@ rule (:func:`compute_shares`) measures instead of assuming:
    at the budget have the same exchange sizes),
 2. times every node's shard program on this machine (:func:`shard_compute_ms`: one thread,
    shard-only execution, the median of ``reps`` runs),
-3. fits each node's time as a quadratic in its own share (linear when the quadratic is not
-   increasing over the candidates), and solves for the shares at which ``time_k / capacity_k``
-   is the same on every node (bisection on that common value; shares clipped to
-   ``[MIN_SHARE, 1]``).
+3. fits each node's time in its own share (:func:`fit_costs`: ``a_k + B s + C s^2``, the
+   growth terms shared by the nodes and non-negative: robust to a noisy timing) and solves for
+   the shares at which ``time_k / capacity_k`` is the same on every node
+   (:func:`solve_shares`).
 
 The result is a tuple of shares summing to 1, to pass to ``partition(..., capacities=...)``;
 ``disco-fl train --slices compute`` and ``bench/household_uneven.py`` use it. It depends on this
@@ -32,6 +32,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +62,8 @@ def shard_compute_ms(
 ) -> list[float]:
     """Each node's compute (ms) for input ``x``: shard-only execution of the plan in this
     process, one thread, every node's stretches timed (its compute and the messages it hands
-    over); ``stat`` (median) of ``reps`` runs after one untimed run."""
+    over); ``stat`` of ``reps`` runs after one untimed run (the median; the rule takes the
+    minimum, the least disturbed by other work)."""
     acc = [0.0] * len(nodes)
 
     @contextlib.contextmanager
@@ -112,48 +114,73 @@ def _exported(pm: PartitionedModel) -> list[ExportedShard]:
         return [load_shard(Path(tmp) / "plan.json", k) for k in range(pm.program.num_nodes)]
 
 
-def _fit(xs: Sequence[float], ys: Sequence[float]) -> Callable[[float], float]:
-    """A quadratic through the points (least squares), or the line when the quadratic is not
-    increasing over ``[min(xs), max(xs)]`` (a node's time grows with its share)."""
-    lo, hi = min(xs), max(xs)
-    if len(set(xs)) >= 3:
-        a, b, c = (float(v) for v in torch.tensor(_polyfit(xs, ys, 2)))
-        if 2 * a * lo + b > 0 and 2 * a * hi + b > 0:
-            return lambda s: a * s * s + b * s + c
-    b, c = _polyfit(xs, ys, 1)
-    return lambda s: b * s + c
+@dataclass(frozen=True)
+class Curve:
+    """A node's compute time (ms) as a function of its share: ``a + b s + c s^2``."""
+
+    a: float
+    b: float
+    c: float
+
+    def __call__(self, s: float) -> float:
+        return self.a + self.b * s + self.c * s * s
 
 
-def _polyfit(xs: Sequence[float], ys: Sequence[float], deg: int) -> list[float]:
-    a = torch.tensor([[float(x) ** p for p in range(deg, -1, -1)] for x in xs], dtype=torch.float64)
-    y = torch.tensor([[float(v)] for v in ys], dtype=torch.float64)
-    sol = torch.linalg.lstsq(a, y).solution
-    return [float(v) for v in sol.flatten()]
+def fit_costs(
+    samples: Sequence[tuple[Sequence[float], Sequence[float]]],
+) -> list[Curve] | None:
+    """One cost curve per node from measured ``samples`` (``(shares, times)`` per candidate
+    partition): ``time_k(s) = a_k + B s + C s^2``, least squares over all nodes' points, with
+    ``B`` and ``C`` shared (every node runs the same program on its slice; ``a_k`` holds what
+    only node ``k`` does, e.g. the requester's input and output) and kept non-negative (a
+    node's time does not shrink as its share grows: the ``s^2`` term, then the ``s`` term,
+    dropped when the fit makes it negative). None when the time does not grow with the share."""
+    n = len(samples[0][0])
+    rows = [(k, float(sh[k]), float(t[k])) for sh, t in samples for k in range(n)]
+    scale = max(abs(t) for _, _, t in rows) or 1.0
+    for terms in ((1, 2), (1,), (2,)):
+        design = torch.tensor(
+            [
+                [1.0 if j == k else 0.0 for j in range(n)] + [s**p for p in terms]
+                for k, s, _ in rows
+            ],
+            dtype=torch.float64,
+        )
+        y = torch.tensor([[t] for _, _, t in rows], dtype=torch.float64)
+        sol = [float(v) for v in torch.linalg.lstsq(design, y).solution.flatten()]
+        coef = dict(zip(terms, sol[n:], strict=True))
+        if all(c >= 0 for c in coef.values()) and sum(coef.values()) > 1e-6 * scale:
+            return [Curve(sol[k], coef.get(1, 0.0), coef.get(2, 0.0)) for k in range(n)]
+    return None
 
 
 def solve_shares(
     samples: Sequence[tuple[Sequence[float], Sequence[float]]], capacities: Sequence[float]
 ) -> tuple[float, ...]:
-    """Shares at which ``time_k(share_k) / capacity_k`` is equal on every node, from measured
-    ``samples`` (``(shares, times)`` per candidate partition; each node's time fitted in its own
-    share by :func:`_fit`). Bisection on the common value ``lam``: each node's share is where
-    its fitted time reaches ``lam * capacity_k`` (bisection too), and ``lam`` is found where
-    the shares sum to 1."""
+    """Shares at which ``time_k(share_k) / capacity_k`` is equal on every node (the curves of
+    :func:`fit_costs`; the capacities' proportions when no curve can be fitted). Bisection on
+    the common value ``lam``: each node's share is where its curve reaches ``lam *
+    capacity_k`` (bisection too, within ``[MIN_SHARE, 1]``), and ``lam`` is found where the
+    shares sum to 1."""
     n = len(capacities)
-    fits = [_fit([s[k] for s, _ in samples], [t[k] for _, t in samples]) for k in range(n)]
+    fits = fit_costs(samples)
+    if fits is None:
+        total = float(sum(capacities))
+        return tuple(c / total for c in capacities)
+    curves = fits
 
     def share_at(k: int, target: float) -> float:
         lo, hi = MIN_SHARE, 1.0
-        if fits[k](lo) >= target:
+        if curves[k](lo) >= target:
             return lo
-        if fits[k](hi) <= target:
+        if curves[k](hi) <= target:
             return hi
         for _ in range(50):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if fits[k](mid) < target else (lo, mid)
+            lo, hi = (mid, hi) if curves[k](mid) < target else (lo, mid)
         return (lo + hi) / 2
 
-    lam_lo, lam_hi = 0.0, max(fits[k](1.0) / capacities[k] for k in range(n)) * 2 + 1e-9
+    lam_lo, lam_hi = 0.0, max(curves[k](1.0) / capacities[k] for k in range(n)) * 2 + 1e-9
     for _ in range(60):
         lam = (lam_lo + lam_hi) / 2
         if sum(share_at(k, lam * capacities[k]) for k in range(n)) < 1.0:
@@ -196,7 +223,7 @@ def compute_shares(
             model, n, example, shares, budget, max_sync_points, seed=seed, capture=capture
         )
         nodes = _exported(pm)
-        t = shard_compute_ms(nodes, example, reps)
+        t = shard_compute_ms(nodes, example, reps, stat=min)
         shares = channel_shares(nodes[0].plan.program)  # as partitioned (whole channels)
         samples.append((shares, t))
         trials.append({"shares": shares, "node_compute_ms": t})
@@ -211,4 +238,12 @@ def compute_shares(
     return out, trials
 
 
-__all__ = ["MIN_SHARE", "compute_shares", "random_plan", "shard_compute_ms", "solve_shares"]
+__all__ = [
+    "MIN_SHARE",
+    "Curve",
+    "compute_shares",
+    "fit_costs",
+    "random_plan",
+    "shard_compute_ms",
+    "solve_shares",
+]
