@@ -101,7 +101,7 @@ def test_pixel_problems_are_clear() -> None:
     assert why is not None and "uint8" in why
     with pytest.raises(PixelError, match="no image normalization"):
         model_input(px, [1, 3, 16, 16], {"classes": [1, 2]})
-    with pytest.raises(PixelError, match="2 entries for 3 channels"):
+    with pytest.raises(PixelError, match="2 entries but images have 3 channels"):
         image_normalization({"input": {"mean": [0.5, 0.5], "std": [1.0]}}, 3)
     with pytest.raises(PixelError, match="positive"):
         image_normalization({"input": {"mean": 0.5, "std": 0.0}}, 1)

@@ -29,21 +29,20 @@ class PixelError(ValueError):
     shape or type)."""
 
 
-def _per_channel(value: Any, channels: int, name: str) -> list[float]:
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
+def per_channel(value: Any, channels: int, name: str) -> list[float]:
+    """``value`` (one number, or one per channel) as ``channels`` floats (a ``std`` must be
+    positive); raises :class:`PixelError`."""
     try:
-        out = [float(v) for v in values]
+        values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
     except (TypeError, ValueError):
-        raise PixelError(f"input normalization {name} {value!r} is not a number") from None
-    if len(out) == 1:
-        out = out * channels
-    if len(out) != channels:
-        raise PixelError(
-            f"input normalization {name} has {len(out)} entries for {channels} channels"
-        )
-    if name == "std" and min(out) <= 0:
-        raise PixelError(f"input normalization std must be positive, got {out}")
-    return out
+        raise PixelError(f"{name} {value!r} is not a number or a list of numbers") from None
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise PixelError(f"{name} has {len(values)} entries but images have {channels} channels")
+    if name == "std" and any(v <= 0 for v in values):
+        raise PixelError(f"std must be positive, got {values}")
+    return values
 
 
 def image_normalization(
@@ -68,7 +67,7 @@ def image_normalization(
             )
         mean = default[0] if mean is None else mean
         std = default[1] if std is None else std
-    return _per_channel(mean, channels, "mean"), _per_channel(std, channels, "std")
+    return per_channel(mean, channels, "mean"), per_channel(std, channels, "std")
 
 
 def pixels_to_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from disco_fl.core.pixels import pixels_to_input
+from disco_fl.core.pixels import per_channel, pixels_to_input
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -273,17 +273,6 @@ def load_image_folder(
     return np.stack(arrays), labels, class_names
 
 
-def _channel_stats(value: float | Sequence[float], channels: int, name: str) -> list[float]:
-    values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
-    if len(values) == 1:
-        values = values * channels
-    if len(values) != channels:
-        raise ValueError(f"{name} has {len(values)} entries but images have {channels} channels")
-    if name == "std" and any(v <= 0 for v in values):
-        raise ValueError(f"std must be positive, got {values}")
-    return values
-
-
 def to_pixels(images: np.ndarray) -> torch.Tensor:
     """uint8 images ``[N, H, W]`` or ``[N, H, W, C]`` as a uint8 tensor ``(N, C, H, W)`` (a
     view where it can be; read-only arrays are copied)."""
@@ -324,7 +313,7 @@ def to_tensor(
     x = to_pixels(images)
     channels = x.shape[1]
     return pixels_to_input(
-        x, _channel_stats(mean, channels, "mean"), _channel_stats(std, channels, "std")
+        x, per_channel(mean, channels, "mean"), per_channel(std, channels, "std")
     )
 
 
@@ -360,8 +349,8 @@ class ArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.labels: np.ndarray = _validate_arrays(images, np.asarray(labels), "ArrayDataset")
         self.images: np.ndarray = images
         channels = 1 if images.ndim == 3 else images.shape[3]
-        self._mean = _channel_stats(mean, channels, "mean")
-        self._std = _channel_stats(std, channels, "std")
+        self._mean = per_channel(mean, channels, "mean")
+        self._std = per_channel(std, channels, "std")
         self.mean = mean
         self.std = std
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
