@@ -45,6 +45,13 @@ processes on a 2-core machine share 2 cores: that run cannot show a speedup ther
 The ``resnet`` / ``vit_tiny_mnist`` runs keep their two links (the issue's floor bar is read
 on them, and a third link would add half again to the ``--quick`` wall time).
 
+``--input-dtype uint8`` (issue 17): requests carry the raw uint8 image batch instead of the
+normalized fp32 tensor; the plans declare the input normalization (``meta["input"]``: MNIST's,
+or ImageNet's for resnet50, whose random images are then uniform uint8 pixels) and every node
+normalizes the pixels itself, so the input hop costs 1 byte per pixel whatever the codec (4x
+fewer than fp32). Every row records ``input_dtype`` (``float32`` by default; ``single`` rows
+``null``: one device sends nothing).
+
 Usage::
 
     python bench/latency.py --json latency.json            # N = 2 and 4
@@ -65,6 +72,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +81,16 @@ import torch
 
 import disco_fl
 from disco_fl.cli.demo import free_ports
-from disco_fl.data import load_builtin, load_npz, stratified_split, to_tensor
+from disco_fl.core.pixels import pixels_to_input
+from disco_fl.data import (
+    MNIST_MEAN,
+    MNIST_STD,
+    load_builtin,
+    load_npz,
+    stratified_split,
+    to_pixels,
+    to_tensor,
+)
 from disco_fl.emulation.budget import BudgetConfig, evaluate, fit_budget, train_model
 from disco_fl.emulation.comm import program_traffic
 from disco_fl.emulation.export import load_shard
@@ -121,10 +138,33 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def _mnist() -> tuple[np.ndarray, np.ndarray, Any, Any]:
     shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist_5k.npz"
     images, labels = load_npz(shared) if shared.exists() else load_builtin("mnist_5k")
     tr, te = stratified_split(labels, [4000, 1000], seed=0)
+    return images, labels, tr, te
+
+
+def load_test_pixels() -> tuple[torch.Tensor, dict[str, Any]]:
+    """The test split of :func:`load_data` as uint8 pixels ``(N, 1, 28, 28)`` and the plans'
+    ``meta`` that declares their normalization (``to_tensor`` of them is ``load_data``'s)."""
+    images, _, _, te = _mnist()
+    return to_pixels(images)[te], {"input": {"mean": [MNIST_MEAN], "std": [MNIST_STD]}}
+
+
+def random_pixels(shape: Sequence[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform uint8 pixels of ``shape`` (seeded) and their ImageNet-normalized fp32 input."""
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randint(0, 256, tuple(shape), generator=g, dtype=torch.uint8)
+    norm = IMAGENET_NORMALIZATION
+    return px, pixels_to_input(px, norm["mean"], norm["std"])
+
+
+def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    images, labels, tr, te = _mnist()
     x = to_tensor(images)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     return x[tr], y[tr], x[te], y[te]
@@ -458,6 +498,7 @@ def single_rows(
             "accuracy": accuracy,
             "overlap": True,
             "codec": None,
+            "input_dtype": None,  # one device: nothing is sent
             "masks": None,
         }
         for link in links
@@ -471,14 +512,18 @@ def measure_plans(
     x: torch.Tensor,
     cfg: dict[str, Any],
     single_ms: float,
+    pixels: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of ``plans`` (:func:`make_plans`' dicts; ``overlaps``, default ``[True]``:
-    run with overlap on and / or off) on every link of ``links`` at N = ``n``."""
+    run with overlap on and / or off) on every link of ``links`` at N = ``n``. ``pixels``
+    (uint8, the images of ``x``): the requests carry them instead of ``x``."""
     rows = []
+    sent = x if pixels is None else pixels
+    input_dtype = "uint8" if pixels is not None else "float32"
     for info in plans:
         plan_dir, budget = info["dir"], info["budget"]
         plan = Plan.load(plan_dir / "plan.json")
-        rep = program_traffic(plan.program, plan_open_count(plan), plan.codec)
+        rep = program_traffic(plan.program, plan_open_count(plan), plan.codec, input_dtype)
         node_ms = measure_node_compute(plan_dir, n, x, cfg)
         for overlap in info.get("overlaps", [True]):
             name = f"{info['mode']}_{budget}_{info['max_sync_points']}_{plan.codec}"
@@ -486,7 +531,7 @@ def measure_plans(
                 name += "_c" + "-".join(f"{c:g}" for c in info["capacities"])
             name += "" if overlap else "_nooverlap"
             for link, (mbps, rtt_ms) in links.items():
-                m = measure_household(plan_dir, n, (mbps, rtt_ms), x, cfg, overlap=overlap)
+                m = measure_household(plan_dir, n, (mbps, rtt_ms), sent, cfg, overlap=overlap)
                 wire_per_link = m["busiest_link_payload_bytes"] * (
                     m["wire_bytes_per_sample"] / max(m["payload_bytes_per_sample"], 1)
                 )
@@ -498,6 +543,7 @@ def measure_plans(
                     "budget": budget,
                     "max_sync_points": info["max_sync_points"],
                     "codec": plan.codec,
+                    "input_dtype": input_dtype,
                     "overlap": overlap,
                     "masks": info.get("masks", "trained" if info["mode"] == "disco" else None),
                     "capacities": info.get("capacities"),
@@ -580,7 +626,17 @@ def main() -> None:
         "e.g. 0.02:8:int8,0.05:8:int8,0.02:4:int8:57/43 (capacities: uneven slices, node 0 "
         "first; default: latency_models.PLANS)",
     )
+    ap.add_argument(
+        "--input-dtype",
+        default="float32",
+        choices=["float32", "uint8"],
+        help="what a request carries: the normalized fp32 input (default) or the raw uint8 "
+        "image batch, 1 byte per pixel on the input hop, normalized by every node",
+    )
     args = ap.parse_args()
+    uint8 = args.input_dtype == "uint8"
+    pixels: torch.Tensor | None = None  # uint8 requests: the images of xte
+    meta: dict[str, Any] | None = None  # the plans' input normalization (uint8 requests)
     mode = "quick" if args.quick else "full"
     r50 = args.model == "resnet50"
     cfg: dict[str, Any] = dict((SETTINGS_RESNET50 if r50 else SETTINGS)[mode])
@@ -598,6 +654,9 @@ def main() -> None:
         if args.plans:
             cfg["plans"] = lm.parse_plans(args.plans)
         model, xte = lm.load_resnet50(args.image_size, max(cfg["requests"], 5), seed=0)
+        if uint8:  # uniform random pixels in place of N(0, 1) images, ImageNet-normalized
+            pixels, xte = random_pixels(xte.shape)
+            meta = {"input": IMAGENET_NORMALIZATION}
         dense_acc = None
         log(
             f"resnet50 at {args.image_size} px, random init; DISCO plans with masks "
@@ -605,6 +664,8 @@ def main() -> None:
         )
     else:
         xtr, ytr, xte, yte = load_data()
+        if uint8:
+            pixels, meta = load_test_pixels()
         model = build_model(args.model)
         torch.set_num_threads(2)
         epochs = cfg["dense_epochs"] * (5 if args.model.startswith("vit") else 1)
@@ -627,10 +688,12 @@ def main() -> None:
         for n in cfg["nodes"]:
             torch.set_num_threads(2)
             if r50:
-                plans = lm.random_calibrated_plans(model, n, xte, Path(tmp), cfg["plans"], log=log)
+                plans = lm.random_calibrated_plans(
+                    model, n, xte, Path(tmp), cfg["plans"], log=log, meta=meta
+                )
             else:
-                plans = make_plans(model, n, (xtr, ytr, xte, yte), cfg, Path(tmp))
-            rows += measure_plans(plans, n, links, xte, cfg, single["latency_ms_median"])
+                plans = make_plans(model, n, (xtr, ytr, xte, yte), cfg, Path(tmp), meta=meta)
+            rows += measure_plans(plans, n, links, xte, cfg, single["latency_ms_median"], pixels)
     # the single device again at the end: this machine's speed drifts by up to ~20 % between
     # minutes (a shared host); every speed-up is against the faster of the two measurements
     # (the conservative one), both kept in the JSON
@@ -647,7 +710,7 @@ def main() -> None:
         "rows": rows,
         "model": args.model,
         "masks": lm.MASKS if r50 else "trained",
-        "settings": {"mode": mode, **cfg},
+        "settings": {"mode": mode, "input_dtype": args.input_dtype, **cfg},
         "wall_s": time.time() - t_start,
         "command": " ".join(["python", "bench/latency.py", *sys.argv[1:]]),
     }

@@ -104,9 +104,11 @@ def random_calibrated_plans(
     plans: list[Spec] = PLANS,
     seed: int = 0,
     log: Callable[[str], None] = _log,
+    meta: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Export the dense-TP plan (fp32) and one plan per ``(budget, max_sync, codec)`` of
-    ``plans``, with hard masks from calibrated random gate logits, under ``out``.
+    ``plans``, with hard masks from calibrated random gate logits, under ``out`` (each
+    plan's ``meta``: ``meta``, e.g. the input normalization of uint8 requests).
 
     Returns ``bench/latency.py``'s plan dicts (``mode``, ``dir``, ``budget``,
     ``max_sync_points``, ``accuracy`` = None) plus ``codec``, ``masks``, ``overlaps`` (the
@@ -116,7 +118,7 @@ def random_calibrated_plans(
     pm = disco_fl.partition(model, n, x[:2]).eval()
     log(f"N={n}: partitioned resnet50 at {x.shape[-1]} px in {time.time() - t0:.1f} s")
     d = out / f"r50_n{n}_dense"
-    pm.export(d)
+    pm.export(d, meta=meta)
     result = [
         {
             "mode": "dense_tp",
@@ -145,7 +147,7 @@ def random_calibrated_plans(
         slices = "even" if caps is None else "/".join(f"{c:g}" for c in caps)
         tag = "" if caps is None else "_c" + "-".join(f"{c:g}" for c in caps)
         d = out / f"r50_n{n}_b{budget}_s{max_sync}_{codec}{tag}"
-        pmc.export(d, codec=codec)
+        pmc.export(d, codec=codec, meta=meta)
         rep = pmc.comm_report(codec)
         log(
             f"N={n} budget {budget} max_sync {max_sync} {codec} slices {slices}: masks {MASKS} "

@@ -280,3 +280,32 @@ def test_household_link_runs_tiny(tmp_path: Path) -> None:
     assert d["ladder_status"]["switches"] == len(d["switches"])
     assert d["bar"] == ("met" if all(r["bar_met"] for r in d["rows"]) else "not met")
     assert "| 20Mbit_4ms |" in proc.stdout
+
+
+def test_latency_uint8_requests_rows(tmp_path: Path) -> None:
+    """bench/latency.py --input-dtype uint8 at a tiny setting (resnet50 at 32 px, N = 2, the
+    dense-TP plan, one link): requests carry uint8 pixels, the row records ``input_dtype``, and
+    the payload the nodes count per image == the plan's prediction for a uint8 input, whose
+    input hop is a quarter of fp32's."""
+    from disco_fl.emulation.comm import program_traffic
+    from disco_fl.partition import plan_open_count
+    from disco_fl.partition.plan import Plan
+
+    lat = _load("latency")
+    lm = _load("latency_models")
+    model, x = lm.load_resnet50(32, 5, seed=0)  # 5 warm-up requests, then 2 timed
+    pixels, x = lat.random_pixels(x.shape)
+    meta = {"input": lat.IMAGENET_NORMALIZATION}
+    plans = lm.random_calibrated_plans(model, 2, x, tmp_path, [], log=lambda _: None, meta=meta)
+    cfg = {"requests": 2, "throughput_images": 0}
+    links = {"1Gbit_0.5ms": (1000.0, 0.5)}
+    (row,) = lat.measure_plans(plans, 2, links, x, cfg, 10.0, pixels)
+    assert row["input_dtype"] == "uint8"
+    plan = Plan.load(plans[0]["dir"] / "plan.json")
+    reps = {
+        d: program_traffic(plan.program, plan_open_count(plan), plan.codec, d)
+        for d in ("float32", "uint8")
+    }
+    assert row["payload_bytes_per_sample"] == row["plan_bytes_per_sample"]
+    assert row["plan_bytes_per_sample"] == reps["uint8"].bytes_per_sample
+    assert reps["uint8"].input_bytes == 3 * 32 * 32 == reps["float32"].input_bytes // 4

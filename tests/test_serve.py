@@ -28,6 +28,7 @@ import torch
 
 import disco_fl
 from disco_fl.cli.demo import free_ports
+from disco_fl.core.pixels import pixels_to_input
 from disco_fl.emulation.comm import program_traffic
 from disco_fl.emulation.export import load_shard, run_shards
 from disco_fl.emulation.statistics import calibrate_degraded
@@ -166,7 +167,7 @@ def start_household(tmp_path: Path) -> Iterator[Callable[..., Household]]:
         hh.stop()
 
 
-def _expected_payload(plan: Plan, batch: int) -> dict[str, int]:
+def _expected_payload(plan: Plan, batch: int, input_dtype: str = "float32") -> dict[str, int]:
     """The plan's bytes per (src, dst, layer) for one request, keyed "src:dst/layer"."""
     layer_of = {op.name: i for i, op in enumerate(plan.program.ops)}
 
@@ -174,7 +175,7 @@ def _expected_payload(plan: Plan, batch: int) -> dict[str, int]:
         return len(plan.open_channels(name, s, d))
 
     out: dict[str, int] = {}
-    for layer in program_traffic(plan.program, open_count, plan.codec).layers:
+    for layer in program_traffic(plan.program, open_count, plan.codec, input_dtype).layers:
         for pair, b in layer.pairs.items():
             s, d = pair.split("->")
             if b:
@@ -261,6 +262,62 @@ def test_other_model_families_over_processes(
         assert (out - pm(x)).abs().max().item() <= 1e-5
     counted = {**_payload(hh.addrs[0], 0), **_payload(hh.addrs[1], 1)}
     assert counted == _expected_payload(Plan.load(plan_dir / "plan.json"), x.shape[0])
+
+
+def test_uint8_request_over_processes(
+    tmp_path: Path, start_household: Callable[..., Household]
+) -> None:
+    """A request of uint8 image pixels (issue 17): == the shards and the emulation on the
+    normalized float input, == the same household's float request of it, bit for bit; bytes
+    counted == the plan's prediction for a uint8 input, its input hop 4x fewer than fp32's;
+    pixels that do not fit the plan are refused with INVALID_ARGUMENT."""
+    plan_dir, pm, _ = _export(tmp_path / "plan", "user", 2)  # 3 channels, 16 px
+    plan = Plan.load(plan_dir / "plan.json")
+    g = torch.Generator().manual_seed(0)
+    px = torch.randint(0, 256, (3, 3, 16, 16), generator=g, dtype=torch.uint8)
+    x = pixels_to_input(px, [MEAN] * 3, [STD] * 3)
+    ref = run_shards([load_shard(plan_dir / "plan.json", k) for k in range(2)], x)
+    hh = start_household(plan_dir, 2)
+    with InferenceSession(hh.addrs[0]) as s:
+        out = s.infer(px)
+        u8 = {**_payload(hh.addrs[0], 0), **_payload(hh.addrs[1], 1)}
+        out_f = s.infer(x)
+        both = {**_payload(hh.addrs[0], 0), **_payload(hh.addrs[1], 1)}
+        with pytest.raises(InferenceError) as info:
+            s.infer(px[:, :, :8])
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert "the plan expects [batch, 3, 16, 16]" in info.value.message
+    assert (out - ref).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        assert (out - pm(x)).abs().max().item() <= 1e-5
+    assert torch.equal(out, out_f)
+    assert u8 == _expected_payload(plan, 3, "uint8")
+    f32 = {key: v - u8.get(key, 0) for key, v in both.items()}
+    assert f32 == _expected_payload(plan, 3)
+    assert u8["0:1/0"] == px.numel() and f32["0:1/0"] == 4 * px.numel()  # the input hop
+    assert {k: v for k, v in u8.items() if k != "0:1/0"} == {
+        k: v for k, v in f32.items() if k != "0:1/0"
+    }
+
+
+def test_uint8_request_for_a_plan_without_normalization(
+    tmp_path: Path, start_household: Callable[..., Household]
+) -> None:
+    """A plan whose meta has no input mean and std: pixels are refused, clearly, before any
+    frame leaves the requester; the node goes on serving float requests."""
+    build, shape = ZOO["user"]
+    torch.manual_seed(0)
+    pm = disco_fl.partition(build().eval(), 2, torch.randn(*shape)).eval()
+    pm.export(tmp_path / "plan")
+    hh = start_household(tmp_path / "plan", 2)
+    px = torch.zeros(shape, dtype=torch.uint8)
+    with InferenceSession(hh.addrs[0]) as s:
+        with pytest.raises(InferenceError) as info:
+            s.infer(px)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert "declares no image normalization" in info.value.message
+        assert s.status()["payload_bytes_sent"] == {}
+        s.infer(torch.zeros(shape))
 
 
 def test_infer_command_with_npz_and_images(

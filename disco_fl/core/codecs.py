@@ -1,4 +1,6 @@
 """Wire codecs for activations: fp32 (bit-exact), fp16, int8 with one fp32 scale per sample.
+The model input may also travel as raw image pixels (:data:`PIXELS`, ``"uint8"``: 1 exact byte
+per element; never an activation codec, see :mod:`disco_fl.core.pixels`).
 
 Each codec knows how many bytes a message costs (used by the plan's accounting) and how to
 round-trip a tensor through its precision (used by the emulation to reproduce exactly what a
@@ -35,6 +37,8 @@ class Codec:
             return x
         if self.name == "fp16":
             return x.to(torch.float16).to(x.dtype)
+        if self.name == PIXELS.name:
+            raise ValueError("the uint8 codec carries image pixels, not activations")
         q, scale = int8_quantize(x)
         return int8_dequantize(q, scale).to(x.dtype)
 
@@ -62,6 +66,10 @@ CODECS: dict[str, Codec] = {
     "fp16": Codec("fp16", 2, 0),
     "int8": Codec("int8", 1, SCALE_BYTES),
 }
+
+
+# image pixels (the model input only): 1 unsigned byte per element, exact, no scale
+PIXELS = Codec("uint8", 1, 0)
 
 
 def get_codec(name: str) -> Codec:

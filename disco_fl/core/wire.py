@@ -2,6 +2,8 @@
 
 ``decode_tensor(encode_tensor(x, c))`` is exactly ``get_codec(c).roundtrip(x)`` (bit for bit),
 so a node that receives a message over the network sees what the emulation computes with.
+Image pixels (codec and dtype UINT8, :mod:`disco_fl.core.pixels`) travel exactly; only the
+model input may carry them, so a decoder refuses them unless its caller allows ``pixels``.
 Every field of a received :class:`~disco_fl.proto_gen.disco.v1.peer_pb2.Tensor` is checked
 with real checks before any byte is interpreted; a bad message raises :class:`WireError`.
 
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from disco_fl.core.codecs import CODECS, int8_dequantize, int8_quantize
+from disco_fl.core.codecs import CODECS, PIXELS, int8_dequantize, int8_quantize
 from disco_fl.proto_gen.disco.v1 import peer_pb2
 
 MAX_NDIM = 8
@@ -32,17 +34,20 @@ DTYPES: dict[int, torch.dtype] = {
     Tensor.DTYPE_FLOAT32: torch.float32,
     Tensor.DTYPE_FLOAT16: torch.float16,
     Tensor.DTYPE_BFLOAT16: torch.bfloat16,
+    Tensor.DTYPE_UINT8: torch.uint8,  # image pixels (codec UINT8 only)
 }
 _DTYPE_ENUM = {v: k for k, v in DTYPES.items()}
 
 # the wire enum of every codec of :data:`disco_fl.core.codecs.CODECS` (``"fp16"`` -> CODEC_FP16)
 _CODEC_ENUM: dict[str, int] = {name: Tensor.Codec.Value(f"CODEC_{name.upper()}") for name in CODECS}
+_CODEC_ENUM[PIXELS.name] = Tensor.CODEC_UINT8  # "uint8": image pixels, the model input only
 CODEC_NAMES = {v: k for k, v in _CODEC_ENUM.items()}
 # bytes of one element of ``data`` and its little-endian numpy type, per codec
 _ITEM: dict[int, tuple[int, np.dtype[Any]]] = {
     Tensor.CODEC_FP32: (4, np.dtype("<f4")),
     Tensor.CODEC_FP16: (2, np.dtype("<f2")),
     Tensor.CODEC_INT8: (1, np.dtype("i1")),
+    Tensor.CODEC_UINT8: (1, np.dtype("u1")),
 }
 _SCALE = np.dtype("<f4")
 
@@ -56,13 +61,16 @@ def codec_enum(codec: str) -> int:
     try:
         return _CODEC_ENUM[codec]
     except KeyError:
-        raise WireError(f"unknown codec {codec!r}; choose one of {sorted(CODECS)}") from None
+        raise WireError(
+            f"unknown codec {codec!r}; choose one of {sorted(CODECS)} (or uint8 for pixels)"
+        ) from None
 
 
 def encode_tensor(
     t: torch.Tensor, codec: str = "fp32", *, out: peer_pb2.Tensor | None = None
 ) -> peer_pb2.Tensor:
-    """Encode ``t`` (float32 / float16 / bfloat16, any device) with ``codec``.
+    """Encode ``t`` (float32 / float16 / bfloat16, any device) with ``codec``, or image
+    pixels ``t`` (uint8) with codec ``"uint8"`` (and only they use it).
 
     Pass ``out`` (e.g. ``frame.tensor``) to fill a message in place instead of building a new
     one (protobuf copies a sub-message when it is assigned).
@@ -71,10 +79,14 @@ def encode_tensor(
         raise WireError(f"expected a torch.Tensor, got {type(t).__name__}")
     dtype = _DTYPE_ENUM.get(t.dtype)
     if dtype is None:
-        raise WireError(f"cannot send a {t.dtype} tensor (float32, float16, bfloat16 only)")
+        raise WireError(
+            f"cannot send a {t.dtype} tensor (float32, float16, bfloat16; uint8 pixels)"
+        )
     if t.dim() > MAX_NDIM:
         raise WireError(f"cannot send a {t.dim()}-d tensor (at most {MAX_NDIM} dimensions)")
     code = codec_enum(codec)
+    if (code == Tensor.CODEC_UINT8) != (dtype == Tensor.DTYPE_UINT8):
+        raise WireError(f"a {t.dtype} tensor cannot go with codec {codec} (uint8 pixels only)")
     x = t.detach().cpu()
     msg = peer_pb2.Tensor() if out is None else out
     msg.Clear()
@@ -90,6 +102,8 @@ def encode_tensor(
             q, scale = int8_quantize(x)
         msg.scales = scale.contiguous().numpy().astype(_SCALE, copy=False).tobytes()
         msg.data = q.contiguous().numpy().tobytes()
+    elif code == Tensor.CODEC_UINT8:
+        msg.data = x.contiguous().numpy().tobytes()
     else:
         wire_dtype = torch.float32 if code == Tensor.CODEC_FP32 else torch.float16
         arr = x.to(wire_dtype).contiguous().numpy()
@@ -119,15 +133,25 @@ def check_header(msg: peer_pb2.Tensor) -> tuple[int, torch.dtype, list[int], int
         raise WireError(f"tensor shape {shape} has a negative dimension")
     if codec == Tensor.CODEC_INT8 and not shape:
         raise WireError("int8 tensor without a batch dimension")
+    if (codec == Tensor.CODEC_UINT8) != (msg.dtype == Tensor.DTYPE_UINT8):
+        raise WireError(
+            f"tensor codec {CODEC_NAMES[codec]} with dtype {dtype}: codec uint8 goes with "
+            f"dtype uint8 (image pixels) and only with it"
+        )
     return codec, dtype, shape, math.prod(shape)
 
 
 def _check(
-    msg: peer_pb2.Tensor, max_bytes: int
+    msg: peer_pb2.Tensor, max_bytes: int, pixels: bool
 ) -> tuple[int, torch.dtype, list[int], bytes, bytes]:
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
         raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
     codec, dtype, shape, n = check_header(msg)
+    if codec == Tensor.CODEC_UINT8 and not pixels:
+        raise WireError(
+            "uint8 image pixels where they are not allowed (only the model input carries them: "
+            "an INPUT frame or an inference request)"
+        )
     data, scales = msg.data, msg.scales  # each read once (upb copies on access)
     size = len(data) + len(scales)
     if size > max_bytes:
@@ -147,17 +171,22 @@ def _check(
     return codec, dtype, shape, data, scales
 
 
-def validate_tensor(msg: peer_pb2.Tensor, *, max_bytes: int) -> None:
-    """Raise :class:`WireError` unless ``msg`` is a well-formed tensor of at most ``max_bytes``."""
-    _check(msg, max_bytes)
+def validate_tensor(msg: peer_pb2.Tensor, *, max_bytes: int, pixels: bool = False) -> None:
+    """Raise :class:`WireError` unless ``msg`` is a well-formed tensor of at most ``max_bytes``
+    (uint8 pixels only with ``pixels``)."""
+    _check(msg, max_bytes, pixels)
 
 
-def decode_tensor(msg: peer_pb2.Tensor, *, max_bytes: int) -> torch.Tensor:
+def decode_tensor(msg: peer_pb2.Tensor, *, max_bytes: int, pixels: bool = False) -> torch.Tensor:
     """Decode an untrusted message into a fresh CPU tensor of the sender's dtype.
 
-    ``max_bytes`` bounds the payload (``data`` + ``scales``). Raises :class:`WireError`.
+    ``max_bytes`` bounds the payload (``data`` + ``scales``). ``pixels``: the message may be
+    uint8 image pixels (the model input; decoded to a uint8 tensor, exactly), refused
+    otherwise. Raises :class:`WireError`.
     """
-    codec, dtype, shape, data, scales = _check(msg, max_bytes)
+    codec, dtype, shape, data, scales = _check(msg, max_bytes, pixels)
+    if codec == Tensor.CODEC_UINT8:  # a fresh copy: never aliases ``data``
+        return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).reshape(shape)
     # one conversion into a fresh native-endian float32 array (never aliases ``data``)
     values = np.frombuffer(data, dtype=_ITEM[codec][1]).astype(np.float32)
     x = torch.from_numpy(values).reshape(shape)
@@ -273,10 +302,15 @@ def frame_payload_bytes(frame: peer_pb2.Frame) -> int:
     return payload_bytes(frame.tensor) if frame.HasField("tensor") else 0
 
 
-def frame_kind_problem(frame: peer_pb2.Frame, direction: int, codec: int) -> str | None:
+def frame_kind_problem(
+    frame: peer_pb2.Frame, direction: int, codec: int, *, pixels: bool = False
+) -> str | None:
     """Why a tensor frame is not of the ``direction`` and wire ``codec`` (enum) the plan says
-    the receiver expects, or ``None``."""
-    if frame.direction == direction and frame.tensor.codec == codec:
+    the receiver expects, or ``None``; ``pixels`` (the model input's frames): uint8 pixels
+    are expected too."""
+    if frame.direction == direction and (
+        frame.tensor.codec == codec or (pixels and frame.tensor.codec == Tensor.CODEC_UINT8)
+    ):
         return None
     return (
         f"frame direction {frame.direction} / codec {frame.tensor.codec}, "

@@ -11,6 +11,7 @@ from disco_fl.data.datasets import (
     load_builtin,
     load_image_folder,
     load_npz,
+    to_pixels,
     to_tensor,
 )
 from disco_fl.data.flower_datasets import (
@@ -55,5 +56,6 @@ __all__ = [
     "stratified_split",
     "super_resolution_data",
     "task_data",
+    "to_pixels",
     "to_tensor",
 ]

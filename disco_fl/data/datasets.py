@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from disco_fl.core.pixels import per_channel, pixels_to_input
+
 __all__ = [
     "BUILTIN_DATASETS",
     "IMAGE_EXTENSIONS",
@@ -22,6 +24,7 @@ __all__ = [
     "load_builtin",
     "load_image_folder",
     "load_npz",
+    "to_pixels",
     "to_tensor",
 ]
 
@@ -270,15 +273,18 @@ def load_image_folder(
     return np.stack(arrays), labels, class_names
 
 
-def _channel_stats(value: float | Sequence[float], channels: int, name: str) -> torch.Tensor:
-    values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
-    if len(values) == 1:
-        values = values * channels
-    if len(values) != channels:
-        raise ValueError(f"{name} has {len(values)} entries but images have {channels} channels")
-    if name == "std" and any(v <= 0 for v in values):
-        raise ValueError(f"std must be positive, got {values}")
-    return torch.tensor(values, dtype=torch.float32).view(1, channels, 1, 1)
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 images ``[N, H, W]`` or ``[N, H, W, C]`` as a uint8 tensor ``(N, C, H, W)`` (a
+    view where it can be; read-only arrays are copied)."""
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got dtype {images.dtype}")
+    if not images.flags.writeable:  # torch tensors must not alias read-only memory
+        images = images.copy()
+    if images.ndim == 3:
+        return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
+    if images.ndim == 4:
+        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    raise ValueError(f"images must be [N, H, W] or [N, H, W, C], got shape {images.shape}")
 
 
 def to_tensor(
@@ -286,7 +292,9 @@ def to_tensor(
     mean: float | Sequence[float] = MNIST_MEAN,
     std: float | Sequence[float] = MNIST_STD,
 ) -> torch.Tensor:
-    """Convert uint8 images to a normalized float32 tensor ``(x / 255 - mean) / std``.
+    """Convert uint8 images to a normalized float32 tensor ``(x / 255 - mean) / std``
+    (:func:`disco_fl.core.pixels.pixels_to_input`, the conversion the serving nodes make of
+    uint8 requests).
 
     Parameters
     ----------
@@ -302,20 +310,11 @@ def to_tensor(
     torch.Tensor
         float32, shape (N, C, H, W) (C = 1 for [N, H, W] input).
     """
-    if images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8, got dtype {images.dtype}")
-    if not images.flags.writeable:  # torch tensors must not alias read-only memory
-        images = images.copy()
-    if images.ndim == 3:
-        x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
-    elif images.ndim == 4:
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    else:
-        raise ValueError(f"images must be [N, H, W] or [N, H, W, C], got shape {images.shape}")
+    x = to_pixels(images)
     channels = x.shape[1]
-    m = _channel_stats(mean, channels, "mean")
-    s = _channel_stats(std, channels, "std")
-    return ((x.to(torch.float32) / 255.0 - m) / s).contiguous()
+    return pixels_to_input(
+        x, per_channel(mean, channels, "mean"), per_channel(std, channels, "std")
+    )
 
 
 class ArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -350,8 +349,8 @@ class ArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.labels: np.ndarray = _validate_arrays(images, np.asarray(labels), "ArrayDataset")
         self.images: np.ndarray = images
         channels = 1 if images.ndim == 3 else images.shape[3]
-        self._mean = _channel_stats(mean, channels, "mean")
-        self._std = _channel_stats(std, channels, "std")
+        self._mean = per_channel(mean, channels, "mean")
+        self._std = per_channel(std, channels, "std")
         self.mean = mean
         self.std = std
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -360,10 +359,8 @@ class ArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = torch.from_numpy(np.ascontiguousarray(self.images[index]))
-        image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
-        x = (image.to(torch.float32) / 255.0 - self._mean[0]) / self._std[0]
-        return x.contiguous(), torch.tensor(self.labels[index], dtype=torch.int64)
+        x = pixels_to_input(to_pixels(self.images[index : index + 1]), self._mean, self._std)[0]
+        return x, torch.tensor(self.labels[index], dtype=torch.int64)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return all examples as ``(X, y)``: float32 (N, C, H, W) and int64 (N,)."""

@@ -2,7 +2,9 @@
 
 Counted per sample (payload only; framing is the transport's business):
 
-- ``input``: the requesting node sends the model input to each of the other N-1 nodes.
+- ``input``: the requesting node sends the model input to each of the other N-1 nodes, with
+  the plan's codec (a float input) or as uint8 image pixels (``input_codec="uint8"``: 1 byte
+  per element, no scale; :mod:`disco_fl.core.pixels`).
 - ``exchange``: for each exchanged tensor and ordered pair ``j -> k``, the open channels of
   ``j`` (a channel of a ``(B, C, H, W)`` tensor is ``H * W`` elements) with the codec; int8
   adds one fp32 scale per sample per non-empty message.
@@ -20,7 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from disco_fl.core.codecs import get_codec
+from disco_fl.core.codecs import PIXELS, Codec, get_codec
 from disco_fl.partition import Program, Traffic, full_open_count, op_traffic, plan_open_count
 
 if TYPE_CHECKING:
@@ -68,8 +70,7 @@ class CommReport:
         return d
 
 
-def _bytes(traffic: list[Traffic], codec_name: str) -> tuple[int, dict[str, int], dict[str, int]]:
-    codec = get_codec(codec_name)
+def _bytes(traffic: list[Traffic], codec: Codec) -> tuple[int, dict[str, int], dict[str, int]]:
     total = 0
     pairs: dict[str, int] = {}
     chans: dict[str, int] = {}
@@ -83,9 +84,19 @@ def _bytes(traffic: list[Traffic], codec_name: str) -> tuple[int, dict[str, int]
 
 
 def program_traffic(
-    program: Program, open_count: Callable[[str, int, int], int], codec: str
+    program: Program,
+    open_count: Callable[[str, int, int], int],
+    codec: str,
+    input_dtype: str = "float32",
 ) -> CommReport:
-    """Account a program given ``open_count(exchange, src, dst)`` open channels."""
+    """Account a program given ``open_count(exchange, src, dst)`` open channels.
+
+    ``input_dtype``: the requests' input, ``"float32"`` (sent with ``codec``, the default) or
+    ``"uint8"`` (image pixels, 1 byte per element whatever ``codec``)."""
+    if input_dtype not in ("float32", "uint8"):
+        raise ValueError(f"input_dtype must be 'float32' or 'uint8', got {input_dtype!r}")
+    plan_codec = get_codec(codec)
+    in_codec = PIXELS if input_dtype == "uint8" else plan_codec
     readers: dict[str, list[str]] = {}
     for op in program.ops:
         for i in op.inputs:
@@ -103,8 +114,9 @@ def program_traffic(
         kind = op.kind if op.kind in ("input", "output", "exchange") else "stats"
         if op.kind == "gather_pixel_shuffle":  # the output, gathered before its last op
             kind = "output"
-        b, pairs, chans = _bytes(t_live, codec)
-        db, _, _ = _bytes(t_dense, codec)
+        c = in_codec if op.kind == "input" else plan_codec
+        b, pairs, chans = _bytes(t_live, c)
+        db, _, _ = _bytes(t_dense, c)
         tot[kind] += b
         dense[kind] += db
         if kind in ("exchange", "stats"):

@@ -23,6 +23,7 @@ import torch
 
 from disco_fl.core.codecs import Codec
 from disco_fl.core.files import atomic_write_bytes
+from disco_fl.core.pixels import PIXEL_DTYPE, model_input
 from disco_fl.node import run_lockstep
 from disco_fl.node.shard import NodeShard
 from disco_fl.partition import Op, Program, get_spec, plan_open_count
@@ -302,7 +303,10 @@ def run_shards(
     list of tensors). ``missing``: nodes that do not run (their channels closed, as the
     runtime's degraded mode, each node normalizing with its statistics for that set when its
     shard has them: :meth:`ExportedShard.context`); ``nodes`` may hold anything at their
-    places. ``meter``: as :func:`~disco_fl.node.lockstep.run_lockstep` (per-node timing)."""
+    places. ``x`` may be uint8 image pixels, as a request may carry them: normalized with the
+    plan's input normalization, and sent to the other nodes exactly, whatever the codec
+    (:func:`~disco_fl.core.pixels.model_input`). ``meter``: as
+    :func:`~disco_fl.node.lockstep.run_lockstep` (per-node timing)."""
     if not nodes:
         raise ValueError("no nodes")
     present = [n for k, n in enumerate(nodes) if k not in set(missing)]
@@ -311,6 +315,9 @@ def run_shards(
         raise PlanError("nodes were loaded from different plans")
     gone = set(missing)
     contexts = [n.context(gone) if gone and k not in gone else n for k, n in enumerate(nodes)]
+    pixels = x.dtype == PIXEL_DTYPE
+    if pixels:
+        x = model_input(x, plan.program.infos[plan.program.ops[0].name].shape, plan.meta)
     with torch.no_grad():
         y = run_lockstep(
             plan.program,
@@ -321,5 +328,6 @@ def run_shards(
             overlap=overlap,
             missing=missing,
             meter=meter,
+            exact_input=pixels,
         )
     return restore_output(plan.program, y)

@@ -29,6 +29,7 @@ def run_lockstep(
     *,
     overlap: bool = False,
     missing: Collection[int] = (),
+    exact_input: bool = False,
     meter: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> torch.Tensor:
     """Run every node of ``program`` in this process; return the requester's output.
@@ -39,8 +40,10 @@ def run_lockstep(
     channels' part before they take the peers' messages (:func:`~disco_fl.node.drive`).
     ``missing``: nodes that do not run (a household with devices gone, degraded mode); the
     others get :data:`~disco_fl.node.MISSING` for their messages, as the runtime's degraded
-    mode gives them. ``meter(k)``: a context entered around every stretch node ``k`` runs
-    (its compute and the messages it hands over), e.g. to time or count each node's work.
+    mode gives them. ``exact_input``: the input reaches the other nodes unchanged (a request
+    of uint8 pixels, sent as they are and normalized by every node alike), not through
+    ``codec``. ``meter(k)``: a context entered around every stretch node ``k`` runs (its
+    compute and the messages it hands over), e.g. to time or count each node's work.
     """
     codec = get_codec(codec) if isinstance(codec, str) else codec
     n = program.num_nodes
@@ -81,9 +84,9 @@ def run_lockstep(
                     while not isinstance(event, Recv):
                         if isinstance(event, Send):
                             t = event.tensor
-                            mail[(event.step.layer, k, event.dest)] = (
-                                codec.roundtrip(t) if event.step.spec.coded_messages else t
-                            )
+                            st = event.step
+                            coded = st.spec.coded_messages and not (exact_input and st.is_input)
+                            mail[(st.layer, k, event.dest)] = codec.roundtrip(t) if coded else t
                         event = next(drivers[k])
                 want[k] = event
             except StopIteration as done:

@@ -6,7 +6,8 @@ messages as frames: each message the driver sends becomes a frame (``layer`` = t
 index, activations with the plan's codec, normalization statistics in fp32), and it receives
 exactly the frames that the node's schedule says are addressed to this node. A received
 message decodes to exactly what ``codec.roundtrip`` produces in the emulation, so the
-requester's output equals :func:`disco_fl.emulation.export.run_shards` bit for bit.
+requester's output equals :func:`disco_fl.emulation.export.run_shards` bit for bit. uint8 pixels
+go to the peers as they are; every node normalizes them (:func:`disco_fl.core.pixels.model_input`).
 
 If the node fails (a timeout, a bad frame, an error in its own math), it sends an error frame
 in place of every message it still owed its peers, so they fail at once with the cause
@@ -30,6 +31,8 @@ from typing import Any
 
 import torch
 
+from disco_fl.core.codecs import PIXELS
+from disco_fl.core.pixels import PIXEL_DTYPE, model_input
 from disco_fl.core.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     decode_tensor,
@@ -141,6 +144,10 @@ def _node_steps(
         )
     if k == program.requester and not isinstance(x, torch.Tensor):
         raise ValueError(f"node {k} is the requester: it needs the input tensor")
+    input_shape = program.infos[program.ops[0].name].shape
+    pixels = x if isinstance(x, torch.Tensor) and x.dtype == PIXEL_DTYPE else None
+    if pixels is not None and k == program.requester:  # sent as they are; each node normalizes
+        x = model_input(pixels, input_shape, plan.meta)
     layer = 0
     sent: set[int] = set()  # peers already sent this layer's message
     send = transport.send
@@ -179,7 +186,11 @@ def _node_steps(
                 if event.dest not in missing:
                     if st.is_input and start_missing:
                         frame.missing_nodes.extend(start_missing)
-                    encode_tensor(event.tensor, st.wire_codec, out=frame.tensor)
+                    raw = pixels if st.is_input else None  # the request's pixels as they are
+                    if raw is None:
+                        encode_tensor(event.tensor, st.wire_codec, out=frame.tensor)
+                    else:
+                        encode_tensor(raw, PIXELS.name, out=frame.tensor)
                     try:
                         send(frame)
                     except Exception:
@@ -208,10 +219,12 @@ def _node_steps(
                     except MessageError as e:
                         raise PeerError(str(e)) from None
                     continue
-                problem = frame_kind_problem(f, st.direction, st.wire_enum)
+                problem = frame_kind_problem(f, st.direction, st.wire_enum, pixels=st.is_input)
                 if problem:
                     raise PeerError(f"layer {st.layer} ({st.op.name}) from node {src}: {problem}")
-                t = decode_tensor(f.tensor, max_bytes=max_message_bytes)
+                t = decode_tensor(f.tensor, max_bytes=max_message_bytes, pixels=st.is_input)
+                if t.dtype == PIXEL_DTYPE:  # the requester's pixels: normalized as it did
+                    t = model_input(t, input_shape, plan.meta)
                 try:
                     event = advance(t)
                 except MessageError as e:

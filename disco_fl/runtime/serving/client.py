@@ -8,6 +8,12 @@ nodes keep them apart by session id.
 >>> with InferenceSession("127.0.0.1:7000", token="...") as s:   # doctest: +SKIP
 ...     logits = s.infer(x)                     # one batch (B, C, H, W) -> (B, classes)
 ...     logits = s.infer_many(x, batch_size=64)  # any number of inputs, batched
+...     logits = s.infer(pixels)                # uint8 (B, C, H, W): the nodes normalize
+
+A uint8 batch (raw image pixels ``[N, C, H, W]``) is sent as it is, 1 byte per pixel, for a
+plan whose ``meta["input"]`` has a mean and std; every node turns it into the model input
+(:func:`disco_fl.core.pixels.model_input`), exactly as the float input ``(x / 255 - mean) /
+std`` would be. Any other dtype is sent as fp32.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from typing import Any
 import grpc
 import torch
 
+from disco_fl.core.codecs import PIXELS
+from disco_fl.core.pixels import PIXEL_DTYPE
 from disco_fl.core.wire import WireError, decode_tensor, encode_tensor
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
 from disco_fl.runtime.transport.grpc_transport import DEFAULT_MAX_FRAME_BYTES, MD_TOKEN
@@ -112,7 +120,10 @@ class InferenceSession:
         req = peer_pb2.InferRequest(
             request_id=str(self._counter), deadline_s=deadline_s or 0.0, plan_hash=plan_hash
         )
-        encode_tensor(x.detach().float().contiguous(), "fp32", out=req.input)
+        if x.dtype == PIXEL_DTYPE:  # image pixels, exact: the nodes normalize them
+            encode_tensor(x.detach().contiguous(), PIXELS.name, out=req.input)
+        else:
+            encode_tensor(x.detach().float().contiguous(), "fp32", out=req.input)
         return req
 
     def _decode(self, reply: peer_pb2.InferReply) -> torch.Tensor:
@@ -124,8 +135,9 @@ class InferenceSession:
     def infer(
         self, x: torch.Tensor, *, deadline_s: float | None = None, plan_hash: str = ""
     ) -> torch.Tensor:
-        """Outputs for one batch ``x`` (batch first); ``plan_hash``: run on that plan of the
-        node's plan ladder (default: the node's choice). Raises :class:`InferenceError`."""
+        """Outputs for one batch ``x`` (batch first; float, or uint8 image pixels ``[N, C, H,
+        W]``); ``plan_hash``: run on that plan of the node's plan ladder (default: the node's
+        choice). Raises :class:`InferenceError`."""
         try:
             reply = self._stub.Infer(
                 self._request(x, deadline_s, plan_hash), metadata=self._md, timeout=self.timeout

@@ -18,7 +18,7 @@ import grpc
 import torch
 
 from disco_fl.runtime.serving.client import InferenceSession
-from disco_fl.runtime.serving.inputs import load_inputs
+from disco_fl.runtime.serving.inputs import INPUTS_HELP, load_inputs
 from disco_fl.runtime.serving.node_server import NodeServer, ServeConfig, serve_forever
 from disco_fl.runtime.transport.grpc_transport import LinkSchedule, LinkShape
 
@@ -455,7 +455,7 @@ def add_parsers(sub: Any) -> None:
         help="classify images / .npz through a serving household, or write its masks "
         "(segmentation) / images (super-resolution)",
     )
-    p.add_argument("inputs", nargs="+", help="image files and/or .npz (images[, labels])")
+    p.add_argument("inputs", nargs="+", help=INPUTS_HELP)
     p.add_argument("--address", required=True, help="the requester node (node 0), host:port")
     auth(p)
     p.add_argument("--client-name", default="client", help="client cert name in --tls-dir")

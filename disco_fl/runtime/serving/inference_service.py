@@ -2,7 +2,8 @@
 
 :class:`InferenceServicer` answers ``Infer`` (the household token, then a strict check of the
 request: requester node, id length, input tensor decoded without unpickling, its shape, batch
-size and finiteness) and ``Status``. It runs the request with its node server's
+size and finiteness; uint8 image pixels only for a plan with an input normalization,
+:mod:`disco_fl.core.pixels`) and ``Status``. It runs the request with its node server's
 ``infer_async`` and maps the failures to gRPC status codes: ``RESOURCE_EXHAUSTED`` (no room
 here or at a peer), ``DEADLINE_EXCEEDED``, ``UNAVAILABLE`` (a peer failed), ``INTERNAL`` (a
 bug in our own math; the node goes on serving).
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 import grpc
 import torch
 
+from disco_fl.core.pixels import PIXEL_DTYPE, PixelError, pixel_problem
 from disco_fl.core.wire import WireError, decode_tensor, encode_tensor
 from disco_fl.partition.plan import Plan
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
@@ -122,7 +124,7 @@ class InferenceServicer(peer_pb2_grpc.InferenceServicer):
         if request.plan_hash and request.plan_hash not in s.served_plans():
             return invalid, f"plan {request.plan_hash[:64]!r} is not served here", None
         try:
-            x = decode_tensor(request.input, max_bytes=s.config.max_frame_bytes)
+            x = decode_tensor(request.input, max_bytes=s.config.max_frame_bytes, pixels=True)
         except WireError as e:
             return invalid, f"bad input tensor: {e}", None
         want = s._input_shape[1:]
@@ -139,7 +141,11 @@ class InferenceServicer(peer_pb2_grpc.InferenceServicer):
                 f"batch of {x.shape[0]}; between 1 and {s.config.max_batch} accepted",
                 None,
             )
-        if not torch.isfinite(x).all():
+        if x.dtype == PIXEL_DTYPE:  # sent to the peers as they are; every node normalizes
+            why = pixel_problem(x, s._input_shape, s.plan.meta)
+            if why is not None:
+                return invalid, f"bad input pixels: {why}", None
+        elif not torch.isfinite(x).all():
             return invalid, "input holds NaN or infinity", None
         deadline = float(request.deadline_s) if request.deadline_s > 0 else None
         remaining = context.time_remaining()
@@ -147,10 +153,15 @@ class InferenceServicer(peer_pb2_grpc.InferenceServicer):
             deadline = min(deadline or remaining, remaining)
         try:
             out, sid, ms, missing = await s.infer_async(
-                x.float(), deadline, arrival=arrival, plan_hash=request.plan_hash
+                x if x.dtype == PIXEL_DTYPE else x.float(),
+                deadline,
+                arrival=arrival,
+                plan_hash=request.plan_hash,
             )
         except BusyError as e:
             return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), None
+        except PixelError as e:  # pixels that do not fit the plan a ladder chose
+            return invalid, f"bad input pixels: {e}", None
         except TimeoutError as e:
             return grpc.StatusCode.DEADLINE_EXCEEDED, str(e), None
         except PeerBusyError as e:  # a peer has no room for the session

@@ -1,10 +1,14 @@
 """Inputs for ``disco-fl infer``: image files and ``.npz`` archives -> one model-input tensor.
 
 Images are converted to the plan's input format: grayscale (``L``) for one channel, ``RGB``
-for three, resized to the plan's height and width, scaled to [0, 1] and normalized with the
-plan's ``meta["input"]`` mean and std (MNIST's when the plan does not say). An ``.npz`` holds
-``images`` (uint8 [N, H, W] or [N, H, W, C], normalized the same way) and optionally
-``labels`` (then accuracy is reported).
+for three, resized to the plan's height and width. An ``.npz`` holds ``images`` (uint8
+[N, H, W] or [N, H, W, C]) and optionally ``labels`` (then accuracy is reported).
+
+What is sent (:attr:`Inputs.x`): for a plan whose ``meta["input"]`` has a mean and std, the
+uint8 pixels themselves (1 byte per pixel; every node normalizes them,
+:mod:`disco_fl.core.pixels`); for a plan without, the pixels scaled to [0, 1] and normalized
+with MNIST's mean and std, as fp32, by the same function
+(:func:`~disco_fl.core.pixels.pixels_to_input`), so both paths give bit-identical model inputs.
 """
 
 from __future__ import annotations
@@ -17,30 +21,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from disco_fl.data import IMAGE_EXTENSIONS, MNIST_MEAN, MNIST_STD, to_tensor
+from disco_fl.core.pixels import PixelError, image_normalization, pixel_problem, pixels_to_input
+from disco_fl.data import IMAGE_EXTENSIONS, MNIST_MEAN, MNIST_STD, to_pixels
+
+# ``disco-fl infer``'s help for its inputs
+INPUTS_HELP = (
+    "image files and/or .npz (images: uint8 [N, H, W] or [N, H, W, C][, labels]); sent as "
+    "uint8 pixels, 1 byte each, exact (4x fewer bytes than fp32), when the plan's meta['input'] "
+    "has a mean and std (every node normalizes them), else normalized here (MNIST's mean and "
+    "std) and sent as fp32"
+)
 
 
 @dataclass
 class Inputs:
-    x: torch.Tensor  # (N, C, H, W), normalized
+    x: torch.Tensor  # what is sent: (N, C, H, W) uint8 pixels, or normalized fp32 (see above)
     names: list[str]  # one per row: file name, or "file.npz[i]"
     labels: np.ndarray | None  # int64 [N] when every source had labels
+    pixels: torch.Tensor | None = None  # (N, C, H, W) uint8: the images as read
 
 
 def normalization(meta: dict[str, Any], channels: int) -> tuple[list[float], list[float]]:
     """Mean and std per channel from a plan's ``meta`` (MNIST's by default)."""
-    spec = meta.get("input", {}) if isinstance(meta, dict) else {}
-    mean = spec.get("mean", [MNIST_MEAN])
-    std = spec.get("std", [MNIST_STD])
-    mean = [float(m) for m in (mean if isinstance(mean, list) else [mean])]
-    std = [float(s) for s in (std if isinstance(std, list) else [std])]
-    if len(mean) == 1:
-        mean = mean * channels
-    if len(std) == 1:
-        std = std * channels
-    if len(mean) != channels or len(std) != channels or min(std) <= 0:
-        raise ValueError(f"plan meta has a bad input normalization for {channels} channels")
-    return mean, std
+    try:
+        return image_normalization(meta, channels, default=(MNIST_MEAN, MNIST_STD))
+    except PixelError as e:
+        raise ValueError(f"plan meta has a bad input normalization: {e}") from None
 
 
 def _image(path: Path, channels: int, hw: tuple[int, int]) -> np.ndarray:
@@ -68,7 +74,7 @@ def load_inputs(
         raise ValueError(f"image inputs need a [C, H, W] model input, the plan has {input_shape}")
     c, h, w = (int(v) for v in input_shape)
     mean, std = normalization(meta, c)
-    parts: list[torch.Tensor] = []
+    parts: list[torch.Tensor] = []  # uint8 (n, C, H, W)
     names: list[str] = []
     labels: list[np.ndarray] | None = []
     if not paths:
@@ -84,7 +90,7 @@ def load_inputs(
                 lab = np.asarray(npz["labels"]) if "labels" in npz.files else None
             if imgs.dtype != np.uint8 or imgs.ndim not in (3, 4):
                 raise ValueError(f"{p}: 'images' must be uint8 [N, H, W] or [N, H, W, C]")
-            x = to_tensor(imgs, mean, std)
+            x = to_pixels(imgs)
             if list(x.shape[1:]) != [c, h, w]:
                 raise ValueError(
                     f"{p}: images of shape {list(x.shape[1:])}, plan needs {[c, h, w]}"
@@ -96,9 +102,13 @@ def load_inputs(
             else:
                 labels = None
         elif p.suffix.lower() in IMAGE_EXTENSIONS:
-            parts.append(to_tensor(_image(p, c, (h, w))[None], mean, std))
+            parts.append(to_pixels(_image(p, c, (h, w))[None]))
             names.append(p.name)
             labels = None
         else:
             raise ValueError(f"{p}: expected an image file or a .npz archive")
-    return Inputs(torch.cat(parts), names, np.concatenate(labels) if labels else None)
+    pixels = torch.cat(parts)
+    # uint8 on the wire where the plan declares the normalization the nodes apply
+    raw = pixel_problem(pixels, [0, c, h, w], meta) is None
+    x = pixels if raw else pixels_to_input(pixels, mean, std)
+    return Inputs(x, names, np.concatenate(labels) if labels else None, pixels)

@@ -90,10 +90,10 @@ def check_incoming(
     peer when given), the layer range, the direction and sub-channel, the sizes of the text
     fields, ``missing_nodes`` (INPUT frames only; distinct peers other than the sender), and
     the body: exactly one of an error, a tensor (enums, dimensions, and shape x codec == the
-    byte length of data and scales; a link probe's at most ``MAX_PROBE_BYTES``, its answer's
-    ``MAX_PROBE_ACK_BYTES``) or, with direction CONTROL, a control message
-    (:func:`~disco_fl.core.wire.check_control`: a known body, its required fields, node indices in
-    range, no duplicate channels).
+    byte length of data and scales; uint8 image pixels in INPUT frames only; a link probe's at
+    most ``MAX_PROBE_BYTES``, its answer's ``MAX_PROBE_ACK_BYTES``) or, with direction
+    CONTROL, a control message (:func:`~disco_fl.core.wire.check_control`: a known body, its
+    required fields, node indices in range, no duplicate channels).
     """
     if not isinstance(frame, peer_pb2.Frame):
         return f"expected a disco.v1.Frame, got {type(frame).__name__}"
@@ -138,7 +138,9 @@ def check_incoming(
             return "frame carries neither a tensor nor an error"
         try:  # shape x codec == byte length, scales, dims, enums: before it is stored
             validate_tensor(
-                frame.tensor, max_bytes=_PROBE_LIMITS.get(frame.direction, MAX_TENSOR_BYTES)
+                frame.tensor,
+                max_bytes=_PROBE_LIMITS.get(frame.direction, MAX_TENSOR_BYTES),
+                pixels=frame.direction == Frame.INPUT,  # uint8 pixels: the model input only
             )
         except WireError as e:
             return str(e)

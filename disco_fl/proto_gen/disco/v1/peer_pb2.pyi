@@ -15,20 +15,24 @@ class Tensor(_message.Message):
         DTYPE_FLOAT32: _ClassVar[Tensor.DType]
         DTYPE_FLOAT16: _ClassVar[Tensor.DType]
         DTYPE_BFLOAT16: _ClassVar[Tensor.DType]
+        DTYPE_UINT8: _ClassVar[Tensor.DType]
     DTYPE_UNSPECIFIED: Tensor.DType
     DTYPE_FLOAT32: Tensor.DType
     DTYPE_FLOAT16: Tensor.DType
     DTYPE_BFLOAT16: Tensor.DType
+    DTYPE_UINT8: Tensor.DType
     class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         CODEC_UNSPECIFIED: _ClassVar[Tensor.Codec]
         CODEC_FP32: _ClassVar[Tensor.Codec]
         CODEC_FP16: _ClassVar[Tensor.Codec]
         CODEC_INT8: _ClassVar[Tensor.Codec]
+        CODEC_UINT8: _ClassVar[Tensor.Codec]
     CODEC_UNSPECIFIED: Tensor.Codec
     CODEC_FP32: Tensor.Codec
     CODEC_FP16: Tensor.Codec
     CODEC_INT8: Tensor.Codec
+    CODEC_UINT8: Tensor.Codec
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
