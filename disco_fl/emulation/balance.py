@@ -149,7 +149,8 @@ def fit_costs(
         y = torch.tensor([[t] for _, _, t in rows], dtype=torch.float64)
         sol = [float(v) for v in torch.linalg.lstsq(design, y).solution.flatten()]
         coef = dict(zip(terms, sol[n:], strict=True))
-        if all(c >= 0 for c in coef.values()) and sum(coef.values()) > 1e-6 * scale:
+        if all(c >= -1e-9 * scale for c in coef.values()) and sum(coef.values()) > 1e-6 * scale:
+            coef = {p: max(c, 0.0) for p, c in coef.items()}  # a rounding error below 0
             return [Curve(sol[k], coef.get(1, 0.0), coef.get(2, 0.0)) for k in range(n)]
     return None
 
