@@ -356,3 +356,18 @@ def test_evaluation_skips_a_household_with_a_node_gone() -> None:
     out = s.aggregate_evaluate(1, replies)
     assert out is not None and out["households-failed"] == 1 and "accuracy/b" in out
     assert "accuracy/a" not in out
+
+
+def test_the_client_app_answers_a_ping_without_its_node_config() -> None:
+    """A live node answers the availability ping at once: no data, no peer endpoint, not
+    even its node config is needed."""
+    from flwr.app import Context
+
+    from disco_fl.fl.availability import PING_TYPE
+    from disco_fl.fl.client_app import make_client_app
+
+    ping = Message(RecordDict(), dst_node_id=5, message_type=PING_TYPE)
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    reply = make_client_app()(ping, ctx)
+    assert not reply.has_error()
+    assert reply.metadata.reply_to_message_id == ping.metadata.message_id
