@@ -35,15 +35,16 @@ def _run_identity(flower_run_identity: None) -> None:
 
 
 class NodeList(Grid):
-    """The SuperLink as the strategy sees it: ``online`` is its node list; a ping to a node in
-    ``answers`` is answered at once, to any other never (a SuperNode killed moments ago is
-    still listed). ``pinged`` records who was pinged."""
+    """The SuperLink as the strategy sees it: ``online`` is its node list; a ping is answered
+    once its node is in ``answers`` (at once, or at a later pull: a node that comes back
+    answers the ping waiting for it), never otherwise (a SuperNode killed moments ago is still
+    listed). ``pinged`` records who was pinged."""
 
     def __init__(self, online: Iterable[int], answers: Iterable[int] | None = None) -> None:
         self.online = list(online)
         self.answers = set(self.online if answers is None else answers)
         self.pinged: list[int] = []
-        self._replies: dict[str, Message] = {}
+        self._pings: dict[str, Message] = {}
         self._ids = itertools.count()
 
     def set_run(self, run: Any) -> None:
@@ -63,15 +64,17 @@ class NodeList(Grid):
         ids = []
         for m in messages:
             assert m.metadata.message_type == "query.ping", m.metadata.message_type
-            mid = f"p{next(self._ids)}"
-            ids.append(mid)
+            ids.append(f"p{next(self._ids)}")
             self.pinged.append(m.metadata.dst_node_id)
-            if m.metadata.dst_node_id in self.answers:
-                self._replies[mid] = pong(m, mid, RecordDict())
+            self._pings[ids[-1]] = m
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+        out = []
+        for i in list(message_ids):
+            if i in self._pings and self._pings[i].metadata.dst_node_id in self.answers:
+                out.append(pong(self._pings.pop(i), i, RecordDict()))
+        return out
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -272,38 +275,72 @@ def test_a_node_gone_from_the_node_list_leaves_its_household_degraded_from_the_s
     assert "household 'a' trains without node(s) [1]" in caplog.text
     assert "not in the SuperLink's node list" in caplog.text
     assert grid.pinged == []  # every listed node was heard from just now
-    _, metrics = s.aggregate_train(1, _train_replies(msgs, {"a": [1]}))
+    arrays, metrics = s.aggregate_train(1, _train_replies(msgs, {"a": [1]}))
     assert metrics is not None and metrics["households-failed"] == 0
     assert metrics["households-ok"] == 2 and metrics["households-degraded"] == 1
     assert metrics["missing/a"] == [1]
+    # round 2: it is back on the node list: asked (a ping, waited for), it answers: invited
+    grid = NodeList([101, 102, 103, 104])
+    assert arrays is not None
+    msgs = list(s.configure_train(2, arrays, ConfigRecord(), grid=grid))
+    assert grid.pinged == [102]
+    assert len(msgs) == 4 and all(c.missing_nodes == () for c in _configs(msgs).values())
 
 
-def test_a_listed_node_silent_since_the_last_round_is_pinged_left_out_and_invited_back() -> None:
-    s = _degraded(rounds=3)
-    s.availability.timeout = 1.0  # the ping's wait (the run's rendezvous-timeout)
-    msgs = list(s.configure_train(1, s.initial_arrays(), ConfigRecord(), grid=ALL))
-    assert len(msgs) == 4
+def test_a_node_that_died_mid_round_is_left_out_without_a_wait_and_invited_once_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = _degraded(rounds=4)
+    grid = NodeList([101, 102, 103, 104])
+    msgs = list(s.configure_train(1, s.initial_arrays(), ConfigRecord(), grid=grid))
+    assert len(msgs) == 4 and grid.pinged == []
     # round 1: node 102 dies mid-round; its survivor names it missing, it never replies
     replies = [r for r in _train_replies(msgs, {"a": [1]}) if r.metadata.src_node_id != 102]
     arrays, _ = s.aggregate_train(1, replies)
     assert arrays is not None
-    # round 2: the SuperLink still lists it (its heartbeat has not expired) but it is silent
-    grid = NodeList([101, 102, 103, 104], answers=[101, 103, 104])
+    # round 2: the SuperLink still lists it (its heartbeat has not expired), it is silent
+    grid.answers.discard(102)
     t0 = time.monotonic()
-    msgs = list(s.configure_train(2, arrays, ConfigRecord(), grid=grid))
-    assert time.monotonic() - t0 < 5.0  # the ping waited its timeout, no more
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        msgs = list(s.configure_train(2, arrays, ConfigRecord(), grid=grid))
+    assert time.monotonic() - t0 < 1.0  # left out at once: its ping is not waited for
     assert grid.pinged == [102]  # the nodes heard from in round 1 are not asked
+    assert "missing in the last round, not heard from since" in caplog.text
     cfgs = _configs(msgs)
     assert ("a", 1) not in cfgs and cfgs[("a", 0)].missing_nodes == (1,)
     arrays, metrics = s.aggregate_train(2, _train_replies(msgs, {"a": [1]}))
     assert metrics is not None and metrics["missing/a"] == [1] and metrics["households-ok"] == 2
-    # round 3: it is back (it answers the ping): invited again, the household trains whole
-    grid = NodeList([101, 102, 103, 104])
+    # round 3: still gone; its ping is still out, no second one
     assert arrays is not None
     msgs = list(s.configure_train(3, arrays, ConfigRecord(), grid=grid))
-    assert grid.pinged == [102]
+    assert grid.pinged == [102] and ("a", 1) not in _configs(msgs)
+    arrays, _ = s.aggregate_train(3, _train_replies(msgs, {"a": [1]}))
+    # round 4: it came back and answered that ping: invited again, the household trains whole
+    grid.answers.add(102)
+    assert arrays is not None
+    msgs = list(s.configure_train(4, arrays, ConfigRecord(), grid=grid))
     cfgs = _configs(msgs)
     assert len(cfgs) == 4 and all(c.missing_nodes == () for c in cfgs.values())
+    assert grid.pinged == [102]
+
+
+def test_a_node_not_heard_from_lately_gets_a_ping_with_a_bounded_wait() -> None:
+    """Node 102 was last heard from long ago (not named missing): it is pinged and waited for
+    at most the timeout (the run's rendezvous-timeout); silent, it is left out; answering,
+    it is invited."""
+    for answers, invited in (([101, 103, 104], False), ([101, 102, 103, 104], True)):
+        s = _degraded()
+        s.availability.timeout = 1.0
+        s.availability.heard[102] = time.monotonic() - 100.0
+        grid = NodeList([101, 102, 103, 104], answers=answers)
+        t0 = time.monotonic()
+        msgs = list(s.configure_train(1, s.initial_arrays(), ConfigRecord(), grid=grid))
+        took = time.monotonic() - t0
+        assert grid.pinged == [102]
+        cfgs = _configs(msgs)
+        assert (("a", 1) in cfgs) == invited
+        assert cfgs[("a", 0)].missing_nodes == (() if invited else (1,))
+        assert took < 5.0 and (invited or took >= 1.0), took
 
 
 def test_a_batch_owner_gone_at_the_start_fails_its_household_before_any_message() -> None:

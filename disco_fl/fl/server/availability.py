@@ -6,15 +6,22 @@ With ``degraded-training`` the strategy asks, before it builds a train round's m
 1. **The SuperLink's node list** (``grid.get_node_ids()``). Flower 1.41 lists the nodes whose
    heartbeat is current: a SuperNode that stopped cleanly is gone from it at once, a killed one
    after two heartbeat intervals (about a minute). A roster node not in it is unavailable.
-2. **A ping** (``query.ping``, :mod:`disco_fl.fl.availability`) to each listed node the
-   strategy has not heard from lately: no good reply to the last message it was sent (it
-   failed, or was missing, in the previous round) or none within ``timeout`` seconds. A
-   node that does not answer within ``timeout``, or answers with an error, is unavailable.
-   The strategy passes ``rendezvous-timeout`` for both: a ping waits as long as the node's
-   peers would have waited for it at the rendezvous, and a good reply that recent proves as
-   much as a ping would (a node may die right after either). So a healthy run pings nobody
-   (a ping costs every device a ClientApp start), and a node killed during a round, which
-   the SuperLink lists for a while yet, is asked.
+2. **A node found missing in the previous round** (silent at its start, or named missing by
+   its survivors) and not heard from since stays unavailable without a wait; it gets a ping
+   (``query.ping``, :mod:`disco_fl.fl.availability`) that is not waited for: its answer,
+   collected at a later round's start, brings it back (it is then invited again). One back
+   on the node list after being off it is asked as in 3 (the SuperLink heard from it).
+3. **A ping, waited for**, to each other listed node the strategy has not heard from lately:
+   no good reply to the last message it was sent (e.g. its household failed the previous
+   round) or none within ``timeout`` seconds. A node that does not answer within
+   ``timeout``, or answers with an error, is unavailable.
+
+The strategy passes ``rendezvous-timeout`` as ``timeout``: a ping waits as long as the node's
+peers would have waited for it at the rendezvous, and a good reply that recent proves as much
+as a ping would (a node may die right after either). So a healthy run pings nobody (a ping
+costs every device a ClientApp start), a node killed during a round (which the SuperLink lists
+for a while yet) costs the next round no wait, and a wait happens only for a node gone between
+rounds, once.
 
 The decision per household: all there, it trains as usual; a batch owner unavailable (it holds
 the data and the loss), it fails the round at its start (:attr:`Availability.refused`; no
@@ -85,6 +92,8 @@ class Availability:
         self.missing: dict[str, frozenset[int]] = {}  # the last train round's missing shards
         self.refused: dict[str, str] = {}  # households failed at the last round's start
         self.skipping: dict[str, str] = {}  # the households the last skipped() named
+        self.pings: dict[str, int] = {}  # message id -> node: pings in flight, not waited for
+        self.offlist: set[int] = set()  # the nodes off the node list at the last round's start
 
     # ---- what the strategy hears ----------------------------------------------------------
     def answered(self, node_ids: Iterable[int]) -> None:
@@ -115,23 +124,57 @@ class Availability:
 
     # ---- a round's start --------------------------------------------------------------
     def unavailable(self, grid: Grid, roster: Mapping[str, Household]) -> Unavailable:
-        """Per household, its unavailable shards and why (steps 1 and 2 of the docstring)."""
+        """Per household, its unavailable shards and why (steps 1 to 3 of the docstring)."""
+        inner = grid.grid if isinstance(grid, HouseholdGrid) else grid
+        self._collect(inner)
         online = set(grid.get_node_ids())
         out: Unavailable = {}
-        now, ask = time.monotonic(), {}
+        now, ask, later = time.monotonic(), {}, []
         for h, hh in sorted(roster.items()):
             for k, node in sorted(hh.nodes.items()):
                 if node.node_id not in online:
                     out.setdefault(h, {})[k] = "not in the SuperLink's node list"
-                elif now - self.heard.get(node.node_id, -math.inf) > self.timeout:
+                elif now - self.heard.get(node.node_id, -math.inf) <= self.timeout:
+                    continue
+                elif k in self.missing.get(h, ()) and node.node_id not in self.offlist:
+                    out.setdefault(h, {})[k] = "missing in the last round, not heard from since"
+                    later.append(node.node_id)
+                else:
                     ask[node.node_id] = (h, k)
+        self._ping_later(inner, later)
+        self.offlist = {n.node_id for hh in roster.values() for n in hh.nodes.values()} - online
         pinged = ping_nodes(grid, ask, self.timeout) if ask else {}
         for n, why in pinged.items():
             if why is None:
                 self.answered([n])
             else:
                 out.setdefault(ask[n][0], {})[ask[n][1]] = why
+        for h, shards in out.items():  # not heard from until it answers a ping again
+            for j in shards:
+                self.heard.pop(roster[h].nodes[j].node_id, None)
         return out
+
+    def _ping_later(self, grid: Grid, node_ids: list[int]) -> None:
+        """A ping, not waited for, to each of ``node_ids`` without one in flight."""
+        flying = set(self.pings.values())
+        msgs = [
+            Message(RecordDict(), dst_node_id=n, message_type=PING_TYPE)
+            for n in node_ids
+            if n not in flying
+        ]
+        for mid, m in zip(grid.push_messages(msgs) if msgs else [], msgs, strict=True):
+            if mid:
+                self.pings[mid] = m.metadata.dst_node_id
+
+    def _collect(self, grid: Grid) -> None:
+        """The answers to the pings in flight: a good one, the node was heard from now; an
+        error (e.g. the SuperLink's "node unavailable") ends that ping."""
+        if not self.pings:
+            return
+        for reply in grid.pull_messages(list(self.pings)):
+            n = self.pings.pop(reply.metadata.reply_to_message_id, None)
+            if n is not None and not reply.has_error():
+                self.answered([n])
 
     def round_start(
         self, grid: Grid, roster: Mapping[str, Household], what: str
