@@ -12,6 +12,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -408,3 +409,24 @@ def test_the_client_app_answers_a_ping_without_its_node_config() -> None:
     reply = make_client_app()(ping, ctx)
     assert not reply.has_error()
     assert reply.metadata.reply_to_message_id == ping.metadata.message_id
+
+
+def test_delivery_skips_the_nodes_gone_in_the_last_round(tmp_path: Path) -> None:
+    """The final shards go to every node but the ones gone in the last train round (reported
+    ``unavailable``, not waited for)."""
+    from disco_fl.fl.server.delivery import deliver_shards
+
+    s = _strategy()
+    s.pm.export(tmp_path)
+    grid = NodeList([101, 102, 103, 104], answers=[])
+    pushed: list[int] = []
+
+    def push(msgs: Iterable[Message]) -> list[str]:  # the delivery: never answered
+        ids = [m.metadata.dst_node_id for m in msgs]
+        pushed.extend(ids)
+        return [f"d{n}" for n in ids]
+
+    grid.push_messages = push  # type: ignore[method-assign]
+    out = deliver_shards(grid, s.roster or {}, tmp_path, 0.2, {"a": frozenset({1})})
+    assert out["a/1"] == "unavailable" and out["a/0"] == "no answer"
+    assert sorted(pushed) == [101, 103, 104]
