@@ -32,12 +32,13 @@ them from step 0, neither connecting to nor waiting for them
 mid-round, so aggregation is the same (:mod:`disco_fl.fl.server.degraded`). Every round asks
 again: a node that came back is invited again.
 
-After the round (:meth:`Availability.skipped`): evaluation, the BatchNorm calibration and the
-delivery of the final shards **skip** a household whose node was unavailable at the round's
-start or went missing during it (federated evaluation runs on every node of a household, so
-it would wait for a node that is gone until the rendezvous timeout and fail); the skip is
-logged and counted with the failed households (``households-failed`` of the evaluation,
-``failed`` of the calibration, ``delivered`` says ``unavailable``).
+After the round (:meth:`Availability.skipped`): evaluation and the BatchNorm calibration
+**skip** a household whose node was unavailable at the round's start or went missing during it
+(they run on every node of a household, so they would wait for a node that is gone until the
+rendezvous timeout and fail), and the delivery of the final shards skips that node
+(:attr:`Availability.missing`); the skip is logged and counted with the failed households
+(``households-failed`` of the evaluation, ``failed`` of the calibration; ``delivered`` says
+``unavailable``).
 """
 
 from __future__ import annotations
