@@ -133,7 +133,7 @@ def test_strategy_refuses_a_node_without_memory_before_training(tmp_path: Path) 
 
 
 def test_client_reports_capacity_and_memory() -> None:
-    from disco_fl.fl.client_app import _device
+    from disco_fl.fl.node_settings import device_report as _device
 
     def ctx(**cfg: Any) -> Any:
         return SimpleNamespace(node_config=cfg)

@@ -297,6 +297,25 @@ def test_flower_phase_averages_household_statistics_into_the_exported_shards(
         assert not torch.equal(view, nodes[0].state(bn)["running_mean"])
 
 
+def test_a_household_with_a_node_gone_is_skipped_not_waited_for(
+    monkeypatch: pytest.MonkeyPatch, flower_run_identity: None
+) -> None:
+    """Degraded training: household b lost a node in the last round; the phase sends it
+    nothing and reports it failed with the reason, household a is calibrated as usual."""
+    from disco_fl.fl.server.calibration import calibrate_households
+
+    s, data = _flower_setup()
+    grid = _HouseholdsGrid(monkeypatch, data)
+    why = "skipped: node(s) [1] unavailable in the last train round"
+    summary = calibrate_households(
+        grid, s.pm, s.roster, s._common(3), s._household_of, timeout=60.0,
+        batch_size=BATCH, max_batches=3, skip={"b": why},
+    )  # fmt: skip
+    assert summary["households"] == ["a"] and summary["failed"] == {"b": why}
+    assert sorted(grid.hubs) == ["a"]  # no message reached household b
+    assert summary["missing_sets"] == [[1], [2]]
+
+
 def test_bad_statistics_are_refused_and_the_setting_decides() -> None:
     """A reply's statistics with a name not asked for, a wrong shape, a NaN or a negative
     variance is refused (``ValueError``); "auto" calibrates with node dropout only, "on"

@@ -289,3 +289,88 @@ def test_missing_set_messages_are_checked() -> None:
     bad.missing.nodes.append(1)
     assert "strictly increasing" in str(check_control(bad, num_nodes=3))
     assert "out of range" in str(check_control(missing_message([3]), num_nodes=3))
+
+
+# ---- a node gone before the round starts ---------------------------------------------------
+
+
+def _start_without_victim(
+    transports: Sequence[Transport], pm: PartitionedModel, batches: Any
+) -> Any:
+    """The survivors (nodes 0 and 1) start the round with node 2 missing up front (what the
+    ClientApp does with ``missing-nodes`` in its config); node 2 never runs. Returns their
+    results, errors, trainers and the seconds the steps took."""
+    trainers = _trainers(pm, transports, "sgd", "hard", 0.0, timeout=5.0)
+    for tr in trainers[:VICTIM]:
+        enable_degraded(tr, {VICTIM})
+    results: list[list[StepResult]] = [[], []]
+    errors: list[BaseException | None] = [None, None]
+
+    def go(k: int) -> None:
+        tr = trainers[k]
+        try:
+            for t in range(STEPS):
+                x, y = batches[t] if tr.owner_of(t) == k else (None, None)
+                results[k].append(degraded_step(tr, t, x, y))
+        except BaseException as e:
+            errors[k] = e
+
+    t0 = time.monotonic()
+    run_nodes(VICTIM, go, JOIN_S)
+    return results, errors, trainers, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("transport", ["inprocess", "grpc"])
+def test_survivors_told_up_front_equal_the_emulation_without_the_node_from_step_0(
+    transport: str,
+    grpc_transports: Callable[[int, int], list[Transport]],  # noqa: F811
+) -> None:
+    """Node 2 is gone before the round (its endpoint closed): the survivors, given it as
+    missing up front, connect only to each other (gRPC: no link to node 2 is ever opened),
+    never wait on it (every step well within one step deadline) and train what the emulation
+    trains with node 2 dropped from step 0; node 2's shard is untouched."""
+    pm, batches = _partition("resnet_narrow", 3, 0.6)
+    ref = copy.deepcopy(pm)
+    _emulate_without(ref, batches, VICTIM, 0)
+    before = _snapshot(pm)
+    hub = None
+    if transport == "grpc":
+        ts = grpc_transports(3, len(pm.program.ops))
+        ts[VICTIM].close(0.5)
+        for k in (0, 1):
+            ts[k].connect([j for j in range(3) if j != VICTIM])  # type: ignore[attr-defined]
+    else:
+        hub = InProcessHub(3, num_layers=len(pm.program.ops))
+        ts = list(hub)
+        hub[VICTIM].close()
+    try:
+        results, errors, trainers, took = _start_without_victim(ts, pm, batches)
+    finally:
+        if hub is not None:
+            hub.close()
+    assert errors == [None, None], errors
+    for tr in trainers[:VICTIM]:
+        tr.expand()
+        assert tr.missing == {VICTIM} and tr.generation == 0  # no step was ever aborted
+    for k in (0, 1):
+        assert [r.dropped for r in results[k]] == [frozenset({VICTIM})] * STEPS
+        assert all(r.forward_bytes > 0 for r in results[k])
+    # not one step deadline (5 s) spent waiting on node 2
+    assert max(r.seconds for k in (0, 1) for r in results[k]) < 5.0, took
+    if transport == "grpc":
+        assert all(VICTIM not in t._links for t in ts[:VICTIM])  # type: ignore[attr-defined]
+    assert not _same_snapshot(before, _snapshot(pm))
+    _assert_shards_equal(pm, ref)
+    for key, v in before[VICTIM].items():
+        assert torch.equal(pm.shard(VICTIM).state_dict()[key], v), key
+
+
+def test_a_missing_set_up_front_is_checked() -> None:
+    pm, _ = _partition("resnet_narrow", 3, 0.6)
+    with InProcessHub(3, num_layers=len(pm.program.ops)) as hub:
+        trainers = _trainers(pm, list(hub), "sgd", "hard", 0.0)
+        for bad in ({0}, {1}, {3}):  # the batch owner, the node itself, out of range
+            with pytest.raises(ValueError, match="cannot start without"):
+                enable_degraded(trainers[1], bad)
+        enable_degraded(trainers[1], {2})
+        assert trainers[1].missing == {2}

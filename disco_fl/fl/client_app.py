@@ -38,6 +38,7 @@ own ``loss_fn`` / ``metric_fn``):
 
 - ``query``: answers the roster query (household, shard, peer address, example counts,
   capacity and memory).
+- ``query.ping``: an empty reply (the server's availability check, :mod:`disco_fl.fl.availability`).
 - ``query.deliver``: stores the final plan and this node's shard in its data folder, checked
   against the plan hash (:func:`disco_fl.fl.delivery.deliver`).
 Every ``train`` / ``evaluate`` message carries this node's shard (packed ``ArrayRecord``) and a
@@ -79,6 +80,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
+from disco_fl.fl.availability import PING_ACTION, ping
 from disco_fl.fl.calibration import (
     CALIBRATE_ACTION,
     calibration_data,
@@ -87,6 +89,7 @@ from disco_fl.fl.calibration import (
 )
 from disco_fl.fl.delivery import DELIVER_ACTION, deliver
 from disco_fl.fl.federated import NodeData, derive_seed, node_data, shard_arrays, shard_from_record
+from disco_fl.fl.node_settings import device_report, node_identity, tls_folder
 from disco_fl.fl.round_config import CalibrationConfig, EvalConfig, RoundConfig, TrainConfig
 from disco_fl.node.shard import NodeShard
 from disco_fl.partition.plan import Plan
@@ -114,13 +117,6 @@ MetricFn = Callable[[torch.Tensor, torch.Tensor], Any]
 _DATA_CACHE: dict[tuple[str, str, str], NodeData] = {}
 
 
-def _node_setting(context: Context, key: str, default: Any = None) -> Any:
-    v = context.node_config.get(key, default)
-    if v is None:
-        raise ValueError(f"node config lacks {key!r} (flower-supernode --node-config '{key}=...')")
-    return v
-
-
 def _data(context: Context, task: str = "classification") -> NodeData:
     """The node's data for ``task`` (its example counts are the same for every task)."""
     spec = str(context.node_config.get("data", ""))
@@ -131,42 +127,10 @@ def _data(context: Context, task: str = "classification") -> NodeData:
     return _DATA_CACHE[key]
 
 
-def _identity(context: Context) -> tuple[str, int, str, str]:
-    hh = str(_node_setting(context, "household"))
-    k = int(_node_setting(context, "shard"))
-    addr = str(_node_setting(context, "peer-address"))
-    listen = str(context.node_config.get("peer-listen", addr))
-    return hh, k, addr, listen
-
-
-def _device(context: Context) -> dict[str, Any]:
-    """``capacity`` (node config: a number or ``"probe"``; absent: not reported) and
-    ``memory-bytes`` (node config, else measured) for the roster."""
-    from disco_fl.runtime.probe import available_memory, measure_compute
-
-    out: dict[str, Any] = {}
-    cap = context.node_config.get("capacity")
-    if isinstance(cap, str) and cap.strip().lower() == "probe":
-        cap = measure_compute(1.0).gflops
-    if cap is not None:
-        try:
-            out["capacity"] = float(cap)
-        except ValueError as e:
-            raise ValueError(f"node config capacity={cap!r}: a number or 'probe'") from e
-    mem = context.node_config.get("memory-bytes")
-    if mem is None:
-        mem = available_memory().bytes or None  # 0: unknown, not reported
-    if mem is not None:
-        if isinstance(mem, bool) or not isinstance(mem, (int, float)):
-            raise ValueError(f"node config memory-bytes={mem!r}: a number of bytes")
-        out["memory-bytes"] = int(mem)
-    return out
-
-
 def query(msg: Message, context: Context) -> Message:
     """Who this node is: household, shard, peer address, local example counts, capacity and
-    memory (:func:`_device`)."""
-    hh, k, addr, _ = _identity(context)
+    memory (:func:`~disco_fl.fl.node_settings.device_report`)."""
+    hh, k, addr, _ = node_identity(context)
     d = _data(context)
     rec = ConfigRecord(
         {
@@ -175,7 +139,7 @@ def query(msg: Message, context: Context) -> Message:
             "peer-address": addr,
             "num-examples": len(d.y_train),
             "num-eval": len(d.y_eval),
-            **_device(context),
+            **device_report(context),
         }
     )
     return Message(RecordDict({"node": rec}), reply_to=msg)
@@ -193,7 +157,7 @@ def _setup(
     from the plan's program and the message's record alone (no model is built or partitioned
     here, no other node's tensor is held, nothing is unpickled)."""
     cfg = kind.from_config(msg.content.config_records["config"])
-    hh, k, _, listen = _identity(context)
+    hh, k, _, listen = node_identity(context)
     if cfg.household != hh or cfg.shard != k:
         raise ValueError(
             f"message for household {cfg.household!r} shard {cfg.shard} reached "
@@ -209,7 +173,13 @@ def _setup(
 
 
 def _transport(
-    cfg: RoundConfig, plan: Plan, k: int, listen: str, num_nodes: int, tls_dir: str = ""
+    cfg: RoundConfig,
+    plan: Plan,
+    k: int,
+    listen: str,
+    num_nodes: int,
+    tls_dir: str = "",
+    missing: tuple[int, ...] = (),
 ) -> Any:
     from disco_fl.runtime.transport.grpc_transport import GrpcTransport
     from disco_fl.security import peer_credentials
@@ -229,14 +199,17 @@ def _transport(
         channel_credentials=channel_creds,
     )
     try:
-        t.connect()  # rendezvous: every peer's endpoint is up (bounded by connect_timeout)
+        # rendezvous: every peer's endpoint is up (bounded by connect_timeout); a missing
+        # node (gone at the round's start, degraded training) is not waited for
+        t.connect([d for d in range(num_nodes) if d not in missing])
     except BaseException:
         t.close(1.0)
         raise
     log(
         INFO,
         "[disco] household %s shard %d: peer endpoint %s (%s), %d peers connected",
-        cfg.household, k, listen, "mutual TLS" if tls_dir else "plaintext", num_nodes - 1,
+        cfg.household, k, listen, "mutual TLS" if tls_dir else "plaintext",
+        num_nodes - 1 - len(missing),
     )  # fmt: skip
     return t
 
@@ -283,7 +256,7 @@ def train(msg: Message, context: Context, loss_fn: LossFn | None = None) -> Mess
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, hh, r, "batches"))
     perm = torch.randperm(len(data.y_train), generator=gen) if len(data.y_train) else None
     pos = 0
-    transport = _transport(cfg, plan, k, listen, n, str(_node_setting(context, "tls-dir", "")))
+    transport = _transport(cfg, plan, k, listen, n, tls_folder(context), cfg.missing_nodes)
     t_steps = time.monotonic()
     try:
         trainer = NodeTrainer(
@@ -302,8 +275,8 @@ def train(msg: Message, context: Context, loss_fn: LossFn | None = None) -> Mess
             compact=mode == "hard",
             node_dropout=cfg.node_dropout,
         )
-        if cfg.degraded_training:
-            enable_degraded(trainer)  # a failed peer (not an owner): go on without it
+        if cfg.degraded_training:  # a failed peer (not an owner): go on without it
+            enable_degraded(trainer, cfg.missing_nodes)  # and without those gone already
         run_step = degraded_step if cfg.degraded_training else NodeTrainer.step
         shard.train()
         losses: list[float] = []
@@ -374,8 +347,7 @@ def calibrate(msg: Message, context: Context) -> Message:
     t0 = time.monotonic()
     cfg, shard, plan, listen, k = _setup(msg, context, CalibrationConfig)
     x = calibration_data(cfg, _data(context, cfg.task).x_train, k)
-    tls_dir = str(_node_setting(context, "tls-dir", ""))
-    transport = _transport(cfg, plan, k, listen, plan.num_nodes, tls_dir)
+    transport = _transport(cfg, plan, k, listen, plan.num_nodes, tls_folder(context))
     try:
         stats = calibrate_node(
             shard, plan, transport, x, calibration_rows(cfg), cfg.missing,
@@ -413,8 +385,7 @@ def evaluate(msg: Message, context: Context, metric_fn: MetricFn | None = None) 
         raise ValueError(f"{len(data.y_eval)} held-out examples do not make {batches} batches")
     correct = 0
     outputs: list[torch.Tensor] = []
-    tls_dir = str(_node_setting(context, "tls-dir", ""))
-    transport = _transport(cfg, plan, k, listen, plan.num_nodes, tls_dir)
+    transport = _transport(cfg, plan, k, listen, plan.num_nodes, tls_folder(context))
     try:
         with torch.no_grad():
             for i in range(batches):
@@ -444,8 +415,8 @@ def evaluate(msg: Message, context: Context, metric_fn: MetricFn | None = None) 
 
 
 def make_client_app(loss_fn: LossFn | None = None, metric_fn: MetricFn | None = None) -> ClientApp:
-    """A DISCO ``ClientApp`` (handlers ``query``, ``train``, ``evaluate``, ``query.deliver``
-    and ``query.calibrate``), optionally with a user's loss and metric.
+    """A DISCO ``ClientApp`` (handlers ``query``, ``train``, ``evaluate``, ``query.ping``,
+    ``query.deliver`` and ``query.calibrate``), optionally with a user's loss and metric.
 
     Parameters
     ----------
@@ -468,6 +439,10 @@ def make_client_app(loss_fn: LossFn | None = None, metric_fn: MetricFn | None = 
     @client.query()
     def _query(msg: Message, context: Context) -> Message:
         return query(msg, context)
+
+    @client.query(PING_ACTION)
+    def _ping(msg: Message, context: Context) -> Message:
+        return ping(msg, context)
 
     @client.query(DELIVER_ACTION)
     def _deliver(msg: Message, context: Context) -> Message:

@@ -120,6 +120,9 @@ class TrainConfig(RoundConfig):
     node_dropout: float = _key("node-dropout", 0.0)
     # go on without a failed node that is not a batch owner (disco_fl.runtime.training.degraded)
     degraded_training: bool = _key("degraded-training", False)
+    # shards found unavailable at the round's start (not batch owners; with degraded_training):
+    # the round trains without them from step 0, no peer connection to them is attempted
+    missing_nodes: tuple[int, ...] = _key("missing-nodes", ())
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -137,6 +140,15 @@ class TrainConfig(RoundConfig):
             raise ValueError("round config: node-dropout cannot go with dp")
         if self.dp and self.degraded_training:
             raise ValueError("round config: degraded-training cannot go with dp")
+        gone = self.missing_nodes
+        if gone and not self.degraded_training:
+            raise ValueError("round config: missing-nodes needs degraded-training")
+        if len(set(gone)) != len(gone) or any(not 0 <= j < len(self.peers) for j in gone):
+            raise ValueError(f"round config: missing-nodes {list(gone)}: distinct shard indices")
+        if self.shard in gone or set(gone) & set(self.owners):
+            raise ValueError(
+                f"round config: missing-nodes {list(gone)} names this shard or a batch owner"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

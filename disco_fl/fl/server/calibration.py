@@ -171,19 +171,24 @@ def calibrate_households(
     batch_size: int,
     max_batches: int,
     timeout: float,
+    skip: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The calibration phase (module docstring) of ``pm`` (the final shards and hard masks;
     ``common``: the phase's round, a round after the last, and the final plan): sets
     ``pm.degraded_statistics``; returns its summary (the sets, the households counted, those
-    that failed and why)."""
+    that failed and why). ``skip``: households sent nothing, with the reason (a node gone in
+    the last round, :mod:`disco_fl.fl.server.availability`), counted as failed."""
     sets = [frozenset({m}) for m in missing_nodes(pm)]
-    msgs = calibration_messages(pm, roster, common, batch_size, max_batches)
+    skip = dict(skip or {})
+    asked = {h: hh for h, hh in roster.items() if h not in skip}
+    msgs = calibration_messages(pm, asked, common, batch_size, max_batches)
     hgrid = grid if isinstance(grid, HouseholdGrid) else HouseholdGrid(grid)
     hgrid.household_of = household_of
     log(INFO, "calibrating BatchNorm statistics for missing nodes %s", missing_nodes(pm))
     replies = hgrid.send_and_receive(msgs, timeout=timeout)
-    good, failed = sort_replies(replies, roster, household_of, "calibration")
+    good, failed = sort_replies(replies, asked, household_of, "calibration")
     complete, failed = complete_households(good, failed, pm.num_nodes, "calibration")
+    failed.update(skip)
     stats: dict[str, dict[int, NodeStatistics]] = {}
     for h in complete:
         try:

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import ArrayRecord
 
 from disco_fl.core.files import ChecksumError, load_torch, remove_stale_temps, save_torch
 from disco_fl.fl.federated import rec_float, rec_int
+from disco_fl.fl.server.devices import set_capacities
 
 CHECKPOINT_FORMAT = "disco_fl.fl_run/1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -52,6 +54,19 @@ class RunState:
             dp_history=strategy.dp_history,
             capacities=strategy.capacities,
         )
+
+    def restore(self, strategy: Any) -> ArrayRecord:
+        """Put this state into ``strategy`` (the counterpart of :meth:`of`): the rounds done,
+        ``lam``, the histories, the capacities (the shards' partition) and the global arrays,
+        loaded into its model and returned."""
+        strategy.round_offset = self.rounds_done
+        strategy.lam = self.lam
+        strategy.history = self.history
+        strategy.dp_history = self.dp_history
+        set_capacities(strategy, self.capacities)
+        arrays = ArrayRecord(self.arrays)
+        strategy.assembled_model(arrays)  # loads the shards
+        return arrays
 
 
 def save_run(path: Path, state: RunState) -> None:

@@ -17,8 +17,12 @@ shard indices), survivors that disagree, a missing set with degraded training of
 
 The strategy then averages shard ``k`` over the households that trained it
 (:func:`~disco_fl.fl.server.aggregation.average_shards` with ``missing``); a shard no household
-trained keeps its previous value, as a failed household's shards do. The next round invites every
-node again: a node that came back trains normally.
+trained keeps its previous value, as a failed household's shards do.
+
+A node still gone at the next round is found before it (:mod:`disco_fl.fl.server.availability`):
+its household's survivors are invited with it in ``missing-nodes`` and train without it from
+step 0 (their replies name it as above), or, a batch owner gone, the household fails the round
+at its start (``refused``). A node that came back is invited again and trains normally.
 """
 
 from __future__ import annotations
@@ -65,12 +69,17 @@ def sort_train_replies(
     what: str,
     *,
     degraded: bool,
+    refused: Mapping[str, str] | None = None,
 ) -> tuple[Good, list[str], Failed, dict[str, frozenset[int]]]:
     """A train round's replies: good replies by household and shard, the households that
     count (complete or degraded), the failed ones with a reason (logged: they keep their
     previous shards), and each degraded household's missing shards (logged: "degraded:
-    household H trained without node(s) M")."""
-    good, failed = sort_replies(replies, roster, household_of, what)
+    household H trained without node(s) M"). ``refused``: households failed at the round's
+    start, with the reason (:mod:`disco_fl.fl.server.availability`; they were sent nothing)."""
+    refused = refused or {}
+    good, failed = sort_replies(
+        replies, [h for h in roster if h not in refused], household_of, what
+    )
     missing: dict[str, frozenset[int]] = {}
     for h, got in good.items():
         try:
@@ -85,6 +94,7 @@ def sort_train_replies(
             log(WARNING, "%s: degraded: household %r trained without node(s) %s", what, h,
                 sorted(gone))  # fmt: skip
     complete, failed = complete_households(good, failed, num_nodes, what, missing)
+    failed.update(refused)
     for h in failed:
         log(WARNING, "%s: household %r failed (%s); it keeps its previous shards this round",
             what, h, failed[h])  # fmt: skip

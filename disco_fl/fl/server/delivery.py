@@ -29,14 +29,20 @@ from disco_fl.fl.server.roster import Household, household_of
 from disco_fl.partition.plan import Plan
 
 
-def delivery_messages(plan_dir: Path, roster: Mapping[str, Household]) -> list[Message]:
-    """One ``query.deliver`` message per node of ``roster``: the plan of ``plan_dir`` and the
-    node's own shard file."""
+def delivery_messages(
+    plan_dir: Path,
+    roster: Mapping[str, Household],
+    skip: Mapping[str, frozenset[int]] | None = None,
+) -> list[Message]:
+    """One ``query.deliver`` message per node of ``roster`` (but the shards ``skip[h]``): the
+    plan of ``plan_dir`` and the node's own shard file."""
     text = (plan_dir / PLAN_FILE).read_text()
     plan = Plan.from_json(json.loads(text))
     msgs = []
-    for hh in roster.values():
+    for h, hh in roster.items():
         for k, node in sorted(hh.nodes.items()):
+            if k in (skip or {}).get(h, ()):
+                continue
             data = (plan_dir / plan.shards[k].file).read_bytes()
             cfg: dict[str, Any] = {
                 "household": hh.name,
@@ -54,16 +60,23 @@ def delivery_messages(plan_dir: Path, roster: Mapping[str, Household]) -> list[M
 
 
 def deliver_shards(
-    grid: Grid, roster: Mapping[str, Household], plan_dir: Path, timeout: float
+    grid: Grid,
+    roster: Mapping[str, Household],
+    plan_dir: Path,
+    timeout: float,
+    skip: Mapping[str, frozenset[int]] | None = None,
 ) -> dict[str, str]:
     """Send every node its shard and the plan; per node (``"<household>/<shard>"``) ``"ok"``
-    or why not (an error reply, a plan hash other than the exported one, no answer)."""
+    or why not (an error reply, a plan hash other than the exported one, no answer).
+    ``skip``: per household, the shards unavailable in the last round (degraded training,
+    :mod:`disco_fl.fl.server.availability`): sent nothing (not waited for), ``"unavailable"``."""
     plan_hash = Plan.load(plan_dir / PLAN_FILE).hash
     hgrid = grid if isinstance(grid, HouseholdGrid) else HouseholdGrid(grid)
-    msgs = delivery_messages(plan_dir, roster)
+    msgs = delivery_messages(plan_dir, roster, skip)
     replies = hgrid.send_and_receive(msgs, timeout=timeout)
     roster_ = dict(roster)
     out = {f"{h}/{k}": "no answer" for h, hh in roster.items() for k in hh.nodes}
+    out.update({f"{h}/{k}": "unavailable" for h, ks in (skip or {}).items() for k in ks})
     for m in replies:
         who = household_of(roster_, hgrid.origin_of(m))
         if who is None:

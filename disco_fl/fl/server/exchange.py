@@ -71,6 +71,9 @@ class HouseholdGrid(Grid):
         # degraded training: a household's batch owners (its survivors may go on without a
         # failed node, so only an owner's error decides it); None: any error decides
         self.owners_of: Callable[[str], list[int]] | None = None
+        # shards per household (a degraded round may address only some of them); None: as
+        # many as the messages address
+        self.num_nodes: int | None = None
         self.sent_to: dict[str, int] = {}  # message id -> destination node (last push)
 
     # ---- delegated --------------------------------------------------------------------
@@ -153,7 +156,8 @@ class HouseholdGrid(Grid):
                 bad.update([h] if k in self.owners_of(h) else [])
             else:
                 try:
-                    gone[h] |= missing_of(m, k, len(want[h]), self.owners_of(h))
+                    n = self.num_nodes or len(want[h])
+                    gone[h] |= missing_of(m, k, n, self.owners_of(h))
                 except ValueError:
                     bad.add(h)  # refused when aggregated
         return all(h in bad or seen[h] | gone[h] >= shards for h, shards in want.items())

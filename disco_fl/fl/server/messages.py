@@ -8,7 +8,7 @@ channel, so all of them must be in the round at the same time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,30 +132,44 @@ def train_messages(
     roster: Mapping[str, Household],
     common: RoundCommon,
     train: Mapping[str, Any],
+    invite: Mapping[str, frozenset[int]] | None = None,
 ) -> list[Message]:
     """A train message for every node of ``roster``; ``train``: the :class:`TrainConfig`
-    fields every household shares (steps, learning rates, gates, budget, DP)."""
+    fields every household shares (steps, learning rates, gates, budget, DP). ``invite``
+    (degraded training, :mod:`disco_fl.fl.server.availability`): only these households, each
+    without the shards named (its survivors get them as ``missing-nodes``); None: all."""
     msgs = []
-    for hh in roster.values():
+    for h, hh in roster.items():
+        if invite is not None and h not in invite:
+            continue
+        gone = (invite or {}).get(h, frozenset())
         owners = tuple(hh.owners)
         examples = tuple(hh.nodes[o].num_examples for o in owners)
         for k, node in sorted(hh.nodes.items()):
+            if k in gone:
+                continue
             cfg = TrainConfig(
-                **common.for_node(hh, k), owners=owners, owner_examples=examples, **train
-            )
+                **common.for_node(hh, k), owners=owners, owner_examples=examples,
+                missing_nodes=tuple(sorted(gone)), **train,
+            )  # fmt: skip
             msgs.append(shard_message(pm, k, cfg, node.node_id))
     return msgs
 
 
 def evaluate_messages(
-    pm: PartitionedModel, roster: Mapping[str, Household], common: RoundCommon, batch_size: int
+    pm: PartitionedModel,
+    roster: Mapping[str, Household],
+    common: RoundCommon,
+    batch_size: int,
+    skip: Iterable[str] = (),
 ) -> list[Message]:
-    """An evaluate message for every node of each household holding held-out data; the
-    household's first shard with such data is the requester."""
+    """An evaluate message for every node of each household holding held-out data (but the
+    households in ``skip``); the household's first shard with such data is the requester."""
     msgs = []
-    for hh in roster.values():
+    skip = set(skip)
+    for h, hh in roster.items():
         owner = hh.eval_owner
-        if owner is None:
+        if owner is None or h in skip:
             continue
         batches = -(-hh.nodes[owner].num_eval // batch_size)
         for k, node in sorted(hh.nodes.items()):

@@ -17,8 +17,9 @@ see :class:`~disco_fl.fl.federated.ModelSpec`; a built-in model must be the task
 ``rendezvous-timeout``, ``round-timeout``, ``node-dropout`` (in [0, 1), default 0: each node
 but a step's batch owner sits a training step out with this probability, so that the plan
 still answers with a device gone), ``degraded-training`` (bool, default false: a household goes on
-training without a node that failed mid-round, not a batch owner, and counts with its survivors'
-shards; :mod:`disco_fl.fl.server.degraded`), ``degraded-statistics`` (``"auto"``, default: after the
+training without a node that failed mid-round or is unavailable at a round's start, not a batch
+owner, and counts with its survivors' shards; :mod:`disco_fl.fl.server.degraded`,
+:mod:`disco_fl.fl.server.availability`), ``degraded-statistics`` (``"auto"``, default: after the
 last round a run with ``node-dropout > 0`` of a model with BatchNorm estimates the BatchNorm
 statistics for each missing node on the households' data, and the delivered shards carry
 them; ``"on"``: for any model with BatchNorm; ``"off"``: never;
@@ -196,6 +197,7 @@ def run_disco(
             grid, strategy.pm, strategy.roster, strategy._common(num_rounds + 1),
             strategy._household_of, batch_size=calibration_batch_size,
             max_batches=calibration_batches, timeout=round_timeout,
+            skip=strategy.availability.skipped(strategy.roster, "calibration"),
         )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = strategy.checkpoint_dir
@@ -250,7 +252,8 @@ def _deliver(strategy: DiscoStrategy, grid: Grid, folder: Path) -> dict[str, str
     if strategy.roster is None:  # every round came from the checkpoint: ask who is there
         strategy.query_roster(grid)
     assert strategy.roster is not None
-    return deliver_shards(grid, strategy.roster, folder, strategy.query_timeout)
+    gone = strategy.availability.missing  # degraded training: nodes gone in the last round
+    return deliver_shards(grid, strategy.roster, folder, strategy.query_timeout, gone)
 
 
 __all__ = ["app", "run_disco", "strategy_from_config"]

@@ -58,9 +58,10 @@ from disco_fl.fl.server.aggregation import (
     timeline,
     train_metrics,
 )
+from disco_fl.fl.server.availability import Availability
 from disco_fl.fl.server.checkpoint import CHECKPOINT_NAME, RunState, load_run, save_run
 from disco_fl.fl.server.degraded import degraded_metrics, sort_train_replies
-from disco_fl.fl.server.devices import fit_to_roster, fitted_arrays, set_capacities
+from disco_fl.fl.server.devices import fit_to_roster, fitted_arrays
 from disco_fl.fl.server.exchange import HouseholdGrid, shift_rounds
 from disco_fl.fl.server.messages import (
     CLIPPING_NORM_KEY,
@@ -128,8 +129,9 @@ class DiscoStrategy(Strategy):
         In [0, 1): each node but the step's owner sits a training step out with this
         probability (``NodeTrainer(node_dropout=...)``); not with ``dp``.
     degraded_training : bool (default: False)
-        A household goes on training without a node that failed mid-round (not a batch owner)
-        and counts with its survivors' shards (:mod:`disco_fl.fl.server.degraded`); not with ``dp``.
+        A household goes on training without a node (not a batch owner) that failed mid-round
+        or is unavailable at a round's start (:mod:`disco_fl.fl.server.availability`), and
+        counts with its survivors' shards (:mod:`disco_fl.fl.server.degraded`); not with ``dp``.
     """
 
     def __init__(
@@ -202,6 +204,7 @@ class DiscoStrategy(Strategy):
         self._t_push = time.time()  # wall clock of the current round's push
         self._evaluate_due = False
         self._evaluate_fn: EvaluateFn | None = None
+        self.availability = Availability(self.rendezvous_timeout)  # who can take part (degraded)
 
     # ---- settings ----------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -264,6 +267,7 @@ class DiscoStrategy(Strategy):
             query_timeout=self.query_timeout,
         )
         fit_to_roster(self)
+        self.availability.answered_roster(self.roster)
         return self.roster
 
     def _household_of(self, node_id: int) -> tuple[str, int] | None:
@@ -304,9 +308,12 @@ class DiscoStrategy(Strategy):
             "degraded_training": self.degraded_training,
             **(dp.train_fields() if dp else {}),
         }  # fmt: skip
-        msgs = train_messages(self.pm, self.roster, self._common(r), train)
+        invite = None  # degraded training: only the available nodes (and households)
+        if self.degraded_training:
+            invite = self.availability.round_start(grid, self.roster, f"round {r} train")
+        msgs = train_messages(self.pm, self.roster, self._common(r), train, invite)
         self._t_push = time.time()
-        return msgs
+        return self.availability.pushed(msgs)
 
     def aggregate_train(
         self,
@@ -316,11 +323,12 @@ class DiscoStrategy(Strategy):
         """Average shard ``k`` over the households whose N nodes all replied (or, degraded,
         all but the nodes they trained without: :mod:`disco_fl.fl.server.degraded`)."""
         assert self.roster is not None
-        r = server_round + self.round_offset
+        r, replies = server_round + self.round_offset, self.availability.replied(replies)
         good, complete, failed, gone = sort_train_replies(
             replies, self.roster, self._household_of, self.spec.num_nodes, f"round {r} train",
-            degraded=self.degraded_training,
+            degraded=self.degraded_training, refused=self.availability.refused,
         )  # fmt: skip
+        self.availability.went_missing(gone)
         metrics: dict[str, Any] = {"households-ok": len(complete), "households-failed": len(failed)}
         metrics.update(degraded_metrics(gone) if self.degraded_training else {})
         arrays: ArrayRecord | None = None
@@ -357,9 +365,8 @@ class DiscoStrategy(Strategy):
 
     def epsilons(self) -> dict[str, float]:
         """epsilon (at ``dp.delta``) of each household's data so far."""
-        if self.dp is None:
-            return {}
-        return {h: epsilon_of(hist, self.dp.delta) for h, hist in self.dp_history.items()}
+        dp = self.dp
+        return {h: epsilon_of(v, dp.delta) for h, v in self.dp_history.items()} if dp else {}
 
     # ---- evaluate ----------------------------------------------------------------------
     def configure_evaluate(
@@ -377,7 +384,10 @@ class DiscoStrategy(Strategy):
         assert self.roster is not None
         self._load(arrays)
         self._set_masks(self._target(r))
-        return evaluate_messages(self.pm, self.roster, self._common(r), self.eval_batch_size)
+        skip = self.availability.skipped(self.roster, f"round {r} evaluate")
+        return self.availability.pushed(
+            evaluate_messages(self.pm, self.roster, self._common(r), self.eval_batch_size, skip)
+        )
 
     def aggregate_evaluate(
         self,
@@ -391,8 +401,9 @@ class DiscoStrategy(Strategy):
         r = server_round + self.round_offset
         out: MetricRecord | None = None
         if self._evaluate_due:
-            what = f"round {r} evaluate"
+            what, replies = f"round {r} evaluate", self.availability.replied(replies)
             good, failed = sort_replies(replies, self.roster, self._household_of, what)
+            failed.update(self.availability.skipping)  # households configure_evaluate skipped
             out = evaluate_metrics(good, failed, self.roster, self.pm.comm_report(self.codec))
             self._round_record["evaluate"] = dict(out)
         if self._evaluate_fn is None:
@@ -424,10 +435,8 @@ class DiscoStrategy(Strategy):
     def save_checkpoint(self, done_rounds: int, arrays: ArrayRecord) -> None:
         """Write the run's state after ``done_rounds`` rounds
         (:mod:`disco_fl.fl.server.checkpoint`)."""
-        path = self.checkpoint_path()
-        if path is None:
-            return
-        save_run(path, RunState.of(self, done_rounds, arrays.to_torch_state_dict()))
+        if (path := self.checkpoint_path()) is not None:
+            save_run(path, RunState.of(self, done_rounds, arrays.to_torch_state_dict()))
 
     def resume(self) -> ArrayRecord | None:
         """Load the last checkpoint, if any: returns the global arrays (and sets the rounds
@@ -435,19 +444,10 @@ class DiscoStrategy(Strategy):
         corrupted one (:class:`~disco_fl.core.files.ChecksumError` naming the file); only plain
         data is unpickled (``weights_only=True``). Removes temporary files of killed writes."""
         path = self.checkpoint_path()
-        if path is None:
-            return None
-        state = load_run(path, self.settings())
+        state = load_run(path, self.settings()) if path is not None else None
         if state is None:
             return None
-        self.round_offset = state.rounds_done
-        self.lam = state.lam
-        self.history = state.history
-        self.dp_history = state.dp_history
-        set_capacities(self, state.capacities)  # the shards' partition
-        arrays = ArrayRecord(state.arrays)
-        self._load(arrays)
-        self._arrays = arrays
+        self._arrays = arrays = state.restore(self)
         log(INFO, "resumed from %s after round %d", path, self.round_offset)
         return arrays
 
@@ -466,14 +466,13 @@ class DiscoStrategy(Strategy):
 
         ``timeout`` bounds each exchange; a round stops waiting once every household has
         replied or failed (:class:`~disco_fl.fl.server.exchange.HouseholdGrid`).
-        ``evaluate_fn(round,
-        arrays)``, if given, is called before the first round and after each round with the
-        global record of all shards (:meth:`assembled_model`); its metrics go to the
-        ``Result`` and to the round's history (``evaluate-server``). The ``Result``'s rounds
-        count from the start of the run."""
+        ``evaluate_fn(round, arrays)``, if given, is called before the first round and after
+        each round with the global record of all shards (:meth:`assembled_model`); its metrics
+        go to the ``Result`` and to the round's history (``evaluate-server``). The
+        ``Result``'s rounds count from the start of the run."""
         self.num_rounds = self.round_offset + num_rounds
         hgrid = grid if isinstance(grid, HouseholdGrid) else HouseholdGrid(grid)
-        hgrid.household_of = self._household_of
+        hgrid.household_of, hgrid.num_nodes = self._household_of, self.spec.num_nodes
         if self.degraded_training:  # only an owner's error decides a household's round
             hgrid.owners_of = lambda h: self.roster[h].owners if self.roster else []
         if self.roster is None:

@@ -21,6 +21,10 @@ without it; every later step of the round runs without it too. The decisions:
   The owner sends the decided set to every proposer (layer 1); a proposer waits for it (and for
   nothing else) at most two step deadlines. Every survivor thus ends with the same missing set
   and retries the same step. Each retry names at least one more node missing, so the loop ends.
+- **Gone from the start.** A node the server found unavailable before the round (Flower:
+  :mod:`disco_fl.fl.server.availability`) is in ``trainer.missing`` from step 0
+  (``enable_degraded(trainer, missing)``): the survivors never connect to it nor wait for it, and
+  a step of theirs equals the emulation's with that node dropped from the first step.
 - **What still fails the round**: a failure of this node itself, a batch owner missing (it holds
   the data and the loss; the requester is one), the owner's answer not coming, and a node
   finding itself in the decided set (a stalled node the others went on without).
@@ -34,6 +38,7 @@ substitute (:func:`~disco_fl.runtime.training.dropout.dropout_problem`).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from disco_fl.core.wire import missing_message
@@ -53,10 +58,20 @@ def degraded_problem(trainer: NodeTrainer) -> str | None:
     return dropout_problem(trainer.plan.program)
 
 
-def enable_degraded(trainer: NodeTrainer) -> None:
-    """Check that ``trainer`` can go on without a failed node; ``ValueError`` if not."""
+def enable_degraded(trainer: NodeTrainer, missing: Iterable[int] = ()) -> None:
+    """Check that ``trainer`` can go on without a failed node; ``ValueError`` if not.
+    ``missing``: the nodes already gone at the round's start (``trainer.missing`` from step 0;
+    neither this node nor a batch owner)."""
     if problem := degraded_problem(trainer):
         raise ValueError(f"degraded training is not supported here: {problem}")
+    gone = frozenset(missing)
+    n = trainer.plan.program.num_nodes
+    if any(not 0 <= j < n for j in gone) or trainer.index in gone or gone & set(trainer.owners):
+        raise ValueError(
+            f"node {trainer.index}: cannot start without nodes {sorted(gone)} (out of range, "
+            f"this node, or a batch owner of {trainer.owners})"
+        )
+    trainer.missing = gone
 
 
 def degraded_step(
