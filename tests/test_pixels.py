@@ -234,12 +234,13 @@ def test_uint8_request_equals_float_input_and_bytes_equal_plan(
     x = pixels_to_input(px, MEAN, STD)  # the normalized float input it stands for
     out, hub = _run(nodes, px, "u8")
     ref = run_shards(nodes, px)  # the shards on the same request: the input hop exact
-    assert torch.equal(out, ref), (out - ref).abs().max()  # within 1e-5: here bit for bit
+    # within 1e-5 (threads may change a convolution's rounding: 6e-8 seen once under load)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     out_f, hub_f = _run(nodes, x, "f32")
-    assert torch.equal(out_f, run_shards(nodes, x))
+    torch.testing.assert_close(out_f, run_shards(nodes, x), atol=1e-5, rtol=0)
     if codec == "fp32":  # the float input it stands for, through the same runtime: equal
-        assert torch.equal(run_shards(nodes, x), ref)
-        assert torch.equal(out, out_f)
+        assert torch.equal(run_shards(nodes, x), ref)  # one process, one thread: bit for bit
+        torch.testing.assert_close(out, out_f, atol=1e-5, rtol=0)
     else:  # an int8 plan rounds a float input on its way to the peers, never the pixels
         assert not torch.equal(out, out_f)
     counted, counted_f = _counted(hub), _counted(hub_f)
