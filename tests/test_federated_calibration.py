@@ -229,7 +229,8 @@ def _flower_setup(n: int = 3) -> Any:
     from disco_fl.fl.server import NodeInfo, build_roster
     from disco_fl.fl.server.strategy import DiscoStrategy
 
-    s = DiscoStrategy(ModelSpec(num_nodes=n), node_dropout=0.3)
+    # fp32 (not the int8 default): the statistics must equal the fp32 emulation's within 1e-5
+    s = DiscoStrategy(ModelSpec(num_nodes=n), node_dropout=0.3, codec="fp32")
     _random_masks(s.pm, 0.4, seed=2)
     infos = [NodeInfo(nid, h, k, f"x:{nid}", rows, 0) for nid, (h, k, rows) in NODES.items()]
     s.roster = build_roster(infos, n)

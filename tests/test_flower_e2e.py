@@ -367,6 +367,7 @@ def test_demo_with_a_users_model_delivers_shards_and_serves_from_node_folders(
         "--households", "1", "--nodes", "2", "--rounds", "2", "--steps", "10",
         "--batch-size", "16", "--budget", "0.3", "--dense-epochs", "1", "--node-dropout", "0.3",
         "--out", str(work), "--json", str(out),
+        "--codec", "fp32",  # serving == shard-only execution within 1e-5: the exact codec
     ]  # fmt: skip
     path = os.pathsep.join(p for p in [str(mods), os.environ.get("PYTHONPATH", "")] if p)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)

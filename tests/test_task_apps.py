@@ -125,7 +125,9 @@ DATA = "builtin:0/20"  # 125 training, 50 held-out images of the built-in set
 
 def _strategy(task: str) -> DiscoStrategy:
     d = node_data(DATA, task=task)
-    s = DiscoStrategy(ModelSpec.for_task(task, num_nodes=2), steps=2, batch_size=4)
+    # fp32 (not the int8 default): the nodes' metric must equal the fp32 emulation's exactly
+    spec = ModelSpec.for_task(task, num_nodes=2)
+    s = DiscoStrategy(spec, steps=2, batch_size=4, codec="fp32")
     infos = [
         NodeInfo(101, "a", 0, "127.0.0.1:7100", len(d.y_train), len(d.y_eval)),
         NodeInfo(102, "a", 1, "x:1", 0, 0),
@@ -337,6 +339,7 @@ def test_demo_super_resolution_reports_psnr(tmp_path: Path) -> None:
         sys.executable, "-m", "disco_fl.cli.main", "demo", "--task", "super_resolution",
         "--households", "1", "--rounds", "1", "--steps", "6", "--dense-epochs", "3",
         "--budget", "0.2", "--out", str(tmp_path / "work"), "--json", str(out),
+        "--codec", "fp32",  # the served metric == the federated one exactly (no int8 steps)
     ]  # fmt: skip
     p = _run_demo(cmd, dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-4000:]

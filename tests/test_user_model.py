@@ -177,7 +177,8 @@ def _ids(flower_run_identity: None) -> None:
 
 
 def _strategy() -> DiscoStrategy:
-    s = DiscoStrategy(ModelSpec(num_nodes=2), steps=3, batch_size=4)
+    # fp32 (not the int8 default): the nodes' outputs must equal the fp32 emulation's
+    s = DiscoStrategy(ModelSpec(num_nodes=2), steps=3, batch_size=4, codec="fp32")
     infos = [NodeInfo(101, "a", 0, "127.0.0.1:7100", 40, 10), NodeInfo(102, "a", 1, "x:1", 0, 0)]
     s.roster = build_roster(infos, 2)
     s.roster["a"].token = "t"

@@ -11,7 +11,8 @@ see :class:`~disco_fl.fl.federated.ModelSpec`; a built-in model must be the task
 ``seg_small`` with ``num-classes = 11``, ``espcn`` with ``image-size = 14``, and an empty
 ``model`` is the task's built-in), ``households`` (expected households, 0: any),
 ``num-rounds``, ``steps``, ``batch-size``, ``lr``, ``gate-lr``, ``budget``,
-``finetune-rounds``, ``init-penalty``, ``dual-lr``, ``codec``, ``seed``, ``dp`` (bool),
+``finetune-rounds``, ``init-penalty``, ``dual-lr``, ``codec`` (of the activations on the
+wire: ``"int8"``, default, ``"fp16"``, or ``"fp32"``, exact), ``seed``, ``dp`` (bool),
 ``dp-noise``, ``dp-clip``, ``dp-delta``, ``evaluate`` (bool), ``eval-batch-size``,
 ``eval-every`` (0: last round only), ``query-timeout``, ``step-timeout``,
 ``rendezvous-timeout``, ``round-timeout``, ``node-dropout`` (in [0, 1), default 0: each node
@@ -89,7 +90,7 @@ def strategy_from_config(cfg: Any) -> DiscoStrategy:
         finetune_rounds=int(cfg.get("finetune-rounds", 1)),
         init_penalty=float(cfg.get("init-penalty", 1.0)),
         dual_lr=float(cfg.get("dual-lr", 1.0)),
-        codec=str(cfg.get("codec", "fp32")),
+        codec=str(cfg.get("codec", "int8")),
         dp=dp,
         seed=int(cfg.get("seed", 0)),
         num_households=households or None,

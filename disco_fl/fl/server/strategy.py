@@ -102,8 +102,8 @@ class DiscoStrategy(Strategy):
         Start value of the Lagrange multiplier ``lam`` of the budget constraint.
     dual_lr : float (default: 1.0)
         Step of the per-round dual ascent on ``lam``.
-    codec : str (default: "fp32")
-        Wire codec of forward activations ("fp32", "fp16", "int8").
+    codec : str (default: "int8")
+        Wire codec of forward activations ("fp32", "fp16", "int8"); "fp32" is exact.
     dp : DPSettings or None (default: None)
         Differential privacy inside households (needs ``spec.norm == "group"``).
     seed : int (default: 0)
@@ -146,7 +146,7 @@ class DiscoStrategy(Strategy):
         finetune_rounds: int = 1,
         init_penalty: float = 1.0,
         dual_lr: float = 1.0,
-        codec: str = "fp32",
+        codec: str = "int8",
         dp: DPSettings | None = None,
         seed: int = 0,
         num_households: int | None = None,
