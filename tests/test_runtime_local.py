@@ -145,7 +145,10 @@ def _counted_payload(transports: Sequence[Transport]) -> dict[tuple[int, int, in
 def _check_run(hh: Household, transports: Sequence[Transport], session: str) -> None:
     out = _run_all(hh.nodes, transports, hh.x, session)
     assert all(o is None for o in out[1:])
-    assert out[0] is not None and torch.equal(out[0], hh.ref), (out[0] - hh.ref).abs().max()
+    # DESIGN's invariant, within 1e-5: the node threads run their convolutions at once, and a
+    # kernel may split a sum differently with fewer threads free (1.2e-7 seen once in CI-like load)
+    assert out[0] is not None
+    torch.testing.assert_close(out[0], hh.ref, atol=1e-5, rtol=0)
     counted = _counted_payload(transports)
     assert counted == _expected_payload(hh)
     assert sum(t.wire_bytes_sent for t in transports) > sum(counted.values())
@@ -499,7 +502,7 @@ def test_run_node_async_equals_shards(
             t.reset_counters()
         out = _run_all_async(hh, ts, session)
         assert all(o is None for o in out[1:])
-        assert torch.equal(out[0], hh.ref), (out[0] - hh.ref).abs().max()
+        torch.testing.assert_close(out[0], hh.ref, atol=1e-5, rtol=0)  # as _check_run
         assert _counted_payload(ts) == _expected_payload(hh)
     for t in ts:
         assert not t.errors, list(t.errors)
