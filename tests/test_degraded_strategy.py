@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
 
 from disco_fl.fl.federated import ModelSpec, shard_arrays, unpack_state
 from disco_fl.fl.round_config import EvalConfig, TrainConfig
 from disco_fl.fl.server import DiscoStrategy, DPSettings
 from disco_fl.fl.server.exchange import HouseholdGrid
 from tests.test_disco_strategy import SPEC, _reply, _strategy
+from tests.test_flower_contract import StubGrid
 from tests.test_flower_contract import _reply as pong
 
 NODES = {"a": (101, 102), "b": (103, 104)}  # household -> node id of shard 0, shard 1
@@ -35,7 +35,7 @@ def _run_identity(flower_run_identity: None) -> None:
     """Every test here builds Flower Messages."""
 
 
-class NodeList(Grid):
+class NodeList(StubGrid):
     """The SuperLink as the strategy sees it: ``online`` is its node list; a ping is answered
     once its node is in ``answers`` (at once, or at a later pull: a node that comes back
     answers the ping waiting for it), never otherwise (a SuperNode killed moments ago is still
@@ -47,16 +47,6 @@ class NodeList(Grid):
         self.pinged: list[int] = []
         self._pings: dict[str, Message] = {}
         self._ids = itertools.count()
-
-    def set_run(self, run: Any) -> None:
-        pass
-
-    @property
-    def run(self) -> Any:
-        return None
-
-    def create_message(self, *a: Any, **kw: Any) -> Message:
-        raise NotImplementedError
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.online)

@@ -62,16 +62,9 @@ def _reply(msg: Message, mid: str, content: RecordDict | None, error: str = "") 
     return make_message(md, content=content)
 
 
-class SimGrid(Grid):
-    """Nodes answering at once: the query with ``NODES``, a train message with their shard
-    plus ``delta`` on every float weight, an evaluation with fixed counts. ``fail(node, msg)``
-    returns an error text, "" (answer) or None (never answer: a dead device)."""
-
-    def __init__(self, fail: Callable[[int, Message], str | None] = lambda n, m: "") -> None:
-        self.fail = fail
-        self.replies: dict[str, Message] = {}
-        self.pushes: list[list[Message]] = []
-        self._ids = itertools.count()
+class StubGrid(Grid):
+    """What every fake SuperLink here shares: no run, no message factory (the strategy builds
+    its messages with Flower's ``Message`` itself)."""
 
     def set_run(self, run: Any) -> None:
         pass
@@ -81,7 +74,19 @@ class SimGrid(Grid):
         return None
 
     def create_message(self, *a: Any, **kw: Any) -> Message:
-        raise NotImplementedError
+        raise NotImplementedError("the strategy never asks a grid to create a message")
+
+
+class SimGrid(StubGrid):
+    """Nodes answering at once: the query with ``NODES``, a train message with their shard
+    plus ``delta`` on every float weight, an evaluation with fixed counts. ``fail(node, msg)``
+    returns an error text, "" (answer) or None (never answer: a dead device)."""
+
+    def __init__(self, fail: Callable[[int, Message], str | None] = lambda n, m: "") -> None:
+        self.fail = fail
+        self.replies: dict[str, Message] = {}
+        self.pushes: list[list[Message]] = []
+        self._ids = itertools.count()
 
     def get_node_ids(self) -> Iterable[int]:
         return list(NODES)
