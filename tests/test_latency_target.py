@@ -253,13 +253,14 @@ def test_latency_target_refusals_and_the_compute_estimate(tmp_path: Path) -> Non
     assert main([*common, "--link", "20/2"]) == 2  # a link without a target
     assert main([*common, "--latency-target-ms", "10"]) == 2  # a target without a link
     assert main([*common, *target, "--compute-ms", "-1"]) == 2
+    assert main([*common, "--input-dtype", "uint8"]) == 2  # an input dtype without a target
     assert not (tmp_path / "r").exists()  # refused before any training
     # without --compute-ms: the dense forward's estimate; a loose target keeps every channel
     out_json = tmp_path / "s.json"
     rc = main(
         [
             "train", "--data", str(_small_data(tmp_path)), "--nodes", "2",
-            "--latency-target-ms", "1000", "--link", "100/2",
+            "--latency-target-ms", "1000", "--link", "100/2", "--input-dtype", "uint8",
             "--dense-epochs", "0", "--gate-epochs", "0", "--finetune-epochs", "0",
             "--out", str(tmp_path / "run"), "--json", str(out_json),
         ]
@@ -269,6 +270,12 @@ def test_latency_target_refusals_and_the_compute_estimate(tmp_path: Path) -> Non
     assert lat["compute_ms_source"] == "estimate" and 0 < lat["compute_ms"] < 1000
     assert (lat["budget"], lat["max_sync_points"], lat["codec"]) == (1.0, None, "fp32")
     assert lat["meets_target"] and lat["predicted_ms_trained"] == pytest.approx(lat["predicted_ms"])
+    # requests of uint8 pixels: the input hop counted at 1 byte per pixel
+    plan = Plan.load(tmp_path / "run" / "plan" / "plan.json")
+    assert lat["input_dtype"] == "uint8"
+    traffic = plan_traffic(plan, 1, "uint8")
+    rung = LadderPlan(tmp_path / "run" / "plan", plan.hash, 0.0, lat["compute_ms"], traffic)
+    assert lat["predicted_ms_trained"] == pytest.approx(predict_ms(rung, parse_link("100/2")))
 
 
 def test_max_sync_points_is_a_plain_train_option(tmp_path: Path) -> None:

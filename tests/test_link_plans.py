@@ -224,3 +224,64 @@ def test_fixed_costs_restart_only_when_the_link_moves_a_prediction() -> None:
     assert abs(shift) < FRESH_SHIFT * 40.0
     small = SimpleNamespace(ladder=LADDER, target_ms=abs(shift) / FRESH_SHIFT / 2)
     assert moves(small, fast, noisy)  # type: ignore[arg-type]
+
+
+def test_uint8_requests_count_the_input_hop_at_one_byte_per_pixel(tmp_path: Path) -> None:
+    """A ladder for requests of uint8 pixels: the input hop at 1 byte per pixel (the rest of
+    the traffic unchanged), only for plans that declare an image normalization."""
+    norm = {"input": {"mean": [0.1307], "std": [0.3081]}}
+    sparse = _export(tmp_path / "sparse", 0, 0.05, accuracy=0.8, **norm)
+    plan = Plan.load(sparse / "plan.json")
+    t32, t8 = plan_traffic(plan), plan_traffic(plan, input_dtype="uint8")
+    assert (t8.hops, t8.frames) == (t32.hops, t32.frames)
+    # the requester's link to its peer carries the input: fp32 (4 bytes) vs 1 byte per pixel
+    req = plan.program.requester
+    pixels = int(torch.tensor(plan.program.infos[plan.program.ops[0].name].shape[1:]).prod())
+
+    def links(dtype: str) -> dict[str, int]:
+        rep = program_traffic(plan.program, plan_open_count(plan), plan.codec, dtype)
+        out: dict[str, int] = {}
+        for layer in rep.layers:
+            for pair, b in layer.pairs.items():
+                if b:
+                    out[pair] = out.get(pair, 0) + framed_size(b)
+        return out
+
+    l32, l8 = links("float32"), links("uint8")
+    changed = {p for p in l32 if l32[p] != l8[p]}
+    assert len(changed) == 1
+    (pair,) = changed
+    assert pair.startswith(str(req))
+    assert l32[pair] - l8[pair] == framed_size(4 * pixels) - framed_size(pixels)
+    assert t8.busiest_link_bytes == max(l8.values()) < t32.busiest_link_bytes
+    ladder = PlanLadder([sparse], input_dtype="uint8")
+    assert ladder.input_dtype == "uint8" and ladder.plans[0].traffic == t8
+    timed = ladder.with_compute({ladder.plans[0].hash: 2.0})
+    assert timed.input_dtype == "uint8" and timed.plans[0].traffic == t8
+    # a plan that declares no normalization cannot take pixels; an unknown dtype is refused
+    bare = _export(tmp_path / "bare", 0, 0.5, accuracy=0.9)
+    with pytest.raises(LadderError, match="uint8 requests cannot feed"):
+        PlanLadder([sparse, bare], input_dtype="uint8")
+    with pytest.raises(LadderError, match="input_dtype"):
+        PlanLadder([sparse], input_dtype="int8")
+    # the serving ladder measures its fixed costs with requests of what it predicts for
+    from types import SimpleNamespace
+
+    from disco_fl.runtime.serving.ladder_server import LadderServer
+
+    sent: list[torch.Tensor] = []
+
+    def infer(x: torch.Tensor) -> tuple[torch.Tensor, str, float, list[int]]:
+        sent.append(x)
+        return torch.zeros(1), "s", 5.0, []
+
+    host = SimpleNamespace(
+        ladder=ladder,
+        by_hash={ladder.plans[0].hash: SimpleNamespace(infer=infer)},
+        _input_shape=list(plan.program.infos[plan.program.ops[0].name].shape),
+        _fixed={},
+    )
+    link = _link(20, 2)
+    LadderServer._calibrate(host, link, 1, 2)  # type: ignore[arg-type]
+    assert len(sent) == 3 and all(x.dtype == torch.uint8 and x.shape[0] == 1 for x in sent)
+    assert host.ladder.plans[0].compute_ms == pytest.approx(5.0 - link_ms(t8, link))

@@ -57,13 +57,24 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "estimate: the dense model's forward at batch 1 on one thread (median after warm-up) "
         "divided by --nodes",
     )
+    p.add_argument(
+        "--input-dtype",
+        choices=["float32", "uint8"],
+        default="float32",
+        help="what the requests' input travels as in the prediction: float32 (default, with "
+        "the codec) or uint8 (image pixels, 1 byte each, as `disco-fl infer` sends them)",
+    )
 
 
 def target_link(args: argparse.Namespace) -> LinkEstimate | None:
     """The link of ``--latency-target-ms`` (None without a target). The settings a target
     chooses may not be given with it, and ``--link`` / ``--compute-ms`` need a target."""
     if args.latency_target_ms is None:
-        for flag, val in (("--link", args.link), ("--compute-ms", args.compute_ms)):
+        for flag, val in (
+            ("--link", args.link),
+            ("--compute-ms", args.compute_ms),
+            ("--input-dtype", None if args.input_dtype == "float32" else args.input_dtype),
+        ):
             if val is not None:
                 raise ValueError(f"{flag} goes with --latency-target-ms")
         return None
@@ -105,11 +116,13 @@ def choose(
             f"{compute:.2f} ms per node"
         )
     log(
-        f"candidates for {args.latency_target_ms:g} ms on a link of {link.describe()} "
-        "(predicted ms, busiest-link kB; * the choice):"
+        f"candidates for {args.latency_target_ms:g} ms on a link of {link.describe()}, "
+        f"{args.input_dtype} input (predicted ms, busiest-link kB; * the choice):"
     )
     try:
-        choice = choose_for_latency(pm, link, args.latency_target_ms, compute)
+        choice = choose_for_latency(
+            pm, link, args.latency_target_ms, compute, input_dtype=args.input_dtype
+        )
     except LatencyTargetError as e:
         for line in format_candidates(e.candidates):
             log(f"  {line}")
@@ -128,7 +141,8 @@ def trained(
     args: argparse.Namespace, choice: LatencyChoice, pm: PartitionedModel, codec: str
 ) -> dict[str, Any]:
     """The record of the choice and of the trained plan's prediction (its hard masks)."""
-    trained_ms = choice.compute_ms + link_ms(plan_traffic(plan_of(pm, codec)), choice.link)
+    traffic = plan_traffic(plan_of(pm, codec), input_dtype=choice.input_dtype)
+    trained_ms = choice.compute_ms + link_ms(traffic, choice.link)
     return {
         **choice.to_json(),
         "compute_ms_source": "given" if args.compute_ms is not None else "estimate",

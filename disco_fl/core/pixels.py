@@ -88,13 +88,22 @@ def pixel_problem(
     ``input_shape`` (batch first) and ``meta``, or ``None``."""
     if x.dtype != PIXEL_DTYPE:
         return f"pixels of type {x.dtype}, expected uint8"
+    if (why := plan_pixel_problem(input_shape, meta)) is not None:
+        return why
+    want = [int(s) for s in input_shape[1:]]
+    if x.dim() != 4 or list(x.shape[1:]) != want:
+        dims = ", ".join(map(str, want))
+        return f"uint8 input of shape {list(x.shape)}; the plan expects [batch, {dims}]"
+    return None
+
+
+def plan_pixel_problem(input_shape: Sequence[int], meta: Mapping[str, Any]) -> str | None:
+    """Why a plan whose input is ``input_shape`` (batch first) and ``meta`` cannot take uint8
+    pixels at all (not an image input, or no image normalization declared), or ``None``."""
     want = [int(s) for s in input_shape[1:]]
     if len(want) != 3:
         shape = list(input_shape)
         return f"uint8 pixels need an image input [N, C, H, W]; the plan's input is {shape}"
-    if x.dim() != 4 or list(x.shape[1:]) != want:
-        dims = ", ".join(map(str, want))
-        return f"uint8 input of shape {list(x.shape)}; the plan expects [batch, {dims}]"
     try:
         image_normalization(meta, want[0])
     except PixelError as e:

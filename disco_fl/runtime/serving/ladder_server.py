@@ -233,7 +233,9 @@ class LadderServer(PlanServers):
         its hops beyond what the probe's round trip holds; it may be negative when a probe's
         echo costs more software time than a hop of the plan (the probe's round trip,
         counted per hop, then overstates the hops' cost)."""
-        x = torch.zeros([1, *self._input_shape[1:]])
+        # the requests' input as the ladder counts it: fp32, or uint8 pixels
+        dtype = torch.uint8 if self.ladder.input_dtype == "uint8" else torch.float32
+        x = torch.zeros([1, *self._input_shape[1:]], dtype=dtype)
         for r in self.ladder.plans:
             srv = self.by_hash[r.hash]
             for _ in range(warmup):

@@ -109,6 +109,7 @@ class LatencyChoice:
     link: LinkEstimate
     compute_ms: float
     candidates: tuple[Candidate, ...]  # in the accuracy order, skipped ones included
+    input_dtype: str = "float32"  # what the requests' input was counted as
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -125,6 +126,7 @@ class LatencyChoice:
             "predicted_ms": self.predicted_ms,
             "busiest_link_bytes": self.traffic.busiest_link_bytes,
             "hops": self.traffic.hops,
+            "input_dtype": self.input_dtype,
         }
 
 
@@ -149,8 +151,10 @@ def parse_link(text: str) -> LinkEstimate:
     return LinkEstimate(mbps * 1e6, rtt_ms / 1e3)
 
 
-def _traffic(pm: PartitionedModel, codecs: Sequence[str]) -> dict[str, PlanTraffic]:
-    return {c: plan_traffic(plan_of(pm, c)) for c in codecs}
+def _traffic(
+    pm: PartitionedModel, codecs: Sequence[str], input_dtype: str
+) -> dict[str, PlanTraffic]:
+    return {c: plan_traffic(plan_of(pm, c), input_dtype=input_dtype) for c in codecs}
 
 
 def _table(
@@ -159,6 +163,7 @@ def _table(
     compute_ms: float,
     grid: tuple[Sequence[float], Sequence[int | None], Sequence[str]],
     upper_bound: bool,
+    input_dtype: str,
 ) -> list[Candidate]:
     budgets, sync_limits, codecs = grid
     rows: list[Candidate] = []
@@ -168,7 +173,7 @@ def _table(
         allowed = {}
         if upper_bound and trains:
             calibrate_masks(pm, budget, None)
-            allowed = _traffic(pm, codecs)
+            allowed = _traffic(pm, codecs, input_dtype)
         for limit in sync_limits:
             if limit is not None and not trains:
                 why = f"budget {budget:g} trains no gates: every gate open or closed, no limit"
@@ -184,7 +189,7 @@ def _table(
                 rep = pm.comm_report()
                 most = rep.dense_sync_points if limit is None else limit
                 extra = max(0, min(most, rep.dense_sync_points) - rep.sync_points)
-            for codec, t in _traffic(pm, codecs).items():
+            for codec, t in _traffic(pm, codecs, input_dtype).items():
                 if codec in allowed:
                     most_bytes = max(t.busiest_link_bytes, allowed[codec].busiest_link_bytes)
                     t = replace(t, busiest_link_bytes=most_bytes)
@@ -204,6 +209,7 @@ def choose_for_latency(
     sync_limits: Sequence[int | None] = SYNC_LIMITS,
     codecs: Sequence[str] = CODECS,
     upper_bound: bool = True,
+    input_dtype: str = "float32",
 ) -> LatencyChoice:
     """The most accurate candidate predicted to meet ``target_ms`` on ``link`` (see the module).
 
@@ -218,6 +224,8 @@ def choose_for_latency(
     upper_bound : count what training may still open: sync points up to the limit, bytes up
         to the budget (default True; see the module); False: the calibrated masks' traffic
         alone, for gates already trained
+    input_dtype : what the requests' input travels as: ``"float32"`` (default, with each
+        candidate's codec) or ``"uint8"`` (image pixels, 1 byte each)
 
     Raises
     ------
@@ -232,7 +240,8 @@ def choose_for_latency(
         accuracy_key(0.0, None, codec)  # an unknown codec: a clear error
     saved = [(g, d, g.mask(d).clone()) for _, _, d, g in pm.gate_items()]
     try:
-        rows = _table(pm, link, compute_ms, (budgets, sync_limits, codecs), upper_bound)
+        grid = (budgets, sync_limits, codecs)
+        rows = _table(pm, link, compute_ms, grid, upper_bound, input_dtype)
     finally:
         for g, d, mask in saved:
             g.set_mask(d, mask)
@@ -252,6 +261,7 @@ def choose_for_latency(
                 link,
                 compute_ms,
                 tuple(rows),
+                input_dtype,
             )
     fast = min(
         valid, key=lambda r: (r.predicted_ms, accuracy_key(r.budget, r.max_sync_points, r.codec))

@@ -113,6 +113,15 @@ def add_ladder_args(p: argparse.ArgumentParser) -> None:
         help="with --ladder: compute time per plan (default: measured at start)",
     )
     p.add_argument(
+        "--ladder-input-dtype",
+        choices=["float32", "uint8"],
+        default="float32",
+        help="with --ladder: what the requests' input travels as in the predictions: float32 "
+        "(default; over-counts the input hop of pixel requests) or uint8 (image pixels, as "
+        "`disco-fl infer` and InferenceSession send them for plans with an image "
+        "normalization)",
+    )
+    p.add_argument(
         "--link-probe-bytes",
         type=int,
         default=DEFAULT_PAYLOAD_BYTES,
@@ -153,6 +162,7 @@ def cmd_serve_ladder(args: argparse.Namespace) -> int:
         [c.plan for c in configs],
         accuracies=_floats(args.ladder_accuracy, len(paths), "--ladder-accuracy"),
         compute_ms=compute,
+        input_dtype=args.ladder_input_dtype,
     )
     server = LadderServer(
         configs,

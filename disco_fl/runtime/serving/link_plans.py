@@ -53,6 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from disco_fl.core.pixels import plan_pixel_problem
 from disco_fl.emulation.comm import program_traffic
 from disco_fl.partition import plan_open_count
 from disco_fl.partition.plan import Plan
@@ -111,11 +112,14 @@ class PlanTraffic:
     frames: int  # messages on the busiest directed link
 
 
-def plan_traffic(plan: Plan, batch: int = 1) -> PlanTraffic:
-    """:class:`PlanTraffic` of ``batch`` inputs, from the emulation's accounting."""
+def plan_traffic(plan: Plan, batch: int = 1, input_dtype: str = "float32") -> PlanTraffic:
+    """:class:`PlanTraffic` of ``batch`` inputs, from the emulation's accounting.
+
+    ``input_dtype``: what the requests' input travels as, ``"float32"`` (with the plan's codec)
+    or ``"uint8"`` (image pixels, 1 byte each: :mod:`disco_fl.core.pixels`)."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    rep = program_traffic(plan.program, plan_open_count(plan), plan.codec)
+    rep = program_traffic(plan.program, plan_open_count(plan), plan.codec, input_dtype)
     per_link: dict[str, int] = {}
     frames: dict[str, int] = {}
     for layer in rep.layers:
@@ -188,6 +192,8 @@ class PlanLadder:
     compute_ms : per plan, the computation of one request (ms); None: 0 for every plan until
         measured (:meth:`with_compute`)
     batch : inputs per request the traffic is counted for (default 1)
+    input_dtype : what the requests' input travels as (:func:`plan_traffic`): ``"float32"``
+        (default; over-counts the input hop of requests sent as pixels) or ``"uint8"``
     """
 
     def __init__(
@@ -196,9 +202,12 @@ class PlanLadder:
         accuracies: Sequence[float] | None = None,
         compute_ms: Sequence[float] | None = None,
         batch: int = 1,
+        input_dtype: str = "float32",
     ) -> None:
         if not paths:
             raise LadderError("a plan ladder needs at least one plan")
+        if input_dtype not in ("float32", "uint8"):
+            raise LadderError(f"input_dtype must be 'float32' or 'uint8', got {input_dtype!r}")
         for name, vals in (("accuracies", accuracies), ("compute_ms", compute_ms)):
             if vals is not None and len(vals) != len(paths):
                 raise LadderError(f"{len(paths)} plans but {len(vals)} {name}")
@@ -227,25 +236,34 @@ class PlanLadder:
             ms = float(compute_ms[i]) if compute_ms is not None else 0.0
             if not (math.isfinite(ms) and ms >= 0):
                 raise LadderError(f"{f.parent}: compute_ms must be >= 0, got {ms}")
-            rungs.append(LadderPlan(f.parent, plan.hash, float(acc), ms, plan_traffic(plan, batch)))
+            if input_dtype == "uint8":
+                shape = plan.program.infos[plan.program.ops[0].name].shape
+                if (why := plan_pixel_problem(shape, plan.meta)) is not None:
+                    raise LadderError(f"{f.parent}: uint8 requests cannot feed this plan: {why}")
+            traffic = plan_traffic(plan, batch, input_dtype)
+            rungs.append(LadderPlan(f.parent, plan.hash, float(acc), ms, traffic))
         if len({r.hash for r in rungs}) != len(rungs):
             raise LadderError("the same plan appears twice in the ladder")
         assert model is not None
-        self._set(model[0], rungs)
+        self._set(model[0], rungs, input_dtype)
 
-    def _set(self, model_sha256: str, rungs: Sequence[LadderPlan]) -> None:
+    def _set(self, model_sha256: str, rungs: Sequence[LadderPlan], input_dtype: str) -> None:
         self.model_sha256 = model_sha256
+        self.input_dtype = input_dtype
         self.plans: tuple[LadderPlan, ...] = tuple(
             sorted(rungs, key=lambda r: (-r.accuracy, r.traffic.busiest_link_bytes, r.hash))
         )
 
     @classmethod
-    def of(cls, model_sha256: str, rungs: Sequence[LadderPlan]) -> PlanLadder:
-        """A ladder of rungs already checked to be of one model (tests, :meth:`with_compute`)."""
+    def of(
+        cls, model_sha256: str, rungs: Sequence[LadderPlan], input_dtype: str = "float32"
+    ) -> PlanLadder:
+        """A ladder of rungs already checked to be of one model (tests, :meth:`with_compute`);
+        ``input_dtype``: what their traffic was counted with."""
         if not rungs or len({r.hash for r in rungs}) != len(rungs):
             raise LadderError("a plan ladder needs distinct plans")
         out = object.__new__(cls)
-        out._set(model_sha256, rungs)
+        out._set(model_sha256, rungs, input_dtype)
         return out
 
     def with_compute(self, compute_ms: dict[str, float]) -> PlanLadder:
@@ -256,6 +274,7 @@ class PlanLadder:
                 replace(r, compute_ms=float(compute_ms.get(r.hash, r.compute_ms)))
                 for r in self.plans
             ],
+            self.input_dtype,
         )
 
     def by_hash(self, plan_hash: str) -> LadderPlan | None:
