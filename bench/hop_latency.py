@@ -15,9 +15,13 @@ paths, each a ping-pong between two processes (median round trip; a hop is about
 - ``transport_threads``: the same transport used from an ordinary thread (``send`` / blocking
   ``recv``), as joint training uses it: every frame changes threads on both sides.
 
+``--syscalls`` also counts the syscalls of the pinging process per round trip of
+``raw_grpc_aio`` and ``transport_loop`` (``strace -c -f`` attached for ~3 s of a longer
+ping-pong): where a hop's software time goes.
+
 Usage::
 
-    python bench/hop_latency.py [--n 600] [--json OUT]
+    python bench/hop_latency.py [--n 600] [--syscalls] [--json OUT]
 """
 
 from __future__ import annotations
@@ -26,9 +30,13 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import statistics
+import subprocess
+import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,17 +90,17 @@ def _raw_server(port_q: Any, n: int) -> None:
     asyncio.run(main())
 
 
-def _raw(n: int) -> list[float]:
+def _raw(n: int, syscalls: dict[str, Any] | None = None) -> list[float]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_raw_server, args=(q, n), daemon=True)
     p.start()
     address = q.get(timeout=60)
+    rtts: list[float] = []
 
     async def main() -> list[float]:
         async with grpc.aio.insecure_channel(address) as channel:
             call = peer_pb2_grpc.PeerStub(channel).Exchange()
-            rtts = []
             for i in range(n):
                 frame = _frame(0, 1, i)
                 t0 = time.perf_counter()
@@ -103,7 +111,10 @@ def _raw(n: int) -> list[float]:
             return rtts
 
     try:
-        return asyncio.run(main())
+        if syscalls is None:
+            return asyncio.run(main())
+        syscalls.update(_traced(lambda: asyncio.run(main()), rtts))
+        return rtts
     finally:
         p.kill()
         p.join(10)
@@ -197,7 +208,45 @@ def _echo(port_q: Any, addr_q: Any, n: int, on_loop: bool) -> None:
     t.close()
 
 
-def _transport(n: int, on_loop: bool) -> list[float]:
+def _strace_counts(path: Path) -> dict[str, int]:
+    """Calls per syscall from an ``strace -c`` summary file."""
+    counts: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        # "% time  seconds  usecs/call  calls  [errors]  syscall"
+        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+            counts[parts[-1]] = int(parts[3])
+    return counts
+
+
+def _traced(ping_pong: Callable[[], Any], rtts: list[float]) -> dict[str, Any]:
+    """Run ``ping_pong`` (which appends to ``rtts``) in a thread; count this process's
+    syscalls per round trip over ~3 s of it, after 1 s of warm-up (``strace -c -f``)."""
+    runner = threading.Thread(target=ping_pong)
+    runner.start()
+    time.sleep(1.0)
+    out = Path(tempfile.mkdtemp()) / "strace.txt"
+    before = len(rtts)
+    tracer = subprocess.Popen(
+        ["strace", "-c", "-f", "-p", str(os.getpid()), "-o", str(out)], stderr=subprocess.DEVNULL
+    )
+    time.sleep(3.0)
+    tracer.terminate()
+    tracer.wait(30)
+    traced = len(rtts) - before  # round trips while traced (one may straddle each end)
+    runner.join()
+    counts = _strace_counts(out)
+    ordered = sorted(counts.items(), key=lambda kv: -kv[1])
+    return {
+        "round_trips": traced,
+        "per_round_trip": {k: round(v / traced, 2) for k, v in ordered},
+        "total_per_round_trip": round(sum(counts.values()) / traced, 1),
+    }
+
+
+def _transport(n: int, on_loop: bool, syscalls: dict[str, Any] | None = None) -> list[float]:
+    """The transport's ping-pong; with ``syscalls`` (a dict to fill, ``on_loop`` only), the
+    pinging process's syscalls during ~3 s of it (``strace -c -f``), per round trip."""
     ctx = mp.get_context("spawn")
     pq, aq = ctx.Queue(), ctx.Queue()
     p = ctx.Process(target=_echo, args=(pq, aq, n, on_loop))
@@ -219,7 +268,10 @@ def _transport(n: int, on_loop: bool) -> list[float]:
                 await t.recv_async(f"s{i}", 0, 1, 30)
                 rtts.append((time.perf_counter() - t0) * 1e6)
 
-        t.run(ping())
+        if syscalls is None:
+            t.run(ping())
+        else:
+            syscalls.update(_traced(lambda: t.run(ping()), rtts))
     else:
         for i in range(n):
             frame = _frame(0, 1, i)
@@ -236,15 +288,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="also count the pinging process's syscalls per round trip of transport_loop "
+        "(strace -c -f for ~3 s of a separate, longer ping-pong; needs strace and ptrace)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
-    out = {
+    out: dict[str, Any] = {
         "frame_payload_bytes": 4 * 8 * 14 * 14,
         "raw_grpc_aio": _stats(_raw(args.n)),
         "raw_grpc_aio_two_streams": _stats(_raw_two_streams(args.n)),
         "transport_loop": _stats(_transport(args.n, on_loop=True)),
         "transport_threads": _stats(_transport(args.n, on_loop=False)),
     }
+    if args.syscalls:
+        raw: dict[str, Any] = {}
+        ours: dict[str, Any] = {}
+        _raw(max(args.n, 5000), syscalls=raw)
+        _transport(max(args.n, 5000), on_loop=True, syscalls=ours)
+        out["syscalls"] = {"raw_grpc_aio": raw, "transport_loop": ours}
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
