@@ -65,6 +65,7 @@ from typing import Any
 import torch
 
 from disco_fl.cli.demo import free_ports
+from disco_fl.core.heap import tune_heap
 from disco_fl.emulation.balance import compute_shares, random_plan, shard_compute_ms
 from disco_fl.emulation.capacity import channel_shares
 from disco_fl.emulation.export import load_shard, run_shards
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "channels rule, partition(..., capacities=...) alone)",
     )
     args = ap.parse_args(argv)
+    tune_heap()  # as the disco-fl processes it compares with (disco_fl.core.heap)
     if not 0.0 < args.quota <= 1.0:
         ap.error("--quota must be in (0, 1]")
     t_start = time.time()

@@ -81,6 +81,7 @@ import torch
 
 import disco_fl
 from disco_fl.cli.demo import free_ports
+from disco_fl.core.heap import tune_heap
 from disco_fl.core.pixels import pixels_to_input
 from disco_fl.data import (
     MNIST_MEAN,
@@ -634,6 +635,7 @@ def main() -> None:
         "image batch, 1 byte per pixel on the input hop, normalized by every node",
     )
     args = ap.parse_args()
+    tune_heap()  # as the disco-fl processes it compares with (disco_fl.core.heap)
     uint8 = args.input_dtype == "uint8"
     pixels: torch.Tensor | None = None  # uint8 requests: the images of xte
     meta: dict[str, Any] | None = None  # the plans' input normalization (uint8 requests)

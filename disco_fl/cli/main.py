@@ -16,6 +16,7 @@ import torch
 
 from disco_fl.cli import latency as latency_cli
 from disco_fl.cli.demo import add_demo_args, run_demo
+from disco_fl.core.heap import tune_heap
 from disco_fl.data import (
     MNIST_MEAN,
     MNIST_STD,
@@ -378,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_heap()  # freed tensors stay for the next run (disco_fl.core.heap)
     try:
         if args.command == "demo":
             run_demo(args)

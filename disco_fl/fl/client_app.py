@@ -80,6 +80,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
+from disco_fl.core.heap import tune_heap
 from disco_fl.fl.availability import PING_ACTION, ping
 from disco_fl.fl.calibration import (
     CALIBRATE_ACTION,
@@ -450,14 +451,17 @@ def make_client_app(loss_fn: LossFn | None = None, metric_fn: MetricFn | None = 
 
     @client.query(CALIBRATE_ACTION)
     def _calibrate(msg: Message, context: Context) -> Message:
+        tune_heap()  # freed tensors stay for the next step (disco_fl.core.heap)
         return calibrate(msg, context)
 
     @client.train()
     def _train(msg: Message, context: Context) -> Message:
+        tune_heap()  # freed tensors stay for the next step (disco_fl.core.heap)
         return train(msg, context, loss_fn)
 
     @client.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
+        tune_heap()  # freed tensors stay for the next step (disco_fl.core.heap)
         return evaluate(msg, context, metric_fn)
 
     return client

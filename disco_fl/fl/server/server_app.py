@@ -57,6 +57,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from disco_fl.core.files import atomic_write_bytes
+from disco_fl.core.heap import tune_heap
 from disco_fl.data import MNIST_MEAN, MNIST_STD
 from disco_fl.fl.federated import ModelSpec
 from disco_fl.fl.server.calibration import calibrate_households, wants_calibration
@@ -113,6 +114,7 @@ FAILED_NAME = "failed.json"  # in run-dir: why the ServerApp stopped (the demo w
 def main(grid: Grid, context: Context) -> None:
     """Roster, DISCO rounds (resuming a checkpoint), export of the plan and shards; a
     failure is also written to ``<run-dir>/failed.json`` before it is raised."""
+    tune_heap()  # freed tensors stay for the next use (disco_fl.core.heap)
     run_dir = str(context.run_config.get("run-dir", ""))
     if run_dir:
         (Path(run_dir) / FAILED_NAME).unlink(missing_ok=True)

@@ -54,6 +54,7 @@ from typing import Any
 
 import torch
 
+from disco_fl.core.heap import free_heap_bytes, release_free_memory
 from disco_fl.emulation.export import ExportedShard, load_shard
 from disco_fl.proto_gen.disco.v1 import peer_pb2_grpc
 from disco_fl.runtime.inference import BUSY_TAG, refuse_session, run_node_async
@@ -61,11 +62,11 @@ from disco_fl.runtime.serving.inference_service import InferenceHost, InferenceS
 from disco_fl.runtime.serving.missing import MissingNodes
 from disco_fl.runtime.serving.serve_config import (
     CHUNK_INPUT_BYTES,
+    IDLE_KEEP_BYTES,
     IDLE_TRIM_S,
     BusyError,
     ServeConfig,
     peer_session_timeout,
-    release_free_memory,
 )
 from disco_fl.runtime.transport.grpc_transport import (
     GrpcTransport,
@@ -79,7 +80,6 @@ __all__ = [
     "NodeServer",
     "ServeConfig",
     "peer_session_timeout",
-    "release_free_memory",
     "serve_forever",
 ]
 
@@ -107,6 +107,8 @@ class NodeServer:
         self._lock = threading.Lock()
         self._active: set[str] = set()  # sessions running here (requests' and peers')
         self._starts = 0  # sessions started so far (an idle node trims if none started since)
+        self._peak = 0  # most sessions at once since the node was last idle
+        self._lone_free = 0  # free heap bytes the last session that ran alone left behind
         self._inflight = asyncio.Semaphore(config.max_inflight)  # requests (requester)
         self._slots = asyncio.Semaphore(config.max_inflight)  # sessions (other nodes)
         # sessions of the other nodes, running or queued: id -> (arrival, task)
@@ -264,8 +266,7 @@ class NodeServer:
                         f"{done} of {n} inputs (request {sid!r})"
                     )
                 with self._lock:
-                    self._active.add(part_sid)
-                    self._starts += 1
+                    self._enter(part_sid)
                 try:
                     out = await run_node_async(
                         self.node,
@@ -324,8 +325,7 @@ class NodeServer:
                     f"session refused"
                 )
             else:
-                self._active.add(session_id)
-                self._starts += 1
+                self._enter(session_id)
                 task = self.transport.loop.create_task(
                     self._serve_session(session_id, step, arrival, set(missing))
                 )
@@ -387,14 +387,28 @@ class NodeServer:
                 self._sessions.pop(session_id, None)
             self._leave(session_id)
 
+    def _enter(self, session_id: str) -> None:
+        """A session starts here (under ``_lock``)."""
+        self._active.add(session_id)
+        self._starts += 1
+        self._peak = max(self._peak, len(self._active))
+
     def _leave(self, session_id: str) -> None:
         """A session ended here (on the loop). Once the node has been idle for
-        ``IDLE_TRIM_S``, the memory its sessions freed goes back to the system: a burst of
-        large requests (or of failures) does not leave the node at its peak RSS."""
+        ``IDLE_TRIM_S``, the memory its sessions freed goes back to the system if there is
+        more of it than one session needs: a burst of large or concurrent requests (or of
+        failures) does not leave the node at its peak RSS, while the heap a lone request
+        leaves free (its working set, at least ``IDLE_KEEP_BYTES``) stays for the next one,
+        which then runs without page faults (:mod:`disco_fl.core.heap`)."""
         with self._lock:
             self._active.discard(session_id)
             idle = not self._active
             mark = self._starts
+            lone = idle and self._peak == 1
+            if idle:
+                self._peak = 0
+        if lone:
+            self._lone_free = free_heap_bytes() or 0
         if idle and not self._stop.is_set():
             with contextlib.suppress(RuntimeError):  # the loop has stopped
                 self.transport.loop.call_later(IDLE_TRIM_S, self._trim_if_idle, mark)
@@ -403,7 +417,8 @@ class NodeServer:
         with self._lock:
             if self._active or self._starts != mark:
                 return  # a session started since: it is not idle time
-        release_free_memory()
+            keep = max(IDLE_KEEP_BYTES, self._lone_free + self._lone_free // 4)
+        release_free_memory(keep)
 
     def _failed(self, counter: str, msg: str) -> None:
         log.warning("node %d: %s", self.index, msg)

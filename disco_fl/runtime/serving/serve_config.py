@@ -3,15 +3,13 @@
 The configuration of ``disco-fl serve`` (deadline, in-flight and queued sessions, batch and
 chunk sizes, connection limits), the error of a node with no room for a request
 (:class:`BusyError`), the deadline of a session on a node that is not the requester
-(:func:`peer_session_timeout`), and giving freed memory back to the system
-(:func:`release_free_memory`), which an idle node does.
+(:func:`peer_session_timeout`), and when an idle node gives freed memory back to the system
+(``IDLE_TRIM_S``, ``IDLE_KEEP_BYTES``; :func:`disco_fl.core.heap.release_free_memory`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,27 +23,10 @@ from disco_fl.runtime.transport.grpc_transport import (
 
 CHUNK_INPUT_BYTES = 1 << 20  # automatic chunk_batch: about this many input bytes per chunk
 IDLE_TRIM_S = 0.5  # a node idle this long gives the C heap's free pages back to the system
-_TRIM: list[Callable[[int], int] | None] = []  # glibc's malloc_trim, looked up once
-
-
-def release_free_memory() -> bool:
-    """Give the free pages of the C heap back to the operating system (glibc's
-    ``malloc_trim``); ``False`` where there is no such call.
-
-    Freed tensors of up to 32 MiB come from glibc's heap, which keeps its free pages (the
-    process's RSS stays at its peak) until something trims it."""
-    if not _TRIM:
-        fn: Callable[[int], int] | None = None
-        with contextlib.suppress(Exception):
-            trim = ctypes.CDLL(None).malloc_trim
-            trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-            fn = trim
-        _TRIM.append(fn)
-    fn = _TRIM[0]
-    if fn is None:
-        return False
-    fn(0)
-    return True
+# ... unless the heap holds at most this much free: the working set of a typical request is
+# kept for the next one (refaulting it costs every request after an idle pause; see
+# docs/serving.md), a burst's excess goes back
+IDLE_KEEP_BYTES = 128 << 20
 
 
 def peer_session_timeout(deadline_s: float) -> float:
