@@ -10,10 +10,12 @@ counts, not wall times, so a busy machine moves them little):
 1. ``in_process``: both shard programs in one process (``run_shards``, one thread), ``--runs``
    runs after two warm-ups, in a fresh process with glibc's defaults and in one with
    ``tune_heap()``;
-2. ``serving``: two ``disco-fl serve`` processes (tuned, as every ``disco-fl`` command is), the
-   requests ``--gap`` seconds apart: ``0.1`` (back to back) and ``1.0`` (longer than the idle
-   trim's 0.5 s: the node gives memory back between requests unless it is what a lone request
-   needs); per node, the faults and CPU time of its threads per request.
+2. ``serving``: two ``disco-fl serve`` processes, the requests 0.1 s apart (back to back) and
+   1.0 s apart (longer than the idle trim's 0.5 s: the node gives memory back between
+   requests unless it is what a lone request needs); per node, the faults and CPU time of its
+   threads per request. Twice: ``tuned`` (as every ``disco-fl`` command is) and ``default``
+   (the nodes started with ``MALLOC_ARENA_MAX=16``, glibc's own default on 2 cores, in their
+   environment, so ``tune_heap`` leaves glibc as it is: the serving before the tuning).
 
 Usage::
 
@@ -94,20 +96,21 @@ def _counters(pid: int) -> tuple[int, float, float]:
     return int(f[7]), int(f[11]) / tick, int(f[12]) / tick
 
 
-def serving(work: Path, requests: int, gap: float) -> dict[str, Any]:
+def serving(work: Path, requests: int, gap: float, heap: str) -> dict[str, Any]:
+    env = dict(ENV, MALLOC_ARENA_MAX=str(8 * (os.cpu_count() or 1))) if heap == "default" else ENV
     ports = free_ports(2)
     addrs = ",".join(f"127.0.0.1:{p}" for p in ports)
     procs = []
     for k in (0, 1):
-        ready = work / f"ready{k}_{gap}"
+        ready = work / f"ready{k}_{gap}_{heap}"
         cmd = [sys.executable, "-m", "disco_fl.cli.main", "serve", str(work / "plan"),
                "--node", str(k), "--peers", addrs, "--threads", "1", "--deadline", "300",
                "--chunk-batch", "4096", "--ready-file", str(ready)]  # fmt: skip
         out = subprocess.DEVNULL
-        procs.append(subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT))
     try:
         deadline = time.monotonic() + 180
-        while not all((work / f"ready{k}_{gap}").exists() for k in (0, 1)):
+        while not all((work / f"ready{k}_{gap}_{heap}").exists() for k in (0, 1)):
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError("the serving nodes did not start")
             time.sleep(0.1)
@@ -132,6 +135,7 @@ def serving(work: Path, requests: int, gap: float) -> dict[str, Any]:
                         }
                     )
         return {
+            "heap": heap,
             "gap_s": gap,
             "server_ms_median": statistics.median(server_ms),
             "nodes": [{"median": _median(r), "requests": r} for r in rows],
@@ -174,9 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             out["in_process"][mode] = json.loads(res.read_text())
             print(mode, out["in_process"][mode]["median"], flush=True)
-        out["serving"] = [serving(work, args.requests, gap) for gap in (0.1, 1.0)]
-        for r in out["serving"]:
-            print(f"gap {r['gap_s']} s:", [n["median"] for n in r["nodes"]], flush=True)
+        out["serving"] = []
+        for heap in ("default", "tuned"):
+            for gap in (0.1, 1.0):
+                r = serving(work, args.requests, gap, heap)
+                out["serving"].append(r)
+                print(f"{heap}, gap {gap} s:", [n["median"] for n in r["nodes"]], flush=True)
     out["loadavg_end"] = list(os.getloadavg())
     Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
