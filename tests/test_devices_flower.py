@@ -23,7 +23,7 @@ from disco_fl.emulation.capacity import channel_shares, training_memory
 from disco_fl.fl.federated import ModelSpec, split_global_state, unpack_state
 from disco_fl.fl.server import DiscoStrategy, NodeInfo, RosterError, build_roster, devices
 from disco_fl.fl.server.checkpoint import RunState, load_run, save_run
-from disco_fl.fl.server.devices import Slicing, fit_to_roster
+from disco_fl.fl.server.devices import Slicing, fit_to_roster, fitted_arrays
 from disco_fl.fl.server.roster import NodeMemoryError, check_memory, roster_capacities
 from disco_fl.fl.server.server_app import strategy_from_config
 from disco_fl.partition.plan import Plan
@@ -217,6 +217,9 @@ def test_strategy_slices_by_compute_and_resume_keeps_the_shares(
     got = channel_shares(s.pm.program)
     assert got[0] == pytest.approx(sl.shares[0], abs=0.03)
     assert "slices by compute: capacities 0.667/0.333" in caplog.text
+    program = s.pm.program.to_json()  # arrays of a dense model made now: the same partition
+    assert fitted_arrays(s, again := s.initial_arrays(SPEC.build_dense(1))) is again
+    assert s.pm.program.to_json() == program
     # the channels rule on the same roster gives node 0 about 2/3
     by_channels = _strategy(tmp_path / "channels")
     by_channels.start(grid, by_channels.initial_arrays(), num_rounds=1, timeout=30)
