@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from disco_fl.emulation import balance
 from disco_fl.emulation.balance import (
+    check_slice_rule,
     compute_shares,
     fit_costs,
     random_plan,
@@ -21,7 +21,7 @@ from disco_fl.emulation.balance import (
     solve_shares,
 )
 from disco_fl.emulation.capacity import channel_shares
-from disco_fl.emulation.export import load_shard, run_shards
+from disco_fl.emulation.export import ExportedShard, load_shard, run_shards
 from disco_fl.models import build_model
 
 
@@ -117,28 +117,34 @@ def test_shard_compute_ms_times_each_node(tmp_path: Path) -> None:
     assert set(seen) == {0, 1}
 
 
-def test_compute_shares_end_to_end_with_a_deterministic_cost(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_compute_shares_end_to_end_with_a_deterministic_cost() -> None:
     """The rule on real partitions of the small ResNet: candidates equal, halfway and
-    channel-proportional, each timed (here: a cost of 1 + 100 x share^2 from the partition's
-    real channel shares, in place of the clock), the solve on the shares as partitioned."""
+    channel-proportional, each timed (here: ``timer``, a cost of 1 + 100 x share^2 from the
+    partition's real channel shares, in place of the clock), the solve on the shares as
+    partitioned; the model keeps its train / eval mode."""
     model, x = _small_resnet()
+    timed: list[int] = []
 
-    def fake_time(
-        nodes: Sequence[object], x: torch.Tensor, reps: int = 3, stat=None
-    ) -> list[float]:  # type: ignore[no-untyped-def]
-        shares = channel_shares(nodes[0].plan.program)  # type: ignore[attr-defined]
-        return [1 + 100 * s * s for s in shares]
+    def fake_time(nodes: Sequence[ExportedShard], x: torch.Tensor) -> list[float]:
+        timed.append(len(nodes))
+        return [1 + 100 * s * s for s in channel_shares(nodes[0].plan.program)]
 
-    monkeypatch.setattr(balance, "shard_compute_ms", fake_time)
-    shares, trials = compute_shares(model, 2, x[:1], [2.0, 1.0], 0.1)
+    model.train()
+    shares, trials = compute_shares(model, 2, x[:1], [2.0, 1.0], 0.1, timer=fake_time)
+    assert model.training and timed == [2, 2, 2]
     assert [t["shares"][0] for t in trials] == pytest.approx([0.5, 0.583, 0.667], abs=0.02)
     assert sum(shares) == pytest.approx(1.0)
     assert (1 + 100 * shares[0] ** 2) / 2 == pytest.approx(1 + 100 * shares[1] ** 2, rel=1e-3)
     assert shares[0] < 0.62 < 2 / 3  # the channels rule would give node 0 two thirds
     # equal capacities: equal shares, nothing measured
-    assert compute_shares(model, 2, x[:1], [1.5, 1.5], 0.1) == ((0.5, 0.5), [])
+    assert compute_shares(model, 2, x[:1], [1.5, 1.5], 0.1, timer=fake_time) == ((0.5, 0.5), [])
+    assert timed == [2, 2, 2]
+
+
+def test_slice_rules_are_checked() -> None:
+    assert check_slice_rule("compute") == "compute"
+    with pytest.raises(ValueError, match=r"one of 'channels', 'compute' .*got 'flops'"):
+        check_slice_rule("flops")
 
 
 def test_train_slices_compute_partitions_by_the_rule(

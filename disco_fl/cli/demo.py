@@ -3,7 +3,8 @@
 Steps: pretrain a dense model on the public part of the built-in data (or load ``--checkpoint``);
 start ``flower-superlink`` and one ``flower-supernode`` per node (each with its household, shard,
 peer address, private data partition and, with ``--capacities``, its ``capacity`` in
-``--node-config``: the strategy then slices every layer in proportion); ``flwr run`` the DISCO app
+``--node-config``: the strategy then slices every layer in proportion, or by measured shard
+compute with ``--slices compute``, the run config's ``slices``); ``flwr run`` the DISCO app
 (``disco_fl.fl.server.server_app:app`` / ``disco_fl.fl.client_app:app``) from a small app folder
 whose components point into the installed package; wait for the exported plan and shards; start
 ``disco-fl serve`` on every node of one household; run collaborative inference on the held-out split
@@ -43,6 +44,7 @@ from disco_fl.cli.deployment import (
     write_app,
 )
 from disco_fl.core.files import save_torch
+from disco_fl.emulation.balance import SLICE_RULES
 from disco_fl.fl.federated import TASK_DEFAULTS, ModelSpec, builtin_tensors
 from disco_fl.models import MODEL_TASKS
 from disco_fl.partition.plan import Plan
@@ -142,6 +144,35 @@ def _payload(status: dict[str, Any]) -> int:
     return int(v) if isinstance(v, (int, float)) else 0
 
 
+def demo_run_config(
+    args: argparse.Namespace, spec: ModelSpec, dense_path: Path, run_dir: Path
+) -> dict[str, Any]:
+    """The run config of the demo's ``flwr run`` (the ServerApp's keys,
+    :mod:`disco_fl.fl.server.server_app`) from its arguments (the task's defaults filled in)."""
+    return {
+        **spec.to_config(),
+        "households": args.households,
+        "num-rounds": args.rounds,
+        "steps": args.steps,
+        "batch-size": args.batch_size,
+        "lr": args.lr,
+        "budget": args.budget,
+        "finetune-rounds": min(args.finetune_rounds, args.rounds),
+        "codec": args.codec,
+        "seed": args.seed,
+        "dp": bool(args.dp),
+        "dp-noise": args.dp_noise,
+        "dp-clip": args.dp_clip,
+        "node-dropout": args.node_dropout,
+        "evaluate": True,
+        "step-timeout": args.step_timeout,
+        "round-timeout": args.round_timeout,
+        "initial-checkpoint": str(dense_path),
+        "run-dir": str(run_dir),
+        "slices": getattr(args, "slices", "channels"),
+    }
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """The whole demo; returns the summary (also written to ``--json``)."""
     from disco_fl.emulation.budget import evaluate, train_model
@@ -213,27 +244,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     )
     progress(f"dense {metric} {acc_dense:.4f} on {len(y_test)} held-out images")
 
-    config = {
-        **spec.to_config(),
-        "households": args.households,
-        "num-rounds": args.rounds,
-        "steps": args.steps,
-        "batch-size": args.batch_size,
-        "lr": args.lr,
-        "budget": args.budget,
-        "finetune-rounds": min(args.finetune_rounds, args.rounds),
-        "codec": args.codec,
-        "seed": args.seed,
-        "dp": bool(args.dp),
-        "dp-noise": args.dp_noise,
-        "dp-clip": args.dp_clip,
-        "node-dropout": args.node_dropout,
-        "evaluate": True,
-        "step-timeout": args.step_timeout,
-        "round-timeout": args.round_timeout,
-        "initial-checkpoint": str(dense_path),
-        "run-dir": str(run_dir),
-    }
+    config = demo_run_config(args, spec, dense_path, run_dir)
     app = write_app(workdir / "app", config)
     dep = Deployment(workdir, args.households, args.nodes)
     stop_signal = {"sig": 0}
@@ -288,6 +299,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "epsilon_per_household": eps if isinstance(eps, dict) else None,
         "nodes": args.nodes,
         "capacities": list(caps) if caps else None,
+        "slices": fl.get("slices"),
         "channel_shares": shares,
         "households": args.households,
         "rounds": args.rounds,
@@ -348,7 +360,16 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
         "--capacities",
         default=None,
         help="relative capacity per node, e.g. 1,3 (`disco-fl probe`), given to every "
-        "household's SuperNodes as capacity=...: slices proportional to it (default equal)",
+        "household's SuperNodes as capacity=...: slices proportional to it (default equal; "
+        "see --slices)",
+    )
+    p.add_argument(
+        "--slices",
+        default="channels",
+        choices=list(SLICE_RULES),
+        help="with --capacities, the run config's slices: channel shares proportional to the "
+        "capacities (channels, default), or shares whose shard compute, timed by the "
+        "ServerApp, is (compute: better for sparse plans; docs/deployment.md)",
     )
     p.add_argument(
         "--rounds", type=int, default=None, help="federated rounds (default 3; dense tasks 2)"

@@ -26,7 +26,7 @@ from disco_fl.data import (
     stratified_split,
     task_data,
 )
-from disco_fl.emulation.balance import compute_shares
+from disco_fl.emulation.balance import SLICE_RULES, compute_shares
 from disco_fl.emulation.budget import BudgetConfig, evaluate, fit_budget, train_model
 from disco_fl.emulation.capacity import channel_shares, parse_capacities
 from disco_fl.emulation.comm import CommReport, program_traffic
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--slices",
             default="channels",
-            choices=["channels", "compute"],
+            choices=list(SLICE_RULES),
             help="with --capacities: channel shares proportional to the capacities (channels, "
             "default), or shares whose measured shard compute is (compute: better for sparse "
             "plans; docs/deployment.md)",

@@ -21,8 +21,10 @@ rule (:func:`compute_shares`) measures instead of assuming:
    (:func:`solve_shares`).
 
 The result is a tuple of shares summing to 1, to pass to ``partition(..., capacities=...)``;
-``disco-fl train --slices compute`` and ``bench/household_uneven.py`` use it. It depends on this
-machine's timing (not bit-reproducible); the plan records the shares it was partitioned with.
+``disco-fl train --slices compute``, the Flower strategy (``DiscoStrategy(slices="compute")``,
+run config ``slices``, :mod:`disco_fl.fl.server.devices`) and ``bench/household_uneven.py`` use
+it. It depends on this machine's timing (not bit-reproducible); the plan records the shares it
+was partitioned with (and the Flower run's checkpoint, so that a resumed run keeps them).
 """
 
 from __future__ import annotations
@@ -44,7 +46,20 @@ from disco_fl.emulation.export import ExportedShard, load_shard, run_shards
 from disco_fl.emulation.model import PartitionedModel, partition
 
 MIN_SHARE = 0.02
+SLICE_RULES = ("channels", "compute")  # capacities -> shares: proportional, or by compute
 Log = Callable[[str], None]
+# each node's compute (ms) of a partition's shards for an input: shard_compute_ms by default
+Timer = Callable[[Sequence[ExportedShard], torch.Tensor], Sequence[float]]
+
+
+def check_slice_rule(rule: str) -> str:
+    """``rule`` if it is one of :data:`SLICE_RULES`, else ``ValueError`` naming them."""
+    if rule not in SLICE_RULES:
+        raise ValueError(
+            f"slices must be one of {', '.join(repr(r) for r in SLICE_RULES)} (channel shares "
+            f"proportional to the capacities, or by measured shard compute), got {rule!r}"
+        )
+    return rule
 
 
 @contextlib.contextmanager
@@ -205,10 +220,14 @@ def compute_shares(
     seed: int = 0,
     capture: Literal["fx", "export", "auto"] = "auto",
     log: Log | None = None,
+    timer: Timer | None = None,
 ) -> tuple[tuple[float, ...], list[dict[str, Any]]]:
     """The *compute* rule of the module docstring: (shares summing to 1, the measured samples
     ``[{"shares", "node_compute_ms"}]``). ``example``: one input batch of the size the plan
-    will serve (its compute is what is balanced)."""
+    will serve (its compute is what is balanced). Equal capacities: equal shares, nothing
+    timed. ``timer(nodes, example)``: each node's compute in ms of a candidate's shards
+    (default: :func:`shard_compute_ms`, the fastest of ``reps`` runs; a deterministic cost in
+    tests). ``model`` keeps its train / eval mode."""
     n = num_nodes
     total = float(sum(capacities))
     prop = [c / total for c in capacities]
@@ -218,21 +237,29 @@ def compute_shares(
     candidates = [even, [(a + b) / 2 for a, b in zip(even, prop, strict=True)], prop]
     samples: list[tuple[Sequence[float], Sequence[float]]] = []
     trials: list[dict[str, Any]] = []
+    was_training = model.training
     model.eval()
-    for i, shares in enumerate(candidates):
-        pm, _ = random_plan(
-            model, n, example, shares, budget, max_sync_points, seed=seed, capture=capture
-        )
-        nodes = _exported(pm)
-        t = shard_compute_ms(nodes, example, reps, stat=min)
-        shares = channel_shares(nodes[0].plan.program)  # as partitioned (whole channels)
-        samples.append((shares, t))
-        trials.append({"shares": shares, "node_compute_ms": t})
-        if log:
-            log(
-                f"slices by compute: candidate {i + 1}/{len(candidates)} shares "
-                f"{[round(s, 3) for s in shares]}: node compute ms {[round(v, 1) for v in t]}"
+    try:
+        for i, shares in enumerate(candidates):
+            pm, _ = random_plan(
+                model, n, example, shares, budget, max_sync_points, seed=seed, capture=capture
             )
+            nodes = _exported(pm)
+            if timer is None:
+                t = shard_compute_ms(nodes, example, reps, stat=min)
+            else:
+                t = [float(v) for v in timer(nodes, example)]
+            shares = channel_shares(nodes[0].plan.program)  # as partitioned (whole channels)
+            samples.append((shares, t))
+            trials.append({"shares": shares, "node_compute_ms": t})
+            if log:
+                log(
+                    f"slices by compute: candidate {i + 1}/{len(candidates)} shares "
+                    f"{[round(s, 3) for s in shares]}: node compute ms "
+                    f"{[round(v, 1) for v in t]}"
+                )
+    finally:
+        model.train(was_training)
     out = solve_shares(samples, [c / total for c in capacities])
     if log:
         log(f"slices by compute: shares {[round(s, 3) for s in out]} for capacities {capacities}")
@@ -241,7 +268,10 @@ def compute_shares(
 
 __all__ = [
     "MIN_SHARE",
+    "SLICE_RULES",
     "Curve",
+    "Timer",
+    "check_slice_rule",
     "compute_shares",
     "fit_costs",
     "random_plan",

@@ -6,7 +6,11 @@ One file, ``<checkpoint_dir>/checkpoint.pt``: tensors and plain data only (loade
 killed write leaves the previous checkpoint. Content (:class:`RunState`): the rounds done, the
 total rounds, the settings it must agree with to be resumed, the global arrays (every shard,
 keys ``"<k>/<key>"``), the budget multiplier ``lam``, the per-round history, each
-household's DP history and the capacities the shards were sliced by (a resumed run keeps them).
+household's DP history and how the shards were sliced (:class:`~disco_fl.fl.server.devices.Slicing`:
+``slices``, the rule; ``capacities``, as the nodes reported them; ``shares``, what the model was
+partitioned with, the compute rule's timed shares included), so that a resumed run keeps exactly
+that partition. A checkpoint written before ``slices`` and ``shares`` were kept holds only
+``capacities``: it loads as the channels rule, partitioned with those capacities.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from flwr.app import ArrayRecord
 
 from disco_fl.core.files import ChecksumError, load_torch, remove_stale_temps, save_torch
 from disco_fl.fl.federated import rec_float, rec_int
-from disco_fl.fl.server.devices import set_capacities
+from disco_fl.fl.server.devices import Slicing, set_slicing
 
 CHECKPOINT_FORMAT = "disco_fl.fl_run/1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -38,7 +42,7 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     # household -> [(sigma, sample rate, committed DP steps)] of its data owners
     dp_history: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
-    capacities: tuple[float, ...] | None = None  # of the partition; None: equal slices
+    slicing: Slicing = field(default_factory=Slicing)  # of the partition
 
     @classmethod
     def of(cls, strategy: Any, rounds_done: int, arrays: dict[str, torch.Tensor]) -> RunState:
@@ -52,18 +56,18 @@ class RunState:
             lam=strategy.lam,
             history=strategy.history,
             dp_history=strategy.dp_history,
-            capacities=strategy.capacities,
+            slicing=strategy.slicing,
         )
 
     def restore(self, strategy: Any) -> ArrayRecord:
         """Put this state into ``strategy`` (the counterpart of :meth:`of`): the rounds done,
-        ``lam``, the histories, the capacities (the shards' partition) and the global arrays,
+        ``lam``, the histories, the slicing (the shards' partition) and the global arrays,
         loaded into its model and returned."""
         strategy.round_offset = self.rounds_done
         strategy.lam = self.lam
         strategy.history = self.history
         strategy.dp_history = self.dp_history
-        set_capacities(strategy, self.capacities)
+        set_slicing(strategy, self.slicing)
         arrays = ArrayRecord(self.arrays)
         strategy.assembled_model(arrays)  # loads the shards
         return arrays
@@ -81,7 +85,9 @@ def save_run(path: Path, state: RunState) -> None:
             "lam": state.lam,
             "history": state.history,
             "dp_history": state.dp_history,
-            "capacities": list(state.capacities) if state.capacities else None,
+            "slices": state.slicing.rule,
+            "capacities": _floats_out(state.slicing.capacities),
+            "shares": _floats_out(state.slicing.shares),
         },
         path,
     )
@@ -113,8 +119,28 @@ def load_run(path: Path, settings: dict[str, Any]) -> RunState | None:
         lam=rec_float(state, "lam"),
         history=list(state["history"]),
         dp_history={h: [tuple(x) for x in v] for h, v in state["dp_history"].items()},
-        capacities=tuple(float(c) for c in caps) if (caps := state.get("capacities")) else None,
+        slicing=_slicing(state, path),
     )
+
+
+def _floats_out(values: tuple[float, ...] | None) -> list[float] | None:
+    return list(values) if values else None
+
+
+def _floats_in(values: Any) -> tuple[float, ...] | None:
+    return tuple(float(v) for v in values) if values else None
+
+
+def _slicing(state: dict[str, Any], path: Path) -> Slicing:
+    """The checkpoint's :class:`Slicing`; one without ``shares`` (written before they were
+    kept) was partitioned by the channels rule with its ``capacities``."""
+    caps = _floats_in(state.get("capacities"))
+    if "shares" not in state:
+        return Slicing("channels", caps, caps)
+    try:
+        return Slicing(str(state.get("slices", "channels")), caps, _floats_in(state["shares"]))
+    except ValueError as e:
+        raise ValueError(f"run checkpoint {path}: {e}") from e
 
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "RunState", "load_run", "save_run"]

@@ -15,6 +15,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from disco_fl.core.gates import check_node_dropout
+from disco_fl.emulation.balance import check_slice_rule
 from disco_fl.emulation.model import PartitionedModel
 from disco_fl.fl.federated import shard_arrays
 from disco_fl.fl.round_config import EvalConfig, RoundConfig, TrainConfig
@@ -71,6 +72,7 @@ def check_strategy_args(
     norm: str,
     node_dropout: float,
     degraded_training: bool = False,
+    slices: str = "channels",
 ) -> None:
     """``ValueError`` for arguments :class:`~disco_fl.fl.server.strategy.DiscoStrategy` cannot
     run with (``norm``: the model spec's normalization)."""
@@ -89,6 +91,7 @@ def check_strategy_args(
         raise ValueError("node_dropout cannot go with dp (DP-SGD needs every node in a step)")
     if degraded_training and dp is not None:
         raise ValueError("degraded_training cannot go with dp (DP-SGD needs every node)")
+    check_slice_rule(slices)
 
 
 @dataclass(frozen=True)

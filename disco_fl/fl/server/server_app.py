@@ -31,16 +31,21 @@ them; ``"on"``: for any model with BatchNorm; ``"off"``: never;
 checkpoint), ``deliver`` (bool, default true: at the end every node gets the plan and its
 shard into its data folder, :mod:`disco_fl.fl.server.delivery`), ``input-shape`` (one
 sample's shape, e.g. ``"3,32,32"``; default ``in-channels`` x ``image-size`` x
-``image-size``).
+``image-size``), ``slices`` (``"channels"``, default, or ``"compute"``: how the nodes'
+capacities become slices, below).
 
 ``model`` is a built-in name or a user's model, ``"package.module:function"``
 (:mod:`disco_fl.models.user`): this process imports it, so the package must be installed
 where the ServerApp runs (or be part of the Flower app, whose folder Flower puts on the
 path); the nodes receive the partitioned program and never import it.
 
-Devices that differ are described by the nodes, not the run config: each SuperNode's
+Devices that differ are described by the nodes: each SuperNode's
 ``capacity`` and ``memory-bytes`` (see ``disco_fl.fl.client_app``) decide the slices and the
-memory check (:mod:`disco_fl.fl.server.devices`).
+memory check (:mod:`disco_fl.fl.server.devices`). The run config's ``slices`` picks how
+capacities become slices: ``"channels"`` (default: channel shares proportional to the
+capacities) or ``"compute"`` (shares at which each node's shard compute, timed on the server at
+``budget``, over its capacity is equal; better for sparse plans); ``summary.json`` records the
+rule (``"slices"``), the capacities and the ``"shares"`` partitioned with.
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ def strategy_from_config(cfg: Any) -> DiscoStrategy:
         checkpoint_dir=Path(run_dir) if run_dir else None,
         node_dropout=float(cfg.get("node-dropout", 0.0)),
         degraded_training=bool(cfg.get("degraded-training", False)),
+        slices=str(cfg.get("slices", "channels")),
     )
 
 
@@ -213,6 +219,8 @@ def run_disco(
         "households": sorted(strategy.roster or {}),
         "nodes": strategy.spec.num_nodes,
         "capacities": list(strategy.capacities) if strategy.capacities else None,
+        "slices": strategy.slicing.rule,
+        "shares": list(strategy.slicing.shares) if strategy.slicing.shares else None,
         "budget": strategy.budget,
         "task": strategy.spec.task,
         "metric": get_task(strategy.spec.task).metric_name,  # its key in the evaluations

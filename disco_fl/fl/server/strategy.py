@@ -61,7 +61,7 @@ from disco_fl.fl.server.aggregation import (
 from disco_fl.fl.server.availability import Availability
 from disco_fl.fl.server.checkpoint import CHECKPOINT_NAME, RunState, load_run, save_run
 from disco_fl.fl.server.degraded import degraded_metrics, sort_train_replies
-from disco_fl.fl.server.devices import fit_to_roster, fitted_arrays
+from disco_fl.fl.server.devices import Slicing, fit_to_roster, fitted_arrays
 from disco_fl.fl.server.exchange import HouseholdGrid, shift_rounds
 from disco_fl.fl.server.messages import (
     CLIPPING_NORM_KEY,
@@ -132,6 +132,12 @@ class DiscoStrategy(Strategy):
         A household goes on training without a node (not a batch owner) that failed mid-round
         or is unavailable at a round's start (:mod:`disco_fl.fl.server.availability`), and
         counts with its survivors' shards (:mod:`disco_fl.fl.server.degraded`); not with ``dp``.
+    slices : str (default: "channels")
+        How the capacities the nodes report become slices (:mod:`disco_fl.fl.server.devices`):
+        ``"channels"``, channel shares proportional to them; ``"compute"``, the shares at which
+        each node's shard compute (timed on the server at ``budget``,
+        :func:`disco_fl.emulation.balance.compute_shares`) over its capacity is equal. Equal
+        or unreported capacities: equal slices either way.
     """
 
     def __init__(
@@ -159,11 +165,12 @@ class DiscoStrategy(Strategy):
         checkpoint_dir: str | Path | None = None,
         node_dropout: float = 0.0,
         degraded_training: bool = False,
+        slices: str = "channels",
     ) -> None:
         check_strategy_args(
             budget=budget, steps=steps, batch_size=batch_size, eval_batch_size=eval_batch_size,
             finetune_rounds=finetune_rounds, dp=dp, norm=spec.norm, node_dropout=node_dropout,
-            degraded_training=degraded_training,
+            degraded_training=degraded_training, slices=slices,
         )  # fmt: skip
         self.spec = spec
         self.budget = float(budget)
@@ -187,7 +194,8 @@ class DiscoStrategy(Strategy):
         self.eval_every = int(eval_every)
         self.eval_batch_size = int(eval_batch_size)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.capacities: tuple[float, ...] | None = None  # see disco_fl.fl.server.devices
+        self.slices = slices  # the rule for the roster's capacities
+        self.slicing = Slicing(slices)  # of the partition; see disco_fl.fl.server.devices
         self.dense = spec.build_dense()  # partitioned again when the roster has capacities
         self.pm = spec.partition(self.dense)
         self.made_arrays: ArrayRecord | None = None  # the last initial_arrays()
@@ -205,6 +213,11 @@ class DiscoStrategy(Strategy):
         self._evaluate_due = False
         self._evaluate_fn: EvaluateFn | None = None
         self.availability = Availability(self.rendezvous_timeout)  # who can take part (degraded)
+
+    @property
+    def capacities(self) -> tuple[float, ...] | None:
+        """The capacities the nodes reported, that the partition follows (None: equal)."""
+        return self.slicing.capacities
 
     # ---- settings ----------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -229,7 +242,7 @@ class DiscoStrategy(Strategy):
         """The global record (all shards, keys ``"<k>/<key>"``) of ``dense`` partitioned
         (default: the strategy's current model)."""
         if dense is not None:
-            self.dense, self.pm = dense, self.spec.partition(dense, self.capacities)
+            self.dense, self.pm = dense, self.spec.partition(dense, self.slicing.shares)
         self.made_arrays = ArrayRecord(global_state(self.pm))
         return self.made_arrays
 
