@@ -229,6 +229,13 @@ def incomplete_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     complete, household 1 without its shard 1."""
     dep = _deploy(tmp_path_factory.mktemp("incomplete"), "d", {0: [0, 1], 1: [0]})
     try:
+        # every live node has registered before a run starts (the roster's short wait below)
+        names = [dep.supernode_name(h, k) for h, ks in {0: [0, 1], 1: [0]}.items() for k in ks]
+        end = time.monotonic() + RUN_TIMEOUT_S
+        while not all("SuperNode ID:" in dep.procs.log(n, tail=20_000) for n in names):
+            dep.procs.check()
+            assert time.monotonic() < end, [dep.procs.log(n) for n in names]
+            time.sleep(0.2)
         yield dep
     finally:
         dep.stop()
@@ -245,7 +252,9 @@ def test_household_missing_a_shard_fails_before_training(
     if old_log.exists():
         old_log.rename(old_log.with_name(f"flwr_run.before.{time.monotonic_ns()}.log"))
     try:
-        config = _config(run_dir, **{"query-timeout": 15.0})  # every live node has registered
+        # every live node has registered (the fixture): the roster waits 3 s for the missing
+        # one, and as long as a ClientApp takes to start for the answers of the others
+        config = _config(run_dir, **{"connect-timeout": 3.0, "query-timeout": 120.0})
         if app_kind == "app folder":
             p = dep.flwr_run(write_app(tmp_path / "app", config), {})
         else:
