@@ -404,3 +404,32 @@ def test_client_train_round_never_partitions_the_model(
         weights = [key for key in got if key.startswith("ops.") and key.endswith("weight")]
         kept = all(torch.equal(got[key], sent[k][key]) for key in weights)
         assert kept == (k == 1 and node_dropout > 0), k
+
+
+def test_roster_waits_connect_timeout_for_missing_nodes_and_query_timeout_for_answers() -> None:
+    """``connect-timeout``: how long the roster waits for expected nodes that never connect;
+    the answers of those connected keep ``query_timeout``."""
+    from disco_fl.fl.server.roster import RosterError, query_roster
+
+    timeouts: list[float | None] = []
+
+    class Recording(HouseholdGrid):
+        def send_and_receive(
+            self, messages: Iterable[Message], *, timeout: float | None = None
+        ) -> Iterable[Message]:
+            timeouts.append(timeout)
+            return super().send_and_receive(messages, timeout=timeout)
+
+    t0 = time.monotonic()
+    # 3 households of 2 expected, the 4 nodes of 2 connected: the third never comes
+    with pytest.raises(RosterError, match="expected 3 households"):
+        query_roster(
+            Recording(SimGrid()), 2, num_households=3, query_timeout=60.0, connect_timeout=0.5
+        )
+    assert 0.5 <= time.monotonic() - t0 < 30.0
+    assert timeouts == [60.0]  # the answers' window
+    # without it, the wait for the nodes is query_timeout's
+    t0 = time.monotonic()
+    with pytest.raises(RosterError, match="expected 3 households"):
+        query_roster(HouseholdGrid(SimGrid()), 2, num_households=3, query_timeout=1.0)
+    assert time.monotonic() - t0 >= 1.0

@@ -230,16 +230,17 @@ def query_roster(
     *,
     num_households: int | None = None,
     query_timeout: float = 120.0,
+    connect_timeout: float | None = None,
 ) -> dict[str, Household]:
     """Ask every connected node who it is and build the roster (:func:`build_roster`),
     with a fresh per-household token.
 
-    Waits up to ``query_timeout`` for the expected nodes (``num_households * num_nodes``,
-    or ``num_nodes`` when None) to connect, and as long again for their answers (each
-    node starts a ClientApp process to answer). A node the SuperLink reports unavailable
-    is left out with a warning.
+    Waits up to ``connect_timeout`` (None: ``query_timeout``) for the expected nodes
+    (``num_households * num_nodes``, or ``num_nodes`` when None) to connect, then up to
+    ``query_timeout`` for their answers (each node starts a ClientApp process to answer). A
+    node the SuperLink reports unavailable is left out with a warning.
     """
-    end = time.monotonic() + query_timeout
+    end = time.monotonic() + (query_timeout if connect_timeout is None else connect_timeout)
     want = num_households * num_nodes if num_households else None
     node_ids: list[int] = []
     while True:

@@ -14,7 +14,8 @@ see :class:`~disco_fl.fl.federated.ModelSpec`; a built-in model must be the task
 ``finetune-rounds``, ``init-penalty``, ``dual-lr``, ``codec`` (of the activations on the
 wire: ``"int8"``, default, ``"fp16"``, or ``"fp32"``, exact), ``seed``, ``dp`` (bool),
 ``dp-noise``, ``dp-clip``, ``dp-delta``, ``evaluate`` (bool), ``eval-batch-size``,
-``eval-every`` (0: last round only), ``query-timeout``, ``step-timeout``,
+``eval-every`` (0: last round only), ``query-timeout``, ``connect-timeout`` (the wait for the
+expected nodes to connect before the roster query; 0, default: ``query-timeout``), ``step-timeout``,
 ``rendezvous-timeout``, ``round-timeout``, ``node-dropout`` (in [0, 1), default 0: each node
 but a step's batch owner sits a training step out with this probability, so that the plan
 still answers with a device gone), ``degraded-training`` (bool, default false: a household goes on
@@ -101,6 +102,7 @@ def strategy_from_config(cfg: Any) -> DiscoStrategy:
         seed=int(cfg.get("seed", 0)),
         num_households=households or None,
         query_timeout=float(cfg.get("query-timeout", 120.0)),
+        connect_timeout=float(cfg.get("connect-timeout", 0.0)) or None,  # 0: query-timeout
         step_timeout=float(cfg.get("step-timeout", 30.0)),
         rendezvous_timeout=float(cfg.get("rendezvous-timeout", 60.0)),
         evaluate=bool(cfg.get("evaluate", True)),

@@ -113,6 +113,10 @@ class DiscoStrategy(Strategy):
     query_timeout : float (default: 120.0)
         Seconds to wait for the expected nodes to connect, and again for their answers to the
         roster query.
+    connect_timeout : float or None (default: None)
+        Seconds to wait for the expected nodes to connect before the roster query, when not
+        ``query_timeout`` (a short wait where every node is known to be up, while the answers,
+        each from a ClientApp process starting, keep ``query_timeout``).
     step_timeout : float (default: 30.0)
         Deadline of one training step (and of one evaluation batch) on the nodes.
     rendezvous_timeout : float (default: 60.0)
@@ -157,6 +161,7 @@ class DiscoStrategy(Strategy):
         seed: int = 0,
         num_households: int | None = None,
         query_timeout: float = 120.0,
+        connect_timeout: float | None = None,
         step_timeout: float = 30.0,
         rendezvous_timeout: float = 60.0,
         evaluate: bool = True,
@@ -188,6 +193,7 @@ class DiscoStrategy(Strategy):
         self.seed = int(seed)
         self.num_households = num_households
         self.query_timeout = float(query_timeout)
+        self.connect_timeout = None if connect_timeout is None else float(connect_timeout)
         self.step_timeout = float(step_timeout)
         self.rendezvous_timeout = float(rendezvous_timeout)
         self.evaluate = evaluate
@@ -278,6 +284,7 @@ class DiscoStrategy(Strategy):
             self.spec.num_nodes,
             num_households=self.num_households,
             query_timeout=self.query_timeout,
+            connect_timeout=self.connect_timeout,
         )
         fit_to_roster(self)
         self.availability.answered_roster(self.roster)
