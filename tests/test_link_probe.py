@@ -52,8 +52,10 @@ def _pair(
 
 def _rtt_ok(got_ms: float, emulated_ms: float) -> bool:
     """A measured round trip holds the emulated one (never less) plus the software of two
-    frames, a fraction of a millisecond on a quiet machine and up to a few under load."""
-    return 0.95 * emulated_ms <= got_ms <= emulated_ms + max(0.3 * emulated_ms, 3.0)
+    frames, a fraction of a millisecond on a quiet machine and up to a few under load
+    (measured beside a running test suite, load ~2.3 on 2 cores: 12.4-14.2 ms for an emulated
+    10 ms, with either heap setting; the suite's own run failed the former 13 ms bound)."""
+    return 0.95 * emulated_ms <= got_ms <= emulated_ms + max(0.5 * emulated_ms, 3.0)
 
 
 @pytest.mark.parametrize(("mbps", "rtt_ms"), [(50.0, 4.0), (20.0, 10.0)])
