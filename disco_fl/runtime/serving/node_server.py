@@ -33,7 +33,7 @@ session still running then is cancelled.
 A failed request frees its tensors at once: the error leaves the handler as a status (``set_code``),
 never as an exception raised inside an ``except`` block, and the node program's frames are cleared
 from the error's traceback (:func:`~disco_fl.runtime.inference.run_node_async`), so no reference
-cycle through gRPC's call state keeps the activations alive until the garbage collector ru
+cycle through gRPC's call state keeps the activations alive until the garbage collector runs.
 
 This module holds :class:`NodeServer` (session admission, the queue, the sweeper) and
 :func:`serve_forever`; the configuration is :mod:`disco_fl.runtime.serving.serve_config`, the
