@@ -1,43 +1,34 @@
 """One node of a household serving its shard: ``disco-fl serve``.
 
-A :class:`NodeServer` loads *only* its own shard from an exported plan (``load_shard``), starts
-its gRPC endpoint (the ``disco.v1.Peer`` service for the household and the
-``disco.v1.Inference`` service for callers) and runs one peer session per request:
+A :class:`NodeServer` loads *only* its own shard (``load_shard``), serves ``disco.v1.Peer`` (the
+household) and ``disco.v1.Inference`` (callers), and runs one peer session per request:
 
-- on the **requester** (``plan.program.requester``, node 0), ``Inference.Infer`` gives each
-  request a fresh session id and runs :func:`~disco_fl.runtime.inference.run_node` with the input;
-- on every other node, the requester's INPUT frame of a new session starts
-  :func:`~disco_fl.runtime.inference.run_node` for that session. Only the requester's INPUT frames
-  at the program's input layer open sessions (``Transport.session_origin``; other INPUT frames are
-  refused), at most ``max_inflight`` run at once and ``max_queued`` more wait for a slot; beyond
-  that a session is refused at once (its peers and the requester fail with ``RESOURCE_EXHAUSTED``).
+- on the **requester** (node 0), ``Inference.Infer`` runs each request as a fresh session;
+- on every other node, the requester's INPUT frame (at the input layer; others are refused:
+  ``Transport.session_origin``) starts a session; ``max_inflight`` run at once, ``max_queued``
+  more wait, beyond that one is refused at once (``RESOURCE_EXHAUSTED`` for all its nodes).
 
-Everything runs on the transport's event loop (:mod:`disco_fl.runtime.transport.grpc_transport`):
-the gRPC services, and the sessions themselves (:func:`~disco_fl.runtime.inference.run_node_async`),
-which compute on the loop's thread and wait for their peers' frames without blocking it, so
-no frame or request changes threads on its way between gRPC and the computation. Sessions
-interleave at their waits.
+Everything runs on the transport's event loop: the gRPC services and the sessions
+(:func:`~disco_fl.runtime.inference.run_node_async`), which compute on the loop's thread and
+await their peers' frames without blocking it (no thread changes between gRPC and the
+computation; sessions interleave at their waits).
 
-Several requests may be in flight at once (``max_inflight``); their frames are kept apart by
-session id. Every request has a deadline (``deadline_s``, default 5 s), counted from its arrival
-(the ``Infer`` call; on the other nodes, the session's INPUT frame), that bounds waiting for a
-slot, waiting for peers and computing alike (checked between ops): a dead or stalled peer or a
-request too large to compute in time makes the request fail with a clear error within it
-(``DEADLINE_EXCEEDED`` or ``UNAVAILABLE``) while the node goes on serving; once the peer is
-back, requests succeed again. A request larger than ``chunk_batch`` runs as consecutive
-sessions of at most ``chunk_batch`` inputs (one op of one chunk is the most a deadline can be
-overrun by); one larger than ``max_batch`` is refused. Frames of sessions that never start here
-(their requester gave up before reaching this node) are dropped after ``2 x deadline_s``; a
-session still running then is cancelled.
+Requests in flight at once (``max_inflight``) are kept apart by session id. Each has a deadline
+(``deadline_s``, default 5 s, from its ``Infer`` call or, elsewhere, its INPUT frame) bounding
+the wait for a slot, for peers and the computing alike (checked between ops): a dead or stalled
+peer or a request too large for it fails the request clearly (``DEADLINE_EXCEEDED`` or
+``UNAVAILABLE``) while the node serves on, and requests succeed again once the peer is back.
+Larger than ``chunk_batch``: consecutive sessions of at most that many inputs (one op of one
+chunk is the most a deadline can be overrun by); larger than ``max_batch``: refused. Frames of
+sessions that never start here are dropped after ``2 x deadline_s``; a session still running
+then is cancelled.
 
-A failed request frees its tensors at once: the error leaves the handler as a status (``set_code``),
-never as an exception raised inside an ``except`` block, and the node program's frames are cleared
-from the error's traceback (:func:`~disco_fl.runtime.inference.run_node_async`), so no reference
-cycle through gRPC's call state keeps the activations alive until the garbage collector runs.
+A failed request frees its tensors at once: the error leaves the handler as a status
+(``set_code``), not raised in an ``except`` block, and the program's frames are cleared from its
+traceback (:func:`~disco_fl.runtime.inference.run_node_async`): no cycle keeps them alive.
 
-This module holds :class:`NodeServer` (session admission, the queue, the sweeper) and
-:func:`serve_forever`; the configuration is :mod:`disco_fl.runtime.serving.serve_config`, the
-``Inference`` service :mod:`disco_fl.runtime.serving.inference_service`.
+Here: :class:`NodeServer` (admission, queue, sweeper) and :func:`serve_forever`; configuration in
+:mod:`~disco_fl.runtime.serving.serve_config`, ``Inference`` in :mod:`.inference_service`.
 """
 
 from __future__ import annotations
@@ -394,12 +385,10 @@ class NodeServer:
         self._peak = max(self._peak, len(self._active))
 
     def _leave(self, session_id: str) -> None:
-        """A session ended here (on the loop). Once the node has been idle for
-        ``IDLE_TRIM_S``, the memory its sessions freed goes back to the system if there is
-        more of it than one session needs: a burst of large or concurrent requests (or of
-        failures) does not leave the node at its peak RSS, while the heap a lone request
-        leaves free (its working set, at least ``IDLE_KEEP_BYTES``) stays for the next one,
-        which then runs without page faults (:mod:`disco_fl.core.heap`)."""
+        """A session ended here (on the loop). After ``IDLE_TRIM_S`` idle, freed memory beyond
+        what a lone request left free (+25 %, at least ``IDLE_KEEP_BYTES``) goes back to the
+        system: no peak RSS after a burst, no page faults for the next request
+        (:mod:`disco_fl.core.heap`)."""
         with self._lock:
             self._active.discard(session_id)
             idle = not self._active
