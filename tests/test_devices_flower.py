@@ -42,6 +42,18 @@ def _info(nid: int, h: str, k: int, cap: float | None, mem: int | None = None) -
     return NodeInfo(nid, h, k, f"127.0.0.1:{nid}", 50 if k == 0 else 0, 0, cap, mem)
 
 
+def _conv1_rows_sent(train: Any, s: Any) -> dict[int, int]:
+    """Every node's training message carries the strategy's plan; its shard's conv1 rows."""
+    rows: dict[int, int] = {}
+    for m in train:
+        cfg = m.content.config_records["config"]
+        k = int(cfg["shard"])  # type: ignore[call-overload]
+        plan = Plan.from_json(json.loads(str(cfg["plan"])))
+        assert plan.program.to_json() == s.pm.program.to_json()
+        rows[k] = int(unpack_state(m.content.array_records["arrays"])["ops.conv1.weight"].shape[0])
+    return rows
+
+
 def test_roster_capacities_one_partition_for_all_households() -> None:
     roster = build_roster([_info(1, "a", 0, None), _info(2, "a", 1, None)], 2)
     assert roster_capacities(roster, 2) is None  # nobody reports: equal slices
@@ -113,13 +125,7 @@ def test_strategy_slices_by_reported_capacity_and_resume_keeps_it(tmp_path: Path
     assert channel_shares(s.pm.program)[0] == pytest.approx(0.25, abs=0.03)
     # every node trained the uneven partition: its plan and its shard
     (train,) = [p for p in grid.pushes if p[0].metadata.message_type == MessageType.TRAIN]
-    for m in train:
-        cfg = m.content.config_records["config"]
-        k = int(cfg["shard"])  # type: ignore[call-overload]
-        plan = Plan.from_json(json.loads(str(cfg["plan"])))
-        assert plan.program.to_json() == s.pm.program.to_json()
-        sent = unpack_state(m.content.array_records["arrays"])
-        assert sent["ops.conv1.weight"].shape[0] == (2, 6)[k]
+    assert _conv1_rows_sent(train, s) == {0: 2, 1: 6}
     # the initial arrays were made again from the same dense model (not a fresh one)
     first = split_global_state(result.arrays.to_torch_state_dict(), 2)
     got = first[0]["ops.conv1.weight"] - 1.0  # SimGrid adds 1 to every weight per round
@@ -228,14 +234,8 @@ def test_strategy_slices_by_compute_and_resume_keeps_the_shares(
     assert other[0] == pytest.approx(2 / 3, abs=0.03) and other[0] - got[0] > 0.04
     # every node trained the compute partition: its plan and its shard
     train = [p for p in grid.pushes if p[0].metadata.message_type == MessageType.TRAIN][0]
-    for m in train:
-        cfg = m.content.config_records["config"]
-        k = int(cfg["shard"])  # type: ignore[call-overload]
-        plan = Plan.from_json(json.loads(str(cfg["plan"])))
-        assert plan.program.to_json() == s.pm.program.to_json()
-        sent = unpack_state(m.content.array_records["arrays"])
-        want_rows = s.pm.shard(k).state_dict()["ops.conv1.weight"].shape[0]
-        assert sent["ops.conv1.weight"].shape[0] == want_rows
+    rows = _conv1_rows_sent(train, s)
+    assert rows == {k: s.pm.shard(k).state_dict()["ops.conv1.weight"].shape[0] for k in rows}
     # resume: the checkpoint's rule, capacities and shares, no timing, no warning
     calls.clear()
     s2 = _strategy(tmp_path, slices="compute")
