@@ -1,27 +1,21 @@
 """``DiscoStrategy``: the server side of DISCO fine-tuning, as a Flower 1.41 ``Strategy``.
 
-It overrides Flower's hooks and lets ``Strategy.start`` run the rounds. A thin :meth:`start` checks
-the roster first (:mod:`disco_fl.fl.server.roster`). ``configure_train`` sends node ``(h, k)`` its
-shard ``k`` (packed ``ArrayRecord``) and a :class:`~disco_fl.fl.round_config.TrainConfig`; all N
-nodes of every household are in the same push (they train jointly over their peer channel).
-``aggregate_train`` (:mod:`disco_fl.fl.server.aggregation`) averages shard ``k`` over the households
-whose N nodes all replied; a household with a failed or missing node keeps its previous shards and
-the run goes on. ``configure_evaluate`` / ``aggregate_evaluate``: federated evaluation by the
-households. After the round's last hook the round's record joins the history and the checkpoint is
-replaced atomically (:mod:`disco_fl.fl.server.checkpoint`); an ``evaluate_fn`` is honoured as in
-Flower (``(round, arrays)`` before the first round and after each;
-:meth:`DiscoStrategy.assembled_model` turns ``arrays`` into the model).
+It overrides Flower's hooks and lets ``Strategy.start`` run the rounds; a thin :meth:`start`
+checks the roster first (:mod:`disco_fl.fl.server.roster`). ``configure_train`` sends node
+``(h, k)`` its shard ``k`` and a :class:`~disco_fl.fl.round_config.TrainConfig`, all N nodes of
+every household in one push (they train jointly over their peer channel); ``aggregate_train``
+(:mod:`disco_fl.fl.server.aggregation`) averages shard ``k`` over the households whose N nodes
+all replied (a failed household keeps its shards; the run goes on); ``configure_evaluate`` /
+``aggregate_evaluate``: federated evaluation. After each round the history grows and the
+checkpoint is replaced atomically (:mod:`disco_fl.fl.server.checkpoint`); an ``evaluate_fn`` is
+honoured as in Flower (:meth:`DiscoStrategy.assembled_model` turns ``arrays`` into the model).
 
-**What Flower's ``start`` cannot express**, and the smallest override kept for it: how long to
-wait for a round's replies. Flower waits for every reply (or the timeout); a DISCO round is
-decided once every household has all its replies or one error (its other nodes cannot finish
-a joint round without the failed one). ``start`` hands Flower a
-:class:`~disco_fl.fl.server.exchange.HouseholdGrid` wrapping the grid, whose ``send_and_receive``
-stops there. Rounds in logs, history, checkpoints and ``Result`` count from the start of the
-run (after a resume, Flower's own ``[ROUND i/n]`` lines count this start's rounds).
-
-**Budget schedule**: :func:`~disco_fl.fl.federated.round_budget` (targets, the penalty and its
-dual ascent, the hard masks of each round).
+**What Flower's ``start`` cannot express**: a DISCO round is decided once every household has all
+its replies or one error (its other nodes cannot finish a joint round without the failed one), so
+``start`` hands Flower a :class:`~disco_fl.fl.server.exchange.HouseholdGrid` whose
+``send_and_receive`` stops there. Rounds in logs, history, checkpoints and ``Result`` count from
+the start of the run (after a resume, Flower's ``[ROUND i/n]`` lines count this start's rounds).
+Budget schedule: :func:`~disco_fl.fl.federated.round_budget`.
 """
 
 from __future__ import annotations
@@ -84,8 +78,7 @@ class DiscoStrategy(Strategy):
     Parameters
     ----------
     spec : ModelSpec
-        The model the server partitions (name, N, classes, input, norm); nodes receive the
-        program in the plan and build only their own shard.
+        The model the server partitions; nodes build only their own shard from the plan.
     budget : float (default: 0.1)
         Final fraction of dense exchange bytes (hard masks of the last round).
     steps : int (default: 40)
@@ -111,12 +104,9 @@ class DiscoStrategy(Strategy):
     num_households : int or None (default: None)
         Expected households; None accepts any number of complete households.
     query_timeout : float (default: 120.0)
-        Seconds to wait for the expected nodes to connect, and again for their answers to the
-        roster query.
-    connect_timeout : float or None (default: None)
-        Seconds to wait for the expected nodes to connect before the roster query, when not
-        ``query_timeout`` (a short wait where every node is known to be up, while the answers,
-        each from a ClientApp process starting, keep ``query_timeout``).
+        Seconds to wait for the roster query's answers (and for the nodes to connect).
+    connect_timeout : float or None (default: None: ``query_timeout``)
+        Seconds to wait for the expected nodes to connect before the roster query.
     step_timeout : float (default: 30.0)
         Deadline of one training step (and of one evaluation batch) on the nodes.
     rendezvous_timeout : float (default: 60.0)
@@ -130,18 +120,14 @@ class DiscoStrategy(Strategy):
     checkpoint_dir : str or Path or None (default: None)
         Where the per-round checkpoint goes (``checkpoint.pt``); None: no checkpoints.
     node_dropout : float (default: 0.0)
-        In [0, 1): each node but the step's owner sits a training step out with this
-        probability (``NodeTrainer(node_dropout=...)``); not with ``dp``.
+        In [0, 1): each node but the step's owner sits a step out this often; not with ``dp``.
     degraded_training : bool (default: False)
-        A household goes on training without a node (not a batch owner) that failed mid-round
-        or is unavailable at a round's start (:mod:`disco_fl.fl.server.availability`), and
+        A household trains on without a failed or unavailable node (not a batch owner) and
         counts with its survivors' shards (:mod:`disco_fl.fl.server.degraded`); not with ``dp``.
     slices : str (default: "channels")
-        How the capacities the nodes report become slices (:mod:`disco_fl.fl.server.devices`):
-        ``"channels"``, channel shares proportional to them; ``"compute"``, the shares at which
-        each node's shard compute (timed on the server at ``budget``,
-        :func:`disco_fl.emulation.balance.compute_shares`) over its capacity is equal. Equal
-        or unreported capacities: equal slices either way.
+        Reported capacities -> slices (:mod:`disco_fl.fl.server.devices`): ``"channels"``,
+        proportional channel shares; ``"compute"``, shard compute (timed on the server at
+        ``budget``) proportional. Equal or unreported capacities: equal slices.
     """
 
     def __init__(
@@ -245,8 +231,7 @@ class DiscoStrategy(Strategy):
 
     # ---- model state -------------------------------------------------------------------
     def initial_arrays(self, dense: Any = None) -> ArrayRecord:
-        """The global record (all shards, keys ``"<k>/<key>"``) of ``dense`` partitioned
-        (default: the strategy's current model)."""
+        """The global record (all shards, ``"<k>/<key>"``) of ``dense`` (default: own model)."""
         if dense is not None:
             self.dense, self.pm = dense, self.spec.partition(dense, self.slicing.shares)
         self.made_arrays = ArrayRecord(global_state(self.pm))
@@ -258,10 +243,8 @@ class DiscoStrategy(Strategy):
             self.pm.shard(k).load_state_dict(st, strict=True)
 
     def assembled_model(self, arrays: ArrayRecord) -> PartitionedModel:
-        """The partitioned model (emulation, every shard, the record's hard masks) holding
-        ``arrays``, e.g. for an ``evaluate_fn``: ``strategy.assembled_model(arrays)(x)``
-        computes what the households would with these shards. It is the strategy's own model
-        (not a copy); do not train it."""
+        """The strategy's own partitioned model (not a copy; do not train it) holding
+        ``arrays``: ``strategy.assembled_model(arrays)(x)`` computes what households would."""
         self._load(arrays)
         return self.pm
 
@@ -453,16 +436,14 @@ class DiscoStrategy(Strategy):
         return self.checkpoint_dir / CHECKPOINT_NAME if self.checkpoint_dir else None
 
     def save_checkpoint(self, done_rounds: int, arrays: ArrayRecord) -> None:
-        """Write the run's state after ``done_rounds`` rounds
-        (:mod:`disco_fl.fl.server.checkpoint`)."""
+        """Write the run's state after ``done_rounds`` rounds (:mod:`.checkpoint`)."""
         if (path := self.checkpoint_path()) is not None:
             save_run(path, RunState.of(self, done_rounds, arrays.to_torch_state_dict()))
 
     def resume(self) -> ArrayRecord | None:
-        """Load the last checkpoint, if any: returns the global arrays (and sets the rounds
-        already done), or None when there is none. Refuses one of other settings, and a
-        corrupted one (:class:`~disco_fl.core.files.ChecksumError` naming the file); only plain
-        data is unpickled (``weights_only=True``). Removes temporary files of killed writes."""
+        """The last checkpoint's global arrays (rounds done set), or None. Refuses one of other
+        settings or corrupted (:class:`~disco_fl.core.files.ChecksumError`); plain data only
+        (``weights_only=True``); removes temporary files of killed writes."""
         path = self.checkpoint_path()
         state = load_run(path, self.settings()) if path is not None else None
         if state is None:
