@@ -16,9 +16,10 @@ node are the capacities of the proportional plan (``partition(..., capacities=..
 Two plans of the same model and weights: ``even`` slices and ``proportional`` slices, whose
 shares make each node's shard compute proportional to its measured capacity (the *compute*
 rule, :func:`disco_fl.emulation.balance.compute_shares`, as ``disco-fl train --slices
-compute``: candidate partitions timed in this process, unthrottled, one thread, each node's time
-fitted in its share). Both: hard masks from seeded random gate logits calibrated to
-``--budget`` (default 0.1) of the dense exchange bytes and ``--max-sync-points``
+compute``: candidate partitions timed in this process, unthrottled, one thread, each node's
+time fitted in its share, then partitions around the fitted shares timed and the measured best
+kept). Both: hard masks from seeded random gate logits calibrated to ``--budget`` (default
+0.1) of the dense exchange bytes and ``--max-sync-points``
 (:func:`disco_fl.emulation.balance.random_plan`), no training: latency does not depend on the
 trained values of weights or gates, only on the shapes and masks. The households are up at
 once, and the requests alternate even / proportional (ABAB...) so that drift in the machine's
@@ -27,11 +28,13 @@ one household computes at a time). Latency: the requester node's own time per re
 there -> output there, as ``bench/latency.py``'s ``latency_ms_median``); the caller's round trip
 is kept too.
 
-``--channels`` (a diagnostic) adds a third plan and household: channel shares proportional to
-the capacities (the *channels* rule, ``partition(..., capacities=...)`` alone, the default of
-``disco-fl train --capacities``). Under a sparse plan it overloads the fast node (its compute
-grows faster than its share). The requests then go ABCABC... ``--period-us``: the CFS period of
-the quota (default 100 ms).
+``--sweep 0.56,0.6,...`` (a diagnostic) adds one plan per listed share of node 0
+(``partition(..., capacities=[s, 1 - s])``): where the fastest split lies on this machine,
+whatever the rule. ``--channels`` (a diagnostic) adds a third plan and household: channel shares
+proportional to the capacities (the *channels* rule, ``partition(..., capacities=...)`` alone,
+the default of ``disco-fl train --capacities``). Under a sparse plan it overloads the fast node
+(its compute grows faster than its share). The requests then go ABCABC... ``--period-us``:
+the CFS period of the quota (default 100 ms).
 
 Diagnostics: each plan's per-node compute (ms, unthrottled, in this process, 1 thread: the
 shard programs without communication, :func:`disco_fl.emulation.balance.shard_compute_ms`),
@@ -313,7 +316,16 @@ def main(argv: list[str] | None = None) -> int:
         help="diagnostic third plan: channel shares proportional to the capacities (the "
         "channels rule, partition(..., capacities=...) alone)",
     )
+    ap.add_argument(
+        "--sweep",
+        default="",
+        help="diagnostic plans at fixed shares of node 0, comma-separated (e.g. 0.56,0.6,0.64): "
+        "where the best split lies on this machine, whatever the rule",
+    )
     args = ap.parse_args(argv)
+    sweep = [float(v) for v in args.sweep.split(",") if v.strip()]
+    if any(not 0.0 < v < 1.0 for v in sweep):
+        ap.error("--sweep shares must be in (0, 1)")
     tune_heap()  # as the disco-fl processes it compares with (disco_fl.core.heap)
     if not 0.0 < args.quota <= 1.0:
         ap.error("--quota must be in (0, 1]")
@@ -394,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.channels:
                 plans["proportional_channels"] = mk(caps, out=work / "channels")
                 plans["proportional_channels"]["capacities"] = caps
+            for v in sweep:
+                plans[f"share_{v:g}"] = mk([v, 1.0 - v], out=work / f"share_{v:g}")
+                plans[f"share_{v:g}"]["capacities"] = [v, 1.0 - v]
             for name, p in plans.items():
                 nodes = [load_shard(p["dir"] / "plan.json", k) for k in (0, 1)]
                 p["node_compute_ms"] = shard_compute_ms(nodes, x, args.compute_reps)
@@ -476,9 +491,12 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_even_over_proportional_channels": rows[0]["latency_ms_median"]
                 / rows[2]["latency_ms_median"]
             }
-            if len(rows) > 2
+            if args.channels
             else {}
         ),
+        ratio_even_over={
+            r["slices"]: rows[0]["latency_ms_median"] / r["latency_ms_median"] for r in rows[1:]
+        },
         bar={"proportional_speedup_at_least": BAR, "met": ratio >= BAR},
         loadavg_end=list(os.getloadavg()),
         wall_s=time.time() - t_start,
@@ -490,9 +508,9 @@ def main(argv: list[str] | None = None) -> int:
         f"; loadavg {load_start[0]:.2f} -> {result['loadavg_end'][0]:.2f}"
         + ("" if throttle else f"; NO THROTTLE: {skipped}")
     )
-    if "ratio_even_over_proportional_channels" in result:
-        r = result["ratio_even_over_proportional_channels"]
-        print(f"even / proportional by channels (diagnostic) = {r:.2f}x")
+    for name, r in result["ratio_even_over"].items():
+        if name != "proportional":
+            print(f"even / {name} (diagnostic) = {r:.2f}x")
     return 0
 
 

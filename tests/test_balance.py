@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from disco_fl.emulation.balance import (
+    REFINE,
     check_slice_rule,
     compute_shares,
     fit_costs,
@@ -121,24 +122,66 @@ def test_compute_shares_end_to_end_with_a_deterministic_cost() -> None:
     """The rule on real partitions of the small ResNet: candidates equal, halfway and
     channel-proportional, each timed (here: ``timer``, a cost of 1 + 100 x share^2 from the
     partition's real channel shares, in place of the clock), the solve on the shares as
-    partitioned; the model keeps its train / eval mode."""
+    partitioned, then all of them again with the partitions at and around the solution (in
+    turns); the shares kept are those of the measured best partition; the model keeps its
+    train / eval mode."""
     model, x = _small_resnet()
     timed: list[int] = []
 
+    def cost(shares: Sequence[float]) -> list[float]:
+        return [1 + 100 * s * s for s in shares]
+
     def fake_time(nodes: Sequence[ExportedShard], x: torch.Tensor) -> list[float]:
         timed.append(len(nodes))
-        return [1 + 100 * s * s for s in channel_shares(nodes[0].plan.program)]
+        return cost(channel_shares(nodes[0].plan.program))
 
     model.train()
     shares, trials = compute_shares(model, 2, x[:1], [2.0, 1.0], 0.1, timer=fake_time)
-    assert model.training and timed == [2, 2, 2]
-    assert [t["shares"][0] for t in trials] == pytest.approx([0.5, 0.583, 0.667], abs=0.02)
-    assert sum(shares) == pytest.approx(1.0)
-    assert (1 + 100 * shares[0] ** 2) / 2 == pytest.approx(1 + 100 * shares[1] ** 2, rel=1e-3)
-    assert shares[0] < 0.62 < 2 / 3  # the channels rule would give node 0 two thirds
+    assert model.training and timed == [2] * 11  # 3 for the fit, then 3 + 5 around it
+    assert [t["shares"][0] for t in trials[:3]] == pytest.approx([0.5, 0.583, 0.667], abs=0.02)
+    fitted, _ = compute_shares(model, 2, x[:1], [2.0, 1.0], 0.1, timer=fake_time, refine=())
+    assert timed == [2] * 14  # without refinement: the 3 candidates only
+    c0, c1 = cost(fitted)
+    assert c0 / 2 == pytest.approx(c1 / 1, rel=1e-3)  # the fit balances time / capacity
+    assert fitted[0] < 0.62 < 2 / 3  # the channels rule would give node 0 two thirds
+    around = [t["requested"][0] for t in trials[3:]]
+    assert around == pytest.approx([0.5 + a * (fitted[0] - 0.5) for a in REFINE])
+    best = min(trials, key=lambda t: t["bottleneck"])
+    assert shares == tuple(best["requested"]) and sum(shares) == pytest.approx(1.0)
+    for t in trials:  # the bottleneck is the slowest node's time over its capacity
+        assert t["bottleneck"] == pytest.approx(max(v / c for v, c in zip(
+            t["node_compute_ms"], (2 / 3, 1 / 3), strict=True)))  # fmt: skip
     # equal capacities: equal shares, nothing measured
     assert compute_shares(model, 2, x[:1], [1.5, 1.5], 0.1, timer=fake_time) == ((0.5, 0.5), [])
-    assert timed == [2, 2, 2]
+    assert timed == [2] * 14
+
+
+def test_compute_shares_keeps_the_measured_best_not_the_fit() -> None:
+    """A bump the curve cannot see: the partition at the fitted solution computes slowly
+    (a kernel slow at its channel counts). The rule keeps the fastest partition it timed,
+    and that partition reproduces from the returned shares."""
+    model, x = _small_resnet()
+    calls: list[list[float]] = []
+
+    def bumpy(nodes: Sequence[ExportedShard], x: torch.Tensor) -> list[float]:
+        s = channel_shares(nodes[0].plan.program)
+        t = [1 + 100 * v * v for v in s]
+        calls.append(s)
+        if len(calls) == 9:  # final timing, REFINE[2] == 1.0: the fitted solution itself
+            t[0] *= 3
+        return t
+
+    shares, trials = compute_shares(model, 2, x[:1], [2.0, 1.0], 0.1, timer=bumpy)
+    assert REFINE[2] == 1.0 and len(trials) == 8
+    assert [t["shares"] for t in trials[:3]] == calls[:3] == calls[3:6]  # re-timed in turns
+    assert all("fit_node_compute_ms" in t for t in trials[:3])
+    fitted = trials[5]["requested"]
+    assert tuple(shares) != tuple(fitted)
+    best = min(range(8), key=lambda i: trials[i]["bottleneck"])
+    assert best != 5 and shares == tuple(trials[best]["requested"])
+    assert trials[best]["bottleneck"] < trials[5]["bottleneck"] / 2
+    again, _ = random_plan(model, 2, x[:1], shares, 0.1)
+    assert channel_shares(again.program) == pytest.approx(trials[best]["shares"])
 
 
 def test_slice_rules_are_checked() -> None:

@@ -18,6 +18,7 @@ from disco_fl.emulation.capacity import (
     shared_capacities,
     training_memory,
 )
+from disco_fl.emulation.model import partition
 from disco_fl.models import build_model
 from disco_fl.runtime.probe import available_memory, measure_compute, probe
 
@@ -78,6 +79,30 @@ def test_split_sizes_follow_capacities() -> None:
     for bad in ([1], [1, 0], [1, float("inf")], [1, -2]):
         with pytest.raises(ValueError, match="capacities"):
             split_sizes(8, 2, bad)
+
+
+def test_uneven_channel_slices_come_in_groups_of_eight() -> None:
+    """With capacities, a layer of at least 4 groups of 8 channels per node is split in whole
+    groups (the same largest-remainder rounding over groups); smaller or odd layers and equal
+    splits channel by channel; a mixing layer of a partitioned model uses it."""
+    assert split_sizes(64, 2, [0.64, 0.36], align=8) == [40, 24]
+    assert split_sizes(64, 2, [0.64, 0.36]) == [41, 23]
+    assert split_sizes(512, 2, [0.64, 0.36], align=8) == [328, 184]
+    assert split_sizes(512, 3, [5, 2, 1], align=8) == [320, 128, 64]
+    assert split_sizes(32, 2, [2, 1], align=8) == [21, 11]  # 4 groups: < 4 per node
+    assert split_sizes(100, 2, [0.64, 0.36], align=8) == [64, 36]  # not a multiple of 8
+    assert split_sizes(64, 2, align=8) == split_sizes(64, 2) == [32, 32]
+    assert split_sizes(66, 4, align=8) == [17, 17, 16, 16]  # equal: never aligned
+    model = build_model("resnet18", num_classes=10, small_input=True).eval()
+    pm = partition(model, 2, torch.randn(1, 3, 16, 16), capacities=[0.64, 0.36])
+    sizes = {
+        name: [info.layout.count(k) for k in range(2)]
+        for name, info in pm.program.infos.items()
+        if info.kind == "sharded" and info.layout is not None
+    }
+    wide = [counts for counts in sizes.values() if sum(counts) >= 64]  # all but the 10 classes
+    assert len(wide) > 20 and all(c % 8 == 0 for counts in wide for c in counts)
+    assert [40, 24] in wide and [328, 184] in wide and sizes["fc"] == [6, 4]
 
 
 def test_parse_and_share_capacities() -> None:

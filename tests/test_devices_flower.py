@@ -211,15 +211,15 @@ def test_strategy_slices_by_compute_and_resume_keeps_the_shares(
     s = _strategy(tmp_path, slices="compute")
     with caplog.at_level(logging.INFO, logger="flwr"):
         s.start(grid, s.initial_arrays(), num_rounds=1, timeout=30)
-    assert calls == [2, 2, 2]  # three candidate partitions timed, on the server
+    assert calls == [2] * 11  # 3 candidates for the fit, then those and 5 more, on the server
     sl = s.slicing
     assert sl.rule == "compute" and sl.capacities == pytest.approx((2 / 3, 1 / 3))
     assert sl.shares is not None and sum(sl.shares) == pytest.approx(1.0)
     want, _ = compute_shares(SPEC.build_dense(), 2, SPEC.example()[:1], sl.capacities, 0.1,
                              timer=_cost)  # fmt: skip
     assert sl.shares == pytest.approx(want)
-    c0, c1 = (1 + 100 * v * v for v in sl.shares)
-    assert c0 / 2 == pytest.approx(c1 / 1, rel=1e-3)  # time / capacity equal
+    c0, c1 = (1 + 100 * v * v for v in channel_shares(s.pm.program))
+    assert c0 / 2 == pytest.approx(c1 / 1, rel=0.05)  # time / capacity about equal
     got = channel_shares(s.pm.program)
     assert got[0] == pytest.approx(sl.shares[0], abs=0.03)
     assert "slices by compute: capacities 0.667/0.333" in caplog.text

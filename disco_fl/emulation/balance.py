@@ -13,14 +13,24 @@ rule (:func:`compute_shares`) measures instead of assuming:
    between), each with hard masks from seeded random gate logits calibrated to the plan's
    budget and sync-point limit (the trained masks are not known before training; random masks
    at the budget have the same exchange sizes),
-2. times every node's shard program on this machine (:func:`shard_compute_ms`: one thread,
-   shard-only execution, the median of ``reps`` runs),
+2. times every node's shard program on this machine (:func:`interleaved_compute_ms`: one
+   thread, shard-only execution, the candidates in turns, the fastest of ``reps`` runs),
 3. fits each node's time in its own share (:func:`fit_costs`: ``a_k + B s + C s^2``, the
    growth terms shared by the nodes and non-negative: robust to a noisy timing) and solves for
    the shares at which ``time_k / capacity_k`` is the same on every node
-   (:func:`solve_shares`).
+   (:func:`solve_shares`),
+4. times the partition at that solution and at neighbours on the line from equal shares
+   through it (``REFINE``: 0.9, 0.95, 1.05 and 1.1 of the way), all eight candidates again in
+   turns, and keeps the one whose slowest node is fastest (the lowest measured ``max_k
+   time_k / capacity_k``). A curve in the share is a smooth summary of a bumpy truth: on the
+   2-core test machine 1.4 % more of the channels put 20 % more time on the fast node
+   (``bench/household_uneven.py --sweep``), mostly because CPU kernels are faster on whole
+   blocks of 8 channels (uneven slices now come in such groups,
+   :func:`disco_fl.core.layout.split_sizes`), partly noise; the measured choice does not
+   trust the curve between its points.
 
-The result is a tuple of shares summing to 1, to pass to ``partition(..., capacities=...)``;
+The result is a tuple of shares summing to 1, to pass to ``partition(..., capacities=...)``
+(the shares requested for the chosen candidate: they reproduce its partition exactly);
 ``disco-fl train --slices compute``, the Flower strategy (``DiscoStrategy(slices="compute")``,
 run config ``slices``, :mod:`disco_fl.fl.server.devices`) and ``bench/household_uneven.py`` use
 it. It depends on this machine's timing (not bit-reproducible); the plan records the shares it
@@ -46,6 +56,7 @@ from disco_fl.emulation.export import ExportedShard, load_shard, run_shards
 from disco_fl.emulation.model import PartitionedModel, partition
 
 MIN_SHARE = 0.02
+REFINE = (0.9, 0.95, 1.0, 1.05, 1.1)  # step 4: candidates this far from equal to the solution
 SLICE_RULES = ("channels", "compute")  # capacities -> shares: proportional, or by compute
 Log = Callable[[str], None]
 # each node's compute (ms) of a partition's shards for an input: shard_compute_ms by default
@@ -79,7 +90,19 @@ def shard_compute_ms(
     process, one thread, every node's stretches timed (its compute and the messages it hands
     over); ``stat`` of ``reps`` runs after one untimed run (the median; the rule takes the
     minimum, the least disturbed by other work)."""
-    acc = [0.0] * len(nodes)
+    return interleaved_compute_ms([nodes], x, reps, stat)[0]
+
+
+def interleaved_compute_ms(
+    plans: Sequence[Sequence[ExportedShard]],
+    x: torch.Tensor,
+    reps: int = 3,
+    stat: Any = statistics.median,
+) -> list[list[float]]:
+    """:func:`shard_compute_ms` of several plans, timed in turns (one untimed run of each,
+    then ``reps`` rounds running every plan once): a machine whose speed drifts (other work,
+    a shared host) slows every plan alike, so their times compare."""
+    acc: list[float] = []
 
     @contextlib.contextmanager
     def meter(k: int) -> Iterator[None]:
@@ -89,15 +112,19 @@ def shard_compute_ms(
         finally:
             acc[k] += time.perf_counter() - t0
 
-    times: list[list[float]] = [[] for _ in nodes]
+    times: list[list[list[float]]] = [
+        [[] for _ in nodes] for nodes in plans
+    ]  # plan -> node -> runs
     with _one_thread(), torch.inference_mode():
-        run_shards(nodes, x)
+        for nodes in plans:
+            run_shards(nodes, x)
         for _ in range(max(1, reps)):
-            acc[:] = [0.0] * len(nodes)
-            run_shards(nodes, x, meter=meter)
-            for k, t in enumerate(acc):
-                times[k].append(t * 1e3)
-    return [float(stat(t)) for t in times]
+            for i, nodes in enumerate(plans):
+                acc[:] = [0.0] * len(nodes)
+                run_shards(nodes, x, meter=meter)
+                for k, t in enumerate(acc):
+                    times[i][k].append(t * 1e3)
+    return [[float(stat(t)) for t in per_node] for per_node in times]
 
 
 def random_plan(
@@ -221,59 +248,88 @@ def compute_shares(
     capture: Literal["fx", "export", "auto"] = "auto",
     log: Log | None = None,
     timer: Timer | None = None,
+    refine: Sequence[float] = REFINE,
 ) -> tuple[tuple[float, ...], list[dict[str, Any]]]:
-    """The *compute* rule of the module docstring: (shares summing to 1, the measured samples
-    ``[{"shares", "node_compute_ms"}]``). ``example``: one input batch of the size the plan
-    will serve (its compute is what is balanced). Equal capacities: equal shares, nothing
-    timed. ``timer(nodes, example)``: each node's compute in ms of a candidate's shards
-    (default: :func:`shard_compute_ms`, the fastest of ``reps`` runs; a deterministic cost in
-    tests). ``model`` keeps its train / eval mode."""
+    """The *compute* rule of the module docstring: (shares summing to 1, every candidate
+    partition ``[{"requested", "shares", "fit_node_compute_ms", "node_compute_ms",
+    "bottleneck"}]``: the shares passed to ``partition``, the channel shares it gave, each
+    node's time in the fit's timing (the first three only) and in the final one, where all
+    candidates are timed in turns, and the largest final time over capacity). ``example``: one
+    input batch of the size the plan will serve (its compute is what is balanced). Equal
+    capacities: equal shares, nothing timed. ``timer(nodes, example)``: each node's compute in
+    ms of a candidate's shards (default: :func:`interleaved_compute_ms`, the fastest of
+    ``reps`` runs; a deterministic cost in tests). ``refine``: step 4's candidates as fractions
+    of the way from equal shares to the fitted solution (``()``: the fitted solution, untimed).
+    ``model`` keeps its train / eval mode."""
     n = num_nodes
     total = float(sum(capacities))
-    prop = [c / total for c in capacities]
+    caps = [c / total for c in capacities]
     even = [1.0 / n] * n
-    if max(prop) - min(prop) < 1e-9:
+    if max(caps) - min(caps) < 1e-9:
         return tuple(even), []
-    candidates = [even, [(a + b) / 2 for a, b in zip(even, prop, strict=True)], prop]
-    samples: list[tuple[Sequence[float], Sequence[float]]] = []
     trials: list[dict[str, Any]] = []
+    plans: list[list[ExportedShard]] = []
     was_training = model.training
     model.eval()
-    try:
-        for i, shares in enumerate(candidates):
-            pm, _ = random_plan(
-                model, n, example, shares, budget, max_sync_points, seed=seed, capture=capture
-            )
-            nodes = _exported(pm)
-            if timer is None:
-                t = shard_compute_ms(nodes, example, reps, stat=min)
-            else:
-                t = [float(v) for v in timer(nodes, example)]
-            shares = channel_shares(nodes[0].plan.program)  # as partitioned (whole channels)
-            samples.append((shares, t))
-            trials.append({"shares": shares, "node_compute_ms": t})
+
+    def add(requested: Sequence[float]) -> None:
+        pm, _ = random_plan(
+            model, n, example, requested, budget, max_sync_points, seed=seed, capture=capture
+        )
+        plans.append(_exported(pm))  # as partitioned (whole channels):
+        trials.append({"requested": list(requested), "shares": channel_shares(pm.program)})
+
+    def time_all(key: str, what: Callable[[int], str]) -> None:
+        if timer is None:
+            times = interleaved_compute_ms(plans, example, reps, stat=min)
+        else:
+            times = [[float(v) for v in timer(nodes, example)] for nodes in plans]
+        for i, (trial, t) in enumerate(zip(trials, times, strict=True)):
+            trial[key] = t
             if log:
                 log(
-                    f"slices by compute: candidate {i + 1}/{len(candidates)} shares "
-                    f"{[round(s, 3) for s in shares]}: node compute ms "
+                    f"slices by compute: {what(i)} shares "
+                    f"{[round(s, 3) for s in trial['shares']]}: node compute ms "
                     f"{[round(v, 1) for v in t]}"
                 )
+
+    try:
+        for shares in (even, [(a + b) / 2 for a, b in zip(even, caps, strict=True)], caps):
+            add(shares)
+        time_all("fit_node_compute_ms", lambda i: f"candidate {i + 1}/3")
+        samples = [(t["shares"], t["fit_node_compute_ms"]) for t in trials]
+        fitted = solve_shares(samples, caps)
+        if not refine:
+            return fitted, trials
+        for a in refine:
+            moved = [max(MIN_SHARE, e + a * (f - e)) for e, f in zip(even, fitted, strict=True)]
+            add([v / sum(moved) for v in moved])
+        time_all("node_compute_ms", lambda i: f"partition {i + 1}/{len(plans)} (all in turns)")
     finally:
         model.train(was_training)
-    out = solve_shares(samples, [c / total for c in capacities])
+    for t in trials:
+        t["bottleneck"] = max(v / c for v, c in zip(t["node_compute_ms"], caps, strict=True))
+    best = min(trials, key=lambda t: t["bottleneck"])
+    out = tuple(best["requested"])
     if log:
-        log(f"slices by compute: shares {[round(s, 3) for s in out]} for capacities {capacities}")
+        log(
+            f"slices by compute: shares {[round(s, 3) for s in out]} for capacities "
+            f"{list(capacities)} (fitted {[round(s, 3) for s in fitted]}; the fastest "
+            f"slowest node of {len(trials)} partitions timed)"
+        )
     return out, trials
 
 
 __all__ = [
     "MIN_SHARE",
+    "REFINE",
     "SLICE_RULES",
     "Curve",
     "Timer",
     "check_slice_rule",
     "compute_shares",
     "fit_costs",
+    "interleaved_compute_ms",
     "random_plan",
     "shard_compute_ms",
     "solve_shares",

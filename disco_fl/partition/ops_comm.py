@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disco_fl.core.layout import Layout, split_sizes
+from disco_fl.core.layout import CHANNEL_ALIGN, Layout, split_sizes
 from disco_fl.partition.program import Op, Program, TensorInfo
 from disco_fl.partition.registry import (
     InferContext,
@@ -190,7 +190,11 @@ class _MixingSpec(OpSpec):
                 raise PartitionError(f"{op.name}: layout of {layout.num_channels} channels")
             return TensorInfo("sharded", ctx.out_shape, cdim, layout)
         sizes = split_sizes(
-            ctx.out_shape[cdim], ctx.num_nodes, ctx.capacities, what=f"layer {op.module!r}"
+            ctx.out_shape[cdim],
+            ctx.num_nodes,
+            ctx.capacities,
+            what=f"layer {op.module!r}",
+            align=CHANNEL_ALIGN,
         )
         return TensorInfo("sharded", ctx.out_shape, cdim, Layout.contiguous(sizes))
 
