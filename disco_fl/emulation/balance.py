@@ -276,7 +276,7 @@ def compute_shares(
         pm, _ = random_plan(
             model, n, example, requested, budget, max_sync_points, seed=seed, capture=capture
         )
-        plans.append(_exported(pm))  # as partitioned (whole channels):
+        plans.append(_exported(pm))  # the shard programs the nodes would run
         trials.append({"requested": list(requested), "shares": channel_shares(pm.program)})
 
     def time_all(key: str, what: Callable[[int], str]) -> None:
