@@ -59,7 +59,7 @@ MIN_SHARE = 0.02
 REFINE = (0.9, 0.95, 1.0, 1.05, 1.1)  # step 4: candidates this far from equal to the solution
 SLICE_RULES = ("channels", "compute")  # capacities -> shares: proportional, or by compute
 Log = Callable[[str], None]
-# each node's compute (ms) of a partition's shards for an input: shard_compute_ms by default
+# each node's compute (ms) of a partition's shards for an input (interleaved_compute_ms)
 Timer = Callable[[Sequence[ExportedShard], torch.Tensor], Sequence[float]]
 
 
@@ -112,9 +112,8 @@ def interleaved_compute_ms(
         finally:
             acc[k] += time.perf_counter() - t0
 
-    times: list[list[list[float]]] = [
-        [[] for _ in nodes] for nodes in plans
-    ]  # plan -> node -> runs
+    # times[plan][node]: that node's time (ms) in each round
+    times: list[list[list[float]]] = [[[] for _ in nodes] for nodes in plans]
     with _one_thread(), torch.inference_mode():
         for nodes in plans:
             run_shards(nodes, x)
