@@ -13,7 +13,11 @@ paths, each a ping-pong between two processes (median round trip; a hop is about
   ``disco-fl serve`` uses it: a coroutine on the transport's event loop sends and awaits
   (``recv_async``): no thread hand-off;
 - ``transport_threads``: the same transport used from an ordinary thread (``send`` / blocking
-  ``recv``), as joint training uses it: every frame changes threads on both sides.
+  ``recv``), as joint training uses it: every frame changes threads on both sides;
+- ``raw_asyncio_socket``: no gRPC at all: the same serialized ``disco.v1.Frame`` with a 4-byte
+  length prefix over a plain asyncio TCP stream (``asyncio.start_server`` /
+  ``open_connection``, TCP_NODELAY as asyncio sets it), the server parsing and writing it
+  back: what a data path beside gRPC (not built) could cost per hop, without TLS.
 
 ``--syscalls`` also counts the syscalls of the pinging process per round trip of
 ``raw_grpc_aio`` and ``transport_loop`` (``strace -c -f`` attached for ~3 s of a longer
@@ -67,6 +71,63 @@ def _stats(rtts: list[float]) -> dict[str, Any]:
         "round_trip_us_p90": steady[9 * len(steady) // 10],
         "n": len(steady),
     }
+
+
+# ---- raw asyncio socket (no gRPC) ---------------------------------------------------------------
+async def _read_frame(reader: asyncio.StreamReader) -> peer_pb2.Frame:
+    size = int.from_bytes(await reader.readexactly(4), "big")
+    return peer_pb2.Frame.FromString(await reader.readexactly(size))
+
+
+def _framed(frame: peer_pb2.Frame) -> bytes:
+    body = frame.SerializeToString()
+    return len(body).to_bytes(4, "big") + body
+
+
+def _socket_server(port_q: Any, n: int) -> None:
+    async def main() -> None:
+        done = asyncio.Event()
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            for _ in range(n):
+                writer.write(_framed(await _read_frame(reader)))
+                await writer.drain()
+            writer.close()
+            done.set()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port_q.put(server.sockets[0].getsockname()[1])
+        await asyncio.wait_for(done.wait(), timeout=120)
+        server.close()
+
+    asyncio.run(main())
+
+
+def _raw_socket(n: int) -> list[float]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_socket_server, args=(q, n), daemon=True)
+    p.start()
+    port = q.get(timeout=60)
+    rtts: list[float] = []
+
+    async def main() -> list[float]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for i in range(n):
+            frame = _frame(0, 1, i)
+            t0 = time.perf_counter()
+            writer.write(_framed(frame))
+            await writer.drain()
+            await _read_frame(reader)
+            rtts.append((time.perf_counter() - t0) * 1e6)
+        writer.close()
+        return rtts
+
+    try:
+        return asyncio.run(main())
+    finally:
+        p.kill()
+        p.join(10)
 
 
 # ---- raw grpc.aio ----------------------------------------------------------------------------
@@ -302,6 +363,7 @@ def main() -> None:
         "raw_grpc_aio_two_streams": _stats(_raw_two_streams(args.n)),
         "transport_loop": _stats(_transport(args.n, on_loop=True)),
         "transport_threads": _stats(_transport(args.n, on_loop=False)),
+        "raw_asyncio_socket": _stats(_raw_socket(args.n)),
     }
     if args.syscalls:
         raw: dict[str, Any] = {}
