@@ -103,12 +103,18 @@ def _socket_server(port_q: Any, n: int) -> None:
     asyncio.run(main())
 
 
-def _raw_socket(n: int) -> list[float]:
+def _spawn_server(target: Callable[[Any, int], None], n: int) -> tuple[Any, Any]:
+    """``target(queue, n)`` in a new process; returns the process and what it put on the
+    queue (its address)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_socket_server, args=(q, n), daemon=True)
+    p = ctx.Process(target=target, args=(q, n), daemon=True)
     p.start()
-    port = q.get(timeout=60)
+    return p, q.get(timeout=60)
+
+
+def _raw_socket(n: int) -> list[float]:
+    p, port = _spawn_server(_socket_server, n)
     rtts: list[float] = []
 
     async def main() -> list[float]:
@@ -152,11 +158,7 @@ def _raw_server(port_q: Any, n: int) -> None:
 
 
 def _raw(n: int, syscalls: dict[str, Any] | None = None) -> list[float]:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_raw_server, args=(q, n), daemon=True)
-    p.start()
-    address = q.get(timeout=60)
+    p, address = _spawn_server(_raw_server, n)
     rtts: list[float] = []
 
     async def main() -> list[float]:
