@@ -325,9 +325,12 @@ def measure_household(
     x: torch.Tensor,
     cfg: dict[str, Any],
     overlap: bool = True,
+    data_path: str = "grpc",
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
-        hh = Household(plan_dir, n, link, Path(work), overlap=overlap)
+        hh = Household(
+            plan_dir, n, link, Path(work), overlap=overlap, extra=["--data-path", data_path]
+        )
         try:
             with InferenceSession(hh.addrs[0], timeout=120) as s:
                 for i in range(5):  # warm-up: connections, allocator, first-call overheads
@@ -451,6 +454,11 @@ def _thr(r: dict[str, Any]) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
+def _path(r: dict[str, Any]) -> str:
+    path = r.get("data_path", "grpc")
+    return "" if path == "grpc" else f" ({path})"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows as the table in BENCHMARKS.md."""
     head = (
@@ -464,7 +472,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         acc = r.get("accuracy")
         lines.append(
-            f"| {r['mode']} | {r['nodes']} | {r['budget'] if r['budget'] is not None else '-'} "
+            f"| {r['mode']}{_path(r)} | {r['nodes']} "
+            f"| {r['budget'] if r['budget'] is not None else '-'} "
             f"| {r.get('max_sync_points') or '-'} | {r['link']} | {r['sync_points']} "
             f"| {'-' if acc is None else f'{100 * acc:.1f}%'} | {r['latency_ms_median']:.2f} "
             f"| {r['floor_ms']:.2f} | {r['latency_ms_median'] / r['floor_ms']:.2f} "
@@ -526,13 +535,17 @@ def measure_plans(
         plan = Plan.load(plan_dir / "plan.json")
         rep = program_traffic(plan.program, plan_open_count(plan), plan.codec, input_dtype)
         node_ms = measure_node_compute(plan_dir, n, x, cfg)
-        for overlap in info.get("overlaps", [True]):
+        runs = [(o, d) for o in info.get("overlaps", [True]) for d in cfg["data_paths"]]
+        for overlap, data_path in runs:
             name = f"{info['mode']}_{budget}_{info['max_sync_points']}_{plan.codec}"
             if info.get("capacities"):
                 name += "_c" + "-".join(f"{c:g}" for c in info["capacities"])
             name += "" if overlap else "_nooverlap"
+            name += "" if data_path == "grpc" else f"_{data_path}"
             for link, (mbps, rtt_ms) in links.items():
-                m = measure_household(plan_dir, n, (mbps, rtt_ms), sent, cfg, overlap=overlap)
+                m = measure_household(
+                    plan_dir, n, (mbps, rtt_ms), sent, cfg, overlap=overlap, data_path=data_path
+                )
                 wire_per_link = m["busiest_link_payload_bytes"] * (
                     m["wire_bytes_per_sample"] / max(m["payload_bytes_per_sample"], 1)
                 )
@@ -546,6 +559,7 @@ def measure_plans(
                     "codec": plan.codec,
                     "input_dtype": input_dtype,
                     "overlap": overlap,
+                    "data_path": data_path,
                     "masks": info.get("masks", "trained" if info["mode"] == "disco" else None),
                     "capacities": info.get("capacities"),
                     "accuracy": info["accuracy"],
@@ -634,6 +648,14 @@ def main() -> None:
         help="what a request carries: the normalized fp32 input (default) or the raw uint8 "
         "image batch, 1 byte per pixel on the input hop, normalized by every node",
     )
+    ap.add_argument(
+        "--data-path",
+        nargs="+",
+        default=["grpc"],
+        choices=["grpc", "socket"],
+        help="how the nodes' frames travel (disco-fl serve --data-path); several: each plan "
+        "runs with each, in one run (default grpc)",
+    )
     args = ap.parse_args()
     tune_heap()  # as the disco-fl processes it compares with (disco_fl.core.heap)
     uint8 = args.input_dtype == "uint8"
@@ -646,6 +668,7 @@ def main() -> None:
         cfg["nodes"] = args.nodes
     if args.requests:
         cfg["requests"] = args.requests
+    cfg["data_paths"] = args.data_path
     t_start = time.time()
     torch.manual_seed(0)
     links = LINKS_RESNET50 if r50 else LINKS
@@ -720,7 +743,10 @@ def main() -> None:
         dense = [
             d
             for d in rows
-            if d["mode"] == "dense_tp" and d["nodes"] == r["nodes"] and d["link"] == r["link"]
+            if d["mode"] == "dense_tp"
+            and d["nodes"] == r["nodes"]
+            and d["link"] == r["link"]
+            and d.get("data_path") == r.get("data_path")
         ]
         if r["mode"] == "disco" and dense:
             r["speedup_vs_dense_tp"] = dense[0]["latency_ms_median"] / r["latency_ms_median"]

@@ -26,7 +26,7 @@ from disco_fl.emulation.export import ExportedShard, load_shard, run_shards
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
 from disco_fl.runtime.inference import PeerError, run_node, run_node_async
 from disco_fl.runtime.transport import InProcessHub, Transport, TransportError
-from disco_fl.runtime.transport.base import Mailbox, PeerDownError, framed_size
+from disco_fl.runtime.transport.base import Mailbox, PeerDownError
 from disco_fl.runtime.transport.grpc_transport import GrpcTransport, HandshakeError, LinkShape
 from tests.test_shards import _random_masks
 from tests.zoo import ZOO
@@ -215,12 +215,14 @@ def test_failing_node_fails_its_peers_fast(household: Callable[..., Household]) 
 # ---- (b) + (c): real gRPC servers on loopback ---------------------------------------------
 
 
-@pytest.fixture
-def grpc_household() -> Iterator[Callable[..., list[GrpcTransport]]]:
-    """Factory of N connected gRPC transports; all closed at the end of the test."""
+@pytest.fixture(params=["grpc", "socket"])
+def grpc_household(request: pytest.FixtureRequest) -> Iterator[Callable[..., list[GrpcTransport]]]:
+    """Factory of N connected gRPC transports; all closed at the end of the test. Every test
+    using it runs with both data paths (frames on gRPC streams, frames on data sockets)."""
     made: list[GrpcTransport] = []
 
     def make(n: int, plan_hash: str, num_layers: int, **kw: Any) -> list[GrpcTransport]:
+        kw.setdefault("data_path", request.param)
         ts = [
             GrpcTransport(k, n, plan_hash=plan_hash, num_layers=num_layers, **kw) for k in range(n)
         ]
@@ -589,7 +591,7 @@ def test_link_shape_delays_frames_in_order(
     x = torch.zeros(2500)  # 10 kB of payload: about 10 ms on this link
     frames = [_frame(0, 1, i, x, session="shaped") for i in range(3)]
     sizes = [f.ByteSize() for f in frames]
-    link_s = [framed_size(s) * 8 / rate for s in sizes]
+    link_s = [ts[1].framing(s) * 8 / rate for s in sizes]
     t0 = time.monotonic()
     for f in frames:
         ts[0].send(f)

@@ -367,14 +367,24 @@ def test_infer_command_with_npz_and_images(
 # ---- failures -----------------------------------------------------------------------------
 
 
-@pytest.fixture
+@pytest.fixture(params=["grpc", "socket"])
 def failing(
-    tmp_path: Path, start_household: Callable[..., Household]
+    request: pytest.FixtureRequest, tmp_path: Path, start_household: Callable[..., Household]
 ) -> tuple[Household, torch.Tensor, torch.Tensor]:
+    """A 3-node household for the failure tests, with each data path (``--data-path``)."""
     plan_dir, _, x = _export(tmp_path / "plan", "resnet_narrow", 3)
     ref = run_shards([load_shard(plan_dir / "plan.json", k) for k in range(3)], x)
     hh = start_household(
-        plan_dir, 3, "--deadline", str(DEADLINE_S), "--max-frame-mb", "1", "--max-inflight", "4"
+        plan_dir,
+        3,
+        "--deadline",
+        str(DEADLINE_S),
+        "--max-frame-mb",
+        "1",
+        "--max-inflight",
+        "4",
+        "--data-path",
+        request.param,
     )
     return hh, x, ref
 
@@ -537,13 +547,23 @@ def test_refusals_plan_token_node_size(
 # ---- mutual TLS ---------------------------------------------------------------------------
 
 
-def test_mutual_tls_household(tmp_path: Path, start_household: Callable[..., Household]) -> None:
+@pytest.mark.parametrize("data_path", ["grpc", "socket"])
+def test_mutual_tls_household(
+    tmp_path: Path, start_household: Callable[..., Household], data_path: str
+) -> None:
     plan_dir, pm, x = _export(tmp_path / "plan", "resnet_narrow", 2)
     certs = tmp_path / "certs"
     make_household_certs(certs, 2)
     (tmp_path / "token").write_text("s3cret\n")
     hh = start_household(
-        plan_dir, 2, "--tls-dir", str(certs), "--token-file", str(tmp_path / "token")
+        plan_dir,
+        2,
+        "--tls-dir",
+        str(certs),
+        "--token-file",
+        str(tmp_path / "token"),
+        "--data-path",
+        data_path,
     )
     client = channel_credentials(TLSFiles.from_dir(certs, "client"))
     with InferenceSession(hh.addrs[0], token="s3cret", channel_credentials=client) as s:

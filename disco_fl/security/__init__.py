@@ -7,7 +7,8 @@ second factor checked inside the peer protocol. The package's modules:
 
 - :mod:`~disco_fl.security.tls`: an endpoint's PEM files (:class:`TLSFiles`), checked, as gRPC
   credentials (:func:`server_credentials`, :func:`channel_credentials`,
-  :func:`peer_credentials`);
+  :func:`peer_credentials`), and as TLS contexts for the socket data path
+  (:func:`data_ssl_contexts`);
 - :mod:`~disco_fl.security.certs`: making a household's certificates
   (:func:`make_household_certs`, EC P-256, ECDSA-SHA256; ``docs/security.md`` gives the
   equivalent ``openssl`` commands);
@@ -30,6 +31,7 @@ from disco_fl.security.tls import (
     SecurityError,
     TLSFiles,
     channel_credentials,
+    data_ssl_contexts,
     node_common_name,
     peer_credentials,
     server_credentials,
@@ -42,6 +44,7 @@ __all__ = [
     "SecurityError",
     "TLSFiles",
     "channel_credentials",
+    "data_ssl_contexts",
     "is_loopback_address",
     "make_household_certs",
     "node_common_name",

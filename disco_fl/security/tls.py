@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,6 +204,34 @@ def channel_credentials(tls: TLSFiles) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
     )
+
+
+def data_ssl_contexts(tls: TLSFiles) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """``(server, client)`` TLS contexts of a node for the socket data path
+    (:mod:`~disco_fl.runtime.transport.socket_path`), with the same files and rules as its
+    gRPC credentials: serve with ``tls.cert`` and require a client certificate signed by the
+    household CA; dial trusting only the household CA, checking the peer's certificate names
+    the dialled host, and presenting ``tls.cert``. TLS 1.2 at least.
+
+    Parameters
+    ----------
+    tls : TLSFiles
+        The node's files (checked by :meth:`TLSFiles.load` first).
+
+    Returns
+    -------
+    tuple of ssl.SSLContext
+        For ``GrpcTransport(..., data_path="socket", data_ssl=...)``.
+    """
+    ca_pem, _, _ = tls.load()
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED
+    for ctx in (server, client):
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_verify_locations(cadata=ca_pem.decode())
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    server.verify_mode = ssl.CERT_REQUIRED
+    return server, client
 
 
 def peer_credentials(

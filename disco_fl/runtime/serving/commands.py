@@ -7,6 +7,7 @@ import faulthandler
 import json
 import logging
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -39,6 +40,12 @@ def _tls_node(
     from disco_fl.security import peer_credentials
 
     return peer_credentials(args.tls_dir, node)
+
+
+def _data_ssl(args: argparse.Namespace, node: int) -> tuple[ssl.SSLContext, ssl.SSLContext] | None:
+    from disco_fl.security import TLSFiles, data_ssl_contexts
+
+    return data_ssl_contexts(TLSFiles.from_dir(args.tls_dir, node)) if args.tls_dir else None
 
 
 def _tls_client(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
@@ -132,6 +139,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         overlap=not args.no_overlap,
         degraded_wait_s=args.degraded_wait,
         degraded_retry_s=args.degraded_retry,
+        data_path=args.data_path,
+        data_ssl=_data_ssl(args, args.node) if args.data_path == "socket" else None,
     )
 
 
@@ -419,6 +428,14 @@ def add_parsers(sub: Any) -> None:
         default=None,
         help="time.time() the schedule counts from (the same on every node; default: when "
         "the household is ready)",
+    )
+    p.add_argument(
+        "--data-path",
+        choices=("grpc", "socket"),
+        default="grpc",
+        help="how peer frames travel: a gRPC stream per peer (default), or a TCP connection "
+        "per peer opened with a ticket from the gRPC handshake (less time per hop); the same "
+        "on every node",
     )
     p.add_argument(
         "--max-connections",

@@ -131,6 +131,8 @@ class NodeServer:
             max_extra_rpcs=config.max_inflight + 4,
             link_shape=config.link_shape,
             max_connections=config.max_connections,
+            data_path=config.data_path,
+            data_ssl=config.data_ssl,
         )
         # requester, degraded mode: the nodes its sessions start without (--degraded-retry)
         self._missing = (

@@ -9,6 +9,7 @@ chunk sizes, connection limits), the error of a node with no room for a request
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,14 @@ class ServeConfig:
         Degraded mode: a peer that sends nothing for this long, is unreachable or fails is
         left out of the session (its channels count as closed) and the household still
         answers, saying which nodes were missing. ``None``: such a request fails.
+    data_path : {"grpc", "socket"}, default "grpc"
+        How peer frames travel: one gRPC ``Exchange`` stream per peer, or one TCP connection
+        per peer opened with a ticket from the gRPC handshake (fewer microseconds per hop;
+        :mod:`disco_fl.runtime.transport.socket_path`). Every node of a household must use the
+        same one.
+    data_ssl : (ssl.SSLContext, ssl.SSLContext) or None
+        With TLS and ``data_path="socket"``: the node's server and client contexts
+        (:func:`disco_fl.security.data_ssl_contexts`).
     degraded_retry_s : float, default 10.0
         Degraded mode, on the requester: for this long after a session found a node missing,
         the following sessions start without it (named in their INPUT frames: no wait for it,
@@ -121,6 +130,8 @@ class ServeConfig:
     overlap: bool = True
     degraded_wait_s: float | None = None
     degraded_retry_s: float = 10.0
+    data_path: str = "grpc"
+    data_ssl: tuple[ssl.SSLContext, ssl.SSLContext] | None = None
 
     def __post_init__(self) -> None:
         self.plan = Path(self.plan)

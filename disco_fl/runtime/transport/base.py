@@ -102,6 +102,7 @@ class Transport(ABC):
         self._wire_sent = 0
         self._wire_received = 0
         self._frames_sent = 0
+        self.framing: Callable[[int], int] = framed_size  # bytes of a frame on the connection
         self._closed = False
         # (requester, input layer): the only source and layer of INPUT frames; when set,
         # other INPUT frames are refused and the requester's may open sessions (on_session)
@@ -128,7 +129,7 @@ class Transport(ABC):
             if not probe:
                 self._payload_sent[key] = self._payload_sent.get(key, 0) + payload
             self._wire_sent += wire
-            self._framed_sent += framed_size(wire)
+            self._framed_sent += self.framing(wire)
             self._frames_sent += 1
 
     @abstractmethod
@@ -297,7 +298,8 @@ class Transport(ABC):
 
     @property
     def framed_bytes_sent(self) -> int:
-        """Estimated bytes on the HTTP/2 connection for what was sent (:func:`framed_size`)."""
+        """Estimated bytes on the connection for what was sent: with HTTP/2 framing
+        (:func:`framed_size`), or with the socket data path's length prefixes."""
         with self._stats:
             return self._framed_sent
 

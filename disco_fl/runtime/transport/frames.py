@@ -77,6 +77,19 @@ def frame_key(frame: peer_pb2.Frame) -> FrameKey:
     )
 
 
+def refusal(frame: peer_pb2.Frame, me: int, src: int, reason: str) -> peer_pb2.Frame:
+    """The answer to a refused frame (on the stream or connection it came on)."""
+    return peer_pb2.Frame(
+        session_id=frame.session_id[:MAX_SESSION_ID],
+        step=frame.step,
+        layer=frame.layer,
+        direction=frame.direction,
+        src=me,
+        dst=src,
+        error=reason,
+    )
+
+
 def check_incoming(
     frame: Any,
     index: int,

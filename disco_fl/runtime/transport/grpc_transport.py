@@ -9,7 +9,11 @@
 - the client side, :mod:`~disco_fl.runtime.transport.peer_links`: for each peer ``d`` it sends to,
   one channel and one ``Exchange`` stream, opened lazily on the first frame to ``d`` (or by
   :meth:`GrpcTransport.connect`) after a ``Handshake``; and the :class:`LinkShape` emulation;
-- the event-loop plumbing, :mod:`~disco_fl.runtime.transport.io_loop`.
+- the event-loop plumbing, :mod:`~disco_fl.runtime.transport.io_loop`;
+- with ``data_path="socket"``, :mod:`~disco_fl.runtime.transport.socket_path`: the handshake
+  stays on gRPC, and each link's frames go over one TCP connection of their own (a length
+  prefix and a serialized frame each) instead of an ``Exchange`` stream; the node listens for
+  such connections on a second port, given out with one-time tickets by its handshake.
 
 Every frame arriving must come from its stream's caller, be addressed to this node and name a layer
 of the program (see :func:`~disco_fl.runtime.transport.base.check_incoming`). Refused frames are
@@ -43,6 +47,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import ssl
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
@@ -81,6 +86,12 @@ from disco_fl.runtime.transport.peer_service import (
     PeerServicer,
     server_options,
 )
+from disco_fl.runtime.transport.socket_path import (
+    DATA_PATHS,
+    DataServer,
+    Tickets,
+    socket_framed_size,
+)
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT_S",
@@ -115,6 +126,13 @@ class GrpcTransport(AsyncTransport):
     ``training_round`` (default 0: none) is the Flower server round the node trains in: the
     handshake refuses a peer of another round (as it refuses another plan or another
     protocol version, :data:`~disco_fl.core.wire.PROTOCOL_VERSION`).
+    ``data_path`` is how this node's frames travel: ``"grpc"`` (default: an ``Exchange``
+    stream per peer) or ``"socket"`` (a TCP connection per peer, opened with a ticket from
+    the gRPC handshake, see :mod:`~disco_fl.runtime.transport.socket_path`); a ``"socket"``
+    node also accepts its peers' data connections, a ``"grpc"`` node refuses to hand out
+    tickets. With TLS, the socket path needs ``data_ssl``: the ``(server, client)``
+    :class:`ssl.SSLContext` pair of the same node files
+    (:func:`~disco_fl.security.tls.data_ssl_contexts`).
     """
 
     def __init__(
@@ -140,6 +158,8 @@ class GrpcTransport(AsyncTransport):
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        data_path: str = "grpc",
+        data_ssl: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
     ) -> None:
         super().__init__(
             index, num_nodes, num_layers=num_layers, max_pending_bytes=max_pending_bytes
@@ -158,6 +178,21 @@ class GrpcTransport(AsyncTransport):
                 raise ValueError(f"{name} must be a positive number of seconds, got {v}")
         if training_round < 0:
             raise ValueError(f"training_round must be >= 0, got {training_round}")
+        if data_path not in DATA_PATHS:
+            raise ValueError(f"data_path must be one of {DATA_PATHS}, got {data_path!r}")
+        if data_path == "socket" and (server_credentials is None) != (data_ssl is None):
+            raise ValueError(
+                "the socket data path uses TLS exactly when the peer service does: give "
+                "data_ssl (disco_fl.security.data_ssl_contexts) with the TLS credentials"
+            )
+        self.data_path = data_path
+        self._data_ssl = data_ssl if data_path == "socket" else None
+        self._tickets = Tickets(handshake_timeout_s)
+        self._data_server: DataServer | None = None
+        self._max_connections = max_connections
+        self._handshake_timeout_s = handshake_timeout_s
+        if data_path == "socket":
+            self.framing = socket_framed_size
         self.plan_hash = plan_hash
         self.round = int(training_round)  # peers must be in the same round (0: none)
         self.max_frame_bytes = max_frame_bytes
@@ -167,7 +202,9 @@ class GrpcTransport(AsyncTransport):
         self._channel_credentials = channel_credentials
         self.link_shape = link_shape
         self._clocks = (
-            [LinkClock(link_shape) for _ in range(num_nodes)] if link_shape is not None else []
+            [LinkClock(link_shape, self.framing) for _ in range(num_nodes)]
+            if link_shape is not None
+            else []
         )
         self._tls = server_credentials is not None
         self._channel_options = channel_options(max_frame_bytes)
@@ -220,8 +257,35 @@ class GrpcTransport(AsyncTransport):
             raise TransportError(f"node {self.index}: cannot listen on {listen}: {e}") from e
         if port == 0:
             raise TransportError(f"node {self.index}: cannot listen on {listen}")
+        if self.data_path == "socket":
+            self._data_server = DataServer(
+                self,
+                self._tickets,
+                ssl_context=self._data_ssl[0] if self._data_ssl else None,
+                max_frame_bytes=self.max_frame_bytes,
+                max_connections=self._max_connections,
+                handshake_timeout_s=self._handshake_timeout_s,
+            )
+            try:
+                await self._data_server.start(listen.rsplit(":", 1)[0])
+            except OSError as e:
+                raise TransportError(
+                    f"node {self.index}: cannot listen for data connections: {e}"
+                ) from e
         await self._server.start()
         return int(port)
+
+    @property
+    def data_port(self) -> int | None:
+        """The port of this node's data listener (``data_path="socket"``), else ``None``."""
+        return self._data_server.port if self._data_server is not None else None
+
+    def _data_ticket(self, src: int) -> tuple[bytes, int] | None:
+        """A one-time ticket for peer ``src``'s data connection and the port to present it
+        at (on the loop, after its handshake passed); ``None`` without the socket path."""
+        if self._data_server is None:
+            return None
+        return self._tickets.issue(src), self._data_server.port
 
     # ---- peers ---------------------------------------------------------------------------
     def set_peers(self, addresses: Sequence[str]) -> None:
@@ -399,6 +463,8 @@ class GrpcTransport(AsyncTransport):
             links = list(self._links.values())
             self._links.clear()
             await asyncio.gather(*(link.close(timeout) for link in links))
+            if self._data_server is not None:
+                await self._data_server.stop(timeout)
             await self._server.stop(grace=timeout)
 
         try:

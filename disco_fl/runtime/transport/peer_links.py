@@ -1,14 +1,15 @@
 """The client side of the gRPC transport: one outgoing link per peer, and link emulation.
 
 A :class:`Link` is node ``k``'s connection to the peer ``d`` it sends to: one channel and one
-long-lived ``Exchange`` stream, opened after a ``Handshake`` in which both ends check the peer
-protocol version (:data:`~disco_fl.core.wire.PROTOCOL_VERSION`), the plan hash, the training round,
-the node indices and the household token. The link lives on its transport's I/O loop: frames
-are queued there (bounded by ``max_queued_bytes``) and written in order by the link's own task;
-error replies from the peer are recorded in the transport's ``errors``. When the stream
-breaks, the link reports it to its transport (which marks the peer's frames as not coming and
-reconnects on the next frame); reconnecting, it first probes the peer's address so that a peer
-that is gone fails at once.
+long-lived ``Exchange`` stream (or, with the socket data path, one data connection:
+:class:`~disco_fl.runtime.transport.socket_path.SocketStream`), opened after a ``Handshake`` in
+which both ends check the peer protocol version (:data:`~disco_fl.core.wire.PROTOCOL_VERSION`),
+the plan hash, the training round, the node indices and the household token. The link lives on
+its transport's I/O loop: frames are queued there (bounded by ``max_queued_bytes``) and written
+in order by the link's own task; error replies from the peer are recorded in the transport's
+``errors``. When the stream breaks, the link reports it to its transport (which marks the peer's
+frames as not coming and reconnects on the next frame); reconnecting, it first probes the peer's
+address so that a peer that is gone fails at once.
 
 :func:`channel_options` are the channels' gRPC options (keepalive, quick reconnection).
 A :class:`LinkShape` makes every incoming link behave like a link of a given rate and one-way
@@ -25,9 +26,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +45,7 @@ from disco_fl.runtime.transport.peer_service import (
     message_options,
     version_name,
 )
+from disco_fl.runtime.transport.socket_path import SocketStream
 
 log = logging.getLogger(__name__)
 
@@ -144,14 +147,17 @@ class LinkClock:
     With a :class:`LinkSchedule`, each frame takes the link of the moment it reaches the node.
     """
 
-    def __init__(self, shape: LinkShape | LinkSchedule) -> None:
+    def __init__(
+        self, shape: LinkShape | LinkSchedule, framing: Callable[[int], int] = framed_size
+    ) -> None:
         self.shape = shape
+        self.framing = framing  # a frame's bytes on the connection (HTTP/2, or the socket's)
         self.free = 0.0
 
     def arrival(self, message_bytes: int, now: float) -> float:
         sh = self.shape.at(time.time()) if isinstance(self.shape, LinkSchedule) else self.shape
         start = max(now, self.free)
-        self.free = start + framed_size(message_bytes) * 8.0 / sh.rate_bps
+        self.free = start + self.framing(message_bytes) * 8.0 / sh.rate_bps
         return self.free + sh.rtt_s / 2.0
 
 
@@ -164,10 +170,13 @@ class LinkOwner(Protocol):
     round: int
     connect_timeout: float
     max_queued_bytes: int
+    max_frame_bytes: int
+    data_path: str
     errors: deque[str]
     _token: str
     _channel_options: list[tuple[str, Any]]
     _channel_credentials: grpc.ChannelCredentials | None
+    _data_ssl: tuple[ssl.SSLContext, ssl.SSLContext] | None
 
     def _metadata(self, dst: int) -> list[tuple[str, str]]: ...
 
@@ -247,8 +256,11 @@ class Link:
                 else grpc.aio.insecure_channel(self.address, options=opts)
             )
             self.stub = peer_pb2_grpc.PeerStub(self.channel)
-            await self._handshake(wait)
-            self.call = self.stub.Exchange(metadata=o._metadata(self.dst), wait_for_ready=True)
+            reply = await self._handshake(wait)
+            if o.data_path == "socket":
+                self.call = await self._open_socket(reply)
+            else:
+                self.call = self.stub.Exchange(metadata=o._metadata(self.dst), wait_for_ready=True)
         except Exception as e:
             why = str(e) if isinstance(e, TransportError) else f"{type(e).__name__}: {e}"
             self._fail(why, handshake=not wait)  # a lazy reconnection: retry later
@@ -301,7 +313,29 @@ class Link:
                 f"{e or type(e).__name__}"
             ) from None
 
-    async def _handshake(self, wait: bool) -> None:
+    async def _open_socket(self, reply: peer_pb2.HelloReply) -> SocketStream:
+        """The data connection to the peer, with the ticket its handshake gave us."""
+        o = self.owner
+        if not reply.data_ticket or not 0 < reply.data_port < 65536:
+            raise HandshakeError(
+                f"node {o.index}: peer {self.dst} at {self.address} gave no data-path ticket"
+            )
+        try:
+            return await SocketStream.open(
+                self.address,
+                reply.data_port,
+                reply.data_ticket,
+                ssl_context=o._data_ssl[1] if o._data_ssl else None,
+                timeout=o.connect_timeout,
+                max_frame_bytes=o.max_frame_bytes,
+            )
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
+            raise HandshakeError(
+                f"node {o.index}: cannot open the data connection to peer {self.dst} at "
+                f"port {reply.data_port}: {e or type(e).__name__}"
+            ) from None
+
+    async def _handshake(self, wait: bool) -> peer_pb2.HelloReply:
         o = self.owner
         if not wait:
             await self._probe()
@@ -312,6 +346,7 @@ class Link:
             expected_node=self.dst,
             protocol_version=PROTOCOL_VERSION,
             round=o.round,
+            data_socket=o.data_path == "socket",
         )
         stub = self._stub()
         try:
@@ -349,6 +384,7 @@ class Link:
                 f"{reply.plan_hash[:12]!r}; expected node {self.dst} with plan "
                 f"{o.plan_hash[:12]!r}"
             )
+        return reply
 
     async def _read(self) -> None:
         """Error replies from the peer; the end of the stream (a broken peer)."""

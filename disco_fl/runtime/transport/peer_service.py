@@ -27,7 +27,7 @@ import grpc.aio
 
 from disco_fl.core.wire import PROTOCOL_VERSION
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
-from disco_fl.runtime.transport.frames import MAX_SESSION_ID
+from disco_fl.runtime.transport.frames import refusal
 
 DEFAULT_MAX_FRAME_BYTES = 64 << 20
 MD_TOKEN = "disco-token"  # call metadata: the household token (peer frames and inference)
@@ -94,6 +94,8 @@ class PeerHost(Protocol):
     def _peer_connected(self, src: int) -> None: ...
 
     def _arrived(self, frame: peer_pb2.Frame, size: int, src: int) -> str | None: ...
+
+    def _data_ticket(self, src: int) -> tuple[bytes, int] | None: ...
 
     @property
     def closed(self) -> bool: ...
@@ -183,12 +185,23 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         ) or self.check_identity(context, request.node)
         if problem is not None:
             await context.abort(*problem)
-        return peer_pb2.HelloReply(
+        reply = peer_pb2.HelloReply(
             plan_hash=self.t.plan_hash,
             node=self.t.index,
             protocol_version=PROTOCOL_VERSION,
             round=self.t.round,
         )
+        if request.data_socket:  # the caller's frames come over the socket data path
+            issued = self.t._data_ticket(request.node)
+            if issued is None:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"node {self.t.index} takes frames over gRPC only (data path 'grpc'), the "
+                    f"caller wants the socket data path: run every node with the same data path",
+                )
+            else:
+                reply.data_ticket, reply.data_port = issued
+        return reply
 
     async def Exchange(  # type: ignore[override]
         self, request_iterator: AsyncIterator[peer_pb2.Frame], context: grpc.aio.ServicerContext
@@ -212,15 +225,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         async for frame in request_iterator:
             reason = self.t._arrived(frame, frame.ByteSize(), src)
             if reason is not None:
-                yield peer_pb2.Frame(
-                    session_id=frame.session_id[:MAX_SESSION_ID],
-                    step=frame.step,
-                    layer=frame.layer,
-                    direction=frame.direction,
-                    src=self.t.index,
-                    dst=src,
-                    error=reason,
-                )
+                yield refusal(frame, self.t.index, src, reason)
 
     async def Health(  # type: ignore[override]
         self, request: peer_pb2.HealthRequest, context: grpc.aio.ServicerContext

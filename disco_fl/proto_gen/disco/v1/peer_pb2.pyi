@@ -146,32 +146,38 @@ class MissingSet(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("plan_hash", "node", "household_token", "expected_node", "protocol_version", "round")
+    __slots__ = ("plan_hash", "node", "household_token", "expected_node", "protocol_version", "round", "data_socket")
     PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     HOUSEHOLD_TOKEN_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_NODE_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    DATA_SOCKET_FIELD_NUMBER: _ClassVar[int]
     plan_hash: str
     node: int
     household_token: str
     expected_node: int
     protocol_version: int
     round: int
-    def __init__(self, plan_hash: _Optional[str] = ..., node: _Optional[int] = ..., household_token: _Optional[str] = ..., expected_node: _Optional[int] = ..., protocol_version: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+    data_socket: bool
+    def __init__(self, plan_hash: _Optional[str] = ..., node: _Optional[int] = ..., household_token: _Optional[str] = ..., expected_node: _Optional[int] = ..., protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., data_socket: _Optional[bool] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("plan_hash", "node", "protocol_version", "round")
+    __slots__ = ("plan_hash", "node", "protocol_version", "round", "data_ticket", "data_port")
     PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    DATA_TICKET_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     plan_hash: str
     node: int
     protocol_version: int
     round: int
-    def __init__(self, plan_hash: _Optional[str] = ..., node: _Optional[int] = ..., protocol_version: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+    data_ticket: bytes
+    data_port: int
+    def __init__(self, plan_hash: _Optional[str] = ..., node: _Optional[int] = ..., protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., data_ticket: _Optional[bytes] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

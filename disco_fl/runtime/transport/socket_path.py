@@ -1,0 +1,320 @@
+"""The socket data path: a node's frames to one peer over one TCP connection, beside gRPC.
+
+gRPC stays the control channel: the ``Handshake`` checks the caller (household token, protocol
+version, plan hash, round, node indices, certificate) as it always does. A caller that asks for
+the socket data path (``Hello.data_socket``) gets, in the reply, a one-time *ticket* (32 bytes
+from :mod:`secrets`) and the port of the answering node's data listener (:class:`DataServer`).
+It then opens one TCP connection there (TLS with the node certificates when the peer service
+uses TLS: the household CA pinned on both sides, the caller's certificate checked against the
+node it claims to be), sends the ticket, and from then on its frames (:class:`SocketStream`).
+
+On the connection every message is a 4-byte big-endian length followed by a serialized
+``disco.v1.Frame``; a length above ``max_frame_bytes`` is refused before the body is read. The
+receiving node handles a frame exactly as one from an ``Exchange`` stream (the same checks, the
+same mailbox, the same link emulation) and answers a refused one on the same connection, framed
+the same way. A connection that closes is a peer gone, like a broken stream.
+
+Why: per hop, Python gRPC costs several hundred microseconds more than a plain socket on the
+same loop (``bench/hop_latency.py``), and a plan with a dozen sync points pays it a dozen times.
+
+Bounds: at most ``max_connections`` connections at once; a connection must present a valid
+ticket within ``handshake_timeout_s`` (TLS handshake included) or it is closed; tickets expire
+after ``handshake_timeout_s`` and are valid once; TCP keepalive drops a vanished peer's
+connection as gRPC keepalive does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import socket
+import ssl
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from google.protobuf.message import DecodeError
+
+from disco_fl.proto_gen.disco.v1 import peer_pb2
+from disco_fl.runtime.transport.frames import TransportError, refusal
+
+log = logging.getLogger(__name__)
+
+TICKET_BYTES = 32
+LENGTH = struct.Struct(">I")  # the length prefix of every message on a data connection
+MAX_TICKETS = 1024  # tickets issued and not yet used, at most
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 1  # as gRPC keepalive
+DATA_PATHS = ("grpc", "socket")
+
+
+def socket_framed_size(message_bytes: int) -> int:
+    """Bytes a serialized frame of ``message_bytes`` occupies on a data connection (TLS and
+    TCP/IP not included): the frame and its length prefix."""
+    return message_bytes + LENGTH.size
+
+
+def _keepalive(sock: socket.socket | None) -> None:
+    """Probe an idle connection so that a peer that vanished without closing it is noticed."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
+def _write(writer: asyncio.StreamWriter, frame: peer_pb2.Frame) -> None:
+    data = frame.SerializeToString()
+    writer.writelines((LENGTH.pack(len(data)), data))
+
+
+async def _read(reader: asyncio.StreamReader, max_bytes: int) -> tuple[peer_pb2.Frame, int] | None:
+    """The next frame and its serialized size; ``None`` at a clean end of the connection.
+
+    Raises :class:`TransportError` for a length above ``max_bytes`` (before reading the body),
+    a connection cut inside a message, or bytes that are not a frame."""
+    try:
+        head = await reader.readexactly(LENGTH.size)
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            return None
+        raise TransportError("connection closed inside a length prefix") from None
+    (size,) = LENGTH.unpack(head)
+    if size > max_bytes:
+        raise TransportError(f"frame of {size} bytes exceeds max_frame_bytes={max_bytes}")
+    try:
+        body = await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise TransportError(f"connection closed inside a frame of {size} bytes") from None
+    frame = peer_pb2.Frame()
+    try:
+        frame.ParseFromString(body)
+    except DecodeError as e:
+        raise TransportError(f"bytes that are not a disco.v1.Frame: {e}") from None
+    return frame, size
+
+
+class Tickets:
+    """One-time tickets of the socket data path: issued by a checked handshake, each valid once
+    and for ``ttl_s`` seconds, bound to the caller's node index."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._open: dict[bytes, tuple[int, float]] = {}  # ticket -> (node, expiry)
+
+    def issue(self, node: int) -> bytes:
+        now = time.monotonic()
+        self._open = {t: v for t, v in self._open.items() if v[1] > now}
+        while len(self._open) >= MAX_TICKETS:  # the oldest go first
+            self._open.pop(next(iter(self._open)))
+        ticket = secrets.token_bytes(TICKET_BYTES)
+        self._open[ticket] = (node, now + self.ttl_s)
+        return ticket
+
+    def redeem(self, ticket: bytes) -> int | None:
+        """The node a valid ticket was issued to (the ticket is used up), else ``None``."""
+        match = next((t for t in self._open if hmac.compare_digest(t, ticket)), None)
+        if match is None:
+            return None
+        node, expiry = self._open.pop(match)
+        return node if expiry > time.monotonic() else None
+
+
+class DataHost(Protocol):
+    """What the data server needs of its transport (a
+    :class:`~disco_fl.runtime.transport.grpc_transport.GrpcTransport`)."""
+
+    index: int
+
+    def _peer_connected(self, src: int) -> None: ...
+
+    def _arrived(self, frame: peer_pb2.Frame, size: int, src: int) -> str | None: ...
+
+
+class DataServer:
+    """A node's data listener (on its I/O loop): connections that present a ticket, then frames.
+
+    ``ssl_context``: a server context requiring a client certificate signed by the household CA
+    (:func:`~disco_fl.security.tls.data_ssl_contexts`), or ``None`` for plaintext.
+    """
+
+    def __init__(
+        self,
+        host: DataHost,
+        tickets: Tickets,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        max_frame_bytes: int,
+        max_connections: int,
+        handshake_timeout_s: float,
+    ) -> None:
+        self.host = host
+        self.tickets = tickets
+        self.ssl_context = ssl_context
+        self.max_frame_bytes = max_frame_bytes
+        self.max_connections = max_connections
+        self.handshake_timeout_s = handshake_timeout_s
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self, host: str) -> int:
+        """Listen on ``host`` (a free port); return the port."""
+        self._server = await asyncio.start_server(
+            self._accepted,
+            host.strip("[]"),
+            0,
+            ssl=self.ssl_context,
+            ssl_handshake_timeout=self.handshake_timeout_s if self.ssl_context else None,
+            limit=1 << 20,
+        )
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is None or len(self._tasks) >= self.max_connections:
+            writer.close()
+            return
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # a bad connection ends; the node goes on
+            log.warning("node %d: data connection ended: %s", self.host.index, e)
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    def _identity(self, writer: asyncio.StreamWriter, node: int) -> str | None:
+        """With TLS, the caller's certificate must be node ``node``'s (as on the gRPC side)."""
+        if self.ssl_context is None:
+            return None
+        from disco_fl.security.tls import node_common_name
+
+        cert = writer.get_extra_info("peercert") or {}
+        names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+        if names != [node_common_name(node)]:
+            return f"the caller's certificate ({', '.join(names) or 'none'}) is not node {node}'s"
+        return None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        me = self.host.index
+        _keepalive(writer.get_extra_info("socket"))
+        try:
+            ticket = await asyncio.wait_for(
+                reader.readexactly(TICKET_BYTES), self.handshake_timeout_s
+            )
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError):
+            log.warning("node %d: a data connection sent no ticket", me)
+            return
+        src = self.tickets.redeem(ticket)
+        if src is None:
+            log.warning("node %d: a data connection presented an unknown or used ticket", me)
+            return
+        why = self._identity(writer, src)
+        if why is not None:
+            log.warning("node %d: data connection refused: %s", me, why)
+            return
+        self.host._peer_connected(src)
+        while True:
+            try:
+                got = await _read(reader, self.max_frame_bytes)
+            except TransportError as e:
+                log.warning("node %d: data connection from node %d: %s", me, src, e)
+                _write(writer, refusal(peer_pb2.Frame(), me, src, str(e)))
+                await writer.drain()
+                return
+            if got is None:
+                return
+            frame, size = got
+            reason = self.host._arrived(frame, size, src)
+            if reason is not None:
+                _write(writer, refusal(frame, me, src, reason))
+                await writer.drain()
+
+    async def stop(self, timeout: float) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), timeout)
+
+
+class SocketStream:
+    """A node's data connection to one peer (client side), used like a gRPC ``Exchange`` call:
+    :meth:`write` a frame, iterate the replies (refused frames), :meth:`done_writing`,
+    :meth:`cancel`."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_frame_bytes: int
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._max = max_frame_bytes
+
+    @classmethod
+    async def open(
+        cls,
+        address: str,
+        port: int,
+        ticket: bytes,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        timeout: float,
+        max_frame_bytes: int,
+    ) -> SocketStream:
+        """Connect to a peer's data listener (its host from ``address``, ``host:port`` of its
+        peer service) and present the ticket."""
+        host = address.rpartition(":")[0].strip("[]") or address
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                host,
+                port,
+                ssl=ssl_context,
+                server_hostname=host if ssl_context is not None else None,
+                limit=1 << 20,
+            ),
+            timeout,
+        )
+        _keepalive(writer.get_extra_info("socket"))
+        writer.write(ticket)
+        await writer.drain()
+        return cls(reader, writer, max_frame_bytes)
+
+    async def write(self, frame: peer_pb2.Frame) -> None:
+        if self._writer.is_closing():
+            raise TransportError("data connection closed")
+        _write(self._writer, frame)
+        await self._writer.drain()  # waits only while the peer is slower than we write
+
+    async def done_writing(self) -> None:
+        """Flush what was written and close the connection (the replies end with it)."""
+        with contextlib.suppress(Exception):
+            await self._writer.drain()
+        self._writer.close()
+
+    def __aiter__(self) -> AsyncIterator[peer_pb2.Frame]:
+        return self._replies()
+
+    async def _replies(self) -> AsyncIterator[peer_pb2.Frame]:
+        while True:
+            got = await _read(self._reader, self._max)
+            if got is None:
+                return
+            yield got[0]
+
+    def cancel(self) -> None:
+        self._writer.close()
