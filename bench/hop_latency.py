@@ -17,7 +17,10 @@ paths, each a ping-pong between two processes (median round trip; a hop is about
 - ``raw_asyncio_socket``: no gRPC at all: the same serialized ``disco.v1.Frame`` with a 4-byte
   length prefix over a plain asyncio TCP stream (``asyncio.start_server`` /
   ``open_connection``, TCP_NODELAY as asyncio sets it), the server parsing and writing it
-  back: what a data path beside gRPC (not built) could cost per hop, without TLS.
+  back: the least a data path beside gRPC costs per hop, without TLS;
+- ``transport_loop_socket`` / ``transport_threads_socket``: the transport as above with the
+  socket data path (``data_path="socket"``: the handshake on gRPC, then the frames over one
+  TCP connection per ordered pair, :mod:`~disco_fl.runtime.transport.socket_path`).
 
 ``--syscalls`` also counts the syscalls of the pinging process per round trip of
 ``raw_grpc_aio`` and ``transport_loop`` (``strace -c -f`` attached for ~3 s of a longer
@@ -248,9 +251,9 @@ def _raw_two_streams(n: int) -> list[float]:
 
 
 # ---- the transport ---------------------------------------------------------------------------
-def _echo(port_q: Any, addr_q: Any, n: int, on_loop: bool) -> None:
+def _echo(port_q: Any, addr_q: Any, n: int, on_loop: bool, data_path: str) -> None:
     torch.set_num_threads(1)
-    t = GrpcTransport(1, 2, plan_hash="h", num_layers=1)
+    t = GrpcTransport(1, 2, plan_hash="h", num_layers=1, data_path=data_path)
     port_q.put(t.address)
     t.set_peers([addr_q.get(), t.address])
     t.connect()
@@ -307,14 +310,16 @@ def _traced(ping_pong: Callable[[], Any], rtts: list[float]) -> dict[str, Any]:
     }
 
 
-def _transport(n: int, on_loop: bool, syscalls: dict[str, Any] | None = None) -> list[float]:
+def _transport(
+    n: int, on_loop: bool, syscalls: dict[str, Any] | None = None, data_path: str = "grpc"
+) -> list[float]:
     """The transport's ping-pong; with ``syscalls`` (a dict to fill, ``on_loop`` only), the
     pinging process's syscalls during ~3 s of it (``strace -c -f``), per round trip."""
     ctx = mp.get_context("spawn")
     pq, aq = ctx.Queue(), ctx.Queue()
-    p = ctx.Process(target=_echo, args=(pq, aq, n, on_loop))
+    p = ctx.Process(target=_echo, args=(pq, aq, n, on_loop, data_path))
     p.start()
-    t = GrpcTransport(0, 2, plan_hash="h", num_layers=1)
+    t = GrpcTransport(0, 2, plan_hash="h", num_layers=1, data_path=data_path)
     peer = pq.get(timeout=60)
     aq.put(t.address)
     t.set_peers([t.address, peer])
@@ -366,6 +371,8 @@ def main() -> None:
         "transport_loop": _stats(_transport(args.n, on_loop=True)),
         "transport_threads": _stats(_transport(args.n, on_loop=False)),
         "raw_asyncio_socket": _stats(_raw_socket(args.n)),
+        "transport_loop_socket": _stats(_transport(args.n, on_loop=True, data_path="socket")),
+        "transport_threads_socket": _stats(_transport(args.n, on_loop=False, data_path="socket")),
     }
     if args.syscalls:
         raw: dict[str, Any] = {}

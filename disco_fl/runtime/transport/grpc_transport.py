@@ -44,7 +44,6 @@ pings detect a peer that vanished without closing its connection.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import ssl
@@ -444,8 +443,12 @@ class GrpcTransport(AsyncTransport):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise self._no_frame(key, timeout)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(woken, left)
+                # woken by the mailbox or by this timer (no wait_for: one loop turn less)
+                timer = self.loop.call_later(left, set_done, woken)
+                try:
+                    await woken
+                finally:
+                    timer.cancel()
             finally:
                 unwatch()
 

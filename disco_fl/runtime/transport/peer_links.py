@@ -232,6 +232,9 @@ class Link:
                 f"node {self.owner.index}: send queue to peer {self.dst} holds "
                 f"{self.queued_bytes} bytes; frame of {size} bytes refused"
             )
+        call = self.call
+        if not self._queue and isinstance(call, SocketStream) and call.write_now(frame):
+            return  # written at once: nothing queued before it, the connection has room
         self._queue.append((frame, size))
         self.queued_bytes += size
         self._wake.set()

@@ -300,6 +300,17 @@ class SocketStream:
         _write(self._writer, frame)
         await self._writer.drain()  # waits only while the peer is slower than we write
 
+    def write_now(self, frame: peer_pb2.Frame) -> bool:
+        """Write ``frame`` without waiting, if the connection's send buffer has room (below
+        its high-water mark); ``False`` (nothing written) if not, or if it is closing."""
+        transport = self._writer.transport
+        if transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]:
+            return False
+        _write(self._writer, frame)
+        return True
+
     async def done_writing(self) -> None:
         """Flush what was written and close the connection (the replies end with it)."""
         with contextlib.suppress(Exception):
