@@ -87,6 +87,7 @@ def _run_demo(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+@pytest.mark.slow(seconds=135)
 def test_demo_writes_json_and_disco_is_close_to_dense(tmp_path: Path) -> None:
     out = tmp_path / "demo.json"
     cmd = [
@@ -120,6 +121,7 @@ def _kill_tree(dep: Deployment, name: str) -> None:
     p.wait(10)
 
 
+@pytest.mark.slow(seconds=150)
 def test_killed_supernode_round_completes_and_run_resumes(tmp_path: Path) -> None:
     from disco_fl.security import make_household_certs
 
@@ -182,6 +184,7 @@ def test_killed_supernode_round_completes_and_run_resumes(tmp_path: Path) -> Non
     assert summary2["history"][2]["failed"] == {}
 
 
+@pytest.mark.slow(seconds=50)
 def test_degraded_training_goes_on_without_a_killed_supernode(tmp_path: Path) -> None:
     """``degraded-training = true``: a household's non-owner node dies mid-round 1; its survivor
     finishes the round's steps without it and the household counts, degraded. At round 2 the
@@ -241,6 +244,7 @@ def incomplete_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         dep.stop()
 
 
+@pytest.mark.slow(seconds=25)
 @pytest.mark.parametrize("app_kind", ["app folder", "repository checkout"])
 def test_household_missing_a_shard_fails_before_training(
     tmp_path: Path, app_kind: str, incomplete_deployment: Deployment
@@ -285,6 +289,7 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+@pytest.mark.slow(seconds=125)
 def test_demo_dp_ctrl_c_stops_everything_and_resume_finishes(tmp_path: Path) -> None:
     """``disco-fl demo --dp`` interrupted after round 1 (SIGINT, as Ctrl-C): it exits and no
     process it started survives; ``--resume`` runs the remaining round from the checkpoint
@@ -378,6 +383,7 @@ def build(num_classes=10, in_channels=1):
 '''
 
 
+@pytest.mark.slow(seconds=85)
 def test_demo_with_a_users_model_delivers_shards_and_serves_from_node_folders(
     tmp_path: Path,
 ) -> None:
