@@ -84,7 +84,8 @@ def run_nodes(call: Callable[[int], Any], n: int, timeout: float = 120.0) -> lis
 # a test checks:
 # - ``slow(seconds=S)``: a test that takes about S seconds on 2 busy cores. Slow tests run
 #   first, longest first, so that the workers finish together instead of one of them
-#   starting a two-minute test at the end.
+#   starting a two-minute test at the end (the Flower deployments, ``xdist_group("flower")``,
+#   go to one worker together).
 # - ``exclusive``: a test that times itself against tight bounds (milliseconds over an emulated
 #   link, a deadline + 0.5 s): no other test runs on any worker while it runs (set-up and
 #   tear-down included), so it sees the load of the serial suite, not of two at once.

@@ -31,6 +31,10 @@ import torch
 from disco_fl.cli.deployment import Deployment, descendants, wait_for_run, write_app
 from disco_fl.fl.federated import ModelSpec
 
+# one xdist worker runs these one after the other (pyproject.toml: --dist loadgroup) while
+# the other computes: two Flower deployments at once slow each other down more
+pytestmark = pytest.mark.xdist_group("flower")
+
 ACCURACY_TOLERANCE = 0.15  # DISCO at budget 0.2 after 2 short rounds vs the dense model
 DEMO_TIMEOUT_S = 480
 RUN_TIMEOUT_S = 300
