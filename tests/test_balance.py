@@ -92,6 +92,7 @@ def _nodes(pm, tmp_path: Path):  # type: ignore[no-untyped-def]
     return [load_shard(tmp_path / "plan.json", k) for k in range(pm.program.num_nodes)]
 
 
+@pytest.mark.exclusive  # compares two nodes' timed compute (3 runs each)
 def test_shard_compute_ms_times_each_node(tmp_path: Path) -> None:
     """The node holding 80% of the channels computes longer than the one holding 20%, and the
     meter changes nothing in the result."""

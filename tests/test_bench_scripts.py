@@ -90,6 +90,7 @@ def test_comm_accuracy_dense_task_rows_and_plot(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow(seconds=30)
 def test_household_uneven_runs_tiny(tmp_path: Path) -> None:
     """bench/household_uneven.py end to end at a tiny setting: 2 households of 2 real
     ``disco-fl serve`` processes, measured capacities, alternating requests. Where the
@@ -242,6 +243,7 @@ def test_latency_resnet50_random_calibrated_plans(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow(seconds=70)
 def test_household_link_runs_tiny(tmp_path: Path) -> None:
     """bench/household_link.py end to end at a tiny setting: a ladder of 3 plans served by 2
     real ``disco-fl serve`` processes through a link that changes twice; one row per phase,

@@ -23,6 +23,7 @@ from disco_fl.models import build_model
 from disco_fl.runtime.probe import available_memory, measure_compute, probe
 
 
+@pytest.mark.exclusive  # times itself: wall < 3 s
 def test_probe_is_positive_and_bounded() -> None:
     t0 = time.perf_counter()
     res = probe(0.4)

@@ -23,6 +23,7 @@ def test_help_lists_commands() -> None:
         assert cmd in out.stdout
 
 
+@pytest.mark.slow(seconds=45)
 def test_train_small_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The emulation path (`disco-fl train`); the Flower demo is tests/test_flower_e2e.py."""
     out_json = tmp_path / "demo.json"

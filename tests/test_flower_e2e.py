@@ -31,6 +31,10 @@ import torch
 from disco_fl.cli.deployment import Deployment, descendants, wait_for_run, write_app
 from disco_fl.fl.federated import ModelSpec
 
+# one xdist worker runs these one after the other (pyproject.toml: --dist loadgroup) while
+# the other computes: two Flower deployments at once slow each other down more
+pytestmark = pytest.mark.xdist_group("flower")
+
 ACCURACY_TOLERANCE = 0.15  # DISCO at budget 0.2 after 2 short rounds vs the dense model
 DEMO_TIMEOUT_S = 480
 RUN_TIMEOUT_S = 300
@@ -87,6 +91,7 @@ def _run_demo(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+@pytest.mark.slow(seconds=135)
 def test_demo_writes_json_and_disco_is_close_to_dense(tmp_path: Path) -> None:
     out = tmp_path / "demo.json"
     cmd = [
@@ -120,6 +125,7 @@ def _kill_tree(dep: Deployment, name: str) -> None:
     p.wait(10)
 
 
+@pytest.mark.slow(seconds=150)
 def test_killed_supernode_round_completes_and_run_resumes(tmp_path: Path) -> None:
     from disco_fl.security import make_household_certs
 
@@ -182,6 +188,7 @@ def test_killed_supernode_round_completes_and_run_resumes(tmp_path: Path) -> Non
     assert summary2["history"][2]["failed"] == {}
 
 
+@pytest.mark.slow(seconds=50)
 def test_degraded_training_goes_on_without_a_killed_supernode(tmp_path: Path) -> None:
     """``degraded-training = true``: a household's non-owner node dies mid-round 1; its survivor
     finishes the round's steps without it and the household counts, degraded. At round 2 the
@@ -241,6 +248,7 @@ def incomplete_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         dep.stop()
 
 
+@pytest.mark.slow(seconds=25)
 @pytest.mark.parametrize("app_kind", ["app folder", "repository checkout"])
 def test_household_missing_a_shard_fails_before_training(
     tmp_path: Path, app_kind: str, incomplete_deployment: Deployment
@@ -285,6 +293,7 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+@pytest.mark.slow(seconds=125)
 def test_demo_dp_ctrl_c_stops_everything_and_resume_finishes(tmp_path: Path) -> None:
     """``disco-fl demo --dp`` interrupted after round 1 (SIGINT, as Ctrl-C): it exits and no
     process it started survives; ``--resume`` runs the remaining round from the checkpoint
@@ -378,6 +387,7 @@ def build(num_classes=10, in_channels=1):
 '''
 
 
+@pytest.mark.slow(seconds=85)
 def test_demo_with_a_users_model_delivers_shards_and_serves_from_node_folders(
     tmp_path: Path,
 ) -> None:

@@ -184,8 +184,12 @@ def test_link_and_compute_estimate() -> None:
     build, shape = ZOO["resnet_narrow"]
     model = build().train()
     threads = torch.get_num_threads()
-    ms = dense_compute_ms(model, torch.randn(*shape), 2, warmup=1, runs=3)
-    assert ms > 0 and model.training and torch.get_num_threads() == threads
+    torch.set_num_threads(2)  # not 1 (an xdist worker's): the restore below is then seen
+    try:
+        ms = dense_compute_ms(model, torch.randn(*shape), 2, warmup=1, runs=3)
+        assert ms > 0 and model.training and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _small_data(tmp_path: Path) -> Path:

@@ -21,6 +21,10 @@ from disco_fl.runtime.transport.grpc_transport import GrpcTransport, LinkShape
 from disco_fl.runtime.transport.link_probe import probe_links
 from tests.test_link_plans import _export
 
+# timed against tight bounds (round trips to the millisecond over emulated links): alone
+# under xdist (tests/conftest.py)
+pytestmark = pytest.mark.exclusive
+
 PLAN = "p" * 64
 
 

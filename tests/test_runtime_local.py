@@ -579,6 +579,7 @@ def test_blocking_calls_on_the_loop_are_refused(
         ts[0].run(nested())
 
 
+@pytest.mark.exclusive  # arrival times within 0.5 s of the link's
 def test_link_shape_delays_frames_in_order(
     grpc_household: Callable[..., list[GrpcTransport]],
 ) -> None:

@@ -36,6 +36,10 @@ from disco_fl.runtime.transport.grpc_transport import GrpcTransport
 from tests.test_serve import Household, _export, _recovers
 from tests.zoo import ZOO
 
+# timed against tight bounds (failures within a deadline + 0.5 s): alone under xdist
+# (tests/conftest.py)
+pytestmark = pytest.mark.exclusive
+
 DEADLINE_S = 2.0  # the node's deadline (--deadline) in these tests
 SLACK_S = 0.5  # the bar: a failure arrives within deadline + 0.5 s
 # the caller's time also holds the upload of the input (12.8 MB for 4096 inputs) and the

@@ -54,6 +54,7 @@ def test_schedule_parses_and_changes_at_its_times() -> None:
         LinkSchedule.parse("0:fast")
 
 
+@pytest.mark.slow(seconds=50)
 def test_ladder_switches_plan_with_the_link_and_back(tmp_path: Path) -> None:
     dense = _export(tmp_path / "dense", 0, 0.95, accuracy=0.9)
     sparse = _export(tmp_path / "sparse", 0, 0.05, accuracy=0.6)

@@ -327,6 +327,8 @@ def test_infer_writes_the_images_of_a_super_resolution_plan(
 # ---- disco-fl demo --task ------------------------------------------------------------------
 
 
+@pytest.mark.slow(seconds=70)
+@pytest.mark.xdist_group("flower")  # with tests/test_flower_e2e.py's deployments
 def test_demo_super_resolution_reports_psnr(tmp_path: Path) -> None:
     """The real local deployment (SuperLink, SuperNodes, serve) with the super-resolution
     task, kept small: one household, one round of 6 steps (60 s on 2 shared cores)."""
