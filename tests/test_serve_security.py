@@ -340,7 +340,7 @@ def _serve_cmd(plan: Path, node: int, peers: str, *extra: str) -> list[str]:
 
 
 def test_plaintext_check_covers_listen_and_peers() -> None:
-    from disco_fl.runtime.serving.commands import _plaintext_check
+    from disco_fl.runtime.serving.node_options import plaintext_check
 
     loop = ["127.0.0.1:1", "localhost:2", "[::1]:3"]
     lan = ["192.0.2.10:1", "127.0.0.1:2", "192.0.2.12:3"]
@@ -348,16 +348,16 @@ def test_plaintext_check_covers_listen_and_peers() -> None:
     def args(insecure: bool = False, tls_dir: str | None = None) -> argparse.Namespace:
         return argparse.Namespace(insecure=insecure, tls_dir=tls_dir)
 
-    assert _plaintext_check(args(), loop[1], loop) == []
+    assert plaintext_check(args(), loop[1], loop) == []
     with pytest.raises(ValueError, match=r"0\.0\.0\.0:7.*disco-fl certs.*--tls-dir.*--insecure"):
-        _plaintext_check(args(), "0.0.0.0:7", loop)
+        plaintext_check(args(), "0.0.0.0:7", loop)
     # peers dialled on the network would carry the token in plaintext too
     with pytest.raises(ValueError, match=r"192\.0\.2\.10:1, 192\.0\.2\.12:3.*--insecure"):
-        _plaintext_check(args(), "127.0.0.1:2", lan)
-    assert _plaintext_check(args(insecure=True), "127.0.0.1:2", lan) == [lan[0], lan[2]]
-    assert _plaintext_check(args(tls_dir="certs"), "0.0.0.0:7", lan) == []
+        plaintext_check(args(), "127.0.0.1:2", lan)
+    assert plaintext_check(args(insecure=True), "127.0.0.1:2", lan) == [lan[0], lan[2]]
+    assert plaintext_check(args(tls_dir="certs"), "0.0.0.0:7", lan) == []
     with pytest.raises(ValueError, match="--insecure and --tls-dir"):
-        _plaintext_check(args(insecure=True, tls_dir="certs"), "0.0.0.0:7", lan)
+        plaintext_check(args(insecure=True, tls_dir="certs"), "0.0.0.0:7", lan)
 
 
 def test_serve_refuses_plaintext_on_a_non_loopback_address(tmp_path: Path) -> None:

@@ -327,7 +327,7 @@ def test_delivery_stores_plan_and_shard_checked(_ids: None, tmp_path: Path) -> N
     from disco_fl.emulation.export import load_shard, run_shards
     from disco_fl.fl.client_app import deliver
     from disco_fl.fl.server.delivery import delivery_messages
-    from disco_fl.runtime.serving.commands import node_defaults
+    from disco_fl.runtime.serving.node_options import node_defaults
 
     s, plan_dir = _exported(tmp_path)
     assert s.roster is not None

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import logging
 import signal
-import ssl
 import sys
 import threading
 import time
@@ -15,103 +15,33 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 import torch
 
 from disco_fl.runtime.serving.client import InferenceSession
 from disco_fl.runtime.serving.inputs import INPUTS_HELP, load_inputs
-from disco_fl.runtime.serving.node_server import NodeServer, ServeConfig, serve_forever
-from disco_fl.runtime.transport.grpc_transport import LinkSchedule, LinkShape
+from disco_fl.runtime.serving.node_options import (
+    add_auth_args,
+    data_ssl,
+    link_shape,
+    node_defaults,
+    plaintext_check,
+    tls_client,
+    tls_node,
+    token,
+)
+from disco_fl.runtime.serving.node_server import NodeServer, ServeConfig
+from disco_fl.runtime.transport.grpc_transport import LinkSchedule
 
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _token(args: argparse.Namespace) -> str:
-    from disco_fl.security import read_token
-
-    return read_token(args.token_file)
-
-
-def _tls_node(
-    args: argparse.Namespace, node: int
-) -> tuple[grpc.ServerCredentials | None, grpc.ChannelCredentials | None]:
-    from disco_fl.security import peer_credentials
-
-    return peer_credentials(args.tls_dir, node)
-
-
-def _data_ssl(args: argparse.Namespace, node: int) -> tuple[ssl.SSLContext, ssl.SSLContext] | None:
-    from disco_fl.security import TLSFiles, data_ssl_contexts
-
-    return data_ssl_contexts(TLSFiles.from_dir(args.tls_dir, node)) if args.tls_dir else None
-
-
-def _tls_client(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    from disco_fl.security import peer_credentials
-
-    return peer_credentials(args.tls_dir, str(args.client_name))[1]
-
-
-def _plaintext_check(args: argparse.Namespace, listen: str, peers: list[str]) -> list[str]:
-    """Refuse plaintext beyond loopback unless ``--insecure``; returns the exposed addresses.
-
-    Flower's convention, TLS unless ``--insecure`` is given, with one exception kept for tests
-    and the local demo: a household whose addresses are all loopback may run plaintext.
-    """
-    from disco_fl.security import is_loopback_address
-
-    if args.insecure and args.tls_dir:
-        raise ValueError("--insecure and --tls-dir exclude each other: give one of them")
-    if args.tls_dir:
-        return []
-    exposed = [a for a in dict.fromkeys([listen, *peers]) if not is_loopback_address(a)]
-    if exposed and not args.insecure:
-        raise ValueError(
-            f"refusing to serve in plaintext on non-loopback address(es) {', '.join(exposed)}: "
-            "the household token and the activations would cross the network unencrypted. "
-            "Create certificates with `disco-fl certs --nodes N --hosts IP1,IP2,... --out "
-            "certs` and give --tls-dir certs (mutual TLS), or give --insecure to accept "
-            "plaintext (a trusted test network only)"
-        )
-    return exposed
-
-
-NODE_FILE = "node.json"  # written by a Flower run's delivery (disco_fl.fl.delivery)
-
-
-def node_defaults(plan: str | Path, node: int | None, peers: str | None) -> tuple[int, list[str]]:
-    """``--node`` and ``--peers``, the missing ones from ``node.json`` next to the plan (a
-    node's data folder after a Flower run delivered its shard: its index and the household's
-    peer addresses)."""
-    if node is None or peers is None:
-        folder = Path(plan) if Path(plan).is_dir() else Path(plan).parent
-        path = folder / NODE_FILE
-        try:
-            saved = json.loads(path.read_text())
-            saved_node, saved_peers = int(saved["node"]), [str(p) for p in saved["peers"]]
-        except FileNotFoundError:
-            raise ValueError(
-                f"give --node and --peers: {folder} holds no {NODE_FILE} (a node's data folder "
-                "gets one when a Flower run delivers its shard)"
-            ) from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from e
-        node = saved_node if node is None else node
-        peer_list = saved_peers if peers is None else [a.strip() for a in peers.split(",")]
-    else:
-        peer_list = [a.strip() for a in peers.split(",")]
-    if not 0 <= node < len(peer_list):
-        raise ValueError(f"--node {node} is not an index into --peers ({len(peer_list)} given)")
-    return node, peer_list
-
-
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The node's :class:`ServeConfig` from ``disco-fl serve``'s options (and ``--threads``)."""
     args.node, peers = node_defaults(args.plan, args.node, args.peers)
     listen = args.listen or peers[args.node]
-    exposed = _plaintext_check(args, listen, peers)
+    exposed = plaintext_check(args, listen, peers)
     if exposed:
         _log(
             f"WARNING: --insecure: plaintext on {', '.join(exposed)}; anyone on the network "
@@ -119,13 +49,13 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         )
     if args.threads:
         torch.set_num_threads(args.threads)
-    server_creds, channel_creds = _tls_node(args, args.node)
+    server_creds, channel_creds = tls_node(args, args.node)
     return ServeConfig(
         plan=Path(args.plan),
         node=args.node,
         listen=listen,
         peers=peers,
-        token=_token(args),
+        token=token(args),
         server_credentials=server_creds,
         channel_credentials=channel_creds,
         deadline_s=args.deadline,
@@ -134,13 +64,13 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         max_batch=args.max_batch,
         chunk_batch=args.chunk_batch,
         max_frame_bytes=int(args.max_frame_mb * (1 << 20)),
-        link_shape=_link_shape(args),
+        link_shape=link_shape(args),
         max_connections=args.max_connections,
         overlap=not args.no_overlap,
         degraded_wait_s=args.degraded_wait,
         degraded_retry_s=args.degraded_retry,
         data_path=args.data_path,
-        data_ssl=_data_ssl(args, args.node) if args.data_path == "socket" else None,
+        data_ssl=data_ssl(args, args.node) if args.data_path == "socket" else None,
     )
 
 
@@ -164,7 +94,9 @@ def run_serving(
             on_ready()
         if args.ready_file:
             Path(args.ready_file).write_text(json.dumps({"address": server.address}))
-        serve_forever(server, stop)
+        with contextlib.suppress(KeyboardInterrupt):
+            while not stop.wait(0.5):  # until SIGINT / SIGTERM
+                pass
     finally:
         server.stop()
         _log(f"node {args.node}: stopped")
@@ -206,8 +138,8 @@ def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--png-dir is for dense outputs (segmentation, super_resolution)")
     with InferenceSession(
         args.address,
-        token=_token(args),
-        channel_credentials=_tls_client(args),
+        token=token(args),
+        channel_credentials=tls_client(args),
         timeout=args.timeout,
     ) as session:
         status = session.wait_ready(args.timeout)
@@ -332,36 +264,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _auth_args(p: argparse.ArgumentParser, serve: bool = False) -> None:
-    p.add_argument(
-        "--token-file",
-        default=None,
-        help="file holding the household token (default: $DISCO_TOKEN, else none)",
-    )
-    tls_help = (
-        "folder from `disco-fl certs` (ca.pem, node<k>.pem/.key, client.pem/.key): mutual TLS"
-    )
-    if serve:
-        tls_help += "; without it, plaintext is refused beyond loopback unless --insecure"
-    p.add_argument("--tls-dir", default=None, help=tls_help)
-    if serve:
-        p.add_argument(
-            "--insecure",
-            action="store_true",
-            help="allow plaintext on non-loopback addresses (a trusted test network only; "
-            "loopback-only households run plaintext without it)",
-        )
-
-
-def _link_shape(args: argparse.Namespace) -> LinkShape | LinkSchedule | None:
-    schedule = getattr(args, "link_schedule", None)
-    if schedule:
-        return LinkSchedule.parse(schedule, args.link_epoch)
-    return LinkShape(args.link_mbps * 1e6, args.link_rtt_ms / 1e3) if args.link_mbps else None
-
-
 def add_parsers(sub: Any) -> None:
-    auth = _auth_args
+    auth = add_auth_args
 
     p = sub.add_parser("serve", help="serve this node's shard of an exported plan")
     p.add_argument(

@@ -2,7 +2,7 @@
 ``disco-fl serve --ladder`` (serving a plan ladder, choosing a plan for the measured link).
 
 The node's identity on the peer channel (household token, TLS certificate, the plaintext rule)
-and its link emulation are ``disco-fl serve``'s (:mod:`disco_fl.runtime.serving.commands`).
+and its link emulation are ``disco-fl serve``'s (:mod:`disco_fl.runtime.serving.node_options`).
 """
 
 from __future__ import annotations
@@ -13,19 +13,17 @@ from pathlib import Path
 
 from disco_fl.partition.plan import Plan
 from disco_fl.runtime.probe import measure_links
-from disco_fl.runtime.serving.commands import (
-    _auth_args,
-    _link_shape,
-    _log,
-    _plaintext_check,
-    _tls_node,
-    _token,
-    node_defaults,
-    run_serving,
-    serve_config,
-)
+from disco_fl.runtime.serving.commands import _log, run_serving, serve_config
 from disco_fl.runtime.serving.ladder_server import LadderServer, PlanServers, ladder_configs
 from disco_fl.runtime.serving.link_plans import DEFAULT_MARGIN, PlanLadder
+from disco_fl.runtime.serving.node_options import (
+    add_auth_args,
+    link_shape,
+    node_defaults,
+    plaintext_check,
+    tls_node,
+    token,
+)
 from disco_fl.runtime.transport.link_probe import DEFAULT_PAYLOAD_BYTES, LinkProbe
 
 
@@ -40,7 +38,7 @@ def add_link_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", default=None, help="the household's plan (folder or plan.json)")
     p.add_argument("--node", type=int, default=None, help="this node's index (or node.json)")
     p.add_argument("--listen", default=None, help="address to bind (default: own --peers entry)")
-    _auth_args(p, serve=True)
+    add_auth_args(p, serve=True)
     p.add_argument("--link-mbps", type=float, default=0.0, help="emulate the links (Mbit/s)")
     p.add_argument("--link-rtt-ms", type=float, default=0.0, help="emulated round trip (ms)")
     p.add_argument(
@@ -56,17 +54,17 @@ def link_probes(args: argparse.Namespace) -> list[LinkProbe]:
         raise ValueError("--peers needs --plan: the probe speaks the household's peer channel")
     node, peers = node_defaults(args.plan, args.node, args.peers)
     listen = args.listen or peers[node]
-    _plaintext_check(args, listen, peers)
-    server_creds, channel_creds = _tls_node(args, node)
+    plaintext_check(args, listen, peers)
+    server_creds, channel_creds = tls_node(args, node)
     return measure_links(
         args.plan,
         node,
         peers,
         listen=listen,
-        token=_token(args),
+        token=token(args),
         server_credentials=server_creds,
         channel_credentials=channel_creds,
-        link_shape=_link_shape(args),
+        link_shape=link_shape(args),
         payload_bytes=args.link_bytes,
         timeout=args.link_timeout,
     )

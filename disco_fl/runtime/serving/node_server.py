@@ -27,7 +27,7 @@ A failed request frees its tensors at once: the error leaves the handler as a st
 (``set_code``), not raised in an ``except`` block, and the program's frames are cleared from its
 traceback (:func:`~disco_fl.runtime.inference.run_node_async`): no cycle keeps them alive.
 
-Here: :class:`NodeServer` (admission, queue, sweeper) and :func:`serve_forever`; configuration in
+Here: :class:`NodeServer` (admission, queue, sweeper); configuration in
 :mod:`~disco_fl.runtime.serving.serve_config`, ``Inference`` in :mod:`.inference_service`.
 """
 
@@ -71,7 +71,6 @@ __all__ = [
     "NodeServer",
     "ServeConfig",
     "peer_session_timeout",
-    "serve_forever",
 ]
 
 log = logging.getLogger(__name__)
@@ -492,11 +491,3 @@ class NodeServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def serve_forever(server: NodeServer, stop: threading.Event) -> None:
-    """Block until ``stop`` is set, then stop the server."""
-    with contextlib.suppress(KeyboardInterrupt):
-        while not stop.wait(0.5):
-            pass
-    server.stop()
