@@ -535,7 +535,8 @@ def measure_plans(
         plan = Plan.load(plan_dir / "plan.json")
         rep = program_traffic(plan.program, plan_open_count(plan), plan.codec, input_dtype)
         node_ms = measure_node_compute(plan_dir, n, x, cfg)
-        runs = [(o, d) for o in info.get("overlaps", [True]) for d in cfg["data_paths"]]
+        paths = cfg.get("data_paths", ["grpc"])
+        runs = [(o, d) for o in info.get("overlaps", [True]) for d in paths]
         for overlap, data_path in runs:
             name = f"{info['mode']}_{budget}_{info['max_sync_points']}_{plan.codec}"
             if info.get("capacities"):
