@@ -161,6 +161,8 @@ class DataServer:
         self.handshake_timeout_s = handshake_timeout_s
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._stopped = False
         self.port = 0
 
     async def start(self, host: str) -> int:
@@ -178,10 +180,11 @@ class DataServer:
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if task is None or len(self._tasks) >= self.max_connections:
-            writer.close()
+        if task is None or self._stopped or len(self._tasks) >= self.max_connections:
+            writer.transport.abort()  # accepted while stopping, or over the cap
             return
         self._tasks.add(task)
+        self._writers.add(writer)
         try:
             await self._serve(reader, writer)
         except asyncio.CancelledError:
@@ -190,6 +193,7 @@ class DataServer:
             log.warning("node %d: data connection ended: %s", self.host.index, e)
         finally:
             self._tasks.discard(task)
+            self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
@@ -242,12 +246,19 @@ class DataServer:
                 await writer.drain()
 
     async def stop(self, timeout: float) -> None:
+        """Stop listening and close every connection now (a peer sees its end at once, even one
+        accepted a moment ago whose handler has not started yet)."""
+        self._stopped = True
         if self._server is not None:
             self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+        for _ in range(3):  # handlers accepted before the close run, see it, and abort
+            await asyncio.sleep(0)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), timeout)
