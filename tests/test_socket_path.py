@@ -193,6 +193,28 @@ def test_connections_are_capped(household: Callable[..., list[GrpcTransport]]) -
             s.close()
 
 
+def test_a_connection_accepted_as_the_node_stops_ends_at_once(
+    household: Callable[..., list[GrpcTransport]],
+) -> None:
+    # the window of the old asyncio server: accepted, its handler not started yet, node stops
+    ts = household(2)
+    server = ts[1]._data_server
+    assert server is not None and ts[1].data_port is not None
+    with _connect(ts[1].data_port) as s:
+
+        async def accept_then_stop() -> int:
+            server._accept()  # take it now (unless the loop took it already) ...
+            taken = len(server._conns)
+            await server.stop(1.0)  # ... and stop before its handler runs
+            return taken
+
+        assert ts[1].run(accept_then_stop()) == 1
+        t0 = time.monotonic()
+        assert _closed_by_peer(s)
+        assert time.monotonic() - t0 < 1.0
+    assert not server._conns
+
+
 def test_an_oversized_frame_is_refused_before_its_body(
     household: Callable[..., list[GrpcTransport]],
 ) -> None:

@@ -263,7 +263,9 @@ class Link:
             if o.data_path == "socket":
                 self.call = await self._open_socket(reply)
             else:
-                self.call = self.stub.Exchange(metadata=o._metadata(self.dst), wait_for_ready=True)
+                # not wait_for_ready: the handshake just found the peer; if it goes before the
+                # stream reaches it, the stream fails now (a waiting one would wait for ever)
+                self.call = self.stub.Exchange(metadata=o._metadata(self.dst), wait_for_ready=False)
         except Exception as e:
             why = str(e) if isinstance(e, TransportError) else f"{type(e).__name__}: {e}"
             self._fail(why, handshake=not wait)  # a lazy reconnection: retry later

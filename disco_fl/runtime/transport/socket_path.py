@@ -68,6 +68,13 @@ def _keepalive(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
+def _reset(conn: socket.socket) -> None:
+    """Close ``conn`` with a TCP reset (the caller sees "connection reset", not a clean end)."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
 def _write(writer: asyncio.StreamWriter, frame: peer_pb2.Frame) -> None:
     data = frame.SerializeToString()
     writer.writelines((LENGTH.pack(len(data)), data))
@@ -159,44 +166,86 @@ class DataServer:
         self.max_frame_bytes = max_frame_bytes
         self.max_connections = max_connections
         self.handshake_timeout_s = handshake_timeout_s
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._conns: set[socket.socket] = set()  # every accepted socket, until it is closed
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._stopped = False
         self.port = 0
 
     async def start(self, host: str) -> int:
-        """Listen on ``host`` (a free port); return the port."""
-        self._server = await asyncio.start_server(
-            self._accepted,
-            host.strip("[]"),
-            0,
-            ssl=self.ssl_context,
-            ssl_handshake_timeout=self.handshake_timeout_s if self.ssl_context else None,
-            limit=1 << 20,
-        )
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        """Listen on ``host`` (a free port); return the port.
+
+        Connections are accepted here, not by :func:`asyncio.start_server`: each accepted socket
+        is ours from the moment ``accept`` returns it, so :meth:`stop` can end every one of them
+        (an asyncio server drops a connection accepted just before it closes, leaving the peer
+        waiting on a socket nobody reads)."""
+        loop = asyncio.get_running_loop()
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host.strip("[]"), 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        listener = socket.socket(family, kind, proto)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(addr)
+            listener.listen(128)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        self.port = int(listener.getsockname()[1])
+        loop.add_reader(listener.fileno(), self._accept)
         return self.port
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is None or self._stopped or len(self._tasks) >= self.max_connections:
-            writer.transport.abort()  # accepted while stopping, or over the cap
+    def _accept(self) -> None:
+        """The listener is readable: take the waiting connections (on the loop)."""
+        if self._listener is None:
             return
-        self._tasks.add(task)
-        self._writers.add(writer)
+        for _ in range(64):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # e.g. out of file descriptors: the node goes on
+                log.warning("node %d: accepting a data connection: %s", self.host.index, e)
+                return
+            if self._stopped or len(self._conns) >= self.max_connections:
+                _reset(conn)  # over the cap (or stopping): the caller sees a reset
+                continue
+            conn.setblocking(False)
+            self._conns.add(conn)
+            task = asyncio.get_running_loop().create_task(self._connection(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connection(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        writer: asyncio.StreamWriter | None = None
         try:
+            reader = asyncio.StreamReader(limit=1 << 20)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                conn,
+                ssl=self.ssl_context,
+                ssl_handshake_timeout=self.handshake_timeout_s if self.ssl_context else None,
+            )
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            self._writers.add(writer)
             await self._serve(reader, writer)
         except asyncio.CancelledError:
             pass
         except Exception as e:  # a bad connection ends; the node goes on
             log.warning("node %d: data connection ended: %s", self.host.index, e)
         finally:
-            self._tasks.discard(task)
-            self._writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            if writer is not None:
+                self._writers.discard(writer)
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 1.0)
+            conn.close()  # a no-op when its transport closed it
+            self._conns.discard(conn)
 
     def _identity(self, writer: asyncio.StreamWriter, node: int) -> str | None:
         """With TLS, the caller's certificate must be node ``node``'s (as on the gRPC side)."""
@@ -246,22 +295,25 @@ class DataServer:
                 await writer.drain()
 
     async def stop(self, timeout: float) -> None:
-        """Stop listening and close every connection now (a peer sees its end at once, even one
-        accepted a moment ago whose handler has not started yet)."""
+        """Stop listening and end every connection now: each peer sees its connection end at
+        once, whatever state its handler is in."""
         self._stopped = True
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+        for conn in list(self._conns):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)  # the peer reads the end now
         for writer in list(self._writers):
             writer.transport.abort()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
-        for _ in range(3):  # handlers accepted before the close run, see it, and abort
-            await asyncio.sleep(0)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), timeout)
+        for conn in list(self._conns):  # a handler cancelled before it started
+            conn.close()
+        self._conns.clear()
 
 
 class SocketStream:
