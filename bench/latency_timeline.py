@@ -119,8 +119,8 @@ def _serve_wrapped(out: str, argv: list[str]) -> None:
     due: list[float] = []
     orig_arrival = gt.LinkClock.arrival
 
-    def arrival(self: Any, message_bytes: int, now: float) -> float:
-        at = orig_arrival(self, message_bytes, now)
+    def arrival(self: Any, message_bytes: int, now: float, sent: float | None = None) -> float:
+        at = orig_arrival(self, message_bytes, now, sent)
         due.append(at)
         return at
 
@@ -327,6 +327,9 @@ def main() -> None:
     ap.add_argument("--link-rtt-ms", type=float, default=0.5)
     ap.add_argument("--requests", type=int, default=150)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--data-path", default="grpc", choices=["grpc", "socket"], help="disco-fl serve's"
+    )
     args = ap.parse_args()
     import torch
 
@@ -362,6 +365,8 @@ def main() -> None:
             str(args.link_rtt_ms),
             "--ready-file",
             str(work / f"ready{k}"),
+            "--data-path",
+            args.data_path,
         ]
         with open(work / f"node{k}.log", "ab") as log:
             env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -403,6 +408,7 @@ def main() -> None:
         print(f"{stage:{width}s} {ms:8.3f} ms")
     if args.json:
         out = {"plan": args.plan, "link_mbps": args.link_mbps, "link_rtt_ms": args.link_rtt_ms}
+        out["data_path"] = args.data_path
         out["requests_analyzed"] = done
         Path(args.json).write_text(json.dumps({**out, "median_ms": stages}, indent=1))
 

@@ -28,6 +28,7 @@ from disco_fl.runtime.inference import PeerError, run_node, run_node_async
 from disco_fl.runtime.transport import InProcessHub, Transport, TransportError
 from disco_fl.runtime.transport.base import Mailbox, PeerDownError
 from disco_fl.runtime.transport.grpc_transport import GrpcTransport, HandshakeError, LinkShape
+from disco_fl.runtime.transport.peer_links import LinkClock
 from tests.test_shards import _random_masks
 from tests.zoo import ZOO
 
@@ -609,6 +610,54 @@ def test_link_shape_delays_frames_in_order(
     ts[1].send(_frame(1, 0, 0, x, session="back"))
     ts[0].recv("back", 0, 1, 5.0)
     assert time.monotonic() - t1 >= sum(link_s[:1]) + rtt / 2 - 1e-3
+
+
+def test_link_clock_starts_a_stamped_frame_at_its_send_time_plus_the_software_hop() -> None:
+    clock = LinkClock(LinkShape(8e6, 0.02), framing=lambda b: b)  # 1 byte per us, 10 ms one way
+    assert clock.arrival(1000, 10.0, sent=10.0 - 1e-4) == pytest.approx(10.011)  # idle: as read
+    # read 0.5 s after it was sent (the node was computing): it left at send + the shortest hop
+    assert clock.arrival(1000, 11.0, sent=10.5) == pytest.approx(10.5 + 1e-4 + 0.011)
+    assert clock.arrival(1000, 12.0) == pytest.approx(12.011)  # no stamp: from when it was read
+    assert clock.arrival(1000, 13.0, sent=13.5) == pytest.approx(13.011)  # stamp ahead: ignored
+    # a frame cannot leave before the previous one is through the link (FIFO)
+    assert clock.arrival(1000, 14.0, sent=13.9) == pytest.approx(13.9 + 1e-4 + 0.011)
+    assert clock.arrival(1000, 14.0, sent=13.9) == pytest.approx(13.9 + 1e-4 + 0.012)
+
+
+@pytest.mark.exclusive  # a 0.3 s busy loop against a 0.1 s one-way link
+def test_a_frame_reaching_a_busy_node_starts_its_link_time_when_sent(
+    grpc_household: Callable[..., list[GrpcTransport]],
+) -> None:
+    """A frame reaches a node while its loop computes. Over data sockets the frame carries
+    its send time, and its emulated link ran from then plus the link's software hop (learnt
+    from the frames before): it is delivered as soon as the node reads it, as a real link
+    would have had it waiting. Over gRPC streams (no send stamp) its link time starts when it
+    is read. The stamp is not counted as the frame's bytes."""
+    rtt, busy = 0.2, 0.3
+    ts = grpc_household(2, "b" * 64, 4, link_shape=LinkShape(1e9, rtt))
+    ts[0].connect()
+    ts[1].connect()
+    for i in range(3):  # frames to an idle node: the link learns its software hop
+        ts[0].send(_frame(0, 1, 1, torch.zeros(16), session=f"idle{i}"))
+        ts[1].recv(f"idle{i}", 1, 0, 5.0)
+    computing = threading.Event()
+
+    async def compute() -> None:
+        computing.set()
+        time.sleep(busy)  # noqa: ASYNC251 - the node computes on its loop's thread
+
+    blocked = asyncio.run_coroutine_threadsafe(compute(), ts[1].loop)
+    assert computing.wait(5.0)
+    t0 = time.monotonic()
+    ts[0].send(_frame(0, 1, 1, torch.zeros(16), session="busy"))
+    ts[1].recv("busy", 1, 0, 5.0)
+    took = time.monotonic() - t0
+    blocked.result(5.0)
+    if ts[0].data_path == "socket":
+        assert took < busy + 0.08, took  # read after `busy`, due long before: at once
+    else:
+        assert took >= busy - 0.01 + rtt / 2, took  # read after `busy`, then rtt / 2
+    assert ts[1].wire_bytes_received == ts[0].wire_bytes_sent
 
 
 def test_mailbox_watchers_wake_on_every_change() -> None:

@@ -48,6 +48,7 @@ import logging
 import math
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -69,6 +70,7 @@ from disco_fl.runtime.transport.peer_links import (
     LinkClock,
     LinkSchedule,
     LinkShape,
+    TimerLateness,
     channel_options,
 )
 from disco_fl.runtime.transport.peer_service import (
@@ -87,6 +89,8 @@ from disco_fl.runtime.transport.peer_service import (
 )
 from disco_fl.runtime.transport.socket_path import (
     DATA_PATHS,
+    MAX_STAMP_AGE_S,
+    STAMP_BYTES,
     DataServer,
     Tickets,
     socket_framed_size,
@@ -205,6 +209,12 @@ class GrpcTransport(AsyncTransport):
             if link_shape is not None
             else []
         )
+        # frames on each peer's emulated link, not delivered yet (oldest first)
+        self._on_link: list[deque[tuple[peer_pb2.Frame, int]]] = [deque() for _ in range(num_nodes)]
+        self._late = TimerLateness()  # the delivery timers are set this much early
+        # emulating links over data sockets: stamp each frame with the time it is written
+        # (Frame.sent_at_ns), so that the receiver's emulated link starts then
+        self.stamps = link_shape is not None and data_path == "socket"
         self._tls = server_credentials is not None
         self._channel_options = channel_options(max_frame_bytes)
         self._server_options = server_options(
@@ -380,7 +390,7 @@ class GrpcTransport(AsyncTransport):
 
     # ---- transport -----------------------------------------------------------------------
     def _transmit(self, frame: peer_pb2.Frame, size: int) -> None:
-        if size > self.max_frame_bytes:
+        if size + (STAMP_BYTES if self.stamps else 0) > self.max_frame_bytes:
             raise TransportError(
                 f"node {self.index}: frame of {size} bytes for layer {frame.layer} exceeds "
                 f"max_frame_bytes={self.max_frame_bytes}"
@@ -404,16 +414,36 @@ class GrpcTransport(AsyncTransport):
         self.loop.call_soon_threadsafe(link.push_later, frame, size)
 
     def _arrived(self, frame: peer_pb2.Frame, size: int, src: int) -> str | None:
-        """A frame came in on ``src``'s stream (on the loop): check it now; with a link
-        shape, store it when the emulated link delivers it."""
+        """A frame came in from ``src`` (on the loop): check it now; with a link shape, store
+        it when the emulated link delivers it (:class:`LinkClock`: from the frame's send stamp,
+        ``sent_at_ns``, when the socket data path carries one), and never before now; the
+        checks made here are paid after the emulated arrival."""
+        entered = time.monotonic()
+        stamp = frame.sent_at_ns
+        if stamp:
+            size -= STAMP_BYTES  # emulation metadata, not counted as the frame's bytes
         if not self._clocks:
             return self._accept(frame, size, expected_src=src)
         reason = check_incoming(frame, self.index, self.num_nodes, self.num_layers, src)
         if reason is not None:
             return self._accept(frame, size, expected_src=src)  # refused, logged, counted
-        at = self._clocks[src].arrival(size, time.monotonic())
-        self.loop.call_at(at, self._accept, frame, size, src)  # loop.time() is monotonic
+        sent = stamp / 1e9 if stamp and stamp / 1e9 >= entered - MAX_STAMP_AGE_S else None
+        now = time.monotonic()
+        at = self._clocks[src].arrival(size, entered, sent) + (now - entered)
+        at -= self._late.early  # the timer's own wake-up is not part of the link
+        on_link = self._on_link[src]
+        if at <= now and not on_link:
+            return self._accept(frame, size, expected_src=src)  # already due, none before it
+        on_link.append((frame, size))
+        self.loop.call_at(at, self._deliver, src, at)  # loop.time() is monotonic
         return None
+
+    def _deliver(self, src: int, at: float) -> None:
+        """A timer of ``src``'s emulated link fired: deliver its oldest frame (one per timer,
+        so the frames of a link are delivered in the order they came)."""
+        self._late.fired(at, time.monotonic())
+        frame, size = self._on_link[src].popleft()
+        self._accept(frame, size, expected_src=src)
 
     async def recv_async(
         self,

@@ -16,8 +16,12 @@ A :class:`LinkShape` makes every incoming link behave like a link of a given rat
 delay (for benchmarks): frames from a peer are delivered in order, each when it would have
 arrived over such a link (``framed bytes * 8 / rate`` on the link after the previous one,
 plus ``rtt / 2``), counted from when it reached this node over loopback; the software time of
-the hop is thus paid on top of the emulated link, as on a real one. A :class:`LinkSchedule`
-changes the emulated link at given times (the changing-link benchmark).
+the hop is thus paid on top of the emulated link, as on a real one. Over the socket data path
+the sender stamps each frame with the time it writes it (``Frame.sent_at_ns``), and a frame
+that this node reads late (its loop was computing) is counted from that stamp plus the link's
+shortest recent software hop instead (:class:`LinkClock`), as a real link would have
+delivered it into the socket buffer meanwhile. A :class:`LinkSchedule` changes the emulated
+link at given times (the changing-link benchmark).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from disco_fl.runtime.transport.socket_path import SocketStream
 log = logging.getLogger(__name__)
 
 _STOP = object()
+HOP_WINDOW = 32  # frames over which a link's shortest software hop is taken (LinkClock)
 
 
 def channel_options(max_frame_bytes: int) -> list[tuple[str, Any]]:
@@ -144,7 +149,14 @@ class LinkSchedule:
 class LinkClock:
     """FIFO state of one emulated link: when it is free again, when each frame arrives.
 
-    With a :class:`LinkSchedule`, each frame takes the link of the moment it reaches the node.
+    A frame's transfer starts when it reached this node (``now``). If the sender stamped it
+    with the time it wrote it (``sent``, the same machine's monotonic clock), the transfer
+    starts at ``sent`` plus the shortest software hop (``now - sent``) of this link's last
+    :data:`HOP_WINDOW` frames instead: a frame read late, because this node's loop was busy
+    computing when it came, then arrives when a real link would have had it here, while the
+    software a hop costs (sending, loopback, waking up, reading) is still paid before the
+    emulated transfer. With a :class:`LinkSchedule`, each frame takes the link of the moment it
+    reaches the node.
     """
 
     def __init__(
@@ -153,12 +165,38 @@ class LinkClock:
         self.shape = shape
         self.framing = framing  # a frame's bytes on the connection (HTTP/2, or the socket's)
         self.free = 0.0
+        self._hops: deque[float] = deque(maxlen=HOP_WINDOW)
 
-    def arrival(self, message_bytes: int, now: float) -> float:
+    def arrival(self, message_bytes: int, now: float, sent: float | None = None) -> float:
         sh = self.shape.at(time.time()) if isinstance(self.shape, LinkSchedule) else self.shape
-        start = max(now, self.free)
+        ready = now
+        if sent is not None and sent <= now:
+            self._hops.append(now - sent)
+            ready = sent + min(self._hops)
+        start = max(ready, self.free)
         self.free = start + self.framing(message_bytes) * 8.0 / sh.rate_bps
         return self.free + sh.rtt_s / 2.0
+
+
+class TimerLateness:
+    """How late the loop's delivery timers fire: the shortest lateness of the last
+    :data:`HOP_WINDOW` (the thread's wake-up, tens of microseconds on this machine).
+
+    An emulated link's timer is set that much before the frame is due. A real link's frame
+    wakes the receiver once, when it arrives; the emulation wakes it twice, when the frame comes
+    over loopback (a wake-up already paid in the hop's software time) and when it is due, and
+    the second wake-up's lateness would otherwise be added to every emulated frame.
+    """
+
+    def __init__(self) -> None:
+        self._seen: deque[float] = deque(maxlen=HOP_WINDOW)
+
+    @property
+    def early(self) -> float:
+        return min(self._seen, default=0.0)
+
+    def fired(self, scheduled: float, now: float) -> None:
+        self._seen.append(max(0.0, now - scheduled))
 
 
 class LinkOwner(Protocol):
@@ -172,6 +210,7 @@ class LinkOwner(Protocol):
     max_queued_bytes: int
     max_frame_bytes: int
     data_path: str
+    stamps: bool  # stamp each frame with the time it is written (Frame.sent_at_ns)
     errors: deque[str]
     _token: str
     _channel_options: list[tuple[str, Any]]
@@ -233,8 +272,11 @@ class Link:
                 f"{self.queued_bytes} bytes; frame of {size} bytes refused"
             )
         call = self.call
-        if not self._queue and isinstance(call, SocketStream) and call.write_now(frame):
-            return  # written at once: nothing queued before it, the connection has room
+        if not self._queue and isinstance(call, SocketStream):
+            if self.owner.stamps:
+                frame.sent_at_ns = time.monotonic_ns()
+            if call.write_now(frame):
+                return  # written at once: nothing queued before it, the connection has room
         self._queue.append((frame, size))
         self.queued_bytes += size
         self._wake.set()
@@ -289,6 +331,8 @@ class Link:
                     break
                 frame, size = item
                 self.queued_bytes -= size
+                if self.owner.stamps:
+                    frame.sent_at_ns = time.monotonic_ns()
                 await self.call.write(frame)
         except asyncio.CancelledError:
             raise

@@ -49,6 +49,8 @@ LENGTH = struct.Struct(">I")  # the length prefix of every message on a data con
 MAX_TICKETS = 1024  # tickets issued and not yet used, at most
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 1  # as gRPC keepalive
 DATA_PATHS = ("grpc", "socket")
+STAMP_BYTES = 9  # Frame.sent_at_ns on the wire (a 1-byte tag and a fixed64): link emulation only
+MAX_STAMP_AGE_S = 1.0  # an older send stamp is not trusted (another clock): the read time is used
 
 
 def socket_framed_size(message_bytes: int) -> int:
@@ -75,9 +77,9 @@ def _reset(conn: socket.socket) -> None:
     conn.close()
 
 
-def _write(writer: asyncio.StreamWriter, frame: peer_pb2.Frame) -> None:
+def _write(out: asyncio.StreamWriter | asyncio.WriteTransport, frame: peer_pb2.Frame) -> None:
     data = frame.SerializeToString()
-    writer.writelines((LENGTH.pack(len(data)), data))
+    out.writelines((LENGTH.pack(len(data)), data))
 
 
 async def _read(reader: asyncio.StreamReader, max_bytes: int) -> tuple[peer_pb2.Frame, int] | None:
@@ -143,6 +145,104 @@ class DataHost(Protocol):
     def _arrived(self, frame: peer_pb2.Frame, size: int, src: int) -> str | None: ...
 
 
+class _Incoming(asyncio.Protocol):
+    """One accepted data connection, read in the loop's callbacks: its ticket, then each frame
+    handed to the node as soon as its last byte is here (no task to wake per frame)."""
+
+    def __init__(self, server: DataServer, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._src: int | None = None  # the ticket holder, once admitted
+        self._buf = bytearray()
+        self._no_ticket: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        _keepalive(transport.get_extra_info("socket"))
+        self._no_ticket = self._loop.call_later(self.server.handshake_timeout_s, self._timed_out)
+
+    def _timed_out(self) -> None:
+        log.warning("node %d: a data connection sent no ticket", self.server.host.index)
+        self._end()
+
+    def _end(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._no_ticket is not None:
+            self._no_ticket.cancel()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # a caller that does not read its refusals: stop reading its frames until it does
+    def pause_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._buf += data
+        try:
+            if self._src is None:
+                if len(self._buf) < TICKET_BYTES:
+                    return
+                if self._no_ticket is not None:
+                    self._no_ticket.cancel()
+                ticket = bytes(self._buf[:TICKET_BYTES])
+                del self._buf[:TICKET_BYTES]
+                self._src = self.server._admit(self._transport, ticket)
+                if self._src is None:
+                    self._end()
+                    return
+            self._frames(self._src)
+        except Exception as e:  # a bug must not leave the connection half-read
+            log.warning("node %d: data connection ended: %s", self.server.host.index, e)
+            self._end()
+
+    def _frames(self, src: int) -> None:
+        """Hand over every complete frame in the buffer; refuse and end on a bad one."""
+        assert self._transport is not None
+        me, host, buf = self.server.host.index, self.server.host, self._buf
+        used = 0
+        try:
+            while len(buf) - used >= LENGTH.size:
+                (size,) = LENGTH.unpack_from(buf, used)
+                if size > self.server.max_frame_bytes:
+                    raise TransportError(
+                        f"frame of {size} bytes exceeds max_frame_bytes="
+                        f"{self.server.max_frame_bytes}"
+                    )
+                end = used + LENGTH.size + size
+                if len(buf) < end:
+                    break
+                frame = peer_pb2.Frame()
+                with memoryview(buf) as view, view[used + LENGTH.size : end] as body:
+                    try:
+                        frame.ParseFromString(body)
+                    except DecodeError as e:
+                        raise TransportError(f"bytes that are not a disco.v1.Frame: {e}") from None
+                used = end
+                reason = host._arrived(frame, size, src)
+                if reason is not None:
+                    _write(self._transport, refusal(frame, me, src, reason))
+        except TransportError as e:
+            log.warning("node %d: data connection from node %d: %s", me, src, e)
+            _write(self._transport, refusal(peer_pb2.Frame(), me, src, str(e)))
+            used = len(buf)
+            self._end()
+        finally:
+            del buf[:used]
+
+
 class DataServer:
     """A node's data listener (on its I/O loop): connections that present a ticket, then frames.
 
@@ -169,7 +269,7 @@ class DataServer:
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()  # every accepted socket, until it is closed
         self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._transports: set[asyncio.Transport] = set()
         self._stopped = False
         self.port = 0
 
@@ -221,78 +321,52 @@ class DataServer:
 
     async def _connection(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        writer: asyncio.StreamWriter | None = None
+        incoming = _Incoming(self, loop)
+        transport: asyncio.Transport | None = None
         try:
-            reader = asyncio.StreamReader(limit=1 << 20)
-            protocol = asyncio.StreamReaderProtocol(reader)
             transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol,
+                lambda: incoming,
                 conn,
                 ssl=self.ssl_context,
                 ssl_handshake_timeout=self.handshake_timeout_s if self.ssl_context else None,
             )
-            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-            self._writers.add(writer)
-            await self._serve(reader, writer)
+            self._transports.add(transport)
+            await incoming.closed
         except asyncio.CancelledError:
             pass
-        except Exception as e:  # a bad connection ends; the node goes on
+        except Exception as e:  # a bad connection ends (e.g. its TLS handshake); the node goes on
             log.warning("node %d: data connection ended: %s", self.host.index, e)
         finally:
-            if writer is not None:
-                self._writers.discard(writer)
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(writer.wait_closed(), 1.0)
+            if transport is not None:
+                self._transports.discard(transport)
+                transport.close()
             conn.close()  # a no-op when its transport closed it
             self._conns.discard(conn)
 
-    def _identity(self, writer: asyncio.StreamWriter, node: int) -> str | None:
-        """With TLS, the caller's certificate must be node ``node``'s (as on the gRPC side)."""
-        if self.ssl_context is None:
-            return None
-        from disco_fl.security.tls import node_common_name
-
-        cert = writer.get_extra_info("peercert") or {}
-        names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
-        if names != [node_common_name(node)]:
-            return f"the caller's certificate ({', '.join(names) or 'none'}) is not node {node}'s"
-        return None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _admit(self, transport: asyncio.BaseTransport, ticket: bytes) -> int | None:
+        """The node a data connection's ticket was issued to, if the ticket is valid and (with
+        TLS) the caller's certificate is that node's, as on the gRPC side; else ``None``."""
         me = self.host.index
-        _keepalive(writer.get_extra_info("socket"))
-        try:
-            ticket = await asyncio.wait_for(
-                reader.readexactly(TICKET_BYTES), self.handshake_timeout_s
-            )
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError):
-            log.warning("node %d: a data connection sent no ticket", me)
-            return
         src = self.tickets.redeem(ticket)
         if src is None:
             log.warning("node %d: a data connection presented an unknown or used ticket", me)
-            return
-        why = self._identity(writer, src)
-        if why is not None:
-            log.warning("node %d: data connection refused: %s", me, why)
-            return
+            return None
+        if self.ssl_context is not None:
+            from disco_fl.security.tls import node_common_name
+
+            cert = transport.get_extra_info("peercert") or {}
+            names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+            if names != [node_common_name(src)]:
+                log.warning(
+                    "node %d: data connection refused: the caller's certificate (%s) is not "
+                    "node %d's",
+                    me,
+                    ", ".join(names) or "none",
+                    src,
+                )
+                return None
         self.host._peer_connected(src)
-        while True:
-            try:
-                got = await _read(reader, self.max_frame_bytes)
-            except TransportError as e:
-                log.warning("node %d: data connection from node %d: %s", me, src, e)
-                _write(writer, refusal(peer_pb2.Frame(), me, src, str(e)))
-                await writer.drain()
-                return
-            if got is None:
-                return
-            frame, size = got
-            reason = self.host._arrived(frame, size, src)
-            if reason is not None:
-                _write(writer, refusal(frame, me, src, reason))
-                await writer.drain()
+        return src
 
     async def stop(self, timeout: float) -> None:
         """Stop listening and end every connection now: each peer sees its connection end at
@@ -305,8 +379,8 @@ class DataServer:
         for conn in list(self._conns):
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)  # the peer reads the end now
-        for writer in list(self._writers):
-            writer.transport.abort()
+        for transport in list(self._transports):
+            transport.abort()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

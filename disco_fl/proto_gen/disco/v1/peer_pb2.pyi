@@ -46,7 +46,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[Tensor.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Tensor.Codec, str]] = ..., scales: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("session_id", "step", "layer", "direction", "src", "dst", "tensor", "error", "stalled_node", "control", "sub_channel", "missing_nodes")
+    __slots__ = ("session_id", "step", "layer", "direction", "src", "dst", "tensor", "error", "stalled_node", "control", "sub_channel", "missing_nodes", "sent_at_ns")
     class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         DIRECTION_UNSPECIFIED: _ClassVar[Frame.Direction]
@@ -93,6 +93,7 @@ class Frame(_message.Message):
     CONTROL_FIELD_NUMBER: _ClassVar[int]
     SUB_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     MISSING_NODES_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_NS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     layer: int
@@ -105,7 +106,8 @@ class Frame(_message.Message):
     control: Control
     sub_channel: Frame.SubChannel
     missing_nodes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., direction: _Optional[_Union[Frame.Direction, str]] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ..., stalled_node: _Optional[int] = ..., control: _Optional[_Union[Control, _Mapping]] = ..., sub_channel: _Optional[_Union[Frame.SubChannel, str]] = ..., missing_nodes: _Optional[_Iterable[int]] = ...) -> None: ...
+    sent_at_ns: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., direction: _Optional[_Union[Frame.Direction, str]] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ..., stalled_node: _Optional[int] = ..., control: _Optional[_Union[Control, _Mapping]] = ..., sub_channel: _Optional[_Union[Frame.SubChannel, str]] = ..., missing_nodes: _Optional[_Iterable[int]] = ..., sent_at_ns: _Optional[int] = ...) -> None: ...
 
 class Control(_message.Message):
     __slots__ = ("vote", "abort", "selection", "missing")
