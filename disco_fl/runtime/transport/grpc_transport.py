@@ -212,9 +212,9 @@ class GrpcTransport(AsyncTransport):
         # frames on each peer's emulated link, not delivered yet (oldest first)
         self._on_link: list[deque[tuple[peer_pb2.Frame, int]]] = [deque() for _ in range(num_nodes)]
         self._late = TimerLateness()  # the delivery timers are set this much early
-        # emulating links over data sockets: stamp each frame with the time it is written
-        # (Frame.sent_at_ns), so that the receiver's emulated link starts then
-        self.stamps = link_shape is not None and data_path == "socket"
+        # emulating links: stamp each frame with the time it is written (Frame.sent_at_ns), so
+        # that the receiver's emulated link can start then (LinkClock)
+        self.stamps = link_shape is not None
         self._tls = server_credentials is not None
         self._channel_options = channel_options(max_frame_bytes)
         self._server_options = server_options(
@@ -416,8 +416,8 @@ class GrpcTransport(AsyncTransport):
     def _arrived(self, frame: peer_pb2.Frame, size: int, src: int) -> str | None:
         """A frame came in from ``src`` (on the loop): check it now; with a link shape, store
         it when the emulated link delivers it (:class:`LinkClock`: from the frame's send stamp,
-        ``sent_at_ns``, when the socket data path carries one), and never before now; the
-        checks made here are paid after the emulated arrival."""
+        ``sent_at_ns``, when it carries one), and never before now; the checks made here are
+        paid after the emulated arrival."""
         entered = time.monotonic()
         stamp = frame.sent_at_ns
         if stamp:

@@ -16,11 +16,11 @@ A :class:`LinkShape` makes every incoming link behave like a link of a given rat
 delay (for benchmarks): frames from a peer are delivered in order, each when it would have
 arrived over such a link (``framed bytes * 8 / rate`` on the link after the previous one,
 plus ``rtt / 2``), counted from when it reached this node over loopback; the software time of
-the hop is thus paid on top of the emulated link, as on a real one. Over the socket data path
-the sender stamps each frame with the time it writes it (``Frame.sent_at_ns``), and a frame
-that this node reads late (its loop was computing) is counted from that stamp plus the link's
-shortest recent software hop instead (:class:`LinkClock`), as a real link would have
-delivered it into the socket buffer meanwhile. A :class:`LinkSchedule` changes the emulated
+the hop is thus paid on top of the emulated link, as on a real one. An emulating sender stamps
+each frame with the time it writes it (``Frame.sent_at_ns``), and a frame that this node reads
+late (its loop was computing) is counted from that stamp plus the link's shortest recent
+software hop instead (:class:`LinkClock`), as a real link would have delivered it into the
+socket buffer meanwhile. A :class:`LinkSchedule` changes the emulated
 link at given times (the changing-link benchmark).
 """
 
