@@ -23,8 +23,8 @@ framing) per sample, counted by the nodes, and the analytic floor
 ``compute / N + bytes of the busiest link / rate + (sync points + 2) x one-way latency``,
 where compute is ``single``'s median latency (measured at the start and again at the end of
 the run; the faster of the two, the conservative one), and the ``+ 2`` are the input hop to
-the peers and the output hop back (links are full duplex and independent, so the busiest directed link,
-not the sum over links, bounds the transfer time).
+the peers and the output hop back (links are full duplex and independent, so the busiest
+directed link, not the sum over links, bounds the transfer time).
 
 Diagnostics (not the floor above, which stays as defined): ``node_compute_ms``, the median
 batch-1 time of each node's own shard program (its ``send`` and ``compute`` calls, the ones
