@@ -84,6 +84,7 @@ def _serve_wrapped(out: str, argv: list[str]) -> None:
     import disco_fl.runtime.serving.node_server as ns
     import disco_fl.runtime.transport.base as base
     import disco_fl.runtime.transport.grpc_transport as gt
+    import disco_fl.runtime.transport.link_emulation as le
     from disco_fl.cli.main import main
 
     ev: list[Event] = []
@@ -117,7 +118,7 @@ def _serve_wrapped(out: str, argv: list[str]) -> None:
 
     # when the emulated link is due to deliver the frame that just arrived (its link clock)
     due: list[float] = []
-    orig_arrival = gt.LinkClock.arrival
+    orig_arrival = le.LinkClock.arrival
 
     def arrival(self: Any, message_bytes: int, now: float, sent: float | None = None) -> float:
         at = orig_arrival(self, message_bytes, now, sent)
@@ -135,7 +136,7 @@ def _serve_wrapped(out: str, argv: list[str]) -> None:
             ev.append(("due", layer, due[-1], sid))
         return r
 
-    setattr(gt.LinkClock, "arrival", arrival)  # noqa: B010 - a patch; mypy: no method-assign
+    setattr(le.LinkClock, "arrival", arrival)  # noqa: B010 - a patch; mypy: no method-assign
     setattr(gt.GrpcTransport, "_arrived", arrived)  # noqa: B010
     wrap(base.Transport, "send", "send", "send_ret", _frame_tag)
     wrap(base.Transport, "_accept", "accept", None, _frame_tag)

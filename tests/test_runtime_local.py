@@ -28,7 +28,7 @@ from disco_fl.runtime.inference import PeerError, run_node, run_node_async
 from disco_fl.runtime.transport import InProcessHub, Transport, TransportError
 from disco_fl.runtime.transport.base import Mailbox, PeerDownError
 from disco_fl.runtime.transport.grpc_transport import GrpcTransport, HandshakeError, LinkShape
-from disco_fl.runtime.transport.peer_links import LinkClock, TimerLateness
+from disco_fl.runtime.transport.link_emulation import LinkClock, TimerLateness
 from tests.test_shards import _random_masks
 from tests.zoo import ZOO
 

@@ -15,7 +15,7 @@ from disco_fl.emulation.export import load_shard, run_shards
 from disco_fl.partition.plan import Plan
 from disco_fl.runtime.serving import InferenceSession
 from disco_fl.runtime.serving.ladder_server import port_offset
-from disco_fl.runtime.transport.peer_links import LinkSchedule
+from disco_fl.runtime.transport.link_emulation import LinkSchedule
 from tests.test_link_plans import _export
 from tests.test_serve import Household
 

@@ -1,6 +1,6 @@
 """The gRPC transport: every node serves ``disco.v1.Peer``; one long-lived stream per ordered pair.
 
-:class:`GrpcTransport` ties three parts together, each in a module of its own:
+:class:`GrpcTransport` ties these parts together, each in a module of its own:
 
 - the server side, :mod:`~disco_fl.runtime.transport.peer_service`: node ``k`` runs a ``grpc.aio``
   server with the :class:`~disco_fl.runtime.transport.peer_service.PeerServicer` on its ``listen``
@@ -8,7 +8,9 @@
   indices, certificate) and bounds its connections;
 - the client side, :mod:`~disco_fl.runtime.transport.peer_links`: for each peer ``d`` it sends to,
   one channel and one ``Exchange`` stream, opened lazily on the first frame to ``d`` (or by
-  :meth:`GrpcTransport.connect`) after a ``Handshake``; and the :class:`LinkShape` emulation;
+  :meth:`GrpcTransport.connect`) after a ``Handshake``;
+- benchmarks' link emulation, :mod:`~disco_fl.runtime.transport.link_emulation` (a
+  :class:`LinkShape` applied to every incoming link);
 - the event-loop plumbing, :mod:`~disco_fl.runtime.transport.io_loop`;
 - with ``data_path="socket"``, :mod:`~disco_fl.runtime.transport.socket_path`: the handshake
   stays on gRPC, and each link's frames go over one TCP connection of their own (a length
@@ -48,7 +50,6 @@ import logging
 import math
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -64,15 +65,13 @@ from disco_fl.runtime.transport.base import (
     check_incoming,
 )
 from disco_fl.runtime.transport.io_loop import IoLoop, set_done
-from disco_fl.runtime.transport.peer_links import (
-    HandshakeError,
-    Link,
-    LinkClock,
+from disco_fl.runtime.transport.link_emulation import (
+    STAMP_BYTES,
+    LinkEmulation,
     LinkSchedule,
     LinkShape,
-    TimerLateness,
-    channel_options,
 )
+from disco_fl.runtime.transport.peer_links import HandshakeError, Link, channel_options
 from disco_fl.runtime.transport.peer_service import (
     DEFAULT_HANDSHAKE_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
@@ -89,8 +88,6 @@ from disco_fl.runtime.transport.peer_service import (
 )
 from disco_fl.runtime.transport.socket_path import (
     DATA_PATHS,
-    MAX_STAMP_AGE_S,
-    STAMP_BYTES,
     DataServer,
     Tickets,
     socket_framed_size,
@@ -204,16 +201,11 @@ class GrpcTransport(AsyncTransport):
         self._token = household_token
         self._channel_credentials = channel_credentials
         self.link_shape = link_shape
-        self._clocks = (
-            [LinkClock(link_shape, self.framing) for _ in range(num_nodes)]
-            if link_shape is not None
-            else []
+        self._emulation = (
+            LinkEmulation(link_shape, num_nodes, self.framing) if link_shape is not None else None
         )
-        # frames on each peer's emulated link, not delivered yet (oldest first)
-        self._on_link: list[deque[tuple[peer_pb2.Frame, int]]] = [deque() for _ in range(num_nodes)]
-        self._late = TimerLateness()  # the delivery timers are set this much early
         # emulating links: stamp each frame with the time it is written (Frame.sent_at_ns), so
-        # that the receiver's emulated link can start then (LinkClock)
+        # that the receiver's emulated link can start then
         self.stamps = link_shape is not None
         self._tls = server_credentials is not None
         self._channel_options = channel_options(max_frame_bytes)
@@ -415,35 +407,17 @@ class GrpcTransport(AsyncTransport):
 
     def _arrived(self, frame: peer_pb2.Frame, size: int, src: int) -> str | None:
         """A frame came in from ``src`` (on the loop): check it now; with a link shape, store
-        it when the emulated link delivers it (:class:`LinkClock`: from the frame's send stamp,
-        ``sent_at_ns``, when it carries one), and never before now; the checks made here are
-        paid after the emulated arrival."""
+        it when the emulated link delivers it
+        (:class:`~disco_fl.runtime.transport.link_emulation.LinkEmulation`)."""
         entered = time.monotonic()
-        stamp = frame.sent_at_ns
-        if stamp:
+        if frame.sent_at_ns:
             size -= STAMP_BYTES  # emulation metadata, not counted as the frame's bytes
-        if not self._clocks:
+        if self._emulation is None:
             return self._accept(frame, size, expected_src=src)
         reason = check_incoming(frame, self.index, self.num_nodes, self.num_layers, src)
         if reason is not None:
             return self._accept(frame, size, expected_src=src)  # refused, logged, counted
-        sent = stamp / 1e9 if stamp and stamp / 1e9 >= entered - MAX_STAMP_AGE_S else None
-        now = time.monotonic()
-        at = self._clocks[src].arrival(size, entered, sent) + (now - entered)
-        at -= self._late.early  # the timer's own wake-up is not part of the link
-        on_link = self._on_link[src]
-        if at <= now and not on_link:
-            return self._accept(frame, size, expected_src=src)  # already due, none before it
-        on_link.append((frame, size))
-        self.loop.call_at(at, self._deliver, src, at)  # loop.time() is monotonic
-        return None
-
-    def _deliver(self, src: int, at: float) -> None:
-        """A timer of ``src``'s emulated link fired: deliver its oldest frame (one per timer,
-        so the frames of a link are delivered in the order they came)."""
-        self._late.fired(at, time.monotonic())
-        frame, size = self._on_link[src].popleft()
-        self._accept(frame, size, expected_src=src)
+        return self._emulation.arrived(frame, size, src, entered, self.loop, self._accept)
 
     async def recv_async(
         self,

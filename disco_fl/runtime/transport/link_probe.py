@@ -3,7 +3,7 @@
 A probe is a PROBE frame sent on this node's ``Exchange`` stream to the peer, exactly as an
 activation frame is (same channel, same authentication: the handshake's plan hash, household
 token and, with TLS, the node's certificate); the peer answers, once the frame has arrived
-(through its :class:`~disco_fl.runtime.transport.peer_links.LinkShape`, if it emulates one),
+(through its :class:`~disco_fl.runtime.transport.link_emulation.LinkShape`, if it emulates one),
 with a 4-byte PROBE_ACK on its own stream back (through ours). So the probe sees what
 activations see: the link both ways, gRPC, and the software of one hop at each end.
 

@@ -12,16 +12,7 @@ frames as not coming and reconnects on the next frame); reconnecting, it first p
 address so that a peer that is gone fails at once.
 
 :func:`channel_options` are the channels' gRPC options (keepalive, quick reconnection).
-A :class:`LinkShape` makes every incoming link behave like a link of a given rate and one-way
-delay (for benchmarks): frames from a peer are delivered in order, each when it would have
-arrived over such a link (``framed bytes * 8 / rate`` on the link after the previous one,
-plus ``rtt / 2``), counted from when it reached this node over loopback; the software time of
-the hop is thus paid on top of the emulated link, as on a real one. An emulating sender stamps
-each frame with the time it writes it (``Frame.sent_at_ns``), and a frame that this node reads
-late (its loop was computing) is counted from that stamp plus the link's shortest recent
-software hop instead (:class:`LinkClock`), as a real link would have delivered it into the
-socket buffer meanwhile. A :class:`LinkSchedule` changes the emulated
-link at given times (the changing-link benchmark).
+The link emulation of benchmarks is :mod:`~disco_fl.runtime.transport.link_emulation`.
 """
 
 from __future__ import annotations
@@ -29,12 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -42,7 +30,7 @@ import grpc.aio
 
 from disco_fl.core.wire import PROTOCOL_VERSION
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
-from disco_fl.runtime.transport.frames import TransportError, framed_size
+from disco_fl.runtime.transport.frames import TransportError
 from disco_fl.runtime.transport.peer_service import (
     KEEPALIVE_MS,
     KEEPALIVE_TIMEOUT_MS,
@@ -54,7 +42,6 @@ from disco_fl.runtime.transport.socket_path import SocketStream
 log = logging.getLogger(__name__)
 
 _STOP = object()
-HOP_WINDOW = 32  # frames over which a link's shortest software hop is taken (LinkClock)
 
 
 def channel_options(max_frame_bytes: int) -> list[tuple[str, Any]]:
@@ -71,132 +58,6 @@ def channel_options(max_frame_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
-
-
-@dataclass(frozen=True)
-class LinkShape:
-    """An emulated link for every incoming peer stream.
-
-    Parameters
-    ----------
-    rate_bps : float
-        Link rate in bits per second (e.g. ``100e6``); ``math.inf`` for no limit.
-    rtt_s : float, default 0
-        Round-trip time in seconds; each frame is delayed by ``rtt_s / 2`` (one way).
-    """
-
-    rate_bps: float
-    rtt_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.rate_bps > 0:
-            raise ValueError(f"rate_bps must be positive, got {self.rate_bps}")
-        if not (math.isfinite(self.rtt_s) and self.rtt_s >= 0):
-            raise ValueError(f"rtt_s must be a finite number >= 0, got {self.rtt_s}")
-
-
-class LinkSchedule:
-    """An emulated link that changes during a run (benchmarks): ``steps[i] = (t_i, shape_i)``
-    makes the link ``shape_i`` from ``t_i`` seconds after the epoch until the next step
-    (``t_i`` strictly increasing, ``t_0 >= 0``); before ``t_0``, and before the epoch is set
-    (:meth:`start`), ``shape_0``. The epoch is a ``time.time()`` value: given (the same on
-    every node), or set when the node's household is ready (``disco-fl serve``), so that the
-    nodes of a household change their links together.
-    """
-
-    def __init__(self, steps: Sequence[tuple[float, LinkShape]], epoch: float | None = None):
-        self.steps = tuple(steps)
-        times = [t for t, _ in self.steps]
-        if not times or times[0] < 0 or any(b <= a for a, b in zip(times, times[1:], strict=False)):
-            raise ValueError(f"link schedule times must be >= 0 and increasing, got {times}")
-        self.epoch: float | None = None
-        if epoch is not None:
-            self.start(epoch)
-
-    def start(self, epoch: float) -> None:
-        """Count the schedule from ``epoch`` (``time.time()``); once only."""
-        if not math.isfinite(epoch):
-            raise ValueError(f"link schedule epoch must be a time, got {epoch}")
-        if self.epoch is None:
-            self.epoch = float(epoch)
-
-    @staticmethod
-    def parse(text: str, epoch: float | None = None) -> LinkSchedule:
-        """``"T0:MBPS/RTT_MS,T1:MBPS/RTT_MS,..."`` (seconds, Mbit/s, milliseconds)."""
-        steps = []
-        for item in text.split(","):
-            try:
-                t, _, link = item.strip().partition(":")
-                mbps, _, rtt = link.partition("/")
-                steps.append((float(t), LinkShape(float(mbps) * 1e6, float(rtt or 0) / 1e3)))
-            except ValueError as e:
-                raise ValueError(
-                    f"bad link schedule step {item!r} (want T:MBPS/RTT_MS, e.g. 30:20/4): {e}"
-                ) from None
-        return LinkSchedule(steps, epoch)
-
-    def at(self, wall: float) -> LinkShape:
-        """The link at ``time.time() == wall``."""
-        shape = self.steps[0][1]
-        if self.epoch is None:
-            return shape
-        for t, s in self.steps:
-            if wall - self.epoch >= t:
-                shape = s
-        return shape
-
-
-class LinkClock:
-    """FIFO state of one emulated link: when it is free again, when each frame arrives.
-
-    A frame's transfer starts when it reached this node (``now``). If the sender stamped it
-    with the time it wrote it (``sent``, the same machine's monotonic clock), the transfer
-    starts at ``sent`` plus the shortest software hop (``now - sent``) of this link's last
-    :data:`HOP_WINDOW` frames instead: a frame read late, because this node's loop was busy
-    computing when it came, then arrives when a real link would have had it here, while the
-    software a hop costs (sending, loopback, waking up, reading) is still paid before the
-    emulated transfer. With a :class:`LinkSchedule`, each frame takes the link of the moment it
-    reaches the node.
-    """
-
-    def __init__(
-        self, shape: LinkShape | LinkSchedule, framing: Callable[[int], int] = framed_size
-    ) -> None:
-        self.shape = shape
-        self.framing = framing  # a frame's bytes on the connection (HTTP/2, or the socket's)
-        self.free = 0.0
-        self._hops: deque[float] = deque(maxlen=HOP_WINDOW)
-
-    def arrival(self, message_bytes: int, now: float, sent: float | None = None) -> float:
-        sh = self.shape.at(time.time()) if isinstance(self.shape, LinkSchedule) else self.shape
-        ready = now
-        if sent is not None and sent <= now:
-            self._hops.append(now - sent)
-            ready = sent + min(self._hops)
-        start = max(ready, self.free)
-        self.free = start + self.framing(message_bytes) * 8.0 / sh.rate_bps
-        return self.free + sh.rtt_s / 2.0
-
-
-class TimerLateness:
-    """How late the loop's delivery timers fire: the shortest lateness of the last
-    :data:`HOP_WINDOW` (the thread's wake-up, tens of microseconds on this machine).
-
-    An emulated link's timer is set that much before the frame is due. A real link's frame
-    wakes the receiver once, when it arrives; the emulation wakes it twice, when the frame comes
-    over loopback (a wake-up already paid in the hop's software time) and when it is due, and
-    the second wake-up's lateness would otherwise be added to every emulated frame.
-    """
-
-    def __init__(self) -> None:
-        self._seen: deque[float] = deque(maxlen=HOP_WINDOW)
-
-    @property
-    def early(self) -> float:
-        return min(self._seen, default=0.0)
-
-    def fired(self, scheduled: float, now: float) -> None:
-        self._seen.append(max(0.0, now - scheduled))
 
 
 class LinkOwner(Protocol):

@@ -49,8 +49,6 @@ LENGTH = struct.Struct(">I")  # the length prefix of every message on a data con
 MAX_TICKETS = 1024  # tickets issued and not yet used, at most
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 1  # as gRPC keepalive
 DATA_PATHS = ("grpc", "socket")
-STAMP_BYTES = 9  # Frame.sent_at_ns on the wire (a 1-byte tag and a fixed64): link emulation only
-MAX_STAMP_AGE_S = 1.0  # an older send stamp is not trusted (another clock): the read time is used
 
 
 def socket_framed_size(message_bytes: int) -> int:
