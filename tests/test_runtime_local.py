@@ -568,6 +568,26 @@ def test_frames_sent_from_a_thread_reach_a_coroutine(
     assert ts[1].mailbox.pending == 0
 
 
+def test_frames_sent_on_the_loop_wait_for_a_loop_turn_only_on_grpc_streams(
+    grpc_household: Callable[..., list[GrpcTransport]],
+) -> None:
+    """run_node_async lets the loop run after a send only while the transport holds frames
+    for a writer task: always on gRPC streams, never when the socket path wrote them."""
+    ts = grpc_household(2, "a" * 64, 4)
+    ts[0].connect()
+
+    async def send_and_look() -> tuple[bool, bool]:
+        ts[0].send(_frame(0, 1, 1, torch.zeros(4), session="f"))
+        held = ts[0].unflushed()
+        await asyncio.sleep(0.05)  # the writer task runs
+        return held, ts[0].unflushed()
+
+    held, after = ts[0].run(send_and_look())
+    assert held == (ts[0].data_path == "grpc")
+    assert not after
+    assert ts[1].recv("f", 1, 0, 5.0).layer == 1
+
+
 def test_blocking_calls_on_the_loop_are_refused(
     grpc_household: Callable[..., list[GrpcTransport]],
 ) -> None:

@@ -372,8 +372,10 @@ async def run_node_async(
     """:func:`run_node` as a coroutine on the transport's event loop (same arguments, same
     result and errors): the node computes on the loop's thread and waits for frames without
     blocking it, so frames move without a thread hand-off and several sessions interleave at
-    their waits. After every op that sent frames the loop runs once, so the frames go out
-    while the node computes on; after an op that ends ``YIELD_AFTER_S`` or more of
+    their waits. After every op that sent frames the loop runs once if the transport holds
+    some of them for a writer task (``transport.unflushed()``: gRPC streams; the socket data
+    path writes them at once), so the frames go out while the node computes on; after an op
+    that ends ``YIELD_AFTER_S`` or more of
     computation without such a turn, too, so that a large request cannot hold the loop (and
     the other sessions' frames and deadlines) for longer than one op."""
     deadline = time.monotonic() + timeout
@@ -393,8 +395,9 @@ async def run_node_async(
                 want = next(steps)
                 continue
             if want is _FLUSH:
-                await asyncio.sleep(0)  # let the link writers hand the frames to gRPC
-                turned = clock()
+                if transport.unflushed():  # not when every frame was written at once
+                    await asyncio.sleep(0)  # let the link writers hand the frames on
+                    turned = clock()
                 want = next(steps)
                 continue
             try:

@@ -332,3 +332,9 @@ class AsyncTransport(Transport):
         sub_channel: int = Frame.SUB_CHANNEL_DATA,
     ) -> peer_pb2.Frame:
         """:meth:`Transport.recv` for a coroutine on this transport's event loop."""
+
+    def unflushed(self) -> bool:
+        """Whether frames sent on the loop wait for it to run before they leave (a writer task
+        hands them on): a coroutine that sent frames lets it run once. ``True`` unless the
+        transport knows better."""
+        return True

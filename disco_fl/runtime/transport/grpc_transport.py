@@ -405,6 +405,11 @@ class GrpcTransport(AsyncTransport):
             )
         self.loop.call_soon_threadsafe(link.push_later, frame, size)
 
+    def unflushed(self) -> bool:
+        """Whether a link holds frames its task has not handed on yet (always after a send on
+        gRPC streams; on the socket data path only when a connection's buffer was full)."""
+        return any(link.queued for link in self._links.values())
+
     def _arrived(self, frame: peer_pb2.Frame, size: int, src: int) -> str | None:
         """A frame came in from ``src`` (on the loop): check it now; with a link shape, store
         it when the emulated link delivers it

@@ -142,6 +142,11 @@ class Link:
         self.queued_bytes += size
         self._wake.set()
 
+    @property
+    def queued(self) -> bool:
+        """Frames wait in the queue for the link's task."""
+        return bool(self._queue)
+
     def push_later(self, frame: peer_pb2.Frame, size: int) -> None:
         """:meth:`push` for a frame handed over from another thread (errors are logged)."""
         try:
