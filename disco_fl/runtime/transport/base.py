@@ -139,10 +139,20 @@ class Transport(ABC):
 
     # ---- receiving -----------------------------------------------------------------------
     def _accept(
-        self, frame: peer_pb2.Frame, size: int, expected_src: int | None = None
+        self,
+        frame: peer_pb2.Frame,
+        size: int,
+        expected_src: int | None = None,
+        *,
+        checked: bool = False,
     ) -> str | None:
-        """Validate and store a frame that arrived; return why it was refused, or None."""
-        reason = check_incoming(frame, self.index, self.num_nodes, self.num_layers, expected_src)
+        """Validate and store a frame that arrived; return why it was refused, or None.
+        ``checked``: :func:`check_incoming` already passed it (with ``expected_src``)."""
+        reason = (
+            None
+            if checked
+            else check_incoming(frame, self.index, self.num_nodes, self.num_layers, expected_src)
+        )
         origin = self.session_origin
         if (
             reason is None

@@ -422,7 +422,11 @@ class GrpcTransport(AsyncTransport):
         reason = check_incoming(frame, self.index, self.num_nodes, self.num_layers, src)
         if reason is not None:
             return self._accept(frame, size, expected_src=src)  # refused, logged, counted
-        return self._emulation.arrived(frame, size, src, entered, self.loop, self._accept)
+        return self._emulation.arrived(frame, size, src, entered, self.loop, self._store)
+
+    def _store(self, frame: peer_pb2.Frame, size: int, src: int) -> str | None:
+        """Store a frame already checked (the emulated link delivers it)."""
+        return self._accept(frame, size, expected_src=src, checked=True)
 
     async def recv_async(
         self,
