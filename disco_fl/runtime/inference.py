@@ -372,12 +372,10 @@ async def run_node_async(
     """:func:`run_node` as a coroutine on the transport's event loop (same arguments, same
     result and errors): the node computes on the loop's thread and waits for frames without
     blocking it, so frames move without a thread hand-off and several sessions interleave at
-    their waits. After every op that sent frames the loop runs once if the transport holds
-    some of them for a writer task (``transport.unflushed()``: gRPC streams; the socket data
-    path writes them at once), so the frames go out while the node computes on; after an op
-    that ends ``YIELD_AFTER_S`` or more of
-    computation without such a turn, too, so that a large request cannot hold the loop (and
-    the other sessions' frames and deadlines) for longer than one op."""
+    their waits. After an op that sent frames held for a writer task (``unflushed()``: gRPC
+    streams, not the socket path) the loop runs once, so they go out while the node computes
+    on; after an op ending ``YIELD_AFTER_S`` or more of computation without a turn, too, so a
+    large request holds the loop (other sessions' frames, deadlines) for one op at most."""
     deadline = time.monotonic() + timeout
     steps = _node_steps(
         node, transport, x, session_id, timeout, step, max_message_bytes, deadline, overlap,
