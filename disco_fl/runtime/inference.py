@@ -10,8 +10,7 @@ requester's output equals :func:`disco_fl.emulation.export.run_shards` bit for b
 go to the peers as they are; every node normalizes them (:func:`disco_fl.core.pixels.model_input`).
 
 If the node fails (a timeout, a bad frame, an error in its own math), it sends an error frame
-in place of every message it still owed its peers, so they fail at once with the cause
-instead of waiting for their timeouts.
+in place of every message it still owed its peers: they fail at once with the cause.
 
 The deadline (``timeout``) bounds the whole call, computation included: it is checked before
 every op as well as while waiting for frames, so a call fails at most one op after it. A
