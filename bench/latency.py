@@ -26,6 +26,13 @@ the run; the faster of the two, the conservative one), and the ``+ 2`` are the i
 the peers and the output hop back (links are full duplex and independent, so the busiest
 directed link, not the sum over links, bounds the transfer time).
 
+The machine's speed drifts (a shared host: ``single`` has measured 3.5 ms at the start of a
+run and 6.5 ms at its end), so every household row is also bracketed by two short ``single``
+measurements (30 requests each, right before and right after its own): ``single_ms_adjacent``
+(their mean), ``floor_adjacent_ms`` (the floor with it as compute) and
+``latency_over_floor_adjacent`` compare the row with the single device measured at the same
+time; ``floor_ms`` / ``latency_over_floor`` stay against the run's faster reference.
+
 Diagnostics (not the floor above, which stays as defined): ``node_compute_ms``, the median
 batch-1 time of each node's own shard program (its ``send`` and ``compute`` calls, the ones
 the runtime makes, run in this process with no communication and no encoding), and
@@ -73,7 +80,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -460,14 +467,20 @@ def _path(r: dict[str, Any]) -> str:
     return "" if path == "grpc" else f" ({path})"
 
 
+def _adjacent(r: dict[str, Any]) -> str:
+    v = r.get("latency_over_floor_adjacent")
+    return "-" if v is None else f"{v:.2f}"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows as the table in BENCHMARKS.md."""
     head = (
         "| mode | N | budget | max sync | link | sync points | accuracy | latency ms (median) "
         "| floor ms | latency / floor | caller ms (via Infer) | caller / floor | vs dense TP "
         "| images/s | payload B/img | framing (batch 1) | framing (batch 32) "
-        "| node compute ms (diag.) | floor_node ms (diag.) | latency / floor_node |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| node compute ms (diag.) | floor_node ms (diag.) | latency / floor_node "
+        "| latency / floor (adjacent single) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -484,7 +497,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {100 * (r.get('framing_overhead_batch32') or 0.0):.2f}% "
             f"| {' / '.join(f'{v:.2f}' for v in r.get('node_compute_ms', []))} "
             f"| {r.get('floor_node_ms', r['floor_ms']):.2f} "
-            f"| {r['latency_ms_median'] / r.get('floor_node_ms', r['floor_ms']):.2f} |"
+            f"| {r['latency_ms_median'] / r.get('floor_node_ms', r['floor_ms']):.2f} "
+            f"| {_adjacent(r)} |"
         )
     return head + "\n".join(lines)
 
@@ -524,10 +538,12 @@ def measure_plans(
     cfg: dict[str, Any],
     single_ms: float,
     pixels: torch.Tensor | None = None,
+    single_now: Callable[[], float] | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of ``plans`` (:func:`make_plans`' dicts; ``overlaps``, default ``[True]``:
     run with overlap on and / or off) on every link of ``links`` at N = ``n``. ``pixels``
-    (uint8, the images of ``x``): the requests carry them instead of ``x``."""
+    (uint8, the images of ``x``): the requests carry them instead of ``x``. ``single_now``:
+    measures the single device now (ms), called right before and right after every row."""
     rows = []
     sent = x if pixels is None else pixels
     input_dtype = "uint8" if pixels is not None else "float32"
@@ -545,9 +561,13 @@ def measure_plans(
             name += "" if overlap else "_nooverlap"
             name += "" if data_path == "grpc" else f"_{data_path}"
             for link, (mbps, rtt_ms) in links.items():
+                before = single_now() if single_now else None
                 m = measure_household(
                     plan_dir, n, (mbps, rtt_ms), sent, cfg, overlap=overlap, data_path=data_path
                 )
+                adjacent = None
+                if single_now is not None and before is not None:
+                    adjacent = (before + single_now()) / 2
                 wire_per_link = m["busiest_link_payload_bytes"] * (
                     m["wire_bytes_per_sample"] / max(m["payload_bytes_per_sample"], 1)
                 )
@@ -582,12 +602,20 @@ def measure_plans(
                     - 1,
                     "speedup_vs_single": single_ms / m["latency_ms_median"],
                 }
+                if adjacent is not None:
+                    row["single_ms_adjacent"] = adjacent
+                    row["floor_adjacent_ms"] = adjacent / n + comm
+                    row["latency_over_floor_adjacent"] = m["latency_ms_median"] / (
+                        adjacent / n + comm
+                    )
                 rows.append(row)
                 thr = m["throughput_per_s"]
                 log(
                     f"N={n} {name:<24} {link:<12} {m['latency_ms_median']:8.2f} ms "
                     f"(x{row['speedup_vs_single']:.2f} vs single; floor {floor:.2f}, "
-                    f"x{row['latency_over_floor']:.2f}; caller "
+                    f"x{row['latency_over_floor']:.2f}; adjacent single "
+                    f"{adjacent or float('nan'):.2f} ms, "
+                    f"x{row.get('latency_over_floor_adjacent', float('nan')):.2f}; caller "
                     f"{m['latency_rpc_ms_median']:.2f} ms; node compute "
                     f"{'/'.join(f'{v:.2f}' for v in node_ms)}, floor_node "
                     f"{max(node_ms) + comm:.2f}) "
@@ -710,6 +738,13 @@ def main() -> None:
         f"{'-' if thr is None else f'{thr:.0f}'}/s"
     )
     rows: list[dict[str, Any]] = single_rows(single, links, dense_acc)
+
+    def single_now() -> float:
+        """The single device measured now (ms; no throughput pass)."""
+        return float(
+            measure_single(model, xte, {**cfg, "throughput_images": 0})["latency_ms_median"]
+        )
+
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = args.keep_plans or tmp_dir
         Path(tmp).mkdir(parents=True, exist_ok=True)
@@ -721,7 +756,9 @@ def main() -> None:
                 )
             else:
                 plans = make_plans(model, n, (xtr, ytr, xte, yte), cfg, Path(tmp), meta=meta)
-            rows += measure_plans(plans, n, links, xte, cfg, single["latency_ms_median"], pixels)
+            rows += measure_plans(
+                plans, n, links, xte, cfg, single["latency_ms_median"], pixels, single_now
+            )
     # the single device again at the end: this machine's speed drifts by up to ~20 % between
     # minutes (a shared host); every speed-up is against the faster of the two measurements
     # (the conservative one), both kept in the JSON

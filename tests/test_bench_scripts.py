@@ -288,7 +288,8 @@ def test_latency_uint8_requests_rows(tmp_path: Path) -> None:
     """bench/latency.py --input-dtype uint8 at a tiny setting (resnet50 at 32 px, N = 2, the
     dense-TP plan, one link): requests carry uint8 pixels, the row records ``input_dtype``, and
     the payload the nodes count per image == the plan's prediction for a uint8 input, whose
-    input hop is a quarter of fp32's."""
+    input hop is a quarter of fp32's; the adjacent floor uses the mean of the two single-device
+    measurements bracketing the row."""
     from disco_fl.emulation.comm import program_traffic
     from disco_fl.partition import plan_open_count
     from disco_fl.partition.plan import Plan
@@ -301,8 +302,14 @@ def test_latency_uint8_requests_rows(tmp_path: Path) -> None:
     plans = lm.random_calibrated_plans(model, 2, x, tmp_path, [], log=lambda _: None, meta=meta)
     cfg = {"requests": 2, "throughput_images": 0}
     links = {"1Gbit_0.5ms": (1000.0, 0.5)}
-    (row,) = lat.measure_plans(plans, 2, links, x, cfg, 10.0, pixels)
+    singles = iter([8.0, 12.0])  # the single device right before and right after the row
+    (row,) = lat.measure_plans(plans, 2, links, x, cfg, 10.0, pixels, lambda: next(singles))
     assert row["input_dtype"] == "uint8"
+    assert row["single_ms_adjacent"] == 10.0
+    assert row["floor_adjacent_ms"] == pytest.approx(10.0 / 2 + row["comm_ms"])
+    assert row["latency_over_floor_adjacent"] == pytest.approx(
+        row["latency_ms_median"] / row["floor_adjacent_ms"]
+    )
     plan = Plan.load(plans[0]["dir"] / "plan.json")
     reps = {
         d: program_traffic(plan.program, plan_open_count(plan), plan.codec, d)

@@ -147,6 +147,50 @@ def test_one_node_yields_only_turns(tmp_path: Path) -> None:
         assert torch.allclose(out, model(x), atol=1e-5)
 
 
+class _SlowOp(Executor):
+    """Computes op ``slow`` 30 ms longer than it takes; ``last``: the op computed last."""
+
+    slow = ""
+    last = ""
+
+    def compute(self, step, xs, received):  # type: ignore[no-untyped-def]
+        if step.op.name == self.slow:
+            time.sleep(0.03)
+        self.last = step.op.name
+        return super().compute(step, xs, received)
+
+
+def test_turns_come_after_ops_that_end_turn_after_seconds_after_the_last(tmp_path: Path) -> None:
+    """``turn_after``: a TURN only after an op ending that long after the driver's previous
+    TURN (a network node's program yields a few events per exchange, not one per op)."""
+    x = torch.randn(2, 1, 28, 28)
+    model = ZOO["resnet_narrow"][0]().eval()
+    disco_fl.partition(model, 1, x).eval().export(tmp_path)
+    node = load_shard(tmp_path / "plan.json", 0)
+    steps = schedule(node.program, 0, plan_open_count(node.plan), "fp32")
+    ex = _SlowOp(node.program, node)
+    ex.slow = node.program.ops[len(node.program.ops) // 2].name
+
+    def turned_after(turn_after: float | None) -> list[str]:
+        """The op computed last before each TURN."""
+        out: list[str] = []
+        run = drive(steps, ex, x, turn_after=turn_after)
+        with torch.no_grad():
+            try:
+                while True:
+                    assert next(run) == TURN
+                    out.append(ex.last)
+            except StopIteration as stop:
+                assert torch.allclose(stop.value, model(x), atol=1e-5)
+        return out
+
+    assert turned_after(None) == []
+    assert len(turned_after(0.0)) == len(node.program.ops)
+    # the ops before the slow one take far less than 20 ms, those after it too
+    assert turned_after(0.02) == [ex.slow]
+    assert turned_after(60.0) == []
+
+
 MODELS = {**ZOO, "vit": (vit_tiny_mnist, (2, 1, 28, 28))}
 
 

@@ -46,7 +46,7 @@ class Recv:
 
 
 FLUSH = "flush"  # yielded after the sends of an op: a good moment to put frames on the wire
-TURN = "turn"  # yielded after every op: a good moment to let other work run
+TURN = "turn"  # yielded after an op (see drive's turn_after): a good moment to let others run
 
 
 class _Missing:
@@ -150,6 +150,7 @@ def drive(
     *,
     deadline: float | None = None,
     what: str = "",
+    turn_after: float | None = 0.0,
 ) -> Generator[Event, torch.Tensor | None, Any]:
     """Run one node's program; returns the value of the ``output`` op (``None`` on a node
     that computes none, or when the executor ends the program early).
@@ -159,6 +160,11 @@ def drive(
     own channels (``spec.compute_own``) before receiving the peers' messages, adding each
     message's part as it arrives (``spec.add_received``): computation overlaps the transfer.
     The result equals the computation without overlap up to the order of fp32 sums.
+
+    ``turn_after``: yield :data:`TURN` after an op that ends at least that many seconds
+    (``time.perf_counter``) after the driver's previous ``TURN`` (its start, at first); 0:
+    after every op; ``None``: never. An event costs its driver a few microseconds, so a
+    network node asks for a turn only after computing for a while.
 
     Raises :class:`MessageError` for a message that does not fit the plan, ``TimeoutError``
     before an op when ``time.monotonic()`` is past ``deadline`` (computation counts against
@@ -170,6 +176,8 @@ def drive(
     env: dict[str, Any] = {}
     state: dict[str, int | None] = {"batch": None}  # the batch size, once the input op set it
     result: Any = None
+    clock = time.perf_counter
+    turned = clock()  # when the driver last yielded TURN (or started)
 
     def receive(st: Step, src: int, traffic: Traffic, own: Any) -> Generator[Event, Any, Any]:
         t = yield Recv(st, src)
@@ -253,5 +261,7 @@ def drive(
         if executor.free_values:
             for name in st.free:  # free what no later op reads (peak memory)
                 env.pop(name, None)
-        yield TURN
+        if turn_after is not None and (turn_after <= 0 or clock() - turned >= turn_after):
+            yield TURN
+            turned = clock()
     return result

@@ -58,6 +58,7 @@ def run_lockstep(
             schedule(program, k, count, codec.name),
             Executor(program, nodes[k], overlap=overlap),
             x,
+            turn_after=None,  # nothing else runs between its ops
         )
         for k in range(n)
     ]

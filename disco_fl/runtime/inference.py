@@ -116,12 +116,14 @@ def _node_steps(
     overlap: bool,
     degraded_wait: float | None,
     missing: set[int],
+    turn_after: float | None,
     /,
 ) -> Generator[_Want | None, Frame, torch.Tensor | None]:
     """The node's program (:func:`~disco_fl.node.drive`) with its messages as frames: yields
     ``(layer, src, until)`` for every frame it needs (the caller sends the frame in, or throws
     the caller's ``TimeoutError`` / :class:`~disco_fl.runtime.transport.base.PeerDownError`
-    in), ``None`` after an op that sent frames and ``_TURN`` after every op; returns the
+    in), ``None`` after an op that sent frames and ``_TURN`` as ``drive`` yields ``TURN``
+    (``turn_after``); returns the
     output (requester) or ``None``. One implementation for the blocking driver
     (:func:`run_node`) and the event-loop driver (:func:`run_node_async`).
 
@@ -158,6 +160,7 @@ def _node_steps(
         x,
         deadline=deadline,
         what=what,
+        turn_after=turn_after,
     )
 
     def advance(value: Any) -> Any:
@@ -329,7 +332,7 @@ def run_node(
     deadline = time.monotonic() + timeout
     steps = _node_steps(
         node, transport, x, session_id, timeout, step, max_message_bytes, deadline, overlap,
-        degraded_wait, missing if missing is not None else set(),
+        degraded_wait, missing if missing is not None else set(), None,
     )  # fmt: skip
     try:
         want = next(steps)
@@ -373,28 +376,23 @@ async def run_node_async(
     blocking it, so frames move without a thread hand-off and several sessions interleave at
     their waits. After an op that sent frames held for a writer task (``unflushed()``: gRPC
     streams, not the socket path) the loop runs once, so they go out while the node computes
-    on; after an op ending ``YIELD_AFTER_S`` or more of computation without a turn, too, so a
+    on; after an op ending ``YIELD_AFTER_S`` or more after the previous such turn, too, so a
     large request holds the loop (other sessions' frames, deadlines) for one op at most."""
     deadline = time.monotonic() + timeout
     steps = _node_steps(
         node, transport, x, session_id, timeout, step, max_message_bytes, deadline, overlap,
-        degraded_wait, missing if missing is not None else set(),
+        degraded_wait, missing if missing is not None else set(), YIELD_AFTER_S,
     )  # fmt: skip
-    clock = time.perf_counter
-    turned = clock()  # when this session last let the loop run
     try:
         want = next(steps)
         while True:
-            if want is _TURN:
-                if clock() - turned >= YIELD_AFTER_S:
-                    await asyncio.sleep(0)  # other sessions' frames, requests and timers
-                    turned = clock()
+            if want is _TURN or (want is _FLUSH and transport.unflushed()):
+                # other sessions' frames, requests and timers; or the link writers hand the
+                # frames on (not when every frame was written at once)
+                await asyncio.sleep(0)
                 want = next(steps)
                 continue
             if want is _FLUSH:
-                if transport.unflushed():  # not when every frame was written at once
-                    await asyncio.sleep(0)  # let the link writers hand the frames on
-                    turned = clock()
                 want = next(steps)
                 continue
             try:

@@ -178,7 +178,7 @@ class LadderServer(PlanServers):
         if not first.is_requester:
             self.stop()
             raise ValueError("a LadderServer is the requester's; other nodes run NodeServers")
-        self.by_hash = {s.plan.hash: s for s in self.servers}
+        self.by_hash = {s.plan_hash: s for s in self.servers}
         missing = [r.name for r in ladder.plans if r.hash not in self.by_hash]
         if missing or len(self.by_hash) != len(ladder.plans):
             self.stop()
@@ -318,7 +318,7 @@ class LadderServer(PlanServers):
         prefix = session_id.split("-", 1)[0]
         for s in self.servers:
             if s.session_prefix == prefix:
-                return s.plan.hash
+                return s.plan_hash
         return ""
 
     def status(self) -> dict[str, Any]:

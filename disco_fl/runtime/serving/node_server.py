@@ -83,6 +83,7 @@ class NodeServer:
         self.config = config
         self.node: ExportedShard = load_shard(config.plan, config.node)
         self.plan = self.node.plan
+        self.plan_hash = self.plan.hash  # once: hashing the plan's JSON takes a millisecond
         self.index = config.node
         self.num_nodes = self.plan.num_nodes
         self.is_requester = self.index == self.plan.program.requester
@@ -117,7 +118,7 @@ class NodeServer:
         self.transport = GrpcTransport(
             self.index,
             self.num_nodes,
-            plan_hash=self.plan.hash,
+            plan_hash=self.plan_hash,
             listen=config.listen,
             peers=config.peers,
             household_token=config.token,
@@ -224,7 +225,7 @@ class NodeServer:
         :attr:`chunk_batch` runs as consecutive sessions (ids ``<id>``, ``<id>.1``, ...)."""
         if not self.is_requester:
             raise RuntimeError(f"node {self.index} is not the requester")
-        if plan_hash not in ("", self.plan.hash):
+        if plan_hash not in ("", self.plan_hash):
             raise ValueError(f"plan {plan_hash[:12]!r} is not served here")
         cfg = self.config
         budget = min(deadline_s or cfg.deadline_s, cfg.deadline_s)
@@ -446,7 +447,7 @@ class NodeServer:
             "node": self.index,
             "num_nodes": self.num_nodes,
             "requester": self.plan.program.requester,
-            "plan_hash": self.plan.hash,
+            "plan_hash": self.plan_hash,
             "codec": self.plan.codec,
             "input_shape": self._input_shape[1:],
             "meta": self.plan.meta,
@@ -465,10 +466,10 @@ class NodeServer:
         }
 
     def plan_of(self, session_id: str) -> str:
-        return self.plan.hash
+        return self.plan_hash
 
     def served_plans(self) -> list[str]:
-        return [self.plan.hash]
+        return [self.plan_hash]
 
     @property
     def session_prefix(self) -> str:

@@ -299,7 +299,7 @@ def forward(
     steps = schedule(program, tr.index, _open_count(tr, program), tr.plan.codec)
     ex = TrainExecutor(tr, ctx)
     stochastic = tr.gate_mode == "stochastic"
-    run = drive(steps, ex, x)
+    run = drive(steps, ex, x, turn_after=None)
     try:
         event = next(run)
         while True:
