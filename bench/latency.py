@@ -53,6 +53,11 @@ processes on a 2-core machine share 2 cores: that run cannot show a speedup ther
 The ``resnet`` / ``vit_tiny_mnist`` runs keep their two links (the issue's floor bar is read
 on them, and a third link would add half again to the ``--quick`` wall time).
 
+``--busy-poll-us`` (default 1000): the nodes poll for up to that long while a request waits for
+a frame instead of sleeping at once (``disco-fl serve --busy-poll-us``, see docs/serving.md),
+in households of at most as many nodes as the machine has cores (larger ones: 0); every row
+records ``busy_poll_us``. ``--busy-poll-us 0`` measures without.
+
 ``--input-dtype uint8`` (issue 17): requests carry the raw uint8 image batch instead of the
 normalized fp32 tensor; the plans declare the input normalization (``meta["input"]``: MNIST's,
 or ImageNet's for resnet50, whose random images are then uniform uint8 pixels) and every node
@@ -335,10 +340,11 @@ def measure_household(
     overlap: bool = True,
     data_path: str = "grpc",
 ) -> dict[str, Any]:
+    # polling while a frame is awaited: only where every node has a core of its own
+    poll = cfg.get("busy_poll_us", 0.0) if n <= (os.cpu_count() or 1) else 0.0
+    extra = ["--data-path", data_path, "--busy-poll-us", str(poll)]
     with tempfile.TemporaryDirectory() as work:
-        hh = Household(
-            plan_dir, n, link, Path(work), overlap=overlap, extra=["--data-path", data_path]
-        )
+        hh = Household(plan_dir, n, link, Path(work), overlap=overlap, extra=extra)
         try:
             with InferenceSession(hh.addrs[0], timeout=120) as s:
                 for i in range(5):  # warm-up: connections, allocator, first-call overheads
@@ -364,6 +370,7 @@ def measure_household(
             hh.stop()
     links = {k: (v - before["per_link"].get(k, 0)) / m for k, v in after["per_link"].items()}
     return {
+        "busy_poll_us": poll,
         "latency_ms_median": statistics.median(node_times),
         "latency_ms_p90": float(np.percentile(node_times, 90)),
         "latency_rpc_ms_median": statistics.median(times),
@@ -687,6 +694,14 @@ def main() -> None:
         help="how the nodes' frames travel (disco-fl serve --data-path); several: each plan "
         "runs with each, in one run (default grpc)",
     )
+    ap.add_argument(
+        "--busy-poll-us",
+        type=float,
+        default=1000.0,
+        help="disco-fl serve --busy-poll-us for households of at most as many nodes as this "
+        "machine has cores (default 1000; larger households: 0, a polling node would take a "
+        "core from a computing one)",
+    )
     args = ap.parse_args()
     tune_heap()  # as the disco-fl processes it compares with (disco_fl.core.heap)
     uint8 = args.input_dtype == "uint8"
@@ -700,6 +715,7 @@ def main() -> None:
     if args.requests:
         cfg["requests"] = args.requests
     cfg["data_paths"] = args.data_path
+    cfg["busy_poll_us"] = args.busy_poll_us
     t_start = time.time()
     torch.manual_seed(0)
     links = LINKS_RESNET50 if r50 else LINKS

@@ -236,12 +236,13 @@ def test_int8_plan_over_processes(
 def test_uneven_plan_over_processes(
     tmp_path: Path, start_household: Callable[..., Household]
 ) -> None:
-    """Devices that differ: a plan sliced 1:3 (``capacities``) served by two processes."""
+    """Devices that differ: a plan sliced 1:3 (``capacities``) served by two processes (that
+    poll while they wait for frames: ``--busy-poll-us``)."""
     plan_dir, pm, x = _export(tmp_path / "plan", "resnet_narrow", 2, capacities=[1.0, 3.0])
     plan = Plan.load(plan_dir / "plan.json")
     conv1 = plan.program.infos["conv1"].layout
     assert conv1 is not None and (conv1.count(0), conv1.count(1)) == (2, 6)
-    hh = start_household(plan_dir, 2)
+    hh = start_household(plan_dir, 2, "--busy-poll-us", "300")
     with InferenceSession(hh.addrs[0]) as s:
         out = s.infer(x)
     with torch.no_grad():

@@ -71,6 +71,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         degraded_retry_s=args.degraded_retry,
         data_path=args.data_path,
         data_ssl=data_ssl(args, args.node) if args.data_path == "socket" else None,
+        busy_poll_s=args.busy_poll_us / 1e6,
     )
 
 
@@ -340,6 +341,14 @@ def add_parsers(sub: Any) -> None:
         help="how peer frames travel: a gRPC stream per peer (default), or a TCP connection "
         "per peer opened with a ticket from the gRPC handshake (less time per hop); the same "
         "on every node",
+    )
+    p.add_argument(
+        "--busy-poll-us",
+        type=float,
+        default=0.0,
+        help="while a request waits for a peer's frame, poll for up to this many microseconds "
+        "before sleeping: less latency on a device that serves one node, that much CPU per "
+        "wait (default 0: off)",
     )
     p.add_argument(
         "--max-connections",

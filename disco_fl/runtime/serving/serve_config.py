@@ -109,6 +109,10 @@ class ServeConfig:
         Degraded mode, on the requester: for this long after a session found a node missing,
         the following sessions start without it (named in their INPUT frames: no wait for it,
         and the statistics for that missing set); then one session tries it again.
+    busy_poll_s : float, default 0.0
+        While a session waits for a peer's frame, the node's loop polls for up to this long
+        before it sleeps (:mod:`disco_fl.runtime.transport.io_loop`): less latency on a device
+        serving one node, at that much CPU per wait. 0: off.
     """
 
     plan: Path
@@ -132,6 +136,7 @@ class ServeConfig:
     degraded_retry_s: float = 10.0
     data_path: str = "grpc"
     data_ssl: tuple[ssl.SSLContext, ssl.SSLContext] | None = None
+    busy_poll_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.plan = Path(self.plan)
@@ -156,3 +161,5 @@ class ServeConfig:
             self.max_queued = self.max_inflight
         if self.max_queued < 0:
             raise ValueError(f"max_queued must be >= 0, got {self.max_queued}")
+        if not 0 <= self.busy_poll_s <= 1:
+            raise ValueError(f"busy_poll_s must be in [0, 1], got {self.busy_poll_s}")

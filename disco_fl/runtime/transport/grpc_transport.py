@@ -132,7 +132,9 @@ class GrpcTransport(AsyncTransport):
     node also accepts its peers' data connections, a ``"grpc"`` node refuses to hand out
     tickets. With TLS, the socket path needs ``data_ssl``: the ``(server, client)``
     :class:`ssl.SSLContext` pair of the same node files
-    (:func:`~disco_fl.security.tls.data_ssl_contexts`).
+    (:func:`~disco_fl.security.tls.data_ssl_contexts`). ``busy_poll_s``: while a
+    ``recv_async`` waits, the loop polls for up to that long before it sleeps
+    (:mod:`~disco_fl.runtime.transport.io_loop`; default 0: never).
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class GrpcTransport(AsyncTransport):
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         data_path: str = "grpc",
         data_ssl: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
+        busy_poll_s: float = 0.0,
     ) -> None:
         super().__init__(
             index, num_nodes, num_layers=num_layers, max_pending_bytes=max_pending_bytes
@@ -217,7 +220,9 @@ class GrpcTransport(AsyncTransport):
         # after a failed reconnection, sends to that peer fail at once for RETRY_S seconds
         self._unreachable: dict[int, tuple[float, str]] = {}
         self._addresses: list[str] | None = None
-        self._io = IoLoop(f"disco-io-{index}")
+        self._waiting = 0  # recv_async calls waiting for a frame (the loop polls meanwhile)
+        self._io = IoLoop(f"disco-io-{index}", busy_poll_s)
+        self._io.selector.polling = lambda: self._waiting > 0
         self.loop = self._io.loop
         try:
             self.port = self._io.run(
@@ -458,9 +463,11 @@ class GrpcTransport(AsyncTransport):
                     raise self._no_frame(key, timeout)
                 # woken by the mailbox or by this timer (no wait_for: one loop turn less)
                 timer = self.loop.call_later(left, set_done, woken)
+                self._waiting += 1
                 try:
                     await woken
                 finally:
+                    self._waiting -= 1
                     timer.cancel()
             finally:
                 unwatch()
