@@ -56,7 +56,8 @@ on them, and a third link would add half again to the ``--quick`` wall time).
 ``--busy-poll-us`` (default 1000): the nodes poll for up to that long while a request waits for
 a frame instead of sleeping at once (``disco-fl serve --busy-poll-us``, see docs/serving.md),
 in households of at most as many nodes as the machine has cores (larger ones: 0); every row
-records ``busy_poll_us``. ``--busy-poll-us 0`` measures without.
+records ``busy_poll_us``. ``--busy-poll-us 0`` measures without; ``--busy-poll-us 0 1000``
+runs every plan with each, in one run.
 
 ``--input-dtype uint8`` (issue 17): requests carry the raw uint8 image batch instead of the
 normalized fp32 tensor; the plans declare the input normalization (``meta["input"]``: MNIST's,
@@ -339,9 +340,10 @@ def measure_household(
     cfg: dict[str, Any],
     overlap: bool = True,
     data_path: str = "grpc",
+    busy_poll_us: float = 0.0,
 ) -> dict[str, Any]:
     # polling while a frame is awaited: only where every node has a core of its own
-    poll = cfg.get("busy_poll_us", 0.0) if n <= (os.cpu_count() or 1) else 0.0
+    poll = busy_poll_us if n <= (os.cpu_count() or 1) else 0.0
     extra = ["--data-path", data_path, "--busy-poll-us", str(poll)]
     with tempfile.TemporaryDirectory() as work:
         hh = Household(plan_dir, n, link, Path(work), overlap=overlap, extra=extra)
@@ -560,17 +562,19 @@ def measure_plans(
         rep = program_traffic(plan.program, plan_open_count(plan), plan.codec, input_dtype)
         node_ms = measure_node_compute(plan_dir, n, x, cfg)
         paths = cfg.get("data_paths", ["grpc"])
-        runs = [(o, d) for o in info.get("overlaps", [True]) for d in paths]
-        for overlap, data_path in runs:
+        polls = cfg.get("busy_poll_us", [0.0])
+        runs = [(o, d, p) for o in info.get("overlaps", [True]) for d in paths for p in polls]
+        for overlap, data_path, poll in runs:
             name = f"{info['mode']}_{budget}_{info['max_sync_points']}_{plan.codec}"
             if info.get("capacities"):
                 name += "_c" + "-".join(f"{c:g}" for c in info["capacities"])
             name += "" if overlap else "_nooverlap"
             name += "" if data_path == "grpc" else f"_{data_path}"
+            name += f"_poll{poll:g}" if len(polls) > 1 else ""
             for link, (mbps, rtt_ms) in links.items():
                 before = single_now() if single_now else None
                 m = measure_household(
-                    plan_dir, n, (mbps, rtt_ms), sent, cfg, overlap=overlap, data_path=data_path
+                    plan_dir, n, (mbps, rtt_ms), sent, cfg, overlap, data_path, poll
                 )
                 adjacent = None
                 if single_now is not None and before is not None:
@@ -697,10 +701,11 @@ def main() -> None:
     ap.add_argument(
         "--busy-poll-us",
         type=float,
-        default=1000.0,
+        nargs="+",
+        default=[1000.0],
         help="disco-fl serve --busy-poll-us for households of at most as many nodes as this "
         "machine has cores (default 1000; larger households: 0, a polling node would take a "
-        "core from a computing one)",
+        "core from a computing one); several: each plan runs with each, in one run",
     )
     args = ap.parse_args()
     tune_heap()  # as the disco-fl processes it compares with (disco_fl.core.heap)

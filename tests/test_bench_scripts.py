@@ -318,3 +318,40 @@ def test_latency_uint8_requests_rows(tmp_path: Path) -> None:
     assert row["payload_bytes_per_sample"] == row["plan_bytes_per_sample"]
     assert row["plan_bytes_per_sample"] == reps["uint8"].bytes_per_sample
     assert reps["uint8"].input_bytes == 3 * 32 * 32 == reps["float32"].input_bytes // 4
+
+
+def test_wake_penalty_answers_every_receive_with_the_recorded_message(tmp_path: Path) -> None:
+    """bench/wake_penalty.py: the recorded messages let one node's program run alone to the
+    same output as the whole household, in each mode, one receive per message."""
+    import torch
+
+    import disco_fl
+    from disco_fl.emulation.export import load_shard, run_shards
+    from disco_fl.node import Recv
+    from disco_fl.runtime.inference import node_schedule
+    from tests.zoo import ZOO
+
+    wp = _load("wake_penalty")
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 28, 28)
+    disco_fl.partition(ZOO["resnet_narrow"][0]().eval(), 2, x).eval().export(tmp_path)
+    nodes = [load_shard(tmp_path / "plan.json", k) for k in range(2)]
+    with torch.inference_mode():
+        msgs = wp.recorded_messages(nodes, x)
+        for k in range(2):
+            receives = sum(len(st.in_from) for st in node_schedule(nodes[k]))
+            assert len(msgs[k]) == receives > 0
+            for mode in ("none", "sleep", "poll", "spin"):
+                ms, seen = wp.compute_ms(nodes[k], x, msgs[k], mode, 0.001)
+                assert seen == receives and ms > 0
+        # node 0 (the requester) alone, fed its recorded messages: the household's output
+        run = wp.drive(
+            node_schedule(nodes[0]), wp.Executor(nodes[0].program, nodes[0], overlap=True), x
+        )
+        answers = iter(msgs[0])
+        try:
+            ev = next(run)
+            while True:
+                ev = run.send(next(answers)) if isinstance(ev, Recv) else next(run)
+        except StopIteration as stop:
+            torch.testing.assert_close(stop.value, run_shards(nodes, x), atol=1e-5, rtol=0)

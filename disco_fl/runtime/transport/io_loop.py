@@ -7,10 +7,8 @@ use :meth:`IoLoop.run` / :meth:`IoLoop.call_soon`; a coroutine on the loop itsel
 at all.
 
 Busy polling (``busy_poll_s``, off by default): while ``polling()`` says someone waits for a
-frame, the loop polls its sockets for up to that long before it sleeps. A sleeping thread costs a
-wake-up when the frame comes, and the computation after it runs slower for a while (caches, and a
-virtual CPU the host parked; measured here: 12 sleeps of 0.3 ms in a node's program made its
-compute 1.5x slower, the same time spent polling did not: ``docs/serving.md``).
+frame, the loop polls its sockets for up to that long before it sleeps, so a frame that comes
+meanwhile is taken without the sleeping thread's wake-up (``docs/serving.md``).
 """
 
 from __future__ import annotations
