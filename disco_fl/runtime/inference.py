@@ -122,10 +122,9 @@ def _node_steps(
     """The node's program (:func:`~disco_fl.node.drive`) with its messages as frames: yields
     ``(layer, src, until)`` for every frame it needs (the caller sends the frame in, or throws
     the caller's ``TimeoutError`` / :class:`~disco_fl.runtime.transport.base.PeerDownError`
-    in), ``None`` after an op that sent frames and ``_TURN`` as ``drive`` yields ``TURN``
-    (``turn_after``); returns the
-    output (requester) or ``None``. One implementation for the blocking driver
-    (:func:`run_node`) and the event-loop driver (:func:`run_node_async`).
+    in), ``None`` after an op that sent frames and ``_TURN`` where ``drive`` yields ``TURN``
+    (``turn_after``); returns the output (requester) or ``None``. One implementation for the
+    blocking driver (:func:`run_node`) and the event-loop driver (:func:`run_node_async`).
 
     Degraded mode (``degraded_wait`` seconds, not ``None``): a peer that sends nothing within
     that long, is unreachable or reports a failure joins ``missing``; its messages are
