@@ -331,6 +331,7 @@ def main() -> None:
     ap.add_argument(
         "--data-path", default="grpc", choices=["grpc", "socket"], help="disco-fl serve's"
     )
+    ap.add_argument("--busy-poll-us", type=float, default=0.0, help="disco-fl serve's")
     args = ap.parse_args()
     import torch
 
@@ -368,6 +369,8 @@ def main() -> None:
             str(work / f"ready{k}"),
             "--data-path",
             args.data_path,
+            "--busy-poll-us",
+            str(args.busy_poll_us),
         ]
         with open(work / f"node{k}.log", "ab") as log:
             env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -410,6 +413,7 @@ def main() -> None:
     if args.json:
         out = {"plan": args.plan, "link_mbps": args.link_mbps, "link_rtt_ms": args.link_rtt_ms}
         out["data_path"] = args.data_path
+        out["busy_poll_us"] = args.busy_poll_us
         out["requests_analyzed"] = done
         Path(args.json).write_text(json.dumps({**out, "median_ms": stages}, indent=1))
 
