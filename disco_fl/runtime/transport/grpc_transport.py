@@ -204,9 +204,6 @@ class GrpcTransport(AsyncTransport):
         self._token = household_token
         self._channel_credentials = channel_credentials
         self.link_shape = link_shape
-        self._emulation = (
-            LinkEmulation(link_shape, num_nodes, self.framing) if link_shape is not None else None
-        )
         # emulating links: stamp each frame with the time it is written (Frame.sent_at_ns), so
         # that the receiver's emulated link can start then
         self.stamps = link_shape is not None
@@ -224,6 +221,11 @@ class GrpcTransport(AsyncTransport):
         self._io = IoLoop(f"disco-io-{index}", busy_poll_s)
         self._io.selector.polling = lambda: self._waiting > 0
         self.loop = self._io.loop
+        self._emulation = (
+            LinkEmulation(link_shape, num_nodes, self.framing, self.loop, self._store)
+            if link_shape is not None
+            else None
+        )
         try:
             self.port = self._io.run(
                 self._start(listen, server_credentials, services, max_extra_rpcs), timeout=60
@@ -427,7 +429,7 @@ class GrpcTransport(AsyncTransport):
         reason = check_incoming(frame, self.index, self.num_nodes, self.num_layers, src)
         if reason is not None:
             return self._accept(frame, size, expected_src=src)  # refused, logged, counted
-        return self._emulation.arrived(frame, size, src, entered, self.loop, self._store)
+        return self._emulation.arrived(frame, size, src, entered)
 
     def _store(self, frame: peer_pb2.Frame, size: int, src: int) -> str | None:
         """Store a frame already checked (the emulated link delivers it)."""

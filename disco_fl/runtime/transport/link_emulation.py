@@ -159,28 +159,28 @@ class TimerLateness:
 
 class LinkEmulation:
     """The receiving side: one :class:`LinkClock` per peer, the frames on each link not yet
-    delivered, and the loop's timer lateness."""
+    delivered, and the loop's timer lateness. Delivered frames go to ``accept(frame, size,
+    src)``, on ``loop``."""
 
     def __init__(
-        self, shape: LinkShape | LinkSchedule, num_nodes: int, framing: Callable[[int], int]
+        self,
+        shape: LinkShape | LinkSchedule,
+        num_nodes: int,
+        framing: Callable[[int], int],
+        loop: asyncio.AbstractEventLoop,
+        accept: Callable[[peer_pb2.Frame, int, int], str | None],
     ) -> None:
         self.clocks = [LinkClock(shape, framing) for _ in range(num_nodes)]
         self._on_link: list[deque[tuple[peer_pb2.Frame, int]]] = [deque() for _ in range(num_nodes)]
         self._late = TimerLateness()
+        self._loop = loop
+        self._accept = accept
 
-    def arrived(
-        self,
-        frame: peer_pb2.Frame,
-        size: int,
-        src: int,
-        entered: float,
-        loop: asyncio.AbstractEventLoop,
-        accept: Callable[[peer_pb2.Frame, int, int], str | None],
-    ) -> str | None:
-        """A checked frame from ``src`` reached this node at ``entered`` (on ``loop``): hand it
-        to ``accept(frame, size, src)`` now if its emulated link has delivered it and none is
-        queued before it (returning what ``accept`` returns), else when it does (``None``).
-        The handling since ``entered`` is paid after the emulated arrival."""
+    def arrived(self, frame: peer_pb2.Frame, size: int, src: int, entered: float) -> str | None:
+        """A checked frame from ``src`` reached this node at ``entered`` (on the loop): accept
+        it now if its emulated link has delivered it and none is queued before it (returning
+        what ``accept`` returns), else when it does (``None``). The handling since
+        ``entered`` is paid after the emulated arrival."""
         stamp = frame.sent_at_ns
         sent = stamp / 1e9 if stamp and stamp / 1e9 >= entered - MAX_STAMP_AGE_S else None
         now = time.monotonic()
@@ -188,16 +188,14 @@ class LinkEmulation:
         at -= self._late.early  # the timer's own wake-up is not part of the link
         on_link = self._on_link[src]
         if at <= now and not on_link:
-            return accept(frame, size, src)
+            return self._accept(frame, size, src)
         on_link.append((frame, size))
-        loop.call_at(at, self._fire, src, at, accept)  # loop.time() is monotonic
+        self._loop.call_at(at, self._fire, src, at)  # loop.time() is monotonic
         return None
 
-    def _fire(
-        self, src: int, at: float, accept: Callable[[peer_pb2.Frame, int, int], str | None]
-    ) -> None:
+    def _fire(self, src: int, at: float) -> None:
         """A timer of ``src``'s link fired: deliver its oldest frame (one per timer, so a
         link's frames are delivered in the order they came)."""
         self._late.fired(at, time.monotonic())
         frame, size = self._on_link[src].popleft()
-        accept(frame, size, src)
+        self._accept(frame, size, src)
