@@ -3,6 +3,8 @@ the lock-step execution that the emulation and shard-only execution run on it.""
 
 from __future__ import annotations
 
+import ctypes
+import threading
 import time
 from pathlib import Path
 
@@ -105,6 +107,28 @@ def test_the_deadline_is_checked_before_every_op(shards) -> None:
     late = _drivers(nodes, x, deadline=time.monotonic() - 1)[requester]
     with pytest.raises(TimeoutError, match="passed while computing, before layer 0"):
         next(late)
+
+
+def test_a_thread_that_drives_computes_on_the_process_torch_thread_count(shards) -> None:
+    # torch.set_num_threads reaches OpenMP only in the calling thread: a thread started later
+    # (a node's event loop) computed on every core (pytorch/pytorch#37259)
+    omp_threads = ctypes.CDLL(None).omp_get_max_threads  # the OpenMP that torch loaded
+    nodes, x = shards
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    seen: list[int] = []
+
+    def work() -> None:
+        next(_drivers(nodes, x)[nodes[0].plan.program.requester])
+        seen.append(omp_threads())
+
+    try:
+        t = threading.Thread(target=work)
+        t.start()
+        t.join(60)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]  # (without the driver's setting: OpenMP's default, the core count)
 
 
 class _Mute(ExportedShard):

@@ -16,6 +16,7 @@ it moves the messages:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,23 @@ class _Missing:
 # the answer to a Recv whose sender is missing (degraded mode): the executor substitutes it
 MISSING: Any = _Missing()
 Event = Send | Recv | str
+
+_this_thread = threading.local()  # the torch thread count this thread's computation was set to
+
+
+def _torch_threads_here() -> None:
+    """Have the calling thread compute on ``torch.get_num_threads()`` threads.
+
+    ``torch.set_num_threads`` sets OpenMP's count for the thread that calls it (and torch's
+    default), but a thread Python starts later computes on OpenMP's own default, every core
+    (pytorch/pytorch#37259): a node computing on its event loop's thread ran two OpenMP
+    threads under ``disco-fl serve --threads 1`` on a 2-core machine, and two such nodes
+    slowed each other down. Set once per thread and count.
+    """
+    n = torch.get_num_threads()
+    if getattr(_this_thread, "torch_threads", None) != n:
+        torch.set_num_threads(n)
+        _this_thread.torch_threads = n
 
 
 class MessageError(RuntimeError):
@@ -171,6 +189,7 @@ def drive(
     it), ``RuntimeError`` when an op's sends differ from the schedule. ``what`` names the
     run in errors (e.g. a session id).
     """
+    _torch_threads_here()
     program = executor.program
     ctx = executor.ctx
     env: dict[str, Any] = {}
