@@ -289,21 +289,36 @@ def test_latency_uint8_requests_rows(tmp_path: Path) -> None:
     dense-TP plan, one link): requests carry uint8 pixels, the row records ``input_dtype``, and
     the payload the nodes count per image == the plan's prediction for a uint8 input, whose
     input hop is a quarter of fp32's; the adjacent floor uses the mean of the two single-device
-    measurements bracketing the row."""
+    measurements bracketing the row; the interleaved floor, the single device's blocks between
+    the household's."""
     from disco_fl.emulation.comm import program_traffic
     from disco_fl.partition import plan_open_count
     from disco_fl.partition.plan import Plan
 
     lat = _load("latency")
     lm = _load("latency_models")
-    model, x = lm.load_resnet50(32, 5, seed=0)  # 5 warm-up requests, then 2 timed
+    model, x = lm.load_resnet50(32, 12, seed=0)  # 5 warm-up requests, then 12 timed
     pixels, x = lat.random_pixels(x.shape)
     meta = {"input": lat.IMAGENET_NORMALIZATION}
     plans = lm.random_calibrated_plans(model, 2, x, tmp_path, [], log=lambda _: None, meta=meta)
-    cfg = {"requests": 2, "throughput_images": 0}
+    cfg = {"requests": 12, "throughput_images": 0}
     links = {"1Gbit_0.5ms": (1000.0, 0.5)}
     singles = iter([8.0, 12.0])  # the single device right before and right after the row
-    (row,) = lat.measure_plans(plans, 2, links, x, cfg, 10.0, pixels, lambda: next(singles))
+    blocks: list[range] = []
+
+    def single_block(idx: range) -> list[float]:  # the single device between household blocks
+        blocks.append(idx)
+        return [6.0 + i for i in idx]
+
+    (row,) = lat.measure_plans(
+        plans, 2, links, x, cfg, 10.0, pixels, lambda: next(singles), single_block
+    )
+    assert blocks == [range(0, 10), range(10, 12)]  # after each block of the household's
+    assert row["single_ms_interleaved"] == 11.5  # the median of 6.0 ... 17.0
+    assert row["floor_interleaved_ms"] == pytest.approx(11.5 / 2 + row["comm_ms"])
+    assert row["latency_over_floor_interleaved"] == pytest.approx(
+        row["latency_ms_median"] / row["floor_interleaved_ms"]
+    )
     assert row["input_dtype"] == "uint8"
     assert row["single_ms_adjacent"] == 10.0
     assert row["floor_adjacent_ms"] == pytest.approx(10.0 / 2 + row["comm_ms"])
