@@ -26,6 +26,12 @@ indented rows break a stage down or show the other node's side. A hop is split i
 gRPC) and ``arrived -> delivered`` (the emulated link: RTT/2 + bytes/rate, plus how late the
 loop's timer fires).
 
+``--op-times``: each node also times its ``Executor.compute`` calls (the ops; the own-channel
+part an overlapped op computes while its peers' channels travel is not among them), and this
+script times the same calls of each node's program run alone in this process over recorded
+messages (``bench/wake_penalty.py``'s lock step, back to back, no waits): per node, the sum of
+the per-op medians in the household and alone, and the ops slowed most.
+
 Usage::
 
     python bench/latency.py --quick --keep-plans /tmp/plans --json out.json
@@ -49,6 +55,50 @@ from pathlib import Path
 from typing import Any
 
 Event = tuple[str, int, float, str]  # (what, layer, time.monotonic(), session id or "")
+OP_TIMES_ENV = "DISCO_TIMELINE_OP_TIMES"  # set for the wrapped nodes by --op-times
+
+
+def _time_ops(store: dict[str, list[float]]) -> None:
+    """Time every ``Executor.compute`` call of this process into ``store`` (op -> ms list)."""
+    import disco_fl.node.driver as drv
+
+    compute = drv.Executor.compute
+
+    def timed(self: Any, st: Any, xs: Any, received: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return compute(self, st, xs, received)
+        finally:
+            store.setdefault(st.op.name, []).append((time.perf_counter() - t) * 1e3)
+
+    setattr(drv.Executor, "compute", timed)  # noqa: B010 - a patch
+
+
+def _ops_alone(plan: Path, xs: Any, rounds: int = 10) -> list[dict[str, float]]:
+    """Per node, the median ms of each op when its program runs alone over recorded messages."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import wake_penalty
+
+    from disco_fl.emulation.export import load_shard
+
+    torch.set_num_threads(1)
+    nodes = [load_shard(plan / "plan.json", k) for k in range(2)]
+    store: dict[str, list[float]] = {}
+    with torch.inference_mode():
+        msgs = [wake_penalty.recorded_messages(nodes, xs[i : i + 1]) for i in range(len(xs))]
+        _time_ops(store)
+        out = []
+        for k in range(2):
+            store.clear()
+            for _ in range(rounds):
+                for i in range(len(xs)):
+                    wake_penalty.compute_ms(nodes[k], xs[i : i + 1], msgs[i][k], "none", 0.0)
+            out.append({op: statistics.median(v) for op, v in store.items()})
+    return out
+
+
 _Tag = Callable[[tuple[Any, ...], dict[str, Any]], tuple[int, str]]  # args -> (layer, session)
 
 
@@ -150,7 +200,19 @@ def _serve_wrapped(out: str, argv: list[str]) -> None:
 
         atomic_write_bytes(out, json.dumps(list(ev)).encode())  # never half a file
 
-    signal.signal(signal.SIGUSR2, dump)
+    op_ms: dict[str, list[float]] = {}
+    if os.environ.get(OP_TIMES_ENV):
+        _time_ops(op_ms)
+
+    def dump_all(*_: Any) -> None:
+        if op_ms:
+            from disco_fl.core.files import atomic_write_bytes
+
+            medians = {op: statistics.median(v) for op, v in op_ms.items()}
+            atomic_write_bytes(out + ".ops", json.dumps(medians).encode())
+        dump()
+
+    signal.signal(signal.SIGUSR2, dump_all)
     sys.argv = ["disco-fl", *argv]
     main()
 
@@ -332,6 +394,9 @@ def main() -> None:
         "--data-path", default="grpc", choices=["grpc", "socket"], help="disco-fl serve's"
     )
     ap.add_argument("--busy-poll-us", type=float, default=0.0, help="disco-fl serve's")
+    ap.add_argument(
+        "--op-times", action="store_true", help="time the ops in the household and alone"
+    )
     args = ap.parse_args()
     import torch
 
@@ -374,6 +439,8 @@ def main() -> None:
         ]
         with open(work / f"node{k}.log", "ab") as log:
             env = dict(os.environ, OMP_NUM_THREADS="1")
+            if args.op_times:
+                env[OP_TIMES_ENV] = "1"
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
     try:
         deadline = time.monotonic() + 120
@@ -397,6 +464,12 @@ def main() -> None:
                 time.sleep(0.05)
         time.sleep(0.2)
         nodes = [json.loads((work / f"events{k}.json").read_text()) for k in range(2)]
+        household_ops = []
+        for k in range(2 if args.op_times else 0):
+            ops_file = work / f"events{k}.json.ops"
+            while not ops_file.exists() and time.monotonic() < deadline + 60:
+                time.sleep(0.05)
+            household_ops.append(json.loads(ops_file.read_text()))
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -410,8 +483,24 @@ def main() -> None:
     width = max(map(len, stages))
     for stage, ms in stages.items():
         print(f"{stage:{width}s} {ms:8.3f} ms")
+    op_times = None
+    if args.op_times:
+        alone = _ops_alone(Path(args.plan), x[:20])
+        op_times = {"household_ms": household_ops, "alone_ms": alone}
+        for k in range(2):
+            hh, al = household_ops[k], alone[k]
+            print(
+                f"node {k}: Executor.compute per request (sum of per-op medians): household "
+                f"{sum(hh.values()):.3f} ms, alone {sum(al.values()):.3f} ms "
+                f"({sum(hh.values()) / sum(al.values()):.2f}x)"
+            )
+            slowed = sorted(hh, key=lambda op: hh[op] - al.get(op, 0.0), reverse=True)[:6]
+            print("    slowed most: " + ", ".join(
+                f"{op} {al.get(op, 0.0):.3f} -> {hh[op]:.3f} ms" for op in slowed
+            ))  # fmt: skip
     if args.json:
         out = {"plan": args.plan, "link_mbps": args.link_mbps, "link_rtt_ms": args.link_rtt_ms}
+        out["op_times"] = op_times
         out["data_path"] = args.data_path
         out["busy_poll_us"] = args.busy_poll_us
         out["requests_analyzed"] = done

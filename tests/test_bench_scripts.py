@@ -370,3 +370,39 @@ def test_wake_penalty_answers_every_receive_with_the_recorded_message(tmp_path: 
                 ev = run.send(next(answers)) if isinstance(ev, Recv) else next(run)
         except StopIteration as stop:
             torch.testing.assert_close(stop.value, run_shards(nodes, x), atol=1e-5, rtol=0)
+
+
+def test_latency_timeline_with_op_times(tmp_path: Path) -> None:
+    """bench/latency_timeline.py --op-times over two real ``disco-fl serve`` processes: the
+    stages of the critical path and, per node, the same ops timed in the household and alone."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    import disco_fl
+    from tests.zoo import ZOO
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 28, 28)
+    plan = tmp_path / "plan"
+    disco_fl.partition(ZOO["resnet_narrow"][0]().eval(), 2, x).eval().export(plan)
+    out = tmp_path / "timeline.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "latency_timeline.py"
+    cmd = [sys.executable, str(script), str(plan), "--requests", "20", "--op-times"]
+    proc = subprocess.run(
+        [*cmd, "--data-path", "socket", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    lat = _load("latency_timeline")
+    assert d["requests_analyzed"] > 0 and d["median_ms"][lat.TOTAL_KEY] > 0
+    ops = d["op_times"]
+    assert len(ops["household_ms"]) == len(ops["alone_ms"]) == 2
+    for hh, alone in zip(ops["household_ms"], ops["alone_ms"], strict=True):
+        assert set(hh) == set(alone) and all(v > 0 for v in hh.values())
+    assert "node 1: Executor.compute per request" in proc.stdout
