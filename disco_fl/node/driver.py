@@ -68,8 +68,8 @@ def _torch_threads_here() -> None:
     ``torch.set_num_threads`` sets OpenMP's count for the thread that calls it (and torch's
     default), but a thread Python starts later computes on OpenMP's own default, every core
     (pytorch/pytorch#37259): a node computing on its event loop's thread ran two OpenMP
-    threads under ``disco-fl serve --threads 1`` on a 2-core machine, and two such nodes
-    slowed each other down. Set once per thread and count.
+    threads under ``disco-fl serve --threads 1`` on a 2-core machine. Set once per thread
+    and count.
     """
     n = torch.get_num_threads()
     if getattr(_this_thread, "torch_threads", None) != n:
