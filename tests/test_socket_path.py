@@ -184,10 +184,15 @@ def test_connections_are_capped(household: Callable[..., list[GrpcTransport]]) -
     held = [_connect(port), _connect(port)]
     try:
         time.sleep(0.2)  # both accepted and waiting for their tickets
-        with _connect(port) as third:
-            t0 = time.monotonic()
-            assert _closed_by_peer(third)
-            assert time.monotonic() - t0 < 2.0  # at once, not after the handshake timeout
+        t0 = time.monotonic()
+        try:
+            third = _connect(port)
+        except ConnectionResetError:  # reset before this thread's connect() returned (CI load)
+            pass
+        else:
+            with third:
+                assert _closed_by_peer(third)
+        assert time.monotonic() - t0 < 2.0  # at once, not after the handshake timeout
     finally:
         for s in held:
             s.close()
