@@ -46,13 +46,23 @@ MEAN, STD = 0.5, 0.25
 
 
 class Household:
-    """``n`` serve processes of one exported plan."""
+    """``n`` serve processes of one exported plan (``per_node[k]``: more options of node k)."""
 
-    def __init__(self, plan_dir: Path, n: int, workdir: Path, extra: list[str]) -> None:
+    per_node: list[list[str]] | None = None
+
+    def __init__(
+        self,
+        plan_dir: Path,
+        n: int,
+        workdir: Path,
+        extra: list[str],
+        per_node: list[list[str]] | None = None,
+    ) -> None:
         self.plan_dir = plan_dir
         self.n = n
         self.workdir = workdir
         self.extra = extra
+        self.per_node = per_node
         self.addrs = [f"127.0.0.1:{p}" for p in free_ports(n)]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
         for k in range(n):
@@ -84,6 +94,7 @@ class Household:
             "--ready-file",
             str(self._ready(k)),
             *self.extra,
+            *(self.per_node[k] if self.per_node else []),
         ]
         with open(self.workdir / f"node{k}.log", "ab") as log:
             self.procs[k] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -155,10 +166,12 @@ def _export(
 def start_household(tmp_path: Path) -> Iterator[Callable[..., Household]]:
     made: list[Household] = []
 
-    def start(plan_dir: Path, n: int, *extra: str) -> Household:
+    def start(
+        plan_dir: Path, n: int, *extra: str, per_node: list[list[str]] | None = None
+    ) -> Household:
         work = tmp_path / f"hh{len(made)}"
         work.mkdir()
-        hh = Household(plan_dir, n, work, list(extra))
+        hh = Household(plan_dir, n, work, list(extra), per_node)
         made.append(hh)
         return hh
 
@@ -543,6 +556,22 @@ def test_refusals_plan_token_node_size(
         s.infer(x)
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert _recovers(hh.addrs[0], x, ref) == 0
+
+
+def test_a_household_on_data_ports_given(
+    tmp_path: Path, start_household: Callable[..., Household]
+) -> None:
+    plan_dir, pm, x = _export(tmp_path / "plan", "resnet_narrow", 2)
+    ports = free_ports(2)
+    hh = start_household(
+        plan_dir, 2, "--data-path", "socket", per_node=[["--data-port", str(p)] for p in ports]
+    )
+    with InferenceSession(hh.addrs[0]) as s:
+        out = s.infer(x)
+    with torch.no_grad():
+        assert (out - pm(x)).abs().max().item() <= 1e-5
+    for p in ports:  # each node's data listener is on the port it was given
+        socket.create_connection(("127.0.0.1", p), timeout=5).close()
 
 
 # ---- mutual TLS ---------------------------------------------------------------------------

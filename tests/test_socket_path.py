@@ -27,8 +27,10 @@ import grpc
 import pytest
 import torch
 
+from disco_fl.cli.demo import free_ports
 from disco_fl.core.wire import PROTOCOL_VERSION, decode_tensor, encode_tensor
 from disco_fl.proto_gen.disco.v1 import peer_pb2, peer_pb2_grpc
+from disco_fl.runtime.transport.frames import TransportError
 from disco_fl.runtime.transport.grpc_transport import GrpcTransport, HandshakeError
 from disco_fl.runtime.transport.socket_path import TICKET_BYTES, socket_framed_size
 from disco_fl.security import (
@@ -47,14 +49,20 @@ WAIT_S = 5.0  # bound on every raw socket read
 
 @pytest.fixture
 def household() -> Iterator[Callable[..., list[GrpcTransport]]]:
-    """Factory of N transports (data path "socket" unless given) dialling each other."""
+    """Factory of N transports (data path "socket" unless given) dialling each other
+    (``per_node``: more keyword arguments for each node)."""
     made: list[GrpcTransport] = []
 
-    def make(n: int, **kw: Any) -> list[GrpcTransport]:
+    def make(
+        n: int, per_node: list[dict[str, Any]] | None = None, **kw: Any
+    ) -> list[GrpcTransport]:
         kw.setdefault("data_path", "socket")
         kw.setdefault("household_token", "tok")
-        ts = [GrpcTransport(k, n, plan_hash=PLAN, num_layers=4, **kw) for k in range(n)]
-        made.extend(ts)
+        ts = []
+        for k in range(n):
+            more = per_node[k] if per_node else {}
+            ts.append(GrpcTransport(k, n, plan_hash=PLAN, num_layers=4, **kw, **more))
+            made.append(ts[-1])
         for t in ts:
             t.set_peers([u.address for u in ts])
         return ts
@@ -175,6 +183,18 @@ def test_a_silent_connection_is_closed_after_the_handshake_timeout(
     with _connect(ts[1].data_port) as s:
         assert _closed_by_peer(s)
     assert 0.4 <= time.monotonic() - t0 < 4.0
+
+
+def test_the_data_listener_listens_on_the_port_given(
+    household: Callable[..., list[GrpcTransport]],
+) -> None:
+    ports = free_ports(2)
+    ts = household(2, per_node=[{"data_listen_port": p} for p in ports])
+    assert [t.data_port for t in ts] == ports
+    ts[0].send(_frame(0, 1))  # node 1's handshake hands out that port; the frame comes over it
+    assert ts[1].recv("s", 1, 0, WAIT_S).src == 0
+    with pytest.raises(TransportError, match="cannot listen for data connections"):
+        household(1, per_node=[{"data_listen_port": ports[1]}])  # taken: a clear error
 
 
 def test_connections_are_capped(household: Callable[..., list[GrpcTransport]]) -> None:
@@ -417,3 +437,22 @@ def test_tls_refuses_a_caller_without_the_ticket_holders_certificate(
     for session in ("stolen", "anonymous"):
         with pytest.raises(TimeoutError):
             ts[1].recv(session, 1, 0, 0.3)
+
+
+def test_a_data_port_is_the_socket_paths_and_moves_up_with_a_ladder() -> None:
+    from dataclasses import replace
+
+    from disco_fl.runtime.serving.ladder_server import ladder_configs
+    from disco_fl.runtime.serving.serve_config import ServeConfig
+
+    peers = ["127.0.0.1:7000", "127.0.0.1:7100"]
+    base = ServeConfig(
+        plan=Path("p0"), node=0, listen=peers[0], peers=peers, data_path="socket", data_port=7200
+    )
+    plans = [Path("p0"), Path("p1")]
+    assert [c.data_port for c in ladder_configs(base, plans)] == [7200, 7201]  # as gRPC's + i
+    assert [c.data_port for c in ladder_configs(replace(base, data_port=0), plans)] == [0, 0]
+    with pytest.raises(ValueError, match="socket data path"):
+        ServeConfig(plan=Path("p"), node=0, data_port=7200)  # gRPC streams have no data port
+    with pytest.raises(ValueError, match="data_port must be in"):
+        ServeConfig(plan=Path("p"), node=0, data_path="socket", data_port=70000)

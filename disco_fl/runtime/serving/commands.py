@@ -47,6 +47,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             f"WARNING: --insecure: plaintext on {', '.join(exposed)}; anyone on the network "
             "can read the household token and the activations"
         )
+    if args.data_port and args.data_path != "socket":
+        raise ValueError("--data-port is for --data-path socket (gRPC streams use --listen)")
     if args.threads:
         torch.set_num_threads(args.threads)
     server_creds, channel_creds = tls_node(args, args.node)
@@ -71,6 +73,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         degraded_retry_s=args.degraded_retry,
         data_path=args.data_path,
         data_ssl=data_ssl(args, args.node) if args.data_path == "socket" else None,
+        data_port=args.data_port,
         busy_poll_s=args.busy_poll_us / 1e6,
     )
 
@@ -341,6 +344,14 @@ def add_parsers(sub: Any) -> None:
         help="how peer frames travel: a gRPC stream per peer (default), or a TCP connection "
         "per peer opened with a ticket from the gRPC handshake (less time per hop); the same "
         "on every node",
+    )
+    p.add_argument(
+        "--data-port",
+        type=int,
+        default=0,
+        help="--data-path socket: the port of the node's data listener, on --listen's host "
+        "(default 0: a free port, which the handshake tells the peers; give one to open it "
+        "in a firewall)",
     )
     p.add_argument(
         "--busy-poll-us",

@@ -76,7 +76,8 @@ def port_offset(address: str, i: int) -> str:
 
 
 def ladder_configs(base: ServeConfig, plans: Sequence[Any]) -> list[ServeConfig]:
-    """One config per plan: plan ``i`` on every address's port ``+ i``."""
+    """One config per plan: plan ``i`` on every address's port ``+ i`` (and on the data port
+    ``+ i``, when one is given)."""
     if base.peers is None:
         raise ValueError("a plan ladder needs the peers' addresses")
     return [
@@ -85,6 +86,7 @@ def ladder_configs(base: ServeConfig, plans: Sequence[Any]) -> list[ServeConfig]
             plan=p,
             listen=port_offset(base.listen, i),
             peers=[port_offset(a, i) for a in base.peers],
+            data_port=base.data_port + i if base.data_port else 0,
         )
         for i, p in enumerate(plans)
     ]

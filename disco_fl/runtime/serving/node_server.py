@@ -133,6 +133,7 @@ class NodeServer:
             max_connections=config.max_connections,
             data_path=config.data_path,
             data_ssl=config.data_ssl,
+            data_listen_port=config.data_port,
             busy_poll_s=config.busy_poll_s,
         )
         # requester, degraded mode: the nodes its sessions start without (--degraded-retry)

@@ -105,6 +105,9 @@ class ServeConfig:
     data_ssl : (ssl.SSLContext, ssl.SSLContext) or None
         With TLS and ``data_path="socket"``: the node's server and client contexts
         (:func:`disco_fl.security.data_ssl_contexts`).
+    data_port : int, default 0
+        With ``data_path="socket"``: the data listener's port on ``listen``'s host, for a
+        firewall to open (0: a free port, told to peers in the handshake).
     degraded_retry_s : float, default 10.0
         Degraded mode, on the requester: for this long after a session found a node missing,
         the following sessions start without it (named in their INPUT frames: no wait for it,
@@ -137,6 +140,7 @@ class ServeConfig:
     data_path: str = "grpc"
     data_ssl: tuple[ssl.SSLContext, ssl.SSLContext] | None = None
     busy_poll_s: float = 0.0
+    data_port: int = 0
 
     def __post_init__(self) -> None:
         self.plan = Path(self.plan)
@@ -163,3 +167,7 @@ class ServeConfig:
             raise ValueError(f"max_queued must be >= 0, got {self.max_queued}")
         if not 0 <= self.busy_poll_s <= 1:
             raise ValueError(f"busy_poll_s must be in [0, 1], got {self.busy_poll_s}")
+        if not 0 <= self.data_port < 65536:
+            raise ValueError(f"data_port must be in [0, 65535], got {self.data_port}")
+        if self.data_port and self.data_path != "socket":
+            raise ValueError("data_port is the socket data path's (data_path='socket')")

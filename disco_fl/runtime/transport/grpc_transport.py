@@ -132,7 +132,8 @@ class GrpcTransport(AsyncTransport):
     node also accepts its peers' data connections, a ``"grpc"`` node refuses to hand out
     tickets. With TLS, the socket path needs ``data_ssl``: the ``(server, client)``
     :class:`ssl.SSLContext` pair of the same node files
-    (:func:`~disco_fl.security.tls.data_ssl_contexts`). ``busy_poll_s``: while a
+    (:func:`~disco_fl.security.tls.data_ssl_contexts`); ``data_listen_port``: the data
+    listener's port on ``listen``'s host (default 0: a free one). ``busy_poll_s``: while a
     ``recv_async`` waits, the loop polls for up to that long before it sleeps
     (:mod:`~disco_fl.runtime.transport.io_loop`; default 0: never).
     """
@@ -162,6 +163,7 @@ class GrpcTransport(AsyncTransport):
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         data_path: str = "grpc",
         data_ssl: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
+        data_listen_port: int = 0,
         busy_poll_s: float = 0.0,
     ) -> None:
         super().__init__(
@@ -192,6 +194,7 @@ class GrpcTransport(AsyncTransport):
         self._data_ssl = data_ssl if data_path == "socket" else None
         self._tickets = Tickets(handshake_timeout_s)
         self._data_server: DataServer | None = None
+        self._data_listen_port = data_listen_port
         self._max_connections = max_connections
         self._handshake_timeout_s = handshake_timeout_s
         if data_path == "socket":
@@ -267,15 +270,12 @@ class GrpcTransport(AsyncTransport):
             raise TransportError(f"node {self.index}: cannot listen on {listen}")
         if self.data_path == "socket":
             self._data_server = DataServer(
-                self,
-                self._tickets,
-                ssl_context=self._data_ssl[0] if self._data_ssl else None,
-                max_frame_bytes=self.max_frame_bytes,
-                max_connections=self._max_connections,
+                self, self._tickets, ssl_context=self._data_ssl[0] if self._data_ssl else None,
+                max_frame_bytes=self.max_frame_bytes, max_connections=self._max_connections,
                 handshake_timeout_s=self._handshake_timeout_s,
-            )
+            )  # fmt: skip
             try:
-                await self._data_server.start(listen.rsplit(":", 1)[0])
+                await self._data_server.start(listen.rsplit(":", 1)[0], self._data_listen_port)
             except OSError as e:
                 raise TransportError(
                     f"node {self.index}: cannot listen for data connections: {e}"

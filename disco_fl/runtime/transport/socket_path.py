@@ -271,16 +271,18 @@ class DataServer:
         self._stopped = False
         self.port = 0
 
-    async def start(self, host: str) -> int:
-        """Listen on ``host`` (a free port); return the port.
+    async def start(self, host: str, port: int = 0) -> int:
+        """Listen on ``host`` at ``port`` (0: a free one); return the port.
 
         Connections are accepted here, not by :func:`asyncio.start_server`: each accepted socket
         is ours from the moment ``accept`` returns it, so :meth:`stop` can end every one of them
         (an asyncio server drops a connection accepted just before it closes, leaving the peer
         waiting on a socket nobody reads)."""
+        if not 0 <= port < 65536:
+            raise ValueError(f"data port must be in [0, 65535], got {port}")
         loop = asyncio.get_running_loop()
         family, kind, proto, _, addr = socket.getaddrinfo(
-            host.strip("[]"), 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         listener = socket.socket(family, kind, proto)
         try:
