@@ -47,8 +47,6 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             f"WARNING: --insecure: plaintext on {', '.join(exposed)}; anyone on the network "
             "can read the household token and the activations"
         )
-    if args.data_port and args.data_path != "socket":
-        raise ValueError("--data-port is for --data-path socket (gRPC streams use --listen)")
     if args.threads:
         torch.set_num_threads(args.threads)
     server_creds, channel_creds = tls_node(args, args.node)

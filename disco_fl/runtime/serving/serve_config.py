@@ -170,4 +170,4 @@ class ServeConfig:
         if not 0 <= self.data_port < 65536:
             raise ValueError(f"data_port must be in [0, 65535], got {self.data_port}")
         if self.data_port and self.data_path != "socket":
-            raise ValueError("data_port is the socket data path's (data_path='socket')")
+            raise ValueError("a data port is for the socket data path (--data-path socket)")
