@@ -654,6 +654,37 @@ def test_timer_lateness_is_the_shortest_recent_one() -> None:
     for i in range(100):  # only the last HOP_WINDOW count
         late.fired(float(i), i + (1e-5 if i < 50 else 4e-5))
     assert late.early == pytest.approx(4e-5)
+    for i in range(100):  # timers run late behind computation, not from a wait: not counted
+        late.fired(float(i), i + 0.3, waited=False)
+    assert late.early == pytest.approx(4e-5)
+
+
+@pytest.mark.exclusive  # 0.25 s busy stretches against a 0.1 s one-way link
+def test_a_node_that_computes_through_its_timers_delivers_no_frame_early(
+    grpc_household: Callable[..., list[GrpcTransport]],
+) -> None:
+    """Frames whose delivery timers come due while the receiving node computes are delivered
+    late, when it next waits; that lateness is the computation's, not the timer's wake-up, and
+    must not make a later frame to an idle node arrive before its link has delivered it (it
+    did: the loop learnt 0.15 s of timer lateness here and delivered the idle frame at once)."""
+    rtt, busy = 0.2, 0.25
+    ts = grpc_household(2, "b" * 64, 4, link_shape=LinkShape(1e9, rtt))
+    ts[0].connect()
+    ts[1].connect()
+
+    async def compute() -> None:
+        await asyncio.sleep(0.05)  # the frame arrives meanwhile: its timer is set for rtt / 2
+        time.sleep(busy)  # noqa: ASYNC251 - the node computes on its loop's thread
+
+    for i in range(4):
+        blocked = asyncio.run_coroutine_threadsafe(compute(), ts[1].loop)
+        ts[0].send(_frame(0, 1, 1, torch.zeros(16), session=f"busy{i}"))
+        blocked.result(5.0)
+        ts[1].recv(f"busy{i}", 1, 0, 5.0)
+    t0 = time.monotonic()
+    ts[0].send(_frame(0, 1, 1, torch.zeros(16), session="idle"))
+    ts[1].recv("idle", 1, 0, 5.0)
+    assert time.monotonic() - t0 >= rtt / 2 - 1e-3
 
 
 @pytest.mark.exclusive  # a 0.3 s busy loop against a 0.1 s one-way link

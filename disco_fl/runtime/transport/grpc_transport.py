@@ -225,7 +225,7 @@ class GrpcTransport(AsyncTransport):
         self._io.selector.polling = lambda: self._waiting > 0
         self.loop = self._io.loop
         self._emulation = (
-            LinkEmulation(link_shape, num_nodes, self.framing, self.loop, self._store)
+            LinkEmulation(link_shape, num_nodes, self.framing, self._io, self._store)
             if link_shape is not None
             else None
         )

@@ -44,8 +44,12 @@ class PollingSelector(selectors.SelectSelector):
         super().__init__()
         self.poll_s = poll_s
         self.polling: Callable[[], bool] = lambda: False
+        # whether the latest select() was asked to wait (timeout > 0 or none): the loop had
+        # nothing to run, so a timer run after it fired from a wait, not late behind work
+        self.waited = True
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        self.waited = timeout is None or timeout > 0
         if self.poll_s <= 0 or (timeout is not None and timeout <= 0) or not self.polling():
             return super().select(timeout)
         start = time.monotonic()

@@ -11,12 +11,11 @@ writes it (``Frame.sent_at_ns``; the nodes share one machine's monotonic clock),
 that this node reads late (its loop was computing) is counted from that stamp plus the link's
 shortest recent software hop instead (:class:`LinkClock`), as a real link would have delivered
 it into the socket buffer meanwhile. Delivery timers are set early by the loop's own timer
-lateness (:class:`TimerLateness`).
+lateness when it waits for them (:class:`TimerLateness`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections import deque
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 
 from disco_fl.proto_gen.disco.v1 import peer_pb2
 from disco_fl.runtime.transport.frames import framed_size
+from disco_fl.runtime.transport.io_loop import IoLoop
 
 HOP_WINDOW = 32  # frames over which a link's shortest software hop is taken (LinkClock)
 STAMP_BYTES = 9  # Frame.sent_at_ns on the wire (a 1-byte tag and a fixed64), counted nowhere
@@ -137,13 +137,20 @@ class LinkClock:
 
 
 class TimerLateness:
-    """How late the loop's delivery timers fire: the shortest lateness of the last
-    :data:`HOP_WINDOW` (the thread's wake-up, tens of microseconds on this machine).
+    """How late the loop's delivery timers fire when the loop waits for them: the shortest
+    lateness of the last :data:`HOP_WINDOW` such timers (the thread's wake-up, tens of
+    microseconds on this machine).
 
     An emulated link's timer is set that much before the frame is due. A real link's frame
     wakes the receiver once, when it arrives; the emulation wakes it twice, when the frame comes
     over loopback (a wake-up already paid in the hop's software time) and when it is due, and
     the second wake-up's lateness would otherwise be added to every emulated frame.
+
+    Only a timer the loop was waiting for counts (``waited``). One that fires late because the
+    loop was computing when it came due measures the computation, not a wake-up: counted, a
+    node that computes through its timers learnt a lateness of tenths of a millisecond and
+    delivered every later frame that much before it was due (a bias in our favour, found in
+    session 13 and fixed).
     """
 
     def __init__(self) -> None:
@@ -153,27 +160,30 @@ class TimerLateness:
     def early(self) -> float:
         return min(self._seen, default=0.0)
 
-    def fired(self, scheduled: float, now: float) -> None:
-        self._seen.append(max(0.0, now - scheduled))
+    def fired(self, scheduled: float, now: float, waited: bool = True) -> None:
+        if waited:
+            self._seen.append(max(0.0, now - scheduled))
 
 
 class LinkEmulation:
     """The receiving side: one :class:`LinkClock` per peer, the frames on each link not yet
-    delivered, and the loop's timer lateness. Delivered frames go to ``accept(frame, size,
-    src)``, on ``loop``."""
+    delivered, and the loop's timer lateness (of the timers ``io``'s loop waited for:
+    :attr:`~disco_fl.runtime.transport.io_loop.PollingSelector.waited`). Delivered frames go to
+    ``accept(frame, size, src)``, on ``io``'s loop."""
 
     def __init__(
         self,
         shape: LinkShape | LinkSchedule,
         num_nodes: int,
         framing: Callable[[int], int],
-        loop: asyncio.AbstractEventLoop,
+        io: IoLoop,
         accept: Callable[[peer_pb2.Frame, int, int], str | None],
     ) -> None:
         self.clocks = [LinkClock(shape, framing) for _ in range(num_nodes)]
         self._on_link: list[deque[tuple[peer_pb2.Frame, int]]] = [deque() for _ in range(num_nodes)]
         self._late = TimerLateness()
-        self._loop = loop
+        self._loop = io.loop
+        self._selector = io.selector
         self._accept = accept
 
     def arrived(self, frame: peer_pb2.Frame, size: int, src: int, entered: float) -> str | None:
@@ -196,6 +206,6 @@ class LinkEmulation:
     def _fire(self, src: int, at: float) -> None:
         """A timer of ``src``'s link fired: deliver its oldest frame (one per timer, so a
         link's frames are delivered in the order they came)."""
-        self._late.fired(at, time.monotonic())
+        self._late.fired(at, time.monotonic(), self._selector.waited)
         frame, size = self._on_link[src].popleft()
         self._accept(frame, size, src)
