@@ -406,3 +406,32 @@ def test_latency_timeline_with_op_times(tmp_path: Path) -> None:
     for hh, alone in zip(ops["household_ms"], ops["alone_ms"], strict=True):
         assert set(hh) == set(alone) and all(v > 0 for v in hh.values())
     assert "node 1: Executor.compute per request" in proc.stdout
+
+
+def test_latency_households(tmp_path: Path) -> None:
+    """bench/latency_households.py: the same plan in two fresh households of real ``disco-fl
+    serve`` processes, a summary per household."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    import disco_fl
+    from tests.zoo import ZOO
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 28, 28)
+    plan = tmp_path / "plan"
+    disco_fl.partition(ZOO["resnet_narrow"][0]().eval(), 2, x).eval().export(plan)
+    out = tmp_path / "households.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "latency_households.py"
+    cmd = [sys.executable, str(script), str(plan), "--households", "2", "--requests", "8"]
+    proc = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["num_nodes"] == 2 and len(d["households"]) == 2
+    for h in d["households"]:
+        assert 0 < h["p10_ms"] <= h["median_ms"] <= h["p90_ms"]
+        assert len(h["quarters_ms"]) == 4
+    assert "household 1: median" in proc.stdout

@@ -28,7 +28,7 @@ from disco_fl.runtime.inference import PeerError, run_node, run_node_async
 from disco_fl.runtime.transport import InProcessHub, Transport, TransportError
 from disco_fl.runtime.transport.base import Mailbox, PeerDownError
 from disco_fl.runtime.transport.grpc_transport import GrpcTransport, HandshakeError, LinkShape
-from disco_fl.runtime.transport.link_emulation import LinkClock, TimerLateness
+from disco_fl.runtime.transport.link_emulation import MAX_WAKE_S, LinkClock, TimerLateness
 from tests.test_shards import _random_masks
 from tests.zoo import ZOO
 
@@ -657,6 +657,11 @@ def test_timer_lateness_is_the_shortest_recent_one() -> None:
     for i in range(100):  # timers run late behind computation, not from a wait: not counted
         late.fired(float(i), i + 0.3, waited=False)
     assert late.early == pytest.approx(4e-5)
+    late = TimerLateness()
+    late.fired(1.0, 1.0036)  # a stall, not a wake-up (it stuck as the only sample: every frame
+    assert late.early == 0.0  # after it was delivered at once, and no timer replaced it)
+    late.fired(2.0, 2.0 + 0.9 * MAX_WAKE_S)
+    assert late.early == pytest.approx(0.9 * MAX_WAKE_S)
 
 
 @pytest.mark.exclusive  # 0.25 s busy stretches against a 0.1 s one-way link

@@ -29,6 +29,7 @@ from disco_fl.runtime.transport.io_loop import IoLoop
 HOP_WINDOW = 32  # frames over which a link's shortest software hop is taken (LinkClock)
 STAMP_BYTES = 9  # Frame.sent_at_ns on the wire (a 1-byte tag and a fixed64), counted nowhere
 MAX_STAMP_AGE_S = 1.0  # an older send stamp is not trusted (another clock): the read time is used
+MAX_WAKE_S = 100e-6  # a later timer is a stall (the GIL, a descheduled thread), not a wake-up
 
 
 @dataclass(frozen=True)
@@ -146,11 +147,14 @@ class TimerLateness:
     over loopback (a wake-up already paid in the hop's software time) and when it is due, and
     the second wake-up's lateness would otherwise be added to every emulated frame.
 
-    Only a timer the loop was waiting for counts (``waited``). One that fires late because the
-    loop was computing when it came due measures the computation, not a wake-up: counted, a
-    node that computes through its timers learnt a lateness of tenths of a millisecond and
-    delivered every later frame that much before it was due (a bias in our favour, found in
-    session 13 and fixed).
+    Only a timer the loop was waiting for counts (``waited``), and only up to
+    :data:`MAX_WAKE_S`. One that fires late because the loop was computing when it came due
+    measures the computation, and one later than that a stall (another thread held the GIL,
+    the process was descheduled), not a wake-up. Counted, they made a node deliver frames
+    tenths of a millisecond, or milliseconds, before they were due (a bias in our favour, found
+    in session 13): a node computing through its timers learnt their lateness, and a node whose
+    first timer stalled for 3.6 ms then delivered every frame at once, so no later timer ever
+    replaced that sample.
     """
 
     def __init__(self) -> None:
@@ -161,8 +165,9 @@ class TimerLateness:
         return min(self._seen, default=0.0)
 
     def fired(self, scheduled: float, now: float, waited: bool = True) -> None:
-        if waited:
-            self._seen.append(max(0.0, now - scheduled))
+        late = max(0.0, now - scheduled)
+        if waited and late <= MAX_WAKE_S:
+            self._seen.append(late)
 
 
 class LinkEmulation:
