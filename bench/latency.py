@@ -14,8 +14,11 @@ Links: every ordered pair of nodes gets its own emulated link (``--link-mbps``,
 :class:`disco_fl.runtime.transport.grpc_transport.LinkShape`):
 frames leave in order, each occupying the link for ``framed bytes * 8 / rate``, and are
 delivered half a round trip later. This shaper lives in the transport because this machine's
-kernel has no ``netem``; it counts the gRPC message prefix and HTTP/2 frame headers, not
-TCP/IP headers. The caller talks to node 0 over plain loopback (it sits on node 0's device).
+kernel has no ``netem``; it counts each data path's framing (the socket path's 4-byte length
+prefix; on gRPC streams the gRPC message prefix and HTTP/2 frame headers), not TCP/IP headers.
+The caller talks to node 0 over plain loopback (it sits on node 0's device). The nodes' frames
+go on ``disco-fl serve``'s default data path, the socket one (``--data-path``: ``grpc`` for
+gRPC streams, both for a comparison in one run; until session 13 the default was ``grpc``).
 
 Per mode, link and N: the median latency of single-image requests, throughput with batches of
 32 and 2 in flight, payload bytes (tensor data) and wire bytes (serialized frames + gRPC/HTTP/2
@@ -350,7 +353,7 @@ def measure_household(
     x: torch.Tensor,
     cfg: dict[str, Any],
     overlap: bool = True,
-    data_path: str = "grpc",
+    data_path: str = "socket",
     busy_poll_us: float = 0.0,
     single_block: Callable[[range], list[float]] | None = None,
 ) -> dict[str, Any]:
@@ -589,7 +592,7 @@ def measure_plans(
         plan = Plan.load(plan_dir / "plan.json")
         rep = program_traffic(plan.program, plan_open_count(plan), plan.codec, input_dtype)
         node_ms = measure_node_compute(plan_dir, n, x, cfg)
-        paths = cfg.get("data_paths", ["grpc"])
+        paths = cfg.get("data_paths", ["socket"])
         polls = cfg.get("busy_poll_us", [0.0])
         runs = [(o, d, p) for o in info.get("overlaps", [True]) for d in paths for p in polls]
         for overlap, data_path, poll in runs:
@@ -727,10 +730,10 @@ def main() -> None:
     ap.add_argument(
         "--data-path",
         nargs="+",
-        default=["grpc"],
-        choices=["grpc", "socket"],
+        default=["socket"],
+        choices=["socket", "grpc"],
         help="how the nodes' frames travel (disco-fl serve --data-path); several: each plan "
-        "runs with each, in one run (default grpc)",
+        "runs with each, in one run (default socket, as disco-fl serve's)",
     )
     ap.add_argument(
         "--busy-poll-us",

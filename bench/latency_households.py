@@ -9,10 +9,11 @@ processes on loopback, one torch thread each, the same link emulation and option
 percentiles and the medians of its four quarters. Households whose medians differ by more than
 each one's own 10-90 spread hold different states.
 
-Found with it (session 13, BENCHMARKS.md): before 6d63671 three of six households of the dense
-TP plan at 1 Gbit/s answered in 8.6-9.9 ms and three in 11.8-12.3 ms, each steady within
-itself; the fast ones had learnt a delivery-timer lateness from timers their node ran late
-behind its computation and delivered frames early. After the fix all six answer in 11.6-13.3 ms.
+Found with it (session 13, BENCHMARKS.md "A bias in the link emulation"): at d6f8838 one of
+six households of the dense TP plan at 1 Gbit/s answered in 8.90 ms and five in 11.49-13.26 ms,
+each steady within itself; the fast one's node had learnt a delivery-timer lateness from a
+timer that ran late and delivered frames early. After the fix (02e2262) eight households
+answered in 11.71-11.97 ms.
 
 Usage::
 

@@ -391,7 +391,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=150)
     ap.add_argument("--json", default=None)
     ap.add_argument(
-        "--data-path", default="grpc", choices=["grpc", "socket"], help="disco-fl serve's"
+        "--data-path", default="socket", choices=["socket", "grpc"], help="disco-fl serve's"
     )
     ap.add_argument("--busy-poll-us", type=float, default=0.0, help="disco-fl serve's")
     ap.add_argument(

@@ -317,6 +317,21 @@ def test_a_socket_caller_is_refused_by_a_grpc_node(
     assert grpc_only[1].data_port is None
 
 
+def test_an_unreachable_data_port_fails_the_handshake_saying_what_to_do(
+    household: Callable[..., list[GrpcTransport]],
+) -> None:
+    """The peer's handshake passes but nothing listens on the data port it gave (a firewall):
+    the caller fails at once with the port and what fixes it, not at its first frame."""
+    ts = household(2, connect_timeout=2.0)
+    server = ts[1]._data_server
+    assert server is not None
+    ts[1].run(server.stop(1.0))  # its gRPC port still answers; its data port no longer
+    t0 = time.monotonic()
+    with pytest.raises(HandshakeError, match=f"port {ts[1].data_port}.*--data-port"):
+        ts[0].connect()
+    assert time.monotonic() - t0 < 10.0
+
+
 def test_bad_data_path_options_are_refused() -> None:
     with pytest.raises(ValueError, match="data_path must be one of"):
         GrpcTransport(0, 2, plan_hash=PLAN, data_path="udp")
@@ -453,6 +468,7 @@ def test_a_data_port_is_the_socket_paths_and_moves_up_with_a_ladder() -> None:
     assert [c.data_port for c in ladder_configs(base, plans)] == [7200, 7201]  # as gRPC's + i
     assert [c.data_port for c in ladder_configs(replace(base, data_port=0), plans)] == [0, 0]
     with pytest.raises(ValueError, match="socket data path"):
-        ServeConfig(plan=Path("p"), node=0, data_port=7200)  # gRPC streams have no data port
+        ServeConfig(plan=Path("p"), node=0, data_path="grpc", data_port=7200)  # no data port
+    assert ServeConfig(plan=Path("p"), node=0).data_path == "socket"  # the default
     with pytest.raises(ValueError, match="data_port must be in"):
         ServeConfig(plan=Path("p"), node=0, data_path="socket", data_port=70000)

@@ -337,11 +337,11 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument(
         "--data-path",
-        choices=("grpc", "socket"),
-        default="grpc",
-        help="how peer frames travel: a gRPC stream per peer (default), or a TCP connection "
-        "per peer opened with a ticket from the gRPC handshake (less time per hop); the same "
-        "on every node",
+        choices=("socket", "grpc"),
+        default="socket",
+        help="how peer frames travel: a TCP connection per peer opened with a ticket from the "
+        "gRPC handshake (default: half the time per hop; a second port, --data-port), or a "
+        "gRPC stream per peer (one port per node); the same on every node",
     )
     p.add_argument(
         "--data-port",

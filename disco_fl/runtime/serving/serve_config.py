@@ -97,11 +97,12 @@ class ServeConfig:
         Degraded mode: a peer that sends nothing for this long, is unreachable or fails is
         left out of the session (its channels count as closed) and the household still
         answers, saying which nodes were missing. ``None``: such a request fails.
-    data_path : {"grpc", "socket"}, default "grpc"
-        How peer frames travel: one gRPC ``Exchange`` stream per peer, or one TCP connection
-        per peer opened with a ticket from the gRPC handshake (fewer microseconds per hop;
-        :mod:`disco_fl.runtime.transport.socket_path`). Every node of a household must use the
-        same one.
+    data_path : {"socket", "grpc"}, default "socket"
+        How peer frames travel: one TCP connection per peer opened with a ticket from the gRPC
+        handshake (half the time per hop of a gRPC stream;
+        :mod:`disco_fl.runtime.transport.socket_path`; a second port, ``data_port``), or one
+        gRPC ``Exchange`` stream per peer (one port per node). Every node of a household must
+        use the same one.
     data_ssl : (ssl.SSLContext, ssl.SSLContext) or None
         With TLS and ``data_path="socket"``: the node's server and client contexts
         (:func:`disco_fl.security.data_ssl_contexts`).
@@ -137,7 +138,7 @@ class ServeConfig:
     overlap: bool = True
     degraded_wait_s: float | None = None
     degraded_retry_s: float = 10.0
-    data_path: str = "grpc"
+    data_path: str = "socket"
     data_ssl: tuple[ssl.SSLContext, ssl.SSLContext] | None = None
     busy_poll_s: float = 0.0
     data_port: int = 0

@@ -247,7 +247,9 @@ class Link:
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
             raise HandshakeError(
                 f"node {o.index}: cannot open the data connection to peer {self.dst} at "
-                f"port {reply.data_port}: {e or type(e).__name__}"
+                f"port {reply.data_port}: {e or type(e).__name__} (is that port open to this "
+                "node? `disco-fl serve --data-port` fixes it; `--data-path grpc` on every node "
+                "needs none)"
             ) from None
 
     async def _handshake(self, wait: bool) -> peer_pb2.HelloReply:
