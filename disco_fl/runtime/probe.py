@@ -26,6 +26,7 @@ the node's device while its own ``serve`` is not running, or let a serving reque
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -205,12 +206,16 @@ def measure_links(
     channel_credentials: grpc.ChannelCredentials | None = None,
     link_shape: LinkShape | LinkSchedule | None = None,
     connect_timeout: float = 3.0,
+    data_path: str = "socket",
+    data_ssl: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
     **probe_kwargs: Any,
 ) -> list[LinkProbe]:
     """Round trip and bandwidth from node ``node`` to every other node of ``peers``, over a
     peer endpoint of this process on ``listen`` (default: its own ``peers`` entry) that
-    speaks the household's ``plan`` (its hash) with its token and credentials (see the
-    module; ``probe_kwargs``: :func:`~disco_fl.runtime.transport.link_probe.probe_link_async`'s)."""
+    speaks the household's ``plan`` (its hash) with its token and credentials, on its data
+    path (``data_path``, ``data_ssl``: as the nodes serve it, ``disco-fl serve``'s default
+    ``"socket"``; see the module; ``probe_kwargs``:
+    :func:`~disco_fl.runtime.transport.link_probe.probe_link_async`'s)."""
     p = Path(plan)
     the_plan = Plan.load(p / "plan.json" if p.is_dir() else p)
     if len(peers) != the_plan.num_nodes or not 0 <= node < len(peers):
@@ -230,6 +235,8 @@ def measure_links(
         channel_credentials=channel_credentials,
         link_shape=link_shape,
         connect_timeout=connect_timeout,
+        data_path=data_path,
+        data_ssl=data_ssl,
     )
     try:
         return list(probe_links(t, **probe_kwargs).values())

@@ -18,6 +18,7 @@ from disco_fl.runtime.serving.ladder_server import LadderServer, PlanServers, la
 from disco_fl.runtime.serving.link_plans import DEFAULT_MARGIN, PlanLadder
 from disco_fl.runtime.serving.node_options import (
     add_auth_args,
+    data_ssl,
     link_shape,
     node_defaults,
     plaintext_check,
@@ -45,6 +46,13 @@ def add_link_probe_args(p: argparse.ArgumentParser) -> None:
         "--link-bytes", type=int, default=256 << 10, help="bandwidth probe payload (256 KiB)"
     )
     p.add_argument("--link-timeout", type=float, default=5.0, help="bound on each echo, s")
+    p.add_argument(
+        "--data-path",
+        choices=("socket", "grpc"),
+        default="socket",
+        help="the household's data path, as its nodes serve it (disco-fl serve --data-path; "
+        "default socket)",
+    )
 
 
 def link_probes(args: argparse.Namespace) -> list[LinkProbe]:
@@ -65,6 +73,8 @@ def link_probes(args: argparse.Namespace) -> list[LinkProbe]:
         server_credentials=server_creds,
         channel_credentials=channel_creds,
         link_shape=link_shape(args),
+        data_path=args.data_path,
+        data_ssl=data_ssl(args, node) if args.data_path == "socket" else None,
         payload_bytes=args.link_bytes,
         timeout=args.link_timeout,
     )
