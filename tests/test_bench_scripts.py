@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -372,32 +375,39 @@ def test_wake_penalty_answers_every_receive_with_the_recorded_message(tmp_path: 
             torch.testing.assert_close(stop.value, run_shards(nodes, x), atol=1e-5, rtol=0)
 
 
-def test_latency_timeline_with_op_times(tmp_path: Path) -> None:
-    """bench/latency_timeline.py --op-times over two real ``disco-fl serve`` processes: the
-    stages of the critical path and, per node, the same ops timed in the household and alone."""
-    import json
-    import subprocess
-    import sys
-
+def _narrow_plan(tmp_path: Path) -> Path:
+    """An exported 2-node plan of the zoo's narrow ResNet (MNIST-shaped input)."""
     import torch
 
     import disco_fl
     from tests.zoo import ZOO
 
     torch.manual_seed(0)
-    x = torch.randn(1, 1, 28, 28)
     plan = tmp_path / "plan"
-    disco_fl.partition(ZOO["resnet_narrow"][0]().eval(), 2, x).eval().export(plan)
-    out = tmp_path / "timeline.json"
-    script = Path(__file__).resolve().parents[1] / "bench" / "latency_timeline.py"
-    cmd = [sys.executable, str(script), str(plan), "--requests", "20", "--op-times"]
+    model = ZOO["resnet_narrow"][0]().eval()
+    disco_fl.partition(model, 2, torch.randn(1, 1, 28, 28)).eval().export(plan)
+    return plan
+
+
+def _run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``bench/<name>.py`` with ``args`` in a process of its own; it must succeed."""
     proc = subprocess.run(
-        [*cmd, "--data-path", "socket", "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / f"{name}.py"), *args],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_latency_timeline_with_op_times(tmp_path: Path) -> None:
+    """bench/latency_timeline.py --op-times over two real ``disco-fl serve`` processes: the
+    stages of the critical path and, per node, the same ops timed in the household and alone."""
+    out = tmp_path / "timeline.json"
+    plan = _narrow_plan(tmp_path)
+    proc = _run_script("latency_timeline", str(plan), "--requests", "20", "--op-times",
+                       "--data-path", "socket", "--json", str(out))  # fmt: skip
     d = json.loads(out.read_text())
     lat = _load("latency_timeline")
     assert d["requests_analyzed"] > 0 and d["median_ms"][lat.TOTAL_KEY] > 0
@@ -411,24 +421,10 @@ def test_latency_timeline_with_op_times(tmp_path: Path) -> None:
 def test_latency_households(tmp_path: Path) -> None:
     """bench/latency_households.py: the same plan in two fresh households of real ``disco-fl
     serve`` processes, a summary per household."""
-    import json
-    import subprocess
-    import sys
-
-    import torch
-
-    import disco_fl
-    from tests.zoo import ZOO
-
-    torch.manual_seed(0)
-    x = torch.randn(1, 1, 28, 28)
-    plan = tmp_path / "plan"
-    disco_fl.partition(ZOO["resnet_narrow"][0]().eval(), 2, x).eval().export(plan)
     out = tmp_path / "households.json"
-    script = Path(__file__).resolve().parents[1] / "bench" / "latency_households.py"
-    cmd = [sys.executable, str(script), str(plan), "--households", "2", "--requests", "8"]
-    proc = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = _narrow_plan(tmp_path)
+    proc = _run_script("latency_households", str(plan), "--households", "2", "--requests", "8",
+                       "--json", str(out))  # fmt: skip
     d = json.loads(out.read_text())
     assert d["num_nodes"] == 2 and len(d["households"]) == 2
     for h in d["households"]:
