@@ -47,22 +47,22 @@ def test_polling_selector_returns_what_comes_while_it_polls_and_honours_the_time
         sel.close()
 
 
-def test_the_selector_tells_whether_the_loop_waited() -> None:
+def test_the_selector_tells_whether_the_loop_waited(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
     """``waited``: the latest ``select`` was asked to wait (the loop had nothing to run), so a
     timer run after it fired from a wait; timeout 0 means the loop had work (or an overdue
     timer). The link emulation learns its timers' wake-up lateness only from the former."""
+    a, b = pair
     sel = PollingSelector(poll_s=0.001)
     sel.polling = lambda: True
+    sel.register(a, selectors.EVENT_READ)
     try:
         for timeout, waited in [(0, False), (0.002, True), (0.0, False), (None, True)]:
             if timeout is None:  # no timeout: give it something to return
-                a, b = socket.socketpair()
-                sel.register(a, selectors.EVENT_READ)
                 b.send(b"x")
             sel.select(timeout)
             assert sel.waited is waited, timeout
-        a.close()
-        b.close()
     finally:
         sel.close()
 
